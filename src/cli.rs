@@ -1,0 +1,143 @@
+//! The command line, drop-in compatible with the old Go tool: its
+//! single-dash flags (`-config-path`, `-run-once`, `-daemon`, `-time-out`)
+//! work exactly as written, beside the usual `--long` forms.
+
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser, ValueEnum};
+
+/// Drains a nova-compute hypervisor: disables its service and moves every VM off it.
+#[derive(Debug, Parser)]
+#[command(name = "drainer", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file (the old tool's keys or the documented ones); optional when OS_* variables hold the credentials.
+    #[arg(long = "config-path", value_name = "PATH")]
+    pub config_path: Option<PathBuf>,
+
+    /// Evacuate the node's hypervisor once and exit (the default).
+    #[arg(long = "run-once", conflicts_with_all = ["daemon", "enable"])]
+    pub run_once: bool,
+
+    /// Watch the Kubernetes node and evacuate whenever it is cordoned.
+    #[arg(long, conflicts_with = "enable")]
+    pub daemon: bool,
+
+    /// Re-enable the nova-compute service after maintenance, only if the drainer disabled it.
+    #[arg(long)]
+    pub enable: bool,
+
+    /// Overall time limit in minutes: no new migrations after it, in-flight ones are handled per policy.
+    #[arg(long = "time-out", value_name = "MINUTES")]
+    pub time_out: Option<f64>,
+
+    /// Kubernetes node name [default: $NODE_NAME, then this machine's hostname].
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+
+    /// Print the plan (service, each VM and what would happen to it) and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Move VMs even if the other hypervisors seem too full to hold them.
+    #[arg(long)]
+    pub skip_capacity_check: bool,
+
+    /// Format of the final report on standard output.
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+
+    /// Format of the log lines on standard error.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Report format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Human,
+    Json,
+}
+
+/// Log format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Cli {
+    /// Parses arguments, accepting the old tool's single-dash long flags.
+    pub fn parse_compatible<I: IntoIterator<Item = String>>(args: I) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(normalize(args))
+    }
+}
+
+/// Turns `-config-path x` / `-time-out=30` into `--config-path x` / `--time-out=30`
+/// for every long flag we know; short flags and values are left alone.
+fn normalize<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
+    let command = Cli::command();
+    let longs: Vec<String> = command
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .chain(["help".to_string(), "version".to_string()])
+        .collect();
+    let mut out = Vec::new();
+    let mut rest_is_positional = false;
+    for (index, arg) in args.into_iter().enumerate() {
+        if index == 0 || rest_is_positional {
+            out.push(arg);
+            continue;
+        }
+        if arg == "--" {
+            rest_is_positional = true;
+            out.push(arg);
+            continue;
+        }
+        let single_dash = arg.strip_prefix('-').filter(|rest| !rest.starts_with('-'));
+        match single_dash {
+            Some(rest) if longs.iter().any(|l| l == rest.split('=').next().unwrap_or(rest)) => {
+                out.push(format!("-{arg}"))
+            }
+            _ => out.push(arg),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::parse_compatible(std::iter::once("drainer").chain(args.iter().copied()).map(String::from))
+    }
+
+    #[test]
+    fn old_tool_single_dash_flags() {
+        let cli = parse(&["-config-path", "c.yaml", "-run-once", "-time-out", "30"]).unwrap();
+        assert_eq!(cli.config_path, Some(PathBuf::from("c.yaml")));
+        assert!(cli.run_once);
+        assert_eq!(cli.time_out, Some(30.0));
+        let cli = parse(&["-daemon", "-time-out=5"]).unwrap();
+        assert!(cli.daemon);
+        assert_eq!(cli.time_out, Some(5.0));
+    }
+
+    #[test]
+    fn double_dash_forms() {
+        let cli = parse(&["--config-path=c.yaml", "--node", "n1", "--dry-run", "--output", "json"]).unwrap();
+        assert_eq!(cli.node.as_deref(), Some("n1"));
+        assert!(cli.dry_run);
+        assert_eq!(cli.output, Output::Json);
+        let cli = parse(&["-enable", "-node", "n2"]).unwrap();
+        assert!(cli.enable);
+        assert_eq!(cli.node.as_deref(), Some("n2"));
+    }
+
+    #[test]
+    fn conflicting_and_unknown_flags_are_usage_errors() {
+        assert!(parse(&["-daemon", "-run-once"]).is_err());
+        assert!(parse(&["-frobnicate"]).is_err());
+        assert!(parse(&["-time-out", "soon"]).is_err());
+    }
+}

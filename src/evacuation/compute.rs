@@ -1,0 +1,140 @@
+//! The small slice of a compute cloud the engine needs, as a trait, so the
+//! evacuation logic can be read and tested without a network.
+
+use std::future::Future;
+
+use serde::Serialize;
+
+/// A nova-compute service as the engine sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ComputeService {
+    /// UUID (microversion 2.53+) or the legacy integer id, as text.
+    pub id: String,
+    pub host: String,
+    pub enabled: bool,
+    /// Whether the service heartbeat is current (`state: up`).
+    pub up: bool,
+    pub disabled_reason: Option<String>,
+}
+
+/// A server (VM) with the fields that decide how to move it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Server {
+    pub id: String,
+    pub name: String,
+    pub project_id: String,
+    /// Nova's `status`: ACTIVE, PAUSED, SHUTOFF, SUSPENDED, ERROR, VERIFY_RESIZE, ...
+    pub status: String,
+    /// `OS-EXT-STS:task_state`; `None` when no operation is running.
+    pub task_state: Option<String>,
+    /// `OS-EXT-SRV-ATTR:host`, the nova-compute service host.
+    pub host: Option<String>,
+    pub flavor: Flavor,
+}
+
+/// The resources a server needs on its destination.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Flavor {
+    pub ram_mb: u64,
+    pub vcpus: u64,
+    /// Root + ephemeral + swap disk, in GiB.
+    pub disk_gb: u64,
+}
+
+/// A migration record (in flight from `GET /servers/{id}/migrations`, or from history).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Migration {
+    pub id: String,
+    pub status: String,
+    pub source_host: Option<String>,
+    pub dest_host: Option<String>,
+    /// `memory_remaining_bytes`; `None` (or a zero total) when the driver reports no progress.
+    pub memory_remaining_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    /// Creation time, RFC 3339 without zone as Nova returns it (UTC).
+    pub created_at: Option<String>,
+}
+
+impl Migration {
+    /// Terminal statuses in which the server did not move.
+    pub fn failed(&self) -> bool {
+        matches!(self.status.as_str(), "error" | "failed" | "cancelled")
+    }
+}
+
+/// Free resources on one possible destination.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HostCapacity {
+    pub host: String,
+    pub free_ram_mb: u64,
+    pub free_vcpus: u64,
+    pub free_disk_gb: u64,
+}
+
+/// What a compute call failed with, in terms the engine can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ComputeError {
+    /// The request was refused because of the object's current state (HTTP 409, or
+    /// a 400 for an action not allowed now); the state will be looked at again.
+    #[error("{0}")]
+    Conflict(String),
+    /// Authentication failed or credentials lack the rights needed.
+    #[error("{0}")]
+    Auth(String),
+    /// The cloud does not offer a call this step needs.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Anything else: network, server errors, malformed responses.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Result of a compute call.
+pub type ComputeResult<T> = Result<T, ComputeError>;
+
+/// The compute calls an evacuation is made of. Implemented by the Nova client
+/// and by test doubles.
+pub trait Compute: Send + Sync {
+    /// The nova-compute service on exactly this host, if there is one.
+    fn find_service(&self, host: &str) -> impl Future<Output = ComputeResult<Option<ComputeService>>> + Send;
+    /// Disables the service, recording `reason`.
+    fn disable_service(
+        &self,
+        service: &ComputeService,
+        reason: &str,
+    ) -> impl Future<Output = ComputeResult<ComputeService>> + Send;
+    /// Enables the service (clearing its reason).
+    fn enable_service(&self, service: &ComputeService) -> impl Future<Output = ComputeResult<ComputeService>> + Send;
+    /// Every server on the host, in every project, every page.
+    fn servers_on_host(&self, host: &str) -> impl Future<Output = ComputeResult<Vec<Server>>> + Send;
+    /// One server, `None` once it is deleted.
+    fn server(&self, id: &str) -> impl Future<Output = ComputeResult<Option<Server>>> + Send;
+    /// Asks for a live migration; the scheduler picks the destination.
+    fn live_migrate(&self, server_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
+    /// Asks for a cold migration; the scheduler picks the destination.
+    fn cold_migrate(&self, server_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
+    /// Confirms a finished cold migration (`VERIFY_RESIZE`).
+    fn confirm_resize(&self, server_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
+    /// Live migrations of this server still in progress.
+    fn in_progress_migrations(&self, server_id: &str) -> impl Future<Output = ComputeResult<Vec<Migration>>> + Send;
+    /// Past and present migrations of this server of the given type
+    /// (`live-migration` or `migration`), newest first.
+    fn migration_history(
+        &self,
+        server_id: &str,
+        migration_type: &str,
+    ) -> impl Future<Output = ComputeResult<Vec<Migration>>> + Send;
+    /// Servers cold-migrated off `host` that still wait for a confirmation.
+    fn unconfirmed_migrations_from(&self, host: &str) -> impl Future<Output = ComputeResult<Vec<String>>> + Send;
+    /// Lets a running live migration finish now (pausing the VM if needed).
+    fn force_complete(&self, server_id: &str, migration_id: &str)
+    -> impl Future<Output = ComputeResult<()>> + Send;
+    /// Cancels a live migration; the server stays on its source.
+    fn abort_migration(
+        &self,
+        server_id: &str,
+        migration_id: &str,
+    ) -> impl Future<Output = ComputeResult<()>> + Send;
+    /// Free resources on every enabled, up compute host other than `except_host`.
+    fn spare_capacity(&self, except_host: &str) -> impl Future<Output = ComputeResult<Vec<HostCapacity>>> + Send;
+}

@@ -1,0 +1,915 @@
+//! The evacuation itself: disable the service, move every VM within the
+//! configured limits, judge each outcome from Nova's own records, report.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::compute::{Compute, ComputeError, ComputeService, Server};
+use super::plan::{self, Action, PlannedVm, Shortfall, StatePolicy};
+use super::report::{Outcome, Report, RunResult, VmReport};
+
+/// Prefix of every `disabled_reason` we write; a service whose reason does not
+/// start with it was disabled by someone else and is never enabled by us.
+pub const DISABLED_REASON_MARKER: &str = "nova-kubernetes-drain:";
+
+/// How often in-flight migrations' progress numbers are read.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a force-completed migration may take before it is aborted.
+const FORCE_COMPLETE_GRACE: Duration = Duration::from_secs(60);
+/// After a time-out or cancellation, how long to wait for in-flight
+/// migrations to settle (aborts to roll back) before reporting.
+const SETTLE_GRACE: Duration = Duration::from_secs(120);
+/// Retry delays never grow beyond this.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// What to do with a live migration that ran past its budget or stalled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BudgetAction {
+    /// Cancel it; the VM keeps running on the source and is reported.
+    Abort,
+    /// Let it finish now (the hypervisor pauses the VM for the final copy).
+    ForceComplete,
+}
+
+/// How long one VM's live migration may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Budget {
+    /// The same for every VM.
+    Fixed(Duration),
+    /// `max(minimum, per_gib x flavor RAM in GiB)`, as KubeVirt and Nova scale it.
+    Scaled { minimum: Duration, per_gib: Duration },
+}
+
+impl Budget {
+    /// The budget for a VM with `ram_mb` of memory.
+    pub fn for_ram(self, ram_mb: u64) -> Duration {
+        match self {
+            Budget::Fixed(budget) => budget,
+            Budget::Scaled { minimum, per_gib } => minimum.max(per_gib.mul_f64(ram_mb as f64 / 1024.0)),
+        }
+    }
+}
+
+/// Every knob of an evacuation; built from the configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// Migrations in flight at once from this host (Nova's own default is 1).
+    pub max_parallel: usize,
+    pub budget: Budget,
+    /// A migration whose `memory_remaining_bytes` has not dropped for this long is stalled.
+    pub stall_after: Option<Duration>,
+    pub on_budget_exceeded: BudgetAction,
+    /// Further attempts after a failed migration (the scheduler may pick another host).
+    pub retries: u32,
+    /// Delay before the first retry, doubled for each further one.
+    pub retry_backoff: Duration,
+    /// How often in-flight VMs are looked at.
+    pub poll_interval: Duration,
+    /// Ends the whole evacuation: no new migrations, in-flight ones handled per `on_budget_exceeded`.
+    pub timeout: Option<Duration>,
+    pub state_policy: StatePolicy,
+    /// Refuse to start when the other hosts cannot hold the VMs.
+    pub check_capacity: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_parallel: 1,
+            budget: Budget::Scaled {
+                minimum: Duration::from_secs(150),
+                per_gib: Duration::from_secs(150),
+            },
+            stall_after: Some(Duration::from_secs(150)),
+            on_budget_exceeded: BudgetAction::Abort,
+            retries: 3,
+            retry_backoff: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(500),
+            timeout: Some(Duration::from_secs(30 * 60)),
+            state_policy: StatePolicy::default(),
+            check_capacity: true,
+        }
+    }
+}
+
+/// Asked of a running evacuation from outside (signals, an uncordon).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopRequest {
+    /// Keep going.
+    Continue,
+    /// Start nothing new; leave in-flight migrations to Nova and return at once.
+    LeaveInFlight,
+    /// Start nothing new; abort in-flight live migrations, wait for them to roll back.
+    AbortInFlight,
+}
+
+/// The node being drained and its nova-compute service host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub node: String,
+    pub host: String,
+}
+
+/// Progress worth telling an operator about, as it happens.
+#[derive(Debug)]
+pub enum Event<'a> {
+    ServiceDisabled { reason: &'a str },
+    ServiceAlreadyDisabled { reason: Option<&'a str>, ours: bool },
+    EvacuationStarted { to_move: usize, to_skip: usize },
+    MigrationStarted { server: &'a Server, action: Action, attempt: u32 },
+    MigrationSucceeded { server: &'a Server, destination: &'a str, seconds: f64 },
+    MigrationFailed { server: &'a Server, reason: &'a str, retry_in: Option<Duration> },
+    Intervened { server: &'a Server, what: &'a str, reason: &'a str },
+    NotMigratable { server: &'a Server, reason: &'a str },
+    Progress { done: usize, total: usize, in_flight: usize },
+}
+
+/// Receives the engine's events (logs, progress line, Kubernetes Events, metrics).
+pub trait Observer: Send + Sync {
+    fn event(&self, event: &Event<'_>);
+}
+
+/// Why an evacuation could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum EvacuationError {
+    #[error("no nova-compute service on host {host:?} (node {node:?}); check --node and nova_host")]
+    ServiceNotFound { node: String, host: String },
+    #[error("capacity check failed: {0}; nothing was changed (--skip-capacity-check overrides)")]
+    Capacity(Shortfall),
+    #[error("{step}: {source}")]
+    Compute {
+        step: &'static str,
+        #[source]
+        source: ComputeError,
+    },
+}
+
+impl EvacuationError {
+    /// Whether the cause is the user's input (unknown node, bad credentials) rather than the evacuation.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            EvacuationError::ServiceNotFound { .. }
+                | EvacuationError::Compute {
+                    source: ComputeError::Auth(_),
+                    ..
+                }
+        )
+    }
+}
+
+fn step(step: &'static str) -> impl FnOnce(ComputeError) -> EvacuationError {
+    move |source| EvacuationError::Compute { step, source }
+}
+
+/// The `disabled_reason` we write: marker, node and time, within Nova's 255 characters.
+pub fn disabled_reason(node: &str, now: jiff::Timestamp) -> String {
+    let node: String = node.chars().take(180).collect();
+    format!(
+        "{DISABLED_REASON_MARKER} evacuating for Kubernetes node {node} since {}",
+        now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
+}
+
+/// Whether `reason` was written by us.
+pub fn is_our_reason(reason: Option<&str>) -> bool {
+    reason.is_some_and(|r| r.starts_with(DISABLED_REASON_MARKER))
+}
+
+/// What re-enabling a service after maintenance did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RestoreOutcome {
+    Enabled,
+    AlreadyEnabled,
+    /// Disabled with a reason that is not ours: an operator's decision, left alone.
+    DisabledBySomeoneElse { reason: Option<String> },
+}
+
+/// Runs evacuations of one host against a compute cloud.
+pub struct Engine<'a, C: Compute> {
+    compute: &'a C,
+    settings: &'a Settings,
+    observer: &'a dyn Observer,
+}
+
+struct Job {
+    server: Server,
+    action: Action,
+    attempts: u32,
+    first_started: Option<Instant>,
+    not_before: Instant,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    Moving,
+    ForceCompleting { since: Instant },
+    Aborting { reason: String },
+    Confirming,
+}
+
+struct Flight {
+    job: Job,
+    attempt_started: Instant,
+    budget: Duration,
+    phase: Phase,
+    migration_id: Option<String>,
+    remaining: Option<u64>,
+    last_progress: Instant,
+    next_progress_check: Instant,
+    over_budget_noted: bool,
+}
+
+enum Ending {
+    TimedOut,
+    Stopped(StopRequest),
+}
+
+enum Step {
+    Continue,
+    Done(VmReport),
+    Retry(Job, String),
+}
+
+impl<'a, C: Compute> Engine<'a, C> {
+    pub fn new(compute: &'a C, settings: &'a Settings, observer: &'a dyn Observer) -> Self {
+        Engine {
+            compute,
+            settings,
+            observer,
+        }
+    }
+
+    /// Re-enables the host's service, but only if our marker is still its reason.
+    pub async fn restore(&self, target: &Target) -> Result<RestoreOutcome, EvacuationError> {
+        let service = self.service(target).await?;
+        if service.enabled {
+            return Ok(RestoreOutcome::AlreadyEnabled);
+        }
+        if !is_our_reason(service.disabled_reason.as_deref()) {
+            return Ok(RestoreOutcome::DisabledBySomeoneElse {
+                reason: service.disabled_reason,
+            });
+        }
+        self.compute
+            .enable_service(&service)
+            .await
+            .map_err(step("enabling the nova-compute service"))?;
+        Ok(RestoreOutcome::Enabled)
+    }
+
+    /// What an evacuation would do, changing nothing.
+    pub async fn preview(&self, target: &Target) -> Result<Report, EvacuationError> {
+        let started = Instant::now();
+        let service = self.service(target).await?;
+        let servers = self.compute.servers_on_host(&target.host).await.map_err(step("listing servers"))?;
+        let planned = plan::plan(servers, &self.settings.state_policy);
+        let vms = planned
+            .iter()
+            .map(|p| {
+                let (outcome, reason) = match p.action {
+                    Action::Skip => (Outcome::Skipped, Some(skip_reason(&p.server))),
+                    _ => (Outcome::Planned, None),
+                };
+                vm_report(&p.server, p.action, &target.host, 0, 0.0, outcome, reason, None)
+            })
+            .collect();
+        Ok(Report {
+            node: target.node.clone(),
+            host: target.host.clone(),
+            result: RunResult::Planned,
+            service_disabled_by_us: is_our_reason(service.disabled_reason.as_deref()),
+            service_disabled_reason: service.disabled_reason.clone().filter(|_| !service.enabled),
+            duration_seconds: started.elapsed().as_secs_f64(),
+            servers_left_on_host: planned.len(),
+            vms,
+        })
+    }
+
+    /// Disables the host's service and moves every VM off it, within the settings' limits.
+    pub async fn evacuate(
+        &self,
+        target: &Target,
+        mut stop: watch::Receiver<StopRequest>,
+    ) -> Result<Report, EvacuationError> {
+        let started = Instant::now();
+        let service = self.service(target).await?;
+
+        if self.settings.check_capacity && service.enabled {
+            self.check_capacity(target).await?;
+        }
+        let (by_us, reason) = self.disable(target, &service).await?;
+        self.confirm_leftover_cold_migrations(&target.host).await;
+
+        let servers = self.compute.servers_on_host(&target.host).await.map_err(step("listing servers"))?;
+        let planned = plan::plan(servers, &self.settings.state_policy);
+        let (vms, ending) = self.move_all(target, planned, started, &mut stop).await;
+
+        let left = match self.compute.servers_on_host(&target.host).await {
+            Ok(servers) => servers.len(),
+            Err(e) => {
+                warn!(error = %e, "could not count the servers left on the host");
+                vms.iter().filter(|vm| !vm.outcome.is_success()).count()
+            }
+        };
+        let result = match ending {
+            Some(Ending::TimedOut) => RunResult::TimedOut,
+            Some(Ending::Stopped(_)) => RunResult::Interrupted,
+            None if left == 0 && vms.iter().all(|vm| vm.outcome.is_success()) => RunResult::Succeeded,
+            None => RunResult::Failed,
+        };
+        Ok(Report {
+            node: target.node.clone(),
+            host: target.host.clone(),
+            result,
+            service_disabled_by_us: by_us,
+            service_disabled_reason: Some(reason),
+            duration_seconds: started.elapsed().as_secs_f64(),
+            servers_left_on_host: left,
+            vms,
+        })
+    }
+
+    async fn service(&self, target: &Target) -> Result<ComputeService, EvacuationError> {
+        self.compute
+            .find_service(&target.host)
+            .await
+            .map_err(step("looking up the nova-compute service"))?
+            .ok_or_else(|| EvacuationError::ServiceNotFound {
+                node: target.node.clone(),
+                host: target.host.clone(),
+            })
+    }
+
+    async fn check_capacity(&self, target: &Target) -> Result<(), EvacuationError> {
+        let servers = self.compute.servers_on_host(&target.host).await.map_err(step("listing servers"))?;
+        let planned = plan::plan(servers, &self.settings.state_policy);
+        let moving: Vec<&Server> = planned
+            .iter()
+            .filter(|p| p.action != Action::Skip)
+            .map(|p| &p.server)
+            .collect();
+        if moving.is_empty() {
+            return Ok(());
+        }
+        let hosts = self
+            .compute
+            .spare_capacity(&target.host)
+            .await
+            .map_err(step("checking the other hypervisors' capacity"))?;
+        plan::check_capacity(&moving, &hosts).map_err(EvacuationError::Capacity)
+    }
+
+    /// Disables the service unless it already is; tells whether the disabling is ours.
+    async fn disable(&self, target: &Target, service: &ComputeService) -> Result<(bool, String), EvacuationError> {
+        if !service.enabled {
+            let ours = is_our_reason(service.disabled_reason.as_deref());
+            self.observer.event(&Event::ServiceAlreadyDisabled {
+                reason: service.disabled_reason.as_deref(),
+                ours,
+            });
+            return Ok((ours, service.disabled_reason.clone().unwrap_or_default()));
+        }
+        let reason = disabled_reason(&target.node, jiff::Timestamp::now());
+        self.compute
+            .disable_service(service, &reason)
+            .await
+            .map_err(step("disabling the nova-compute service"))?;
+        self.observer.event(&Event::ServiceDisabled { reason: &reason });
+        Ok((true, reason))
+    }
+
+    /// A cold migration whose confirmation an earlier, interrupted run never sent.
+    async fn confirm_leftover_cold_migrations(&self, host: &str) {
+        let ids = match self.compute.unconfirmed_migrations_from(host).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                warn!(error = %e, "could not look for unconfirmed cold migrations");
+                return;
+            }
+        };
+        for id in ids {
+            match self.compute.confirm_resize(&id).await {
+                Ok(()) => info!(server = %id, "confirmed a cold migration left unconfirmed"),
+                Err(e) => warn!(server = %id, error = %e, "could not confirm a finished cold migration"),
+            }
+        }
+    }
+
+    async fn move_all(
+        &self,
+        target: &Target,
+        planned: Vec<PlannedVm>,
+        started: Instant,
+        stop: &mut watch::Receiver<StopRequest>,
+    ) -> (Vec<VmReport>, Option<Ending>) {
+        let now = Instant::now();
+        let mut reports = Vec::new();
+        let mut queue = VecDeque::new();
+        for PlannedVm { server, action } in planned {
+            if action == Action::Skip {
+                let reason = skip_reason(&server);
+                self.observer.event(&Event::NotMigratable {
+                    server: &server,
+                    reason: &reason,
+                });
+                reports.push(vm_report(&server, action, &target.host, 0, 0.0, Outcome::Skipped, Some(reason), None));
+            } else {
+                queue.push_back(Job {
+                    server,
+                    action,
+                    attempts: 0,
+                    first_started: None,
+                    not_before: now,
+                });
+            }
+        }
+        let total = queue.len();
+        self.observer.event(&Event::EvacuationStarted {
+            to_move: total,
+            to_skip: reports.len(),
+        });
+
+        let deadline = self.settings.timeout.map(|t| started + t);
+        let mut flights: Vec<Flight> = Vec::new();
+        let mut ending: Option<Ending> = None;
+        let mut ending_since = now;
+        loop {
+            if ending.is_none() {
+                let request = *stop.borrow();
+                if request != StopRequest::Continue {
+                    ending = Some(Ending::Stopped(request));
+                } else if deadline.is_some_and(|d| Instant::now() >= d) {
+                    ending = Some(Ending::TimedOut);
+                }
+                if let Some(end) = &ending {
+                    ending_since = Instant::now();
+                    let (what, reason) = match end {
+                        Ending::TimedOut => (
+                            Some(self.settings.on_budget_exceeded),
+                            format!(
+                                "the overall time-out of {} s ran out",
+                                self.settings.timeout.unwrap_or_default().as_secs()
+                            ),
+                        ),
+                        Ending::Stopped(StopRequest::AbortInFlight) => {
+                            (Some(BudgetAction::Abort), "the evacuation was cancelled".to_string())
+                        }
+                        Ending::Stopped(_) => (None, String::new()),
+                    };
+                    if let Some(what) = what {
+                        for flight in flights.iter_mut().filter(|f| f.phase == Phase::Moving) {
+                            self.intervene(flight, what, &reason).await;
+                        }
+                    }
+                }
+            }
+            if matches!(ending, Some(Ending::Stopped(StopRequest::LeaveInFlight))) {
+                break;
+            }
+
+            if ending.is_none() {
+                while flights.len() < self.settings.max_parallel.max(1) {
+                    let now = Instant::now();
+                    let Some(position) = queue.iter().position(|job| job.not_before <= now) else {
+                        break;
+                    };
+                    let Some(job) = queue.remove(position) else { break };
+                    match self.start(target, job).await {
+                        Start::Flying(flight) => flights.push(*flight),
+                        Start::Done(report) => reports.push(report),
+                        Start::Later(job) => queue.push_back(job),
+                        Start::Failed(job, reason) => self.retry_or_fail(target, job, reason, &mut queue, &mut reports),
+                    }
+                }
+            }
+            if flights.is_empty() && (queue.is_empty() || ending.is_some()) {
+                break;
+            }
+            if ending.is_some() && ending_since.elapsed() >= SETTLE_GRACE {
+                break;
+            }
+            self.observer.event(&Event::Progress {
+                done: reports.iter().filter(|r| r.action != Action::Skip).count(),
+                total,
+                in_flight: flights.len(),
+            });
+
+            self.pause(stop).await;
+
+            let mut still = Vec::with_capacity(flights.len());
+            for mut flight in flights {
+                match self.poll(target, &mut flight).await {
+                    Step::Continue => still.push(flight),
+                    Step::Done(report) => reports.push(report),
+                    Step::Retry(job, reason) => self.retry_or_fail(target, job, reason, &mut queue, &mut reports),
+                }
+            }
+            flights = still;
+        }
+
+        let reason_left = match ending {
+            Some(Ending::TimedOut) => "the overall time-out ran out",
+            Some(Ending::Stopped(_)) => "the evacuation was stopped",
+            None => "the evacuation ended",
+        };
+        for flight in flights {
+            let job = flight.job;
+            let reason = format!("{reason_left} while it was migrating; Nova goes on with it");
+            reports.push(self.job_report(target, &job, Outcome::InProgress, Some(reason), None));
+        }
+        for job in queue {
+            let outcome = if job.attempts == 0 {
+                Outcome::NotStarted
+            } else {
+                Outcome::Failed
+            };
+            reports.push(self.job_report(target, &job, outcome, Some(format!("{reason_left} before it was moved")), None));
+        }
+        self.observer.event(&Event::Progress {
+            done: total,
+            total,
+            in_flight: 0,
+        });
+        (reports, ending)
+    }
+
+    /// Waits one poll interval, or less if a stop is requested meanwhile.
+    async fn pause(&self, stop: &mut watch::Receiver<StopRequest>) {
+        let interval = self.settings.poll_interval;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            changed = stop.changed() => {
+                if changed.is_err() {
+                    // Nobody can ask us to stop any more: just wait.
+                    tokio::time::sleep(interval).await;
+                }
+            }
+        }
+    }
+
+    async fn start(&self, target: &Target, mut job: Job) -> Start {
+        let now = Instant::now();
+        let current = match self.compute.server(&job.server.id).await {
+            Ok(Some(server)) => server,
+            Ok(None) => return Start::Done(self.job_report(target, &job, Outcome::Deleted, None, None)),
+            Err(e) => {
+                warn!(server = %job.server.id, error = %e, "could not read the server; will try again");
+                job.not_before = now + self.settings.poll_interval.max(Duration::from_secs(1));
+                return Start::Later(job);
+            }
+        };
+        let moving_task = match current.task_state.as_deref() {
+            Some("migrating") => Some(Action::LiveMigrate),
+            Some(task) if task.starts_with("resize") => Some(Action::ColdMigrate),
+            _ => None,
+        };
+        if current.host.as_deref() != Some(target.host.as_str()) && current.task_state.is_none() {
+            let destination = current.host.clone();
+            return Start::Done(self.job_report(target, &job, Outcome::Migrated, None, destination));
+        }
+        job.first_started.get_or_insert(now);
+        if let Some(action) = moving_task {
+            // Already migrating (an earlier run of ours, or an operator): follow it, never start a second one.
+            info!(server = %job.server.id, "following a migration already in progress");
+            job.action = action;
+            job.attempts += 1;
+            return Start::Flying(Box::new(self.flight(job, now)));
+        }
+        if current.status == "ERROR" {
+            return Start::Done(self.job_report(target, &job, Outcome::Failed, Some("the VM is in ERROR".into()), None));
+        }
+        if current.task_state.is_some() {
+            // Rebooting, pausing...: wait for Nova to finish that first.
+            job.not_before = now + self.settings.poll_interval;
+            return Start::Later(job);
+        }
+        if !job.action.allowed_for(&current.status) {
+            job.action = self.settings.state_policy.action_for(&current.status);
+            if job.action == Action::Skip {
+                let reason = skip_reason(&current);
+                return Start::Done(self.job_report(target, &job, Outcome::Skipped, Some(reason), None));
+            }
+        }
+        job.server.status = current.status.clone();
+        job.attempts += 1;
+        self.observer.event(&Event::MigrationStarted {
+            server: &job.server,
+            action: job.action,
+            attempt: job.attempts,
+        });
+        let request = match job.action {
+            Action::LiveMigrate => self.compute.live_migrate(&job.server.id).await,
+            _ => self.compute.cold_migrate(&job.server.id).await,
+        };
+        match request {
+            Ok(()) => Start::Flying(Box::new(self.flight(job, now))),
+            Err(ComputeError::Other(message)) => {
+                // The request may or may not have reached Nova; the next start looks at the server first.
+                job.attempts -= 1;
+                warn!(server = %job.server.id, error = %message, "migration request failed; will look again");
+                job.not_before = now + self.settings.poll_interval.max(Duration::from_secs(1));
+                Start::Later(job)
+            }
+            Err(e) => Start::Failed(job, format!("Nova refused the migration: {e}")),
+        }
+    }
+
+    fn flight(&self, job: Job, now: Instant) -> Flight {
+        let budget = self.settings.budget.for_ram(job.server.flavor.ram_mb);
+        Flight {
+            job,
+            attempt_started: now,
+            budget,
+            phase: Phase::Moving,
+            migration_id: None,
+            remaining: None,
+            last_progress: now,
+            next_progress_check: now,
+            over_budget_noted: false,
+        }
+    }
+
+    async fn poll(&self, target: &Target, flight: &mut Flight) -> Step {
+        let id = flight.job.server.id.clone();
+        let server = match self.compute.server(&id).await {
+            Ok(Some(server)) => server,
+            Ok(None) => return Step::Done(self.finish(target, flight, Outcome::Deleted, None, None)),
+            Err(e) => {
+                debug!(server = %id, error = %e, "could not read the server; looking again next time");
+                return Step::Continue;
+            }
+        };
+        if server.status == "ERROR" {
+            let reason = "the VM went to ERROR while migrating; an operator must look at it".to_string();
+            return Step::Done(self.finish(target, flight, Outcome::Failed, Some(reason), None));
+        }
+        let on_source = server.host.as_deref() == Some(target.host.as_str());
+        match flight.job.action {
+            Action::LiveMigrate | Action::Skip => {
+                if server.task_state.is_none() {
+                    if !on_source {
+                        return Step::Done(self.finish(target, flight, Outcome::Migrated, None, server.host));
+                    }
+                    return self.ended_on_source(target, flight, "live-migration").await;
+                }
+                self.watch_live(flight).await;
+                Step::Continue
+            }
+            Action::ColdMigrate => {
+                if server.status == "VERIFY_RESIZE" {
+                    if flight.phase != Phase::Confirming {
+                        match self.compute.confirm_resize(&id).await {
+                            Ok(()) => flight.phase = Phase::Confirming,
+                            Err(e) => debug!(server = %id, error = %e, "confirming the cold migration; will retry"),
+                        }
+                    }
+                    return Step::Continue;
+                }
+                if server.task_state.is_none() {
+                    if !on_source {
+                        return Step::Done(self.finish(target, flight, Outcome::Migrated, None, server.host));
+                    }
+                    return self.ended_on_source(target, flight, "migration").await;
+                }
+                if !flight.over_budget_noted && flight.attempt_started.elapsed() > flight.budget {
+                    flight.over_budget_noted = true;
+                    warn!(server = %id, budget_s = flight.budget.as_secs(), "cold migration runs past its budget; Nova cannot abort it");
+                }
+                Step::Continue
+            }
+        }
+    }
+
+    /// A migration that ended with the VM still on the source: aborted by us, or failed.
+    async fn ended_on_source(&self, target: &Target, flight: &mut Flight, migration_type: &str) -> Step {
+        if let Phase::Aborting { reason } = &flight.phase {
+            let reason = reason.clone();
+            return Step::Done(self.finish(target, flight, Outcome::Aborted, Some(reason), None));
+        }
+        let record = match self.compute.migration_history(&flight.job.server.id, migration_type).await {
+            Ok(history) => match &flight.migration_id {
+                Some(id) => history.into_iter().find(|m| &m.id == id),
+                None => history.into_iter().next(),
+            },
+            Err(e) => {
+                debug!(error = %e, "could not read the migration history");
+                None
+            }
+        };
+        let reason = match &record {
+            Some(m) if m.status == "cancelled" => {
+                let reason = "the migration was cancelled outside the drainer".to_string();
+                return Step::Done(self.finish(target, flight, Outcome::Aborted, Some(reason), None));
+            }
+            Some(m) => format!("the {migration_type} ended {} with the VM still on {}", m.status, target.host),
+            None => format!("the {migration_type} ended with the VM still on {}", target.host),
+        };
+        let job = Job {
+            server: flight.job.server.clone(),
+            action: flight.job.action,
+            attempts: flight.job.attempts,
+            first_started: flight.job.first_started,
+            not_before: Instant::now(),
+        };
+        Step::Retry(job, reason)
+    }
+
+    /// Budget, stall and force-complete follow-up of a live migration in flight.
+    async fn watch_live(&self, flight: &mut Flight) {
+        let now = Instant::now();
+        if now >= flight.next_progress_check {
+            flight.next_progress_check = now + PROGRESS_INTERVAL;
+            self.read_progress(flight, now).await;
+        }
+        match flight.phase {
+            Phase::Moving => {
+                let elapsed = now - flight.attempt_started;
+                if elapsed > flight.budget {
+                    let reason = format!("it exceeded its budget of {} s", flight.budget.as_secs());
+                    self.intervene(flight, self.settings.on_budget_exceeded, &reason).await;
+                } else if let Some(stall) = self.settings.stall_after
+                    && flight.remaining.is_some()
+                    && now - flight.last_progress > stall
+                {
+                    let reason = format!("no progress for {} s", stall.as_secs());
+                    self.intervene(flight, self.settings.on_budget_exceeded, &reason).await;
+                }
+            }
+            Phase::ForceCompleting { since } if now - since > FORCE_COMPLETE_GRACE => {
+                let reason = format!("it did not complete within {} s of force-complete", FORCE_COMPLETE_GRACE.as_secs());
+                self.intervene(flight, BudgetAction::Abort, &reason).await;
+            }
+            _ => {}
+        }
+    }
+
+    async fn read_progress(&self, flight: &mut Flight, now: Instant) {
+        let migrations = match self.compute.in_progress_migrations(&flight.job.server.id).await {
+            Ok(migrations) => migrations,
+            Err(e) => {
+                debug!(error = %e, "could not read migration progress");
+                return;
+            }
+        };
+        let Some(migration) = migrations.into_iter().next() else {
+            return;
+        };
+        flight.migration_id = Some(migration.id.clone());
+        // Drivers that report nothing (a zero or missing total) give no stall signal.
+        if let (Some(total), Some(remaining)) = (migration.memory_total_bytes, migration.memory_remaining_bytes)
+            && total > 0
+        {
+            if flight.remaining.is_none_or(|previous| remaining < previous) {
+                flight.last_progress = now;
+            }
+            flight.remaining = Some(remaining);
+        }
+    }
+
+    /// Aborts or force-completes a live migration; retried on the next poll if Nova is not ready for it.
+    async fn intervene(&self, flight: &mut Flight, what: BudgetAction, reason: &str) {
+        if flight.job.action != Action::LiveMigrate {
+            return;
+        }
+        if flight.migration_id.is_none() {
+            self.read_progress(flight, Instant::now()).await;
+        }
+        let Some(migration_id) = flight.migration_id.clone() else {
+            debug!(server = %flight.job.server.id, "no in-progress migration record yet");
+            return;
+        };
+        let id = flight.job.server.id.clone();
+        let (result, verb) = match what {
+            BudgetAction::Abort => (self.compute.abort_migration(&id, &migration_id).await, "abort"),
+            BudgetAction::ForceComplete => (self.compute.force_complete(&id, &migration_id).await, "force-complete"),
+        };
+        match result {
+            Ok(()) => {
+                self.observer.event(&Event::Intervened {
+                    server: &flight.job.server,
+                    what: verb,
+                    reason,
+                });
+                flight.phase = match what {
+                    BudgetAction::Abort => Phase::Aborting {
+                        reason: format!("aborted: {reason}"),
+                    },
+                    BudgetAction::ForceComplete => Phase::ForceCompleting { since: Instant::now() },
+                };
+            }
+            Err(e) => debug!(server = %id, error = %e, "could not {verb} the migration yet; will retry"),
+        }
+    }
+
+    fn retry_or_fail(
+        &self,
+        target: &Target,
+        mut job: Job,
+        reason: String,
+        queue: &mut VecDeque<Job>,
+        reports: &mut Vec<VmReport>,
+    ) {
+        if job.attempts <= self.settings.retries {
+            let backoff = self
+                .settings
+                .retry_backoff
+                .saturating_mul(2u32.saturating_pow(job.attempts.saturating_sub(1)))
+                .min(MAX_BACKOFF);
+            self.observer.event(&Event::MigrationFailed {
+                server: &job.server,
+                reason: &reason,
+                retry_in: Some(backoff),
+            });
+            job.not_before = Instant::now() + backoff;
+            queue.push_back(job);
+        } else {
+            self.observer.event(&Event::MigrationFailed {
+                server: &job.server,
+                reason: &reason,
+                retry_in: None,
+            });
+            let reason = format!("{} attempt(s) failed; last: {reason}", job.attempts);
+            reports.push(self.job_report(target, &job, Outcome::Failed, Some(reason), None));
+        }
+    }
+
+    fn finish(
+        &self,
+        target: &Target,
+        flight: &Flight,
+        outcome: Outcome,
+        reason: Option<String>,
+        destination: Option<String>,
+    ) -> VmReport {
+        let report = self.job_report(target, &flight.job, outcome, reason, destination);
+        if report.outcome == Outcome::Migrated {
+            self.observer.event(&Event::MigrationSucceeded {
+                server: &flight.job.server,
+                destination: report.destination.as_deref().unwrap_or("?"),
+                seconds: report.duration_seconds,
+            });
+        } else if let Some(reason) = &report.reason {
+            self.observer.event(&Event::NotMigratable {
+                server: &flight.job.server,
+                reason,
+            });
+        }
+        report
+    }
+
+    fn job_report(
+        &self,
+        target: &Target,
+        job: &Job,
+        outcome: Outcome,
+        reason: Option<String>,
+        destination: Option<String>,
+    ) -> VmReport {
+        let seconds = job.first_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        vm_report(&job.server, job.action, &target.host, job.attempts, seconds, outcome, reason, destination)
+    }
+}
+
+enum Start {
+    Flying(Box<Flight>),
+    Done(VmReport),
+    Later(Job),
+    Failed(Job, String),
+}
+
+fn skip_reason(server: &Server) -> String {
+    format!("{} VMs are left in place by the state policy", server.status)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn vm_report(
+    server: &Server,
+    action: Action,
+    source: &str,
+    attempts: u32,
+    seconds: f64,
+    outcome: Outcome,
+    reason: Option<String>,
+    destination: Option<String>,
+) -> VmReport {
+    VmReport {
+        id: server.id.clone(),
+        name: server.name.clone(),
+        project_id: server.project_id.clone(),
+        status: server.status.clone(),
+        ram_mb: server.flavor.ram_mb,
+        action,
+        source: source.to_string(),
+        destination,
+        attempts,
+        duration_seconds: (seconds * 10.0).round() / 10.0,
+        outcome,
+        reason,
+    }
+}

@@ -1,0 +1,156 @@
+//! `drainer`: wires the command line, configuration, Nova client and
+//! evacuation engine together. All logic lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use nova_kubernetes_drain::cli::{Cli, Output};
+use nova_kubernetes_drain::config::{self, Config, ProcessEnvironment};
+use nova_kubernetes_drain::evacuation::{Engine, EvacuationError, Report, RestoreOutcome, StopRequest, Target};
+use nova_kubernetes_drain::nova::NovaClient;
+use nova_kubernetes_drain::{exit, telemetry};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+fn main() -> ExitCode {
+    let cli = match Cli::parse_compatible(std::env::args()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE as u8 } else { 0 });
+        }
+    };
+    telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!("cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILED as u8);
+        }
+    };
+    ExitCode::from(runtime.block_on(run(cli)) as u8)
+}
+
+/// Fails with a one-line message and exit code 2.
+fn usage(message: impl std::fmt::Display) -> i32 {
+    error!("{message}");
+    exit::USAGE
+}
+
+async fn run(cli: Cli) -> i32 {
+    if cli.daemon {
+        return usage("-daemon is not yet supported; use run-once mode");
+    }
+    let explicit = cli.config_path.is_some();
+    let path = cli.config_path.clone().unwrap_or_else(|| PathBuf::from("config.yaml"));
+    let mut config = match config::load(&path, explicit, &ProcessEnvironment) {
+        Ok(config) => config,
+        Err(e) => return usage(e),
+    };
+    if let Err(e) = apply_flags(&cli, &mut config) {
+        return usage(e);
+    }
+    let node = match node_name(&cli) {
+        Ok(node) => node,
+        Err(e) => return usage(e),
+    };
+    let target = Target {
+        host: config.nova_host_for(&node),
+        node,
+    };
+    let client = match NovaClient::connect(&config.credentials).await {
+        Ok(client) => client,
+        Err(e) => return usage(format!("cannot use the cloud: {e}")),
+    };
+    info!(node = %target.node, host = %target.host, microversion = %client.microversion(), "connected to Nova");
+
+    let observer = telemetry::ConsoleObserver::for_stderr();
+    let engine = Engine::new(&client, &config.evacuation, &observer);
+    if cli.enable {
+        return match engine.restore(&target).await {
+            Ok(RestoreOutcome::Enabled) => {
+                println!("nova-compute on {} enabled", target.host);
+                exit::DONE
+            }
+            Ok(RestoreOutcome::AlreadyEnabled) => {
+                println!("nova-compute on {} is already enabled", target.host);
+                exit::DONE
+            }
+            Ok(RestoreOutcome::DisabledBySomeoneElse { reason }) => {
+                error!(
+                    "nova-compute on {} was disabled by someone else ({}); not enabling it",
+                    target.host,
+                    reason.as_deref().unwrap_or("no reason given")
+                );
+                exit::FAILED
+            }
+            Err(e) => fail(e),
+        };
+    }
+    let result = if cli.dry_run {
+        engine.preview(&target).await
+    } else {
+        let (stop_tx, stop_rx) = watch::channel(StopRequest::Continue);
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                warn!("interrupted: starting no more migrations, leaving in-flight ones to Nova");
+                let _ = stop_tx.send(StopRequest::LeaveInFlight);
+            }
+        });
+        engine.evacuate(&target, stop_rx).await
+    };
+    observer.finish();
+    match result {
+        Ok(report) => {
+            print_report(&report, cli.output);
+            info!(nova_requests = client.requests(), "done");
+            report.exit_code()
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn fail(error: EvacuationError) -> i32 {
+    error!("{error}");
+    if error.is_usage() { exit::USAGE } else { exit::FAILED }
+}
+
+fn apply_flags(cli: &Cli, config: &mut Config) -> Result<(), String> {
+    if let Some(minutes) = cli.time_out {
+        if !(minutes.is_finite() && minutes > 0.0 && minutes <= 7.0 * 24.0 * 60.0) {
+            return Err(format!("-time-out must be a number of minutes above 0, got {minutes}"));
+        }
+        config.evacuation.timeout = Some(Duration::from_secs_f64(minutes * 60.0));
+    }
+    if cli.skip_capacity_check {
+        config.evacuation.check_capacity = false;
+    }
+    Ok(())
+}
+
+/// `--node`, else `NODE_NAME` (set from the downward API in a DaemonSet), else the hostname.
+fn node_name(cli: &Cli) -> Result<String, String> {
+    if let Some(node) = cli.node.clone().or_else(|| std::env::var("NODE_NAME").ok()) {
+        let node = node.trim().to_string();
+        if node.is_empty() {
+            return Err("the node name is empty (--node / NODE_NAME)".into());
+        }
+        return Ok(node);
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| "cannot tell the node name: pass --node or set NODE_NAME".to_string())
+}
+
+fn print_report(report: &Report, output: Output) {
+    match output {
+        Output::Human => print!("{}", report.to_human()),
+        Output::Json => match serde_json::to_string_pretty(report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => error!("cannot render the report: {e}"),
+        },
+    }
+}

@@ -1,0 +1,536 @@
+//! A small typed Nova client over an osauth session: the handful of calls an
+//! evacuation needs, each sent with an explicit compute microversion.
+
+mod keystone;
+pub mod microversion;
+mod wire;
+
+use std::time::Duration;
+
+use osauth::services::{COMPUTE, GenericService, VersionSelector};
+use osauth::{ErrorKind, InterfaceType, Session};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tracing::{debug, warn};
+
+use crate::config::Credentials;
+use crate::evacuation::{Compute, ComputeError, ComputeResult, ComputeService, HostCapacity, Migration, Server};
+use microversion::{Microversion, Negotiated};
+
+pub use keystone::KeystoneAuth;
+
+const PLACEMENT: GenericService = GenericService::new("placement", VersionSelector::Major(1));
+/// Page size asked for; Nova caps it at its `[api] max_limit`.
+const PAGE_SIZE: usize = 1000;
+/// Idempotent calls are tried this many times on transport errors and 5xx answers.
+const ATTEMPTS: u32 = 4;
+/// Time limit of one HTTP request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why the client could not be set up or a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NovaError {
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("{0}")]
+    Setup(String),
+    #[error("{method} {path}: HTTP {status}: {message}")]
+    Http {
+        method: Method,
+        path: String,
+        status: StatusCode,
+        message: String,
+    },
+    #[error("{method} {path}: {message}")]
+    Transport { method: Method, path: String, message: String },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl From<NovaError> for ComputeError {
+    fn from(error: NovaError) -> Self {
+        match &error {
+            NovaError::Auth(_) => ComputeError::Auth(error.to_string()),
+            NovaError::Http { status, .. } if *status == StatusCode::FORBIDDEN => ComputeError::Auth(error.to_string()),
+            NovaError::Http { status, .. } if matches!(status.as_u16(), 400 | 409) => {
+                ComputeError::Conflict(error.to_string())
+            }
+            NovaError::Unsupported(_) => ComputeError::Unsupported(error.to_string()),
+            _ => ComputeError::Other(error.to_string()),
+        }
+    }
+}
+
+/// Counts of calls made, for benchmarks and the report.
+#[derive(Debug, Default)]
+pub struct RequestCounter(std::sync::atomic::AtomicU64);
+
+impl RequestCounter {
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn add(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// An authenticated Nova (and Placement) client with a negotiated microversion.
+pub struct NovaClient {
+    session: Session,
+    version: Negotiated,
+    requests: RequestCounter,
+}
+
+impl std::fmt::Debug for NovaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NovaClient").field("version", &self.version).finish_non_exhaustive()
+    }
+}
+
+impl NovaClient {
+    /// Authenticates, finds the compute endpoint and negotiates the microversion.
+    /// Changes nothing in the cloud.
+    pub async fn connect(credentials: &Credentials) -> Result<NovaClient, NovaError> {
+        let mut http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).use_rustls_tls();
+        if let Some(path) = &credentials.cacert {
+            let pem = std::fs::read(path).map_err(|e| NovaError::Setup(format!("cacert {}: {e}", path.display())))?;
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| NovaError::Setup(format!("cacert {}: not a PEM bundle: {e}", path.display())))?;
+            for certificate in certificates {
+                http = http.add_root_certificate(certificate);
+            }
+        }
+        if credentials.insecure {
+            warn!("insecure: TLS certificates of Keystone and Nova are NOT verified");
+            http = http.danger_accept_invalid_certs(true);
+        }
+        let http = http.build().map_err(|e| NovaError::Setup(format!("HTTP client: {e}")))?;
+        let auth = KeystoneAuth::new(credentials).map_err(|e| NovaError::Setup(e.to_string()))?;
+        let client = osauth::client::AuthenticatedClient::new(http, auth).await.map_err(auth_error)?;
+        let mut session = Session::new_with_authenticated_client(client);
+        session.set_endpoint_interface(match credentials.interface.as_str() {
+            "internal" => InterfaceType::Internal,
+            "admin" => InterfaceType::Admin,
+            _ => InterfaceType::Public,
+        });
+        if let Some(region) = &credentials.region_name {
+            session.set_region(region.clone());
+        }
+        let (min, max) = session
+            .get_api_versions(COMPUTE)
+            .await
+            .map_err(auth_error)?
+            .ok_or_else(|| NovaError::Setup("the compute endpoint does not announce microversions".into()))?;
+        let version = Negotiated::pick(Microversion(min.0, min.1), Microversion(max.0, max.1))
+            .map_err(NovaError::Unsupported)?;
+        debug!(version = %version.version(), "negotiated compute microversion");
+        Ok(NovaClient {
+            session,
+            version,
+            requests: RequestCounter::default(),
+        })
+    }
+
+    /// The compute microversion sent on every call.
+    pub fn microversion(&self) -> Microversion {
+        self.version.version()
+    }
+
+    /// Requests made so far (Keystone excluded).
+    pub fn requests(&self) -> u64 {
+        self.requests.get()
+    }
+
+    fn require(&self, needed: Microversion, what: &str) -> Result<(), NovaError> {
+        if self.version.supports(needed) {
+            Ok(())
+        } else {
+            Err(NovaError::Unsupported(format!(
+                "{what} needs compute API {needed}; this cloud offers up to {}",
+                self.version.version()
+            )))
+        }
+    }
+
+    async fn compute<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &[&str],
+        query: &[(&str, String)],
+        body: Option<Value>,
+    ) -> Result<T, NovaError> {
+        let version = self.version.version().to_string();
+        let headers = [
+            ("OpenStack-API-Version", format!("compute {version}")),
+            ("X-OpenStack-Nova-API-Version", version),
+        ];
+        self.call(COMPUTE, method, path, query, body, &headers).await
+    }
+
+    async fn placement<T: DeserializeOwned>(&self, path: &[&str]) -> Result<T, NovaError> {
+        let headers = [("OpenStack-API-Version", "placement 1.0".to_string())];
+        self.call(PLACEMENT, Method::GET, path, &[], None, &headers).await
+    }
+
+    async fn call<S, T>(
+        &self,
+        service: S,
+        method: Method,
+        path: &[&str],
+        query: &[(&str, String)],
+        body: Option<Value>,
+        headers: &[(&str, String)],
+    ) -> Result<T, NovaError>
+    where
+        S: osauth::services::ServiceType + Send + Clone,
+        T: DeserializeOwned,
+    {
+        let shown = format!("/{}", path.join("/"));
+        let idempotent = method != Method::POST;
+        let mut reauthenticated = false;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut request = self.session.request(service.clone(), method.clone(), path).query(query);
+            for (name, value) in headers {
+                request = request.header(*name, value.as_str());
+            }
+            if let Some(body) = &body {
+                request = request.json(body);
+            }
+            self.requests.add();
+            let transient = match request.send_unchecked().await {
+                Ok(response) => {
+                    let status = response.status();
+                    if status.is_success() {
+                        let text = response.text().await.map_err(|e| NovaError::Transport {
+                            method: method.clone(),
+                            path: shown.clone(),
+                            message: e.to_string(),
+                        })?;
+                        let text = if text.trim().is_empty() { "null" } else { text.as_str() };
+                        return serde_json::from_str(text).map_err(|e| NovaError::Transport {
+                            method: method.clone(),
+                            path: shown.clone(),
+                            message: format!("unexpected response: {e}"),
+                        });
+                    }
+                    if status == StatusCode::UNAUTHORIZED && !reauthenticated {
+                        // The token expired or was revoked early: authenticate again once.
+                        reauthenticated = true;
+                        let mut session = self.session.clone();
+                        session.refresh().await.map_err(auth_error)?;
+                        continue;
+                    }
+                    let message = error_message(&response.text().await.unwrap_or_default(), status);
+                    if status == StatusCode::UNAUTHORIZED {
+                        return Err(NovaError::Auth(message));
+                    }
+                    let error = NovaError::Http {
+                        method: method.clone(),
+                        path: shown.clone(),
+                        status,
+                        message,
+                    };
+                    if !(status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS) {
+                        return Err(error);
+                    }
+                    error
+                }
+                Err(e) if e.kind() == ErrorKind::AuthenticationFailed || e.kind() == ErrorKind::AccessDenied => {
+                    return Err(NovaError::Auth(e.to_string()));
+                }
+                Err(e) if e.kind() == ErrorKind::EndpointNotFound => return Err(NovaError::Setup(e.to_string())),
+                Err(e) => NovaError::Transport {
+                    method: method.clone(),
+                    path: shown.clone(),
+                    message: e.to_string(),
+                },
+            };
+            if !idempotent || attempt >= ATTEMPTS {
+                return Err(transient);
+            }
+            debug!(error = %transient, attempt, "retrying");
+            tokio::time::sleep(Duration::from_millis(250 * 2u64.pow(attempt))).await;
+        }
+    }
+
+    async fn server_action(&self, server_id: &str, body: Value) -> Result<(), NovaError> {
+        self.compute::<Value>(Method::POST, &["servers", server_id, "action"], &[], Some(body))
+            .await
+            .map(drop)
+    }
+
+    async fn flavor_of(&self, server: &wire::Server) -> Result<crate::evacuation::Flavor, NovaError> {
+        if let Some(flavor) = server.flavor.embedded() {
+            return Ok(flavor);
+        }
+        let id = server.flavor.id.clone().unwrap_or_default();
+        let root: wire::FlavorRoot = self.compute(Method::GET, &["flavors", &id], &[], None).await?;
+        Ok(root.flavor.resources())
+    }
+
+    async fn to_server(&self, server: wire::Server) -> Result<Server, NovaError> {
+        let flavor = self.flavor_of(&server).await?;
+        server
+            .into_server(flavor)
+            .ok_or_else(|| NovaError::Auth("servers show no host: the credentials lack the admin role".to_string()))
+    }
+
+    async fn services(&self, host: Option<&str>) -> Result<Vec<wire::Service>, NovaError> {
+        let mut query = vec![("binary", "nova-compute".to_string())];
+        if let Some(host) = host {
+            query.push(("host", host.to_string()));
+        }
+        let root: wire::ServicesRoot = self.compute(Method::GET, &["os-services"], &query, None).await?;
+        Ok(root.services)
+    }
+
+    async fn hypervisors(&self) -> Result<Vec<wire::Hypervisor>, NovaError> {
+        let mut all = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let mut query = Vec::new();
+            if self.version.supports(microversion::HYPERVISOR_PAGING) {
+                query.push(("limit", PAGE_SIZE.to_string()));
+                if let Some(marker) = &marker {
+                    query.push(("marker", marker.clone()));
+                }
+            }
+            let page: wire::HypervisorsRoot =
+                self.compute(Method::GET, &["os-hypervisors", "detail"], &query, None).await?;
+            let next = wire::has_next(&page.hypervisors_links);
+            let last = page.hypervisors.last().map(|h| h.id.to_string());
+            all.extend(page.hypervisors);
+            match (next, last) {
+                (true, Some(last)) if marker.as_deref() != Some(last.as_str()) => marker = Some(last),
+                _ => return Ok(all),
+            }
+        }
+    }
+}
+
+fn auth_error(error: osauth::Error) -> NovaError {
+    match error.kind() {
+        ErrorKind::AuthenticationFailed | ErrorKind::AccessDenied => NovaError::Auth(error.to_string()),
+        _ => NovaError::Setup(error.to_string()),
+    }
+}
+
+/// Nova wraps errors as `{"badRequest": {"message": ...}}`; Placement as `{"errors": [{"detail": ...}]}`.
+fn error_message(body: &str, status: StatusCode) -> String {
+    let Ok(value) = serde_json::from_str::<Value>(body) else {
+        let text = body.trim();
+        return if text.is_empty() || text.len() > 300 {
+            status.canonical_reason().unwrap_or("error").to_string()
+        } else {
+            text.to_string()
+        };
+    };
+    if let Some(detail) = value["errors"][0]["detail"].as_str() {
+        return detail.to_string();
+    }
+    value
+        .as_object()
+        .and_then(|o| o.values().find_map(|v| v["message"].as_str()))
+        .map(str::to_string)
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string())
+}
+
+impl Compute for NovaClient {
+    async fn find_service(&self, host: &str) -> ComputeResult<Option<ComputeService>> {
+        let services = self.services(Some(host)).await?;
+        // The host filter is exact in Nova, but compare anyway: never a substring match.
+        Ok(services.into_iter().find(|s| s.host == host).map(wire::Service::into_service))
+    }
+
+    async fn disable_service(&self, service: &ComputeService, reason: &str) -> ComputeResult<ComputeService> {
+        let root: wire::ServiceRoot = if self.version.supports(microversion::SERVICE_UUID) {
+            let body = json!({ "status": "disabled", "disabled_reason": reason });
+            self.compute(Method::PUT, &["os-services", &service.id], &[], Some(body)).await?
+        } else {
+            let body = json!({ "host": service.host, "binary": "nova-compute", "disabled_reason": reason });
+            let _: Value = self
+                .compute(Method::PUT, &["os-services", "disable-log-reason"], &[], Some(body))
+                .await?;
+            return self
+                .find_service(&service.host)
+                .await?
+                .ok_or_else(|| ComputeError::Other("the service disappeared".into()));
+        };
+        Ok(root.service.into_service())
+    }
+
+    async fn enable_service(&self, service: &ComputeService) -> ComputeResult<ComputeService> {
+        if self.version.supports(microversion::SERVICE_UUID) {
+            let body = json!({ "status": "enabled" });
+            let root: wire::ServiceRoot = self.compute(Method::PUT, &["os-services", &service.id], &[], Some(body)).await?;
+            return Ok(root.service.into_service());
+        }
+        let body = json!({ "host": service.host, "binary": "nova-compute" });
+        let _: Value = self.compute(Method::PUT, &["os-services", "enable"], &[], Some(body)).await?;
+        self.find_service(&service.host)
+            .await?
+            .ok_or_else(|| ComputeError::Other("the service disappeared".into()))
+    }
+
+    async fn servers_on_host(&self, host: &str) -> ComputeResult<Vec<Server>> {
+        let mut servers = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let mut query = vec![
+                ("all_tenants", "1".to_string()),
+                ("host", host.to_string()),
+                ("limit", PAGE_SIZE.to_string()),
+            ];
+            if let Some(marker) = &marker {
+                query.push(("marker", marker.clone()));
+            }
+            let page: wire::ServersRoot = self.compute(Method::GET, &["servers", "detail"], &query, None).await?;
+            let next = wire::has_next(&page.servers_links);
+            let last = page.servers.last().map(|s| s.id.clone());
+            for server in page.servers {
+                let server = self.to_server(server).await?;
+                // The host filter is exact in Nova; keep only exact matches all the same.
+                if server.host.as_deref() == Some(host) {
+                    servers.push(server);
+                }
+            }
+            match (next, last) {
+                (true, Some(last)) if marker.as_deref() != Some(last.as_str()) => marker = Some(last),
+                _ => return Ok(servers),
+            }
+        }
+    }
+
+    async fn server(&self, id: &str) -> ComputeResult<Option<Server>> {
+        match self.compute::<wire::ServerRoot>(Method::GET, &["servers", id], &[], None).await {
+            Ok(root) => Ok(Some(self.to_server(root.server).await?)),
+            Err(NovaError::Http { status, .. }) if status == StatusCode::NOT_FOUND => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn live_migrate(&self, server_id: &str) -> ComputeResult<()> {
+        let body = if self.version.supports(microversion::BLOCK_MIGRATION_AUTO) {
+            json!({ "os-migrateLive": { "host": null, "block_migration": "auto" } })
+        } else {
+            json!({ "os-migrateLive": { "host": null, "block_migration": false, "disk_over_commit": false } })
+        };
+        Ok(self.server_action(server_id, body).await?)
+    }
+
+    async fn cold_migrate(&self, server_id: &str) -> ComputeResult<()> {
+        Ok(self.server_action(server_id, json!({ "migrate": null })).await?)
+    }
+
+    async fn confirm_resize(&self, server_id: &str) -> ComputeResult<()> {
+        Ok(self.server_action(server_id, json!({ "confirmResize": null })).await?)
+    }
+
+    async fn in_progress_migrations(&self, server_id: &str) -> ComputeResult<Vec<Migration>> {
+        self.require(microversion::SERVER_MIGRATIONS, "reading migration progress")?;
+        let root: wire::MigrationsRoot = self
+            .compute(Method::GET, &["servers", server_id, "migrations"], &[], None)
+            .await?;
+        Ok(root.migrations.into_iter().map(wire::Migration::into_migration).collect())
+    }
+
+    async fn migration_history(&self, server_id: &str, migration_type: &str) -> ComputeResult<Vec<Migration>> {
+        let mut query = vec![("instance_uuid", server_id.to_string())];
+        if self.version.supports(microversion::SERVER_MIGRATIONS) {
+            query.push(("migration_type", migration_type.to_string()));
+        }
+        let root: wire::MigrationsRoot = self.compute(Method::GET, &["os-migrations"], &query, None).await?;
+        let mut history: Vec<Migration> = root
+            .migrations
+            .into_iter()
+            .filter(|m| m.instance_uuid.as_deref() == Some(server_id))
+            .filter(|m| m.migration_type.as_deref().is_none_or(|t| t == migration_type))
+            .map(wire::Migration::into_migration)
+            .collect();
+        // Newest first whatever the microversion's own ordering.
+        history.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
+        Ok(history)
+    }
+
+    async fn unconfirmed_migrations_from(&self, host: &str) -> ComputeResult<Vec<String>> {
+        let mut query = vec![("source_compute", host.to_string()), ("status", "finished".to_string())];
+        if self.version.supports(microversion::SERVER_MIGRATIONS) {
+            query.push(("migration_type", "migration".to_string()));
+        }
+        let root: wire::MigrationsRoot = self.compute(Method::GET, &["os-migrations"], &query, None).await?;
+        let mut ids = Vec::new();
+        for migration in root.migrations {
+            let (Some(id), Some("migration")) = (migration.instance_uuid, migration.migration_type.as_deref()) else {
+                continue;
+            };
+            if migration.source_compute.as_deref() != Some(host) {
+                continue;
+            }
+            if let Some(server) = self.server(&id).await?
+                && server.status == "VERIFY_RESIZE"
+                && !ids.contains(&id)
+            {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn force_complete(&self, server_id: &str, migration_id: &str) -> ComputeResult<()> {
+        self.require(microversion::FORCE_COMPLETE, "force-completing a live migration")?;
+        let body = json!({ "force_complete": null });
+        let _: Value = self
+            .compute(Method::POST, &["servers", server_id, "migrations", migration_id, "action"], &[], Some(body))
+            .await?;
+        Ok(())
+    }
+
+    async fn abort_migration(&self, server_id: &str, migration_id: &str) -> ComputeResult<()> {
+        self.require(microversion::ABORT_RUNNING, "aborting a live migration")?;
+        let _: Value = self
+            .compute(Method::DELETE, &["servers", server_id, "migrations", migration_id], &[], None)
+            .await?;
+        Ok(())
+    }
+
+    async fn spare_capacity(&self, except_host: &str) -> ComputeResult<Vec<HostCapacity>> {
+        let usable: Vec<String> = self
+            .services(None)
+            .await?
+            .into_iter()
+            .filter(|s| s.status == "enabled" && s.state == "up" && !s.forced_down && s.host != except_host)
+            .map(|s| s.host)
+            .collect();
+        let providers: wire::ResourceProvidersRoot = self.placement(&["resource_providers"]).await?;
+        let mut capacity = Vec::new();
+        for hypervisor in self.hypervisors().await? {
+            let Some(host) = hypervisor.service.as_ref().map(|s| s.host.clone()) else {
+                continue;
+            };
+            if !usable.contains(&host) {
+                continue;
+            }
+            let Some(provider) = providers
+                .resource_providers
+                .iter()
+                .find(|p| p.name == hypervisor.hypervisor_hostname)
+            else {
+                continue;
+            };
+            let inventories: wire::InventoriesRoot =
+                self.placement(&["resource_providers", &provider.uuid, "inventories"]).await?;
+            let usages: wire::UsagesRoot = self.placement(&["resource_providers", &provider.uuid, "usages"]).await?;
+            capacity.push(HostCapacity {
+                host,
+                free_ram_mb: wire::free(&inventories, &usages, "MEMORY_MB"),
+                free_vcpus: wire::free(&inventories, &usages, "VCPU"),
+                free_disk_gb: wire::free(&inventories, &usages, "DISK_GB"),
+            });
+        }
+        Ok(capacity)
+    }
+}

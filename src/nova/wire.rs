@@ -1,0 +1,313 @@
+//! Nova and Placement JSON as sent on the wire, and its conversion to the engine's types.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::evacuation::{ComputeService, Flavor as Resources, Migration as EngineMigration, Server as EngineServer};
+
+#[derive(Deserialize)]
+pub struct Link {
+    pub rel: String,
+}
+
+/// Whether a page's links announce a next page.
+pub fn has_next(links: &[Link]) -> bool {
+    links.iter().any(|l| l.rel == "next")
+}
+
+/// A service id is a UUID from 2.53 and an integer before.
+fn id_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ServicesRoot {
+    pub services: Vec<Service>,
+}
+
+#[derive(Deserialize)]
+pub struct ServiceRoot {
+    pub service: Service,
+}
+
+#[derive(Deserialize)]
+pub struct Service {
+    pub id: Value,
+    pub host: String,
+    pub status: String,
+    pub state: String,
+    #[serde(default)]
+    pub disabled_reason: Option<String>,
+    #[serde(default)]
+    pub forced_down: bool,
+}
+
+impl Service {
+    pub fn into_service(self) -> ComputeService {
+        ComputeService {
+            id: id_text(&self.id),
+            enabled: self.status == "enabled",
+            up: self.state == "up",
+            host: self.host,
+            disabled_reason: self.disabled_reason,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ServersRoot {
+    pub servers: Vec<Server>,
+    #[serde(default)]
+    pub servers_links: Vec<Link>,
+}
+
+#[derive(Deserialize)]
+pub struct ServerRoot {
+    pub server: Server,
+}
+
+#[derive(Deserialize)]
+pub struct Server {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub tenant_id: String,
+    pub status: String,
+    #[serde(rename = "OS-EXT-STS:task_state", default)]
+    pub task_state: Option<String>,
+    #[serde(rename = "OS-EXT-SRV-ATTR:host", default)]
+    pub host: Option<Value>,
+    pub flavor: ServerFlavor,
+}
+
+impl Server {
+    /// `None` when the host attribute is missing altogether: the caller is not an admin.
+    pub fn into_server(self, flavor: Resources) -> Option<EngineServer> {
+        let host = match self.host? {
+            Value::String(host) => Some(host),
+            _ => None,
+        };
+        Some(EngineServer {
+            id: self.id,
+            name: self.name,
+            project_id: self.tenant_id,
+            status: self.status,
+            task_state: self.task_state,
+            host,
+            flavor,
+        })
+    }
+}
+
+/// Before 2.47 a link to the flavor (`id`), from 2.47 its resources inline.
+#[derive(Deserialize)]
+pub struct ServerFlavor {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub ram: Option<u64>,
+    #[serde(default)]
+    pub vcpus: Option<u64>,
+    #[serde(default)]
+    pub disk: Option<u64>,
+    #[serde(default)]
+    pub ephemeral: Option<u64>,
+    #[serde(default)]
+    pub swap: Option<Value>,
+}
+
+impl ServerFlavor {
+    pub fn embedded(&self) -> Option<Resources> {
+        Some(Resources {
+            ram_mb: self.ram?,
+            vcpus: self.vcpus.unwrap_or(0),
+            disk_gb: disk_gb(self.disk, self.ephemeral, self.swap.as_ref()),
+        })
+    }
+}
+
+/// Root + ephemeral + swap (swap is in MiB, and `""` when none).
+fn disk_gb(disk: Option<u64>, ephemeral: Option<u64>, swap: Option<&Value>) -> u64 {
+    let swap_mb = swap.and_then(Value::as_u64).unwrap_or(0);
+    disk.unwrap_or(0) + ephemeral.unwrap_or(0) + swap_mb.div_ceil(1024)
+}
+
+#[derive(Deserialize)]
+pub struct FlavorRoot {
+    pub flavor: FlavorDetail,
+}
+
+#[derive(Deserialize)]
+pub struct FlavorDetail {
+    pub ram: u64,
+    pub vcpus: u64,
+    #[serde(default)]
+    pub disk: u64,
+    #[serde(rename = "OS-FLV-EXT-DATA:ephemeral", default)]
+    pub ephemeral: u64,
+    #[serde(default)]
+    pub swap: Option<Value>,
+}
+
+impl FlavorDetail {
+    pub fn resources(&self) -> Resources {
+        Resources {
+            ram_mb: self.ram,
+            vcpus: self.vcpus,
+            disk_gb: disk_gb(Some(self.disk), Some(self.ephemeral), self.swap.as_ref()),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct MigrationsRoot {
+    pub migrations: Vec<Migration>,
+}
+
+#[derive(Deserialize)]
+pub struct Migration {
+    pub id: Value,
+    pub status: String,
+    #[serde(default)]
+    pub instance_uuid: Option<String>,
+    #[serde(default)]
+    pub migration_type: Option<String>,
+    #[serde(default)]
+    pub source_compute: Option<String>,
+    #[serde(default)]
+    pub dest_compute: Option<String>,
+    #[serde(default)]
+    pub memory_total_bytes: Option<u64>,
+    #[serde(default)]
+    pub memory_remaining_bytes: Option<u64>,
+    #[serde(default)]
+    pub created_at: Option<String>,
+}
+
+impl Migration {
+    pub fn into_migration(self) -> EngineMigration {
+        EngineMigration {
+            id: id_text(&self.id),
+            status: self.status,
+            source_host: self.source_compute,
+            dest_host: self.dest_compute,
+            memory_remaining_bytes: self.memory_remaining_bytes,
+            memory_total_bytes: self.memory_total_bytes,
+            created_at: self.created_at,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct HypervisorsRoot {
+    pub hypervisors: Vec<Hypervisor>,
+    #[serde(default)]
+    pub hypervisors_links: Vec<Link>,
+}
+
+#[derive(Deserialize)]
+pub struct Hypervisor {
+    pub id: Value,
+    pub hypervisor_hostname: String,
+    #[serde(default)]
+    pub service: Option<HypervisorService>,
+}
+
+#[derive(Deserialize)]
+pub struct HypervisorService {
+    pub host: String,
+}
+
+#[derive(Deserialize)]
+pub struct ResourceProvidersRoot {
+    pub resource_providers: Vec<ResourceProvider>,
+}
+
+#[derive(Deserialize)]
+pub struct ResourceProvider {
+    pub uuid: String,
+    pub name: String,
+}
+
+#[derive(Deserialize)]
+pub struct InventoriesRoot {
+    pub inventories: BTreeMap<String, Inventory>,
+}
+
+#[derive(Deserialize)]
+pub struct Inventory {
+    pub total: u64,
+    #[serde(default)]
+    pub reserved: u64,
+    #[serde(default = "one")]
+    pub allocation_ratio: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Deserialize)]
+pub struct UsagesRoot {
+    pub usages: BTreeMap<String, u64>,
+}
+
+/// Free amount of one resource class as Placement computes it: (total - reserved) x ratio - used.
+pub fn free(inventories: &InventoriesRoot, usages: &UsagesRoot, class: &str) -> u64 {
+    let Some(inventory) = inventories.inventories.get(class) else {
+        return 0;
+    };
+    let capacity = (inventory.total.saturating_sub(inventory.reserved) as f64 * inventory.allocation_ratio) as u64;
+    capacity.saturating_sub(usages.usages.get(class).copied().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_from_microversion_2_93() {
+        let json = r#"{"id":"a","name":"vm","tenant_id":"p","status":"ACTIVE","OS-EXT-STS:task_state":null,
+            "OS-EXT-SRV-ATTR:host":"host1","flavor":{"original_name":"m1.small","ram":512,"vcpus":1,"disk":1,
+            "ephemeral":0,"swap":0,"extra_specs":{}}}"#;
+        let server: Server = serde_json::from_str(json).unwrap();
+        let flavor = server.flavor.embedded().unwrap();
+        assert_eq!(flavor.ram_mb, 512);
+        let server = server.into_server(flavor).unwrap();
+        assert_eq!(server.host.as_deref(), Some("host1"));
+        assert_eq!(server.task_state, None);
+    }
+
+    #[test]
+    fn non_admins_do_not_see_the_host() {
+        let json = r#"{"id":"a","status":"ACTIVE","flavor":{"id":"1"}}"#;
+        let server: Server = serde_json::from_str(json).unwrap();
+        assert!(server.flavor.embedded().is_none());
+        assert!(server.into_server(Resources::default()).is_none());
+    }
+
+    #[test]
+    fn placement_free_capacity() {
+        let inventories: InventoriesRoot = serde_json::from_str(
+            r#"{"inventories":{"MEMORY_MB":{"total":8192,"reserved":512,"allocation_ratio":1.5},
+                "VCPU":{"total":4,"reserved":0,"allocation_ratio":16.0}}}"#,
+        )
+        .unwrap();
+        let usages: UsagesRoot = serde_json::from_str(r#"{"usages":{"MEMORY_MB":1024,"VCPU":3}}"#).unwrap();
+        assert_eq!(free(&inventories, &usages, "MEMORY_MB"), 11520 - 1024);
+        assert_eq!(free(&inventories, &usages, "VCPU"), 61);
+        assert_eq!(free(&inventories, &usages, "DISK_GB"), 0);
+    }
+
+    #[test]
+    fn swap_counts_toward_disk() {
+        assert_eq!(disk_gb(Some(10), Some(5), Some(&Value::from(1536))), 17);
+        assert_eq!(disk_gb(Some(1), None, Some(&Value::from(""))), 1);
+    }
+}

@@ -171,15 +171,51 @@ fn parse(text: &str) -> Result<FileConfig, ConfigError> {
     if text.trim().is_empty() {
         return Ok(FileConfig::default());
     }
-    serde_saphyr::from_str::<FileConfig>(text).map_err(|e| invalid(yaml_error(&e)))
+    serde_saphyr::from_str::<FileConfig>(text).map_err(|e| invalid(yaml_error(&e, text)))
 }
 
-/// The first line of a YAML error: its message and location, never the source
+/// The first line of a YAML error with the key it concerns, never the source
 /// snippet (which could show a secret on a neighbouring line).
-fn yaml_error(error: &serde_saphyr::Error) -> String {
-    let text = error.to_string();
-    let first = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("invalid YAML");
-    first.trim_start_matches("error: ").to_string()
+fn yaml_error(error: &serde_saphyr::Error, text: &str) -> String {
+    let rendered = error.to_string();
+    let first = rendered
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("invalid YAML")
+        .trim_start_matches("error: ");
+    let key = first
+        .strip_prefix("line ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|line| line.parse::<usize>().ok())
+        .and_then(|line| key_path_at(text, line));
+    match key {
+        Some(key) => format!("key {key}: {first}"),
+        None => first.to_string(),
+    }
+}
+
+/// The dotted path of the block-style key on 1-based `line` (`migration.retries`).
+fn key_path_at(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let key_of = |l: &str| -> Option<(usize, String)> {
+        let indent = l.len() - l.trim_start().len();
+        let (key, _) = l.trim_start().split_once(':')?;
+        let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
+        (!key.is_empty() && !key.starts_with('#') && !key.contains(' ')).then(|| (indent, key.to_string()))
+    };
+    let (mut indent, key) = key_of(lines.get(line.checked_sub(1)?)?)?;
+    let mut path = vec![key];
+    for l in lines[..line - 1].iter().rev() {
+        if let Some((parent_indent, parent)) = key_of(l)
+            && parent_indent < indent
+        {
+            path.push(parent);
+            indent = parent_indent;
+        }
+    }
+    path.reverse();
+    Some(path.join("."))
 }
 
 fn build(file: FileConfig, env: &dyn Environment) -> Result<Config, ConfigError> {
@@ -220,7 +256,11 @@ fn credentials(file: &FileConfig, env: &dyn Environment) -> Result<Credentials, 
 
     let env_string = |name: &str| env.var(name);
     let overlay = |slot: &mut Option<String>, file_value: &Option<String>, env_name: &str| {
-        if let Some(v) = file_value.clone().filter(|v| !v.is_empty()).or_else(|| env_string(env_name)) {
+        if let Some(v) = file_value
+            .clone()
+            .filter(|v| !v.is_empty())
+            .or_else(|| env_string(env_name))
+        {
             *slot = Some(v);
         }
     };
@@ -231,9 +271,21 @@ fn credentials(file: &FileConfig, env: &dyn Environment) -> Result<Credentials, 
     overlay(&mut c.project_id, &file.project_id, "OS_PROJECT_ID");
     overlay(&mut c.user_domain_id, &file.user_domain_id, "OS_USER_DOMAIN_ID");
     overlay(&mut c.user_domain_name, &file.user_domain_name, "OS_USER_DOMAIN_NAME");
-    overlay(&mut c.project_domain_id, &file.project_domain_id, "OS_PROJECT_DOMAIN_ID");
-    overlay(&mut c.project_domain_name, &file.project_domain_name, "OS_PROJECT_DOMAIN_NAME");
-    overlay(&mut c.application_credential_id, &file.application_credential_id, "OS_APPLICATION_CREDENTIAL_ID");
+    overlay(
+        &mut c.project_domain_id,
+        &file.project_domain_id,
+        "OS_PROJECT_DOMAIN_ID",
+    );
+    overlay(
+        &mut c.project_domain_name,
+        &file.project_domain_name,
+        "OS_PROJECT_DOMAIN_NAME",
+    );
+    overlay(
+        &mut c.application_credential_id,
+        &file.application_credential_id,
+        "OS_APPLICATION_CREDENTIAL_ID",
+    );
     overlay(
         &mut c.application_credential_name,
         &file.application_credential_name,
@@ -246,7 +298,11 @@ fn credentials(file: &FileConfig, env: &dyn Environment) -> Result<Credentials, 
         c.interface = interface.trim_end_matches("URL").to_ascii_lowercase();
     }
     let mut cacert = None;
-    overlay(&mut cacert, &file.cacert.as_ref().map(|p| p.display().to_string()), "OS_CACERT");
+    overlay(
+        &mut cacert,
+        &file.cacert.as_ref().map(|p| p.display().to_string()),
+        "OS_CACERT",
+    );
     if let Some(cacert) = cacert {
         c.cacert = Some(PathBuf::from(cacert));
     }
@@ -281,7 +337,10 @@ fn credentials(file: &FileConfig, env: &dyn Environment) -> Result<Credentials, 
     })?;
     let url = url::Url::parse(&c.auth_url).map_err(|e| invalid(format!("auth_url {:?}: {e}", c.auth_url)))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(invalid(format!("auth_url {:?} must be an http or https URL", c.auth_url)));
+        return Err(invalid(format!(
+            "auth_url {:?} must be an http or https URL",
+            c.auth_url
+        )));
     }
     if !matches!(c.interface.as_str(), "public" | "internal" | "admin") {
         return Err(invalid(format!(
@@ -310,13 +369,21 @@ fn credentials(file: &FileConfig, env: &dyn Environment) -> Result<Credentials, 
             }
         }
     } else if c.application_credential_id.is_some() || c.application_credential_name.is_some() {
-        return Err(invalid("missing application_credential_secret (OS_APPLICATION_CREDENTIAL_SECRET)"));
+        return Err(invalid(
+            "missing application_credential_secret (OS_APPLICATION_CREDENTIAL_SECRET)",
+        ));
     } else {
         if c.username.is_none() && c.user_id.is_none() {
-            return Err(invalid("missing username (Username in the old tool's format; OS_USERNAME)"));
+            return Err(invalid(
+                "missing username (Username in the old tool's format; OS_USERNAME)",
+            ));
         }
         match &c.password {
-            None => return Err(invalid("missing password (Password in the old tool's format; OS_PASSWORD)")),
+            None => {
+                return Err(invalid(
+                    "missing password (Password in the old tool's format; OS_PASSWORD)",
+                ));
+            }
             Some(p) if p.expose().is_empty() => return Err(invalid("password is empty")),
             Some(_) => {}
         }
@@ -366,7 +433,9 @@ fn apply_cloud(
 fn seconds(key: &str, value: Option<f64>, default: f64, min: f64) -> Result<Duration, ConfigError> {
     let value = value.unwrap_or(default);
     if !value.is_finite() || value < min || value > 7.0 * 24.0 * 3600.0 {
-        return Err(invalid(format!("{key} must be a number of seconds from {min} to 604800, got {value}")));
+        return Err(invalid(format!(
+            "{key} must be a number of seconds from {min} to 604800, got {value}"
+        )));
     }
     Ok(Duration::from_secs_f64(value))
 }
@@ -376,7 +445,9 @@ fn settings(file: &FileConfig) -> Result<Settings, ConfigError> {
     let m = &file.migration;
     let max_parallel = m.max_parallel.unwrap_or(1);
     if !(1..=64).contains(&max_parallel) {
-        return Err(invalid(format!("migration.max_parallel must be 1 to 64, got {max_parallel}")));
+        return Err(invalid(format!(
+            "migration.max_parallel must be 1 to 64, got {max_parallel}"
+        )));
     }
     let budget = match m.budget_seconds {
         Some(fixed) => Budget::Fixed(seconds("migration.budget_seconds", Some(fixed), 0.0, 0.1)?),
@@ -396,7 +467,9 @@ fn settings(file: &FileConfig) -> Result<Settings, ConfigError> {
             Some(Duration::from_secs_f64(minutes * 60.0))
         }
         Some(minutes) => {
-            return Err(invalid(format!("timeout_minutes must be above 0 and at most a week, got {minutes}")));
+            return Err(invalid(format!(
+                "timeout_minutes must be above 0 and at most a week, got {minutes}"
+            )));
         }
     };
     let mut state_policy = StatePolicy::default();
@@ -461,7 +534,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_wrong_types_name_the_key() {
-        let unknown = from_str(&format!("{OLD_TOOL}Pasword: x\n"), &no_env()).unwrap_err().to_string();
+        let unknown = from_str(&format!("{OLD_TOOL}Pasword: x\n"), &no_env())
+            .unwrap_err()
+            .to_string();
         assert!(unknown.contains("Pasword"), "{unknown}");
         let nested = from_str(&format!("{OLD_TOOL}migration:\n  max_paralel: 2\n"), &no_env())
             .unwrap_err()
@@ -470,7 +545,7 @@ mod tests {
         let wrong_type = from_str(&format!("{OLD_TOOL}migration:\n  retries: many\n"), &no_env())
             .unwrap_err()
             .to_string();
-        assert!(wrong_type.contains("retries") || wrong_type.contains("line 7"), "{wrong_type}");
+        assert!(wrong_type.contains("key migration.retries"), "{wrong_type}");
         assert!(!wrong_type.contains("s3cret"), "{wrong_type}");
     }
 
@@ -485,10 +560,17 @@ mod tests {
     fn missing_credentials_name_the_key() {
         let error = from_str("Username: admin\nPassword: x\nTenantName: a\n", &no_env()).unwrap_err();
         assert!(error.to_string().contains("IdentityEndpoint"), "{error}");
-        let error = from_str("IdentityEndpoint: http://k/v3\nUsername: admin\nTenantName: a\n", &no_env()).unwrap_err();
+        let error = from_str(
+            "IdentityEndpoint: http://k/v3\nUsername: admin\nTenantName: a\n",
+            &no_env(),
+        )
+        .unwrap_err();
         assert!(error.to_string().contains("password"), "{error}");
-        let error = from_str("IdentityEndpoint: http://k/v3\nUsername: a\nPassword: ''\nTenantName: a\n", &no_env())
-            .unwrap_err();
+        let error = from_str(
+            "IdentityEndpoint: http://k/v3\nUsername: a\nPassword: ''\nTenantName: a\n",
+            &no_env(),
+        )
+        .unwrap_err();
         assert!(error.to_string().contains("password is empty"), "{error}");
         let error = from_str("IdentityEndpoint: http://k/v3\nUsername: a\nPassword: p\n", &no_env()).unwrap_err();
         assert!(error.to_string().contains("project"), "{error}");
@@ -507,7 +589,11 @@ mod tests {
         ]));
         let config = from_str("Username: admin\n", &env).unwrap();
         let c = &config.credentials;
-        assert_eq!(c.username.as_deref(), Some("admin"), "the file wins over the environment");
+        assert_eq!(
+            c.username.as_deref(),
+            Some("admin"),
+            "the file wins over the environment"
+        );
         assert_eq!(c.auth_url, "https://keystone.example:5000/v3");
         assert_eq!(c.interface, "internal");
         assert_eq!(c.region_name.as_deref(), Some("RegionTwo"));
@@ -536,7 +622,11 @@ mod tests {
         assert_eq!(settings.retries, 1);
         assert_eq!(settings.timeout, Some(Duration::from_secs(300)));
         assert_eq!(settings.state_policy.action_for("SHUTOFF"), Action::Skip);
-        let bad = from_str(&format!("{OLD_TOOL}state_policy:\n  SUSPENDED: live-migrate\n"), &no_env()).unwrap_err();
+        let bad = from_str(
+            &format!("{OLD_TOOL}state_policy:\n  SUSPENDED: live-migrate\n"),
+            &no_env(),
+        )
+        .unwrap_err();
         assert!(bad.to_string().contains("state_policy.SUSPENDED"), "{bad}");
         let bad = from_str(&format!("{OLD_TOOL}migration:\n  max_parallel: 0\n"), &no_env()).unwrap_err();
         assert!(bad.to_string().contains("migration.max_parallel"), "{bad}");
@@ -554,8 +644,28 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid_and_matches_the_defaults() {
+        let config = from_str(include_str!("../config.example.yaml"), &no_env()).unwrap();
+        let defaults = Settings::default();
+        for status in ["ACTIVE", "PAUSED", "SHUTOFF", "SUSPENDED", "ERROR", "RESCUE"] {
+            assert_eq!(
+                config.evacuation.state_policy.action_for(status),
+                defaults.state_policy.action_for(status)
+            );
+        }
+        let settings = Settings {
+            state_policy: defaults.state_policy.clone(),
+            ..config.evacuation
+        };
+        assert_eq!(settings, defaults);
+        assert_eq!(config.nova_host, "{node}");
+    }
+
+    #[test]
     fn malformed_yaml_is_a_clear_error() {
-        let error = from_str("IdentityEndpoint: [unclosed\n", &no_env()).unwrap_err().to_string();
+        let error = from_str("IdentityEndpoint: [unclosed\n", &no_env())
+            .unwrap_err()
+            .to_string();
         assert!(!error.is_empty());
         assert!(!error.contains('\n'), "one line: {error}");
     }

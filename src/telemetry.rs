@@ -111,15 +111,29 @@ impl Observer for ConsoleObserver {
             Event::EvacuationStarted { to_move, to_skip } => {
                 info!(to_move, to_skip, "evacuation started")
             }
-            Event::MigrationStarted { server, action, attempt } => {
+            Event::MigrationStarted {
+                server,
+                action,
+                attempt,
+            } => {
                 let kind = if *action == Action::ColdMigrate { "cold" } else { "live" };
                 info!(server = %server.id, name = %server.name, kind, attempt, "migration started")
             }
-            Event::MigrationSucceeded { server, destination, seconds } => {
+            Event::MigrationSucceeded {
+                server,
+                destination,
+                seconds,
+            } => {
                 info!(server = %server.id, name = %server.name, %destination, seconds, "migrated")
             }
-            Event::MigrationFailed { server, reason, retry_in } => match retry_in {
-                Some(delay) => warn!(server = %server.id, %reason, retry_in_s = delay.as_secs_f64(), "migration failed; will retry"),
+            Event::MigrationFailed {
+                server,
+                reason,
+                retry_in,
+            } => match retry_in {
+                Some(delay) => {
+                    warn!(server = %server.id, %reason, retry_in_s = delay.as_secs_f64(), "migration failed; will retry")
+                }
                 None => warn!(server = %server.id, %reason, "migration failed; no attempts left"),
             },
             Event::Intervened { server, what, reason } => {

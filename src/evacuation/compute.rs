@@ -127,14 +127,9 @@ pub trait Compute: Send + Sync {
     /// Servers cold-migrated off `host` that still wait for a confirmation.
     fn unconfirmed_migrations_from(&self, host: &str) -> impl Future<Output = ComputeResult<Vec<String>>> + Send;
     /// Lets a running live migration finish now (pausing the VM if needed).
-    fn force_complete(&self, server_id: &str, migration_id: &str)
-    -> impl Future<Output = ComputeResult<()>> + Send;
+    fn force_complete(&self, server_id: &str, migration_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
     /// Cancels a live migration; the server stays on its source.
-    fn abort_migration(
-        &self,
-        server_id: &str,
-        migration_id: &str,
-    ) -> impl Future<Output = ComputeResult<()>> + Send;
+    fn abort_migration(&self, server_id: &str, migration_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
     /// Free resources on every enabled, up compute host other than `except_host`.
     fn spare_capacity(&self, except_host: &str) -> impl Future<Output = ComputeResult<Vec<HostCapacity>>> + Send;
 }

@@ -118,15 +118,46 @@ pub struct Target {
 /// Progress worth telling an operator about, as it happens.
 #[derive(Debug)]
 pub enum Event<'a> {
-    ServiceDisabled { reason: &'a str },
-    ServiceAlreadyDisabled { reason: Option<&'a str>, ours: bool },
-    EvacuationStarted { to_move: usize, to_skip: usize },
-    MigrationStarted { server: &'a Server, action: Action, attempt: u32 },
-    MigrationSucceeded { server: &'a Server, destination: &'a str, seconds: f64 },
-    MigrationFailed { server: &'a Server, reason: &'a str, retry_in: Option<Duration> },
-    Intervened { server: &'a Server, what: &'a str, reason: &'a str },
-    NotMigratable { server: &'a Server, reason: &'a str },
-    Progress { done: usize, total: usize, in_flight: usize },
+    ServiceDisabled {
+        reason: &'a str,
+    },
+    ServiceAlreadyDisabled {
+        reason: Option<&'a str>,
+        ours: bool,
+    },
+    EvacuationStarted {
+        to_move: usize,
+        to_skip: usize,
+    },
+    MigrationStarted {
+        server: &'a Server,
+        action: Action,
+        attempt: u32,
+    },
+    MigrationSucceeded {
+        server: &'a Server,
+        destination: &'a str,
+        seconds: f64,
+    },
+    MigrationFailed {
+        server: &'a Server,
+        reason: &'a str,
+        retry_in: Option<Duration>,
+    },
+    Intervened {
+        server: &'a Server,
+        what: &'a str,
+        reason: &'a str,
+    },
+    NotMigratable {
+        server: &'a Server,
+        reason: &'a str,
+    },
+    Progress {
+        done: usize,
+        total: usize,
+        in_flight: usize,
+    },
 }
 
 /// Receives the engine's events (logs, progress line, Kubernetes Events, metrics).
@@ -187,7 +218,9 @@ pub enum RestoreOutcome {
     Enabled,
     AlreadyEnabled,
     /// Disabled with a reason that is not ours: an operator's decision, left alone.
-    DisabledBySomeoneElse { reason: Option<String> },
+    DisabledBySomeoneElse {
+        reason: Option<String>,
+    },
 }
 
 /// Runs evacuations of one host against a compute cloud.
@@ -267,7 +300,11 @@ impl<'a, C: Compute> Engine<'a, C> {
     pub async fn preview(&self, target: &Target) -> Result<Report, EvacuationError> {
         let started = Instant::now();
         let service = self.service(target).await?;
-        let servers = self.compute.servers_on_host(&target.host).await.map_err(step("listing servers"))?;
+        let servers = self
+            .compute
+            .servers_on_host(&target.host)
+            .await
+            .map_err(step("listing servers"))?;
         let planned = plan::plan(servers, &self.settings.state_policy);
         let vms = planned
             .iter()
@@ -306,7 +343,11 @@ impl<'a, C: Compute> Engine<'a, C> {
         let (by_us, reason) = self.disable(target, &service).await?;
         self.confirm_leftover_cold_migrations(&target.host).await;
 
-        let servers = self.compute.servers_on_host(&target.host).await.map_err(step("listing servers"))?;
+        let servers = self
+            .compute
+            .servers_on_host(&target.host)
+            .await
+            .map_err(step("listing servers"))?;
         let planned = plan::plan(servers, &self.settings.state_policy);
         let (vms, ending) = self.move_all(target, planned, started, &mut stop).await;
 
@@ -347,7 +388,11 @@ impl<'a, C: Compute> Engine<'a, C> {
     }
 
     async fn check_capacity(&self, target: &Target) -> Result<(), EvacuationError> {
-        let servers = self.compute.servers_on_host(&target.host).await.map_err(step("listing servers"))?;
+        let servers = self
+            .compute
+            .servers_on_host(&target.host)
+            .await
+            .map_err(step("listing servers"))?;
         let planned = plan::plan(servers, &self.settings.state_policy);
         let moving: Vec<&Server> = planned
             .iter()
@@ -418,7 +463,16 @@ impl<'a, C: Compute> Engine<'a, C> {
                     server: &server,
                     reason: &reason,
                 });
-                reports.push(vm_report(&server, action, &target.host, 0, 0.0, Outcome::Skipped, Some(reason), None));
+                reports.push(vm_report(
+                    &server,
+                    action,
+                    &target.host,
+                    0,
+                    0.0,
+                    Outcome::Skipped,
+                    Some(reason),
+                    None,
+                ));
             } else {
                 queue.push_back(Job {
                     server,
@@ -529,7 +583,13 @@ impl<'a, C: Compute> Engine<'a, C> {
             } else {
                 Outcome::Failed
             };
-            reports.push(self.job_report(target, &job, outcome, Some(format!("{reason_left} before it was moved")), None));
+            reports.push(self.job_report(
+                target,
+                &job,
+                outcome,
+                Some(format!("{reason_left} before it was moved")),
+                None,
+            ));
         }
         self.observer.event(&Event::Progress {
             done: total,
@@ -582,7 +642,13 @@ impl<'a, C: Compute> Engine<'a, C> {
             return Start::Flying(Box::new(self.flight(job, now)));
         }
         if current.status == "ERROR" {
-            return Start::Done(self.job_report(target, &job, Outcome::Failed, Some("the VM is in ERROR".into()), None));
+            return Start::Done(self.job_report(
+                target,
+                &job,
+                Outcome::Failed,
+                Some("the VM is in ERROR".into()),
+                None,
+            ));
         }
         if current.task_state.is_some() {
             // Rebooting, pausing...: wait for Nova to finish that first.
@@ -692,7 +758,11 @@ impl<'a, C: Compute> Engine<'a, C> {
             let reason = reason.clone();
             return Step::Done(self.finish(target, flight, Outcome::Aborted, Some(reason), None));
         }
-        let record = match self.compute.migration_history(&flight.job.server.id, migration_type).await {
+        let record = match self
+            .compute
+            .migration_history(&flight.job.server.id, migration_type)
+            .await
+        {
             Ok(history) => match &flight.migration_id {
                 Some(id) => history.into_iter().find(|m| &m.id == id),
                 None => history.into_iter().next(),
@@ -707,7 +777,10 @@ impl<'a, C: Compute> Engine<'a, C> {
                 let reason = "the migration was cancelled outside the drainer".to_string();
                 return Step::Done(self.finish(target, flight, Outcome::Aborted, Some(reason), None));
             }
-            Some(m) => format!("the {migration_type} ended {} with the VM still on {}", m.status, target.host),
+            Some(m) => format!(
+                "the {migration_type} ended {} with the VM still on {}",
+                m.status, target.host
+            ),
             None => format!("the {migration_type} ended with the VM still on {}", target.host),
         };
         let job = Job {
@@ -742,7 +815,10 @@ impl<'a, C: Compute> Engine<'a, C> {
                 }
             }
             Phase::ForceCompleting { since } if now - since > FORCE_COMPLETE_GRACE => {
-                let reason = format!("it did not complete within {} s of force-complete", FORCE_COMPLETE_GRACE.as_secs());
+                let reason = format!(
+                    "it did not complete within {} s of force-complete",
+                    FORCE_COMPLETE_GRACE.as_secs()
+                );
                 self.intervene(flight, BudgetAction::Abort, &reason).await;
             }
             _ => {}
@@ -872,7 +948,16 @@ impl<'a, C: Compute> Engine<'a, C> {
         destination: Option<String>,
     ) -> VmReport {
         let seconds = job.first_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        vm_report(&job.server, job.action, &target.host, job.attempts, seconds, outcome, reason, destination)
+        vm_report(
+            &job.server,
+            job.action,
+            &target.host,
+            job.attempts,
+            seconds,
+            outcome,
+            reason,
+            destination,
+        )
     }
 }
 

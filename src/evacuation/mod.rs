@@ -8,8 +8,8 @@ pub mod report;
 
 pub use compute::{Compute, ComputeError, ComputeResult, ComputeService, Flavor, HostCapacity, Migration, Server};
 pub use engine::{
-    Budget, BudgetAction, DISABLED_REASON_MARKER, Engine, EvacuationError, Event, Observer, RestoreOutcome, Settings, StopRequest,
-    Target, disabled_reason, is_our_reason,
+    Budget, BudgetAction, DISABLED_REASON_MARKER, Engine, EvacuationError, Event, Observer, RestoreOutcome, Settings,
+    StopRequest, Target, disabled_reason, is_our_reason,
 };
 pub use plan::{Action, StatePolicy};
 pub use report::{Outcome, Report, RunResult, VmReport};

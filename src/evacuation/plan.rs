@@ -118,7 +118,12 @@ impl std::fmt::Display for Shortfall {
         let names: Vec<String> = self
             .unplaced
             .iter()
-            .map(|s| format!("{} ({} MiB RAM, {} vCPU, {} GiB disk)", s.id, s.flavor.ram_mb, s.flavor.vcpus, s.flavor.disk_gb))
+            .map(|s| {
+                format!(
+                    "{} ({} MiB RAM, {} vCPU, {} GiB disk)",
+                    s.id, s.flavor.ram_mb, s.flavor.vcpus, s.flavor.disk_gb
+                )
+            })
             .collect();
         write!(
             f,
@@ -139,7 +144,7 @@ pub fn check_capacity(moving: &[&Server], hosts: &[HostCapacity]) -> Result<(), 
     order.sort_by(|a, b| b.flavor.ram_mb.cmp(&a.flavor.ram_mb).then_with(|| a.id.cmp(&b.id)));
     let mut unplaced = Vec::new();
     for server in order {
-        free.sort_by(|a, b| b.free_ram_mb.cmp(&a.free_ram_mb));
+        free.sort_by_key(|h| std::cmp::Reverse(h.free_ram_mb));
         let need = &server.flavor;
         match free
             .iter_mut()

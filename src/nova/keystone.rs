@@ -29,7 +29,9 @@ pub struct KeystoneAuth {
 
 impl fmt::Debug for KeystoneAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeystoneAuth").field("token_url", &self.token_url.as_str()).finish_non_exhaustive()
+        f.debug_struct("KeystoneAuth")
+            .field("token_url", &self.token_url.as_str())
+            .finish_non_exhaustive()
     }
 }
 
@@ -90,7 +92,10 @@ impl KeystoneAuth {
             .map_err(|e| Error::new(ErrorKind::InvalidConfig, format!("auth URL {base:?}: {e}")))?;
         let user_domain = id_or_name(&credentials.user_domain_id, &credentials.user_domain_name);
         let identity = if let Some(secret) = &credentials.application_credential_secret {
-            let mut credential = match (&credentials.application_credential_id, &credentials.application_credential_name) {
+            let mut credential = match (
+                &credentials.application_credential_id,
+                &credentials.application_credential_name,
+            ) {
                 (Some(id), _) => json!({ "id": id }),
                 (None, Some(name)) => json!({ "name": name }),
                 (None, None) => json!({}),
@@ -167,7 +172,10 @@ impl KeystoneAuth {
                 .ok()
                 .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
                 .unwrap_or_else(|| status.to_string());
-            return Err(Error::new(kind, format!("Keystone refused the credentials ({status}): {message}")));
+            return Err(Error::new(
+                kind,
+                format!("Keystone refused the credentials ({status}): {message}"),
+            ));
         }
         let value = response
             .headers()
@@ -186,7 +194,6 @@ impl KeystoneAuth {
         });
         Ok(())
     }
-
 }
 
 fn user_json(credentials: &Credentials, domain: Option<Value>) -> Value {
@@ -232,7 +239,10 @@ impl AuthType for KeystoneAuth {
         for interface in filters.interfaces.iter() {
             if let Some(ep) = endpoints.iter().find(|ep| ep.interface == interface_name(*interface)) {
                 return Url::parse(&ep.url).map_err(|e| {
-                    Error::new(ErrorKind::InvalidResponse, format!("catalog URL {:?} for {service_type}: {e}", ep.url))
+                    Error::new(
+                        ErrorKind::InvalidResponse,
+                        format!("catalog URL {:?} for {service_type}: {e}", ep.url),
+                    )
                 });
             }
         }
@@ -240,8 +250,16 @@ impl AuthType for KeystoneAuth {
             ErrorKind::EndpointNotFound,
             format!(
                 "no {service_type} endpoint in the catalog for interface {:?}{}",
-                filters.interfaces.iter().map(|i| interface_name(*i)).collect::<Vec<_>>(),
-                filters.region.as_deref().map(|r| format!(" in region {r}")).unwrap_or_default()
+                filters
+                    .interfaces
+                    .iter()
+                    .map(|i| interface_name(*i))
+                    .collect::<Vec<_>>(),
+                filters
+                    .region
+                    .as_deref()
+                    .map(|r| format!(" in region {r}"))
+                    .unwrap_or_default()
             ),
         ))
     }

@@ -43,7 +43,11 @@ pub enum NovaError {
         message: String,
     },
     #[error("{method} {path}: {message}")]
-    Transport { method: Method, path: String, message: String },
+    Transport {
+        method: Method,
+        path: String,
+        message: String,
+    },
     #[error("{0}")]
     Unsupported(String),
 }
@@ -85,7 +89,9 @@ pub struct NovaClient {
 
 impl std::fmt::Debug for NovaClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NovaClient").field("version", &self.version).finish_non_exhaustive()
+        f.debug_struct("NovaClient")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
     }
 }
 
@@ -106,9 +112,13 @@ impl NovaClient {
             warn!("insecure: TLS certificates of Keystone and Nova are NOT verified");
             http = http.danger_accept_invalid_certs(true);
         }
-        let http = http.build().map_err(|e| NovaError::Setup(format!("HTTP client: {e}")))?;
+        let http = http
+            .build()
+            .map_err(|e| NovaError::Setup(format!("HTTP client: {e}")))?;
         let auth = KeystoneAuth::new(credentials).map_err(|e| NovaError::Setup(e.to_string()))?;
-        let client = osauth::client::AuthenticatedClient::new(http, auth).await.map_err(auth_error)?;
+        let client = osauth::client::AuthenticatedClient::new(http, auth)
+            .await
+            .map_err(auth_error)?;
         let mut session = Session::new_with_authenticated_client(client);
         session.set_endpoint_interface(match credentials.interface.as_str() {
             "internal" => InterfaceType::Internal,
@@ -123,8 +133,8 @@ impl NovaClient {
             .await
             .map_err(auth_error)?
             .ok_or_else(|| NovaError::Setup("the compute endpoint does not announce microversions".into()))?;
-        let version = Negotiated::pick(Microversion(min.0, min.1), Microversion(max.0, max.1))
-            .map_err(NovaError::Unsupported)?;
+        let version =
+            Negotiated::pick(Microversion(min.0, min.1), Microversion(max.0, max.1)).map_err(NovaError::Unsupported)?;
         debug!(version = %version.version(), "negotiated compute microversion");
         Ok(NovaClient {
             session,
@@ -299,8 +309,9 @@ impl NovaClient {
                     query.push(("marker", marker.clone()));
                 }
             }
-            let page: wire::HypervisorsRoot =
-                self.compute(Method::GET, &["os-hypervisors", "detail"], &query, None).await?;
+            let page: wire::HypervisorsRoot = self
+                .compute(Method::GET, &["os-hypervisors", "detail"], &query, None)
+                .await?;
             let next = wire::has_next(&page.hypervisors_links);
             let last = page.hypervisors.last().map(|h| h.id.to_string());
             all.extend(page.hypervisors);
@@ -343,13 +354,17 @@ impl Compute for NovaClient {
     async fn find_service(&self, host: &str) -> ComputeResult<Option<ComputeService>> {
         let services = self.services(Some(host)).await?;
         // The host filter is exact in Nova, but compare anyway: never a substring match.
-        Ok(services.into_iter().find(|s| s.host == host).map(wire::Service::into_service))
+        Ok(services
+            .into_iter()
+            .find(|s| s.host == host)
+            .map(wire::Service::into_service))
     }
 
     async fn disable_service(&self, service: &ComputeService, reason: &str) -> ComputeResult<ComputeService> {
         let root: wire::ServiceRoot = if self.version.supports(microversion::SERVICE_UUID) {
             let body = json!({ "status": "disabled", "disabled_reason": reason });
-            self.compute(Method::PUT, &["os-services", &service.id], &[], Some(body)).await?
+            self.compute(Method::PUT, &["os-services", &service.id], &[], Some(body))
+                .await?
         } else {
             let body = json!({ "host": service.host, "binary": "nova-compute", "disabled_reason": reason });
             let _: Value = self
@@ -366,11 +381,15 @@ impl Compute for NovaClient {
     async fn enable_service(&self, service: &ComputeService) -> ComputeResult<ComputeService> {
         if self.version.supports(microversion::SERVICE_UUID) {
             let body = json!({ "status": "enabled" });
-            let root: wire::ServiceRoot = self.compute(Method::PUT, &["os-services", &service.id], &[], Some(body)).await?;
+            let root: wire::ServiceRoot = self
+                .compute(Method::PUT, &["os-services", &service.id], &[], Some(body))
+                .await?;
             return Ok(root.service.into_service());
         }
         let body = json!({ "host": service.host, "binary": "nova-compute" });
-        let _: Value = self.compute(Method::PUT, &["os-services", "enable"], &[], Some(body)).await?;
+        let _: Value = self
+            .compute(Method::PUT, &["os-services", "enable"], &[], Some(body))
+            .await?;
         self.find_service(&service.host)
             .await?
             .ok_or_else(|| ComputeError::Other("the service disappeared".into()))
@@ -406,7 +425,10 @@ impl Compute for NovaClient {
     }
 
     async fn server(&self, id: &str) -> ComputeResult<Option<Server>> {
-        match self.compute::<wire::ServerRoot>(Method::GET, &["servers", id], &[], None).await {
+        match self
+            .compute::<wire::ServerRoot>(Method::GET, &["servers", id], &[], None)
+            .await
+        {
             Ok(root) => Ok(Some(self.to_server(root.server).await?)),
             Err(NovaError::Http { status, .. }) if status == StatusCode::NOT_FOUND => Ok(None),
             Err(e) => Err(e.into()),
@@ -435,7 +457,11 @@ impl Compute for NovaClient {
         let root: wire::MigrationsRoot = self
             .compute(Method::GET, &["servers", server_id, "migrations"], &[], None)
             .await?;
-        Ok(root.migrations.into_iter().map(wire::Migration::into_migration).collect())
+        Ok(root
+            .migrations
+            .into_iter()
+            .map(wire::Migration::into_migration)
+            .collect())
     }
 
     async fn migration_history(&self, server_id: &str, migration_type: &str) -> ComputeResult<Vec<Migration>> {
@@ -484,7 +510,12 @@ impl Compute for NovaClient {
         self.require(microversion::FORCE_COMPLETE, "force-completing a live migration")?;
         let body = json!({ "force_complete": null });
         let _: Value = self
-            .compute(Method::POST, &["servers", server_id, "migrations", migration_id, "action"], &[], Some(body))
+            .compute(
+                Method::POST,
+                &["servers", server_id, "migrations", migration_id, "action"],
+                &[],
+                Some(body),
+            )
             .await?;
         Ok(())
     }
@@ -492,7 +523,12 @@ impl Compute for NovaClient {
     async fn abort_migration(&self, server_id: &str, migration_id: &str) -> ComputeResult<()> {
         self.require(microversion::ABORT_RUNNING, "aborting a live migration")?;
         let _: Value = self
-            .compute(Method::DELETE, &["servers", server_id, "migrations", migration_id], &[], None)
+            .compute(
+                Method::DELETE,
+                &["servers", server_id, "migrations", migration_id],
+                &[],
+                None,
+            )
             .await?;
         Ok(())
     }
@@ -521,9 +557,12 @@ impl Compute for NovaClient {
             else {
                 continue;
             };
-            let inventories: wire::InventoriesRoot =
-                self.placement(&["resource_providers", &provider.uuid, "inventories"]).await?;
-            let usages: wire::UsagesRoot = self.placement(&["resource_providers", &provider.uuid, "usages"]).await?;
+            let inventories: wire::InventoriesRoot = self
+                .placement(&["resource_providers", &provider.uuid, "inventories"])
+                .await?;
+            let usages: wire::UsagesRoot = self
+                .placement(&["resource_providers", &provider.uuid, "usages"])
+                .await?;
             capacity.push(HostCapacity {
                 host,
                 free_ram_mb: wire::free(&inventories, &usages, "MEMORY_MB"),

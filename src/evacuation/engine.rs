@@ -256,6 +256,9 @@ struct Flight {
     last_progress: Instant,
     next_progress_check: Instant,
     over_budget_noted: bool,
+    /// An abort or force-complete asked for by a time-out or a cancellation,
+    /// tried again at each poll until Nova accepts it.
+    requested: Option<(BudgetAction, String)>,
 }
 
 enum Ending {
@@ -337,7 +340,7 @@ impl<'a, C: Compute> Engine<'a, C> {
         let started = Instant::now();
         let service = self.service(target).await?;
 
-        if self.settings.check_capacity && service.enabled {
+        if self.settings.check_capacity {
             self.check_capacity(target).await?;
         }
         let (by_us, reason) = self.disable(target, &service).await?;
@@ -369,7 +372,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             host: target.host.clone(),
             result,
             service_disabled_by_us: by_us,
-            service_disabled_reason: Some(reason),
+            service_disabled_reason: Some(reason).filter(|r| !r.is_empty()),
             duration_seconds: started.elapsed().as_secs_f64(),
             servers_left_on_host: left,
             vms,
@@ -518,6 +521,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                     };
                     if let Some(what) = what {
                         for flight in flights.iter_mut().filter(|f| f.phase == Phase::Moving) {
+                            flight.requested = Some((what, reason.clone()));
                             self.intervene(flight, what, &reason).await;
                         }
                     }
@@ -698,6 +702,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             last_progress: now,
             next_progress_check: now,
             over_budget_noted: false,
+            requested: None,
         }
     }
 
@@ -803,7 +808,9 @@ impl<'a, C: Compute> Engine<'a, C> {
         match flight.phase {
             Phase::Moving => {
                 let elapsed = now - flight.attempt_started;
-                if elapsed > flight.budget {
+                if let Some((what, reason)) = flight.requested.clone() {
+                    self.intervene(flight, what, &reason).await;
+                } else if elapsed > flight.budget {
                     let reason = format!("it exceeded its budget of {} s", flight.budget.as_secs());
                     self.intervene(flight, self.settings.on_budget_exceeded, &reason).await;
                 } else if let Some(stall) = self.settings.stall_after
@@ -841,10 +848,12 @@ impl<'a, C: Compute> Engine<'a, C> {
         if let (Some(total), Some(remaining)) = (migration.memory_total_bytes, migration.memory_remaining_bytes)
             && total > 0
         {
-            if flight.remaining.is_none_or(|previous| remaining < previous) {
+            // Progress is a new low: a non-converging migration's remaining memory falls
+            // within each pre-copy pass and rises again with the next one.
+            if flight.remaining.is_none_or(|lowest| remaining < lowest) {
                 flight.last_progress = now;
+                flight.remaining = Some(remaining);
             }
-            flight.remaining = Some(remaining);
         }
     }
 
@@ -867,6 +876,7 @@ impl<'a, C: Compute> Engine<'a, C> {
         };
         match result {
             Ok(()) => {
+                flight.requested = None;
                 self.observer.event(&Event::Intervened {
                     server: &flight.job.server,
                     what: verb,

@@ -13,3 +13,6 @@ pub use engine::{
 };
 pub use plan::{Action, StatePolicy};
 pub use report::{Outcome, Report, RunResult, VmReport};
+
+#[cfg(test)]
+mod tests;

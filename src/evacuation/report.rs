@@ -105,9 +105,14 @@ impl Report {
             RunResult::Interrupted => "INTERRUPTED: VMs are left on the hypervisor",
             RunResult::Planned => "dry run: nothing was changed",
         };
+        let left = if self.result == RunResult::Planned {
+            "on the host"
+        } else {
+            "left"
+        };
         let _ = writeln!(
             out,
-            "node {} / nova-compute host {}: {verdict} ({} server(s) left, {:.1} s)",
+            "node {} / nova-compute host {}: {verdict} ({} server(s) {left}, {:.1} s)",
             self.node, self.host, self.servers_left_on_host, self.duration_seconds
         );
         let service = match (&self.service_disabled_reason, self.service_disabled_by_us) {

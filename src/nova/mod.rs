@@ -7,12 +7,13 @@ mod wire;
 
 use std::time::Duration;
 
-use osauth::services::{COMPUTE, GenericService, VersionSelector};
+use osauth::services::COMPUTE;
 use osauth::{ErrorKind, InterfaceType, Session};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tracing::{debug, warn};
+use url::Url;
 
 use crate::config::Credentials;
 use crate::evacuation::{Compute, ComputeError, ComputeResult, ComputeService, HostCapacity, Migration, Server};
@@ -20,7 +21,6 @@ use microversion::{Microversion, Negotiated};
 
 pub use keystone::KeystoneAuth;
 
-const PLACEMENT: GenericService = GenericService::new("placement", VersionSelector::Major(1));
 /// Page size asked for; Nova caps it at its `[api] max_limit`.
 const PAGE_SIZE: usize = 1000;
 /// Idempotent calls are tried this many times on transport errors and 5xx answers.
@@ -83,8 +83,11 @@ impl RequestCounter {
 /// An authenticated Nova (and Placement) client with a negotiated microversion.
 pub struct NovaClient {
     session: Session,
+    /// The versioned compute endpoint (`.../v2.1`) found by discovery.
+    compute_url: Url,
     version: Negotiated,
     requests: RequestCounter,
+    errors: RequestCounter,
 }
 
 impl std::fmt::Debug for NovaClient {
@@ -135,11 +138,14 @@ impl NovaClient {
             .ok_or_else(|| NovaError::Setup("the compute endpoint does not announce microversions".into()))?;
         let version =
             Negotiated::pick(Microversion(min.0, min.1), Microversion(max.0, max.1)).map_err(NovaError::Unsupported)?;
-        debug!(version = %version.version(), "negotiated compute microversion");
+        let compute_url = session.get_endpoint(COMPUTE, [""; 0]).await.map_err(auth_error)?;
+        debug!(version = %version.version(), endpoint = %compute_url, "negotiated compute microversion");
         Ok(NovaClient {
             session,
+            compute_url,
             version,
             requests: RequestCounter::default(),
+            errors: RequestCounter::default(),
         })
     }
 
@@ -151,6 +157,11 @@ impl NovaClient {
     /// Requests made so far (Keystone excluded).
     pub fn requests(&self) -> u64 {
         self.requests.get()
+    }
+
+    /// Requests that failed with a transport error or a 5xx/429 answer.
+    pub fn errors(&self) -> u64 {
+        self.errors.get()
     }
 
     fn require(&self, needed: Microversion, what: &str) -> Result<(), NovaError> {
@@ -176,34 +187,43 @@ impl NovaClient {
             ("OpenStack-API-Version", format!("compute {version}")),
             ("X-OpenStack-Nova-API-Version", version),
         ];
-        self.call(COMPUTE, method, path, query, body, &headers).await
+        self.call(&self.compute_url, method, path, query, body, &headers).await
     }
 
     async fn placement<T: DeserializeOwned>(&self, path: &[&str]) -> Result<T, NovaError> {
+        let url = self
+            .session
+            .client()
+            .get_endpoint("placement", self.session.endpoint_filters())
+            .await
+            .map_err(auth_error)?;
         let headers = [("OpenStack-API-Version", "placement 1.0".to_string())];
-        self.call(PLACEMENT, Method::GET, path, &[], None, &headers).await
+        self.call(&url, Method::GET, path, &[], None, &headers).await
     }
 
-    async fn call<S, T>(
+    /// One request with the session's token: renews the token once on a 401,
+    /// retries idempotent calls on transport errors, 5xx and 429.
+    async fn call<T: DeserializeOwned>(
         &self,
-        service: S,
+        base: &Url,
         method: Method,
         path: &[&str],
         query: &[(&str, String)],
         body: Option<Value>,
         headers: &[(&str, String)],
-    ) -> Result<T, NovaError>
-    where
-        S: osauth::services::ServiceType + Send + Clone,
-        T: DeserializeOwned,
-    {
+    ) -> Result<T, NovaError> {
         let shown = format!("/{}", path.join("/"));
+        let mut url = base.clone();
+        url.path_segments_mut()
+            .map_err(|()| NovaError::Setup(format!("endpoint {base} cannot take a path")))?
+            .pop_if_empty()
+            .extend(path);
         let idempotent = method != Method::POST;
         let mut reauthenticated = false;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut request = self.session.request(service.clone(), method.clone(), path).query(query);
+            let mut request = self.session.client().request(method.clone(), url.clone()).query(query);
             for (name, value) in headers {
                 request = request.header(*name, value.as_str());
             }
@@ -259,6 +279,7 @@ impl NovaClient {
                     message: e.to_string(),
                 },
             };
+            self.errors.add();
             if !idempotent || attempt >= ATTEMPTS {
                 return Err(transient);
             }

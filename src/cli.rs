@@ -46,6 +46,30 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = Output::Human)]
     pub output: Output,
 
+    /// Daemon: kubeconfig file [default: $KUBECONFIG, then the in-cluster service account].
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Daemon: namespace of the drain guard pod and budget [default: $POD_NAMESPACE, then nova-drain].
+    #[arg(long, value_name = "NAME")]
+    pub namespace: Option<String>,
+
+    /// Daemon: address for /metrics, /healthz and /readyz.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9102")]
+    pub listen: std::net::SocketAddr,
+
+    /// Daemon: image of the guard pod.
+    #[arg(long, value_name = "IMAGE", default_value = "registry.k8s.io/pause:3.10")]
+    pub guard_image: String,
+
+    /// Daemon: let `kubectl drain` finish when VMs could not be moved, instead of keeping it waiting.
+    #[arg(long)]
+    pub release_guard_on_failure: bool,
+
+    /// Daemon: seconds to wait before evacuating again after a failed run while still cordoned.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub retry_after_failure: u64,
+
     /// Format of the log lines on standard error.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -4,7 +4,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod evacuation;
+pub mod kube;
 pub mod nova;
 pub mod telemetry;
 

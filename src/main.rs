@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use nova_kubernetes_drain::cli::{Cli, Output};
 use nova_kubernetes_drain::config::{self, Config, ProcessEnvironment};
+use nova_kubernetes_drain::daemon::DaemonSettings;
 use nova_kubernetes_drain::evacuation::{Engine, EvacuationError, Report, RestoreOutcome, StopRequest, Target};
 use nova_kubernetes_drain::nova::NovaClient;
 use nova_kubernetes_drain::{exit, telemetry};
@@ -43,9 +44,6 @@ fn usage(message: impl std::fmt::Display) -> i32 {
 }
 
 async fn run(cli: Cli) -> i32 {
-    if cli.daemon {
-        return usage("-daemon is not yet supported; use run-once mode");
-    }
     let explicit = cli.config_path.is_some();
     let path = cli.config_path.clone().unwrap_or_else(|| PathBuf::from("config.yaml"));
     let mut config = match config::load(&path, explicit, &ProcessEnvironment) {
@@ -68,6 +66,10 @@ async fn run(cli: Cli) -> i32 {
         Err(e) => return usage(format!("cannot use the cloud: {e}")),
     };
     info!(node = %target.node, host = %target.host, microversion = %client.microversion(), "connected to Nova");
+
+    if cli.daemon {
+        return daemon(&cli, config, target, client).await;
+    }
 
     let observer = telemetry::ConsoleObserver::for_stderr();
     let engine = Engine::new(&client, &config.evacuation, &observer);
@@ -113,6 +115,37 @@ async fn run(cli: Cli) -> i32 {
         }
         Err(e) => fail(e),
     }
+}
+
+/// Runs the agent of a DaemonSet pod until it is told to stop.
+async fn daemon(cli: &Cli, config: Config, target: Target, nova: NovaClient) -> i32 {
+    let kube_config = match &cli.kubeconfig {
+        Some(path) => match kube::config::Kubeconfig::read_from(path) {
+            Ok(file) => kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        None => kube::Config::infer().await.map_err(|e| e.to_string()),
+    };
+    let kube = match kube_config.and_then(|c| kube::Client::try_from(c).map_err(|e| e.to_string())) {
+        Ok(client) => client,
+        Err(e) => return usage(format!("cannot use the Kubernetes API: {e}")),
+    };
+    let settings = DaemonSettings {
+        namespace: cli
+            .namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "nova-drain".to_string()),
+        guard_image: cli.guard_image.clone(),
+        listen: cli.listen,
+        release_guard_on_failure: cli.release_guard_on_failure,
+        retry_after_failure: Duration::from_secs(cli.retry_after_failure.max(1)),
+        instance: std::env::var("POD_NAME").unwrap_or_else(|_| format!("drainer-{}", target.node)),
+        target,
+    };
+    nova_kubernetes_drain::daemon::run(settings, config, nova, kube).await
 }
 
 fn fail(error: EvacuationError) -> i32 {

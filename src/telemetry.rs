@@ -150,3 +150,176 @@ impl Observer for ConsoleObserver {
         }
     }
 }
+
+/// Prometheus metrics of the agent, served on `/metrics`.
+pub mod metrics {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use prometheus_client::encoding::EncodeLabelSet;
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+    use prometheus_client::registry::Registry;
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct OutcomeLabel {
+        pub outcome: String,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct PhaseLabel {
+        pub phase: String,
+    }
+
+    /// Every metric the agent exports.
+    pub struct Metrics {
+        registry: Registry,
+        /// Finished migrations by outcome (migrated, failed, aborted, ...).
+        pub migrations: Family<OutcomeLabel, Counter>,
+        /// Seconds from a VM's first migration request to its outcome.
+        pub migration_duration: Histogram,
+        /// VMs still on the hypervisor during an evacuation.
+        pub vms_remaining: Gauge,
+        /// 1 for the current evacuation phase, 0 for the others.
+        pub phase: Family<PhaseLabel, Gauge>,
+        nova_requests: Counter,
+        nova_errors: Counter,
+        seen_requests: AtomicU64,
+        seen_errors: AtomicU64,
+    }
+
+    impl Default for Metrics {
+        fn default() -> Self {
+            let mut registry = Registry::with_prefix("nova_drain");
+            let migrations = Family::<OutcomeLabel, Counter>::default();
+            registry.register("migrations", "Finished VM migrations by outcome", migrations.clone());
+            let migration_duration = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+            registry.register(
+                "migration_duration_seconds",
+                "Time from a VM's first migration request to its outcome",
+                migration_duration.clone(),
+            );
+            let vms_remaining = Gauge::default();
+            registry.register("vms_remaining", "VMs still on the hypervisor", vms_remaining.clone());
+            let phase = Family::<PhaseLabel, Gauge>::default();
+            registry.register(
+                "evacuation_phase",
+                "Current evacuation phase (1 = current)",
+                phase.clone(),
+            );
+            let nova_requests = Counter::default();
+            registry.register(
+                "nova_requests",
+                "Requests sent to Nova and Placement",
+                nova_requests.clone(),
+            );
+            let nova_errors = Counter::default();
+            registry.register(
+                "nova_api_errors",
+                "Nova/Placement requests that failed with a transport error, 5xx or 429",
+                nova_errors.clone(),
+            );
+            Metrics {
+                registry,
+                migrations,
+                migration_duration,
+                vms_remaining,
+                phase,
+                nova_requests,
+                nova_errors,
+                seen_requests: AtomicU64::new(0),
+                seen_errors: AtomicU64::new(0),
+            }
+        }
+    }
+
+    impl Metrics {
+        /// Marks `current` as the phase.
+        pub fn set_phase(&self, current: &str, all: &[&str]) {
+            for phase in all {
+                let value = i64::from(*phase == current);
+                self.phase
+                    .get_or_create(&PhaseLabel {
+                        phase: phase.to_string(),
+                    })
+                    .set(value);
+            }
+        }
+
+        /// The text exposition, with the Nova client's running totals brought up to date.
+        pub fn render(&self, nova_requests: u64, nova_errors: u64) -> String {
+            let previous = self.seen_requests.swap(nova_requests, Ordering::Relaxed);
+            self.nova_requests.inc_by(nova_requests.saturating_sub(previous));
+            let previous = self.seen_errors.swap(nova_errors, Ordering::Relaxed);
+            self.nova_errors.inc_by(nova_errors.saturating_sub(previous));
+            let mut out = String::new();
+            match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+                Ok(()) => out,
+                Err(_) => String::from("# encoding failed\n"),
+            }
+        }
+    }
+}
+
+/// The agent's small HTTP server: `/metrics`, `/healthz`, `/readyz`.
+pub mod server {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use axum::Router;
+    use axum::extract::State;
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    use tracing::{error, info};
+
+    use super::metrics::Metrics;
+    use crate::daemon::Health;
+    use crate::nova::NovaClient;
+
+    #[derive(Clone)]
+    struct AppState {
+        metrics: Arc<Metrics>,
+        nova: Arc<NovaClient>,
+        health: Health,
+    }
+
+    /// Serves in the background; a port that cannot be bound is logged, not fatal.
+    pub fn spawn(listen: SocketAddr, metrics: Arc<Metrics>, nova: Arc<NovaClient>, health: Health) {
+        let app = Router::new()
+            .route("/metrics", get(render))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(ready))
+            .with_state(AppState { metrics, nova, health });
+        tokio::spawn(async move {
+            match tokio::net::TcpListener::bind(listen).await {
+                Ok(listener) => {
+                    info!(%listen, "serving /metrics, /healthz, /readyz");
+                    if let Err(e) = axum::serve(listener, app).await {
+                        error!("HTTP server failed: {e}");
+                    }
+                }
+                Err(e) => error!("cannot listen on {listen}: {e}"),
+            }
+        });
+    }
+
+    async fn render(State(state): State<AppState>) -> impl IntoResponse {
+        let body = state.metrics.render(state.nova.requests(), state.nova.errors());
+        (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            body,
+        )
+    }
+
+    /// Ready once the Node watch has listed the node (Nova auth was checked at start-up).
+    async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+        if state.health.node_synced.load(Ordering::Relaxed) {
+            (StatusCode::OK, "ready\n")
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, "waiting for the node watch\n")
+        }
+    }
+}

@@ -192,6 +192,9 @@ struct Agent {
     metrics: Arc<Metrics>,
     guard: Guard,
     node: Option<Node>,
+    /// What we last recorded: read from the Node's annotations once at start-up,
+    /// then ours (the watch may still deliver older copies of the Node).
+    state: Option<DrainState>,
     running: Option<Running>,
     retry_at: Option<Instant>,
     guard_checked_at: Option<Instant>,
@@ -230,6 +233,7 @@ pub async fn run(settings: DaemonSettings, config: Config, nova: NovaClient, kub
         metrics,
         guard,
         node: None,
+        state: None,
         running: None,
         retry_at: None,
         guard_checked_at: None,
@@ -344,7 +348,8 @@ impl Agent {
         self.metrics.set_phase(phase.as_str(), &all);
     }
 
-    async fn save(&self, state: &DrainState) {
+    async fn save(&mut self, state: &DrainState) {
+        self.state = Some(state.clone());
         self.set_phase_metric(state.phase);
         if let Err(e) = record_state(&self.kube, &self.settings.target.node, state).await {
             warn!(error = %e, "could not record the drain state on the node");
@@ -355,7 +360,7 @@ impl Agent {
     async fn reconcile(&mut self) {
         let Some(node) = self.node.clone() else { return };
         let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
-        let state = DrainState::from_node(&node);
+        let state = self.state.get_or_insert_with(|| DrainState::from_node(&node)).clone();
         if cordoned {
             if self.running.is_some() {
                 return;
@@ -447,10 +452,9 @@ impl Agent {
 
     async fn finished(&mut self, result: Result<Result<Report, EvacuationError>, tokio::task::JoinError>) {
         let cancelled = self.running.take().is_some_and(|r| r.cancelling);
-        let node = self.node.clone().map(|n| DrainState::from_node(&n)).unwrap_or_default();
         let mut state = DrainState {
             last_error: None,
-            ..node
+            ..self.state.clone().unwrap_or_default()
         };
         match result {
             Ok(Ok(report)) => {
@@ -570,7 +574,7 @@ impl Agent {
                     let state = DrainState {
                         vms_left: Some(report.servers_left_on_host),
                         last_error: Some("the agent stopped; the evacuation resumes when it starts again".into()),
-                        ..self.node.as_ref().map(DrainState::from_node).unwrap_or_default()
+                        ..self.state.clone().unwrap_or_default()
                     };
                     self.save(&state).await;
                 }

@@ -8,6 +8,8 @@
 #      and leave the host disabled), OSLAB_RUN and the up.sh knobs.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
+# hold the lab lock (shared with tests/support/openstack.rs) for the whole run
+[ "${LAB_LOCK_HELD:-}" = 1 ] || exec /usr/bin/python3 "$HERE/lib/lablock.py" bash "$0" "$@"
 ROOT=$(cd "$HERE/../.." && pwd)
 RUN=${OSLAB_RUN:-$HERE/run}
 N=${DEMO_SERVERS:-4}
@@ -45,7 +47,8 @@ step "(e) after the drain"
 "$PY" "$HERE/lib/demo.py" where demo-
 
 if [ "${DEMO_KEEP:-}" != 1 ]; then
-  step "cleanup (DEMO_KEEP=1 keeps the servers)"
+  step "cleanup (DEMO_KEEP=1 keeps the servers and $HOST disabled)"
   "$PY" "$HERE/lib/demo.py" cleanup demo-
+  "$PY" "$HERE/lib/demo.py" enable-all
 fi
 exit $rc

@@ -209,8 +209,15 @@ key_repository = $RUN/keystone/fernet-keys
 key_repository = $RUN/keystone/fernet-keys
 [credential]
 key_repository = $RUN/keystone/credential-keys
+[identity]
+# bcrypt cost for the admin password (set at bootstrap): 4 = ~1 ms per
+# password check instead of ~0.3 s with the default 12
+password_hash_rounds = 4
 [cache]
-enabled = false
+# in-process cache (one keystone process, so invalidation is consistent):
+# token validation drops from ~0.7 s to a few ms
+enabled = true
+backend = dogpile.cache.memory
 EOF
 
 cat >"$ETC/placement.conf" <<EOF

@@ -9,7 +9,7 @@ this directory to ``nova.virt.__path__`` (this file becomes
 Behaviour (subclass of nova.virt.fake.FakeLiveMigrateDriver):
 
 * A live migration takes ``BASE + SECONDS_PER_GIB * flavor_ram_mb / 1024``
-  seconds (0.1 s steps) and writes progress into the migration record like
+  seconds (wall clock, checked every 0.1 s) and writes progress into the migration record like
   the libvirt driver (memory_total/processed/remaining, instance.progress),
   every PROGRESS_INTERVAL seconds, so ``GET /servers/{id}/migrations``
   shows moving numbers.
@@ -136,6 +136,14 @@ class DrainLabDriver(fake.FakeLiveMigrateDriver):
         except Exception as e:  # progress is cosmetic, never fail the migration
             LOG.warning("drainlab: progress update failed: %s", e, instance=instance)
 
+    def get_host_uptime(self):
+        # GET /os-hypervisors/detail (>= 2.88 includes uptime) asks every
+        # compute; the stock fake driver raises NotImplementedError there
+        with open("/proc/uptime") as f:
+            secs = int(float(f.read().split()[0]))
+        return " %s up %d days, %d:%02d,  1 user,  load average: 0.00, 0.00, 0.00" % (
+            time.strftime("%H:%M:%S"), secs // 86400, secs % 86400 // 3600, secs % 3600 // 60)
+
     # ------------------------------------------------------------ live migration
     def live_migration(self, context, instance, dest, post_method,
                        recover_method, block_migration=False,
@@ -153,18 +161,18 @@ class DrainLabDriver(fake.FakeLiveMigrateDriver):
             except ValueError:
                 pass
         duration = max(duration, 0.0)
-        steps = max(int(round(duration / STEP)), 1)
-        fail_at = max(steps // 2, 1)
-        save_every = max(int(round(cfg["DRAINLAB_PROGRESS_INTERVAL_S"] / STEP)), 1)
+        interval = max(cfg["DRAINLAB_PROGRESS_INTERVAL_S"], STEP)
         total = max(ram_mb, 1) * MIB
         migration = self._migration(context, instance, migrate_data)
         st = self._lm[instance.uuid] = _MigState()
         LOG.info("drainlab: live migration to %s: %d MiB, %.1fs%s%s", dest,
-                 ram_mb, steps * STEP, " STALL" if stall else "",
+                 ram_mb, duration, " STALL" if stall else "",
                  " FAIL" if fail else "", instance=instance)
         outcome = "completed"
+        processed = 0
         try:
-            n = 0
+            t0 = time.time()
+            next_save = t0
             while True:
                 if st.abort:
                     outcome = "cancelled"
@@ -175,22 +183,24 @@ class DrainLabDriver(fake.FakeLiveMigrateDriver):
                     # deleted (driver.destroy) while migrating
                     outcome = "gone"
                     break
+                now = time.time()
+                frac = (now - t0) / duration if duration > 0 else 1.0
                 if stall:
                     # remaining never shrinks, processed keeps growing
                     remaining = total // 2
-                    processed = total // 2 + int(total * n / steps)
+                    processed = total // 2 + int(total * frac)
                 else:
-                    processed = min(total, int(total * n / steps))
+                    processed = min(total, int(total * frac))
                     remaining = total - processed
-                if n % save_every == 0:
+                if now >= next_save:
                     self._save_progress(migration, instance, total, processed, remaining)
-                if fail and n >= fail_at:
+                    next_save = now + interval
+                if fail and frac >= 0.5:
                     outcome = "failed"
                     break
-                if not stall and n >= steps:
+                if not stall and frac >= 1.0:
                     break
                 time.sleep(STEP)
-                n += 1
         finally:
             self._lm.pop(instance.uuid, None)
 

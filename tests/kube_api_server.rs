@@ -1,0 +1,651 @@
+//! Self-test of the fake Kubernetes API server of `tests/support/kube_api.rs`,
+//! driven by kube 5 itself (watcher, Api, Recorder) and by raw HTTP.
+
+mod support;
+
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::Resource;
+use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, Event as WEvent};
+use serde_json::{Value, json};
+use support::kube_api::{DrainOptions, KubeApi};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn pod_json(name: &str, node: &str, app: &str, owned: bool) -> Pod {
+    let mut p = json!({
+        "metadata": {"name": name, "labels": {"app": app}},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox:1"}]}
+    });
+    if owned {
+        p["metadata"]["ownerReferences"] = json!([{
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{app}-rs"),
+            "uid": "0f0f0f0f-0000-4000-8000-000000000001", "controller": true
+        }]);
+    }
+    serde_json::from_value(p).unwrap()
+}
+
+fn pdb_json(name: &str, app: &str, spec_extra: Value) -> PodDisruptionBudget {
+    let mut spec = json!({"selector": {"matchLabels": {"app": app}}});
+    spec.as_object_mut()
+        .unwrap()
+        .extend(spec_extra.as_object().unwrap().clone());
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap()
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn pod_running(api: &KubeApi, ns: &str, name: &str) -> bool {
+    api.pod(ns, name)
+        .and_then(|p| p.status)
+        .and_then(|s| s.phase)
+        .is_some_and(|p| p == "Running")
+}
+
+fn pdb_computed(api: &KubeApi, ns: &str, name: &str) -> bool {
+    api.pdbs(ns).iter().any(|p| {
+        p.metadata.name.as_deref() == Some(name)
+            && p.status
+                .as_ref()
+                .is_some_and(|s| s.observed_generation == p.metadata.generation)
+    })
+}
+
+/// Next watcher event that is not an error, with a timeout.
+async fn next_event<S>(s: &mut S) -> WEvent<Node>
+where
+    S: Stream<Item = Result<WEvent<Node>, watcher::Error>> + Unpin,
+{
+    loop {
+        match tokio::time::timeout(WAIT, s.next())
+            .await
+            .expect("watcher event in time")
+        {
+            Some(Ok(ev)) => return ev,
+            Some(Err(_)) => continue,
+            None => panic!("watcher stream ended"),
+        }
+    }
+}
+
+async fn next_apply<S>(s: &mut S) -> Node
+where
+    S: Stream<Item = Result<WEvent<Node>, watcher::Error>> + Unpin,
+{
+    loop {
+        if let WEvent::Apply(n) | WEvent::InitApply(n) = next_event(s).await {
+            return n;
+        }
+    }
+}
+
+async fn until_init_done<S>(s: &mut S) -> Vec<Node>
+where
+    S: Stream<Item = Result<WEvent<Node>, watcher::Error>> + Unpin,
+{
+    let mut seen = vec![];
+    loop {
+        match next_event(s).await {
+            WEvent::Init => seen.clear(),
+            WEvent::InitApply(n) => seen.push(n),
+            WEvent::InitDone => return seen,
+            other => panic!("unexpected event before InitDone: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn watcher_sees_own_node_only() {
+    let api = KubeApi::start();
+    api.add_node("n1");
+    api.add_node("n2");
+    let nodes: Api<Node> = Api::all(api.kube_client());
+    let cfg = watcher::Config::default().fields("metadata.name=n1");
+    let mut s = watcher::watcher(nodes, cfg).boxed();
+
+    let init = until_init_done(&mut s).await;
+    assert_eq!(init.len(), 1);
+    assert_eq!(init[0].metadata.name.as_deref(), Some("n1"));
+    // Wait for the watch request itself.
+    wait_for("watch request", || api.open_watches() == 1).await;
+    let reqs = api.requests();
+    let list = reqs
+        .iter()
+        .find(|(m, p)| m == "GET" && p.starts_with("/api/v1/nodes?") && !p.contains("watch=true"))
+        .unwrap();
+    assert!(list.1.contains("fieldSelector=metadata.name%3Dn1"), "{list:?}");
+    assert!(
+        list.1.contains("resourceVersion=0") && list.1.contains("resourceVersionMatch=NotOlderThan"),
+        "{list:?}"
+    );
+    assert!(list.1.contains("limit=500"), "{list:?}");
+    let watch = reqs.iter().find(|(_, p)| p.contains("watch=true")).unwrap();
+    assert!(
+        watch.1.contains("allowWatchBookmarks=true") && watch.1.contains("timeoutSeconds=290"),
+        "{watch:?}"
+    );
+    assert!(!watch.1.contains("sendInitialEvents"), "{watch:?}");
+
+    // Other nodes changing: nothing reaches this watch.
+    api.set_unschedulable("n2", true);
+    api.add_node("n3");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(api.watch_events_sent(), 0);
+
+    api.set_unschedulable("n1", true);
+    let n = next_apply(&mut s).await;
+    assert_eq!(n.metadata.name.as_deref(), Some("n1"));
+    assert_eq!(n.spec.unwrap().unschedulable, Some(true));
+    assert_eq!(api.watch_events_sent(), 1);
+    // Resource versions are a global, increasing counter.
+    let rv: u64 = n.metadata.resource_version.unwrap().parse().unwrap();
+    assert_eq!(rv, api.resource_version());
+
+    api.set_unschedulable("n1", false);
+    let n = next_apply(&mut s).await;
+    assert_eq!(n.spec.unwrap().unschedulable, None);
+}
+
+#[tokio::test]
+async fn watcher_recovers_from_dropped_and_compacted_watches() {
+    let api = KubeApi::start();
+    api.add_node("n1");
+    let nodes: Api<Node> = Api::all(api.kube_client());
+    let cfg = watcher::Config::default().fields("metadata.name=n1");
+    let mut s = watcher::watcher(nodes, cfg).default_backoff().boxed();
+    until_init_done(&mut s).await;
+    wait_for("watch", || api.open_watches() == 1).await;
+
+    // Dropped connection: the watcher re-watches from its resourceVersion
+    // and gets the change made while it was away.
+    api.drop_watches();
+    api.set_unschedulable("n1", true);
+    let n = next_apply(&mut s).await;
+    assert_eq!(n.spec.unwrap().unschedulable, Some(true));
+
+    // Compacted history: the re-watch gets 410 in-stream, the watcher
+    // re-lists and sees the latest state.
+    wait_for("watch", || api.open_watches() == 1).await;
+    api.drop_watches();
+    api.set_unschedulable("n1", false);
+    api.compact();
+    let lists_before = api
+        .requests()
+        .iter()
+        .filter(|(_, p)| p.starts_with("/api/v1/nodes?") && !p.contains("watch="))
+        .count();
+    let init = until_init_done(&mut s).await;
+    assert_eq!(init.len(), 1);
+    assert_eq!(init[0].spec.as_ref().unwrap().unschedulable, None);
+    let lists_after = api
+        .requests()
+        .iter()
+        .filter(|(_, p)| p.starts_with("/api/v1/nodes?") && !p.contains("watch="))
+        .count();
+    assert_eq!(lists_after, lists_before + 1, "re-listed after 410");
+
+    // And it keeps watching afterwards.
+    api.set_unschedulable("n1", true);
+    let n = next_apply(&mut s).await;
+    assert_eq!(n.spec.unwrap().unschedulable, Some(true));
+}
+
+#[tokio::test]
+async fn raw_watch_protocol() {
+    let api = KubeApi::start();
+    api.add_node("n1");
+    api.set_bookmark_interval(Duration::from_millis(200));
+    let http = reqwest::Client::new();
+    let list: Value = http
+        .get(format!("{}/api/v1/nodes", api.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["kind"], "NodeList");
+    assert_eq!(list["apiVersion"], "v1");
+    let rv = list["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+
+    // A node that stops matching the label selector is a DELETED event.
+    let url = format!(
+        "{}/api/v1/nodes?watch=true&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=1&labelSelector=role%3Dcompute",
+        api.url()
+    );
+    let resp = http.get(url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let nodes: Api<Node> = Api::all(api.kube_client());
+    let pp = PatchParams::default();
+    nodes
+        .patch(
+            "n1",
+            &pp,
+            &Patch::Merge(json!({"metadata": {"labels": {"role": "compute"}}})),
+        )
+        .await
+        .unwrap();
+    nodes
+        .patch(
+            "n1",
+            &pp,
+            &Patch::Merge(json!({"metadata": {"labels": {"role": null}}})),
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let text = resp.text().await.unwrap(); // stream closes after timeoutSeconds
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let events: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let types: Vec<&str> = events
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .filter(|t| *t != "BOOKMARK")
+        .collect();
+    assert_eq!(types, ["ADDED", "DELETED"], "{text}");
+    let bookmark = events.iter().find(|e| e["type"] == "BOOKMARK").expect("a bookmark");
+    assert_eq!(bookmark["object"]["kind"], "Node");
+    assert!(bookmark["object"]["metadata"]["resourceVersion"].is_string());
+
+    // Watch from a compacted resourceVersion: 200 + in-stream 410 ERROR.
+    api.compact();
+    let url = format!("{}/api/v1/nodes?watch=true&resourceVersion={rv}", api.url());
+    let text = http.get(url).send().await.unwrap().text().await.unwrap();
+    let ev: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(ev["type"], "ERROR");
+    assert_eq!(ev["object"]["code"], 410);
+    assert_eq!(ev["object"]["reason"], "Expired");
+    assert!(
+        ev["object"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("too old resource version")
+    );
+
+    // Stale update: 409 Conflict; unknown path: 404 Status.
+    let mut n = nodes.get("n1").await.unwrap();
+    n.metadata.resource_version = Some("2".into());
+    let err = nodes.replace("n1", &PostParams::default(), &n).await.unwrap_err();
+    let kube::Error::Api(s) = err else { panic!("{err:?}") };
+    assert_eq!((s.code, s.reason.as_str()), (409, "Conflict"));
+    let r = http.get(format!("{}/api/v1/widgets", api.url())).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["kind"].as_str(), v["status"].as_str()),
+        (Some("Status"), Some("Failure"))
+    );
+
+    // Server-side apply with a JSON body, and an unsupported field selector.
+    let ssa = PatchParams::apply("drainer").force();
+    let applied = nodes
+        .patch(
+            "n1",
+            &ssa,
+            &Patch::Apply(
+                json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "annotations": {"a": "b"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.metadata.annotations.unwrap()["a"], "b");
+    let err = nodes
+        .list(&ListParams::default().fields("spec.foo=x"))
+        .await
+        .unwrap_err();
+    let kube::Error::Api(s) = err else { panic!("{err:?}") };
+    assert_eq!(s.code, 400);
+}
+
+#[tokio::test]
+async fn eviction_honours_pdb() {
+    let api = KubeApi::start();
+    api.add_node("n1");
+    let client = api.kube_client();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, "default");
+    pods.create(&PostParams::default(), &pod_json("guard", "n1", "guard", false))
+        .await
+        .unwrap();
+    pdbs.create(
+        &PostParams::default(),
+        &pdb_json("guard", "guard", json!({"maxUnavailable": 0})),
+    )
+    .await
+    .unwrap();
+    wait_for("guard running", || pod_running(&api, "default", "guard")).await;
+    wait_for("pdb status", || pdb_computed(&api, "default", "guard")).await;
+
+    let err = pods.evict("guard", &EvictParams::default()).await.unwrap_err();
+    let kube::Error::Api(s) = err else { panic!("{err:?}") };
+    assert_eq!(s.code, 429);
+    assert_eq!(s.reason, "TooManyRequests");
+    assert_eq!(
+        s.message,
+        "Cannot evict pod as it would violate the pod's disruption budget."
+    );
+    let cause = &s.details.as_ref().unwrap().causes[0];
+    assert_eq!(cause.reason, "DisruptionBudget");
+    assert_eq!(
+        cause.message,
+        "The disruption budget guard needs 0 healthy pods and has 1 currently"
+    );
+
+    // More than one PDB: 500.
+    pdbs.create(
+        &PostParams::default(),
+        &pdb_json("other", "guard", json!({"minAvailable": 0})),
+    )
+    .await
+    .unwrap();
+    let err = pods.evict("guard", &EvictParams::default()).await.unwrap_err();
+    let kube::Error::Api(s) = err else { panic!("{err:?}") };
+    assert_eq!(s.code, 500);
+    pdbs.delete("other", &DeleteParams::default()).await.unwrap();
+
+    pdbs.delete("guard", &DeleteParams::default()).await.unwrap();
+    let st = pods.evict("guard", &EvictParams::default()).await.unwrap();
+    assert!(st.is_success());
+    // Graceful deletion: terminating, then removed by the kubelet.
+    let p = pods.get("guard").await.unwrap();
+    assert!(p.metadata.deletion_timestamp.is_some());
+    assert!(
+        p.status
+            .unwrap()
+            .conditions
+            .unwrap()
+            .iter()
+            .any(|c| c.type_ == "DisruptionTarget")
+    );
+    wait_for("pod gone", || api.pod("default", "guard").is_none()).await;
+    let err = pods.evict("guard", &EvictParams::default()).await.unwrap_err();
+    let kube::Error::Api(s) = err else { panic!("{err:?}") };
+    assert_eq!(s.code, 404);
+}
+
+#[tokio::test]
+async fn eviction_of_running_pod_with_budget_decrements_it() {
+    let api = KubeApi::start();
+    api.add_node("n1");
+    let client = api.kube_client();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, "default");
+    for i in 0..3 {
+        pods.create(
+            &PostParams::default(),
+            &pod_json(&format!("web-{i}"), "n1", "web", true),
+        )
+        .await
+        .unwrap();
+    }
+    pdbs.create(
+        &PostParams::default(),
+        &pdb_json("web", "web", json!({"minAvailable": 2})),
+    )
+    .await
+    .unwrap();
+    wait_for("pods running", || {
+        (0..3).all(|i| pod_running(&api, "default", &format!("web-{i}")))
+    })
+    .await;
+    wait_for("pdb allows 1", || {
+        api.pdbs("default")[0]
+            .status
+            .as_ref()
+            .is_some_and(|s| s.disruptions_allowed == 1)
+    })
+    .await;
+    pods.evict("web-0", &EvictParams::default()).await.unwrap();
+    let s = api.pdbs("default")[0].status.clone().unwrap();
+    assert_eq!(s.disruptions_allowed, 0);
+    assert!(s.disrupted_pods.unwrap().contains_key("web-0"));
+    let err = pods.evict("web-1", &EvictParams::default()).await.unwrap_err();
+    let kube::Error::Api(s) = err else { panic!("{err:?}") };
+    assert_eq!(s.code, 429);
+}
+
+#[tokio::test]
+async fn eviction_of_pending_pod_ignores_pdb() {
+    let api = KubeApi::start();
+    api.set_kubelet(false);
+    api.add_node("n1");
+    let client = api.kube_client();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, "default");
+    pods.create(&PostParams::default(), &pod_json("guard", "n1", "guard", false))
+        .await
+        .unwrap();
+    pdbs.create(
+        &PostParams::default(),
+        &pdb_json("guard", "guard", json!({"maxUnavailable": 0})),
+    )
+    .await
+    .unwrap();
+    wait_for("pdb status", || pdb_computed(&api, "default", "guard")).await;
+    assert_eq!(
+        api.pod("default", "guard").unwrap().status.unwrap().phase.as_deref(),
+        Some("Pending")
+    );
+    pods.evict("guard", &EvictParams::default()).await.unwrap();
+    // No kubelet: the pod stays terminating.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let p = api.pod("default", "guard").expect("still there without a kubelet");
+    assert!(p.metadata.deletion_timestamp.is_some());
+    api.set_kubelet(true);
+    wait_for("pod gone", || api.pod("default", "guard").is_none()).await;
+}
+
+#[tokio::test]
+async fn pdb_without_disruption_controller_is_still_being_processed() {
+    let api = KubeApi::start();
+    api.add_node("n1");
+    api.set_disruption_controller(false);
+    let client = api.kube_client();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, "default");
+    pods.create(&PostParams::default(), &pod_json("guard", "n1", "guard", false))
+        .await
+        .unwrap();
+    pdbs.create(
+        &PostParams::default(),
+        &pdb_json("guard", "guard", json!({"minAvailable": 0})),
+    )
+    .await
+    .unwrap();
+    wait_for("guard running", || pod_running(&api, "default", "guard")).await;
+
+    let url = format!("{}/api/v1/namespaces/default/pods/guard/eviction", api.url());
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(&json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "guard", "namespace": "default"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "10");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["reason"], "TooManyRequests");
+    assert_eq!(v["details"]["causes"][0]["reason"], "DisruptionBudget");
+    assert_eq!(
+        v["details"]["causes"][0]["message"],
+        "The disruption budget guard is still being processed by the server."
+    );
+    assert!(api.pdbs("default")[0].status.is_none());
+
+    // Once the controller runs, minAvailable 0 allows the eviction.
+    api.set_disruption_controller(true);
+    wait_for("pdb status", || pdb_computed(&api, "default", "guard")).await;
+    pods.evict("guard", &EvictParams::default()).await.unwrap();
+}
+
+#[tokio::test]
+async fn kubectl_drain_waits_for_pdb() {
+    let api = KubeApi::start();
+    api.add_node("n1");
+    api.add_node("n2");
+    api.add_namespace("nova");
+    let client = api.kube_client();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "nova");
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, "nova");
+    let mut guard = pod_json("guard", "n1", "guard", true);
+    guard.metadata.owner_references.as_mut().unwrap()[0].kind = "StatefulSet".into();
+    pods.create(&PostParams::default(), &guard).await.unwrap();
+    pods.create(&PostParams::default(), &pod_json("web", "n1", "web", true))
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &pod_json("elsewhere", "n2", "web", true))
+        .await
+        .unwrap();
+    let ds = api.add_daemonset("nova", "agent");
+    let mut agent = pod_json("agent-x", "n1", "agent", false);
+    agent.metadata.owner_references = Some(vec![serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent", "uid": ds["metadata"]["uid"], "controller": true
+    })).unwrap()]);
+    pods.create(&PostParams::default(), &agent).await.unwrap();
+    pdbs.create(
+        &PostParams::default(),
+        &pdb_json("guard", "guard", json!({"maxUnavailable": 0})),
+    )
+    .await
+    .unwrap();
+    wait_for("pods running", || {
+        ["guard", "web", "agent-x"].iter().all(|p| pod_running(&api, "nova", p))
+    })
+    .await;
+    wait_for("pdb status", || pdb_computed(&api, "nova", "guard")).await;
+
+    let opts = DrainOptions {
+        timeout: Duration::from_secs(20),
+        retry_interval: Duration::from_millis(100),
+        poll_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let drain = api.kubectl_drain_with("n1", opts.clone());
+    let unblock = async {
+        wait_for("cordon", || api.node("n1").spec.unwrap().unschedulable == Some(true)).await;
+        wait_for("web evicted", || api.pod("nova", "web").is_none()).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(api.pod("nova", "guard").is_some(), "the PDB must hold the guard");
+        pdbs.delete("guard", &DeleteParams::default()).await.unwrap();
+    };
+    let (took, ()) = tokio::join!(drain, unblock);
+    let took = took.expect("drain succeeds");
+    assert!(took >= Duration::from_millis(700), "{took:?}");
+    assert!(api.pod("nova", "guard").is_none());
+    assert!(api.pod("nova", "agent-x").is_some(), "DaemonSet pods are ignored");
+    assert!(api.pod("nova", "elsewhere").is_some());
+    let evictions = api
+        .requests()
+        .iter()
+        .filter(|(m, p)| m == "POST" && p.ends_with("/guard/eviction"))
+        .count();
+    assert!(evictions >= 2, "retried on 429: {evictions}");
+    assert!(
+        api.requests()
+            .iter()
+            .any(|(m, p)| m == "GET" && p.starts_with("/api/v1/pods?fieldSelector=spec.nodeName%3Dn1"))
+    );
+
+    // A bare pod refuses the drain (no --force), with a timeout when blocked.
+    pods.create(&PostParams::default(), &pod_json("bare", "n2", "bare", false))
+        .await
+        .unwrap();
+    let err = api.kubectl_drain_with("n2", opts.clone()).await.unwrap_err();
+    assert!(err.contains("declare no controller"), "{err}");
+    pdbs.create(
+        &PostParams::default(),
+        &pdb_json("web", "web", json!({"maxUnavailable": 0})),
+    )
+    .await
+    .unwrap();
+    wait_for("pdb status", || pdb_computed(&api, "nova", "web")).await;
+    let err = api
+        .kubectl_drain_with(
+            "n2",
+            DrainOptions {
+                timeout: Duration::from_millis(500),
+                force: true,
+                ..opts
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(err.contains("global timeout"), "{err}");
+}
+
+#[tokio::test]
+async fn node_events_must_be_in_default_namespace() {
+    let api = KubeApi::start();
+    let node = api.add_node("n1");
+    let client = api.kube_client();
+    let mk = |ns: &str| -> K8sEvent {
+        serde_json::from_value(json!({
+            "metadata": {"name": "n1.1", "namespace": ns},
+            "eventTime": "2025-01-01T00:00:00.000000Z",
+            "regarding": {"kind": "Node", "apiVersion": "v1", "name": "n1", "uid": node.metadata.uid},
+            "reason": "Draining", "action": "Evacuate", "note": "x", "type": "Normal",
+            "reportingController": "nova-kubernetes-drain", "reportingInstance": "drainer-n1"
+        }))
+        .unwrap()
+    };
+    let events: Api<K8sEvent> = Api::namespaced(client.clone(), "kube-public");
+    let err = events
+        .create(&PostParams::default(), &mk("kube-public"))
+        .await
+        .unwrap_err();
+    let kube::Error::Api(s) = err else { panic!("{err:?}") };
+    assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"), "{s:?}");
+    assert!(s.message.contains("does not match event.namespace"), "{}", s.message);
+    let events: Api<K8sEvent> = Api::namespaced(client, "default");
+    events.create(&PostParams::default(), &mk("default")).await.unwrap();
+    assert_eq!(api.events().len(), 1);
+}
+
+#[tokio::test]
+async fn recorder_publishes_node_events() {
+    let api = KubeApi::start();
+    let node = api.add_node("n1");
+    let reporter = Reporter {
+        controller: "nova-kubernetes-drain".into(),
+        instance: Some("drainer-n1".into()),
+    };
+    let recorder = Recorder::new(api.kube_client(), reporter);
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "EvacuationStarted".into(),
+        note: Some("evacuating 3 servers".into()),
+        action: "Evacuate".into(),
+        secondary: None,
+    };
+    let oref = node.object_ref(&());
+    recorder.publish(&ev, &oref).await.unwrap();
+    recorder.publish(&ev, &oref).await.unwrap(); // series: a merge PATCH
+    let events = api.events();
+    assert_eq!(events.len(), 2, "{events:#?}");
+    assert_eq!(events[0]["metadata"]["namespace"], "default");
+    assert_eq!(events[0]["regarding"]["kind"], "Node");
+    assert_eq!(events[1]["series"]["count"], 2);
+    let reqs = api.requests();
+    assert!(
+        reqs.iter()
+            .any(|(m, p)| m == "POST" && p.starts_with("/apis/events.k8s.io/v1/namespaces/default/events"))
+    );
+    assert!(
+        reqs.iter()
+            .any(|(m, p)| m == "PATCH" && p.starts_with("/apis/events.k8s.io/v1/namespaces/default/events/n1."))
+    );
+}

@@ -1,0 +1,3053 @@
+//! In-process fake Kubernetes API server for tests, following the real
+//! kube-apiserver wire protocol (JSON only) as closely as our code needs, and
+//! never more leniently than the real one where we model a behaviour.
+//!
+//! ```ignore
+//! mod support;
+//! use support::kube_api::KubeApi;
+//!
+//! #[tokio::test]
+//! async fn t() {
+//!     let api = KubeApi::start();            // spawns on the current runtime
+//!     api.add_node("n1");
+//!     let client = api.kube_client();        // kube::Client, plain HTTP, no auth
+//!     api.set_unschedulable("n1", true);     // what `kubectl cordon` does
+//!     let took = api.kubectl_drain("n1", Duration::from_secs(30)).await;
+//! }
+//! ```
+//!
+//! # Control API (all synchronous except `kubectl_drain*`)
+//! * [`KubeApi::start`], [`KubeApi::url`], [`KubeApi::kube_client`],
+//!   [`KubeApi::write_kubeconfig`].
+//! * Objects: [`KubeApi::add_node`], [`KubeApi::add_namespace`],
+//!   [`KubeApi::add_daemonset`], [`KubeApi::set_unschedulable`] (a strategic
+//!   merge PATCH through the same code path as HTTP, so watchers see it),
+//!   [`KubeApi::node`], [`KubeApi::pod`], [`KubeApi::pods`], [`KubeApi::pdbs`],
+//!   [`KubeApi::set_pod_phase`] (a kubelet status update), [`KubeApi::events`]
+//!   (every Event created or patched, both APIs, in order, as stored).
+//! * Simulated components: [`KubeApi::set_kubelet`] (default on: a pod bound
+//!   to an existing node becomes Running+Ready ~100 ms after creation; a
+//!   terminating pod is removed after its grace period capped at 1 s),
+//!   [`KubeApi::set_disruption_controller`] (default on: PDB status is
+//!   recomputed every 50 ms, asynchronously, like kube-controller-manager).
+//! * Watch control: [`KubeApi::drop_watches`] (abort every open watch
+//!   connection), [`KubeApi::compact`] (every resourceVersion handed out so far
+//!   becomes "too old" for watch: 410 in-stream), [`KubeApi::set_bookmark_interval`],
+//!   [`KubeApi::watch_events_sent`], [`KubeApi::bookmarks_sent`],
+//!   [`KubeApi::open_watches`].
+//! * [`KubeApi::requests`]: `(method, path?query)` of every HTTP request.
+//! * [`KubeApi::kubectl_drain`] / [`KubeApi::kubectl_drain_with`]: what
+//!   `kubectl drain NODE --ignore-daemonsets` does, over HTTP.
+//!
+//! Deviations from the real server (all documented where they are made):
+//! no managedFields, strategic merge patch and server-side apply are treated as
+//! JSON merge patches, no json-patch, PDB `maxUnavailable`/percent scale of a
+//! controller is the number of its pods matching the PDB (the real controller
+//! reads the controller's `spec.replicas`), no finalizers, no admission beyond
+//! namespace existence and default tolerations.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State as AxState;
+use axum::http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, Node, Pod};
+use k8s_openapi::api::events::v1::Event as EventsV1Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ListMeta, Status, StatusCause, StatusDetails};
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+
+/// Number of watch events kept for resuming watches (etcd/watch-cache history).
+const HISTORY: usize = 2000;
+/// How long an entry stays in a PDB's `status.disruptedPods` (controller DeletionTimeout).
+const DISRUPTED_POD_TIMEOUT: Duration = Duration::from_secs(120);
+/// Kubelet: delay between a pod being bound and becoming Running.
+const KUBELET_START_DELAY: Duration = Duration::from_millis(100);
+/// Kubelet: cap on how long a terminating pod is kept.
+const KUBELET_MAX_GRACE: Duration = Duration::from_secs(1);
+
+// ---------------------------------------------------------------------------
+// Resources
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub enum Res {
+    Namespace,
+    Node,
+    Pod,
+    Pdb,
+    Event,
+    CoreEvent,
+    DaemonSet,
+}
+
+impl Res {
+    const ALL: [Res; 7] = [
+        Res::Namespace,
+        Res::Node,
+        Res::Pod,
+        Res::Pdb,
+        Res::Event,
+        Res::CoreEvent,
+        Res::DaemonSet,
+    ];
+
+    fn lookup(group: &str, version: &str, plural: &str) -> Option<Res> {
+        Some(match (group, version, plural) {
+            ("", "v1", "namespaces") => Res::Namespace,
+            ("", "v1", "nodes") => Res::Node,
+            ("", "v1", "pods") => Res::Pod,
+            ("", "v1", "events") => Res::CoreEvent,
+            ("policy", "v1", "poddisruptionbudgets") => Res::Pdb,
+            ("events.k8s.io", "v1", "events") => Res::Event,
+            ("apps", "v1", "daemonsets") => Res::DaemonSet,
+            _ => return None,
+        })
+    }
+    fn plural(self) -> &'static str {
+        match self {
+            Res::Namespace => "namespaces",
+            Res::Node => "nodes",
+            Res::Pod => "pods",
+            Res::Pdb => "poddisruptionbudgets",
+            Res::Event | Res::CoreEvent => "events",
+            Res::DaemonSet => "daemonsets",
+        }
+    }
+    fn group(self) -> &'static str {
+        match self {
+            Res::Pdb => "policy",
+            Res::Event => "events.k8s.io",
+            Res::DaemonSet => "apps",
+            _ => "",
+        }
+    }
+    fn api_version(self) -> &'static str {
+        match self {
+            Res::Pdb => "policy/v1",
+            Res::Event => "events.k8s.io/v1",
+            Res::DaemonSet => "apps/v1",
+            _ => "v1",
+        }
+    }
+    fn kind(self) -> &'static str {
+        match self {
+            Res::Namespace => "Namespace",
+            Res::Node => "Node",
+            Res::Pod => "Pod",
+            Res::Pdb => "PodDisruptionBudget",
+            Res::Event | Res::CoreEvent => "Event",
+            Res::DaemonSet => "DaemonSet",
+        }
+    }
+    fn namespaced(self) -> bool {
+        !matches!(self, Res::Namespace | Res::Node)
+    }
+    /// `pods`, `poddisruptionbudgets.policy`: as in real error messages.
+    fn qualified(self) -> String {
+        if self.group().is_empty() {
+            self.plural().to_string()
+        } else {
+            format!("{}.{}", self.plural(), self.group())
+        }
+    }
+    /// `Pod`, `PodDisruptionBudget.policy`: as in real 422 messages.
+    fn qualified_kind(self) -> String {
+        if self.group().is_empty() {
+            self.kind().to_string()
+        } else {
+            format!("{}.{}", self.kind(), self.group())
+        }
+    }
+    fn has_status(self) -> bool {
+        matches!(self, Res::Node | Res::Pod | Res::Pdb | Res::DaemonSet | Res::Namespace)
+    }
+    fn tracks_generation(self) -> bool {
+        matches!(self, Res::Pod | Res::Pdb | Res::DaemonSet)
+    }
+    /// Round-trips through the k8s-openapi type: rejects what the typed
+    /// decoder rejects and yields exactly its serialisation.
+    fn canonical(self, v: Value) -> Result<Value, String> {
+        fn rt<T: serde::de::DeserializeOwned + serde::Serialize>(v: Value) -> Result<Value, String> {
+            let t: T = serde_json::from_value(v).map_err(|e| e.to_string())?;
+            serde_json::to_value(&t).map_err(|e| e.to_string())
+        }
+        match self {
+            Res::Namespace => rt::<Namespace>(v),
+            Res::Node => rt::<Node>(v),
+            Res::Pod => rt::<Pod>(v),
+            Res::Pdb => rt::<PodDisruptionBudget>(v),
+            Res::Event => rt::<EventsV1Event>(v),
+            Res::CoreEvent => rt::<CoreEvent>(v),
+            Res::DaemonSet => rt::<DaemonSet>(v),
+        }
+    }
+    fn list_kind(self) -> String {
+        format!("{}List", self.kind())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Errors (metav1.Status)
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub code: u16,
+    pub reason: &'static str,
+    pub message: String,
+    pub details: Option<StatusDetails>,
+    pub retry_after: Option<u32>,
+}
+
+impl ApiError {
+    fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            reason,
+            message: message.into(),
+            details: None,
+            retry_after: None,
+        }
+    }
+    fn details_for(res: Res, name: &str) -> StatusDetails {
+        StatusDetails {
+            name: Some(name.to_string()).filter(|s| !s.is_empty()),
+            group: Some(res.group().to_string()).filter(|s| !s.is_empty()),
+            kind: Some(res.plural().to_string()),
+            ..Default::default()
+        }
+    }
+    fn not_found(res: Res, name: &str) -> Self {
+        let mut e = Self::new(404, "NotFound", format!("{} \"{}\" not found", res.qualified(), name));
+        e.details = Some(Self::details_for(res, name));
+        e
+    }
+    fn already_exists(res: Res, name: &str) -> Self {
+        let mut e = Self::new(
+            409,
+            "AlreadyExists",
+            format!("{} \"{}\" already exists", res.qualified(), name),
+        );
+        e.details = Some(Self::details_for(res, name));
+        e
+    }
+    fn conflict(res: Res, name: &str, why: &str) -> Self {
+        let mut e = Self::new(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {} \"{}\": {}",
+                res.qualified(),
+                name,
+                why
+            ),
+        );
+        e.details = Some(Self::details_for(res, name));
+        e
+    }
+    fn stale(res: Res, name: &str) -> Self {
+        Self::conflict(
+            res,
+            name,
+            "the object has been modified; please apply your changes to the latest version and try again",
+        )
+    }
+    fn bad_request(msg: impl Into<String>) -> Self {
+        Self::new(400, "BadRequest", msg)
+    }
+    /// 422 with one cause per `(field, "Invalid value: ...: why")`.
+    fn invalid(res: Res, name: &str, errs: Vec<(String, String, &'static str)>) -> Self {
+        let msgs: Vec<String> = errs.iter().map(|(f, m, _)| format!("{f}: {m}")).collect();
+        let msg = if msgs.len() == 1 {
+            msgs[0].clone()
+        } else {
+            format!("[{}]", msgs.join(", "))
+        };
+        let mut e = Self::new(
+            422,
+            "Invalid",
+            format!("{} \"{}\" is invalid: {}", res.qualified_kind(), name, msg),
+        );
+        e.details = Some(StatusDetails {
+            name: Some(name.to_string()),
+            group: Some(res.group().to_string()).filter(|s| !s.is_empty()),
+            kind: Some(res.kind().to_string()),
+            causes: Some(
+                errs.into_iter()
+                    .map(|(f, m, r)| StatusCause {
+                        field: Some(f),
+                        message: Some(m),
+                        reason: Some(r.into()),
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        });
+        e
+    }
+    fn not_found_path() -> Self {
+        let mut e = Self::new(404, "NotFound", "the server could not find the requested resource");
+        e.details = Some(StatusDetails::default());
+        e
+    }
+    fn method_not_allowed() -> Self {
+        let mut e = Self::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        );
+        e.details = Some(StatusDetails::default());
+        e
+    }
+    fn expired(msg: impl Into<String>) -> Self {
+        Self::new(410, "Expired", msg)
+    }
+    pub fn status(&self) -> Status {
+        Status {
+            code: Some(self.code as i32),
+            details: self.details.clone(),
+            message: Some(self.message.clone()),
+            metadata: ListMeta::default(),
+            reason: Some(self.reason.to_string()).filter(|r| !r.is_empty()),
+            status: Some("Failure".into()),
+        }
+    }
+    fn to_value(&self) -> Value {
+        serde_json::to_value(self.status()).expect("status serialises")
+    }
+}
+
+fn invalid_value(v: &str, why: &str) -> String {
+    format!("Invalid value: \"{v}\": {why}")
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+// ---------------------------------------------------------------------------
+// Selectors
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Default)]
+struct FieldSelector(Vec<(String, bool, String)>); // (field, equal?, value)
+
+impl FieldSelector {
+    fn parse(res: Res, s: &str) -> ApiResult<Self> {
+        let mut out = vec![];
+        for term in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let (k, eq, v) = if let Some((k, v)) = term.split_once("!=") {
+                (k, false, v)
+            } else if let Some((k, v)) = term.split_once("==") {
+                (k, true, v)
+            } else if let Some((k, v)) = term.split_once('=') {
+                (k, true, v)
+            } else {
+                return Err(ApiError::bad_request(format!(
+                    "invalid field selector: invalid selector: '{s}'; can't understand '{term}'"
+                )));
+            };
+            let k = k.trim().to_string();
+            if !field_supported(res, &k) {
+                return Err(ApiError::bad_request(format!("field label not supported: {k}")));
+            }
+            out.push((k, eq, v.trim().to_string()));
+        }
+        Ok(FieldSelector(out))
+    }
+    fn matches(&self, res: Res, obj: &Value) -> bool {
+        self.0.iter().all(|(k, eq, v)| (field_value(res, obj, k) == *v) == *eq)
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn field_supported(res: Res, f: &str) -> bool {
+    if f == "metadata.name" || (f == "metadata.namespace" && res.namespaced()) {
+        return true;
+    }
+    match res {
+        Res::Node => f == "spec.unschedulable",
+        Res::Namespace => f == "status.phase",
+        Res::Pod => matches!(
+            f,
+            "spec.nodeName"
+                | "spec.restartPolicy"
+                | "spec.schedulerName"
+                | "spec.serviceAccountName"
+                | "spec.hostNetwork"
+                | "status.phase"
+                | "status.podIP"
+                | "status.nominatedNodeName"
+        ),
+        Res::CoreEvent => {
+            f.starts_with("involvedObject.") || matches!(f, "reason" | "reportingComponent" | "source" | "type")
+        }
+        Res::Event => f.starts_with("regarding.") || matches!(f, "reason" | "reportingController" | "type"),
+        _ => false,
+    }
+}
+
+fn field_value(res: Res, obj: &Value, f: &str) -> String {
+    let s = |p: &str| obj.pointer(p).and_then(Value::as_str).unwrap_or("").to_string();
+    match f {
+        "spec.unschedulable" | "spec.hostNetwork" => {
+            let p = format!("/{}", f.replace('.', "/"));
+            obj.pointer(&p).and_then(Value::as_bool).unwrap_or(false).to_string()
+        }
+        "source" if res == Res::CoreEvent => s("/source/component"),
+        _ => s(&format!("/{}", f.replace('.', "/"))),
+    }
+}
+
+#[derive(Clone, Debug)]
+enum LabelReq {
+    Eq(String, String),
+    Ne(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    NotExists(String),
+}
+
+#[derive(Clone, Debug, Default)]
+struct LabelSelector(Vec<LabelReq>);
+
+impl LabelSelector {
+    fn parse(s: &str) -> ApiResult<Self> {
+        let bad = || ApiError::bad_request(format!("unable to parse requirement: invalid label selector: {s:?}"));
+        let mut terms = vec![];
+        let mut depth = 0;
+        let mut cur = String::new();
+        for c in s.chars() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
+            }
+            if c == ',' && depth == 0 {
+                terms.push(std::mem::take(&mut cur));
+            } else {
+                cur.push(c);
+            }
+        }
+        terms.push(cur);
+        let mut out = vec![];
+        for t in terms.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
+            let set = |rest: &str| -> ApiResult<Vec<String>> {
+                let rest = rest.trim();
+                let inner = rest
+                    .strip_prefix('(')
+                    .and_then(|r| r.strip_suffix(')'))
+                    .ok_or_else(bad)?;
+                Ok(inner
+                    .split(',')
+                    .map(|v| v.trim().to_string())
+                    .filter(|v| !v.is_empty())
+                    .collect())
+            };
+            let req = if let Some(k) = t.strip_prefix('!') {
+                LabelReq::NotExists(k.trim().to_string())
+            } else if let Some((k, rest)) = t.split_once(" notin ") {
+                LabelReq::NotIn(k.trim().to_string(), set(rest)?)
+            } else if let Some((k, rest)) = t.split_once(" in ") {
+                LabelReq::In(k.trim().to_string(), set(rest)?)
+            } else if let Some((k, v)) = t.split_once("!=") {
+                LabelReq::Ne(k.trim().to_string(), v.trim().to_string())
+            } else if let Some((k, v)) = t.split_once("==") {
+                LabelReq::Eq(k.trim().to_string(), v.trim().to_string())
+            } else if let Some((k, v)) = t.split_once('=') {
+                LabelReq::Eq(k.trim().to_string(), v.trim().to_string())
+            } else if t.contains(' ') || t.contains('(') {
+                return Err(bad());
+            } else {
+                LabelReq::Exists(t.to_string())
+            };
+            out.push(req);
+        }
+        Ok(LabelSelector(out))
+    }
+    fn matches(&self, obj: &Value) -> bool {
+        let labels = obj.pointer("/metadata/labels").and_then(Value::as_object);
+        let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
+        self.0.iter().all(|r| match r {
+            LabelReq::Eq(k, v) => get(k) == Some(v.as_str()),
+            LabelReq::Ne(k, v) => get(k) != Some(v.as_str()),
+            LabelReq::In(k, vs) => get(k).is_some_and(|x| vs.iter().any(|v| v == x)),
+            LabelReq::NotIn(k, vs) => get(k).is_none_or(|x| !vs.iter().any(|v| v == x)),
+            LabelReq::Exists(k) => get(k).is_some(),
+            LabelReq::NotExists(k) => get(k).is_none(),
+        })
+    }
+}
+
+/// metav1.LabelSelector (PDB spec.selector) semantics: `None` matches nothing,
+/// `{}` matches everything.
+fn object_selector_matches(sel: Option<&Value>, pod: &Value) -> bool {
+    let Some(sel) = sel.filter(|s| !s.is_null()) else {
+        return false;
+    };
+    let labels = pod.pointer("/metadata/labels").and_then(Value::as_object);
+    let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
+    if let Some(ml) = sel.get("matchLabels").and_then(Value::as_object) {
+        if !ml.iter().all(|(k, v)| get(k) == v.as_str()) {
+            return false;
+        }
+    }
+    if let Some(exprs) = sel.get("matchExpressions").and_then(Value::as_array) {
+        for e in exprs {
+            let key = e.get("key").and_then(Value::as_str).unwrap_or("");
+            let vals: Vec<&str> = e
+                .get("values")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let ok = match e.get("operator").and_then(Value::as_str).unwrap_or("") {
+                "In" => get(key).is_some_and(|x| vals.contains(&x)),
+                "NotIn" => get(key).is_none_or(|x| !vals.contains(&x)),
+                "Exists" => get(key).is_some(),
+                "DoesNotExist" => get(key).is_none(),
+                _ => false,
+            };
+            if !ok {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------
+// Helpers on JSON objects
+// ---------------------------------------------------------------------------
+
+fn now_ts() -> String {
+    jiff::Timestamp::from_second(jiff::Timestamp::now().as_second())
+        .expect("timestamp")
+        .to_string()
+}
+fn now_micro() -> String {
+    let ts = jiff::Timestamp::now();
+    let micros = ts.as_microsecond();
+    let t = jiff::Timestamp::from_microsecond(micros).expect("timestamp");
+    format!("{}", t.strftime("%Y-%m-%dT%H:%M:%S%.6fZ"))
+}
+fn parse_ts(s: &str) -> Option<jiff::Timestamp> {
+    s.parse().ok()
+}
+
+fn new_uid() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let c = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(c);
+    h.write_u128(jiff::Timestamp::now().as_nanosecond() as u128);
+    let a = h.finish();
+    let mut h2 = std::collections::hash_map::RandomState::new().build_hasher();
+    h2.write_u64(a ^ c);
+    let b = h2.finish();
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        (a >> 32) as u32,
+        (a >> 16) as u16,
+        (a & 0xfff) as u16,
+        (0x8000 | (b >> 48) & 0x3fff) as u16,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+fn random_suffix() -> String {
+    const ALPHA: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(jiff::Timestamp::now().as_nanosecond() as u128);
+    let mut x = h.finish();
+    (0..5)
+        .map(|_| {
+            let c = ALPHA[(x % ALPHA.len() as u64) as usize] as char;
+            x /= ALPHA.len() as u64;
+            c
+        })
+        .collect()
+}
+
+fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
+    obj.get("metadata").and_then(|m| m.get(field)).and_then(Value::as_str)
+}
+fn name_of(obj: &Value) -> &str {
+    meta_str(obj, "name").unwrap_or("")
+}
+fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
+    if !obj.get("metadata").is_some_and(Value::is_object) {
+        obj["metadata"] = json!({});
+    }
+    obj["metadata"].as_object_mut().expect("metadata object")
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().expect("object");
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+fn is_dns_label(s: &str) -> bool {
+    s.len() <= 63 && !s.contains('.') && is_dns_subdomain(s)
+}
+fn is_qualified_name(s: &str) -> bool {
+    let (prefix, name) = match s.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    prefix.is_none_or(is_dns_subdomain)
+        && !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
+}
+
+fn pod_ready(pod: &Value) -> bool {
+    pod.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+fn pod_phase(pod: &Value) -> &str {
+    pod.pointer("/status/phase").and_then(Value::as_str).unwrap_or("")
+}
+fn controller_ref(obj: &Value) -> Option<&Value> {
+    obj.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .and_then(|refs| {
+            refs.iter()
+                .find(|r| r.get("controller").and_then(Value::as_bool) == Some(true))
+        })
+}
+
+/// intstr value: ints as is, "N%" scaled against `total`, rounding up.
+fn int_or_percent(v: &Value, total: i64) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => {
+            let p: i64 = s.strip_suffix('%')?.parse().ok()?;
+            Some((p * total + 99) / 100)
+        }
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// State
+// ---------------------------------------------------------------------------
+
+type Key = (Res, String, String); // (resource, namespace or "", name)
+
+#[derive(Clone, Debug)]
+struct HistEvent {
+    rv: u64,
+    res: Res,
+    ns: String,
+    /// Object after the change (None: deleted).
+    obj: Option<Value>,
+    /// Object before the change (None: created).
+    prev: Option<Value>,
+}
+
+enum WMsg {
+    Event(Value),
+    Abort,
+}
+
+struct Watcher {
+    id: u64,
+    res: Res,
+    ns: Option<String>,
+    fsel: FieldSelector,
+    lsel: LabelSelector,
+    tx: mpsc::UnboundedSender<WMsg>,
+}
+
+impl Watcher {
+    fn passes(&self, obj: &Value) -> bool {
+        if let Some(ns) = &self.ns {
+            if meta_str(obj, "namespace").unwrap_or("") != ns {
+                return false;
+            }
+        }
+        self.fsel.matches(self.res, obj) && self.lsel.matches(obj)
+    }
+    /// The cacher's convertToWatchEvent: an object that stops matching is a
+    /// DELETED (previous content, event's resourceVersion), one that starts
+    /// matching is an ADDED.
+    fn convert(&self, ev: &HistEvent) -> Option<Value> {
+        if ev.res != self.res {
+            return None;
+        }
+        let cur = ev.obj.as_ref().is_some_and(|o| self.passes(o));
+        let old = ev.prev.as_ref().is_some_and(|o| self.passes(o));
+        let (typ, obj) = match (cur, old) {
+            (true, false) => ("ADDED", ev.obj.clone()?),
+            (true, true) => ("MODIFIED", ev.obj.clone()?),
+            (false, true) => {
+                let mut o = ev.prev.clone()?;
+                meta_mut(&mut o).insert("resourceVersion".into(), json!(ev.rv.to_string()));
+                ("DELETED", o)
+            }
+            (false, false) => return None,
+        };
+        Some(json!({"type": typ, "object": obj}))
+    }
+}
+
+struct PodSide {
+    created: Instant,
+    delete_requested: Option<Instant>,
+}
+
+struct State {
+    rv: u64,
+    /// Watches need a resourceVersion >= this (history floor).
+    floor: u64,
+    objects: BTreeMap<Key, Value>,
+    history: VecDeque<HistEvent>,
+    watchers: Vec<Watcher>,
+    next_watcher: u64,
+    events_log: Vec<Value>,
+    requests: Vec<(String, String)>,
+    kubelet: bool,
+    disruption_controller: bool,
+    bookmark_interval: Duration,
+    pod_side: HashMap<String, PodSide>, // by uid
+}
+
+impl State {
+    fn new() -> Self {
+        let mut s = State {
+            rv: 1,
+            floor: 1,
+            objects: BTreeMap::new(),
+            history: VecDeque::new(),
+            watchers: vec![],
+            next_watcher: 0,
+            events_log: vec![],
+            requests: vec![],
+            kubelet: true,
+            disruption_controller: true,
+            bookmark_interval: Duration::from_secs(5),
+            pod_side: HashMap::new(),
+        };
+        for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+            s.create(Res::Namespace, "", json!({"metadata": {"name": ns}}), false)
+                .expect("namespace");
+        }
+        s
+    }
+
+    fn get(&self, res: Res, ns: &str, name: &str) -> Option<&Value> {
+        self.objects.get(&(res, ns.to_string(), name.to_string()))
+    }
+    fn get_or_404(&self, res: Res, ns: &str, name: &str) -> ApiResult<Value> {
+        self.get(res, ns, name)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(res, name))
+    }
+    fn list_objs(&self, res: Res, ns: Option<&str>) -> Vec<Value> {
+        self.objects
+            .iter()
+            .filter(|((r, n, _), _)| *r == res && ns.is_none_or(|ns| ns == n))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Stores (or deletes, with `new == None`) an object at a new revision,
+    /// records it in the history and fans it out to the watchers.
+    fn commit(&mut self, res: Res, ns: &str, name: &str, new: Option<Value>) -> Option<Value> {
+        self.rv += 1;
+        let rv = self.rv;
+        let key = (res, ns.to_string(), name.to_string());
+        let prev = self.objects.get(&key).cloned();
+        let stored = new.map(|mut o| {
+            meta_mut(&mut o).insert("resourceVersion".into(), json!(rv.to_string()));
+            self.objects.insert(key.clone(), o.clone());
+            o
+        });
+        if stored.is_none() {
+            self.objects.remove(&key);
+        }
+        let ev = HistEvent {
+            rv,
+            res,
+            ns: ns.to_string(),
+            obj: stored.clone(),
+            prev,
+        };
+        self.watchers.retain(|w| match w.convert(&ev) {
+            Some(line) => w.tx.send(WMsg::Event(line)).is_ok(),
+            None => !w.tx.is_closed(),
+        });
+        self.history.push_back(ev);
+        while self.history.len() > HISTORY {
+            let old = self.history.pop_front().expect("non-empty");
+            self.floor = old.rv;
+        }
+        stored.or_else(|| {
+            let mut p = self.history.back().and_then(|e| e.prev.clone())?;
+            meta_mut(&mut p).insert("resourceVersion".into(), json!(rv.to_string()));
+            Some(p)
+        })
+    }
+
+    /// State of `res` at revision `rv` (for Exact lists and continue tokens).
+    fn snapshot_at(&self, res: Res, rv: u64) -> ApiResult<Vec<Value>> {
+        if rv < self.floor {
+            return Err(ApiError::expired(format!(
+                "too old resource version: {rv} ({})",
+                self.floor
+            )));
+        }
+        let mut map: BTreeMap<(String, String), Option<Value>> = self
+            .objects
+            .iter()
+            .filter(|((r, _, _), _)| *r == res)
+            .map(|((_, ns, n), v)| ((ns.clone(), n.clone()), Some(v.clone())))
+            .collect();
+        for ev in self.history.iter().rev().take_while(|e| e.rv > rv) {
+            if ev.res != res {
+                continue;
+            }
+            let o = ev.obj.as_ref().or(ev.prev.as_ref()).expect("event has an object");
+            map.insert((ev.ns.clone(), name_of(o).to_string()), ev.prev.clone());
+        }
+        Ok(map.into_values().flatten().collect())
+    }
+
+    fn ensure_namespace(&self, res: Res, ns: &str) -> ApiResult<()> {
+        if res.namespaced() && self.get(Res::Namespace, "", ns).is_none() {
+            return Err(ApiError::not_found(Res::Namespace, ns));
+        }
+        Ok(())
+    }
+
+    // ---------------- create ----------------
+
+    fn create(&mut self, res: Res, ns: &str, body: Value, dry_run: bool) -> ApiResult<Value> {
+        let mut obj = prepare_body(res, body)?;
+        let m = meta_mut(&mut obj);
+        if res.namespaced() {
+            match m.get("namespace").and_then(Value::as_str) {
+                Some(n) if !n.is_empty() && n != ns => {
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ));
+                }
+                _ => {
+                    m.insert("namespace".into(), json!(ns));
+                }
+            }
+        } else {
+            m.remove("namespace");
+        }
+        let name = match m.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()) {
+            Some(n) => n.to_string(),
+            None => match m.get("generateName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
+                Some(g) => {
+                    let n = format!("{g}{}", random_suffix());
+                    m.insert("name".into(), json!(n));
+                    n
+                }
+                None => {
+                    return Err(ApiError::invalid(
+                        res,
+                        "",
+                        vec![(
+                            "metadata.name".into(),
+                            "Required value: name or generateName is required".into(),
+                            "FieldValueRequired",
+                        )],
+                    ));
+                }
+            },
+        };
+        for f in [
+            "uid",
+            "resourceVersion",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+        ] {
+            m.remove(f);
+        }
+        m.insert("uid".into(), json!(new_uid()));
+        m.insert("creationTimestamp".into(), json!(now_ts()));
+        if res.tracks_generation() {
+            m.insert("generation".into(), json!(1));
+        } else {
+            m.remove("generation");
+        }
+        let ns_key = if res.namespaced() { ns } else { "" };
+        self.ensure_namespace(res, ns_key)?;
+        default_and_reset_status(res, &mut obj, None);
+        let obj = res.canonical(obj).map_err(ApiError::bad_request)?;
+        validate(res, &obj, None)?;
+        if self.get(res, ns_key, &name).is_some() {
+            return Err(ApiError::already_exists(res, &name));
+        }
+        if dry_run {
+            return Ok(obj);
+        }
+        let stored = self.commit(res, ns_key, &name, Some(obj)).expect("stored");
+        if res == Res::Pod {
+            let uid = meta_str(&stored, "uid").unwrap_or("").to_string();
+            self.pod_side.insert(
+                uid,
+                PodSide {
+                    created: Instant::now(),
+                    delete_requested: None,
+                },
+            );
+        }
+        if matches!(res, Res::Event | Res::CoreEvent) {
+            self.events_log.push(stored.clone());
+        }
+        Ok(stored)
+    }
+
+    // ---------------- update ----------------
+
+    /// Replaces `name` with `new` (already merged for patches). `status_sub`:
+    /// the request is on the `/status` subresource. `check_rv`: the body's
+    /// resourceVersion, if any, must equal the stored one.
+    fn update(
+        &mut self,
+        res: Res,
+        ns: &str,
+        name: &str,
+        new: Value,
+        status_sub: bool,
+        dry_run: bool,
+    ) -> ApiResult<Value> {
+        let old = self.get_or_404(res, ns, name)?;
+        let mut obj = prepare_body(res, new)?;
+        let body_name = meta_str(&obj, "name").unwrap_or("").to_string();
+        if body_name.is_empty() {
+            meta_mut(&mut obj).insert("name".into(), json!(name));
+        } else if body_name != name {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({body_name}) does not match the name on the URL ({name})"
+            )));
+        }
+        if res.namespaced() {
+            let body_ns = meta_str(&obj, "namespace").unwrap_or("").to_string();
+            if !body_ns.is_empty() && body_ns != ns {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+            meta_mut(&mut obj).insert("namespace".into(), json!(ns));
+        }
+        match meta_str(&obj, "resourceVersion") {
+            Some(rv) if !rv.is_empty() => {
+                if Some(rv) != meta_str(&old, "resourceVersion") {
+                    return Err(ApiError::stale(res, name));
+                }
+            }
+            _ => {} // unconditional update: allowed for all our resources
+        }
+        // Fields the server owns.
+        {
+            let om = old["metadata"].as_object().cloned().unwrap_or_default();
+            let m = meta_mut(&mut obj);
+            for f in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+            ] {
+                match om.get(f) {
+                    Some(v) => m.insert(f.into(), v.clone()),
+                    None => m.remove(f),
+                };
+            }
+        }
+        if res.has_status() {
+            if status_sub {
+                // Status strategy: only status changes.
+                let status = obj.get("status").cloned();
+                let mut o = old.clone();
+                match status {
+                    Some(s) => o["status"] = s,
+                    None => {
+                        o.as_object_mut().expect("object").remove("status");
+                    }
+                }
+                meta_mut(&mut o).insert("resourceVersion".into(), json!(meta_str(&obj, "resourceVersion")));
+                obj = o;
+            } else {
+                default_and_reset_status(res, &mut obj, Some(&old));
+            }
+        }
+        if res.tracks_generation() && obj.get("spec") != old.get("spec") {
+            let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0) + 1;
+            meta_mut(&mut obj).insert("generation".into(), json!(g));
+        }
+        let obj = res.canonical(obj).map_err(ApiError::bad_request)?;
+        validate(res, &obj, Some(&old))?;
+        if dry_run {
+            return Ok(obj);
+        }
+        let mut cmp_new = obj.clone();
+        let mut cmp_old = old.clone();
+        meta_mut(&mut cmp_new).remove("resourceVersion");
+        meta_mut(&mut cmp_old).remove("resourceVersion");
+        if cmp_new == cmp_old {
+            // No-op updates do not bump the resourceVersion (real behaviour).
+            return Ok(old);
+        }
+        let stored = self.commit(res, ns, name, Some(obj)).expect("stored");
+        if matches!(res, Res::Event | Res::CoreEvent) {
+            self.events_log.push(stored.clone());
+        }
+        Ok(stored)
+    }
+
+    fn patch(
+        &mut self,
+        res: Res,
+        ns: &str,
+        name: &str,
+        content_type: &str,
+        body: &[u8],
+        q: &Query,
+        status_sub: bool,
+    ) -> ApiResult<(u16, Value)> {
+        let ct = content_type.split(';').next().unwrap_or("").trim();
+        let is_apply = ct == "application/apply-patch+yaml";
+        if !is_apply && q.get("force").is_some() {
+            return Err(ApiError::invalid(
+                res,
+                name,
+                vec![(
+                    "force".into(),
+                    "Forbidden: may not be specified for non-apply patch".into(),
+                    "FieldValueForbidden",
+                )],
+            ));
+        }
+        if !matches!(
+            ct,
+            "application/merge-patch+json" | "application/strategic-merge-patch+json"
+        ) && !is_apply
+        {
+            return Err(ApiError::new(
+                415,
+                "UnsupportedMediaType",
+                format!(
+                    "the body of the request was in an unknown format - accepted media types include: application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml (fake server: {ct:?} is not implemented)"
+                ),
+            ));
+        }
+        let patch: Value =
+            serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
+        if !patch.is_object() {
+            return Err(ApiError::bad_request(
+                "error decoding patch: patch is not a JSON object",
+            ));
+        }
+        let dry_run = q.get("dryRun").is_some();
+        if is_apply {
+            if q.get("fieldManager").is_none_or(str::is_empty) {
+                return Err(ApiError::invalid(
+                    res,
+                    name,
+                    vec![(
+                        "fieldManager".into(),
+                        "Required value: is required for apply patch".into(),
+                        "FieldValueRequired",
+                    )],
+                ));
+            }
+            if patch.get("apiVersion").and_then(Value::as_str) != Some(res.api_version())
+                || patch.get("kind").and_then(Value::as_str) != Some(res.kind())
+            {
+                return Err(ApiError::bad_request(format!(
+                    "apply patch must specify apiVersion {} and kind {}",
+                    res.api_version(),
+                    res.kind()
+                )));
+            }
+            if name_of(&patch) != name {
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({}) does not match the name on the URL ({name})",
+                    name_of(&patch)
+                )));
+            }
+            if self.get(res, ns, name).is_none() {
+                if status_sub {
+                    return Err(ApiError::not_found(res, name));
+                }
+                // Server-side apply creates missing objects.
+                return self.create(res, ns, patch, dry_run).map(|o| (201, o));
+            }
+        }
+        let old = self.get_or_404(res, ns, name)?;
+        let mut merged = old.clone();
+        merge_patch(&mut merged, &patch);
+        // A patch carrying a resourceVersion is a precondition; otherwise
+        // patches apply to the latest version.
+        if patch.pointer("/metadata/resourceVersion").is_none() {
+            meta_mut(&mut merged).insert("resourceVersion".into(), old["metadata"]["resourceVersion"].clone());
+        }
+        self.update(res, ns, name, merged, status_sub, dry_run)
+            .map(|o| (200, o))
+    }
+
+    // ---------------- delete ----------------
+
+    fn delete(&mut self, res: Res, ns: &str, name: &str, opts: &Value) -> ApiResult<(u16, Value)> {
+        let obj = self.get_or_404(res, ns, name)?;
+        if let Some(pre) = opts.get("preconditions") {
+            if let Some(uid) = pre.get("uid").and_then(Value::as_str) {
+                let actual = meta_str(&obj, "uid").unwrap_or("");
+                if uid != actual {
+                    return Err(ApiError::conflict(
+                        res,
+                        name,
+                        &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {actual}"),
+                    ));
+                }
+            }
+            if let Some(rv) = pre.get("resourceVersion").and_then(Value::as_str) {
+                let actual = meta_str(&obj, "resourceVersion").unwrap_or("");
+                if rv != actual {
+                    return Err(ApiError::conflict(
+                        res,
+                        name,
+                        &format!(
+                            "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {actual}"
+                        ),
+                    ));
+                }
+            }
+        }
+        let dry_run = opts
+            .get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty());
+        if res == Res::Pod {
+            let grace = opts
+                .get("gracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .or_else(|| {
+                    obj.pointer("/spec/terminationGracePeriodSeconds")
+                        .and_then(Value::as_i64)
+                })
+                .unwrap_or(30);
+            let unscheduled = obj
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .is_empty();
+            let terminal = matches!(pod_phase(&obj), "Succeeded" | "Failed");
+            if grace > 0 && !unscheduled && !terminal {
+                // Graceful: set deletionTimestamp, keep the pod for the kubelet.
+                if dry_run {
+                    return Ok((200, obj));
+                }
+                let existing = meta_str(&obj, "deletionTimestamp").is_some();
+                let cur_grace = obj
+                    .pointer("/metadata/deletionGracePeriodSeconds")
+                    .and_then(Value::as_i64);
+                if existing && cur_grace.is_some_and(|g| g <= grace) {
+                    return Ok((200, obj));
+                }
+                let mut o = obj.clone();
+                let ts = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() + grace).expect("ts");
+                let m = meta_mut(&mut o);
+                m.insert("deletionTimestamp".into(), json!(ts.to_string()));
+                m.insert("deletionGracePeriodSeconds".into(), json!(grace));
+                let g = m.get("generation").and_then(Value::as_i64).unwrap_or(0);
+                if g > 0 {
+                    m.insert("generation".into(), json!(g + 1));
+                }
+                let stored = self.commit(res, ns, name, Some(o)).expect("stored");
+                let uid = meta_str(&stored, "uid").unwrap_or("").to_string();
+                let side = self.pod_side.entry(uid).or_insert(PodSide {
+                    created: Instant::now(),
+                    delete_requested: None,
+                });
+                side.delete_requested.get_or_insert(Instant::now());
+                return Ok((200, stored));
+            }
+            if dry_run {
+                return Ok((200, obj));
+            }
+            let gone = self.commit(res, ns, name, None).expect("deleted object");
+            self.pod_side.remove(meta_str(&gone, "uid").unwrap_or(""));
+            return Ok((200, gone));
+        }
+        if dry_run {
+            return Ok((200, success_status(res, &obj, 200)));
+        }
+        if res == Res::Namespace {
+            // No namespace controller: delete contents at once.
+            let keys: Vec<Key> = self.objects.keys().filter(|(_, n, _)| n == name).cloned().collect();
+            for (r, n, o) in keys {
+                self.commit(r, &n, &o, None);
+            }
+        }
+        self.commit(res, ns, name, None);
+        Ok((200, success_status(res, &obj, 200)))
+    }
+
+    // ---------------- eviction ----------------
+
+    fn evict(&mut self, ns: &str, name: &str, body: &Value) -> ApiResult<(u16, Value)> {
+        if let Some(av) = body.get("apiVersion").and_then(Value::as_str) {
+            if av != "policy/v1" && av != "policy/v1beta1" {
+                return Err(ApiError::bad_request(format!("unsupported Eviction apiVersion {av:?}")));
+            }
+        }
+        if let Some(k) = body.get("kind").and_then(Value::as_str) {
+            if k != "Eviction" {
+                return Err(ApiError::bad_request(format!("not a Eviction object: {k}")));
+            }
+        }
+        if name_of(body) != name {
+            return Err(ApiError::bad_request(
+                "name in URL does not match name in Eviction object",
+            ));
+        }
+        let del_opts = body
+            .get("deleteOptions")
+            .cloned()
+            .filter(|v| v.is_object())
+            .unwrap_or(json!({}));
+        let pod = self.get_or_404(Res::Pod, ns, name)?;
+        let deleting = meta_str(&pod, "deletionTimestamp").is_some();
+        if matches!(pod_phase(&pod), "Succeeded" | "Failed" | "Pending") || deleting {
+            self.evict_delete(ns, name, &del_opts)?;
+            return Ok((201, success_status_plain(201)));
+        }
+        let pdbs: Vec<Value> = self
+            .list_objs(Res::Pdb, Some(ns))
+            .into_iter()
+            .filter(|p| object_selector_matches(p.pointer("/spec/selector"), &pod))
+            .collect();
+        if pdbs.len() > 1 {
+            // Real: a Status with code 500 returned by the eviction REST handler.
+            let mut e = ApiError::new(
+                500,
+                "",
+                "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
+            );
+            e.reason = "";
+            return Err(e);
+        }
+        if let Some(pdb) = pdbs.into_iter().next() {
+            let pdb_name = name_of(&pdb).to_string();
+            let st = |k: &str| {
+                pdb.pointer(&format!("/status/{k}"))
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0)
+            };
+            let mut decrement = true;
+            if !pod_ready(&pod) {
+                let always =
+                    pdb.pointer("/spec/unhealthyPodEvictionPolicy").and_then(Value::as_str) == Some("AlwaysAllow");
+                if always || (st("currentHealthy") >= st("desiredHealthy") && st("desiredHealthy") > 0) {
+                    decrement = false;
+                }
+            }
+            if decrement {
+                let generation = pdb.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+                if st("observedGeneration") < generation {
+                    return Err(too_many_requests(
+                        10,
+                        format!("The disruption budget {pdb_name} is still being processed by the server."),
+                    ));
+                }
+                if st("disruptionsAllowed") < 0 {
+                    let mut e = ApiError::new(
+                        403,
+                        "Forbidden",
+                        format!(
+                            "poddisruptionbudgets.policy \"{pdb_name}\" is forbidden: pdb disruptions allowed is negative"
+                        ),
+                    );
+                    e.details = Some(ApiError::details_for(Res::Pdb, &pdb_name));
+                    return Err(e);
+                }
+                if st("disruptionsAllowed") == 0 {
+                    return Err(too_many_requests(
+                        0,
+                        format!(
+                            "The disruption budget {pdb_name} needs {} healthy pods and has {} currently",
+                            st("desiredHealthy"),
+                            st("currentHealthy")
+                        ),
+                    ));
+                }
+                let mut p = pdb.clone();
+                let allowed = st("disruptionsAllowed") - 1;
+                p["status"]["disruptionsAllowed"] = json!(allowed);
+                if allowed == 0 {
+                    set_pdb_condition(&mut p, false);
+                }
+                if !p["status"]["disruptedPods"].is_object() {
+                    p["status"]["disruptedPods"] = json!({});
+                }
+                p["status"]["disruptedPods"][name] = json!(now_ts());
+                let p = Res::Pdb.canonical(p).map_err(ApiError::bad_request)?;
+                self.commit(Res::Pdb, ns, &pdb_name, Some(p));
+            } else {
+                // Unready pod with a healthy budget: delete with an RV precondition.
+                let mut o = del_opts.clone();
+                o["preconditions"]["resourceVersion"] = json!(meta_str(&pod, "resourceVersion"));
+                return match self.evict_delete(ns, name, &o) {
+                    Ok(()) => Ok((201, success_status_plain(201))),
+                    Err(e) if e.code == 409 => Err(too_many_requests(
+                        10,
+                        format!("The disruption budget {pdb_name} is still being processed by the server."),
+                    )),
+                    Err(e) => Err(e),
+                };
+            }
+        }
+        self.evict_delete(ns, name, &del_opts)?;
+        Ok((201, success_status_plain(201)))
+    }
+
+    /// addConditionAndDeletePod: DisruptionTarget condition, then delete.
+    fn evict_delete(&mut self, ns: &str, name: &str, opts: &Value) -> ApiResult<()> {
+        let dry = opts
+            .get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty());
+        if !dry {
+            let mut pod = self.get_or_404(Res::Pod, ns, name)?;
+            if let Some(rv) = opts.pointer("/preconditions/resourceVersion").and_then(Value::as_str) {
+                if Some(rv) != meta_str(&pod, "resourceVersion") {
+                    return Err(ApiError::conflict(Res::Pod, name, "the object has been modified"));
+                }
+            }
+            set_pod_condition(
+                &mut pod,
+                "DisruptionTarget",
+                "True",
+                "EvictionByEvictionAPI",
+                "Eviction API: evicting",
+            );
+            let updated = Res::Pod.canonical(pod).map_err(ApiError::bad_request)?;
+            let stored = self.commit(Res::Pod, ns, name, Some(updated)).expect("stored");
+            let mut o = opts.clone();
+            if o.pointer("/preconditions/resourceVersion").is_some() {
+                o["preconditions"]["resourceVersion"] = json!(meta_str(&stored, "resourceVersion"));
+            }
+            self.delete(Res::Pod, ns, name, &o)?;
+        }
+        Ok(())
+    }
+
+    // ---------------- simulated components ----------------
+
+    fn kubelet_tick(&mut self) {
+        if !self.kubelet {
+            return;
+        }
+        let now = Instant::now();
+        let pods = self.list_objs(Res::Pod, None);
+        for pod in pods {
+            let node = pod.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("");
+            if node.is_empty() || self.get(Res::Node, "", node).is_none() {
+                continue;
+            }
+            let ns = meta_str(&pod, "namespace").unwrap_or("").to_string();
+            let name = name_of(&pod).to_string();
+            let uid = meta_str(&pod, "uid").unwrap_or("").to_string();
+            let side = self.pod_side.entry(uid.clone()).or_insert(PodSide {
+                created: now,
+                delete_requested: None,
+            });
+            if let Some(dts) = meta_str(&pod, "deletionTimestamp") {
+                let requested = *side.delete_requested.get_or_insert(now);
+                let grace = pod
+                    .pointer("/metadata/deletionGracePeriodSeconds")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
+                let due_cap = requested + KUBELET_MAX_GRACE.min(Duration::from_secs(grace));
+                let due_ts = parse_ts(dts).is_some_and(|t| t <= jiff::Timestamp::now());
+                if now >= due_cap || due_ts {
+                    self.commit(Res::Pod, &ns, &name, None);
+                    self.pod_side.remove(&uid);
+                }
+                continue;
+            }
+            if pod_phase(&pod) == "Pending" && now.duration_since(side.created) >= KUBELET_START_DELAY {
+                let mut p = pod.clone();
+                make_running(&mut p);
+                if let Ok(p) = Res::Pod.canonical(p) {
+                    self.commit(Res::Pod, &ns, &name, Some(p));
+                }
+            }
+        }
+    }
+
+    fn disruption_tick(&mut self) {
+        if !self.disruption_controller {
+            return;
+        }
+        let pdbs = self.list_objs(Res::Pdb, None);
+        for pdb in pdbs {
+            let ns = meta_str(&pdb, "namespace").unwrap_or("").to_string();
+            let name = name_of(&pdb).to_string();
+            let pods: Vec<Value> = self
+                .list_objs(Res::Pod, Some(&ns))
+                .into_iter()
+                .filter(|p| object_selector_matches(pdb.pointer("/spec/selector"), p))
+                .collect();
+            let new = compute_pdb(&pdb, &pods);
+            if new != pdb {
+                if let Ok(new) = Res::Pdb.canonical(new) {
+                    self.commit(Res::Pdb, &ns, &name, Some(new));
+                }
+            }
+        }
+    }
+}
+
+fn too_many_requests(retry_after: u32, cause: String) -> ApiError {
+    let mut e = ApiError::new(
+        429,
+        "TooManyRequests",
+        "Cannot evict pod as it would violate the pod's disruption budget.",
+    );
+    e.details = Some(StatusDetails {
+        causes: Some(vec![StatusCause {
+            reason: Some("DisruptionBudget".into()),
+            message: Some(cause),
+            field: None,
+        }]),
+        retry_after_seconds: Some(retry_after as i32).filter(|s| *s > 0),
+        ..Default::default()
+    });
+    e.retry_after = Some(retry_after).filter(|s| *s > 0);
+    e
+}
+
+fn success_status_plain(code: i32) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": code})
+}
+
+fn success_status(res: Res, obj: &Value, code: i32) -> Value {
+    let mut details = json!({"name": name_of(obj), "kind": res.plural(), "uid": meta_str(obj, "uid")});
+    if !res.group().is_empty() {
+        details["group"] = json!(res.group());
+    }
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details, "code": code})
+}
+
+fn set_pod_condition(pod: &mut Value, typ: &str, status: &str, reason: &str, message: &str) {
+    if !pod["status"]["conditions"].is_array() {
+        pod["status"]["conditions"] = json!([]);
+    }
+    let conds = pod["status"]["conditions"].as_array_mut().expect("array");
+    let mut c = json!({"type": typ, "status": status, "lastProbeTime": null, "lastTransitionTime": now_ts()});
+    if !reason.is_empty() {
+        c["reason"] = json!(reason);
+        c["message"] = json!(message);
+    }
+    match conds.iter_mut().find(|x| x["type"] == typ) {
+        Some(x) => {
+            if x["status"] == status {
+                c["lastTransitionTime"] = x["lastTransitionTime"].clone();
+            }
+            *x = c;
+        }
+        None => conds.push(c),
+    }
+}
+
+fn make_running(pod: &mut Value) {
+    let now = now_ts();
+    pod["status"]["phase"] = json!("Running");
+    pod["status"]["startTime"] = json!(now);
+    pod["status"]["hostIP"] = json!("127.0.0.1");
+    pod["status"]["podIP"] = json!("10.0.0.1");
+    for t in [
+        "PodReadyToStartContainers",
+        "Initialized",
+        "Ready",
+        "ContainersReady",
+        "PodScheduled",
+    ] {
+        set_pod_condition(pod, t, "True", "", "");
+    }
+    let containers = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    pod["status"]["containerStatuses"] = Value::Array(
+        containers
+            .iter()
+            .map(|c| {
+                json!({
+                    "name": c["name"], "image": c["image"], "imageID": "", "ready": true,
+                    "restartCount": 0, "started": true, "containerID": format!("containerd://{}", new_uid()),
+                    "state": {"running": {"startedAt": now}}, "lastState": {}
+                })
+            })
+            .collect(),
+    );
+}
+
+fn set_pdb_condition(pdb: &mut Value, allowed: bool) {
+    let status = if allowed { "True" } else { "False" };
+    let reason = if allowed { "SufficientPods" } else { "InsufficientPods" };
+    let og = pdb.pointer("/status/observedGeneration").cloned().unwrap_or(json!(0));
+    let old_ltt = pdb
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c["type"] == "DisruptionAllowed" && c["status"] == status)
+        })
+        .map(|c| c["lastTransitionTime"].clone());
+    let c = json!({
+        "type": "DisruptionAllowed", "status": status, "reason": reason, "message": "",
+        "observedGeneration": og, "lastTransitionTime": old_ltt.unwrap_or(json!(now_ts())),
+    });
+    pdb["status"]["conditions"] = json!([c]);
+}
+
+/// The disruption controller's status computation for one PDB.
+fn compute_pdb(pdb: &Value, pods: &[Value]) -> Value {
+    let now = jiff::Timestamp::now();
+    // disruptedPods: drop entries for pods gone or terminating, and expired ones.
+    let mut disrupted = Map::new();
+    if let Some(d) = pdb.pointer("/status/disruptedPods").and_then(Value::as_object) {
+        for (k, v) in d {
+            let pod = pods.iter().find(|p| name_of(p) == k);
+            let alive = pod.is_some_and(|p| meta_str(p, "deletionTimestamp").is_none());
+            let fresh = v
+                .as_str()
+                .and_then(parse_ts)
+                .is_some_and(|t| t + jiff::SignedDuration::try_from(DISRUPTED_POD_TIMEOUT).expect("dur") > now);
+            if alive && fresh {
+                disrupted.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let healthy = pods
+        .iter()
+        .filter(|p| meta_str(p, "deletionTimestamp").is_none())
+        .filter(|p| !disrupted.contains_key(name_of(p)))
+        .filter(|p| pod_ready(p))
+        .count() as i64;
+    // Guess (documented): a controller's scale is the number of its pods here.
+    let scale = || pods.iter().filter(|p| controller_ref(p).is_some()).count() as i64;
+    let spec = &pdb["spec"];
+    let (expected, desired) = if let Some(mu) = spec.get("maxUnavailable").filter(|v| !v.is_null()) {
+        let expected = scale();
+        let mu = int_or_percent(mu, expected).unwrap_or(0);
+        (expected, (expected - mu).max(0))
+    } else if let Some(ma) = spec.get("minAvailable").filter(|v| !v.is_null()) {
+        if ma.is_number() {
+            (pods.len() as i64, ma.as_i64().unwrap_or(0))
+        } else {
+            let expected = scale();
+            (expected, int_or_percent(ma, expected).unwrap_or(0))
+        }
+    } else {
+        (0, 0)
+    };
+    let mut allowed = healthy - desired;
+    if expected <= 0 || allowed <= 0 {
+        allowed = 0;
+    }
+    let mut out = pdb.clone();
+    let generation = pdb.pointer("/metadata/generation").cloned().unwrap_or(json!(0));
+    out["status"]["observedGeneration"] = generation;
+    out["status"]["currentHealthy"] = json!(healthy);
+    out["status"]["desiredHealthy"] = json!(desired);
+    out["status"]["expectedPods"] = json!(expected);
+    out["status"]["disruptionsAllowed"] = json!(allowed);
+    if disrupted.is_empty() {
+        out["status"].as_object_mut().expect("status").remove("disruptedPods");
+    } else {
+        out["status"]["disruptedPods"] = Value::Object(disrupted);
+    }
+    set_pdb_condition(&mut out, allowed > 0);
+    out
+}
+
+/// Injects apiVersion/kind when missing (the real decoder defaults them from
+/// the endpoint) and rejects a different one.
+fn prepare_body(res: Res, mut body: Value) -> ApiResult<Value> {
+    let Some(o) = body.as_object_mut() else {
+        return Err(ApiError::bad_request("the body of the request is not a JSON object"));
+    };
+    match o.get("apiVersion").and_then(Value::as_str) {
+        None | Some("") => {
+            o.insert("apiVersion".into(), json!(res.api_version()));
+        }
+        Some(v) if v == res.api_version() => {}
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({v}) does not match the expected API version ({})",
+                res.api_version()
+            )));
+        }
+    }
+    match o.get("kind").and_then(Value::as_str) {
+        None | Some("") => {
+            o.insert("kind".into(), json!(res.kind()));
+        }
+        Some(k) if k == res.kind() => {}
+        Some(k) => {
+            return Err(ApiError::bad_request(format!(
+                "the kind in the data ({k}) does not match the expected kind ({})",
+                res.kind()
+            )));
+        }
+    }
+    Ok(body)
+}
+
+/// Defaulting on create (old == None) and the "status is ignored on the main
+/// resource" rule on update.
+fn default_and_reset_status(res: Res, obj: &mut Value, old: Option<&Value>) {
+    if let Some(old) = old {
+        if res.has_status() {
+            match old.get("status") {
+                Some(s) => obj["status"] = s.clone(),
+                None => {
+                    obj.as_object_mut().expect("object").remove("status");
+                }
+            }
+        }
+        return;
+    }
+    match res {
+        Res::Pod => {
+            let spec = &mut obj["spec"];
+            if spec.is_object() {
+                let d = |spec: &mut Value, k: &str, v: Value| {
+                    if spec.get(k).is_none_or(Value::is_null) {
+                        spec[k] = v;
+                    }
+                };
+                d(spec, "restartPolicy", json!("Always"));
+                d(spec, "terminationGracePeriodSeconds", json!(30));
+                d(spec, "dnsPolicy", json!("ClusterFirst"));
+                d(spec, "schedulerName", json!("default-scheduler"));
+                d(spec, "securityContext", json!({}));
+                d(spec, "enableServiceLinks", json!(true));
+                d(spec, "preemptionPolicy", json!("PreemptLowerPriority"));
+                d(spec, "priority", json!(0));
+                if let Some(cs) = spec.get_mut("containers").and_then(Value::as_array_mut) {
+                    for c in cs {
+                        let image = c.get("image").and_then(Value::as_str).unwrap_or("").to_string();
+                        let last = image.rsplit('/').next().unwrap_or("");
+                        let policy = if !last.contains(':') || image.ends_with(":latest") {
+                            "Always"
+                        } else {
+                            "IfNotPresent"
+                        };
+                        d(c, "imagePullPolicy", json!(policy));
+                        d(c, "terminationMessagePath", json!("/dev/termination-log"));
+                        d(c, "terminationMessagePolicy", json!("File"));
+                        d(c, "resources", json!({}));
+                    }
+                }
+                // DefaultTolerationSeconds admission plugin.
+                let tols = spec
+                    .get("tolerations")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                let mut tols = tols;
+                for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
+                    if !tols.iter().any(|t| t["key"] == key) {
+                        tols.push(
+                            json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}),
+                        );
+                    }
+                }
+                spec["tolerations"] = Value::Array(tols);
+            }
+            obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+        }
+        Res::Pdb | Res::DaemonSet => {
+            obj.as_object_mut().expect("object").remove("status");
+        }
+        Res::Namespace => {
+            let name = name_of(obj).to_string();
+            obj["status"] = json!({"phase": "Active"});
+            obj["spec"] = json!({"finalizers": ["kubernetes"]});
+            let m = meta_mut(obj);
+            if !m.get("labels").is_some_and(Value::is_object) {
+                m.insert("labels".into(), json!({}));
+            }
+            m.get_mut("labels").expect("labels")["kubernetes.io/metadata.name"] = json!(name);
+        }
+        Res::Node => {
+            if obj.get("status").is_none() {
+                obj["status"] = json!({});
+            }
+        }
+        _ => {}
+    }
+}
+
+fn validate(res: Res, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
+    let name = name_of(obj).to_string();
+    let mut errs: Vec<(String, String, &'static str)> = vec![];
+    let name_ok = match res {
+        Res::Namespace => is_dns_label(&name),
+        _ => is_dns_subdomain(&name),
+    };
+    if !name_ok {
+        errs.push((
+            "metadata.name".into(),
+            invalid_value(&name, "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"),
+            "FieldValueInvalid",
+        ));
+    }
+    match res {
+        Res::Pod => {
+            let cs = obj.pointer("/spec/containers").and_then(Value::as_array);
+            match cs {
+                None => errs.push(("spec.containers".into(), "Required value".into(), "FieldValueRequired")),
+                Some(cs) if cs.is_empty() => {
+                    errs.push(("spec.containers".into(), "Required value".into(), "FieldValueRequired"))
+                }
+                Some(cs) => {
+                    for (i, c) in cs.iter().enumerate() {
+                        let n = c.get("name").and_then(Value::as_str).unwrap_or("");
+                        if !is_dns_label(n) {
+                            errs.push((
+                                format!("spec.containers[{i}].name"),
+                                invalid_value(n, "must be a DNS label"),
+                                "FieldValueInvalid",
+                            ));
+                        }
+                        if c.get("image").and_then(Value::as_str).unwrap_or("").is_empty() {
+                            errs.push((
+                                format!("spec.containers[{i}].image"),
+                                "Required value".into(),
+                                "FieldValueRequired",
+                            ));
+                        }
+                    }
+                }
+            }
+            if let Some(old) = old {
+                // Pod spec is immutable but for images (and a few we do not model).
+                let strip = |v: &Value| {
+                    let mut s = v.get("spec").cloned().unwrap_or(json!({}));
+                    for k in ["containers", "initContainers"] {
+                        if let Some(cs) = s.get_mut(k).and_then(Value::as_array_mut) {
+                            for c in cs {
+                                c.as_object_mut().map(|c| c.remove("image"));
+                            }
+                        }
+                    }
+                    s.as_object_mut().map(|s| s.remove("activeDeadlineSeconds"));
+                    s
+                };
+                if strip(obj) != strip(old) {
+                    errs.push((
+                        "spec".into(),
+                        "Forbidden: pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)".into(),
+                        "FieldValueForbidden",
+                    ));
+                }
+            }
+        }
+        Res::Pdb => {
+            let spec = &obj["spec"];
+            let has = |k: &str| spec.get(k).is_some_and(|v| !v.is_null());
+            if has("minAvailable") && has("maxUnavailable") {
+                errs.push((
+                    "spec".into(),
+                    "Invalid value: \"{...}\": minAvailable and maxUnavailable cannot be both set".into(),
+                    "FieldValueInvalid",
+                ));
+            }
+            for k in ["minAvailable", "maxUnavailable"] {
+                if let Some(v) = spec.get(k) {
+                    let bad = match v {
+                        Value::Number(n) => n.as_i64().is_none_or(|n| n < 0),
+                        Value::String(s) => s
+                            .strip_suffix('%')
+                            .and_then(|p| p.parse::<i64>().ok())
+                            .is_none_or(|p| !(0..=100).contains(&p)),
+                        _ => false,
+                    };
+                    if bad {
+                        errs.push((
+                            format!("spec.{k}"),
+                            invalid_value(&v.to_string(), "must be greater than or equal to 0 / a valid percent"),
+                            "FieldValueInvalid",
+                        ));
+                    }
+                }
+            }
+        }
+        Res::Event | Res::CoreEvent => validate_event(res, obj, old, &mut errs),
+        _ => {}
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(res, &name, errs))
+    }
+}
+
+/// k8s.io/kubernetes/pkg/apis/core/validation/events.go (legacy + strict v1).
+fn validate_event(res: Res, ev: &Value, old: Option<&Value>, errs: &mut Vec<(String, String, &'static str)>) {
+    let v1 = res == Res::Event;
+    let s = |p: &str| ev.pointer(p).and_then(Value::as_str).unwrap_or("").to_string();
+    let ns = s("/metadata/namespace");
+    let (inv, event_time, controller, controller_field, instance, action, reason, note) = if v1 {
+        (
+            "/regarding",
+            s("/eventTime"),
+            s("/reportingController"),
+            "reportingController",
+            s("/reportingInstance"),
+            s("/action"),
+            s("/reason"),
+            s("/note"),
+        )
+    } else {
+        (
+            "/involvedObject",
+            s("/eventTime"),
+            s("/reportingComponent"),
+            "reportingComponent",
+            s("/reportingInstance"),
+            s("/action"),
+            s("/reason"),
+            s("/message"),
+        )
+    };
+    let inv_ns = s(&format!("{inv}/namespace"));
+    let ns_err = |errs: &mut Vec<_>| {
+        errs.push((
+            "involvedObject.namespace".to_string(),
+            invalid_value(&inv_ns, "does not match event.namespace"),
+            "FieldValueInvalid",
+        ))
+    };
+    if event_time.is_empty() {
+        if inv_ns.is_empty() {
+            if !ns.is_empty() && ns != "default" {
+                ns_err(errs);
+            }
+        } else if ns != inv_ns {
+            ns_err(errs);
+        }
+    } else {
+        if inv_ns.is_empty() && ns != "default" && ns != "kube-system" {
+            ns_err(errs);
+        }
+        if controller.is_empty() {
+            errs.push((controller_field.into(), "Required value".into(), "FieldValueRequired"));
+        } else if !is_qualified_name(&controller) {
+            errs.push((
+                controller_field.into(),
+                invalid_value(&controller, "must be a qualified name"),
+                "FieldValueInvalid",
+            ));
+        }
+        if instance.is_empty() {
+            errs.push((
+                "reportingInstance".into(),
+                "Required value".into(),
+                "FieldValueRequired",
+            ));
+        } else if instance.len() > 128 {
+            errs.push((
+                "reportingInstance".into(),
+                "Invalid value: \"\": can have at most 128 characters".into(),
+                "FieldValueInvalid",
+            ));
+        }
+        if action.is_empty() {
+            errs.push(("action".into(), "Required value".into(), "FieldValueRequired"));
+        } else if action.len() > 128 {
+            errs.push((
+                "action".into(),
+                "Invalid value: \"\": can have at most 128 characters".into(),
+                "FieldValueInvalid",
+            ));
+        }
+        if reason.is_empty() {
+            errs.push(("reason".into(), "Required value".into(), "FieldValueRequired"));
+        } else if reason.len() > 128 {
+            errs.push((
+                "reason".into(),
+                "Invalid value: \"\": can have at most 128 characters".into(),
+                "FieldValueInvalid",
+            ));
+        }
+        if note.len() > 1024 {
+            errs.push((
+                "message".into(),
+                "Invalid value: \"\": can have at most 1024 characters".into(),
+                "FieldValueInvalid",
+            ));
+        }
+    }
+    if !ns.is_empty() && !is_dns_subdomain(&ns) {
+        errs.push((
+            "metadata.namespace".into(),
+            invalid_value(&ns, "must be a DNS subdomain"),
+            "FieldValueInvalid",
+        ));
+    }
+    if !v1 {
+        return;
+    }
+    match old {
+        None => {
+            if event_time.is_empty() {
+                errs.push(("eventTime".into(), "Required value".into(), "FieldValueRequired"));
+            }
+            let typ = s("/type");
+            if typ != "Normal" && typ != "Warning" {
+                errs.push((
+                    "type".into(),
+                    format!("Invalid value: \"\": has invalid value: {typ}"),
+                    "FieldValueInvalid",
+                ));
+            }
+            for f in [
+                "deprecatedFirstTimestamp",
+                "deprecatedLastTimestamp",
+                "deprecatedSource",
+                "deprecatedCount",
+            ] {
+                if ev
+                    .get(f)
+                    .is_some_and(|v| !v.is_null() && *v != json!({}) && *v != json!(0))
+                {
+                    errs.push((
+                        f.into(),
+                        "Invalid value: \"\": needs to be unset".into(),
+                        "FieldValueInvalid",
+                    ));
+                }
+            }
+            if let Some(series) = ev.get("series").filter(|v| !v.is_null()) {
+                if series.get("count").and_then(Value::as_i64).unwrap_or(0) < 2 {
+                    errs.push((
+                        "series.count".into(),
+                        "Invalid value: \"\": should be at least 2".into(),
+                        "FieldValueInvalid",
+                    ));
+                }
+                if series.get("lastObservedTime").is_none_or(Value::is_null) {
+                    errs.push((
+                        "series.lastObservedTime".into(),
+                        "Required value".into(),
+                        "FieldValueRequired",
+                    ));
+                }
+            }
+        }
+        Some(old) => {
+            for f in [
+                "regarding",
+                "reason",
+                "note",
+                "deprecatedSource",
+                "deprecatedFirstTimestamp",
+                "deprecatedLastTimestamp",
+                "deprecatedCount",
+                "type",
+                "action",
+                "related",
+                "reportingController",
+                "reportingInstance",
+            ] {
+                if ev.get(f) != old.get(f) {
+                    errs.push((
+                        f.into(),
+                        "Invalid value: \"\": field is immutable".into(),
+                        "FieldValueInvalid",
+                    ));
+                }
+            }
+            let t = |v: &Value| {
+                v.get("eventTime")
+                    .and_then(Value::as_str)
+                    .and_then(parse_ts)
+                    .map(|t| t.as_microsecond())
+            };
+            if t(ev) != t(old) {
+                errs.push((
+                    "eventTime".into(),
+                    "Invalid value: \"\": field is immutable".into(),
+                    "FieldValueInvalid",
+                ));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------
+
+struct Shared {
+    state: Mutex<State>,
+    url: String,
+    watch_events_sent: AtomicU64,
+    bookmarks_sent: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Default, Debug)]
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(q: Option<&str>) -> Self {
+        Query(
+            url::form_urlencoded::parse(q.unwrap_or("").as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .filter(|(k, _)| !k.is_empty())
+                .collect(),
+        )
+    }
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+    }
+    fn flag(&self, k: &str) -> bool {
+        matches!(self.get(k), Some("true" | "1" | "True"))
+    }
+}
+
+fn json_response(code: u16, v: &Value) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(serde_json::to_vec(v).expect("json")))
+        .expect("response")
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    let mut r = json_response(e.code, &e.to_value());
+    if let Some(s) = e.retry_after {
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    r
+}
+
+async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request<Body>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| path.clone());
+    shared.lock().requests.push((method.to_string(), pq));
+    let query = Query::parse(req.uri().query());
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = match axum::body::to_bytes(req.into_body(), 16 << 20).await {
+        Ok(b) => b,
+        Err(e) => return error_response(&ApiError::bad_request(e.to_string())),
+    };
+    match route(&shared, &method, &path, &query, &content_type, &body) {
+        Ok(Routed::Json(code, v)) => json_response(code, &v),
+        Ok(Routed::Watch(resp)) => resp,
+        Err(e) => error_response(&e),
+    }
+}
+
+enum Routed {
+    Json(u16, Value),
+    Watch(Response<Body>),
+}
+
+struct Target {
+    res: Res,
+    ns: Option<String>,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+fn parse_target(segs: &[&str]) -> ApiResult<Target> {
+    let (group, version, rest) = match segs {
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return Err(ApiError::not_found_path()),
+    };
+    let (ns, rest) = match rest {
+        ["namespaces", ns, plural, rest @ ..] => (Some(ns.to_string()), {
+            let mut v = vec![*plural];
+            v.extend_from_slice(rest);
+            v
+        }),
+        _ => (None, rest.to_vec()),
+    };
+    let Some((plural, rest)) = rest.split_first() else {
+        return Err(ApiError::not_found_path());
+    };
+    let res = Res::lookup(group, version, plural).ok_or_else(ApiError::not_found_path)?;
+    if ns.is_some() && !res.namespaced() {
+        return Err(ApiError::not_found_path());
+    }
+    let (name, sub) = match rest {
+        [] => (None, None),
+        [n] => (Some(n.to_string()), None),
+        [n, s] => (Some(n.to_string()), Some(s.to_string())),
+        _ => return Err(ApiError::not_found_path()),
+    };
+    if let Some(s) = &sub {
+        let ok = match (res, s.as_str()) {
+            (Res::Pod, "eviction") => true,
+            (r, "status") => r.has_status(),
+            _ => false,
+        };
+        if !ok {
+            return Err(ApiError::not_found_path());
+        }
+    }
+    if name.is_some() && res.namespaced() && ns.is_none() {
+        return Err(ApiError::not_found_path());
+    }
+    Ok(Target { res, ns, name, sub })
+}
+
+fn parse_json(body: &[u8]) -> ApiResult<Value> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding body: {e}")))
+}
+
+fn route(
+    shared: &Arc<Shared>,
+    method: &Method,
+    path: &str,
+    q: &Query,
+    content_type: &str,
+    body: &Bytes,
+) -> ApiResult<Routed> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    if method == Method::GET {
+        if let Some(v) = discovery(&segs, &shared.url) {
+            return Ok(Routed::Json(200, v));
+        }
+    }
+    let t = parse_target(&segs)?;
+    let ns = t.ns.clone().unwrap_or_default();
+    let dry_run = q.get("dryRun").is_some();
+    match (&t.name, method.clone()) {
+        (None, Method::GET) => {
+            if q.flag("watch") {
+                return watch(shared, &t, q).map(Routed::Watch);
+            }
+            let st = shared.lock();
+            list(&st, &t, q).map(|v| Routed::Json(200, v))
+        }
+        (None, Method::POST) => {
+            if t.ns.is_none() && t.res.namespaced() {
+                return Err(ApiError::method_not_allowed());
+            }
+            let obj = parse_json(body)?;
+            let mut st = shared.lock();
+            st.create(t.res, &ns, obj, dry_run).map(|v| Routed::Json(201, v))
+        }
+        (None, _) => Err(ApiError::method_not_allowed()),
+        (Some(name), m) => {
+            let mut st = shared.lock();
+            match (t.sub.as_deref(), m) {
+                (None | Some("status"), Method::GET) => st.get_or_404(t.res, &ns, name).map(|v| Routed::Json(200, v)),
+                (None | Some("status"), Method::PUT) => {
+                    let obj = parse_json(body)?;
+                    st.update(t.res, &ns, name, obj, t.sub.is_some(), dry_run)
+                        .map(|v| Routed::Json(200, v))
+                }
+                (None | Some("status"), Method::PATCH) => st
+                    .patch(t.res, &ns, name, content_type, body, q, t.sub.is_some())
+                    .map(|(c, v)| Routed::Json(c, v)),
+                (None, Method::DELETE) => {
+                    let mut opts = if body.is_empty() { json!({}) } else { parse_json(body)? };
+                    if let Some(g) = q.get("gracePeriodSeconds").and_then(|g| g.parse::<i64>().ok()) {
+                        opts["gracePeriodSeconds"] = json!(g);
+                    }
+                    if dry_run {
+                        opts["dryRun"] = json!(["All"]);
+                    }
+                    st.delete(t.res, &ns, name, &opts).map(|(c, v)| Routed::Json(c, v))
+                }
+                (Some("eviction"), Method::POST) => {
+                    let obj = parse_json(body)?;
+                    st.evict(&ns, name, &obj).map(|(c, v)| Routed::Json(c, v))
+                }
+                _ => Err(ApiError::method_not_allowed()),
+            }
+        }
+    }
+}
+
+fn discovery(segs: &[&str], url: &str) -> Option<Value> {
+    let addr = url.trim_start_matches("http://");
+    let resources = |gv: &str| -> Value {
+        let rs: Vec<Value> = Res::ALL
+            .iter()
+            .filter(|r| r.api_version() == gv)
+            .flat_map(|r| {
+                let mut v = vec![json!({
+                    "name": r.plural(), "singularName": r.kind().to_lowercase(), "namespaced": r.namespaced(),
+                    "kind": r.kind(), "verbs": ["create","delete","get","list","patch","update","watch"],
+                })];
+                if r.has_status() {
+                    v.push(json!({"name": format!("{}/status", r.plural()), "singularName": "", "namespaced": r.namespaced(), "kind": r.kind(), "verbs": ["get","patch","update"]}));
+                }
+                if *r == Res::Pod {
+                    v.push(json!({"name": "pods/eviction", "singularName": "", "namespaced": true, "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]}));
+                }
+                v
+            })
+            .collect();
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": rs})
+    };
+    Some(match segs {
+        ["version"] => json!({
+            "major": "1", "minor": "33", "gitVersion": "v1.33.0-fake", "gitCommit": "0000000000000000000000000000000000000000",
+            "gitTreeState": "clean", "buildDate": "2025-01-01T00:00:00Z", "goVersion": "go1.24.0", "compiler": "gc", "platform": "linux/amd64"
+        }),
+        ["api"] => {
+            json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": addr}]})
+        }
+        ["apis"] => {
+            let groups: Vec<Value> = ["policy", "events.k8s.io", "apps"]
+                .iter()
+                .map(|g| {
+                    let gv = format!("{g}/v1");
+                    json!({"name": g, "versions": [{"groupVersion": gv, "version": "v1"}], "preferredVersion": {"groupVersion": gv, "version": "v1"}})
+                })
+                .collect();
+            json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+        }
+        ["api", "v1"] => resources("v1"),
+        ["apis", g, "v1"] if ["policy", "events.k8s.io", "apps"].contains(g) => resources(&format!("{g}/v1")),
+        _ => return None,
+    })
+}
+
+fn list(st: &State, t: &Target, q: &Query) -> ApiResult<Value> {
+    let fsel = FieldSelector::parse(t.res, q.get("fieldSelector").unwrap_or(""))?;
+    let lsel = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))?;
+    let rv_param = q.get("resourceVersion").unwrap_or("");
+    let rv_match = q.get("resourceVersionMatch").unwrap_or("");
+    let cont = q.get("continue").unwrap_or("");
+    let limit: usize = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    if !rv_match.is_empty() && rv_param.is_empty() {
+        return Err(list_invalid(
+            t.res,
+            "resourceVersionMatch",
+            "Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided",
+        ));
+    }
+    if !cont.is_empty() && !rv_param.is_empty() && rv_param != "0" {
+        return Err(list_invalid(
+            t.res,
+            "resourceVersion",
+            "Forbidden: specifying resource version is not allowed when using continue",
+        ));
+    }
+    if rv_match == "Exact" && rv_param == "0" {
+        return Err(list_invalid(
+            t.res,
+            "resourceVersionMatch",
+            "Forbidden: resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+        ));
+    }
+    if !rv_match.is_empty() && rv_match != "Exact" && rv_match != "NotOlderThan" {
+        return Err(list_invalid(
+            t.res,
+            "resourceVersionMatch",
+            &format!("Unsupported value: \"{rv_match}\""),
+        ));
+    }
+    let (snap_rv, start_after) = if !cont.is_empty() {
+        let (rv, key) = decode_continue(cont)?;
+        if rv < st.floor {
+            return Err(ApiError::expired(
+                "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.",
+            ));
+        }
+        (rv, Some(key))
+    } else if rv_param.is_empty() || rv_param == "0" {
+        (st.rv, None)
+    } else {
+        let rv: u64 = rv_param
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv_param}")))?;
+        if rv > st.rv {
+            return Err(too_large(rv, st.rv));
+        }
+        if rv_match == "Exact" { (rv, None) } else { (st.rv, None) }
+    };
+    let items = if snap_rv == st.rv {
+        st.list_objs(t.res, None)
+    } else {
+        st.snapshot_at(t.res, snap_rv)?
+    };
+    let mut matching: Vec<(String, Value)> = items
+        .into_iter()
+        .filter(|o| t.ns.as_deref().is_none_or(|ns| meta_str(o, "namespace") == Some(ns)))
+        .filter(|o| fsel.matches(t.res, o) && lsel.matches(o))
+        .map(|o| {
+            (
+                format!("{}/{}", meta_str(&o, "namespace").unwrap_or(""), name_of(&o)),
+                o,
+            )
+        })
+        .collect();
+    matching.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(after) = &start_after {
+        matching.retain(|(k, _)| k > after);
+    }
+    let total = matching.len();
+    let page: Vec<(String, Value)> = matching.into_iter().take(limit).collect();
+    let mut meta = json!({"resourceVersion": snap_rv.to_string()});
+    if page.len() < total {
+        let last = page.last().map(|(k, _)| k.clone()).unwrap_or_default();
+        meta["continue"] = json!(encode_continue(snap_rv, &last));
+        if fsel.is_empty() && lsel.0.is_empty() {
+            meta["remainingItemCount"] = json!(total - page.len());
+        }
+    }
+    let items: Vec<Value> = page
+        .into_iter()
+        .map(|(_, mut o)| {
+            // Real list items carry no apiVersion/kind.
+            let m = o.as_object_mut().expect("object");
+            m.remove("apiVersion");
+            m.remove("kind");
+            o
+        })
+        .collect();
+    Ok(json!({"kind": t.res.list_kind(), "apiVersion": t.res.api_version(), "metadata": meta, "items": items}))
+}
+
+fn list_invalid(res: Res, field: &str, msg: &str) -> ApiError {
+    let _ = res;
+    let mut e = ApiError::new(
+        422,
+        "Invalid",
+        format!("ListOptions.meta.k8s.io \"\" is invalid: {field}: {msg}"),
+    );
+    e.details = Some(StatusDetails {
+        group: Some("meta.k8s.io".into()),
+        kind: Some("ListOptions".into()),
+        causes: Some(vec![StatusCause {
+            field: Some(field.into()),
+            message: Some(msg.into()),
+            reason: Some("FieldValueForbidden".into()),
+        }]),
+        ..Default::default()
+    });
+    e
+}
+
+fn too_large(rv: u64, cur: u64) -> ApiError {
+    let mut e = ApiError::new(
+        504,
+        "Timeout",
+        format!("Too large resource version: {rv}, current: {cur}"),
+    );
+    e.details = Some(StatusDetails {
+        causes: Some(vec![StatusCause {
+            reason: Some("ResourceVersionTooLarge".into()),
+            message: Some("Too large resource version".into()),
+            field: None,
+        }]),
+        retry_after_seconds: Some(1),
+        ..Default::default()
+    });
+    e.retry_after = Some(1);
+    e
+}
+
+fn encode_continue(rv: u64, key: &str) -> String {
+    // Opaque to clients; real tokens are base64 JSON. Hex keeps it URL-safe.
+    let raw = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": format!("{key}\u{0}")}).to_string();
+    raw.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_continue(s: &str) -> ApiResult<(u64, String)> {
+    let bad = || {
+        ApiError::bad_request(
+            "continue key is not valid: incorrect encoded start resourceVersion (version meta.k8s.io/v1)",
+        )
+    };
+    if s.len() % 2 != 0 {
+        return Err(bad());
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect();
+    let v: Value = serde_json::from_slice(&bytes.ok_or_else(bad)?).map_err(|_| bad())?;
+    let rv = v["rv"].as_u64().ok_or_else(bad)?;
+    let key = v["start"]
+        .as_str()
+        .ok_or_else(bad)?
+        .trim_end_matches('\u{0}')
+        .to_string();
+    Ok((rv, key))
+}
+
+// ---------------------------------------------------------------------------
+// Watch
+// ---------------------------------------------------------------------------
+
+struct WatchStream {
+    shared: Arc<Shared>,
+    pending: VecDeque<(Value, bool)>,
+    rx: mpsc::UnboundedReceiver<WMsg>,
+    deadline: tokio::time::Instant,
+    bookmark_every: Option<Duration>,
+    next_bookmark: tokio::time::Instant,
+    res: Res,
+    end_when_empty: bool,
+    done: bool,
+}
+
+fn watch(shared: &Arc<Shared>, t: &Target, q: &Query) -> ApiResult<Response<Body>> {
+    let fsel = FieldSelector::parse(t.res, q.get("fieldSelector").unwrap_or(""))?;
+    let lsel = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))?;
+    if q.flag("sendInitialEvents") {
+        // WatchList feature gate off: the real server rejects the parameter.
+        return Err(list_invalid(
+            t.res,
+            "sendInitialEvents",
+            "Forbidden: sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled",
+        ));
+    }
+    let rv_param = q.get("resourceVersion").unwrap_or("");
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(1800));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut st = shared.lock();
+    let w = Watcher {
+        id: st.next_watcher,
+        res: t.res,
+        ns: t.ns.clone(),
+        fsel,
+        lsel,
+        tx,
+    };
+    st.next_watcher += 1;
+    let mut pending = VecDeque::new();
+    let mut end_when_empty = false;
+    if rv_param.is_empty() || rv_param == "0" {
+        let mut objs = st.list_objs(t.res, None);
+        objs.retain(|o| w.passes(o));
+        for o in objs {
+            pending.push_back((json!({"type": "ADDED", "object": o}), false));
+        }
+    } else {
+        let rv: u64 = rv_param
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv_param}")))?;
+        if rv > st.rv {
+            return Err(too_large(rv, st.rv));
+        }
+        if rv < st.floor {
+            let e = ApiError::expired(format!("too old resource version: {rv} ({})", st.floor));
+            pending.push_back((json!({"type": "ERROR", "object": e.to_value()}), false));
+            end_when_empty = true;
+        } else {
+            for ev in st.history.iter().filter(|e| e.rv > rv) {
+                if let Some(line) = w.convert(ev) {
+                    pending.push_back((line, false));
+                }
+            }
+        }
+    }
+    let bookmark_every = q.flag("allowWatchBookmarks").then_some(st.bookmark_interval);
+    if !end_when_empty {
+        st.watchers.push(w);
+    }
+    drop(st);
+    let now = tokio::time::Instant::now();
+    let ws = WatchStream {
+        shared: shared.clone(),
+        pending,
+        rx,
+        deadline: now + timeout,
+        bookmark_every,
+        next_bookmark: now + bookmark_every.unwrap_or(Duration::from_secs(3600)),
+        res: t.res,
+        end_when_empty,
+        done: false,
+    };
+    let stream = futures::stream::unfold(ws, |mut ws| async move {
+        loop {
+            if ws.done {
+                return None;
+            }
+            if let Some((v, bookmark)) = ws.pending.pop_front() {
+                let counter = if bookmark {
+                    &ws.shared.bookmarks_sent
+                } else {
+                    &ws.shared.watch_events_sent
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut line = serde_json::to_vec(&v).expect("json");
+                line.push(b'\n');
+                return Some((Ok::<Bytes, std::io::Error>(Bytes::from(line)), ws));
+            }
+            if ws.end_when_empty {
+                return None;
+            }
+            let bm = ws.bookmark_every.is_some();
+            tokio::select! {
+                msg = ws.rx.recv() => match msg {
+                    Some(WMsg::Event(v)) => ws.pending.push_back((v, false)),
+                    Some(WMsg::Abort) => {
+                        ws.done = true;
+                        return Some((Err(std::io::Error::other("watch dropped by test")), ws));
+                    }
+                    None => return None,
+                },
+                _ = tokio::time::sleep_until(ws.deadline) => return None,
+                _ = tokio::time::sleep_until(ws.next_bookmark), if bm => {
+                    // Under the lock every event up to the current revision is
+                    // already queued: drain them first so the bookmark never
+                    // overtakes an event.
+                    let st = ws.shared.lock();
+                    while let Ok(m) = ws.rx.try_recv() {
+                        match m {
+                            WMsg::Event(v) => ws.pending.push_back((v, false)),
+                            WMsg::Abort => { ws.done = true; }
+                        }
+                    }
+                    let rv = st.rv;
+                    drop(st);
+                    if ws.done {
+                        return Some((Err(std::io::Error::other("watch dropped by test")), ws));
+                    }
+                    let obj = json!({"kind": ws.res.kind(), "apiVersion": ws.res.api_version(), "metadata": {"resourceVersion": rv.to_string()}});
+                    ws.pending.push_back((json!({"type": "BOOKMARK", "object": obj}), true));
+                    ws.next_bookmark = tokio::time::Instant::now() + ws.bookmark_every.unwrap_or_default();
+                }
+            }
+        }
+    });
+    Ok(Response::builder()
+        .status(200)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-cache, private")
+        .body(Body::from_stream(stream))
+        .expect("response"))
+}
+
+// ---------------------------------------------------------------------------
+// Test handle
+// ---------------------------------------------------------------------------
+
+/// Options of [`KubeApi::kubectl_drain_with`] (kubectl's defaults, but
+/// `--ignore-daemonsets`).
+#[derive(Clone, Debug)]
+pub struct DrainOptions {
+    /// `--timeout` (kubectl: 0 = forever).
+    pub timeout: Duration,
+    /// Sleep after a 429 from the eviction API (kubectl: 5 s).
+    pub retry_interval: Duration,
+    /// Poll interval while waiting for evicted pods to be gone (kubectl: 1 s).
+    pub poll_interval: Duration,
+    /// `--force`: also evict pods without a controller.
+    pub force: bool,
+    /// `--ignore-daemonsets`.
+    pub ignore_daemonsets: bool,
+    /// `--delete-emptydir-data`.
+    pub delete_emptydir_data: bool,
+}
+
+impl Default for DrainOptions {
+    fn default() -> Self {
+        DrainOptions {
+            timeout: Duration::from_secs(300),
+            retry_interval: Duration::from_secs(5),
+            poll_interval: Duration::from_secs(1),
+            force: false,
+            ignore_daemonsets: true,
+            delete_emptydir_data: false,
+        }
+    }
+}
+
+pub struct KubeApi {
+    shared: Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    http: reqwest::Client,
+}
+
+impl Drop for KubeApi {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.drop_watches();
+    }
+}
+
+impl KubeApi {
+    /// Binds 127.0.0.1:0 and serves on the current tokio runtime.
+    pub fn start() -> KubeApi {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("addr");
+        let listener = tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::new()),
+            url: format!("http://{addr}"),
+            watch_events_sent: AtomicU64::new(0),
+            bookmarks_sent: AtomicU64::new(0),
+        });
+        let app = axum::Router::new().fallback(handle).with_state(shared.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let bg_shared = shared.clone();
+        let background = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                let mut st = bg_shared.lock();
+                st.kubelet_tick();
+                st.disruption_tick();
+            }
+        });
+        KubeApi {
+            shared,
+            tasks: vec![server, background],
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.shared.url.clone()
+    }
+
+    /// A kube client for the server: plain HTTP, no auth, namespace `default`.
+    pub fn kube_client(&self) -> kube::Client {
+        let config = kube::Config::new(self.url().parse().expect("url"));
+        kube::Client::try_from(config).expect("kube client")
+    }
+
+    /// Writes a kubeconfig pointing at the server (for a separate process).
+    pub fn write_kubeconfig(&self, path: impl AsRef<std::path::Path>) {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n",
+            self.url()
+        );
+        std::fs::write(path, text).expect("write kubeconfig");
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.lock()
+    }
+
+    /// Creates a Ready node (through the create path: watchers see ADDED).
+    pub fn add_node(&self, name: &str) -> Node {
+        let mut st = self.lock();
+        let node = json!({
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+            "spec": {},
+            "status": {
+                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status",
+                                "lastHeartbeatTime": now_ts(), "lastTransitionTime": now_ts()}],
+                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}],
+            }
+        });
+        let v = st.create(Res::Node, "", node, false).expect("create node");
+        serde_json::from_value(v).expect("node")
+    }
+
+    pub fn add_namespace(&self, name: &str) {
+        self.lock()
+            .create(Res::Namespace, "", json!({"metadata": {"name": name}}), false)
+            .expect("create namespace");
+    }
+
+    /// Creates a DaemonSet (so kubectl drain's DaemonSet check finds it).
+    pub fn add_daemonset(&self, ns: &str, name: &str) -> Value {
+        let ds = json!({
+            "metadata": {"name": name},
+            "spec": {"selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": name, "image": "busybox"}]}}}
+        });
+        self.lock()
+            .create(Res::DaemonSet, ns, ds, false)
+            .expect("create daemonset")
+    }
+
+    /// `kubectl cordon/uncordon`: a strategic merge PATCH of spec.unschedulable.
+    pub fn set_unschedulable(&self, name: &str, unschedulable: bool) -> Node {
+        let body = json!({"spec": {"unschedulable": if unschedulable { json!(true) } else { Value::Null }}});
+        let v = self
+            .lock()
+            .patch(
+                Res::Node,
+                "",
+                name,
+                "application/strategic-merge-patch+json",
+                body.to_string().as_bytes(),
+                &Query::default(),
+                false,
+            )
+            .unwrap_or_else(|e| panic!("patch node {name}: {}", e.message))
+            .1;
+        serde_json::from_value(v).expect("node")
+    }
+
+    pub fn node(&self, name: &str) -> Node {
+        let v = self
+            .lock()
+            .get_or_404(Res::Node, "", name)
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        serde_json::from_value(v).expect("node")
+    }
+
+    pub fn pod(&self, ns: &str, name: &str) -> Option<Pod> {
+        self.lock()
+            .get(Res::Pod, ns, name)
+            .map(|v| serde_json::from_value(v.clone()).expect("pod"))
+    }
+
+    pub fn pods(&self, ns: &str) -> Vec<Pod> {
+        self.lock()
+            .list_objs(Res::Pod, Some(ns))
+            .into_iter()
+            .map(|v| serde_json::from_value(v).expect("pod"))
+            .collect()
+    }
+
+    pub fn pdbs(&self, ns: &str) -> Vec<PodDisruptionBudget> {
+        self.lock()
+            .list_objs(Res::Pdb, Some(ns))
+            .into_iter()
+            .map(|v| serde_json::from_value(v).expect("pdb"))
+            .collect()
+    }
+
+    /// Every Event created or patched (events.k8s.io/v1 and core/v1), in
+    /// order, as stored by the server.
+    pub fn events(&self) -> Vec<Value> {
+        self.lock().events_log.clone()
+    }
+
+    /// A kubelet status update: sets `status.phase` (Running also sets the
+    /// Ready condition, anything else clears it).
+    pub fn set_pod_phase(&self, ns: &str, name: &str, phase: &str) {
+        let mut st = self.lock();
+        let mut pod = st
+            .get_or_404(Res::Pod, ns, name)
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        if phase == "Running" {
+            make_running(&mut pod);
+        } else {
+            pod["status"]["phase"] = json!(phase);
+            set_pod_condition(&mut pod, "Ready", "False", "PodCompleted", "");
+        }
+        let pod = Res::Pod.canonical(pod).expect("pod");
+        st.commit(Res::Pod, ns, name, Some(pod));
+    }
+
+    pub fn set_kubelet(&self, auto_running: bool) {
+        self.lock().kubelet = auto_running;
+    }
+
+    pub fn set_disruption_controller(&self, on: bool) {
+        self.lock().disruption_controller = on;
+    }
+
+    /// How often a watch with allowWatchBookmarks=true gets a BOOKMARK
+    /// (default 5 s; the real server sends one about every minute). Applies
+    /// to watches opened afterwards.
+    pub fn set_bookmark_interval(&self, every: Duration) {
+        self.lock().bookmark_interval = every;
+    }
+
+    /// Aborts every open watch connection (the client sees a broken stream).
+    pub fn drop_watches(&self) {
+        let mut st = self.lock();
+        for w in st.watchers.drain(..) {
+            let _ = w.tx.send(WMsg::Abort);
+        }
+    }
+
+    /// Forgets the watch history: every resourceVersion handed out so far is
+    /// now too old to watch from (410 Expired, sent in-stream as an ERROR
+    /// event). The global revision is bumped by one so a fresh list returns a
+    /// watchable resourceVersion. Open watches are not affected.
+    pub fn compact(&self) {
+        let mut st = self.lock();
+        st.rv += 1;
+        st.history.clear();
+        st.floor = st.rv;
+    }
+
+    /// Watch events (ADDED/MODIFIED/DELETED/ERROR) written to all streams.
+    pub fn watch_events_sent(&self) -> u64 {
+        self.shared.watch_events_sent.load(Ordering::SeqCst)
+    }
+
+    pub fn bookmarks_sent(&self) -> u64 {
+        self.shared.bookmarks_sent.load(Ordering::SeqCst)
+    }
+
+    /// Number of watches currently registered.
+    pub fn open_watches(&self) -> usize {
+        let mut st = self.lock();
+        st.watchers.retain(|w| !w.tx.is_closed());
+        st.watchers.len()
+    }
+
+    /// `(method, path?query)` of every request so far.
+    pub fn requests(&self) -> Vec<(String, String)> {
+        self.lock().requests.clone()
+    }
+
+    /// Current global resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.lock().rv
+    }
+
+    /// `kubectl drain NODE --ignore-daemonsets --delete-emptydir-data=false
+    /// --timeout=TIMEOUT` with kubectl's 5 s retry after a 429.
+    pub async fn kubectl_drain(&self, node: &str, timeout: Duration) -> Result<Duration, String> {
+        self.kubectl_drain_with(
+            node,
+            DrainOptions {
+                timeout,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// kubectl drain (k8s.io/kubectl/pkg/drain) over HTTP: cordon, list the
+    /// node's pods, filter (DaemonSet, mirror, emptyDir, unreplicated), evict
+    /// every pod in parallel retrying on 429, wait for each to be gone.
+    pub async fn kubectl_drain_with(&self, node: &str, opts: DrainOptions) -> Result<Duration, String> {
+        let start = Instant::now();
+        let base = self.url();
+        let http = &self.http;
+        let deadline = start + opts.timeout;
+        // Cordon (kubectl: GET, then a strategic merge patch if needed).
+        let n: Value = get_json(http, &format!("{base}/api/v1/nodes/{node}")).await?;
+        if n.pointer("/spec/unschedulable").and_then(Value::as_bool) != Some(true) {
+            let r = http
+                .patch(format!("{base}/api/v1/nodes/{node}"))
+                .header("content-type", "application/strategic-merge-patch+json")
+                .body(json!({"spec": {"unschedulable": true}}).to_string())
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !r.status().is_success() {
+                return Err(format!("cordon {node}: {}", r.text().await.unwrap_or_default()));
+            }
+        }
+        // List pods on the node (chunked, like kubectl's --chunk-size=500).
+        let mut pods: Vec<Value> = vec![];
+        let mut cont = String::new();
+        loop {
+            let mut url = url::Url::parse(&format!("{base}/api/v1/pods")).map_err(|e| e.to_string())?;
+            url.query_pairs_mut()
+                .append_pair("fieldSelector", &format!("spec.nodeName={node}"))
+                .append_pair("limit", "500");
+            if !cont.is_empty() {
+                url.query_pairs_mut().append_pair("continue", &cont);
+            }
+            let list = get_json(http, url.as_str()).await?;
+            pods.extend(list["items"].as_array().cloned().unwrap_or_default());
+            cont = list
+                .pointer("/metadata/continue")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            if cont.is_empty() {
+                break;
+            }
+        }
+        // Filters, in kubectl's order; errors are collected and fail the drain.
+        let mut to_evict = vec![];
+        let mut errors = vec![];
+        for pod in pods {
+            let ns = meta_str(&pod, "namespace").unwrap_or("").to_string();
+            let name = name_of(&pod).to_string();
+            let terminal = matches!(pod_phase(&pod), "Succeeded" | "Failed");
+            if let Some(c) = controller_ref(&pod).filter(|c| c["kind"] == "DaemonSet") {
+                let ds = c["name"].as_str().unwrap_or("");
+                let r = http
+                    .get(format!("{base}/apis/apps/v1/namespaces/{ns}/daemonsets/{ds}"))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.status() == 404 && opts.force {
+                    continue;
+                }
+                if !r.status().is_success() {
+                    errors.push(format!("{ns}/{name}: daemonsets.apps \"{ds}\" not found"));
+                    continue;
+                }
+                if !opts.ignore_daemonsets {
+                    errors.push(format!(
+                        "{ns}/{name}: cannot delete DaemonSet-managed Pods (use --ignore-daemonsets to ignore)"
+                    ));
+                }
+                continue;
+            }
+            if pod
+                .pointer("/metadata/annotations/kubernetes.io~1config.mirror")
+                .is_some()
+            {
+                continue;
+            }
+            let empty_dir = pod
+                .pointer("/spec/volumes")
+                .and_then(Value::as_array)
+                .is_some_and(|vs| vs.iter().any(|v| v.get("emptyDir").is_some()));
+            if empty_dir && !terminal && !opts.delete_emptydir_data {
+                errors.push(format!(
+                    "{ns}/{name}: cannot delete Pods with local storage (use --delete-emptydir-data to override)"
+                ));
+                continue;
+            }
+            if controller_ref(&pod).is_none() && !terminal && !opts.force {
+                errors.push(format!(
+                    "{ns}/{name}: cannot delete Pods that declare no controller (use --force to override)"
+                ));
+                continue;
+            }
+            to_evict.push(pod);
+        }
+        if !errors.is_empty() {
+            return Err(format!("cannot delete {}", errors.join(", ")));
+        }
+        let results = futures::future::join_all(to_evict.iter().map(|pod| {
+            let ns = meta_str(pod, "namespace").unwrap_or("").to_string();
+            let name = name_of(pod).to_string();
+            let uid = meta_str(pod, "uid").unwrap_or("").to_string();
+            let opts = opts.clone();
+            let base = base.clone();
+            async move {
+                let body = json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": ns}, "deleteOptions": {}});
+                loop {
+                    if Instant::now() >= deadline {
+                        return Err(format!("error when evicting pods/\"{name}\" -n \"{ns}\": global timeout reached: {:?}", opts.timeout));
+                    }
+                    let r = http
+                        .post(format!("{base}/api/v1/namespaces/{ns}/pods/{name}/eviction"))
+                        .header("content-type", "application/json")
+                        .body(body.to_string())
+                        .send()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let code = r.status().as_u16();
+                    let text = r.text().await.unwrap_or_default();
+                    match code {
+                        200..=299 => break,
+                        404 => return Ok(()),
+                        429 => tokio::time::sleep(opts.retry_interval).await,
+                        _ => return Err(format!("error when evicting pods/\"{name}\" -n \"{ns}\": {code} {text}")),
+                    }
+                }
+                loop {
+                    let r = http
+                        .get(format!("{base}/api/v1/namespaces/{ns}/pods/{name}"))
+                        .send()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if r.status() == 404 {
+                        return Ok(());
+                    }
+                    let p: Value = r.json().await.map_err(|e| e.to_string())?;
+                    if meta_str(&p, "uid") != Some(uid.as_str()) {
+                        return Ok(());
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(format!("error when waiting for pod \"{name}\" in namespace \"{ns}\" to terminate: global timeout reached: {:?}", opts.timeout));
+                    }
+                    tokio::time::sleep(opts.poll_interval).await;
+                }
+            }
+        }))
+        .await;
+        let errs: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+        if errs.is_empty() {
+            Ok(start.elapsed())
+        } else {
+            Err(errs.join("; "))
+        }
+    }
+}
+
+async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, String> {
+    let r = http.get(url).send().await.map_err(|e| e.to_string())?;
+    let code = r.status();
+    let v: Value = r.json().await.map_err(|e| e.to_string())?;
+    if !code.is_success() {
+        return Err(format!("GET {url}: {code}: {v}"));
+    }
+    Ok(v)
+}

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::evacuation::{Action, Budget, BudgetAction, Settings, StatePolicy};
+use crate::nova::microversion::{self, Microversion};
 
 /// A value that must never be printed: Debug and Display show `<redacted>`.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
@@ -72,6 +73,8 @@ pub struct Config {
     pub credentials: Credentials,
     /// Nova service host template: `{node}` is the Kubernetes node name, `{short}` its first DNS label.
     pub nova_host: String,
+    /// Newest compute microversion to use (negotiation never goes above it).
+    pub compute_api_version: Option<Microversion>,
     pub evacuation: Settings,
 }
 
@@ -116,6 +119,7 @@ struct FileConfig {
     cacert: Option<PathBuf>,
     insecure: Option<bool>,
     nova_host: Option<String>,
+    compute_api_version: Option<String>,
     timeout_minutes: Option<f64>,
     #[serde(default)]
     migration: MigrationSection,
@@ -223,9 +227,24 @@ fn build(file: FileConfig, env: &dyn Environment) -> Result<Config, ConfigError>
     let nova_host = file.nova_host.clone().unwrap_or_else(|| "{node}".to_string());
     validate_template(&nova_host)?;
     let evacuation = settings(&file)?;
+    let compute_api_version = match &file.compute_api_version {
+        None => None,
+        Some(text) => {
+            let version: Microversion = text.parse().map_err(|e| invalid(format!("compute_api_version: {e}")))?;
+            if version < microversion::OLDEST || version > microversion::NEWEST {
+                return Err(invalid(format!(
+                    "compute_api_version {version} is outside {} to {}",
+                    microversion::OLDEST,
+                    microversion::NEWEST
+                )));
+            }
+            Some(version)
+        }
+    };
     Ok(Config {
         credentials,
         nova_host,
+        compute_api_version,
         evacuation,
     })
 }
@@ -640,6 +659,9 @@ mod tests {
         assert_eq!(config.nova_host_for("compute-1.example.org"), "compute-1");
         config.nova_host = "{short}-kvm".into();
         assert_eq!(config.nova_host_for("compute-1"), "compute-1-kvm");
+        let pinned = from_str(&format!("{OLD_TOOL}compute_api_version: '2.52'\n"), &no_env()).unwrap();
+        assert_eq!(pinned.compute_api_version, Some(Microversion(2, 52)));
+        assert!(from_str(&format!("{OLD_TOOL}compute_api_version: '3.0'\n"), &no_env()).is_err());
         assert!(from_str(&format!("{OLD_TOOL}nova_host: '{{host}}'\n"), &no_env()).is_err());
     }
 

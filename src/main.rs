@@ -61,7 +61,7 @@ async fn run(cli: Cli) -> i32 {
         host: config.nova_host_for(&node),
         node,
     };
-    let client = match NovaClient::connect(&config.credentials).await {
+    let client = match NovaClient::connect(&config.credentials, config.compute_api_version).await {
         Ok(client) => client,
         Err(e) => return usage(format!("cannot use the cloud: {e}")),
     };

@@ -33,8 +33,11 @@ impl Agent {
         let dir = std::env::temp_dir().join(format!("drainer-daemon-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         kube.write_kubeconfig(dir.join("kubeconfig"));
-        std::fs::write(dir.join("config.yaml"), format!("{}{FAST}{extra_config}", lab.drainer_config()))
-            .expect("config");
+        std::fs::write(
+            dir.join("config.yaml"),
+            format!("{}{FAST}{extra_config}", lab.drainer_config()),
+        )
+        .expect("config");
         let port = free_port();
         let child = Command::new(DRAINER)
             .arg("-daemon")
@@ -93,7 +96,10 @@ async fn eventually<T>(what: &str, limit: Duration, mut check: impl AsyncFnMut()
         if let Some(value) = check().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -114,7 +120,11 @@ fn reasons(kube: &KubeApi) -> Vec<String> {
 }
 
 fn guard_in_place(kube: &KubeApi) -> bool {
-    kube.pod(NAMESPACE, GUARD).is_some() && kube.pdbs(NAMESPACE).iter().any(|p| p.metadata.name.as_deref() == Some(GUARD))
+    kube.pod(NAMESPACE, GUARD).is_some()
+        && kube
+            .pdbs(NAMESPACE)
+            .iter()
+            .any(|p| p.metadata.name.as_deref() == Some(GUARD))
 }
 
 /// A clean lab and a fake cluster with our node and namespace.
@@ -155,35 +165,67 @@ async fn kubectl_drain_waits_for_the_vms_and_uncordon_restores_everything() {
         timeout: Duration::from_secs(120),
         ..DrainOptions::default()
     };
-    let took = kube.kubectl_drain_with(NODE, options).await.expect("kubectl drain succeeds");
+    let took = kube
+        .kubectl_drain_with(NODE, options)
+        .await
+        .expect("kubectl drain succeeds");
     // drain returned: by then every VM must have left the hypervisor.
-    assert!(lab.servers_on(NODE).await.is_empty(), "drain returned while VMs were still on {NODE}");
+    assert!(
+        lab.servers_on(NODE).await.is_empty(),
+        "drain returned while VMs were still on {NODE}"
+    );
     for id in &ids {
         let server = lab.server(id).await;
         assert_eq!(server["status"], "ACTIVE");
         assert_ne!(host_of(&server), NODE);
     }
-    assert!(took > Duration::from_secs(1), "drain waited for the migrations ({took:?})");
+    assert!(
+        took > Duration::from_secs(1),
+        "drain waited for the migrations ({took:?})"
+    );
     let service = lab.service(NODE).await;
     assert_eq!(service["status"], "disabled");
-    assert!(service["disabled_reason"].as_str().unwrap_or_default().starts_with("nova-kubernetes-drain:"));
+    assert!(
+        service["disabled_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("nova-kubernetes-drain:")
+    );
     assert_eq!(annotation(&kube, "phase").as_deref(), Some("Evacuated"));
     assert_eq!(annotation(&kube, "vms-left").as_deref(), Some("0"));
     let seen = reasons(&kube);
-    for reason in ["NovaComputeDisabled", "EvacuationStarted", "LiveMigrationStarted", "LiveMigrationSucceeded", "EvacuationSucceeded"] {
+    for reason in [
+        "NovaComputeDisabled",
+        "EvacuationStarted",
+        "LiveMigrationStarted",
+        "LiveMigrationSucceeded",
+        "EvacuationSucceeded",
+    ] {
         assert!(seen.iter().any(|r| r == reason), "no {reason} event in {seen:?}");
     }
     assert_eq!(seen.iter().filter(|r| *r == "LiveMigrationSucceeded").count(), 3);
-    let notes: Vec<String> = kube.events().iter().filter_map(|e| e["note"].as_str().map(str::to_string)).collect();
-    assert!(ids.iter().all(|id| notes.iter().any(|n| n.contains(id.as_str()))), "events name the VMs");
+    let notes: Vec<String> = kube
+        .events()
+        .iter()
+        .filter_map(|e| e["note"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        ids.iter().all(|id| notes.iter().any(|n| n.contains(id.as_str()))),
+        "events name the VMs"
+    );
     assert!(kube.events().iter().all(|e| e["metadata"]["namespace"] == "default"));
 
     kube.set_unschedulable(NODE, false);
-    eventually("the service enabled after uncordon", Duration::from_secs(15), async || {
-        (lab.service(NODE).await["status"] == "enabled").then_some(())
+    eventually(
+        "the service enabled after uncordon",
+        Duration::from_secs(15),
+        async || (lab.service(NODE).await["status"] == "enabled").then_some(()),
+    )
+    .await;
+    eventually("the guard back", Duration::from_secs(15), async || {
+        guard_in_place(&kube).then_some(())
     })
     .await;
-    eventually("the guard back", Duration::from_secs(15), async || guard_in_place(&kube).then_some(())).await;
     eventually("phase Idle", Duration::from_secs(10), async || {
         (annotation(&kube, "phase").as_deref() == Some("Idle")).then_some(())
     })
@@ -207,7 +249,10 @@ async fn a_node_cordoned_before_start_up_is_evacuated() {
         assert_ne!(host_of(&lab.server(id).await), NODE);
     }
     assert!(
-        !kube.pdbs(NAMESPACE).iter().any(|p| p.metadata.name.as_deref() == Some(GUARD)),
+        !kube
+            .pdbs(NAMESPACE)
+            .iter()
+            .any(|p| p.metadata.name.as_deref() == Some(GUARD)),
         "the guard is released once the hypervisor is empty"
     );
 }
@@ -218,10 +263,17 @@ async fn uncordon_mid_evacuation_aborts_and_re_enables() {
     let (lab, kube) = setup().await;
     let stuck = lab.boot(BootSpec::new("dmn-stall").stall()).await.remove(0);
     let _agent = Agent::start(&kube, &lab, "").await;
-    eventually("the guard", Duration::from_secs(20), async || guard_in_place(&kube).then_some(())).await;
+    eventually("the guard", Duration::from_secs(20), async || {
+        guard_in_place(&kube).then_some(())
+    })
+    .await;
     kube.set_unschedulable(NODE, true);
     eventually("the live migration running", Duration::from_secs(30), async || {
-        lab.server_migrations(&stuck).await.first().filter(|m| m["status"] == "running").map(drop)
+        lab.server_migrations(&stuck)
+            .await
+            .first()
+            .filter(|m| m["status"] == "running")
+            .map(drop)
     })
     .await;
 
@@ -239,7 +291,10 @@ async fn uncordon_mid_evacuation_aborts_and_re_enables() {
     let history = lab.live_migrations(&stuck).await;
     assert_eq!(history.len(), 1, "{history:?}");
     assert_eq!(history[0]["status"], "cancelled");
-    eventually("the guard back", Duration::from_secs(15), async || guard_in_place(&kube).then_some(())).await;
+    eventually("the guard back", Duration::from_secs(15), async || {
+        guard_in_place(&kube).then_some(())
+    })
+    .await;
 
     // A quick re-cordon/uncordon flip ends in the right state too, with no duplicate migration.
     kube.set_unschedulable(NODE, true);
@@ -286,7 +341,10 @@ async fn sigkill_mid_evacuation_then_restart_resumes_without_duplicate_migration
     let (lab, kube) = setup().await;
     let ids = lab.boot(BootSpec::new("dmn-kill").count(3).flavor("m1.small")).await;
     let mut agent = Agent::start(&kube, &lab, "").await;
-    eventually("the guard", Duration::from_secs(20), async || guard_in_place(&kube).then_some(())).await;
+    eventually("the guard", Duration::from_secs(20), async || {
+        guard_in_place(&kube).then_some(())
+    })
+    .await;
     kube.set_unschedulable(NODE, true);
     let migrating = eventually("a migration in flight", Duration::from_secs(30), async || {
         for id in &ids {
@@ -299,12 +357,18 @@ async fn sigkill_mid_evacuation_then_restart_resumes_without_duplicate_migration
     .await;
     agent.signal("KILL");
     assert!(agent.wait_exit(Duration::from_secs(5)).await.is_some());
-    assert_eq!(annotation(&kube, "phase").as_deref(), Some("Evacuating"), "progress is on the node");
+    assert_eq!(
+        annotation(&kube, "phase").as_deref(),
+        Some("Evacuating"),
+        "progress is on the node"
+    );
 
     let _again = Agent::start(&kube, &lab, "").await;
-    eventually("phase Evacuated after the restart", Duration::from_secs(90), async || {
-        (annotation(&kube, "phase").as_deref() == Some("Evacuated")).then_some(())
-    })
+    eventually(
+        "phase Evacuated after the restart",
+        Duration::from_secs(90),
+        async || (annotation(&kube, "phase").as_deref() == Some("Evacuated")).then_some(()),
+    )
     .await;
     assert!(lab.servers_on(NODE).await.is_empty());
     for id in &ids {
@@ -321,7 +385,10 @@ async fn dropped_watches_and_410_gone_are_survived() {
     let (lab, kube) = setup().await;
     let id = lab.boot(BootSpec::new("dmn-watch")).await.remove(0);
     let _agent = Agent::start(&kube, &lab, "").await;
-    eventually("the guard", Duration::from_secs(20), async || guard_in_place(&kube).then_some(())).await;
+    eventually("the guard", Duration::from_secs(20), async || {
+        guard_in_place(&kube).then_some(())
+    })
+    .await;
     kube.drop_watches();
     kube.compact();
     kube.set_unschedulable(NODE, true);
@@ -335,7 +402,10 @@ async fn dropped_watches_and_410_gone_are_survived() {
         .iter()
         .filter(|(method, path)| method == "GET" && path.starts_with("/api/v1/nodes?") && !path.contains("watch=true"))
         .count();
-    assert!(relists >= 2, "the agent listed again after losing its watch ({relists} lists)");
+    assert!(
+        relists >= 2,
+        "the agent listed again after losing its watch ({relists} lists)"
+    );
 }
 
 #[tokio::test]
@@ -344,7 +414,10 @@ async fn sigterm_stops_within_ten_seconds_and_leaves_the_migration_to_nova() {
     let (lab, kube) = setup().await;
     let stuck = lab.boot(BootSpec::new("dmn-term").stall()).await.remove(0);
     let mut agent = Agent::start(&kube, &lab, "").await;
-    eventually("the guard", Duration::from_secs(20), async || guard_in_place(&kube).then_some(())).await;
+    eventually("the guard", Duration::from_secs(20), async || {
+        guard_in_place(&kube).then_some(())
+    })
+    .await;
     kube.set_unschedulable(NODE, true);
     eventually("the live migration running", Duration::from_secs(30), async || {
         lab.server_migrations(&stuck).await.first().map(drop)
@@ -355,9 +428,14 @@ async fn sigterm_stops_within_ten_seconds_and_leaves_the_migration_to_nova() {
     let code = agent.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(code, Some(0), "exited cleanly within 10 s");
     assert!(asked.elapsed() < Duration::from_secs(10));
-    assert!(!lab.server_migrations(&stuck).await.is_empty(), "the in-flight migration was left to Nova");
+    assert!(
+        !lab.server_migrations(&stuck).await.is_empty(),
+        "the in-flight migration was left to Nova"
+    );
     assert_eq!(annotation(&kube, "phase").as_deref(), Some("Evacuating"));
     // Leave the lab clean for the next test: stop the stalled migration.
-    let migration = lab.server_migrations(&stuck).await[0]["id"].as_u64().expect("migration id");
+    let migration = lab.server_migrations(&stuck).await[0]["id"]
+        .as_u64()
+        .expect("migration id");
     lab.abort_migration(&stuck, migration).await;
 }

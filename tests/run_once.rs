@@ -349,3 +349,33 @@ async fn enable_refuses_a_service_disabled_by_someone_else() {
         "RMA ticket 4711: bad DIMM"
     );
 }
+
+#[tokio::test]
+async fn older_microversions_use_the_legacy_calls() {
+    let _exclusive = Lab::exclusive().await;
+    let lab = Lab::connect().await;
+    lab.reset().await;
+    let ids = lab.boot(BootSpec::new("legacy").count(2).project("demo")).await;
+    // 2.25: services by host+binary (pre-2.53), flavors by link (pre-2.47), block_migration "auto".
+    let config = format!("{}compute_api_version: '2.25'\n{FAST}", lab.drainer_config());
+    let run = drainer(&config, &["--node", "host1", "--output", "json"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let report = run.report();
+    for id in &ids {
+        assert_eq!(vm(&report, id)["outcome"], "migrated");
+        assert_eq!(vm(&report, id)["ram_mb"], 64, "flavor looked up by id");
+        assert_ne!(host_of(&lab.server(id).await), "host1");
+    }
+    let service = lab.service("host1").await;
+    assert_eq!(service["status"], "disabled");
+    assert!(
+        service["disabled_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("nova-kubernetes-drain:")
+    );
+
+    let enable = drainer(&config, &["-enable", "--node", "host1"]).await;
+    assert_eq!(enable.code, 0, "{}", enable.stderr);
+    assert_eq!(lab.service("host1").await["status"], "enabled");
+}

@@ -58,12 +58,14 @@ pub const ABORT_QUEUED: Microversion = Microversion(2, 65);
 pub struct Negotiated(Microversion);
 
 impl Negotiated {
-    /// Picks the newest version both we and the cloud (`min..=max`) support.
-    pub fn pick(min: Microversion, max: Microversion) -> Result<Negotiated, String> {
-        let newest_common = max.min(NEWEST);
+    /// Picks the newest version both we and the cloud (`min..=max`) support,
+    /// no newer than `cap` when the operator pins one.
+    pub fn pick(min: Microversion, max: Microversion, cap: Option<Microversion>) -> Result<Negotiated, String> {
+        let ours = cap.map_or(NEWEST, |cap| cap.min(NEWEST));
+        let newest_common = max.min(ours);
         if newest_common < min.max(OLDEST) {
             return Err(format!(
-                "the cloud's compute API ({min} to {max}) has no version in common with ours ({OLDEST} to {NEWEST})"
+                "the cloud's compute API ({min} to {max}) has no version in common with ours ({OLDEST} to {ours})"
             ));
         }
         Ok(Negotiated(newest_common))
@@ -86,18 +88,21 @@ mod tests {
 
     #[test]
     fn picks_the_newest_common_version() {
-        let zed = Negotiated::pick(Microversion(2, 1), Microversion(2, 93)).unwrap();
+        let zed = Negotiated::pick(Microversion(2, 1), Microversion(2, 93), None).unwrap();
         assert_eq!(zed.version(), Microversion(2, 93));
-        let future = Negotiated::pick(Microversion(2, 1), Microversion(2, 100)).unwrap();
+        let future = Negotiated::pick(Microversion(2, 1), Microversion(2, 100), None).unwrap();
         assert_eq!(future.version(), NEWEST);
-        let mitaka = Negotiated::pick(Microversion(2, 1), Microversion(2, 25)).unwrap();
+        let pinned = Negotiated::pick(Microversion(2, 1), Microversion(2, 93), Some(Microversion(2, 52))).unwrap();
+        assert_eq!(pinned.version(), Microversion(2, 52));
+        let mitaka = Negotiated::pick(Microversion(2, 1), Microversion(2, 25), None).unwrap();
         assert!(mitaka.supports(BLOCK_MIGRATION_AUTO));
         assert!(!mitaka.supports(SERVICE_UUID));
     }
 
     #[test]
     fn refuses_a_cloud_newer_than_anything_we_know() {
-        assert!(Negotiated::pick(Microversion(2, 95), Microversion(2, 99)).is_err());
+        assert!(Negotiated::pick(Microversion(2, 95), Microversion(2, 99), None).is_err());
+        assert!(Negotiated::pick(Microversion(2, 60), Microversion(2, 93), Some(Microversion(2, 50))).is_err());
     }
 
     #[test]

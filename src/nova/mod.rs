@@ -101,7 +101,7 @@ impl std::fmt::Debug for NovaClient {
 impl NovaClient {
     /// Authenticates, finds the compute endpoint and negotiates the microversion.
     /// Changes nothing in the cloud.
-    pub async fn connect(credentials: &Credentials) -> Result<NovaClient, NovaError> {
+    pub async fn connect(credentials: &Credentials, cap: Option<Microversion>) -> Result<NovaClient, NovaError> {
         let mut http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).use_rustls_tls();
         if let Some(path) = &credentials.cacert {
             let pem = std::fs::read(path).map_err(|e| NovaError::Setup(format!("cacert {}: {e}", path.display())))?;
@@ -136,8 +136,8 @@ impl NovaClient {
             .await
             .map_err(auth_error)?
             .ok_or_else(|| NovaError::Setup("the compute endpoint does not announce microversions".into()))?;
-        let version =
-            Negotiated::pick(Microversion(min.0, min.1), Microversion(max.0, max.1)).map_err(NovaError::Unsupported)?;
+        let version = Negotiated::pick(Microversion(min.0, min.1), Microversion(max.0, max.1), cap)
+            .map_err(NovaError::Unsupported)?;
         let compute_url = session.get_endpoint(COMPUTE, [""; 0]).await.map_err(auth_error)?;
         debug!(version = %version.version(), endpoint = %compute_url, "negotiated compute microversion");
         Ok(NovaClient {

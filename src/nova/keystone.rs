@@ -17,7 +17,7 @@ use tokio::sync::RwLock;
 
 use crate::config::{Credentials, Secret};
 
-/// Renew the token when it has less than this left.
+/// Renew the token when it has less than this left (or a tenth of its lifetime, if shorter).
 const RENEW_BEFORE: jiff::SignedDuration = jiff::SignedDuration::from_secs(120);
 
 /// Keystone v3 password or application-credential authentication.
@@ -38,6 +38,8 @@ impl fmt::Debug for KeystoneAuth {
 struct CachedToken {
     value: Secret<String>,
     expires_at: jiff::Timestamp,
+    /// Renew once this close to `expires_at`.
+    margin: jiff::SignedDuration,
     catalog: Vec<CatalogEntry>,
 }
 
@@ -49,6 +51,8 @@ struct TokenRoot {
 #[derive(Deserialize)]
 struct TokenBody {
     expires_at: jiff::Timestamp,
+    #[serde(default)]
+    issued_at: Option<jiff::Timestamp>,
     #[serde(default)]
     catalog: Vec<CatalogEntry>,
 }
@@ -187,9 +191,14 @@ impl KeystoneAuth {
             .json()
             .await
             .map_err(|e| Error::new(ErrorKind::InvalidResponse, format!("Keystone token response: {e}")))?;
+        let lifetime = root
+            .token
+            .issued_at
+            .map_or(RENEW_BEFORE * 10, |issued| issued.duration_until(root.token.expires_at));
         *cached = Some(CachedToken {
             value: Secret::new(value),
             expires_at: root.token.expires_at,
+            margin: RENEW_BEFORE.min(lifetime / 10),
             catalog: root.token.catalog,
         });
         Ok(())
@@ -204,7 +213,7 @@ fn user_json(credentials: &Credentials, domain: Option<Value>) -> Value {
 }
 
 fn fresh(token: &CachedToken) -> bool {
-    jiff::Timestamp::now().duration_until(token.expires_at) > RENEW_BEFORE
+    jiff::Timestamp::now().duration_until(token.expires_at) > token.margin
 }
 
 fn interface_name(interface: InterfaceType) -> &'static str {

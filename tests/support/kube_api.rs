@@ -203,7 +203,7 @@ pub struct ApiError {
     pub code: u16,
     pub reason: &'static str,
     pub message: String,
-    pub details: Option<StatusDetails>,
+    pub details: Option<Box<StatusDetails>>,
     pub retry_after: Option<u32>,
 }
 
@@ -227,7 +227,7 @@ impl ApiError {
     }
     fn not_found(res: Res, name: &str) -> Self {
         let mut e = Self::new(404, "NotFound", format!("{} \"{}\" not found", res.qualified(), name));
-        e.details = Some(Self::details_for(res, name));
+        e.details = Some(Box::new(Self::details_for(res, name)));
         e
     }
     fn already_exists(res: Res, name: &str) -> Self {
@@ -236,7 +236,7 @@ impl ApiError {
             "AlreadyExists",
             format!("{} \"{}\" already exists", res.qualified(), name),
         );
-        e.details = Some(Self::details_for(res, name));
+        e.details = Some(Box::new(Self::details_for(res, name)));
         e
     }
     fn conflict(res: Res, name: &str, why: &str) -> Self {
@@ -250,7 +250,7 @@ impl ApiError {
                 why
             ),
         );
-        e.details = Some(Self::details_for(res, name));
+        e.details = Some(Box::new(Self::details_for(res, name)));
         e
     }
     fn stale(res: Res, name: &str) -> Self {
@@ -276,7 +276,7 @@ impl ApiError {
             "Invalid",
             format!("{} \"{}\" is invalid: {}", res.qualified_kind(), name, msg),
         );
-        e.details = Some(StatusDetails {
+        e.details = Some(Box::new(StatusDetails {
             name: Some(name.to_string()),
             group: Some(res.group().to_string()).filter(|s| !s.is_empty()),
             kind: Some(res.kind().to_string()),
@@ -290,12 +290,12 @@ impl ApiError {
                     .collect(),
             ),
             ..Default::default()
-        });
+        }));
         e
     }
     fn not_found_path() -> Self {
         let mut e = Self::new(404, "NotFound", "the server could not find the requested resource");
-        e.details = Some(StatusDetails::default());
+        e.details = Some(Box::new(StatusDetails::default()));
         e
     }
     fn method_not_allowed() -> Self {
@@ -304,7 +304,7 @@ impl ApiError {
             "MethodNotAllowed",
             "the server does not allow this method on the requested resource",
         );
-        e.details = Some(StatusDetails::default());
+        e.details = Some(Box::new(StatusDetails::default()));
         e
     }
     fn expired(msg: impl Into<String>) -> Self {
@@ -313,7 +313,7 @@ impl ApiError {
     pub fn status(&self) -> Status {
         Status {
             code: Some(self.code as i32),
-            details: self.details.clone(),
+            details: self.details.clone().map(|d| *d),
             message: Some(self.message.clone()),
             metadata: ListMeta::default(),
             reason: Some(self.reason.to_string()).filter(|r| !r.is_empty()),
@@ -976,13 +976,11 @@ impl State {
             }
             meta_mut(&mut obj).insert("namespace".into(), json!(ns));
         }
-        match meta_str(&obj, "resourceVersion") {
-            Some(rv) if !rv.is_empty() => {
-                if Some(rv) != meta_str(&old, "resourceVersion") {
-                    return Err(ApiError::stale(res, name));
-                }
-            }
-            _ => {} // unconditional update: allowed for all our resources
+        // An empty resourceVersion is an unconditional update: allowed for
+        // all our resources (AllowUnconditionalUpdate).
+        let body_rv = meta_str(&obj, "resourceVersion").filter(|rv| !rv.is_empty());
+        if body_rv.is_some() && body_rv != meta_str(&old, "resourceVersion") {
+            return Err(ApiError::stale(res, name));
         }
         // Fields the server owns.
         {
@@ -1042,6 +1040,7 @@ impl State {
         Ok(stored)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn patch(
         &mut self,
         res: Res,
@@ -1306,7 +1305,7 @@ impl State {
                             "poddisruptionbudgets.policy \"{pdb_name}\" is forbidden: pdb disruptions allowed is negative"
                         ),
                     );
-                    e.details = Some(ApiError::details_for(Res::Pdb, &pdb_name));
+                    e.details = Some(Box::new(ApiError::details_for(Res::Pdb, &pdb_name)));
                     return Err(e);
                 }
                 if st("disruptionsAllowed") == 0 {
@@ -1453,7 +1452,7 @@ fn too_many_requests(retry_after: u32, cause: String) -> ApiError {
         "TooManyRequests",
         "Cannot evict pod as it would violate the pod's disruption budget.",
     );
-    e.details = Some(StatusDetails {
+    e.details = Some(Box::new(StatusDetails {
         causes: Some(vec![StatusCause {
             reason: Some("DisruptionBudget".into()),
             message: Some(cause),
@@ -1461,7 +1460,7 @@ fn too_many_requests(retry_after: u32, cause: String) -> ApiError {
         }]),
         retry_after_seconds: Some(retry_after as i32).filter(|s| *s > 0),
         ..Default::default()
-    });
+    }));
     e.retry_after = Some(retry_after).filter(|s| *s > 0);
     e
 }
@@ -1723,10 +1722,8 @@ fn default_and_reset_status(res: Res, obj: &mut Value, old: Option<&Value>) {
             }
             m.get_mut("labels").expect("labels")["kubernetes.io/metadata.name"] = json!(name);
         }
-        Res::Node => {
-            if obj.get("status").is_none() {
-                obj["status"] = json!({});
-            }
+        Res::Node if obj.get("status").is_none() => {
+            obj["status"] = json!({});
         }
         _ => {}
     }
@@ -2091,6 +2088,9 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request<Body>) -> Re
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| path.clone());
+    if std::env::var_os("KUBE_API_DEBUG").is_some() {
+        eprintln!("fake kube-apiserver: {method} {pq}");
+    }
     shared.lock().requests.push((method.to_string(), pq));
     let query = Query::parse(req.uri().query());
     let content_type = req
@@ -2389,7 +2389,7 @@ fn list_invalid(res: Res, field: &str, msg: &str) -> ApiError {
         "Invalid",
         format!("ListOptions.meta.k8s.io \"\" is invalid: {field}: {msg}"),
     );
-    e.details = Some(StatusDetails {
+    e.details = Some(Box::new(StatusDetails {
         group: Some("meta.k8s.io".into()),
         kind: Some("ListOptions".into()),
         causes: Some(vec![StatusCause {
@@ -2398,7 +2398,7 @@ fn list_invalid(res: Res, field: &str, msg: &str) -> ApiError {
             reason: Some("FieldValueForbidden".into()),
         }]),
         ..Default::default()
-    });
+    }));
     e
 }
 
@@ -2408,7 +2408,7 @@ fn too_large(rv: u64, cur: u64) -> ApiError {
         "Timeout",
         format!("Too large resource version: {rv}, current: {cur}"),
     );
-    e.details = Some(StatusDetails {
+    e.details = Some(Box::new(StatusDetails {
         causes: Some(vec![StatusCause {
             reason: Some("ResourceVersionTooLarge".into()),
             message: Some("Too large resource version".into()),
@@ -2416,7 +2416,7 @@ fn too_large(rv: u64, cur: u64) -> ApiError {
         }]),
         retry_after_seconds: Some(1),
         ..Default::default()
-    });
+    }));
     e.retry_after = Some(1);
     e
 }
@@ -2687,9 +2687,24 @@ impl KubeApi {
         self.shared.url.clone()
     }
 
-    /// A kube client for the server: plain HTTP, no auth, namespace `default`.
+    /// A kube config for the server: plain HTTP, no auth, namespace
+    /// `default`, kube's defaults otherwise. NB: kube 5 defaults to
+    /// `default_retry: true`, which retries 429/503/504 up to 15 times with
+    /// exponential backoff (honouring Retry-After): an eviction refused by a
+    /// PDB then takes minutes to come back as an error.
+    pub fn kube_config(&self) -> kube::Config {
+        kube::Config::new(self.url().parse().expect("url"))
+    }
+
+    /// A kube client from [`Self::kube_config`] (kube's defaults, retries on).
     pub fn kube_client(&self) -> kube::Client {
-        let config = kube::Config::new(self.url().parse().expect("url"));
+        kube::Client::try_from(self.kube_config()).expect("kube client")
+    }
+
+    /// A kube client with `default_retry: false`: 429s come back at once.
+    pub fn kube_client_no_retry(&self) -> kube::Client {
+        let mut config = self.kube_config();
+        config.default_retry = false;
         kube::Client::try_from(config).expect("kube client")
     }
 

@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, SecurityContext, Toleration};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, Node, Pod, PodSpec, SeccompProfile, SecurityContext, Toleration,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -137,11 +139,20 @@ impl Guard {
                 containers: vec![Container {
                     name: "pause".into(),
                     image: Some(self.image.clone()),
+                    // Meets the `restricted` Pod Security Standard.
                     security_context: Some(SecurityContext {
                         allow_privilege_escalation: Some(false),
                         read_only_root_filesystem: Some(true),
                         run_as_non_root: Some(true),
                         run_as_user: Some(65535),
+                        capabilities: Some(Capabilities {
+                            drop: Some(vec!["ALL".into()]),
+                            add: None,
+                        }),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            localhost_profile: None,
+                        }),
                         ..SecurityContext::default()
                     }),
                     ..Container::default()

@@ -107,6 +107,9 @@ impl NovaClient {
             let pem = std::fs::read(path).map_err(|e| NovaError::Setup(format!("cacert {}: {e}", path.display())))?;
             let certificates = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| NovaError::Setup(format!("cacert {}: not a PEM bundle: {e}", path.display())))?;
+            if certificates.is_empty() {
+                return Err(NovaError::Setup(format!("cacert {}: no PEM certificate in it", path.display())));
+            }
             for certificate in certificates {
                 http = http.add_root_certificate(certificate);
             }

@@ -1,0 +1,207 @@
+//! Real faults on the real lab, in the middle of an evacuation: Keystone
+//! tokens expiring, nova-api dying and coming back, the drainer itself being
+//! SIGKILLed, and bad input. Each scenario ends with every VM ACTIVE on
+//! exactly one host, none lost, none in ERROR, the service in the right state,
+//! and the drainer's report and exit code telling the truth.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::openstack::{BootSpec, Lab};
+use tokio::process::{Child, Command};
+
+const DRAINER: &str = env!("CARGO_BIN_EXE_drainer");
+const FAST: &str = "migration:\n  poll_interval_seconds: 0.2\n  retry_backoff_seconds: 1\n";
+
+fn lab_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/lab")
+}
+
+/// Runs the lab's idempotent `up.sh` with extra environment (restarts what changed or died).
+fn lab_up(env: &[(&str, &str)]) {
+    let status = std::process::Command::new("bash")
+        .arg(lab_dir().join("up.sh"))
+        .envs(env.iter().copied())
+        .env("LAB_LOCK_HELD", "1")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run tests/lab/up.sh");
+    assert!(status.success(), "tests/lab/up.sh failed");
+}
+
+/// Stops one lab service's whole process group, as a crash or an operator would.
+fn lab_kill(service: &str) {
+    let run = std::env::var("OSLAB_RUN").map(PathBuf::from).unwrap_or_else(|_| lab_dir().join("run"));
+    let pids = std::fs::read_to_string(run.join("pids")).expect("lab pids");
+    let pid = pids
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            (fields.next() == Some(service)).then(|| fields.next().map(str::to_string)).flatten()
+        })
+        .last()
+        .unwrap_or_else(|| panic!("{service} not in the lab's pids"));
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pid}")])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {service} ({pid})");
+}
+
+fn config(lab: &Lab, extra: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("drainer-fault-{}-{n}.yaml", std::process::id()));
+    std::fs::write(&path, format!("{}{FAST}{extra}", lab.drainer_config())).expect("config");
+    path
+}
+
+fn spawn(config: &PathBuf, args: &[&str]) -> Child {
+    Command::new(DRAINER)
+        .arg("-config-path")
+        .arg(config)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start drainer")
+}
+
+async fn finish(child: Child) -> (i32, Value) {
+    let output = tokio::time::timeout(Duration::from_secs(240), child.wait_with_output())
+        .await
+        .expect("drainer finished in time")
+        .expect("drainer output");
+    let report = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    (output.status.code().unwrap_or(-1), report)
+}
+
+async fn wait_for_running_migration(lab: &Lab, ids: &[String]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        for id in ids {
+            if lab.server_migrations(id).await.iter().any(|m| m["status"] == "running") {
+                return id.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no migration started");
+}
+
+/// Every VM ACTIVE, off host1, with exactly `migrations` live-migration records each.
+async fn assert_all_moved(lab: &Lab, ids: &[String], migrations: usize) {
+    for id in ids {
+        let server = lab.server(id).await;
+        assert_eq!(server["status"], "ACTIVE", "{id}");
+        assert_ne!(server["OS-EXT-SRV-ATTR:host"], "host1", "{id}");
+        let history = lab.live_migrations(id).await;
+        assert_eq!(history.len(), migrations, "{id}: {history:?}");
+    }
+    assert!(lab.servers_on("host1").await.is_empty());
+}
+
+#[tokio::test]
+async fn keystone_tokens_expiring_mid_evacuation_are_renewed() {
+    let _exclusive = Lab::exclusive().await;
+    lab_up(&[("TOKEN_EXPIRATION", "12")]);
+    let lab = Lab::connect().await;
+    lab.reset().await;
+    let ids = lab.boot(BootSpec::new("fault-token").count(6).flavor("m1.small")).await;
+    let started = Instant::now();
+    let (code, report) = finish(spawn(&config(&lab, ""), &["--node", "host1", "--output", "json"])).await;
+    let took = started.elapsed();
+    lab_up(&[]);
+    assert_eq!(code, 0, "{report:#}");
+    assert!(took > Duration::from_secs(12), "the run outlived a token ({took:?})");
+    assert_eq!(report["result"], "succeeded");
+    let lab = Lab::connect().await;
+    assert_all_moved(&lab, &ids, 1).await;
+}
+
+#[tokio::test]
+async fn nova_api_killed_and_restarted_mid_evacuation() {
+    let _exclusive = Lab::exclusive().await;
+    let lab = Lab::connect().await;
+    lab.reset().await;
+    let ids = lab.boot(BootSpec::new("fault-api").count(4).flavor("m1.small")).await;
+    let child = spawn(&config(&lab, ""), &["--node", "host1", "--output", "json"]);
+    wait_for_running_migration(&lab, &ids).await;
+    lab_kill("nova-api");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    lab_up(&[]);
+    let (code, report) = finish(child).await;
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["result"], "succeeded");
+    assert_all_moved(&lab, &ids, 1).await;
+}
+
+#[tokio::test]
+async fn run_once_sigkilled_and_started_again_resumes_without_duplicates() {
+    let _exclusive = Lab::exclusive().await;
+    let lab = Lab::connect().await;
+    lab.reset().await;
+    let ids = lab.boot(BootSpec::new("fault-kill").count(3).flavor("m1.small")).await;
+    let path = config(&lab, "");
+    let mut first = spawn(&path, &["--node", "host1", "--output", "json"]);
+    wait_for_running_migration(&lab, &ids).await;
+    first.start_kill().expect("SIGKILL");
+    let _ = first.wait().await;
+
+    let (code, report) = finish(spawn(&path, &["--node", "host1", "--output", "json"])).await;
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["service_disabled_by_us"], true, "the first run's disabling is recognised");
+    assert_all_moved(&lab, &ids, 1).await;
+}
+
+#[tokio::test]
+async fn bad_input_exits_2_with_a_clear_message_and_no_change() {
+    let _exclusive = Lab::exclusive().await;
+    let lab = Lab::connect().await;
+    lab.reset().await;
+    let id = lab.boot(BootSpec::new("fault-input")).await.remove(0);
+    let base = lab.drainer_config();
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("empty password", base.replace("Password: admin", "Password: ''"), "password is empty"),
+        (
+            "unreachable Keystone",
+            base.replace("http://127.0.0.1:5000/v3", "http://127.0.0.1:9/v3"),
+            "cannot use the cloud",
+        ),
+        (
+            "TLS to a plain-HTTP Keystone",
+            base.replace("http://127.0.0.1:5000/v3", "https://127.0.0.1:5000/v3"),
+            "cannot use the cloud",
+        ),
+        (
+            "CA bundle that is not PEM",
+            format!("{base}cacert: {}\n", file!()),
+            "cacert",
+        ),
+        ("malformed YAML", "IdentityEndpoint: [\n".to_string(), "line"),
+        ("wrong type", format!("{base}insecure: maybe\n"), "insecure"),
+        ("unknown key", format!("{base}Tenant: admin\n"), "Tenant"),
+    ];
+    for (case, text, expected) in cases {
+        let path = std::env::temp_dir().join(format!("drainer-bad-{}.yaml", std::process::id()));
+        std::fs::write(&path, text).expect("config");
+        let output = Command::new(DRAINER)
+            .arg("-config-path")
+            .arg(&path)
+            .args(["--node", "host1"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .await
+            .expect("run drainer");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{case}: {stderr}");
+        assert!(stderr.contains(expected), "{case}: expected {expected:?} in {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{case}: one line: {stderr}");
+    }
+    assert_eq!(lab.service("host1").await["status"], "enabled");
+    assert_eq!(lab.server(&id).await["OS-EXT-SRV-ATTR:host"], "host1");
+    assert!(lab.live_migrations(&id).await.is_empty());
+}

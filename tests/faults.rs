@@ -34,13 +34,17 @@ fn lab_up(env: &[(&str, &str)]) {
 
 /// Stops one lab service's whole process group, as a crash or an operator would.
 fn lab_kill(service: &str) {
-    let run = std::env::var("OSLAB_RUN").map(PathBuf::from).unwrap_or_else(|_| lab_dir().join("run"));
+    let run = std::env::var("OSLAB_RUN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| lab_dir().join("run"));
     let pids = std::fs::read_to_string(run.join("pids")).expect("lab pids");
     let pid = pids
         .lines()
         .filter_map(|l| {
             let mut fields = l.split_whitespace();
-            (fields.next() == Some(service)).then(|| fields.next().map(str::to_string)).flatten()
+            (fields.next() == Some(service))
+                .then(|| fields.next().map(str::to_string))
+                .flatten()
         })
         .last()
         .unwrap_or_else(|| panic!("{service} not in the lab's pids"));
@@ -71,7 +75,7 @@ fn spawn(config: &PathBuf, args: &[&str]) -> Child {
 }
 
 async fn finish(child: Child) -> (i32, Value) {
-    let output = tokio::time::timeout(Duration::from_secs(240), child.wait_with_output())
+    let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
         .await
         .expect("drainer finished in time")
         .expect("drainer output");
@@ -153,7 +157,10 @@ async fn run_once_sigkilled_and_started_again_resumes_without_duplicates() {
 
     let (code, report) = finish(spawn(&path, &["--node", "host1", "--output", "json"])).await;
     assert_eq!(code, 0, "{report:#}");
-    assert_eq!(report["service_disabled_by_us"], true, "the first run's disabling is recognised");
+    assert_eq!(
+        report["service_disabled_by_us"], true,
+        "the first run's disabling is recognised"
+    );
     assert_all_moved(&lab, &ids, 1).await;
 }
 
@@ -165,7 +172,11 @@ async fn bad_input_exits_2_with_a_clear_message_and_no_change() {
     let id = lab.boot(BootSpec::new("fault-input")).await.remove(0);
     let base = lab.drainer_config();
     let cases: Vec<(&str, String, &str)> = vec![
-        ("empty password", base.replace("Password: admin", "Password: ''"), "password is empty"),
+        (
+            "empty password",
+            base.replace("Password: admin", "Password: ''"),
+            "password is empty",
+        ),
         (
             "unreachable Keystone",
             base.replace("http://127.0.0.1:5000/v3", "http://127.0.0.1:9/v3"),

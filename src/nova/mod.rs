@@ -23,10 +23,12 @@ pub use keystone::KeystoneAuth;
 
 /// Page size asked for; Nova caps it at its `[api] max_limit`.
 const PAGE_SIZE: usize = 1000;
-/// Idempotent calls are tried this many times on transport errors and 5xx answers.
-const ATTEMPTS: u32 = 4;
-/// Time limit of one HTTP request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idempotent calls are tried this many times on transport errors and 5xx answers
+/// (the engine polls again anyway, so a call never blocks it for long).
+const ATTEMPTS: u32 = 3;
+/// Time limit of one HTTP request, and of establishing its connection.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the client could not be set up or a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -102,13 +104,19 @@ impl NovaClient {
     /// Authenticates, finds the compute endpoint and negotiates the microversion.
     /// Changes nothing in the cloud.
     pub async fn connect(credentials: &Credentials, cap: Option<Microversion>) -> Result<NovaClient, NovaError> {
-        let mut http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).use_rustls_tls();
+        let mut http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .use_rustls_tls();
         if let Some(path) = &credentials.cacert {
             let pem = std::fs::read(path).map_err(|e| NovaError::Setup(format!("cacert {}: {e}", path.display())))?;
             let certificates = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| NovaError::Setup(format!("cacert {}: not a PEM bundle: {e}", path.display())))?;
             if certificates.is_empty() {
-                return Err(NovaError::Setup(format!("cacert {}: no PEM certificate in it", path.display())));
+                return Err(NovaError::Setup(format!(
+                    "cacert {}: no PEM certificate in it",
+                    path.display()
+                )));
             }
             for certificate in certificates {
                 http = http.add_root_certificate(certificate);

@@ -46,7 +46,7 @@ fn lab_kill(service: &str) {
                 .then(|| fields.next().map(str::to_string))
                 .flatten()
         })
-        .last()
+        .next_back()
         .unwrap_or_else(|| panic!("{service} not in the lab's pids"));
     let status = std::process::Command::new("kill")
         .args(["-KILL", "--", &format!("-{pid}")])

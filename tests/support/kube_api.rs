@@ -496,10 +496,10 @@ fn object_selector_matches(sel: Option<&Value>, pod: &Value) -> bool {
     };
     let labels = pod.pointer("/metadata/labels").and_then(Value::as_object);
     let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
-    if let Some(ml) = sel.get("matchLabels").and_then(Value::as_object) {
-        if !ml.iter().all(|(k, v)| get(k) == v.as_str()) {
-            return false;
-        }
+    if let Some(ml) = sel.get("matchLabels").and_then(Value::as_object)
+        && !ml.iter().all(|(k, v)| get(k) == v.as_str())
+    {
+        return false;
     }
     if let Some(exprs) = sel.get("matchExpressions").and_then(Value::as_array) {
         for e in exprs {
@@ -701,10 +701,10 @@ struct Watcher {
 
 impl Watcher {
     fn passes(&self, obj: &Value) -> bool {
-        if let Some(ns) = &self.ns {
-            if meta_str(obj, "namespace").unwrap_or("") != ns {
-                return false;
-            }
+        if let Some(ns) = &self.ns
+            && meta_str(obj, "namespace").unwrap_or("") != ns
+        {
+            return false;
         }
         self.fsel.matches(self.res, obj) && self.lsel.matches(obj)
     }
@@ -1233,15 +1233,16 @@ impl State {
     // ---------------- eviction ----------------
 
     fn evict(&mut self, ns: &str, name: &str, body: &Value) -> ApiResult<(u16, Value)> {
-        if let Some(av) = body.get("apiVersion").and_then(Value::as_str) {
-            if av != "policy/v1" && av != "policy/v1beta1" {
-                return Err(ApiError::bad_request(format!("unsupported Eviction apiVersion {av:?}")));
-            }
+        if let Some(av) = body.get("apiVersion").and_then(Value::as_str)
+            && av != "policy/v1"
+            && av != "policy/v1beta1"
+        {
+            return Err(ApiError::bad_request(format!("unsupported Eviction apiVersion {av:?}")));
         }
-        if let Some(k) = body.get("kind").and_then(Value::as_str) {
-            if k != "Eviction" {
-                return Err(ApiError::bad_request(format!("not a Eviction object: {k}")));
-            }
+        if let Some(k) = body.get("kind").and_then(Value::as_str)
+            && k != "Eviction"
+        {
+            return Err(ApiError::bad_request(format!("not a Eviction object: {k}")));
         }
         if name_of(body) != name {
             return Err(ApiError::bad_request(
@@ -1356,10 +1357,10 @@ impl State {
             .is_some_and(|a| !a.is_empty());
         if !dry {
             let mut pod = self.get_or_404(Res::Pod, ns, name)?;
-            if let Some(rv) = opts.pointer("/preconditions/resourceVersion").and_then(Value::as_str) {
-                if Some(rv) != meta_str(&pod, "resourceVersion") {
-                    return Err(ApiError::conflict(Res::Pod, name, "the object has been modified"));
-                }
+            if let Some(rv) = opts.pointer("/preconditions/resourceVersion").and_then(Value::as_str)
+                && Some(rv) != meta_str(&pod, "resourceVersion")
+            {
+                return Err(ApiError::conflict(Res::Pod, name, "the object has been modified"));
             }
             set_pod_condition(
                 &mut pod,
@@ -1437,10 +1438,10 @@ impl State {
                 .filter(|p| object_selector_matches(pdb.pointer("/spec/selector"), p))
                 .collect();
             let new = compute_pdb(&pdb, &pods);
-            if new != pdb {
-                if let Ok(new) = Res::Pdb.canonical(new) {
-                    self.commit(Res::Pdb, &ns, &name, Some(new));
-                }
+            if new != pdb
+                && let Ok(new) = Res::Pdb.canonical(new)
+            {
+                self.commit(Res::Pdb, &ns, &name, Some(new));
             }
         }
     }
@@ -2178,10 +2179,10 @@ fn route(
     body: &Bytes,
 ) -> ApiResult<Routed> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
-    if method == Method::GET {
-        if let Some(v) = discovery(&segs, &shared.url) {
-            return Ok(Routed::Json(200, v));
-        }
+    if method == Method::GET
+        && let Some(v) = discovery(&segs, &shared.url)
+    {
+        return Ok(Routed::Json(200, v));
     }
     let t = parse_target(&segs)?;
     let ns = t.ns.clone().unwrap_or_default();
@@ -2433,7 +2434,7 @@ fn decode_continue(s: &str) -> ApiResult<(u64, String)> {
             "continue key is not valid: incorrect encoded start resourceVersion (version meta.k8s.io/v1)",
         )
     };
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(bad());
     }
     let bytes: Option<Vec<u8>> = (0..s.len())

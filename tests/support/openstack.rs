@@ -258,10 +258,10 @@ impl Lab {
     /// A valid token scoped to `project` (issued or refreshed as needed).
     pub async fn token(&self, project: &str) -> String {
         let mut tokens = self.tokens.lock().await;
-        if let Some(t) = tokens.get(project) {
-            if Instant::now() < t.refresh_at {
-                return t.value.clone();
-            }
+        if let Some(t) = tokens.get(project)
+            && Instant::now() < t.refresh_at
+        {
+            return t.value.clone();
         }
         let (t, _) = issue_token(&self.http, &self.keystone, project)
             .await

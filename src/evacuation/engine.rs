@@ -23,6 +23,9 @@ const FORCE_COMPLETE_GRACE: Duration = Duration::from_secs(60);
 /// After a time-out or cancellation, how long to wait for in-flight
 /// migrations to settle (aborts to roll back) before reporting.
 const SETTLE_GRACE: Duration = Duration::from_secs(120);
+/// How long a server may show `migrating` with no migration in progress
+/// before the migration is taken as lost.
+const ORPHAN_GRACE: Duration = Duration::from_secs(30);
 /// Retry delays never grow beyond this.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
@@ -259,6 +262,8 @@ struct Flight {
     /// An abort or force-complete asked for by a time-out or a cancellation,
     /// tried again at each poll until Nova accepts it.
     requested: Option<(BudgetAction, String)>,
+    /// Since when Nova has listed no migration in progress while the server still migrates.
+    orphaned_since: Option<Instant>,
 }
 
 enum Ending {
@@ -703,6 +708,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             next_progress_check: now,
             over_budget_noted: false,
             requested: None,
+            orphaned_since: None,
         }
     }
 
@@ -729,7 +735,9 @@ impl<'a, C: Compute> Engine<'a, C> {
                     }
                     return self.ended_on_source(target, flight, "live-migration").await;
                 }
-                self.watch_live(flight).await;
+                if let Some(reason) = self.watch_live(flight).await {
+                    return Step::Done(self.finish(target, flight, Outcome::Failed, Some(reason), None));
+                }
                 Step::Continue
             }
             Action::ColdMigrate => {
@@ -799,11 +807,19 @@ impl<'a, C: Compute> Engine<'a, C> {
     }
 
     /// Budget, stall and force-complete follow-up of a live migration in flight.
-    async fn watch_live(&self, flight: &mut Flight) {
+    /// Returns why the migration is lost when Nova will never finish it.
+    async fn watch_live(&self, flight: &mut Flight) -> Option<String> {
         let now = Instant::now();
         if now >= flight.next_progress_check {
             flight.next_progress_check = now + PROGRESS_INTERVAL;
-            self.read_progress(flight, now).await;
+            let in_progress = self.read_progress(flight, now).await;
+            if in_progress == Some(false) {
+                if let Some(reason) = self.ended_without_the_server(flight, now).await {
+                    return Some(reason);
+                }
+            } else {
+                flight.orphaned_since = None;
+            }
         }
         match flight.phase {
             Phase::Moving => {
@@ -830,18 +846,51 @@ impl<'a, C: Compute> Engine<'a, C> {
             }
             _ => {}
         }
+        None
     }
 
-    async fn read_progress(&self, flight: &mut Flight, now: Instant) {
+    /// The server still shows `migrating` but Nova has no migration in progress
+    /// for it: normal for a moment at the start and the end of a migration;
+    /// past [`ORPHAN_GRACE`] with a finished record, the destination never
+    /// took the VM over (seen when the destination compute dies), and no
+    /// amount of waiting will change that.
+    async fn ended_without_the_server(&self, flight: &mut Flight, now: Instant) -> Option<String> {
+        let since = *flight.orphaned_since.get_or_insert(now);
+        if now - since < ORPHAN_GRACE {
+            return None;
+        }
+        let history = self
+            .compute
+            .migration_history(&flight.job.server.id, "live-migration")
+            .await
+            .ok()?;
+        let record = match &flight.migration_id {
+            Some(id) => history.into_iter().find(|m| &m.id == id),
+            None => history.into_iter().next(),
+        }?;
+        matches!(record.status.as_str(), "completed" | "error" | "failed" | "cancelled").then(|| {
+            format!(
+                "Nova recorded the live migration as {} {} s ago but the server still shows task_state \
+                 migrating on its source: the destination ({}) never took it over; an operator must check \
+                 where it runs before resetting its state",
+                record.status,
+                (now - since).as_secs(),
+                record.dest_host.as_deref().unwrap_or("unknown")
+            )
+        })
+    }
+
+    /// Reads progress numbers; `Some(false)` when Nova lists no migration in progress.
+    async fn read_progress(&self, flight: &mut Flight, now: Instant) -> Option<bool> {
         let migrations = match self.compute.in_progress_migrations(&flight.job.server.id).await {
             Ok(migrations) => migrations,
             Err(e) => {
                 debug!(error = %e, "could not read migration progress");
-                return;
+                return None;
             }
         };
         let Some(migration) = migrations.into_iter().next() else {
-            return;
+            return Some(false);
         };
         flight.migration_id = Some(migration.id.clone());
         // Drivers that report nothing (a zero or missing total) give no stall signal.
@@ -855,6 +904,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                 flight.remaining = Some(remaining);
             }
         }
+        Some(true)
     }
 
     /// Aborts or force-completes a live migration; retried on the next poll if Nova is not ready for it.

@@ -46,6 +46,9 @@ enum Script {
     /// Never converges because the guest dirties memory as fast as it is copied: each `period` the remaining memory
     /// falls from half to a quarter of the total, then jumps back up for the next pre-copy pass.
     Thrash { period: Duration },
+    /// The source finishes `after` this long and marks the migration completed, but the destination never takes the
+    /// server over (its nova-compute died): the server keeps showing `migrating` on its source for ever.
+    DestinationLost { after: Duration },
 }
 
 /// What a migration is given when its server has no script.
@@ -119,7 +122,9 @@ impl FakeMigration {
         let elapsed = self.ended.unwrap_or(now) - self.started;
         let total = self.total_bytes;
         let copied = match self.script {
-            Script::Complete { after } | Script::Fail { after } => share(total, elapsed.min(after), after),
+            Script::Complete { after } | Script::Fail { after } | Script::DestinationLost { after } => {
+                share(total, elapsed.min(after), after)
+            }
             Script::Stall { progress_for } => share(total / 2, elapsed.min(progress_for), progress_for),
             Script::Thrash { period } => {
                 let into_pass = Duration::from_nanos((elapsed.as_nanos() % period.as_nanos().max(1)) as u64);
@@ -214,6 +219,11 @@ impl Cloud {
             match migration.script {
                 Script::Complete { after } if elapsed >= after => self.land(i, now),
                 Script::Fail { after } if elapsed >= after => self.end_on_source(i, "error", now),
+                Script::DestinationLost { after } if elapsed >= after => {
+                    let migration = &mut self.migrations[i];
+                    migration.ended = Some(now);
+                    migration.status = "completed";
+                }
                 _ => {}
             }
         }
@@ -1029,6 +1039,35 @@ async fn vm_already_migrating_is_followed_not_migrated_again() {
     assert_eq!(moving.destination, cloud.vm("moving").host);
     assert_eq!(moving.attempts, 1);
     assert_eq!(report.result, RunResult::Succeeded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn migration_whose_destination_never_takes_over_is_reported_not_waited_for() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("orphan", "ACTIVE", 1024);
+    cloud.add_vm("fine", "ACTIVE", 2048);
+    cloud.script("orphan", &[Script::DestinationLost { after: secs(10) }]);
+    cloud.script("fine", &[Script::Complete { after: secs(10) }]);
+
+    let report = evacuate(&cloud, &Settings::default()).await;
+
+    let orphan = vm(&report, "orphan");
+    assert_eq!(orphan.outcome, Outcome::Failed);
+    let reason = orphan.reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("never took it over"), "{reason}");
+    // Found within the grace after the record completed, not after the 150 s budget or the 30 min time-out.
+    assert!(orphan.duration_seconds < 60.0, "{orphan:?}");
+    assert!(
+        cloud.calls().abort.is_empty(),
+        "nothing to abort: Nova says it completed"
+    );
+    assert_eq!(
+        cloud.calls().live_migrate_times("orphan").len(),
+        1,
+        "never started twice"
+    );
+    assert_eq!(vm(&report, "fine").outcome, Outcome::Migrated, "the others still move");
+    assert_eq!(report.result, RunResult::Failed);
 }
 
 #[tokio::test(start_paused = true)]

@@ -75,7 +75,7 @@ fn spawn(config: &PathBuf, args: &[&str]) -> Child {
 }
 
 async fn finish(child: Child) -> (i32, Value) {
-    let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+    let output = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
         .await
         .expect("drainer finished in time")
         .expect("drainer output");
@@ -215,4 +215,72 @@ async fn bad_input_exits_2_with_a_clear_message_and_no_change() {
     assert_eq!(lab.service("host1").await["status"], "enabled");
     assert_eq!(lab.server(&id).await["OS-EXT-SRV-ATTR:host"], "host1");
     assert!(lab.live_migrations(&id).await.is_empty());
+}
+
+#[tokio::test]
+async fn rabbitmq_restart_during_an_evacuation() {
+    let _exclusive = Lab::exclusive().await;
+    let lab = Lab::connect().await;
+    lab.reset().await;
+    let ids = lab
+        .boot(BootSpec::new("fault-rabbit").count(3).flavor("m1.small"))
+        .await;
+    let child = spawn(&config(&lab, ""), &["--node", "host1", "--output", "json"]);
+    wait_for_running_migration(&lab, &ids).await;
+    lab_kill("rabbitmq");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lab_up(&[]);
+    let (code, report) = finish(child).await;
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["result"], "succeeded");
+    assert_all_moved(&lab, &ids, 1).await;
+}
+
+#[tokio::test]
+async fn destination_compute_killed_during_a_migration_is_reported_truthfully() {
+    let _exclusive = Lab::exclusive().await;
+    let lab = Lab::connect().await;
+    lab.reset().await;
+    let id = lab.boot(BootSpec::new("fault-dest").flavor("m1.large")).await.remove(0);
+    // Only host2 can take it, so the migration's destination is known.
+    for host in ["host3", "host4"] {
+        lab.set_service(host, false, Some("test: closed")).await;
+    }
+    let child = spawn(
+        &config(&lab, "  retries: 1\n"),
+        &[
+            "--node",
+            "host1",
+            "--output",
+            "json",
+            "--skip-capacity-check",
+            "-time-out",
+            "3",
+        ],
+    );
+    wait_for_running_migration(&lab, std::slice::from_ref(&id)).await;
+    lab_kill("nova-compute-host2");
+    let (code, report) = finish(child).await;
+    lab_up(&[]);
+    // Nova's source marks the migration completed after its RPC to the dead destination times
+    // out (60 s), but only the destination moves the server record: it stays "migrating" on
+    // host1 for ever. The drainer must say so, not wait for its time-out or claim success.
+    let server = lab.server(&id).await;
+    assert_ne!(server["status"], "ERROR", "the VM must not end in ERROR because of us");
+    assert_eq!(code, 1, "{report:#}");
+    let line = &report["vms"][0];
+    assert_eq!(line["outcome"], "failed", "{line}");
+    assert!(
+        line["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("never took it over"),
+        "{line}"
+    );
+    assert_eq!(report["result"], "failed");
+    assert_eq!(
+        lab.live_migrations(&id).await.len(),
+        1,
+        "no second migration of a VM in that state"
+    );
 }

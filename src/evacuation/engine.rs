@@ -308,12 +308,7 @@ impl<'a, C: Compute> Engine<'a, C> {
     pub async fn preview(&self, target: &Target) -> Result<Report, EvacuationError> {
         let started = Instant::now();
         let service = self.service(target).await?;
-        let servers = self
-            .compute
-            .servers_on_host(&target.host)
-            .await
-            .map_err(step("listing servers"))?;
-        let planned = plan::plan(servers, &self.settings.state_policy);
+        let planned = self.plan(target).await?;
         let vms = planned
             .iter()
             .map(|p| {
@@ -351,12 +346,7 @@ impl<'a, C: Compute> Engine<'a, C> {
         let (by_us, reason) = self.disable(target, &service).await?;
         self.confirm_leftover_cold_migrations(&target.host).await;
 
-        let servers = self
-            .compute
-            .servers_on_host(&target.host)
-            .await
-            .map_err(step("listing servers"))?;
-        let planned = plan::plan(servers, &self.settings.state_policy);
+        let planned = self.plan(target).await?;
         let (vms, ending) = self.move_all(target, planned, started, &mut stop).await;
 
         let left = match self.compute.servers_on_host(&target.host).await {
@@ -384,6 +374,16 @@ impl<'a, C: Compute> Engine<'a, C> {
         })
     }
 
+    /// Every server on the host now, with its action, in the order they will move.
+    async fn plan(&self, target: &Target) -> Result<Vec<PlannedVm>, EvacuationError> {
+        let servers = self
+            .compute
+            .servers_on_host(&target.host)
+            .await
+            .map_err(step("listing servers"))?;
+        Ok(plan::plan(servers, &self.settings.state_policy))
+    }
+
     async fn service(&self, target: &Target) -> Result<ComputeService, EvacuationError> {
         self.compute
             .find_service(&target.host)
@@ -396,12 +396,7 @@ impl<'a, C: Compute> Engine<'a, C> {
     }
 
     async fn check_capacity(&self, target: &Target) -> Result<(), EvacuationError> {
-        let servers = self
-            .compute
-            .servers_on_host(&target.host)
-            .await
-            .map_err(step("listing servers"))?;
-        let planned = plan::plan(servers, &self.settings.state_policy);
+        let planned = self.plan(target).await?;
         let moving: Vec<&Server> = planned
             .iter()
             .filter(|p| p.action != Action::Skip)

@@ -17,8 +17,11 @@ use tokio::sync::RwLock;
 
 use crate::config::{Credentials, Secret};
 
-/// Renew the token when it has less than this left (or a tenth of its lifetime, if shorter).
-const RENEW_BEFORE: jiff::SignedDuration = jiff::SignedDuration::from_secs(120);
+/// Renew the token when it has less than this left (or half its lifetime, if shorter).
+/// Nova keeps using the caller's token for the rest of an operation (the
+/// destination's Neutron port binding at the end of a live migration), so a
+/// migration must never start on a token about to expire.
+const RENEW_BEFORE: jiff::SignedDuration = jiff::SignedDuration::from_secs(600);
 
 /// Keystone v3 password or application-credential authentication.
 pub struct KeystoneAuth {
@@ -194,11 +197,11 @@ impl KeystoneAuth {
         let lifetime = root
             .token
             .issued_at
-            .map_or(RENEW_BEFORE * 10, |issued| issued.duration_until(root.token.expires_at));
+            .map_or(RENEW_BEFORE * 2, |issued| issued.duration_until(root.token.expires_at));
         *cached = Some(CachedToken {
             value: Secret::new(value),
             expires_at: root.token.expires_at,
-            margin: RENEW_BEFORE.min(lifetime / 10),
+            margin: RENEW_BEFORE.min(lifetime / 2),
             catalog: root.token.catalog,
         });
         Ok(())

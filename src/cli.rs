@@ -8,7 +8,17 @@ use clap::{CommandFactory, Parser, ValueEnum};
 
 /// Drains a nova-compute hypervisor: disables its service and moves every VM off it.
 #[derive(Debug, Parser)]
-#[command(name = "drainer", version, about, long_about = None)]
+#[command(
+    name = "drainer",
+    version,
+    about,
+    long_about = None,
+    after_help = "Every long flag also works with one dash, as the old Go tool wrote them: \
+                  -config-path, -run-once, -daemon, -time-out, -enable, -node ...\n\n\
+                  Exit codes: 0 the hypervisor is empty (or the requested change is done); \
+                  1 some VM could not be moved or the time ran out; \
+                  2 bad usage, configuration or credentials (nothing was changed)."
+)]
 pub struct Cli {
     /// Config file (the old tool's keys or the documented ones); optional when OS_* variables hold the credentials.
     #[arg(long = "config-path", value_name = "PATH")]

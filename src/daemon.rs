@@ -424,11 +424,8 @@ impl Agent {
             vms_left: previous.vms_left,
             last_error: None,
         };
+        // Recorded before anything changes in Nova, so a crash after the disable is never forgotten.
         self.save(&state).await;
-        // A guard missing at cordon time (deleted by hand) is put back so drain still waits.
-        if !self.released && self.guard_checked_at.is_none() {
-            self.ensure_guard(node).await;
-        }
         info!("node cordoned: evacuating the hypervisor");
         let (stop, stop_rx) = watch::channel(StopRequest::Continue);
         let observer = DaemonObserver {
@@ -448,6 +445,11 @@ impl Agent {
             stop,
             cancelling: false,
         });
+        // A guard missing at cordon time (an agent started on a cordoned node, or deleted
+        // by hand) is put back so drain still waits; done while the engine already works.
+        if !self.released && self.guard_checked_at.is_none() {
+            self.ensure_guard(node).await;
+        }
     }
 
     async fn finished(&mut self, result: Result<Result<Report, EvacuationError>, tokio::task::JoinError>) {

@@ -566,42 +566,43 @@ impl Compute for NovaClient {
     }
 
     async fn spare_capacity(&self, except_host: &str) -> ComputeResult<Vec<HostCapacity>> {
-        let usable: Vec<String> = self
-            .services(None)
-            .await?
+        // Independent look-ups run side by side: this sits between a cordon and the first migration.
+        let (services, providers, hypervisors) = tokio::try_join!(
+            self.services(None),
+            self.placement::<wire::ResourceProvidersRoot>(&["resource_providers"]),
+            self.hypervisors(),
+        )?;
+        let usable: Vec<String> = services
             .into_iter()
             .filter(|s| s.status == "enabled" && s.state == "up" && !s.forced_down && s.host != except_host)
             .map(|s| s.host)
             .collect();
-        let providers: wire::ResourceProvidersRoot = self.placement(&["resource_providers"]).await?;
-        let mut capacity = Vec::new();
-        for hypervisor in self.hypervisors().await? {
-            let Some(host) = hypervisor.service.as_ref().map(|s| s.host.clone()) else {
-                continue;
-            };
-            if !usable.contains(&host) {
-                continue;
-            }
-            let Some(provider) = providers
-                .resource_providers
-                .iter()
-                .find(|p| p.name == hypervisor.hypervisor_hostname)
-            else {
-                continue;
-            };
-            let inventories: wire::InventoriesRoot = self
-                .placement(&["resource_providers", &provider.uuid, "inventories"])
-                .await?;
-            let usages: wire::UsagesRoot = self
-                .placement(&["resource_providers", &provider.uuid, "usages"])
-                .await?;
-            capacity.push(HostCapacity {
+        let candidates: Vec<(String, String)> = hypervisors
+            .into_iter()
+            .filter_map(|hypervisor| {
+                let host = hypervisor.service.map(|s| s.host).filter(|h| usable.contains(h))?;
+                let provider = providers
+                    .resource_providers
+                    .iter()
+                    .find(|p| p.name == hypervisor.hypervisor_hostname)?;
+                Some((host, provider.uuid.clone()))
+            })
+            .collect();
+        let capacity = futures::future::try_join_all(candidates.into_iter().map(|(host, uuid)| async move {
+            let inventories_path = ["resource_providers", uuid.as_str(), "inventories"];
+            let usages_path = ["resource_providers", uuid.as_str(), "usages"];
+            let (inventories, usages) = tokio::try_join!(
+                self.placement::<wire::InventoriesRoot>(&inventories_path),
+                self.placement::<wire::UsagesRoot>(&usages_path),
+            )?;
+            Ok::<_, NovaError>(HostCapacity {
                 host,
                 free_ram_mb: wire::free(&inventories, &usages, "MEMORY_MB"),
                 free_vcpus: wire::free(&inventories, &usages, "VCPU"),
                 free_disk_gb: wire::free(&inventories, &usages, "DISK_GB"),
-            });
-        }
+            })
+        }))
+        .await?;
         Ok(capacity)
     }
 }

@@ -508,6 +508,7 @@ fn settings(file: &FileConfig) -> Result<Settings, ConfigError> {
         timeout,
         state_policy,
         check_capacity: true,
+        disable_first: false,
     })
 }
 

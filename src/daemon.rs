@@ -204,7 +204,9 @@ struct Agent {
 }
 
 /// Runs the agent until SIGTERM/SIGINT; returns the exit code.
-pub async fn run(settings: DaemonSettings, config: Config, nova: NovaClient, kube: kube::Client) -> i32 {
+pub async fn run(settings: DaemonSettings, mut config: Config, nova: NovaClient, kube: kube::Client) -> i32 {
+    // A cordon is the operator's decision: stop new VMs landing before anything else.
+    config.evacuation.disable_first = true;
     let metrics = Arc::new(Metrics::default());
     let health = Health::default();
     let nova = Arc::new(nova);

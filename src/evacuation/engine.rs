@@ -78,6 +78,10 @@ pub struct Settings {
     pub state_policy: StatePolicy,
     /// Refuse to start when the other hosts cannot hold the VMs.
     pub check_capacity: bool,
+    /// Disable the service before the capacity check rather than after it: an
+    /// agent reacting to a cordon stops new VMs landing at once; a one-off run
+    /// that finds no room changes nothing.
+    pub disable_first: bool,
 }
 
 impl Default for Settings {
@@ -96,6 +100,7 @@ impl Default for Settings {
             timeout: Some(Duration::from_secs(30 * 60)),
             state_policy: StatePolicy::default(),
             check_capacity: true,
+            disable_first: false,
         }
     }
 }
@@ -340,10 +345,18 @@ impl<'a, C: Compute> Engine<'a, C> {
         let started = Instant::now();
         let service = self.service(target).await?;
 
-        if self.settings.check_capacity {
-            self.check_capacity(target).await?;
-        }
-        let (by_us, reason) = self.disable(target, &service).await?;
+        let (by_us, reason) = if self.settings.disable_first {
+            let disabled = self.disable(target, &service).await?;
+            if self.settings.check_capacity {
+                self.check_capacity(target).await?;
+            }
+            disabled
+        } else {
+            if self.settings.check_capacity {
+                self.check_capacity(target).await?;
+            }
+            self.disable(target, &service).await?
+        };
         self.confirm_leftover_cold_migrations(&target.host).await;
 
         let planned = self.plan(target).await?;

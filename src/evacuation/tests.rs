@@ -1071,6 +1071,25 @@ async fn migration_whose_destination_never_takes_over_is_reported_not_waited_for
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_agent_disables_first_even_when_the_capacity_check_then_fails() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("huge", "ACTIVE", 16384);
+    cloud.other_hosts(&[("cmp-dst-1", 8192)]);
+    let settings = Settings {
+        disable_first: true,
+        ..Settings::default()
+    };
+    let (_never_stop, stop) = watch::channel(StopRequest::Continue);
+
+    let result = Engine::new(&cloud, &settings, &Quiet).evacuate(&target(), stop).await;
+
+    assert!(matches!(result, Err(EvacuationError::Capacity(_))), "{result:?}");
+    assert!(!cloud.service().enabled, "no new VM may land once the node is cordoned");
+    assert!(is_our_reason(cloud.service().disabled_reason.as_deref()));
+    assert!(cloud.calls().starts.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
 async fn capacity_shortfall_refuses_to_start_and_changes_nothing() {
     let cloud = FakeCloud::new();
     cloud.add_vm("small", "ACTIVE", 512);

@@ -20,6 +20,15 @@ fn lab_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/lab")
 }
 
+/// Runs `up.sh` after a fault, then waits until every compute has sent a
+/// heartbeat since, so the next test starts on a healthy lab.
+async fn recover(lab: &Lab) {
+    let since = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S").to_string();
+    lab_up(&[]);
+    Lab::connect().await.wait_computes_up(Some(&since)).await;
+    let _ = lab;
+}
+
 /// Runs the lab's idempotent `up.sh` with extra environment (restarts what changed or died).
 fn lab_up(env: &[(&str, &str)]) {
     let status = std::process::Command::new("bash")
@@ -149,7 +158,7 @@ async fn nova_api_killed_and_restarted_mid_evacuation() {
     wait_for_running_migration(&lab, &ids).await;
     lab_kill("nova-api");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    lab_up(&[]);
+    recover(&lab).await;
     let (code, report) = finish(child).await;
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["result"], "succeeded");
@@ -242,7 +251,7 @@ async fn rabbitmq_restart_during_an_evacuation() {
     wait_for_running_migration(&lab, &ids).await;
     lab_kill("rabbitmq");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    lab_up(&[]);
+    recover(&lab).await;
     let (code, report) = finish(child).await;
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["result"], "succeeded");
@@ -274,7 +283,7 @@ async fn destination_compute_killed_during_a_migration_is_reported_truthfully() 
     wait_for_running_migration(&lab, std::slice::from_ref(&id)).await;
     lab_kill("nova-compute-host2");
     let (code, report) = finish(child).await;
-    lab_up(&[]);
+    recover(&lab).await;
     // Nova's source marks the migration completed after its RPC to the dead destination times
     // out (60 s), but only the destination moves the server record: it stays "migrating" on
     // host1 for ever. The drainer must say so, not wait for its time-out or claim success.

@@ -603,6 +603,40 @@ impl Lab {
                 .await;
             }
         }
+        self.wait_computes_up(None).await;
+    }
+
+    /// Waits until every nova-compute service is `up` (the scheduler and the
+    /// drainer's capacity check ignore the others); with `since` (UTC,
+    /// `YYYY-MM-DDTHH:MM:SS`), until each has also sent a heartbeat after it,
+    /// which proves its RPC path works again after a restart.
+    pub async fn wait_computes_up(&self, since: Option<&str>) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let services = self.services().await;
+            let healthy = !services.is_empty()
+                && services
+                    .iter()
+                    .all(|s| s["state"] == "up" && since.is_none_or(|t| s["updated_at"].as_str().unwrap_or("") >= t));
+            if healthy {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nova-compute services not all up{}: {:?}",
+                since.map(|t| format!(" since {t}")).unwrap_or_default(),
+                services
+                    .iter()
+                    .map(|s| format!(
+                        "{} {} {}",
+                        str_of(&s["host"]),
+                        str_of(&s["state"]),
+                        str_of(&s["updated_at"])
+                    ))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     // ------------------------------------------------------------ internals

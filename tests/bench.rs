@@ -93,6 +93,7 @@ use futures::FutureExt;
 use serde_json::{Value, json};
 use support::kube_api::KubeApi;
 use support::openstack::{BootSpec, Lab};
+use support::wait::{eventually, free_port};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 
@@ -650,27 +651,6 @@ struct Reaction {
     evacuation_started_event_s: Option<f64>,
     first_migration_event_s: Option<f64>,
     first_migration_record_s: Option<f64>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-async fn eventually<T>(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn first_event(kube: &KubeApi, reason: &str) -> Option<f64> {

@@ -61,6 +61,7 @@ use kube::api::{Api, WatchEvent, WatchParams};
 use serde_json::{Value, json};
 use support::kube_api::KubeApi;
 use support::openstack::Lab;
+use support::wait::free_port;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
@@ -355,13 +356,6 @@ fn start_agent(kube: &KubeApi, lab: &Lab, port: u16) -> Proc {
         format!("127.0.0.1:{port}"),
     ];
     spawn(DRAINER, &args, dir)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 async fn wait_for(what: &str, limit: Duration, agent: &Proc, mut ready: impl AsyncFnMut() -> bool) {

@@ -8,3 +8,4 @@
 
 pub mod kube_api;
 pub mod openstack;
+pub mod wait;

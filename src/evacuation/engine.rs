@@ -345,21 +345,24 @@ impl<'a, C: Compute> Engine<'a, C> {
         let started = Instant::now();
         let service = self.service(target).await?;
 
-        let (by_us, reason) = if self.settings.disable_first {
+        let ((by_us, reason), planned) = if self.settings.disable_first {
+            // Listed after the disable, so no VM can land unseen: one listing serves both.
             let disabled = self.disable(target, &service).await?;
+            let planned = self.plan(target).await?;
             if self.settings.check_capacity {
-                self.check_capacity(target).await?;
+                self.check_capacity(target, &planned).await?;
             }
-            disabled
+            (disabled, planned)
         } else {
             if self.settings.check_capacity {
-                self.check_capacity(target).await?;
+                self.check_capacity(target, &self.plan(target).await?).await?;
             }
-            self.disable(target, &service).await?
+            let disabled = self.disable(target, &service).await?;
+            // Listed again: VMs may have landed between the check and the disable.
+            (disabled, self.plan(target).await?)
         };
         self.confirm_leftover_cold_migrations(&target.host).await;
 
-        let planned = self.plan(target).await?;
         let (vms, ending) = self.move_all(target, planned, started, &mut stop).await;
 
         let left = match self.compute.servers_on_host(&target.host).await {
@@ -408,8 +411,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             })
     }
 
-    async fn check_capacity(&self, target: &Target) -> Result<(), EvacuationError> {
-        let planned = self.plan(target).await?;
+    async fn check_capacity(&self, target: &Target, planned: &[PlannedVm]) -> Result<(), EvacuationError> {
         let moving: Vec<&Server> = planned
             .iter()
             .filter(|p| p.action != Action::Skip)

@@ -163,14 +163,7 @@ async fn kubectl_drain_waits_for_the_vms_and_uncordon_restores_everything() {
         took > Duration::from_secs(1),
         "drain waited for the migrations ({took:?})"
     );
-    let service = lab.service(NODE).await;
-    assert_eq!(service["status"], "disabled");
-    assert!(
-        service["disabled_reason"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("nova-kubernetes-drain:")
-    );
+    lab.assert_disabled_by_drainer(NODE).await;
     assert_eq!(annotation(&kube, "phase").as_deref(), Some("Evacuated"));
     assert_eq!(annotation(&kube, "vms-left").as_deref(), Some("0"));
     let seen = reasons(&kube);

@@ -148,21 +148,27 @@ async fn keystone_tokens_expiring_mid_evacuation_are_renewed() {
     assert_all_moved(&lab, &ids, 1).await;
 }
 
-#[tokio::test]
-async fn nova_api_killed_and_restarted_mid_evacuation() {
+/// Kills a lab service while a live migration runs, brings it back, and
+/// expects the evacuation to finish as if nothing had happened.
+async fn evacuation_survives_restart_of(service: &str, prefix: &str, count: usize, down_for: Duration) {
     let _exclusive = Lab::exclusive().await;
     let lab = Lab::connect().await;
     lab.reset().await;
-    let ids = lab.boot(BootSpec::new("fault-api").count(4).flavor("m1.small")).await;
+    let ids = lab.boot(BootSpec::new(prefix).count(count).flavor("m1.small")).await;
     let child = spawn(&config(&lab, ""), &["--node", "host1", "--output", "json"]);
     wait_for_running_migration(&lab, &ids).await;
-    lab_kill("nova-api");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    lab_kill(service);
+    tokio::time::sleep(down_for).await;
     recover(&lab).await;
     let (code, report) = finish(child).await;
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["result"], "succeeded");
     assert_all_moved(&lab, &ids, 1).await;
+}
+
+#[tokio::test]
+async fn nova_api_killed_and_restarted_mid_evacuation() {
+    evacuation_survives_restart_of("nova-api", "fault-api", 4, Duration::from_secs(3)).await;
 }
 
 #[tokio::test]
@@ -241,21 +247,7 @@ async fn bad_input_exits_2_with_a_clear_message_and_no_change() {
 
 #[tokio::test]
 async fn rabbitmq_restart_during_an_evacuation() {
-    let _exclusive = Lab::exclusive().await;
-    let lab = Lab::connect().await;
-    lab.reset().await;
-    let ids = lab
-        .boot(BootSpec::new("fault-rabbit").count(3).flavor("m1.small"))
-        .await;
-    let child = spawn(&config(&lab, ""), &["--node", "host1", "--output", "json"]);
-    wait_for_running_migration(&lab, &ids).await;
-    lab_kill("rabbitmq");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    recover(&lab).await;
-    let (code, report) = finish(child).await;
-    assert_eq!(code, 0, "{report:#}");
-    assert_eq!(report["result"], "succeeded");
-    assert_all_moved(&lab, &ids, 1).await;
+    evacuation_survives_restart_of("rabbitmq", "fault-rabbit", 3, Duration::from_secs(2)).await;
 }
 
 #[tokio::test]

@@ -366,14 +366,7 @@ async fn older_microversions_use_the_legacy_calls() {
         assert_eq!(vm(&report, id)["ram_mb"], 64, "flavor looked up by id");
         assert_ne!(host_of(&lab.server(id).await), "host1");
     }
-    let service = lab.service("host1").await;
-    assert_eq!(service["status"], "disabled");
-    assert!(
-        service["disabled_reason"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("nova-kubernetes-drain:")
-    );
+    lab.assert_disabled_by_drainer("host1").await;
 
     let enable = drainer(&config, &["-enable", "--node", "host1"]).await;
     assert_eq!(enable.code, 0, "{}", enable.stderr);

@@ -473,6 +473,17 @@ impl Lab {
         }
     }
 
+    /// Asserts that `host`'s nova-compute service is disabled with the drainer's marker as its reason.
+    pub async fn assert_disabled_by_drainer(&self, host: &str) {
+        let service = self.service(host).await;
+        assert_eq!(service["status"], "disabled", "{service}");
+        let reason = service["disabled_reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.starts_with("nova-kubernetes-drain:"),
+            "not our reason: {reason:?}"
+        );
+    }
+
     /// Every nova-compute service record.
     pub async fn services(&self) -> Vec<Value> {
         let v = self

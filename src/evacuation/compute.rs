@@ -12,7 +12,7 @@ pub struct ComputeService {
     pub id: String,
     pub host: String,
     pub enabled: bool,
-    /// Whether the service heartbeat is current (`state: up`).
+    /// Whether the service heartbeat is current (`state: up`) and it is not forced down.
     pub up: bool,
     pub disabled_reason: Option<String>,
 }
@@ -97,6 +97,8 @@ pub type ComputeResult<T> = Result<T, ComputeError>;
 pub trait Compute: Send + Sync {
     /// The nova-compute service on exactly this host, if there is one.
     fn find_service(&self, host: &str) -> impl Future<Output = ComputeResult<Option<ComputeService>>> + Send;
+    /// Every nova-compute service: one call gives the host's own service and the possible destinations.
+    fn compute_services(&self) -> impl Future<Output = ComputeResult<Vec<ComputeService>>> + Send;
     /// Disables the service, recording `reason`.
     fn disable_service(
         &self,
@@ -130,6 +132,6 @@ pub trait Compute: Send + Sync {
     fn force_complete(&self, server_id: &str, migration_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
     /// Cancels a live migration; the server stays on its source.
     fn abort_migration(&self, server_id: &str, migration_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
-    /// Free resources on every enabled, up compute host other than `except_host`.
-    fn spare_capacity(&self, except_host: &str) -> impl Future<Output = ComputeResult<Vec<HostCapacity>>> + Send;
+    /// Free resources on each of these compute hosts.
+    fn spare_capacity(&self, hosts: &[String]) -> impl Future<Output = ComputeResult<Vec<HostCapacity>>> + Send;
 }

@@ -4,11 +4,12 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use futures::future::join_all;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::compute::{Compute, ComputeError, ComputeService, Server};
+use super::compute::{Compute, ComputeError, ComputeService, HostCapacity, Server};
 use super::plan::{self, Action, PlannedVm, Shortfall, StatePolicy};
 use super::report::{Outcome, Report, RunResult, VmReport};
 
@@ -26,6 +27,10 @@ const SETTLE_GRACE: Duration = Duration::from_secs(120);
 /// How long a server may show `migrating` with no migration in progress
 /// before the migration is taken as lost.
 const ORPHAN_GRACE: Duration = Duration::from_secs(30);
+/// A listing younger than this is trusted for a VM's first migration request
+/// (saving a read per VM on the way to the first migrations); anything older
+/// is read again first. Nova still refuses a request the server's state forbids.
+const FRESH_LISTING: Duration = Duration::from_secs(1);
 /// Retry delays never grow beyond this.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
@@ -215,6 +220,24 @@ pub fn disabled_reason(node: &str, now: jiff::Timestamp) -> String {
     )
 }
 
+/// Refuses a plan whose VMs do not fit on the other hosts (`None`: no check
+/// asked for). With nothing to move, the look-up's own failure does not matter.
+fn check_fit(
+    planned: &[PlannedVm],
+    hosts: Result<Option<Vec<HostCapacity>>, EvacuationError>,
+) -> Result<(), EvacuationError> {
+    let moving: Vec<&Server> = planned
+        .iter()
+        .filter(|p| p.action != Action::Skip)
+        .map(|p| &p.server)
+        .collect();
+    if moving.is_empty() {
+        return Ok(());
+    }
+    let Some(hosts) = hosts? else { return Ok(()) };
+    plan::check_capacity(&moving, &hosts).map_err(EvacuationError::Capacity)
+}
+
 /// Whether `reason` was written by us.
 pub fn is_our_reason(reason: Option<&str>) -> bool {
     reason.is_some_and(|r| r.starts_with(DISABLED_REASON_MARKER))
@@ -244,6 +267,8 @@ struct Job {
     attempts: u32,
     first_started: Option<Instant>,
     not_before: Instant,
+    /// When `server` was read from Nova, while that reading is fresh enough to act on.
+    listed_at: Option<Instant>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -343,29 +368,35 @@ impl<'a, C: Compute> Engine<'a, C> {
         mut stop: watch::Receiver<StopRequest>,
     ) -> Result<Report, EvacuationError> {
         let started = Instant::now();
-        let service = self.service(target).await?;
+        let (service, destinations) = self.survey(target).await?;
 
+        // Independent look-ups run side by side: they sit between the decision and the first migration.
+        let listed_at;
         let ((by_us, reason), planned) = if self.settings.disable_first {
             // Listed after the disable, so no VM can land unseen: one listing serves both.
             let disabled = self.disable(target, &service).await?;
-            let planned = self.plan(target).await?;
-            if self.settings.check_capacity {
-                self.check_capacity(target, &planned).await?;
-            }
+            listed_at = Instant::now();
+            let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(&destinations));
+            let planned = planned?;
+            check_fit(&planned, capacity)?;
             (disabled, planned)
         } else {
-            if self.settings.check_capacity {
-                self.check_capacity(target, &self.plan(target).await?).await?;
-            }
+            let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(&destinations));
+            check_fit(&planned?, capacity)?;
             let disabled = self.disable(target, &service).await?;
             // Listed again: VMs may have landed between the check and the disable.
+            listed_at = Instant::now();
             (disabled, self.plan(target).await?)
         };
-        self.confirm_leftover_cold_migrations(&target.host).await;
 
-        let (vms, ending) = self.move_all(target, planned, started, &mut stop).await;
+        let (vms, ending) = self.move_all(target, planned, listed_at, started, &mut stop).await;
 
-        let left = match self.compute.servers_on_host(&target.host).await {
+        // Housekeeping kept off the way to the first migration.
+        let (left, ()) = tokio::join!(
+            self.compute.servers_on_host(&target.host),
+            self.confirm_leftover_cold_migrations(&target.host)
+        );
+        let left = match left {
             Ok(servers) => servers.len(),
             Err(e) => {
                 warn!(error = %e, "could not count the servers left on the host");
@@ -400,6 +431,30 @@ impl<'a, C: Compute> Engine<'a, C> {
         Ok(plan::plan(servers, &self.settings.state_policy))
     }
 
+    /// The host's own service and the hosts its VMs may go to (enabled and up), in one look-up.
+    async fn survey(&self, target: &Target) -> Result<(ComputeService, Vec<String>), EvacuationError> {
+        let services = self
+            .compute
+            .compute_services()
+            .await
+            .map_err(step("looking up the nova-compute services"))?;
+        let destinations = services
+            .iter()
+            .filter(|s| s.enabled && s.up && s.host != target.host)
+            .map(|s| s.host.clone())
+            .collect();
+        // Exact host match: never a substring or case-folded one.
+        let service =
+            services
+                .into_iter()
+                .find(|s| s.host == target.host)
+                .ok_or_else(|| EvacuationError::ServiceNotFound {
+                    node: target.node.clone(),
+                    host: target.host.clone(),
+                })?;
+        Ok((service, destinations))
+    }
+
     async fn service(&self, target: &Target) -> Result<ComputeService, EvacuationError> {
         self.compute
             .find_service(&target.host)
@@ -411,21 +466,16 @@ impl<'a, C: Compute> Engine<'a, C> {
             })
     }
 
-    async fn check_capacity(&self, target: &Target, planned: &[PlannedVm]) -> Result<(), EvacuationError> {
-        let moving: Vec<&Server> = planned
-            .iter()
-            .filter(|p| p.action != Action::Skip)
-            .map(|p| &p.server)
-            .collect();
-        if moving.is_empty() {
-            return Ok(());
+    /// The other hosts' free resources, when the settings ask for a capacity check.
+    async fn spare_capacity(&self, destinations: &[String]) -> Result<Option<Vec<HostCapacity>>, EvacuationError> {
+        if !self.settings.check_capacity {
+            return Ok(None);
         }
-        let hosts = self
-            .compute
-            .spare_capacity(&target.host)
+        self.compute
+            .spare_capacity(destinations)
             .await
-            .map_err(step("checking the other hypervisors' capacity"))?;
-        plan::check_capacity(&moving, &hosts).map_err(EvacuationError::Capacity)
+            .map(Some)
+            .map_err(step("checking the other hypervisors' capacity"))
     }
 
     /// Disables the service unless it already is; tells whether the disabling is ours.
@@ -468,6 +518,7 @@ impl<'a, C: Compute> Engine<'a, C> {
         &self,
         target: &Target,
         planned: Vec<PlannedVm>,
+        listed_at: Instant,
         started: Instant,
         stop: &mut watch::Receiver<StopRequest>,
     ) -> (Vec<VmReport>, Option<Ending>) {
@@ -498,6 +549,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                     attempts: 0,
                     first_started: None,
                     not_before: now,
+                    listed_at: Some(listed_at),
                 });
             }
         }
@@ -546,14 +598,21 @@ impl<'a, C: Compute> Engine<'a, C> {
                 break;
             }
 
-            if ending.is_none() {
-                while flights.len() < self.settings.max_parallel.max(1) {
-                    let now = Instant::now();
+            // Fill the free slots, side by side; a VM that needs no move frees its slot for the next.
+            while ending.is_none() {
+                let now = Instant::now();
+                let mut ready = Vec::new();
+                while flights.len() + ready.len() < self.settings.max_parallel.max(1) {
                     let Some(position) = queue.iter().position(|job| job.not_before <= now) else {
                         break;
                     };
-                    let Some(job) = queue.remove(position) else { break };
-                    match self.start(target, job).await {
+                    ready.extend(queue.remove(position));
+                }
+                if ready.is_empty() {
+                    break;
+                }
+                for start in join_all(ready.into_iter().map(|job| self.start(target, job))).await {
+                    match start {
                         Start::Flying(flight) => flights.push(*flight),
                         Start::Done(report) => reports.push(report),
                         Start::Later(job) => queue.push_back(job),
@@ -575,9 +634,10 @@ impl<'a, C: Compute> Engine<'a, C> {
 
             self.pause(stop).await;
 
+            let steps = join_all(flights.iter_mut().map(|flight| self.poll(target, flight))).await;
             let mut still = Vec::with_capacity(flights.len());
-            for mut flight in flights {
-                match self.poll(target, &mut flight).await {
+            for (flight, step) in flights.into_iter().zip(steps) {
+                match step {
                     Step::Continue => still.push(flight),
                     Step::Done(report) => reports.push(report),
                     Step::Retry(job, reason) => self.retry_or_fail(target, job, reason, &mut queue, &mut reports),
@@ -634,13 +694,18 @@ impl<'a, C: Compute> Engine<'a, C> {
 
     async fn start(&self, target: &Target, mut job: Job) -> Start {
         let now = Instant::now();
-        let current = match self.compute.server(&job.server.id).await {
-            Ok(Some(server)) => server,
-            Ok(None) => return Start::Done(self.job_report(target, &job, Outcome::Deleted, None, None)),
-            Err(e) => {
-                warn!(server = %job.server.id, error = %e, "could not read the server; will try again");
-                job.not_before = now + self.settings.poll_interval.max(Duration::from_secs(1));
-                return Start::Later(job);
+        let fresh = job.listed_at.take().is_some_and(|t| now - t < FRESH_LISTING);
+        let current = if fresh {
+            job.server.clone()
+        } else {
+            match self.compute.server(&job.server.id).await {
+                Ok(Some(server)) => server,
+                Ok(None) => return Start::Done(self.job_report(target, &job, Outcome::Deleted, None, None)),
+                Err(e) => {
+                    warn!(server = %job.server.id, error = %e, "could not read the server; will try again");
+                    job.not_before = now + self.settings.poll_interval.max(Duration::from_secs(1));
+                    return Start::Later(job);
+                }
             }
         };
         let moving_task = match current.task_state.as_deref() {
@@ -699,6 +764,13 @@ impl<'a, C: Compute> Engine<'a, C> {
                 job.attempts -= 1;
                 warn!(server = %job.server.id, error = %message, "migration request failed; will look again");
                 job.not_before = now + self.settings.poll_interval.max(Duration::from_secs(1));
+                Start::Later(job)
+            }
+            Err(ComputeError::Conflict(message)) if fresh => {
+                // The server changed since the listing (someone else is moving or rebooting it): not a failed
+                // attempt of ours; look at it now.
+                job.attempts -= 1;
+                debug!(server = %job.server.id, error = %message, "the listing was out of date; looking again");
                 Start::Later(job)
             }
             Err(e) => Start::Failed(job, format!("Nova refused the migration: {e}")),
@@ -812,6 +884,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             attempts: flight.job.attempts,
             first_started: flight.job.first_started,
             not_before: Instant::now(),
+            listed_at: None,
         };
         Step::Retry(job, reason)
     }

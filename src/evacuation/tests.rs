@@ -195,6 +195,9 @@ impl Calls {
     }
 }
 
+/// A change to the cloud made by someone other than the engine.
+type CloudChange = Box<dyn FnOnce(&mut Cloud) + Send>;
+
 struct Cloud {
     service: ComputeService,
     vms: BTreeMap<String, FakeVm>,
@@ -204,6 +207,10 @@ struct Cloud {
     other_hosts: Vec<HostCapacity>,
     /// The scheduler places round-robin and ignores capacity: capacity is the engine's own pre-check.
     placed: usize,
+    /// Placement is unreachable: `spare_capacity` fails.
+    placement_down: bool,
+    /// Someone else's change, made right after the next host listing is answered.
+    after_listing: Option<CloudChange>,
     calls: Calls,
 }
 
@@ -369,6 +376,8 @@ impl FakeCloud {
                 migrations: Vec::new(),
                 other_hosts: vec![big("cmp-dst-1"), big("cmp-dst-2")],
                 placed: 0,
+                placement_down: false,
+                after_listing: None,
                 calls: Calls::default(),
             }),
         }
@@ -434,6 +443,15 @@ impl FakeCloud {
     }
 
     // Someone else acting on the cloud.
+
+    /// Makes `change` right after the next host listing is answered, before the engine can act on it.
+    fn after_next_listing(&self, change: impl FnOnce(&mut Cloud) + Send + 'static) {
+        self.lock().after_listing = Some(Box::new(change));
+    }
+
+    fn placement_down(&self) {
+        self.lock().placement_down = true;
+    }
 
     fn disable_by_operator(&self, reason: &str) {
         let mut cloud = self.lock();
@@ -509,13 +527,17 @@ impl Compute for FakeCloud {
     }
 
     async fn servers_on_host(&self, host: &str) -> ComputeResult<Vec<Server>> {
-        let cloud = self.lock();
-        Ok(cloud
+        let mut cloud = self.lock();
+        let servers = cloud
             .vms
             .values()
             .filter(|vm| vm.server.host.as_deref() == Some(host))
             .map(|vm| vm.server.clone())
-            .collect())
+            .collect();
+        if let Some(change) = cloud.after_listing.take() {
+            change(&mut cloud);
+        }
+        Ok(servers)
     }
 
     async fn server(&self, id: &str) -> ComputeResult<Option<Server>> {
@@ -619,12 +641,28 @@ impl Compute for FakeCloud {
         Ok(())
     }
 
-    async fn spare_capacity(&self, except_host: &str) -> ComputeResult<Vec<HostCapacity>> {
+    async fn compute_services(&self) -> ComputeResult<Vec<ComputeService>> {
         let cloud = self.lock();
+        let others = cloud.other_hosts.iter().map(|h| ComputeService {
+            id: format!("svc-{}", h.host),
+            host: h.host.clone(),
+            enabled: true,
+            up: true,
+            disabled_reason: None,
+        });
+        Ok(std::iter::once(cloud.service.clone()).chain(others).collect())
+    }
+
+    async fn spare_capacity(&self, hosts: &[String]) -> ComputeResult<Vec<HostCapacity>> {
+        let cloud = self.lock();
+        if cloud.placement_down {
+            return Err(ComputeError::Other("placement: connection refused".into()));
+        }
+        assert!(!hosts.iter().any(|h| h == SOURCE), "the drained host is no destination");
         Ok(cloud
             .other_hosts
             .iter()
-            .filter(|h| h.host != except_host)
+            .filter(|h| hosts.contains(&h.host))
             .cloned()
             .collect())
     }
@@ -1111,6 +1149,60 @@ async fn capacity_shortfall_refuses_to_start_and_changes_nothing() {
     assert!(calls.disable.is_empty());
     assert!(calls.starts.is_empty());
     assert!(cloud.service().enabled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn capacity_look_up_failure_stops_an_evacuation_only_when_something_must_move() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("broken", "ERROR", 512); // skipped by the state policy: nothing to place
+    cloud.placement_down();
+
+    let report = evacuate(&cloud, &Settings::default()).await;
+    assert_eq!(vm(&report, "broken").outcome, Outcome::Skipped);
+    assert!(!cloud.service().enabled);
+
+    cloud.add_vm("a", "ACTIVE", 512);
+    let (_never_stop, stop) = watch::channel(StopRequest::Continue);
+    let result = Engine::new(&cloud, &Settings::default(), &Quiet)
+        .evacuate(&target(), stop)
+        .await;
+    assert!(
+        matches!(&result, Err(EvacuationError::Compute { step, .. }) if step.contains("capacity")),
+        "{result:?}"
+    );
+    assert!(cloud.calls().starts.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_listing_overtaken_by_someone_else_is_read_again_not_counted_as_a_failure() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("deleted", "ACTIVE", 512);
+    cloud.add_vm("moved-by-operator", "ACTIVE", 1024);
+    cloud.add_vm("plain", "ACTIVE", 2048);
+    cloud.script("moved-by-operator", &[Script::Complete { after: secs(20) }]);
+    // Between the listing and the engine's first requests: a user deletes one VM, an operator starts moving another.
+    cloud.after_next_listing(|cloud| {
+        cloud.vms.remove("deleted");
+        cloud
+            .start_migration("moved-by-operator", LIVE, Instant::now())
+            .expect("operator's migration starts");
+    });
+    let settings = Settings {
+        max_parallel: 3,
+        disable_first: true,
+        ..Settings::default()
+    };
+
+    let report = evacuate(&cloud, &settings).await;
+
+    assert_eq!(report.result, RunResult::Succeeded, "{report:?}");
+    assert_eq!(vm(&report, "deleted").outcome, Outcome::Deleted);
+    let followed = vm(&report, "moved-by-operator");
+    assert_eq!((&followed.outcome, followed.attempts), (&Outcome::Migrated, 1));
+    assert_eq!(cloud.migration_statuses("moved-by-operator"), ["completed"]);
+    assert_eq!(vm(&report, "plain").attempts, 1);
+    // The first requests went out on the listing's word, with no read of each server in between.
+    assert_eq!(cloud.calls().starts, ["deleted", "moved-by-operator", "plain"]);
 }
 
 #[tokio::test(start_paused = true)]

@@ -14,6 +14,7 @@ use reqwest::{Client, RequestBuilder, Url};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::RwLock;
+use tracing::warn;
 
 use crate::config::{Credentials, Secret};
 
@@ -22,6 +23,9 @@ use crate::config::{Credentials, Secret};
 /// destination's Neutron port binding at the end of a live migration), so a
 /// migration must never start on a token about to expire.
 const RENEW_BEFORE: jiff::SignedDuration = jiff::SignedDuration::from_secs(600);
+/// While Keystone cannot be reached, the current token is used until this
+/// close to its expiry, and renewal is tried again at most this often.
+const OUTAGE_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_secs(5);
 
 /// Keystone v3 password or application-credential authentication.
 pub struct KeystoneAuth {
@@ -44,6 +48,8 @@ struct CachedToken {
     /// Renew once this close to `expires_at`.
     margin: jiff::SignedDuration,
     catalog: Vec<CatalogEntry>,
+    /// A renewal failed for want of Keystone; the next try is not before this.
+    next_renewal: Option<jiff::Timestamp>,
 }
 
 #[derive(Deserialize)]
@@ -143,16 +149,38 @@ impl KeystoneAuth {
     async fn token(&self, client: &Client) -> Result<String, Error> {
         {
             let cached = self.cached.read().await;
-            if let Some(token) = cached.as_ref().filter(|t| fresh(t)) {
+            if let Some(token) = cached.as_ref().filter(|t| fresh(t) || t.renewal_deferred()) {
                 return Ok(token.value.expose().clone());
             }
         }
-        self.renew(client, false).await?;
+        if let Err(error) = self.renew(client, false).await {
+            return self.outlive_outage(error).await;
+        }
         let cached = self.cached.read().await;
         cached
             .as_ref()
             .map(|t| t.value.expose().clone())
             .ok_or_else(|| Error::new(ErrorKind::AuthenticationFailed, "no token after authenticating"))
+    }
+
+    /// Keystone failed to renew a token that still works: keep using it (an
+    /// evacuation must not stop for a Keystone restart) and try again later.
+    /// Refused credentials are never outlived.
+    async fn outlive_outage(&self, error: Error) -> Result<String, Error> {
+        if matches!(error.kind(), ErrorKind::AuthenticationFailed | ErrorKind::AccessDenied) {
+            return Err(error);
+        }
+        let mut cached = self.cached.write().await;
+        let now = jiff::Timestamp::now();
+        let Some(token) = cached
+            .as_mut()
+            .filter(|t| now.duration_until(t.expires_at) > OUTAGE_GRACE)
+        else {
+            return Err(error);
+        };
+        warn!(error = %error, expires_at = %token.expires_at, "could not renew the Keystone token; using the current one meanwhile");
+        token.next_renewal = now.checked_add(OUTAGE_GRACE).ok();
+        Ok(token.value.expose().clone())
     }
 
     async fn renew(&self, client: &Client, force: bool) -> Result<(), Error> {
@@ -203,6 +231,7 @@ impl KeystoneAuth {
             expires_at: root.token.expires_at,
             margin: RENEW_BEFORE.min(lifetime / 2),
             catalog: root.token.catalog,
+            next_renewal: None,
         });
         Ok(())
     }
@@ -217,6 +246,14 @@ fn user_json(credentials: &Credentials, domain: Option<Value>) -> Value {
 
 fn fresh(token: &CachedToken) -> bool {
     jiff::Timestamp::now().duration_until(token.expires_at) > token.margin
+}
+
+impl CachedToken {
+    /// A failed renewal is not retried on every request: Keystone is given a few seconds.
+    fn renewal_deferred(&self) -> bool {
+        let now = jiff::Timestamp::now();
+        self.next_renewal.is_some_and(|next| now < next) && now.duration_until(self.expires_at) > OUTAGE_GRACE
+    }
 }
 
 fn interface_name(interface: InterfaceType) -> &'static str {
@@ -278,5 +315,113 @@ impl AuthType for KeystoneAuth {
 
     async fn refresh(&self, client: &Client) -> Result<(), Error> {
         self.renew(client, true).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+
+    use super::*;
+
+    const ISSUE: u8 = 0;
+    const UNAVAILABLE: u8 = 1;
+    const REFUSE: u8 = 2;
+
+    /// A Keystone stand-in: issues tokens valid for `valid_for` that are due
+    /// for renewal at once, answers 503 or 401 when told to, counts requests.
+    struct Keystone {
+        url: String,
+        mode: Arc<AtomicU8>,
+        hits: Arc<AtomicUsize>,
+    }
+
+    async fn start_keystone(valid_for: i64) -> Keystone {
+        let mode = Arc::new(AtomicU8::new(ISSUE));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (m, h) = (mode.clone(), hits.clone());
+        let app = axum::Router::new().route(
+            "/v3/auth/tokens",
+            axum::routing::post(move || {
+                let (mode, hits) = (m.clone(), h.clone());
+                async move {
+                    let n = hits.fetch_add(1, Ordering::SeqCst) + 1;
+                    match mode.load(Ordering::SeqCst) {
+                        UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+                        REFUSE => (StatusCode::UNAUTHORIZED, "{}").into_response(),
+                        _ => {
+                            let now = jiff::Timestamp::now();
+                            let body = json!({ "token": {
+                                // A long lifetime almost over: past its renewal margin already.
+                                "issued_at": (now - jiff::SignedDuration::from_secs(3600)).to_string(),
+                                "expires_at": (now + jiff::SignedDuration::from_secs(valid_for)).to_string(),
+                                "catalog": [],
+                            }});
+                            ([("x-subject-token", format!("token-{n}"))], axum::Json(body)).into_response()
+                        }
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/v3", listener.local_addr().expect("address"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Keystone { url, mode, hits }
+    }
+
+    fn auth_against(url: &str) -> KeystoneAuth {
+        let credentials = Credentials {
+            auth_url: url.into(),
+            username: Some("drainer".into()),
+            password: Some(Secret::new("pw".into())),
+            project_name: Some("admin".into()),
+            ..Credentials::default()
+        };
+        KeystoneAuth::new(&credentials).expect("valid credentials")
+    }
+
+    #[tokio::test]
+    async fn a_keystone_outage_is_outlived_with_the_current_token_and_not_hammered() {
+        let keystone = start_keystone(300).await;
+        let auth = auth_against(&keystone.url);
+        let client = Client::new();
+        assert_eq!(auth.token(&client).await.expect("first token"), "token-1");
+
+        keystone.mode.store(UNAVAILABLE, Ordering::SeqCst);
+        assert_eq!(auth.token(&client).await.expect("outlived"), "token-1");
+        assert_eq!(auth.token(&client).await.expect("outlived"), "token-1");
+        assert_eq!(
+            keystone.hits.load(Ordering::SeqCst),
+            2,
+            "one failed renewal, then a pause"
+        );
+
+        keystone.mode.store(ISSUE, Ordering::SeqCst);
+        auth.cached.write().await.as_mut().expect("cached").next_renewal = None;
+        assert_eq!(auth.token(&client).await.expect("renewed"), "token-3");
+    }
+
+    #[tokio::test]
+    async fn refused_credentials_and_expiring_tokens_are_not_outlived() {
+        let keystone = start_keystone(300).await;
+        let auth = auth_against(&keystone.url);
+        let client = Client::new();
+        auth.token(&client).await.expect("first token");
+        keystone.mode.store(REFUSE, Ordering::SeqCst);
+        let error = auth.token(&client).await.expect_err("credentials refused");
+        assert_eq!(error.kind(), ErrorKind::AuthenticationFailed);
+
+        let expiring = start_keystone(OUTAGE_GRACE.as_secs() - 1).await;
+        let expiring_auth = auth_against(&expiring.url);
+        expiring_auth.token(&client).await.expect("first token");
+        expiring.mode.store(UNAVAILABLE, Ordering::SeqCst);
+        assert!(
+            expiring_auth.token(&client).await.is_err(),
+            "a token about to expire is not handed out"
+        );
     }
 }

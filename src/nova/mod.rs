@@ -5,7 +5,7 @@ mod keystone;
 pub mod microversion;
 mod wire;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use osauth::services::COMPUTE;
 use osauth::{ErrorKind, InterfaceType, Session};
@@ -242,9 +242,11 @@ impl NovaClient {
                 request = request.json(body);
             }
             self.requests.add();
+            let sent = Instant::now();
             let transient = match request.send_unchecked().await {
                 Ok(response) => {
                     let status = response.status();
+                    debug!(%method, path = %shown, status = status.as_u16(), ms = sent.elapsed().as_millis(), "request");
                     if status.is_success() {
                         let text = response.text().await.map_err(|e| NovaError::Transport {
                             method: method.clone(),
@@ -565,22 +567,21 @@ impl Compute for NovaClient {
         Ok(())
     }
 
-    async fn spare_capacity(&self, except_host: &str) -> ComputeResult<Vec<HostCapacity>> {
+    async fn compute_services(&self) -> ComputeResult<Vec<ComputeService>> {
+        let services = self.services(None).await?;
+        Ok(services.into_iter().map(wire::Service::into_service).collect())
+    }
+
+    async fn spare_capacity(&self, hosts: &[String]) -> ComputeResult<Vec<HostCapacity>> {
         // Independent look-ups run side by side: this sits between a cordon and the first migration.
-        let (services, providers, hypervisors) = tokio::try_join!(
-            self.services(None),
+        let (providers, hypervisors) = tokio::try_join!(
             self.placement::<wire::ResourceProvidersRoot>(&["resource_providers"]),
             self.hypervisors(),
         )?;
-        let usable: Vec<String> = services
-            .into_iter()
-            .filter(|s| s.status == "enabled" && s.state == "up" && !s.forced_down && s.host != except_host)
-            .map(|s| s.host)
-            .collect();
         let candidates: Vec<(String, String)> = hypervisors
             .into_iter()
             .filter_map(|hypervisor| {
-                let host = hypervisor.service.map(|s| s.host).filter(|h| usable.contains(h))?;
+                let host = hypervisor.service.map(|s| s.host).filter(|h| hosts.contains(h))?;
                 let provider = providers
                     .resource_providers
                     .iter()

@@ -52,7 +52,7 @@ impl Service {
         ComputeService {
             id: id_text(&self.id),
             enabled: self.status == "enabled",
-            up: self.state == "up",
+            up: self.state == "up" && !self.forced_down,
             host: self.host,
             disabled_reason: self.disabled_reason,
         }

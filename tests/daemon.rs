@@ -2,7 +2,7 @@
 //! `tests/lab/` and the in-process Kubernetes API server of
 //! `tests/support/kube_api.rs`, driven the way operators do it (cordon,
 //! `kubectl drain`, uncordon) and the way nodes fail (SIGKILL, SIGTERM,
-//! dropped watches, 410 Gone).
+//! dropped watches, 410 Gone, nova-api down at the uncordon).
 
 mod support;
 
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::kube_api::{DrainOptions, KubeApi};
-use support::openstack::{BootSpec, Lab};
+use support::openstack::{BootSpec, Lab, lab_kill, recover};
 use support::wait::{eventually, free_port};
 use tokio::process::{Child, Command};
 
@@ -306,6 +306,45 @@ async fn a_service_disabled_by_an_operator_stays_disabled() {
     let service = lab.service(NODE).await;
     assert_eq!(service["status"], "disabled");
     assert_eq!(service["disabled_reason"], "RMA 4711: bad DIMM");
+}
+
+#[tokio::test]
+async fn nova_api_down_at_the_uncordon_delays_the_re_enable_until_it_is_back() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, kube) = setup().await;
+    let id = lab.boot(BootSpec::new("dmn-reenable")).await.remove(0);
+    let _agent = Agent::start(&kube, &lab, "").await;
+    eventually("the guard", Duration::from_secs(20), async || {
+        guard_in_place(&kube).then_some(())
+    })
+    .await;
+    kube.set_unschedulable(NODE, true);
+    eventually("phase Evacuated", Duration::from_secs(60), async || {
+        (annotation(&kube, "phase").as_deref() == Some("Evacuated")).then_some(())
+    })
+    .await;
+
+    lab_kill("nova-api");
+    kube.set_unschedulable(NODE, false);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        annotation(&kube, "phase").as_deref(),
+        Some("Evacuated"),
+        "not Idle while the service could not be enabled"
+    );
+    assert!(!reasons(&kube).iter().any(|r| r == "NovaComputeEnabled"));
+
+    recover().await;
+    eventually("the service enabled", Duration::from_secs(40), async || {
+        (lab.service(NODE).await["status"] == "enabled").then_some(())
+    })
+    .await;
+    eventually("phase Idle and the guard back", Duration::from_secs(15), async || {
+        (annotation(&kube, "phase").as_deref() == Some("Idle") && guard_in_place(&kube)).then_some(())
+    })
+    .await;
+    assert!(reasons(&kube).iter().any(|r| r == "NovaComputeEnabled"));
+    assert_ne!(host_of(&lab.server(&id).await), NODE, "the VM stays where it went");
 }
 
 #[tokio::test]

@@ -804,3 +804,64 @@ fn epoch_seconds(s: &str) -> Option<i64> {
     let days = era * 146097 + doe - 719468;
     Some(days * 86400 + hh * 3600 + mm * 60 + ss)
 }
+
+// ------------------------------------------------- lab processes: faults
+
+fn lab_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/lab")
+}
+
+/// Runs the lab's idempotent `up.sh` with extra environment (restarts what
+/// changed or died). The caller holds the lab lock.
+pub fn lab_up(env: &[(&str, &str)]) {
+    let status = std::process::Command::new("bash")
+        .arg(lab_dir().join("up.sh"))
+        .envs(env.iter().copied())
+        .env("LAB_LOCK_HELD", "1")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run tests/lab/up.sh");
+    assert!(status.success(), "tests/lab/up.sh failed");
+}
+
+/// Brings the lab back to its defaults when dropped, even if the test failed.
+pub struct RestoreLab;
+
+impl Drop for RestoreLab {
+    fn drop(&mut self) {
+        lab_up(&[]);
+    }
+}
+
+/// Stops one lab service's whole process group (a name of the lab's `pids`
+/// file: `keystone`, `nova-api`, `rabbitmq`, `nova-compute-host2`, ...), as a
+/// crash would.
+pub fn lab_kill(service: &str) {
+    let run = std::env::var("OSLAB_RUN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| lab_dir().join("run"));
+    let pids = std::fs::read_to_string(run.join("pids")).expect("lab pids");
+    let pid = pids
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            (fields.next() == Some(service))
+                .then(|| fields.next().map(str::to_string))
+                .flatten()
+        })
+        .next_back()
+        .unwrap_or_else(|| panic!("{service} not in the lab's pids"));
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pid}")])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {service} ({pid})");
+}
+
+/// Runs `up.sh` after a fault, then waits until every compute has sent a
+/// heartbeat since, so the next test starts on a healthy lab.
+pub async fn recover() {
+    let since = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S").to_string();
+    lab_up(&[]);
+    Lab::connect().await.wait_computes_up(Some(&since)).await;
+}

@@ -381,8 +381,10 @@ impl<'a, C: Compute> Engine<'a, C> {
             check_fit(&planned, capacity)?;
             (disabled, planned)
         } else {
-            let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(&destinations));
-            check_fit(&planned?, capacity)?;
+            if self.settings.check_capacity {
+                let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(&destinations));
+                check_fit(&planned?, capacity)?;
+            }
             let disabled = self.disable(target, &service).await?;
             // Listed again: VMs may have landed between the check and the disable.
             listed_at = Instant::now();
@@ -391,11 +393,13 @@ impl<'a, C: Compute> Engine<'a, C> {
 
         let (vms, ending) = self.move_all(target, planned, listed_at, started, &mut stop).await;
 
-        // Housekeeping kept off the way to the first migration.
-        let (left, ()) = tokio::join!(
-            self.compute.servers_on_host(&target.host),
-            self.confirm_leftover_cold_migrations(&target.host)
-        );
+        // Housekeeping kept off the way to the first migration; not when asked to return at once.
+        let leave_at_once = matches!(ending, Some(Ending::Stopped(StopRequest::LeaveInFlight)));
+        let (left, ()) = tokio::join!(self.compute.servers_on_host(&target.host), async {
+            if !leave_at_once {
+                self.confirm_leftover_cold_migrations(&target.host).await;
+            }
+        });
         let left = match left {
             Ok(servers) => servers.len(),
             Err(e) => {
@@ -748,17 +752,19 @@ impl<'a, C: Compute> Engine<'a, C> {
         }
         job.server.status = current.status.clone();
         job.attempts += 1;
-        self.observer.event(&Event::MigrationStarted {
-            server: &job.server,
-            action: job.action,
-            attempt: job.attempts,
-        });
         let request = match job.action {
             Action::LiveMigrate => self.compute.live_migrate(&job.server.id).await,
             _ => self.compute.cold_migrate(&job.server.id).await,
         };
         match request {
-            Ok(()) => Start::Flying(Box::new(self.flight(job, now))),
+            Ok(()) => {
+                self.observer.event(&Event::MigrationStarted {
+                    server: &job.server,
+                    action: job.action,
+                    attempt: job.attempts,
+                });
+                Start::Flying(Box::new(self.flight(job, now)))
+            }
             Err(ComputeError::Other(message)) => {
                 // The request may or may not have reached Nova; the next start looks at the server first.
                 job.attempts -= 1;

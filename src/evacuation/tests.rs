@@ -209,6 +209,8 @@ struct Cloud {
     placed: usize,
     /// Placement is unreachable: `spare_capacity` fails.
     placement_down: bool,
+    /// Other hosts' services that are disabled or down: (enabled, up).
+    unusable: BTreeMap<String, (bool, bool)>,
     /// Someone else's change, made right after the next host listing is answered.
     after_listing: Option<CloudChange>,
     calls: Calls,
@@ -377,6 +379,7 @@ impl FakeCloud {
                 other_hosts: vec![big("cmp-dst-1"), big("cmp-dst-2")],
                 placed: 0,
                 placement_down: false,
+                unusable: BTreeMap::new(),
                 after_listing: None,
                 calls: Calls::default(),
             }),
@@ -451,6 +454,11 @@ impl FakeCloud {
 
     fn placement_down(&self) {
         self.lock().placement_down = true;
+    }
+
+    /// Sets the state of another host's nova-compute service.
+    fn other_service(&self, host: &str, enabled: bool, up: bool) {
+        self.lock().unusable.insert(host.into(), (enabled, up));
     }
 
     fn disable_by_operator(&self, reason: &str) {
@@ -643,12 +651,15 @@ impl Compute for FakeCloud {
 
     async fn compute_services(&self) -> ComputeResult<Vec<ComputeService>> {
         let cloud = self.lock();
-        let others = cloud.other_hosts.iter().map(|h| ComputeService {
-            id: format!("svc-{}", h.host),
-            host: h.host.clone(),
-            enabled: true,
-            up: true,
-            disabled_reason: None,
+        let others = cloud.other_hosts.iter().map(|h| {
+            let (enabled, up) = cloud.unusable.get(&h.host).copied().unwrap_or((true, true));
+            ComputeService {
+                id: format!("svc-{}", h.host),
+                host: h.host.clone(),
+                enabled,
+                up,
+                disabled_reason: None,
+            }
         });
         Ok(std::iter::once(cloud.service.clone()).chain(others).collect())
     }
@@ -1203,6 +1214,26 @@ async fn a_listing_overtaken_by_someone_else_is_read_again_not_counted_as_a_fail
     assert_eq!(vm(&report, "plain").attempts, 1);
     // The first requests went out on the listing's word, with no read of each server in between.
     assert_eq!(cloud.calls().starts, ["deleted", "moved-by-operator", "plain"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_enabled_and_up_hosts_count_as_room() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("big", "ACTIVE", 16384);
+    cloud.other_hosts(&[("cmp-disabled", 65536), ("cmp-down", 65536), ("cmp-small", 8192)]);
+    cloud.other_service("cmp-disabled", false, true);
+    cloud.other_service("cmp-down", true, false);
+    let (_never_stop, stop) = watch::channel(StopRequest::Continue);
+
+    let result = Engine::new(&cloud, &Settings::default(), &Quiet)
+        .evacuate(&target(), stop)
+        .await;
+
+    let Err(EvacuationError::Capacity(shortfall)) = result else {
+        panic!("expected a capacity error, got {result:?}");
+    };
+    assert_eq!(shortfall.hosts, 1, "only cmp-small can take VMs");
+    assert!(cloud.service().enabled);
 }
 
 #[tokio::test(start_paused = true)]

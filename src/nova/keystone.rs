@@ -7,6 +7,7 @@
 //! renews it before it expires or when the cloud rejects it.
 
 use std::fmt;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use osauth::{AuthType, EndpointFilters, Error, ErrorKind, InterfaceType};
@@ -27,11 +28,13 @@ const RENEW_BEFORE: jiff::SignedDuration = jiff::SignedDuration::from_secs(600);
 /// close to its expiry, and renewal is tried again at most this often.
 const OUTAGE_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_secs(5);
 
-/// Keystone v3 password or application-credential authentication.
+/// Keystone v3 password or application-credential authentication. Clones
+/// share one token.
+#[derive(Clone)]
 pub struct KeystoneAuth {
     token_url: Url,
     body: Secret<Value>,
-    cached: RwLock<Option<CachedToken>>,
+    cached: Arc<RwLock<Option<CachedToken>>>,
 }
 
 impl fmt::Debug for KeystoneAuth {
@@ -142,8 +145,15 @@ impl KeystoneAuth {
         Ok(KeystoneAuth {
             token_url,
             body: Secret::new(json!({ "auth": auth })),
-            cached: RwLock::new(None),
+            cached: Arc::new(RwLock::new(None)),
         })
+    }
+
+    /// Whether an operation that outlasts this call may start now. Nova keeps
+    /// using the caller's token to the end of a migration, so none may start
+    /// on a token that is due for renewal because Keystone cannot renew it.
+    pub async fn fit_for_long_operations(&self, client: &Client) -> bool {
+        self.token(client).await.is_ok() && self.cached.read().await.as_ref().is_some_and(fresh)
     }
 
     async fn token(&self, client: &Client) -> Result<String, Error> {
@@ -185,7 +195,8 @@ impl KeystoneAuth {
 
     async fn renew(&self, client: &Client, force: bool) -> Result<(), Error> {
         let mut cached = self.cached.write().await;
-        if !force && cached.as_ref().is_some_and(fresh) {
+        // Whoever held the lock before may have renewed it, or found Keystone down.
+        if !force && cached.as_ref().is_some_and(|t| fresh(t) || t.renewal_deferred()) {
             return Ok(());
         }
         let response = client
@@ -207,10 +218,11 @@ impl KeystoneAuth {
                 .ok()
                 .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
                 .unwrap_or_else(|| status.to_string());
-            return Err(Error::new(
-                kind,
-                format!("Keystone refused the credentials ({status}): {message}"),
-            ));
+            let what = match kind {
+                ErrorKind::AuthenticationFailed | ErrorKind::AccessDenied => "Keystone refused the credentials",
+                _ => "Keystone could not issue a token",
+            };
+            return Err(Error::new(kind, format!("{what} ({status}): {message}")));
         }
         let value = response
             .headers()
@@ -320,7 +332,6 @@ impl AuthType for KeystoneAuth {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
     use axum::http::StatusCode;
@@ -331,6 +342,8 @@ mod tests {
     const ISSUE: u8 = 0;
     const UNAVAILABLE: u8 = 1;
     const REFUSE: u8 = 2;
+    /// Issues an hour-long token, not due for renewal.
+    const ISSUE_FRESH: u8 = 3;
 
     /// A Keystone stand-in: issues tokens valid for `valid_for` that are due
     /// for renewal at once, answers 503 or 401 when told to, counts requests.
@@ -353,12 +366,18 @@ mod tests {
                     match mode.load(Ordering::SeqCst) {
                         UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE.into_response(),
                         REFUSE => (StatusCode::UNAUTHORIZED, "{}").into_response(),
-                        _ => {
+                        issue => {
                             let now = jiff::Timestamp::now();
-                            let body = json!({ "token": {
+                            let hour = jiff::SignedDuration::from_secs(3600);
+                            let (issued_at, expires_at) = if issue == ISSUE_FRESH {
+                                (now, now + hour)
+                            } else {
                                 // A long lifetime almost over: past its renewal margin already.
-                                "issued_at": (now - jiff::SignedDuration::from_secs(3600)).to_string(),
-                                "expires_at": (now + jiff::SignedDuration::from_secs(valid_for)).to_string(),
+                                (now - hour, now + jiff::SignedDuration::from_secs(valid_for))
+                            };
+                            let body = json!({ "token": {
+                                "issued_at": issued_at.to_string(),
+                                "expires_at": expires_at.to_string(),
                                 "catalog": [],
                             }});
                             ([("x-subject-token", format!("token-{n}"))], axum::Json(body)).into_response()
@@ -392,17 +411,26 @@ mod tests {
         assert_eq!(auth.token(&client).await.expect("first token"), "token-1");
 
         keystone.mode.store(UNAVAILABLE, Ordering::SeqCst);
-        assert_eq!(auth.token(&client).await.expect("outlived"), "token-1");
+        let calls = futures::future::join_all((0..8).map(|_| auth.token(&client))).await;
+        for token in calls {
+            assert_eq!(token.expect("outlived"), "token-1");
+        }
         assert_eq!(auth.token(&client).await.expect("outlived"), "token-1");
         assert_eq!(
             keystone.hits.load(Ordering::SeqCst),
             2,
-            "one failed renewal, then a pause"
+            "one failed renewal for many callers, then a pause"
+        );
+        assert!(
+            !auth.fit_for_long_operations(&client).await,
+            "no migration starts on a token Keystone cannot renew"
         );
 
-        keystone.mode.store(ISSUE, Ordering::SeqCst);
+        keystone.mode.store(ISSUE_FRESH, Ordering::SeqCst);
         auth.cached.write().await.as_mut().expect("cached").next_renewal = None;
         assert_eq!(auth.token(&client).await.expect("renewed"), "token-3");
+        assert!(auth.fit_for_long_operations(&client).await);
+        assert_eq!(keystone.hits.load(Ordering::SeqCst), 3, "a fresh token is not renewed");
     }
 
     #[tokio::test]

@@ -85,6 +85,9 @@ impl RequestCounter {
 /// An authenticated Nova (and Placement) client with a negotiated microversion.
 pub struct NovaClient {
     session: Session,
+    /// The session's authentication and HTTP client, kept to ask about the token.
+    auth: KeystoneAuth,
+    http: reqwest::Client,
     /// The versioned compute endpoint (`.../v2.1`) found by discovery.
     compute_url: Url,
     version: Negotiated,
@@ -130,7 +133,7 @@ impl NovaClient {
             .build()
             .map_err(|e| NovaError::Setup(format!("HTTP client: {e}")))?;
         let auth = KeystoneAuth::new(credentials).map_err(|e| NovaError::Setup(e.to_string()))?;
-        let client = osauth::client::AuthenticatedClient::new(http, auth)
+        let client = osauth::client::AuthenticatedClient::new(http.clone(), auth.clone())
             .await
             .map_err(auth_error)?;
         let mut session = Session::new_with_authenticated_client(client);
@@ -153,6 +156,8 @@ impl NovaClient {
         debug!(version = %version.version(), endpoint = %compute_url, "negotiated compute microversion");
         Ok(NovaClient {
             session,
+            auth,
+            http,
             compute_url,
             version,
             requests: RequestCounter::default(),
@@ -299,6 +304,17 @@ impl NovaClient {
             debug!(error = %transient, attempt, "retrying");
             tokio::time::sleep(Duration::from_millis(250 * 2u64.pow(attempt))).await;
         }
+    }
+
+    /// Refuses to start a migration on a token Keystone cannot renew: Nova
+    /// would still need it at the migration's end. Nothing is sent.
+    async fn token_fit_for_migration(&self) -> Result<(), NovaError> {
+        if self.auth.fit_for_long_operations(&self.http).await {
+            return Ok(());
+        }
+        Err(NovaError::Setup(
+            "not starting a migration: the Keystone token is due for renewal and Keystone cannot renew it now".into(),
+        ))
     }
 
     async fn server_action(&self, server_id: &str, body: Value) -> Result<(), NovaError> {
@@ -475,10 +491,12 @@ impl Compute for NovaClient {
         } else {
             json!({ "os-migrateLive": { "host": null, "block_migration": false, "disk_over_commit": false } })
         };
+        self.token_fit_for_migration().await?;
         Ok(self.server_action(server_id, body).await?)
     }
 
     async fn cold_migrate(&self, server_id: &str) -> ComputeResult<()> {
+        self.token_fit_for_migration().await?;
         Ok(self.server_action(server_id, json!({ "migrate": null })).await?)
     }
 

@@ -107,6 +107,20 @@ fn guard_in_place(kube: &KubeApi) -> bool {
             .any(|p| p.metadata.name.as_deref() == Some(GUARD))
 }
 
+async fn wait_phase(kube: &KubeApi, phase: &str, limit: Duration) {
+    eventually(&format!("phase {phase}"), limit, async || {
+        (annotation(kube, "phase").as_deref() == Some(phase)).then_some(())
+    })
+    .await;
+}
+
+async fn wait_guard(kube: &KubeApi, limit: Duration) {
+    eventually("the guard pod and its PDB", limit, async || {
+        guard_in_place(kube).then_some(())
+    })
+    .await;
+}
+
 /// A clean lab and a fake cluster with our node and namespace.
 async fn setup() -> (Lab, KubeApi) {
     let lab = Lab::connect().await;
@@ -128,10 +142,7 @@ async fn kubectl_drain_waits_for_the_vms_and_uncordon_restores_everything() {
     let mut ids = lab.boot(BootSpec::new("dmn-a").count(2)).await;
     ids.extend(lab.boot(BootSpec::new("dmn-d").project("demo")).await);
     let _agent = Agent::start(&kube, &lab, "").await;
-    eventually("the guard before any cordon", Duration::from_secs(20), async || {
-        guard_in_place(&kube).then_some(())
-    })
-    .await;
+    wait_guard(&kube, Duration::from_secs(20)).await;
     eventually("the guard pod Running", Duration::from_secs(10), async || {
         kube.pod(NAMESPACE, GUARD)
             .and_then(|p| p.status)
@@ -195,14 +206,8 @@ async fn kubectl_drain_waits_for_the_vms_and_uncordon_restores_everything() {
         async || (lab.service(NODE).await["status"] == "enabled").then_some(()),
     )
     .await;
-    eventually("the guard back", Duration::from_secs(15), async || {
-        guard_in_place(&kube).then_some(())
-    })
-    .await;
-    eventually("phase Idle", Duration::from_secs(10), async || {
-        (annotation(&kube, "phase").as_deref() == Some("Idle")).then_some(())
-    })
-    .await;
+    wait_guard(&kube, Duration::from_secs(15)).await;
+    wait_phase(&kube, "Idle", Duration::from_secs(10)).await;
     assert!(reasons(&kube).iter().any(|r| r == "NovaComputeEnabled"));
 }
 
@@ -213,10 +218,7 @@ async fn a_node_cordoned_before_start_up_is_evacuated() {
     let ids = lab.boot(BootSpec::new("dmn-pre").count(2)).await;
     kube.set_unschedulable(NODE, true);
     let _agent = Agent::start(&kube, &lab, "").await;
-    eventually("phase Evacuated", Duration::from_secs(60), async || {
-        (annotation(&kube, "phase").as_deref() == Some("Evacuated")).then_some(())
-    })
-    .await;
+    wait_phase(&kube, "Evacuated", Duration::from_secs(60)).await;
     assert!(lab.servers_on(NODE).await.is_empty());
     for id in &ids {
         assert_ne!(host_of(&lab.server(id).await), NODE);
@@ -236,10 +238,7 @@ async fn uncordon_mid_evacuation_aborts_and_re_enables() {
     let (lab, kube) = setup().await;
     let stuck = lab.boot(BootSpec::new("dmn-stall").stall()).await.remove(0);
     let _agent = Agent::start(&kube, &lab, "").await;
-    eventually("the guard", Duration::from_secs(20), async || {
-        guard_in_place(&kube).then_some(())
-    })
-    .await;
+    wait_guard(&kube, Duration::from_secs(20)).await;
     kube.set_unschedulable(NODE, true);
     eventually("the live migration running", Duration::from_secs(30), async || {
         lab.server_migrations(&stuck)
@@ -264,10 +263,7 @@ async fn uncordon_mid_evacuation_aborts_and_re_enables() {
     let history = lab.live_migrations(&stuck).await;
     assert_eq!(history.len(), 1, "{history:?}");
     assert_eq!(history[0]["status"], "cancelled");
-    eventually("the guard back", Duration::from_secs(15), async || {
-        guard_in_place(&kube).then_some(())
-    })
-    .await;
+    wait_guard(&kube, Duration::from_secs(15)).await;
 
     // A quick re-cordon/uncordon flip ends in the right state too, with no duplicate migration.
     kube.set_unschedulable(NODE, true);
@@ -293,16 +289,10 @@ async fn a_service_disabled_by_an_operator_stays_disabled() {
     lab.set_service(NODE, false, Some("RMA 4711: bad DIMM")).await;
     let _agent = Agent::start(&kube, &lab, "").await;
     kube.set_unschedulable(NODE, true);
-    eventually("phase Evacuated", Duration::from_secs(60), async || {
-        (annotation(&kube, "phase").as_deref() == Some("Evacuated")).then_some(())
-    })
-    .await;
+    wait_phase(&kube, "Evacuated", Duration::from_secs(60)).await;
     assert_ne!(host_of(&lab.server(&id).await), NODE);
     kube.set_unschedulable(NODE, false);
-    eventually("phase Idle", Duration::from_secs(20), async || {
-        (annotation(&kube, "phase").as_deref() == Some("Idle")).then_some(())
-    })
-    .await;
+    wait_phase(&kube, "Idle", Duration::from_secs(20)).await;
     let service = lab.service(NODE).await;
     assert_eq!(service["status"], "disabled");
     assert_eq!(service["disabled_reason"], "RMA 4711: bad DIMM");
@@ -314,15 +304,9 @@ async fn nova_api_down_at_the_uncordon_delays_the_re_enable_until_it_is_back() {
     let (lab, kube) = setup().await;
     let id = lab.boot(BootSpec::new("dmn-reenable")).await.remove(0);
     let _agent = Agent::start(&kube, &lab, "").await;
-    eventually("the guard", Duration::from_secs(20), async || {
-        guard_in_place(&kube).then_some(())
-    })
-    .await;
+    wait_guard(&kube, Duration::from_secs(20)).await;
     kube.set_unschedulable(NODE, true);
-    eventually("phase Evacuated", Duration::from_secs(60), async || {
-        (annotation(&kube, "phase").as_deref() == Some("Evacuated")).then_some(())
-    })
-    .await;
+    wait_phase(&kube, "Evacuated", Duration::from_secs(60)).await;
 
     lab_kill("nova-api");
     let restore = RestoreLab;
@@ -354,10 +338,7 @@ async fn sigkill_mid_evacuation_then_restart_resumes_without_duplicate_migration
     let (lab, kube) = setup().await;
     let ids = lab.boot(BootSpec::new("dmn-kill").count(3).flavor("m1.small")).await;
     let mut agent = Agent::start(&kube, &lab, "").await;
-    eventually("the guard", Duration::from_secs(20), async || {
-        guard_in_place(&kube).then_some(())
-    })
-    .await;
+    wait_guard(&kube, Duration::from_secs(20)).await;
     kube.set_unschedulable(NODE, true);
     let migrating = eventually("a migration in flight", Duration::from_secs(30), async || {
         for id in &ids {
@@ -377,12 +358,7 @@ async fn sigkill_mid_evacuation_then_restart_resumes_without_duplicate_migration
     );
 
     let _again = Agent::start(&kube, &lab, "").await;
-    eventually(
-        "phase Evacuated after the restart",
-        Duration::from_secs(90),
-        async || (annotation(&kube, "phase").as_deref() == Some("Evacuated")).then_some(()),
-    )
-    .await;
+    wait_phase(&kube, "Evacuated", Duration::from_secs(90)).await;
     assert!(lab.servers_on(NODE).await.is_empty());
     for id in &ids {
         let history = lab.live_migrations(id).await;
@@ -398,17 +374,11 @@ async fn dropped_watches_and_410_gone_are_survived() {
     let (lab, kube) = setup().await;
     let id = lab.boot(BootSpec::new("dmn-watch")).await.remove(0);
     let _agent = Agent::start(&kube, &lab, "").await;
-    eventually("the guard", Duration::from_secs(20), async || {
-        guard_in_place(&kube).then_some(())
-    })
-    .await;
+    wait_guard(&kube, Duration::from_secs(20)).await;
     kube.drop_watches();
     kube.compact();
     kube.set_unschedulable(NODE, true);
-    eventually("phase Evacuated", Duration::from_secs(60), async || {
-        (annotation(&kube, "phase").as_deref() == Some("Evacuated")).then_some(())
-    })
-    .await;
+    wait_phase(&kube, "Evacuated", Duration::from_secs(60)).await;
     assert_ne!(host_of(&lab.server(&id).await), NODE);
     let relists = kube
         .requests()
@@ -427,10 +397,7 @@ async fn sigterm_stops_within_ten_seconds_and_leaves_the_migration_to_nova() {
     let (lab, kube) = setup().await;
     let stuck = lab.boot(BootSpec::new("dmn-term").stall()).await.remove(0);
     let mut agent = Agent::start(&kube, &lab, "").await;
-    eventually("the guard", Duration::from_secs(20), async || {
-        guard_in_place(&kube).then_some(())
-    })
-    .await;
+    wait_guard(&kube, Duration::from_secs(20)).await;
     kube.set_unschedulable(NODE, true);
     eventually("the live migration running", Duration::from_secs(30), async || {
         lab.server_migrations(&stuck).await.first().map(drop)

@@ -1892,36 +1892,20 @@ fn validate_event(res: Res, ev: &Value, old: Option<&Value>, errs: &mut Vec<(Str
                 "FieldValueInvalid",
             ));
         }
-        if instance.is_empty() {
-            errs.push((
-                "reportingInstance".into(),
-                "Required value".into(),
-                "FieldValueRequired",
-            ));
-        } else if instance.len() > 128 {
-            errs.push((
-                "reportingInstance".into(),
-                "Invalid value: \"\": can have at most 128 characters".into(),
-                "FieldValueInvalid",
-            ));
-        }
-        if action.is_empty() {
-            errs.push(("action".into(), "Required value".into(), "FieldValueRequired"));
-        } else if action.len() > 128 {
-            errs.push((
-                "action".into(),
-                "Invalid value: \"\": can have at most 128 characters".into(),
-                "FieldValueInvalid",
-            ));
-        }
-        if reason.is_empty() {
-            errs.push(("reason".into(), "Required value".into(), "FieldValueRequired"));
-        } else if reason.len() > 128 {
-            errs.push((
-                "reason".into(),
-                "Invalid value: \"\": can have at most 128 characters".into(),
-                "FieldValueInvalid",
-            ));
+        for (field, value) in [
+            ("reportingInstance", &instance),
+            ("action", &action),
+            ("reason", &reason),
+        ] {
+            if value.is_empty() {
+                errs.push((field.into(), "Required value".into(), "FieldValueRequired"));
+            } else if value.len() > 128 {
+                errs.push((
+                    field.into(),
+                    "Invalid value: \"\": can have at most 128 characters".into(),
+                    "FieldValueInvalid",
+                ));
+            }
         }
         if note.len() > 1024 {
             errs.push((

@@ -349,25 +349,44 @@ impl NovaClient {
     }
 
     async fn hypervisors(&self) -> Result<Vec<wire::Hypervisor>, NovaError> {
-        let mut all = Vec::new();
+        let mut query = Vec::new();
+        if self.version.supports(microversion::HYPERVISOR_PAGING) {
+            query.push(("limit", PAGE_SIZE.to_string()));
+        }
+        self.all_pages::<wire::HypervisorsRoot>(&["os-hypervisors", "detail"], &query)
+            .await
+    }
+
+    /// `GET /os-migrations` with these filters, every page of it.
+    async fn migrations(&self, mut query: Vec<(&str, String)>) -> Result<Vec<wire::Migration>, NovaError> {
+        if self.version.supports(microversion::MIGRATION_PAGING) {
+            query.push(("limit", PAGE_SIZE.to_string()));
+        }
+        self.all_pages::<wire::MigrationsRoot>(&["os-migrations"], &query).await
+    }
+
+    /// Every item of a paged list: follows the `next` links Nova adds to each full
+    /// page (pages hold at most its `[api] max_limit` items, whatever `limit` asks).
+    async fn all_pages<P: wire::Paged>(&self, path: &[&str], query: &[(&str, String)]) -> Result<Vec<P::Item>, NovaError> {
+        let mut items = Vec::new();
         let mut marker: Option<String> = None;
         loop {
-            let mut query = Vec::new();
-            if self.version.supports(microversion::HYPERVISOR_PAGING) {
-                query.push(("limit", PAGE_SIZE.to_string()));
-                if let Some(marker) = &marker {
-                    query.push(("marker", marker.clone()));
-                }
+            let mut page_query = query.to_vec();
+            if let Some(marker) = &marker {
+                page_query.push(("marker", marker.clone()));
             }
-            let page: wire::HypervisorsRoot = self
-                .compute(Method::GET, &["os-hypervisors", "detail"], &query, None)
-                .await?;
-            let next = wire::has_next(&page.hypervisors_links);
-            let last = page.hypervisors.last().map(|h| h.id.to_string());
-            all.extend(page.hypervisors);
-            match (next, last) {
-                (true, Some(last)) if marker.as_deref() != Some(last.as_str()) => marker = Some(last),
-                _ => return Ok(all),
+            let page: P = self.compute(Method::GET, path, &page_query, None).await?;
+            let (page_items, links) = page.into_page();
+            items.extend(page_items);
+            let next = wire::next_marker(&links).map_err(|message| NovaError::Transport {
+                method: Method::GET,
+                path: format!("/{}", path.join("/")),
+                message,
+            })?;
+            match next {
+                // A marker that does not move would page for ever.
+                Some(next) if marker.as_deref() != Some(next.as_str()) => marker = Some(next),
+                _ => return Ok(items),
             }
         }
     }
@@ -446,32 +465,21 @@ impl Compute for NovaClient {
     }
 
     async fn servers_on_host(&self, host: &str) -> ComputeResult<Vec<Server>> {
-        let mut servers = Vec::new();
-        let mut marker: Option<String> = None;
-        loop {
-            let mut query = vec![
-                ("all_tenants", "1".to_string()),
-                ("host", host.to_string()),
-                ("limit", PAGE_SIZE.to_string()),
-            ];
-            if let Some(marker) = &marker {
-                query.push(("marker", marker.clone()));
-            }
-            let page: wire::ServersRoot = self.compute(Method::GET, &["servers", "detail"], &query, None).await?;
-            let next = wire::has_next(&page.servers_links);
-            let last = page.servers.last().map(|s| s.id.clone());
-            for server in page.servers {
-                let server = self.to_server(server).await?;
-                // The host filter is exact in Nova; keep only exact matches all the same.
-                if server.host.as_deref() == Some(host) {
-                    servers.push(server);
-                }
-            }
-            match (next, last) {
-                (true, Some(last)) if marker.as_deref() != Some(last.as_str()) => marker = Some(last),
-                _ => return Ok(servers),
+        let query = [
+            ("all_tenants", "1".to_string()),
+            ("host", host.to_string()),
+            ("limit", PAGE_SIZE.to_string()),
+        ];
+        let listed = self.all_pages::<wire::ServersRoot>(&["servers", "detail"], &query).await?;
+        let mut servers = Vec::with_capacity(listed.len());
+        for server in listed {
+            let server = self.to_server(server).await?;
+            // The host filter is exact in Nova; keep only exact matches all the same.
+            if server.host.as_deref() == Some(host) {
+                servers.push(server);
             }
         }
+        Ok(servers)
     }
 
     async fn server(&self, id: &str) -> ComputeResult<Option<Server>> {
@@ -521,16 +529,19 @@ impl Compute for NovaClient {
         if self.version.supports(microversion::SERVER_MIGRATIONS) {
             query.push(("migration_type", migration_type.to_string()));
         }
-        let root: wire::MigrationsRoot = self.compute(Method::GET, &["os-migrations"], &query, None).await?;
-        let mut history: Vec<Migration> = root
-            .migrations
+        let mut history: Vec<Migration> = self
+            .migrations(query)
+            .await?
             .into_iter()
             .filter(|m| m.instance_uuid.as_deref() == Some(server_id))
             .filter(|m| m.migration_type.as_deref().is_none_or(|t| t == migration_type))
             .map(wire::Migration::into_migration)
             .collect();
-        // Newest first whatever the microversion's own ordering.
-        history.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
+        // Newest first whatever the microversion's own ordering. Nova's timestamps
+        // have whole seconds, so ties are broken by the id, an integer: compared as
+        // text "10" would sort before "9".
+        let id_order = |m: &Migration| (m.id.len(), m.id.clone());
+        history.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| id_order(b).cmp(&id_order(a))));
         Ok(history)
     }
 
@@ -539,9 +550,8 @@ impl Compute for NovaClient {
         if self.version.supports(microversion::SERVER_MIGRATIONS) {
             query.push(("migration_type", "migration".to_string()));
         }
-        let root: wire::MigrationsRoot = self.compute(Method::GET, &["os-migrations"], &query, None).await?;
         let mut ids = Vec::new();
-        for migration in root.migrations {
+        for migration in self.migrations(query).await? {
             let (Some(id), Some("migration")) = (migration.instance_uuid, migration.migration_type.as_deref()) else {
                 continue;
             };

@@ -3,18 +3,40 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
+use url::Url;
 
 use crate::evacuation::{ComputeService, Flavor as Resources, Migration as EngineMigration, Server as EngineServer};
 
 #[derive(Deserialize)]
 pub struct Link {
     pub rel: String,
+    #[serde(default)]
+    pub href: String,
 }
 
-/// Whether a page's links announce a next page.
-pub fn has_next(links: &[Link]) -> bool {
-    links.iter().any(|l| l.rel == "next")
+/// One page of a paged Nova list: its items and its links.
+pub trait Paged: DeserializeOwned {
+    type Item;
+    fn into_page(self) -> (Vec<Self::Item>, Vec<Link>);
+}
+
+/// The marker of the next page, read from the page's own `next` link, or `None` on the last page.
+///
+/// Nova writes there the identifier it wants back (a server's UUID, a hypervisor's
+/// id or a migration's UUID, depending on the list and the microversion), so the
+/// client never turns an id into text itself: a hypervisor id once sent with its
+/// JSON quotes made Nova refuse the second page of every hypervisor list.
+pub fn next_marker(links: &[Link]) -> Result<Option<String>, String> {
+    let Some(next) = links.iter().find(|l| l.rel == "next") else {
+        return Ok(None);
+    };
+    let url = Url::parse(&next.href).map_err(|e| format!("next-page link {:?} is not a URL: {e}", next.href))?;
+    url.query_pairs()
+        .find(|(key, _)| key == "marker")
+        .map(|(_, marker)| Some(marker.into_owned()))
+        .ok_or_else(|| format!("next-page link {} has no marker", next.href))
 }
 
 /// A service id is a UUID from 2.53 and an integer before.
@@ -64,6 +86,13 @@ pub struct ServersRoot {
     pub servers: Vec<Server>,
     #[serde(default)]
     pub servers_links: Vec<Link>,
+}
+
+impl Paged for ServersRoot {
+    type Item = Server;
+    fn into_page(self) -> (Vec<Server>, Vec<Link>) {
+        (self.servers, self.servers_links)
+    }
 }
 
 #[derive(Deserialize)]
@@ -168,6 +197,16 @@ impl FlavorDetail {
 #[derive(Deserialize)]
 pub struct MigrationsRoot {
     pub migrations: Vec<Migration>,
+    /// Present from 2.59, when `GET /os-migrations` is paged.
+    #[serde(default)]
+    pub migrations_links: Vec<Link>,
+}
+
+impl Paged for MigrationsRoot {
+    type Item = Migration;
+    fn into_page(self) -> (Vec<Migration>, Vec<Link>) {
+        (self.migrations, self.migrations_links)
+    }
 }
 
 #[derive(Deserialize)]
@@ -211,9 +250,15 @@ pub struct HypervisorsRoot {
     pub hypervisors_links: Vec<Link>,
 }
 
+impl Paged for HypervisorsRoot {
+    type Item = Hypervisor;
+    fn into_page(self) -> (Vec<Hypervisor>, Vec<Link>) {
+        (self.hypervisors, self.hypervisors_links)
+    }
+}
+
 #[derive(Deserialize)]
 pub struct Hypervisor {
-    pub id: Value,
     pub hypervisor_hostname: String,
     #[serde(default)]
     pub service: Option<HypervisorService>,
@@ -303,6 +348,37 @@ mod tests {
         assert_eq!(free(&inventories, &usages, "MEMORY_MB"), 11520 - 1024);
         assert_eq!(free(&inventories, &usages, "VCPU"), 61);
         assert_eq!(free(&inventories, &usages, "DISK_GB"), 0);
+    }
+
+    #[test]
+    fn next_marker_is_taken_verbatim_from_the_next_link() {
+        // Shapes Nova Zed sends with `max_limit = 2` (hypervisor ids are UUIDs from 2.53).
+        let page: HypervisorsRoot = serde_json::from_str(
+            r#"{"hypervisors":[{"id":"5d3c6b5e-0f0e-4a43-9f57-0d9d1d2c3b4a","hypervisor_hostname":"host2"}],
+                "hypervisors_links":[{"rel":"next","href":"http://127.0.0.1:8774/v2.1/os-hypervisors/detail?limit=2&marker=5d3c6b5e-0f0e-4a43-9f57-0d9d1d2c3b4a"}]}"#,
+        )
+        .unwrap();
+        let (_, links) = page.into_page();
+        assert_eq!(
+            next_marker(&links).unwrap().as_deref(),
+            Some("5d3c6b5e-0f0e-4a43-9f57-0d9d1d2c3b4a")
+        );
+        let integer_ids: HypervisorsRoot = serde_json::from_str(
+            r#"{"hypervisors":[],"hypervisors_links":[{"rel":"next","href":"http://nova/v2.1/os-hypervisors/detail?marker=7"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(next_marker(&integer_ids.into_page().1).unwrap().as_deref(), Some("7"));
+        let last: MigrationsRoot = serde_json::from_str(r#"{"migrations":[]}"#).unwrap();
+        assert_eq!(next_marker(&last.into_page().1).unwrap(), None);
+    }
+
+    #[test]
+    fn a_next_link_without_a_marker_is_an_error_not_the_last_page() {
+        let links = vec![Link {
+            rel: "next".into(),
+            href: "http://nova/v2.1/servers/detail?limit=2".into(),
+        }];
+        assert!(next_marker(&links).unwrap_err().contains("no marker"));
     }
 
     #[test]

@@ -12,7 +12,7 @@
 #
 # env: NCOMPUTE (4), ADMIN_PASS (admin), OSLAB_RUN (tests/lab/run),
 #      NOVA_DRIVER (drainlab_driver.DrainLabDriver), MAX_LIVE_MIGRATIONS (1),
-#      NOVA_MAX_LIMIT (5), TOKEN_EXPIRATION (3600),
+#      NOVA_MAX_LIMIT (2), TOKEN_EXPIRATION (3600),
 #      DRAINLAB_MIGRATION_BASE_S (1.0), DRAINLAB_SECONDS_PER_GIB (2.0),
 #      DRAINLAB_PROGRESS_INTERVAL_S (0.5)
 # Works unattended (CI=true, no stdin) on a fresh Debian bookworm with apt
@@ -29,7 +29,7 @@ ADMIN_PASS=${ADMIN_PASS:-admin}
 # fake.FakeDriver: completes at once
 NOVA_DRIVER=${NOVA_DRIVER:-drainlab_driver.DrainLabDriver}
 MAX_LIVE_MIGRATIONS=${MAX_LIVE_MIGRATIONS:-1}   # per compute; nova default 1, 0 = unlimited
-NOVA_MAX_LIMIT=${NOVA_MAX_LIMIT:-5}             # [api] max_limit: servers per page (nova default 1000)
+NOVA_MAX_LIMIT=${NOVA_MAX_LIMIT:-2}             # [api] max_limit: items per page of every list (nova default 1000); 2 so every paged call pages
 TOKEN_EXPIRATION=${TOKEN_EXPIRATION:-3600}      # keystone [token] expiration, seconds
 DBPW=oslab
 PY=/usr/bin/python3          # NOT the pyenv python3 on PATH

@@ -68,9 +68,9 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9102")]
     pub listen: std::net::SocketAddr,
 
-    /// Daemon: image of the guard pod.
-    #[arg(long, value_name = "IMAGE", default_value = "registry.k8s.io/pause:3.10")]
-    pub guard_image: String,
+    /// Daemon: image of the guard pod [default: the agent's own image, read from its pod $POD_NAME].
+    #[arg(long, value_name = "IMAGE")]
+    pub guard_image: Option<String>,
 
     /// Daemon: let `kubectl drain` finish when VMs could not be moved, instead of keeping it waiting.
     #[arg(long)]
@@ -83,6 +83,17 @@ pub struct Cli {
     /// Format of the log lines on standard error.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Modes other than evacuating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Run as the drain guard pod the agent creates on its node: do nothing until
+    /// SIGTERM or SIGINT, then exit 0 (its finalizer, not this process, holds drains).
+    Guard,
 }
 
 /// Report format.
@@ -144,6 +155,13 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::parse_compatible(std::iter::once("drainer").chain(args.iter().copied()).map(String::from))
+    }
+
+    #[test]
+    fn guard_subcommand_needs_nothing_else() {
+        let cli = parse(&["guard"]).unwrap();
+        assert_eq!(cli.command, Some(Command::Guard));
+        assert!(!cli.daemon);
     }
 
     #[test]

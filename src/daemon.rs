@@ -1,16 +1,17 @@
 //! Daemon mode: ties the Node's state to the evacuation engine. Level-
-//! triggered: every decision looks at the Node as it is now (cordoned or not,
-//! and the drain state in its annotations), never at which events were seen,
-//! so a node already cordoned at start-up or after a restart is handled the
-//! same way as a fresh cordon.
+//! triggered: every decision looks at the Node and the guard pod as they are
+//! now (cordoned or not, the drain state in the Node's annotations, the guard
+//! pod's finalizer and phase), never at which events were seen, so a node
+//! already cordoned at start-up or after a restart is handled the same way as
+//! a fresh cordon.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::watcher;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -19,11 +20,12 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::evacuation::{
-    Action, Engine, EvacuationError, Event, Observer, Outcome, Report, RestoreOutcome, RunResult, StopRequest, Target,
+    Action, Compute, Engine, EvacuationError, Event, Observer, Report, RestoreOutcome, RunResult, StopRequest, Target,
 };
-use crate::kube::{DrainState, Guard, NodeEvents, Phase, Severity, record_state, watch_node};
+use crate::kube::guard::{GuardImage, GuardPod};
+use crate::kube::{DrainState, Guard, NodeEvents, Phase, Severity, record_state, watch_guard, watch_node};
 use crate::nova::NovaClient;
-use crate::telemetry::metrics::{Metrics, OutcomeLabel};
+use crate::telemetry::metrics::Metrics;
 
 /// How the agent runs, beside the evacuation settings.
 #[derive(Clone, Debug)]
@@ -31,7 +33,10 @@ pub struct DaemonSettings {
     pub target: Target,
     /// Namespace of the guard pod and budget (the agent's own).
     pub namespace: String,
-    pub guard_image: String,
+    /// Image of the guard pod; `None`: the agent's own image, read from its pod.
+    pub guard_image: Option<String>,
+    /// The agent's own pod (`$POD_NAME`), whose image the guard runs.
+    pub own_pod: Option<String>,
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     pub listen: SocketAddr,
     /// Let `kubectl drain` finish even when VMs could not be moved (after the time-out or failure).
@@ -44,28 +49,31 @@ pub struct DaemonSettings {
 
 /// How long SIGTERM may take: stop starting migrations, record state, exit.
 const SHUTDOWN_BUDGET: Duration = Duration::from_secs(8);
-/// How often, at most, the guard's presence is checked while idle.
-const GUARD_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// How long a guard pod may take to become Running before it is reported.
+const GUARD_GRACE: Duration = Duration::from_secs(60);
+/// Wait before trying again to put the guard in place or release it after an API error.
+const GUARD_RETRY: Duration = Duration::from_secs(10);
 
-/// What the engine's observer hands to the async side (Events, annotations).
-enum Notice {
-    Event {
-        severity: Severity,
-        reason: &'static str,
-        note: String,
-    },
-    Left(usize),
+/// An Event for the publisher task.
+struct Notice {
+    severity: Severity,
+    reason: &'static str,
+    note: String,
 }
 
 struct DaemonObserver {
     notices: mpsc::UnboundedSender<Notice>,
+    /// VMs left, for the agent to record on the Node (it alone writes the annotations).
+    left: mpsc::UnboundedSender<usize>,
     metrics: Arc<Metrics>,
-    total: std::sync::atomic::AtomicUsize,
+    total: AtomicUsize,
+    /// Set once an uncordon asked the engine to abort: what stays is cancelled, not failed.
+    cancelling: Arc<AtomicBool>,
 }
 
 impl DaemonObserver {
     fn send(&self, severity: Severity, reason: &'static str, note: String) {
-        let _ = self.notices.send(Notice::Event { severity, reason, note });
+        let _ = self.notices.send(Notice { severity, reason, note });
     }
 }
 
@@ -105,19 +113,18 @@ impl Observer for DaemonObserver {
             }
             Event::MigrationSucceeded {
                 server,
+                action,
                 destination,
                 seconds,
             } => {
-                self.metrics
-                    .migrations
-                    .get_or_create(&OutcomeLabel {
-                        outcome: "migrated".into(),
-                    })
-                    .inc();
-                self.metrics.migration_duration.observe(*seconds);
+                let reason = if *action == Action::ColdMigrate {
+                    "ColdMigrationSucceeded"
+                } else {
+                    "LiveMigrationSucceeded"
+                };
                 self.send(
                     Severity::Normal,
-                    "LiveMigrationSucceeded",
+                    reason,
                     format!("{} now on {destination} after {seconds:.1} s", vm(server)),
                 )
             }
@@ -130,14 +137,6 @@ impl Observer for DaemonObserver {
                     Some(delay) => format!("retrying in {} s", delay.as_secs()),
                     None => "no attempts left".to_string(),
                 };
-                if retry_in.is_none() {
-                    self.metrics
-                        .migrations
-                        .get_or_create(&OutcomeLabel {
-                            outcome: "failed".into(),
-                        })
-                        .inc();
-                }
                 self.send(
                     Severity::Warning,
                     "LiveMigrationFailed",
@@ -149,39 +148,50 @@ impl Observer for DaemonObserver {
                 "LiveMigrationIntervened",
                 format!("{what} {}: {reason}", vm(server)),
             ),
-            Event::NotMigratable { server, reason } => {
-                self.metrics
-                    .migrations
-                    .get_or_create(&OutcomeLabel {
-                        outcome: "not-migrated".into(),
-                    })
-                    .inc();
-                self.send(
-                    Severity::Warning,
-                    "VMNotMigratable",
-                    format!("{} ({}) stays: {reason}", vm(server), server.status),
-                )
-            }
+            Event::NotMigratable { server, reason } if self.cancelling.load(Ordering::Relaxed) => self.send(
+                Severity::Normal,
+                "MigrationCancelled",
+                format!("{} stays: the uncordon cancelled the evacuation ({reason})", vm(server)),
+            ),
+            Event::NotMigratable { server, reason } => self.send(
+                Severity::Warning,
+                "VMNotMigratable",
+                format!("{} ({}) stays: {reason}", vm(server), server.status),
+            ),
             Event::Progress { done, total, .. } => {
                 let all = self.total.load(Ordering::Relaxed).max(*total);
                 let left = all.saturating_sub(*done);
                 self.metrics.vms_remaining.set(left as i64);
-                let _ = self.notices.send(Notice::Left(left));
+                let _ = self.left.send(left);
             }
         }
     }
 }
 
-/// Shared readiness: the Node watch has listed once and Nova answered.
+/// What `/readyz` reports.
 #[derive(Clone, Default)]
 pub struct Health {
     pub node_synced: Arc<AtomicBool>,
+    guard_problem: Arc<Mutex<Option<String>>>,
+}
+
+impl Health {
+    /// Why drains may not wait for the VMs, if they may not.
+    pub fn guard_problem(&self) -> Option<String> {
+        self.guard_problem.lock().ok().and_then(|p| p.clone())
+    }
+
+    fn set_guard_problem(&self, problem: Option<String>) {
+        if let Ok(mut slot) = self.guard_problem.lock() {
+            *slot = problem;
+        }
+    }
 }
 
 struct Running {
     handle: JoinHandle<Result<Report, EvacuationError>>,
     stop: watch::Sender<StopRequest>,
-    cancelling: bool,
+    cancelling: Arc<AtomicBool>,
 }
 
 struct Agent {
@@ -190,16 +200,29 @@ struct Agent {
     nova: Arc<NovaClient>,
     kube: kube::Client,
     metrics: Arc<Metrics>,
+    health: Health,
     guard: Guard,
+    /// The guard pod as last seen by its watch; `None` until the watch has listed.
+    guard_pod: Option<GuardPod>,
+    /// The guard pod as a list in progress has it so far.
+    guard_listing: GuardPod,
+    guard_image: Option<GuardImage>,
+    /// The last failure to put the guard in place or release it, and since when.
+    guard_error: Option<(Instant, String)>,
+    /// The guard problem last published as an Event, so it is told once.
+    guard_reported: Option<String>,
+    /// Whether the guard has been released for the current cordon (the hypervisor is empty).
+    released: bool,
     node: Option<Node>,
     /// What we last recorded: read from the Node's annotations once at start-up,
     /// then ours (the watch may still deliver older copies of the Node).
     state: Option<DrainState>,
     running: Option<Running>,
     retry_at: Option<Instant>,
-    guard_checked_at: Option<Instant>,
-    released: bool,
+    /// When to look at the guard again (its grace period ends, or a failed call is due again).
+    guard_check_at: Option<Instant>,
     notices: mpsc::UnboundedSender<Notice>,
+    left: mpsc::UnboundedSender<usize>,
     events: Option<NodeEvents>,
 }
 
@@ -213,40 +236,43 @@ pub async fn run(settings: DaemonSettings, mut config: Config, nova: NovaClient,
     crate::telemetry::server::spawn(settings.listen, metrics.clone(), nova.clone(), health.clone());
 
     let (notices_tx, notices_rx) = mpsc::unbounded_channel();
+    let (left_tx, mut left_rx) = mpsc::unbounded_channel();
     let events_slot: Arc<tokio::sync::Mutex<Option<NodeEvents>>> = Arc::default();
-    tokio::spawn(publish_notices(
-        notices_rx,
-        events_slot.clone(),
-        kube.clone(),
-        settings.target.node.clone(),
-    ));
+    tokio::spawn(publish_notices(notices_rx, events_slot.clone()));
 
-    let guard = Guard::new(
-        kube.clone(),
-        &settings.namespace,
-        &settings.target.node,
-        &settings.guard_image,
-    );
+    let guard = Guard::new(kube.clone(), &settings.namespace, &settings.target.node);
+    let guard_stream = watch_guard(kube.clone(), &settings.namespace, guard.name());
     let mut agent = Agent {
+        guard_image: settings.guard_image.clone().map(|image| GuardImage {
+            image,
+            pull_secrets: Vec::new(),
+        }),
         settings,
         config: Arc::new(config),
         nova,
         kube: kube.clone(),
         metrics,
+        health: health.clone(),
         guard,
+        guard_pod: None,
+        guard_listing: GuardPod::Missing,
+        guard_error: None,
+        guard_reported: None,
+        released: false,
         node: None,
         state: None,
         running: None,
         retry_at: None,
-        guard_checked_at: None,
-        released: false,
+        guard_check_at: None,
         notices: notices_tx,
+        left: left_tx,
         events: None,
     };
     agent.set_phase_metric(Phase::Idle);
 
-    let stream = watch_node(kube, &agent.settings.target.node);
-    futures::pin_mut!(stream);
+    let node_stream = watch_node(kube, &agent.settings.target.node);
+    futures::pin_mut!(node_stream);
+    futures::pin_mut!(guard_stream);
     let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(signal) => signal,
         Err(e) => {
@@ -257,12 +283,13 @@ pub async fn run(settings: DaemonSettings, mut config: Config, nova: NovaClient,
     info!(node = %agent.settings.target.node, host = %agent.settings.target.host, "watching the node");
     loop {
         let retry_at = agent.retry_at;
+        let guard_check_at = agent.guard_check_at;
         tokio::select! {
-            item = stream.next() => match item {
+            item = node_stream.next() => match item {
                 Some(Ok(event)) => {
                     match event {
                         watcher::Event::Apply(node) | watcher::Event::InitApply(node) => agent.set_node(node, &events_slot).await,
-                        watcher::Event::Delete(_) => agent.node = None,
+                        watcher::Event::Delete(_) => agent.node_deleted().await,
                         watcher::Event::InitDone => health.node_synced.store(true, Ordering::Relaxed),
                         watcher::Event::Init => {}
                     }
@@ -274,6 +301,19 @@ pub async fn run(settings: DaemonSettings, mut config: Config, nova: NovaClient,
                     return crate::exit::FAILED;
                 }
             },
+            item = guard_stream.next() => match item {
+                Some(Ok(event)) => {
+                    if agent.set_guard_pod(event) {
+                        agent.reconcile().await;
+                    }
+                }
+                Some(Err(e)) => warn!(error = %e, "guard pod watch failed; retrying"),
+                None => {
+                    error!("the guard pod watch ended");
+                    return crate::exit::FAILED;
+                }
+            },
+            Some(left) = left_rx.recv() => agent.record_left(left).await,
             finished = async { (&mut agent.running.as_mut().expect("guarded by the select condition").handle).await }, if agent.running.is_some() => {
                 agent.finished(finished).await;
                 agent.reconcile().await;
@@ -282,51 +322,32 @@ pub async fn run(settings: DaemonSettings, mut config: Config, nova: NovaClient,
                 agent.retry_at = None;
                 agent.reconcile().await;
             }
+            _ = tokio::time::sleep_until(guard_check_at.unwrap_or_else(Instant::now)), if guard_check_at.is_some() => {
+                agent.guard_check_at = None;
+                agent.reconcile().await;
+            }
             _ = terminate.recv() => return agent.shutdown().await,
             _ = tokio::signal::ctrl_c() => return agent.shutdown().await,
         }
     }
 }
 
+/// Logs and publishes Events, off the agent's loop (an API server that is slow
+/// to take Events never holds up an evacuation decision).
 async fn publish_notices(
     mut notices: mpsc::UnboundedReceiver<Notice>,
     events: Arc<tokio::sync::Mutex<Option<NodeEvents>>>,
-    kube: kube::Client,
-    node: String,
 ) {
-    let mut last_left = None;
-    while let Some(notice) = notices.recv().await {
-        match notice {
-            Notice::Event { severity, reason, note } => {
-                match severity {
-                    Severity::Normal => info!(%reason, %note, "event"),
-                    Severity::Warning => warn!(%reason, %note, "event"),
-                }
-                let sink = events.lock().await.clone();
-                if let Some(sink) = sink
-                    && let Err(e) = sink.publish(severity, reason, "Evacuate", &note).await
-                {
-                    warn!(error = %e, %reason, "could not publish an Event");
-                }
-            }
-            Notice::Left(left) if last_left != Some(left) => {
-                last_left = Some(left);
-                let patch = serde_json::json!({"metadata": {"annotations": {
-                    format!("{}vms-left", crate::kube::annotations::PREFIX): left.to_string()
-                }}});
-                let nodes: kube::Api<Node> = kube::Api::all(kube.clone());
-                if let Err(e) = nodes
-                    .patch(
-                        &node,
-                        &kube::api::PatchParams::default(),
-                        &kube::api::Patch::Merge(patch),
-                    )
-                    .await
-                {
-                    warn!(error = %e, "could not record progress on the node");
-                }
-            }
-            Notice::Left(_) => {}
+    while let Some(Notice { severity, reason, note }) = notices.recv().await {
+        match severity {
+            Severity::Normal => info!(%reason, %note, "event"),
+            Severity::Warning => warn!(%reason, %note, "event"),
+        }
+        let sink = events.lock().await.clone();
+        if let Some(sink) = sink
+            && let Err(e) = sink.publish(severity, reason, "Evacuate", &note).await
+        {
+            warn!(error = %e, %reason, "could not publish an Event");
         }
     }
 }
@@ -341,8 +362,29 @@ impl Agent {
         self.node = Some(node);
     }
 
+    /// Takes in a guard pod watch event; true when the pod changed in a way that matters.
+    /// A (re-)list is taken in whole at its end, so a pod it does not repeat counts as gone.
+    fn set_guard_pod(&mut self, event: watcher::Event<Pod>) -> bool {
+        let seen = match event {
+            watcher::Event::Init => {
+                self.guard_listing = GuardPod::Missing;
+                return false;
+            }
+            watcher::Event::InitApply(pod) => {
+                self.guard_listing = GuardPod::of(Some(&pod));
+                return false;
+            }
+            watcher::Event::InitDone => std::mem::replace(&mut self.guard_listing, GuardPod::Missing),
+            watcher::Event::Apply(pod) => GuardPod::of(Some(&pod)),
+            watcher::Event::Delete(_) => GuardPod::Missing,
+        };
+        let changed = self.guard_pod.as_ref() != Some(&seen);
+        self.guard_pod = Some(seen);
+        changed
+    }
+
     fn notice(&self, severity: Severity, reason: &'static str, note: String) {
-        let _ = self.notices.send(Notice::Event { severity, reason, note });
+        let _ = self.notices.send(Notice { severity, reason, note });
     }
 
     fn set_phase_metric(&self, phase: Phase) {
@@ -358,63 +400,202 @@ impl Agent {
         }
     }
 
-    /// Brings the world in line with the Node as it is now.
-    async fn reconcile(&mut self) {
-        let Some(node) = self.node.clone() else { return };
-        let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
-        let state = self.state.get_or_insert_with(|| DrainState::from_node(&node)).clone();
-        if cordoned {
-            if self.running.is_some() {
-                return;
-            }
-            match state.phase {
-                Phase::Evacuated => {
-                    if !self.released {
-                        self.release_guard().await;
-                    }
-                }
-                Phase::Failed | Phase::TimedOut if self.retry_at.is_some() => {}
-                _ => self.start(&node, state).await,
-            }
+    /// Progress of the running evacuation, recorded on the Node by the agent alone:
+    /// a count that arrives after the run ended is stale and dropped.
+    async fn record_left(&mut self, left: usize) {
+        if self.running.is_none() {
             return;
         }
-        if let Some(running) = &mut self.running {
-            if !running.cancelling {
-                info!("node uncordoned: cancelling the evacuation");
-                running.cancelling = true;
-                let _ = running.stop.send(StopRequest::AbortInFlight);
-            }
-            return;
-        }
-        self.retry_at = None;
-        if state.phase != Phase::Idle {
-            self.restore(&node).await;
-        } else if self
-            .guard_checked_at
-            .is_none_or(|t| t.elapsed() >= GUARD_CHECK_INTERVAL)
-        {
-            self.ensure_guard(&node).await;
+        let Some(state) = self.state.clone() else { return };
+        if state.vms_left != Some(left) {
+            self.save(&DrainState {
+                vms_left: Some(left),
+                ..state
+            })
+            .await;
         }
     }
 
-    async fn ensure_guard(&mut self, node: &Node) {
-        match self.guard.ensure(node).await {
-            Ok(()) => {
-                self.guard_checked_at = Some(Instant::now());
-                self.released = false;
+    /// Brings the world in line with the Node and the guard pod as they are now.
+    async fn reconcile(&mut self) {
+        let Some(node) = self.node.clone() else { return };
+        let cordoned = is_cordoned(&node);
+        let state = self.state.get_or_insert_with(|| DrainState::from_node(&node)).clone();
+        if cordoned {
+            if self.running.is_none() {
+                match state.phase {
+                    Phase::Evacuated => {
+                        if !self.released {
+                            self.release_guard().await;
+                        }
+                    }
+                    Phase::Failed | Phase::TimedOut if self.retry_at.is_some() => {}
+                    _ => self.start(state).await,
+                }
             }
-            Err(e) => warn!(error = %e, "could not put the drain guard in place"),
+        } else if let Some(running) = &self.running {
+            if !running.cancelling.swap(true, Ordering::Relaxed) {
+                info!("node uncordoned: cancelling the evacuation");
+                let _ = running.stop.send(StopRequest::AbortInFlight);
+            }
+        } else {
+            self.retry_at = None;
+            if state.phase != Phase::Idle {
+                self.restore().await;
+            }
         }
+        self.tend_guard(&node).await;
+    }
+
+    /// Keeps the guard in place whenever drains must wait, and tells when it cannot.
+    async fn tend_guard(&mut self, node: &Node) {
+        let Some(pod) = self.guard_pod.clone() else { return };
+        let phase = self.state.as_ref().map_or(Phase::Idle, |s| s.phase);
+        let uncordoned_and_idle = !is_cordoned(node) && self.running.is_none() && phase == Phase::Idle;
+        if uncordoned_and_idle {
+            self.released = false;
+        }
+        let result = match &pod {
+            // Deleted or evicted while nothing is to be guarded: let it go (then it is
+            // created again), but only if the hypervisor is empty. A drain that is
+            // still waiting on it must not return while VMs run there.
+            GuardPod::Terminating { held: true } if uncordoned_and_idle => self.let_go_if_safe().await,
+            GuardPod::Terminating { .. } => Ok(()),
+            GuardPod::Missing | GuardPod::Present { held: false, .. } if !self.released => self.ensure_guard(node, &pod).await,
+            _ => Ok(()),
+        };
+        match result {
+            Ok(()) => self.guard_error = None,
+            Err(e) => {
+                warn!(error = %e, "could not tend the drain guard; trying again");
+                let since = self.guard_error.take().map_or_else(Instant::now, |(since, _)| since);
+                self.guard_error = Some((since, e));
+                self.wake_guard_check(Instant::now() + GUARD_RETRY);
+            }
+        }
+        self.report_guard(&pod);
+    }
+
+    async fn ensure_guard(&mut self, node: &Node, pod: &GuardPod) -> Result<(), String> {
+        let image = match &self.guard_image {
+            Some(image) => image.clone(),
+            None => {
+                let own_pod = self
+                    .settings
+                    .own_pod
+                    .clone()
+                    .ok_or("cannot tell the guard's image: pass --guard-image, or set POD_NAME to the agent's pod")?;
+                let image = GuardImage::of_own_pod(self.kube.clone(), &self.settings.namespace, &own_pod).await?;
+                self.guard_image = Some(image.clone());
+                image
+            }
+        };
+        self.guard
+            .ensure(node, &image, pod)
+            .await
+            .map_err(|e| format!("putting the guard {} in place: {e}", self.guard.name()))
+    }
+
+    /// Removes our finalizer from a guard that is being deleted while the node is
+    /// not cordoned, once Nova confirms that no VM is left on the hypervisor.
+    async fn let_go_if_safe(&mut self) -> Result<(), String> {
+        let host = &self.settings.target.host;
+        let servers = self
+            .nova
+            .servers_on_host(host)
+            .await
+            .map_err(|e| format!("listing the servers on {host} before letting the guard go: {e}"))?;
+        if !servers.is_empty() {
+            let problem = format!(
+                "the guard pod {} is being deleted while {} VM(s) run on {host}; it stays until the hypervisor is \
+                 empty (cordon the node to evacuate it)",
+                self.guard.name(),
+                servers.len()
+            );
+            return Err(problem);
+        }
+        self.guard
+            .release()
+            .await
+            .map_err(|e| format!("releasing the guard {}: {e}", self.guard.name()))
     }
 
     async fn release_guard(&mut self) {
         match self.guard.release().await {
-            Ok(_) => self.released = true,
-            Err(e) => warn!(error = %e, "could not release the drain guard"),
+            Ok(()) => self.released = true,
+            Err(e) => {
+                warn!(error = %e, "could not release the drain guard; trying again");
+                self.wake_guard_check(Instant::now() + GUARD_RETRY);
+            }
         }
     }
 
-    async fn start(&mut self, node: &Node, previous: DrainState) {
+    fn wake_guard_check(&mut self, at: Instant) {
+        self.guard_check_at = Some(self.guard_check_at.map_or(at, |t| t.min(at)));
+    }
+
+    /// Reports a guard that cannot keep drains waiting: a Warning Event on the
+    /// Node (once per problem), `/readyz` failing and `nova_drain_guard_ready` 0.
+    fn report_guard(&mut self, pod: &GuardPod) {
+        let name = self.guard.name().to_string();
+        let problem = if self.released {
+            None
+        } else if let Some((since, error)) = &self.guard_error {
+            match since.elapsed() >= GUARD_GRACE {
+                true => Some(error.clone()),
+                false => {
+                    self.wake_guard_check(*since + GUARD_GRACE);
+                    None
+                }
+            }
+        } else {
+            match pod {
+                GuardPod::Present {
+                    running: false,
+                    waiting,
+                    created_at,
+                    ..
+                } => {
+                    let age = created_at
+                        .and_then(|t| jiff::Timestamp::now().duration_since(t).try_into().ok())
+                        .unwrap_or(Duration::ZERO);
+                    if age >= GUARD_GRACE {
+                        Some(format!(
+                            "the guard pod {name} is not Running after {} s ({}): evictions ignore its budget; \
+                             `kubectl drain` still waits on its finalizer, drain tools that do not wait for \
+                             deleted pods will not",
+                            age.as_secs(),
+                            waiting.as_deref().unwrap_or("Pending")
+                        ))
+                    } else {
+                        self.wake_guard_check(Instant::now() + (GUARD_GRACE - age));
+                        None
+                    }
+                }
+                _ => None,
+            }
+        };
+        self.metrics.guard_ready.set(i64::from(problem.is_none()));
+        self.health.set_guard_problem(problem.clone());
+        if problem != self.guard_reported {
+            if let Some(problem) = &problem {
+                self.notice(Severity::Warning, "DrainGuardNotRunning", problem.clone());
+            }
+            self.guard_reported = problem;
+        }
+    }
+
+    /// The Node is gone: nothing can drain it any more, and its guard pod (deleted
+    /// with it by the garbage collector) must not be held by our finalizer for ever.
+    async fn node_deleted(&mut self) {
+        warn!("the node was deleted: releasing its guard");
+        self.node = None;
+        if let Err(e) = self.guard.release().await {
+            warn!(error = %e, "could not release the guard of the deleted node");
+        }
+    }
+
+    async fn start(&mut self, previous: DrainState) {
         let state = DrainState {
             phase: Phase::Evacuating,
             started_at: previous
@@ -430,11 +611,8 @@ impl Agent {
         self.save(&state).await;
         info!("node cordoned: evacuating the hypervisor");
         let (stop, stop_rx) = watch::channel(StopRequest::Continue);
-        let observer = DaemonObserver {
-            notices: self.notices.clone(),
-            metrics: self.metrics.clone(),
-            total: std::sync::atomic::AtomicUsize::new(0),
-        };
+        let cancelling = Arc::new(AtomicBool::new(false));
+        let observer = self.observer(cancelling.clone());
         let nova = self.nova.clone();
         let config = self.config.clone();
         let target = self.settings.target.clone();
@@ -445,17 +623,25 @@ impl Agent {
         self.running = Some(Running {
             handle,
             stop,
-            cancelling: false,
+            cancelling,
         });
-        // A guard missing at cordon time (an agent started on a cordoned node, or deleted
-        // by hand) is put back so drain still waits; done while the engine already works.
-        if !self.released && self.guard_checked_at.is_none() {
-            self.ensure_guard(node).await;
+    }
+
+    fn observer(&self, cancelling: Arc<AtomicBool>) -> DaemonObserver {
+        DaemonObserver {
+            notices: self.notices.clone(),
+            left: self.left.clone(),
+            metrics: self.metrics.clone(),
+            total: AtomicUsize::new(0),
+            cancelling,
         }
     }
 
     async fn finished(&mut self, result: Result<Result<Report, EvacuationError>, tokio::task::JoinError>) {
-        let cancelled = self.running.take().is_some_and(|r| r.cancelling);
+        let cancelled = self
+            .running
+            .take()
+            .is_some_and(|r| r.cancelling.load(Ordering::Relaxed));
         let mut state = DrainState {
             last_error: None,
             ..self.state.clone().unwrap_or_default()
@@ -466,15 +652,7 @@ impl Agent {
                 state.vms_total = Some(report.vms.len());
                 state.vms_left = Some(report.servers_left_on_host);
                 self.metrics.vms_remaining.set(report.servers_left_on_host as i64);
-                for vm in &report.vms {
-                    if matches!(vm.outcome, Outcome::Aborted | Outcome::Deleted | Outcome::InProgress) {
-                        let outcome = serde_json::to_value(&vm.outcome)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_string))
-                            .unwrap_or_default();
-                        self.metrics.migrations.get_or_create(&OutcomeLabel { outcome }).inc();
-                    }
-                }
+                self.metrics.record_report(&report);
                 match report.result {
                     RunResult::Succeeded => {
                         state.phase = Phase::Evacuated;
@@ -493,7 +671,14 @@ impl Agent {
                         return;
                     }
                     RunResult::Interrupted if cancelled => {
-                        info!("evacuation cancelled by the uncordon");
+                        self.notice(
+                            Severity::Normal,
+                            "EvacuationCancelled",
+                            format!(
+                                "the node was uncordoned: {} VM(s) stay on {}",
+                                report.servers_left_on_host, report.host
+                            ),
+                        );
                         self.save(&state).await;
                         return;
                     }
@@ -534,13 +719,10 @@ impl Agent {
         self.retry_at = Some(Instant::now() + self.settings.retry_after_failure);
     }
 
-    /// After an uncordon: re-enable the service if it is still ours, put the guard back.
-    async fn restore(&mut self, node: &Node) {
-        let observer = DaemonObserver {
-            notices: self.notices.clone(),
-            metrics: self.metrics.clone(),
-            total: std::sync::atomic::AtomicUsize::new(0),
-        };
+    /// After an uncordon: re-enable the service if it is still ours (the guard is
+    /// put back by [`Agent::tend_guard`] once the state is Idle).
+    async fn restore(&mut self) {
+        let observer = self.observer(Arc::default());
         let engine = Engine::new(&*self.nova, &self.config.evacuation, &observer);
         match engine.restore(&self.settings.target).await {
             Ok(RestoreOutcome::Enabled) => self.notice(
@@ -563,18 +745,19 @@ impl Agent {
                 return;
             }
         }
-        self.ensure_guard(node).await;
         self.save(&DrainState::default()).await;
         self.metrics.vms_remaining.set(0);
     }
 
     /// SIGTERM: start nothing new, leave in-flight migrations to Nova, record state, exit.
+    /// The guard stays as it is: a drain keeps waiting for the agent's return.
     async fn shutdown(&mut self) -> i32 {
         info!("terminating: starting no more migrations, leaving in-flight ones to Nova");
         if let Some(running) = self.running.take() {
             let _ = running.stop.send(StopRequest::LeaveInFlight);
             match tokio::time::timeout(SHUTDOWN_BUDGET, running.handle).await {
                 Ok(Ok(Ok(report))) => {
+                    self.metrics.record_report(&report);
                     let state = DrainState {
                         vms_left: Some(report.servers_left_on_host),
                         last_error: Some("the agent stopped; the evacuation resumes when it starts again".into()),
@@ -587,6 +770,10 @@ impl Agent {
         }
         crate::exit::DONE
     }
+}
+
+fn is_cordoned(node: &Node) -> bool {
+    node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false)
 }
 
 fn left_behind(report: &Report) -> String {

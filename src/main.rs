@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use nova_kubernetes_drain::cli::{Cli, Output};
+use nova_kubernetes_drain::cli::{Cli, Command, Output};
 use nova_kubernetes_drain::config::{self, Config, ProcessEnvironment};
 use nova_kubernetes_drain::daemon::DaemonSettings;
 use nova_kubernetes_drain::evacuation::{Engine, EvacuationError, Report, RestoreOutcome, StopRequest, Target};
@@ -23,6 +23,9 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(cli.log_format);
+    if cli.command == Some(Command::Guard) {
+        return ExitCode::from(guard() as u8);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -35,6 +38,32 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(runtime.block_on(run(cli)) as u8)
+}
+
+/// The guard pod's process: one thread, no configuration, no network; waits to be told to stop.
+fn guard() -> i32 {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!("cannot start the async runtime: {e}");
+            return exit::FAILED;
+        }
+    };
+    runtime.block_on(async {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(e) => {
+                error!("cannot listen for SIGTERM: {e}");
+                return exit::FAILED;
+            }
+        };
+        info!("guarding: `kubectl drain` of this node waits until the agent has emptied its hypervisor");
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        exit::DONE
+    })
 }
 
 /// Fails with a one-line message and exit code 2.
@@ -139,6 +168,7 @@ async fn daemon(cli: &Cli, config: Config, target: Target, nova: NovaClient) -> 
             .or_else(|| std::env::var("POD_NAMESPACE").ok())
             .unwrap_or_else(|| "nova-drain".to_string()),
         guard_image: cli.guard_image.clone(),
+        own_pod: std::env::var("POD_NAME").ok(),
         listen: cli.listen,
         release_guard_on_failure: cli.release_guard_on_failure,
         retry_after_failure: Duration::from_secs(cli.retry_after_failure.max(1)),

@@ -123,6 +123,7 @@ impl Observer for ConsoleObserver {
                 server,
                 destination,
                 seconds,
+                ..
             } => {
                 info!(server = %server.id, name = %server.name, %destination, seconds, "migrated")
             }
@@ -183,6 +184,8 @@ pub mod metrics {
         pub vms_remaining: Gauge,
         /// 1 for the current evacuation phase, 0 for the others.
         pub phase: Family<PhaseLabel, Gauge>,
+        /// 1 while the guard pod does its job (Running, or held by our finalizer), 0 when drains may not wait.
+        pub guard_ready: Gauge,
         nova_requests: Counter,
         nova_errors: Counter,
         seen_requests: AtomicU64,
@@ -208,6 +211,13 @@ pub mod metrics {
                 "Current evacuation phase (1 = current)",
                 phase.clone(),
             );
+            let guard_ready = Gauge::default();
+            guard_ready.set(1);
+            registry.register(
+                "guard_ready",
+                "1 while the drain guard pod is Running or held by its finalizer; 0 when drains may not wait for the VMs",
+                guard_ready.clone(),
+            );
             let nova_requests = Counter::default();
             registry.register(
                 "nova_requests",
@@ -226,6 +236,7 @@ pub mod metrics {
                 migration_duration,
                 vms_remaining,
                 phase,
+                guard_ready,
                 nova_requests,
                 nova_errors,
                 seen_requests: AtomicU64::new(0),
@@ -244,6 +255,19 @@ pub mod metrics {
                         phase: phase.to_string(),
                     })
                     .set(value);
+            }
+        }
+
+        /// Counts each VM of a finished run once, by its outcome, and the time the moved ones took.
+        pub fn record_report(&self, report: &crate::evacuation::Report) {
+            for vm in &report.vms {
+                let Ok(serde_json::Value::String(outcome)) = serde_json::to_value(&vm.outcome) else {
+                    continue;
+                };
+                self.migrations.get_or_create(&OutcomeLabel { outcome }).inc();
+                if vm.outcome == crate::evacuation::Outcome::Migrated {
+                    self.migration_duration.observe(vm.duration_seconds);
+                }
             }
         }
 
@@ -309,17 +333,24 @@ pub mod server {
     async fn render(State(state): State<AppState>) -> impl IntoResponse {
         let body = state.metrics.render(state.nova.requests(), state.nova.errors());
         (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            // prometheus-client writes OpenMetrics (`# EOF`, `_total` counters), not the 0.0.4 text format.
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         )
     }
 
-    /// Ready once the Node watch has listed the node (Nova auth was checked at start-up).
+    /// Ready once the Node watch has listed the node (Nova auth was checked at
+    /// start-up), and while the guard pod can keep drains waiting.
     async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-        if state.health.node_synced.load(Ordering::Relaxed) {
-            (StatusCode::OK, "ready\n")
-        } else {
-            (StatusCode::SERVICE_UNAVAILABLE, "waiting for the node watch\n")
+        if !state.health.node_synced.load(Ordering::Relaxed) {
+            return (StatusCode::SERVICE_UNAVAILABLE, "waiting for the node watch\n".to_string());
+        }
+        match state.health.guard_problem() {
+            Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n")),
+            None => (StatusCode::OK, "ready\n".to_string()),
         }
     }
 }

@@ -149,6 +149,7 @@ pub enum Event<'a> {
     },
     MigrationSucceeded {
         server: &'a Server,
+        action: Action,
         destination: &'a str,
         seconds: f64,
     },
@@ -1076,6 +1077,7 @@ impl<'a, C: Compute> Engine<'a, C> {
         if report.outcome == Outcome::Migrated {
             self.observer.event(&Event::MigrationSucceeded {
                 server: &flight.job.server,
+                action: flight.job.action,
                 destination: report.destination.as_deref().unwrap_or("?"),
                 seconds: report.duration_seconds,
             });

@@ -1,25 +1,104 @@
-//! The guard that makes `kubectl drain` wait for the VMs: a pause pod on the
-//! node (not part of the DaemonSet, owned by the Node so drain evicts it
-//! without `--force`) held by a PodDisruptionBudget that forbids its eviction
-//! while VMs remain. Releasing the guard deletes the budget, so drain's next
-//! eviction retry succeeds.
+//! The guard that makes `kubectl drain` wait for the VMs.
+//!
+//! A pod on the node (not part of the DaemonSet; owned by the Node, so drain
+//! evicts it without `--force` and it goes when the Node goes) that carries a
+//! finalizer of ours, [`FINALIZER`], removed only once the hypervisor is empty.
+//! `kubectl drain` (like most drain tools) waits after an eviction or a delete
+//! until the pod has disappeared, and a pod with a finalizer does not disappear:
+//! so drain waits whatever happens to the pod. Evicted while Running, deleted
+//! with `--disable-eviction`, evicted at once because it never became Running
+//! (the eviction API ignores budgets for pods that are not Running), deleted by
+//! hand, or the agent restarted meanwhile: the finalizer holds it all the same.
+//!
+//! A PodDisruptionBudget with an integer `minAvailable: 1` sits beside it: while
+//! the pod is Running it makes the eviction itself answer 429, so drain keeps
+//! retrying and the pod keeps running until the hypervisor is empty (the
+//! disruption controller computes an integer `minAvailable` from the selected
+//! pods alone; a `maxUnavailable` would need the Node's scale subresource, which
+//! does not exist, and the budget would only hold because its status is broken).
+//!
+//! Releasing the guard deletes the budget and removes the finalizer, so drain's
+//! next eviction goes through and the pod disappears.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, Node, Pod, PodSpec, SeccompProfile, SecurityContext, Toleration,
+    Capabilities, Container, LocalObjectReference, Node, Pod, PodSpec, ResourceRequirements, SeccompProfile,
+    SecurityContext, Toleration,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
+use serde_json::json;
 use tracing::info;
 
 /// Label on the guard pod and its budget naming the node they guard.
 pub const NODE_LABEL: &str = "nova-kubernetes-drain/node";
 /// Label on every guard budget, so a `PodDisruptionBudgetAtLimit` alert can exclude them.
 pub const GUARD_LABEL: &str = "nova-kubernetes-drain/guard";
+/// Our finalizer on the guard pod: the pod cannot disappear, and so `kubectl
+/// drain` cannot return, until the agent has seen the hypervisor empty.
+pub const FINALIZER: &str = "nova-kubernetes-drain/hypervisor-empty";
+/// The argument that makes the agent's binary run as the guard (see `drainer guard`).
+pub const GUARD_COMMAND: &str = "guard";
+
+/// The guard pod as the agent judges it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuardPod {
+    /// Not there (never created, or gone after its finalizer was removed).
+    Missing,
+    /// Being deleted (evicted, deleted, or its Node deleted); `held` while our finalizer is on it.
+    Terminating { held: bool },
+    /// There and not being deleted.
+    Present {
+        held: bool,
+        /// Running and Ready: only then does the budget protect it from eviction.
+        running: bool,
+        /// Why it is not running, as the kubelet says (`ImagePullBackOff`, `Pending` ...).
+        waiting: Option<String>,
+        created_at: Option<jiff::Timestamp>,
+    },
+}
+
+impl GuardPod {
+    /// Reads what matters from the pod (or its absence).
+    pub fn of(pod: Option<&Pod>) -> GuardPod {
+        let Some(pod) = pod else {
+            return GuardPod::Missing;
+        };
+        let held = pod
+            .metadata
+            .finalizers
+            .as_ref()
+            .is_some_and(|f| f.iter().any(|f| f == FINALIZER));
+        if pod.metadata.deletion_timestamp.is_some() {
+            return GuardPod::Terminating { held };
+        }
+        let status = pod.status.as_ref();
+        let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let running = phase == "Running" && ready;
+        let waiting = if running {
+            None
+        } else {
+            let container_reason = status
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|c| c.iter().find_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone()));
+            Some(container_reason.unwrap_or_else(|| if phase == "Running" { "NotReady".into() } else { phase.into() }))
+        };
+        GuardPod::Present {
+            held,
+            running,
+            waiting,
+            created_at: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        }
+    }
+}
 
 /// The guard pod and budget of one node, in the agent's namespace.
 pub struct Guard {
@@ -27,17 +106,46 @@ pub struct Guard {
     budgets: Api<PodDisruptionBudget>,
     node: String,
     name: String,
-    image: String,
+}
+
+/// What the guard pod runs: the agent's own image, which the node already has.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GuardImage {
+    pub image: String,
+    /// The agent pod's pull secrets, in case the node must pull the image again.
+    pub pull_secrets: Vec<LocalObjectReference>,
+}
+
+impl GuardImage {
+    /// The image of the agent's own container (`drainer`, else the first one) in its pod.
+    pub async fn of_own_pod(client: Client, namespace: &str, pod: &str) -> Result<GuardImage, String> {
+        let pods: Api<Pod> = Api::namespaced(client, namespace);
+        let own = pods
+            .get(pod)
+            .await
+            .map_err(|e| format!("cannot read the agent's own pod {namespace}/{pod} for its image: {e}"))?;
+        let spec = own.spec.unwrap_or_default();
+        let image = spec
+            .containers
+            .iter()
+            .find(|c| c.name == "drainer")
+            .or(spec.containers.first())
+            .and_then(|c| c.image.clone())
+            .ok_or_else(|| format!("the agent's own pod {namespace}/{pod} names no image"))?;
+        Ok(GuardImage {
+            image,
+            pull_secrets: spec.image_pull_secrets.unwrap_or_default(),
+        })
+    }
 }
 
 impl Guard {
-    pub fn new(client: Client, namespace: &str, node: &str, image: &str) -> Guard {
+    pub fn new(client: Client, namespace: &str, node: &str) -> Guard {
         Guard {
             pods: Api::namespaced(client.clone(), namespace),
             budgets: Api::namespaced(client, namespace),
             node: node.to_string(),
             name: guard_name(node),
-            image: image.to_string(),
         }
     }
 
@@ -46,30 +154,103 @@ impl Guard {
         &self.name
     }
 
-    /// Puts the budget and the pod in place if missing; a pod still terminating
-    /// after an eviction is left to go and recreated on a later call.
-    pub async fn ensure(&self, node: &Node) -> Result<(), kube::Error> {
-        if self.budgets.get_opt(&self.name).await?.is_none() {
-            create_ignoring_conflict(&self.budgets, &self.budget(node)).await?;
-            info!(budget = %self.name, "guard budget created");
+    /// Puts the budget and the finalized pod in place. A pod still terminating is
+    /// left alone: it is created again once it is gone (the pod watch says when).
+    pub async fn ensure(&self, node: &Node, image: &GuardImage, current: &GuardPod) -> Result<(), kube::Error> {
+        match self.budgets.get_opt(&self.name).await? {
+            None => {
+                create_ignoring_conflict(&self.budgets, &self.budget(node)).await?;
+                info!(budget = %self.name, "guard budget created");
+            }
+            Some(budget) if budget.spec.as_ref().and_then(|s| s.min_available.as_ref()) != Some(&IntOrString::Int(1)) => {
+                // A budget of an older agent (`maxUnavailable: 0`, which the disruption
+                // controller cannot compute for a Node-owned pod): set ours.
+                let patch = json!({"spec": {"minAvailable": 1, "maxUnavailable": null}});
+                self.budgets
+                    .patch(&self.name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await?;
+                info!(budget = %self.name, "guard budget set to minAvailable: 1");
+            }
+            Some(_) => {}
         }
-        if self.pods.get_opt(&self.name).await?.is_none() {
-            create_ignoring_conflict(&self.pods, &self.pod(node)).await?;
-            info!(pod = %self.name, "guard pod created");
+        match current {
+            GuardPod::Missing => {
+                create_ignoring_conflict(&self.pods, &self.pod(node, image)).await?;
+                info!(pod = %self.name, "guard pod created");
+            }
+            GuardPod::Present { held: false, .. } => {
+                self.add_finalizer().await?;
+                info!(pod = %self.name, "finalizer put on the guard pod");
+            }
+            GuardPod::Present { held: true, .. } | GuardPod::Terminating { .. } => {}
         }
         Ok(())
     }
 
-    /// Deletes the budget: the guard pod may now be evicted and drain can finish.
-    pub async fn release(&self) -> Result<bool, kube::Error> {
+    /// Lets drain finish: deletes the budget and takes our finalizer off the pod.
+    pub async fn release(&self) -> Result<(), kube::Error> {
         match self.budgets.delete(&self.name, &DeleteParams::default()).await {
-            Ok(_) => {
-                info!(budget = %self.name, "guard released");
-                Ok(true)
-            }
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
-            Err(e) => Err(e),
+            Ok(_) => info!(budget = %self.name, "guard budget deleted"),
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(e),
         }
+        self.remove_finalizer().await
+    }
+
+    /// Removes [`FINALIZER`] from the pod, leaving any other finalizer: a JSON patch
+    /// that first tests the list it read, so a concurrent change makes it fail and retry.
+    async fn remove_finalizer(&self) -> Result<(), kube::Error> {
+        loop {
+            let Some(pod) = self.pods.get_opt(&self.name).await? else {
+                return Ok(());
+            };
+            let finalizers = pod.metadata.finalizers.unwrap_or_default();
+            if !finalizers.iter().any(|f| f == FINALIZER) {
+                return Ok(());
+            }
+            let kept: Vec<&String> = finalizers.iter().filter(|f| *f != FINALIZER).collect();
+            let patch: json_patch::Patch = match serde_json::from_value(json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+                {"op": "replace", "path": "/metadata/finalizers", "value": kept},
+            ])) {
+                Ok(patch) => patch,
+                Err(e) => return Err(kube::Error::SerdeError(e)),
+            };
+            match self
+                .pods
+                .patch(&self.name, &PatchParams::default(), &Patch::<()>::Json(patch))
+                .await
+            {
+                Ok(_) => {
+                    info!(pod = %self.name, "guard pod's finalizer removed");
+                    return Ok(());
+                }
+                Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
+                // The list changed under us (422 from the failed test, 409 on a conflict): read again.
+                Err(kube::Error::Api(status)) if matches!(status.code, 409 | 422) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn add_finalizer(&self) -> Result<(), kube::Error> {
+        let Some(pod) = self.pods.get_opt(&self.name).await? else {
+            return Ok(());
+        };
+        let mut finalizers = pod.metadata.finalizers.unwrap_or_default();
+        if finalizers.iter().any(|f| f == FINALIZER) {
+            return Ok(());
+        }
+        finalizers.push(FINALIZER.to_string());
+        // The resourceVersion makes it a conditional update: lost races answer 409.
+        let patch = json!({"metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": pod.metadata.resource_version,
+        }});
+        self.pods
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map(drop)
     }
 
     fn labels(&self) -> BTreeMap<String, String> {
@@ -101,9 +282,9 @@ impl Guard {
                 ..ObjectMeta::default()
             },
             spec: Some(PodDisruptionBudgetSpec {
-                max_unavailable: Some(IntOrString::Int(0)),
+                min_available: Some(IntOrString::Int(1)),
                 selector: Some(LabelSelector {
-                    match_labels: Some(BTreeMap::from([(NODE_LABEL.to_string(), label_value(&self.node))])),
+                    match_labels: Some(self.labels()),
                     match_expressions: None,
                 }),
                 ..PodDisruptionBudgetSpec::default()
@@ -112,17 +293,28 @@ impl Guard {
         }
     }
 
-    fn pod(&self, node: &Node) -> Pod {
+    fn pod(&self, node: &Node, image: &GuardImage) -> Pod {
+        let tiny = |cpu: &str, memory: &str| {
+            Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity(cpu.into())),
+                ("memory".to_string(), Quantity(memory.into())),
+            ]))
+        };
         Pod {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
                 labels: Some(self.labels()),
                 annotations: Some(BTreeMap::from([(
                     "kubernetes.io/description".to_string(),
-                    "Keeps `kubectl drain` waiting until nova-kubernetes-drain has moved every VM off this node's hypervisor"
-                        .to_string(),
+                    format!(
+                        "Keeps `kubectl drain` waiting until nova-kubernetes-drain has moved every VM off this node's \
+                         hypervisor. If its agent is gone for good, release it with: kubectl -n NAMESPACE patch pod \
+                         {} --type=json -p '[{{\"op\":\"remove\",\"path\":\"/metadata/finalizers\"}}]'",
+                        self.name
+                    ),
                 )])),
                 owner_references: Some(self.owner(node)),
+                finalizers: Some(vec![FINALIZER.to_string()]),
                 ..ObjectMeta::default()
             },
             spec: Some(PodSpec {
@@ -132,19 +324,27 @@ impl Guard {
                     operator: Some("Exists".into()),
                     ..Toleration::default()
                 }]),
-                priority_class_name: None,
                 termination_grace_period_seconds: Some(0),
                 automount_service_account_token: Some(false),
                 enable_service_links: Some(false),
+                image_pull_secrets: Some(image.pull_secrets.clone()).filter(|s| !s.is_empty()),
                 containers: vec![Container {
-                    name: "pause".into(),
-                    image: Some(self.image.clone()),
+                    name: "guard".into(),
+                    image: Some(image.image.clone()),
+                    image_pull_policy: Some("IfNotPresent".into()),
+                    args: Some(vec![GUARD_COMMAND.into()]),
+                    resources: Some(ResourceRequirements {
+                        requests: tiny("1m", "4Mi"),
+                        limits: tiny("10m", "16Mi"),
+                        ..ResourceRequirements::default()
+                    }),
                     // Meets the `restricted` Pod Security Standard.
                     security_context: Some(SecurityContext {
                         allow_privilege_escalation: Some(false),
                         read_only_root_filesystem: Some(true),
                         run_as_non_root: Some(true),
-                        run_as_user: Some(65535),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
                         capabilities: Some(Capabilities {
                             drop: Some(vec!["ALL".into()]),
                             add: None,
@@ -203,6 +403,8 @@ fn fnv(text: &str) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateWaiting, ContainerStatus, PodCondition, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     #[test]
     fn names_fit_kubernetes_limits() {
@@ -211,5 +413,106 @@ mod tests {
         assert!(guard_name(&long).len() <= 63);
         assert!(label_value(&long).len() <= 63);
         assert_ne!(guard_name(&format!("{long}x")), guard_name(&format!("{long}y")));
+    }
+
+    fn guard(finalizers: &[&str]) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                finalizers: Some(finalizers.iter().map(|f| f.to_string()).collect()),
+                ..ObjectMeta::default()
+            },
+            ..Pod::default()
+        }
+    }
+
+    #[test]
+    fn a_pod_is_judged_by_its_finalizer_deletion_and_readiness() {
+        assert_eq!(GuardPod::of(None), GuardPod::Missing);
+
+        let mut pulling = guard(&[FINALIZER]);
+        pulling.status = Some(PodStatus {
+            phase: Some("Pending".into()),
+            container_statuses: Some(vec![ContainerStatus {
+                state: Some(ContainerState {
+                    waiting: Some(ContainerStateWaiting {
+                        reason: Some("ImagePullBackOff".into()),
+                        message: None,
+                    }),
+                    ..ContainerState::default()
+                }),
+                ..ContainerStatus::default()
+            }]),
+            ..PodStatus::default()
+        });
+        assert!(matches!(
+            GuardPod::of(Some(&pulling)),
+            GuardPod::Present { held: true, running: false, waiting: Some(w), .. } if w == "ImagePullBackOff"
+        ));
+
+        let mut running = guard(&["other.example/keep"]);
+        running.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..PodCondition::default()
+            }]),
+            ..PodStatus::default()
+        });
+        assert!(matches!(
+            GuardPod::of(Some(&running)),
+            GuardPod::Present {
+                held: false,
+                running: true,
+                waiting: None,
+                ..
+            }
+        ));
+
+        running.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        assert_eq!(GuardPod::of(Some(&running)), GuardPod::Terminating { held: false });
+    }
+
+    #[tokio::test]
+    async fn the_guard_pod_holds_drain_and_meets_restricted() {
+        let guard = Guard {
+            pods: Api::namespaced(dummy_client(), "nova-drain"),
+            budgets: Api::namespaced(dummy_client(), "nova-drain"),
+            node: "compute-1".into(),
+            name: guard_name("compute-1"),
+        };
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some("compute-1".into()),
+                uid: Some("u1".into()),
+                ..ObjectMeta::default()
+            },
+            ..Node::default()
+        };
+        let image = GuardImage {
+            image: "registry.example/nova-kubernetes-drain:1.2.3".into(),
+            pull_secrets: vec![],
+        };
+        let pod = guard.pod(&node, &image);
+        assert_eq!(pod.metadata.finalizers, Some(vec![FINALIZER.to_string()]));
+        let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.controller), ("Node", Some(true)));
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.image_pull_secrets, None);
+        let container = &spec.containers[0];
+        assert_eq!(container.image.as_deref(), Some(image.image.as_str()));
+        assert_eq!(container.args, Some(vec!["guard".to_string()]));
+        let security = container.security_context.as_ref().unwrap();
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        let budget = guard.budget(&node).spec.unwrap();
+        assert_eq!(budget.min_available, Some(IntOrString::Int(1)));
+        assert_eq!(budget.max_unavailable, None);
+        assert_eq!(budget.selector.unwrap().match_labels, pod.metadata.labels);
+    }
+
+    fn dummy_client() -> Client {
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        Client::try_from(config).unwrap()
     }
 }

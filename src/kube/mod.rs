@@ -1,11 +1,11 @@
 //! The Kubernetes side: the agent's own Node (watch, annotations), Events
-//! about it, and the guard that keeps `kubectl drain` waiting.
+//! about it, and the guard pod that keeps `kubectl drain` waiting (watched too).
 
 pub mod annotations;
 pub mod guard;
 
 use futures::Stream;
-use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
 use k8s_openapi::api::events::v1::Event as KubeEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Patch, PatchParams, PostParams};
@@ -27,6 +27,17 @@ pub fn watch_node(
     let nodes: Api<Node> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
     watcher(nodes, config).default_backoff()
+}
+
+/// Watches the guard pod alone (field selector on its name), like [`watch_node`].
+pub fn watch_guard(
+    client: Client,
+    namespace: &str,
+    name: &str,
+) -> impl Stream<Item = Result<watcher::Event<Pod>, watcher::Error>> + Send + use<> {
+    let pods: Api<Pod> = Api::namespaced(client, namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watcher(pods, config).default_backoff()
 }
 
 /// Writes the drain state into the Node's annotations (a merge patch: nothing else is touched).

@@ -72,6 +72,10 @@ pub struct Cli {
     #[arg(long, value_name = "IMAGE")]
     pub guard_image: Option<String>,
 
+    /// Daemon: seconds the guard pod may take to become Running before it is reported (Event, /readyz, metric).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub guard_grace: u64,
+
     /// Daemon: let `kubectl drain` finish when VMs could not be moved, instead of keeping it waiting.
     #[arg(long)]
     pub release_guard_on_failure: bool,

@@ -37,6 +37,8 @@ pub struct DaemonSettings {
     pub guard_image: Option<String>,
     /// The agent's own pod (`$POD_NAME`), whose image the guard runs.
     pub own_pod: Option<String>,
+    /// How long the guard pod may take to become Running before it is reported.
+    pub guard_grace: Duration,
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     pub listen: SocketAddr,
     /// Let `kubectl drain` finish even when VMs could not be moved (after the time-out or failure).
@@ -49,8 +51,6 @@ pub struct DaemonSettings {
 
 /// How long SIGTERM may take: stop starting migrations, record state, exit.
 const SHUTDOWN_BUDGET: Duration = Duration::from_secs(8);
-/// How long a guard pod may take to become Running before it is reported.
-const GUARD_GRACE: Duration = Duration::from_secs(60);
 /// Wait before trying again to put the guard in place or release it after an API error.
 const GUARD_RETRY: Duration = Duration::from_secs(10);
 
@@ -461,7 +461,9 @@ impl Agent {
             // still waiting on it must not return while VMs run there.
             GuardPod::Terminating { held: true } if uncordoned_and_idle => self.let_go_if_safe().await,
             GuardPod::Terminating { .. } => Ok(()),
-            GuardPod::Missing | GuardPod::Present { held: false, .. } if !self.released => self.ensure_guard(node, &pod).await,
+            GuardPod::Missing | GuardPod::Present { held: false, .. } if !self.released => {
+                self.ensure_guard(node, &pod).await
+            }
             _ => Ok(()),
         };
         match result {
@@ -480,11 +482,10 @@ impl Agent {
         let image = match &self.guard_image {
             Some(image) => image.clone(),
             None => {
-                let own_pod = self
-                    .settings
-                    .own_pod
-                    .clone()
-                    .ok_or("cannot tell the guard's image: pass --guard-image, or set POD_NAME to the agent's pod")?;
+                let own_pod =
+                    self.settings.own_pod.clone().ok_or(
+                        "cannot tell the guard's image: pass --guard-image, or set POD_NAME to the agent's pod",
+                    )?;
                 let image = GuardImage::of_own_pod(self.kube.clone(), &self.settings.namespace, &own_pod).await?;
                 self.guard_image = Some(image.clone());
                 image
@@ -538,15 +539,15 @@ impl Agent {
     /// Node (once per problem), `/readyz` failing and `nova_drain_guard_ready` 0.
     fn report_guard(&mut self, pod: &GuardPod) {
         let name = self.guard.name().to_string();
+        let grace = self.settings.guard_grace;
         let problem = if self.released {
             None
         } else if let Some((since, error)) = &self.guard_error {
-            match since.elapsed() >= GUARD_GRACE {
-                true => Some(error.clone()),
-                false => {
-                    self.wake_guard_check(*since + GUARD_GRACE);
-                    None
-                }
+            if since.elapsed() >= grace {
+                Some(error.clone())
+            } else {
+                self.wake_guard_check(*since + grace);
+                None
             }
         } else {
             match pod {
@@ -559,7 +560,7 @@ impl Agent {
                     let age = created_at
                         .and_then(|t| jiff::Timestamp::now().duration_since(t).try_into().ok())
                         .unwrap_or(Duration::ZERO);
-                    if age >= GUARD_GRACE {
+                    if age >= grace {
                         Some(format!(
                             "the guard pod {name} is not Running after {} s ({}): evictions ignore its budget; \
                              `kubectl drain` still waits on its finalizer, drain tools that do not wait for \
@@ -568,7 +569,7 @@ impl Agent {
                             waiting.as_deref().unwrap_or("Pending")
                         ))
                     } else {
-                        self.wake_guard_check(Instant::now() + (GUARD_GRACE - age));
+                        self.wake_guard_check(Instant::now() + (grace - age));
                         None
                     }
                 }

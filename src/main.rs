@@ -169,6 +169,7 @@ async fn daemon(cli: &Cli, config: Config, target: Target, nova: NovaClient) -> 
             .unwrap_or_else(|| "nova-drain".to_string()),
         guard_image: cli.guard_image.clone(),
         own_pod: std::env::var("POD_NAME").ok(),
+        guard_grace: Duration::from_secs(cli.guard_grace),
         listen: cli.listen,
         release_guard_on_failure: cli.release_guard_on_failure,
         retry_after_failure: Duration::from_secs(cli.retry_after_failure.max(1)),

@@ -346,7 +346,10 @@ pub mod server {
     /// start-up), and while the guard pod can keep drains waiting.
     async fn ready(State(state): State<AppState>) -> impl IntoResponse {
         if !state.health.node_synced.load(Ordering::Relaxed) {
-            return (StatusCode::SERVICE_UNAVAILABLE, "waiting for the node watch\n".to_string());
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "waiting for the node watch\n".to_string(),
+            );
         }
         match state.health.guard_problem() {
             Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n")),

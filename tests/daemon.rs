@@ -9,6 +9,7 @@ mod support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 use support::kube_api::{DrainOptions, KubeApi};
 use support::openstack::{BootSpec, Lab, RestoreLab, lab_kill};
@@ -19,6 +20,9 @@ const DRAINER: &str = env!("CARGO_BIN_EXE_drainer");
 const NODE: &str = "host1";
 const NAMESPACE: &str = "nova-drain";
 const GUARD: &str = "nova-drain-guard-host1";
+/// The agent's own pod, as its DaemonSet would have made it: the guard runs its image.
+const AGENT_POD: &str = "drainer-host1";
+const AGENT_IMAGE: &str = "localhost/nova-kubernetes-drain:test";
 const FAST: &str = "migration:\n  poll_interval_seconds: 0.2\n  retry_backoff_seconds: 1\n";
 
 struct Agent {
@@ -51,6 +55,7 @@ impl Agent {
             .arg(format!("127.0.0.1:{port}"))
             .env_remove("KUBECONFIG")
             .env_remove("NODE_NAME")
+            .env("POD_NAME", AGENT_POD)
             .kill_on_drop(true)
             .spawn()
             .expect("start drainer -daemon");
@@ -128,7 +133,27 @@ async fn setup() -> (Lab, KubeApi) {
     let kube = KubeApi::start();
     kube.add_namespace(NAMESPACE);
     kube.add_node(NODE);
+    add_agent_pod(&kube).await;
     (lab, kube)
+}
+
+/// The DaemonSet pod the agent runs in (drain skips it with `--ignore-daemonsets`).
+async fn add_agent_pod(kube: &KubeApi) {
+    let daemonset = kube.add_daemonset(NAMESPACE, "drainer");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": AGENT_POD,
+            "labels": {"app": "drainer"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "drainer",
+                                 "uid": daemonset["metadata"]["uid"], "controller": true}],
+        },
+        "spec": {"nodeName": NODE, "containers": [{"name": "drainer", "image": AGENT_IMAGE}]},
+    }))
+    .expect("pod");
+    kube::Api::<Pod>::namespaced(kube.kube_client(), NAMESPACE)
+        .create(&Default::default(), &pod)
+        .await
+        .expect("create the agent's pod");
 }
 
 fn host_of(server: &Value) -> String {

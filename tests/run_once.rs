@@ -166,6 +166,39 @@ async fn cold_migrates_shutoff_and_leaves_error_vms_alone() {
     assert!(lab.live_migrations(&broken).await.is_empty(), "no migration was tried");
 }
 
+/// An interrupted run can leave finished cold migrations unconfirmed. With the
+/// lab's two-item pages, three such records span two pages of `/os-migrations`:
+/// a client that read only the first page would leave one VM in VERIFY_RESIZE.
+#[tokio::test]
+async fn leftover_cold_migrations_on_every_page_are_confirmed() {
+    let _exclusive = Lab::exclusive().await;
+    let lab = Lab::connect().await;
+    lab.reset().await;
+    let ids = lab.boot(BootSpec::new("leftover").count(3)).await;
+    for id in &ids {
+        lab.stop(id).await;
+        lab.action(id, serde_json::json!({"migrate": null})).await;
+    }
+    for id in &ids {
+        lab.wait_server(id, "VERIFY_RESIZE", |s| s["status"] == "VERIFY_RESIZE")
+            .await;
+    }
+
+    let run = drainer(
+        &format!("{}{FAST}", lab.drainer_config()),
+        &["--node", "host1", "--output", "json"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for id in &ids {
+        // Nova confirms asynchronously after accepting `confirmResize`.
+        let server = lab
+            .wait_server(id, "confirmed (SHUTOFF)", |s| s["status"] == "SHUTOFF")
+            .await;
+        assert_ne!(host_of(&server), "host1");
+    }
+}
+
 #[tokio::test]
 async fn stalled_migration_is_aborted_or_force_completed_per_policy() {
     let _exclusive = Lab::exclusive().await;

@@ -86,10 +86,17 @@ impl GuardPod {
         let waiting = if running {
             None
         } else {
-            let container_reason = status
-                .and_then(|s| s.container_statuses.as_ref())
-                .and_then(|c| c.iter().find_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone()));
-            Some(container_reason.unwrap_or_else(|| if phase == "Running" { "NotReady".into() } else { phase.into() }))
+            let container_reason = status.and_then(|s| s.container_statuses.as_ref()).and_then(|c| {
+                c.iter()
+                    .find_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone())
+            });
+            Some(container_reason.unwrap_or_else(|| {
+                if phase == "Running" {
+                    "NotReady".into()
+                } else {
+                    phase.into()
+                }
+            }))
         };
         GuardPod::Present {
             held,
@@ -162,7 +169,9 @@ impl Guard {
                 create_ignoring_conflict(&self.budgets, &self.budget(node)).await?;
                 info!(budget = %self.name, "guard budget created");
             }
-            Some(budget) if budget.spec.as_ref().and_then(|s| s.min_available.as_ref()) != Some(&IntOrString::Int(1)) => {
+            Some(budget)
+                if budget.spec.as_ref().and_then(|s| s.min_available.as_ref()) != Some(&IntOrString::Int(1)) =>
+            {
                 // A budget of an older agent (`maxUnavailable: 0`, which the disruption
                 // controller cannot compute for a Node-owned pod): set ours.
                 let patch = json!({"spec": {"minAvailable": 1, "maxUnavailable": null}});

@@ -367,7 +367,11 @@ impl NovaClient {
 
     /// Every item of a paged list: follows the `next` links Nova adds to each full
     /// page (pages hold at most its `[api] max_limit` items, whatever `limit` asks).
-    async fn all_pages<P: wire::Paged>(&self, path: &[&str], query: &[(&str, String)]) -> Result<Vec<P::Item>, NovaError> {
+    async fn all_pages<P: wire::Paged>(
+        &self,
+        path: &[&str],
+        query: &[(&str, String)],
+    ) -> Result<Vec<P::Item>, NovaError> {
         let mut items = Vec::new();
         let mut marker: Option<String> = None;
         loop {
@@ -470,7 +474,9 @@ impl Compute for NovaClient {
             ("host", host.to_string()),
             ("limit", PAGE_SIZE.to_string()),
         ];
-        let listed = self.all_pages::<wire::ServersRoot>(&["servers", "detail"], &query).await?;
+        let listed = self
+            .all_pages::<wire::ServersRoot>(&["servers", "detail"], &query)
+            .await?;
         let mut servers = Vec::with_capacity(listed.len());
         for server in listed {
             let server = self.to_server(server).await?;
@@ -541,7 +547,11 @@ impl Compute for NovaClient {
         // have whole seconds, so ties are broken by the id, an integer: compared as
         // text "10" would sort before "9".
         let id_order = |m: &Migration| (m.id.len(), m.id.clone());
-        history.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| id_order(b).cmp(&id_order(a))));
+        history.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| id_order(b).cmp(&id_order(a)))
+        });
         Ok(history)
     }
 

@@ -90,15 +90,15 @@ async fn run(cli: Cli) -> i32 {
         host: config.nova_host_for(&node),
         node,
     };
+    if cli.daemon {
+        // The agent reaches Nova by itself, with backoff: an outage at start-up must not crash-loop it.
+        return daemon(&cli, config, target).await;
+    }
     let client = match NovaClient::connect(&config.credentials, config.compute_api_version).await {
         Ok(client) => client,
         Err(e) => return usage(format!("cannot use the cloud: {e}")),
     };
     info!(node = %target.node, host = %target.host, microversion = %client.microversion(), "connected to Nova");
-
-    if cli.daemon {
-        return daemon(&cli, config, target, client).await;
-    }
 
     let observer = telemetry::ConsoleObserver::for_stderr();
     let engine = Engine::new(&client, &config.evacuation, &observer);
@@ -147,7 +147,7 @@ async fn run(cli: Cli) -> i32 {
 }
 
 /// Runs the agent of a DaemonSet pod until it is told to stop.
-async fn daemon(cli: &Cli, config: Config, target: Target, nova: NovaClient) -> i32 {
+async fn daemon(cli: &Cli, config: Config, target: Target) -> i32 {
     let kube_config = match &cli.kubeconfig {
         Some(path) => match kube::config::Kubeconfig::read_from(path) {
             Ok(file) => kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
@@ -176,7 +176,7 @@ async fn daemon(cli: &Cli, config: Config, target: Target, nova: NovaClient) -> 
         instance: std::env::var("POD_NAME").unwrap_or_else(|_| format!("drainer-{}", target.node)),
         target,
     };
-    nova_kubernetes_drain::daemon::run(settings, config, nova, kube).await
+    nova_kubernetes_drain::daemon::run(settings, config, kube).await
 }
 
 fn fail(error: EvacuationError) -> i32 {

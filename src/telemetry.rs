@@ -289,8 +289,8 @@ pub mod metrics {
 /// The agent's small HTTP server: `/metrics`, `/healthz`, `/readyz`.
 pub mod server {
     use std::net::SocketAddr;
-    use std::sync::Arc;
-    use std::sync::atomic::Ordering;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex, OnceLock};
 
     use axum::Router;
     use axum::extract::State;
@@ -300,18 +300,60 @@ pub mod server {
     use tracing::{error, info};
 
     use super::metrics::Metrics;
-    use crate::daemon::Health;
     use crate::nova::NovaClient;
+
+    /// The Nova client once it is connected (the agent starts without it when Nova is down).
+    pub type NovaSlot = Arc<OnceLock<Arc<NovaClient>>>;
+
+    /// What `/readyz` reports: the agent is ready once it has listed its Node and
+    /// reached Nova, and while its guard can keep drains waiting.
+    #[derive(Clone, Default)]
+    pub struct Health {
+        node_listed: Arc<AtomicBool>,
+        compute_ready: Arc<AtomicBool>,
+        guard_problem: Arc<Mutex<Option<String>>>,
+    }
+
+    impl Health {
+        pub fn set_node_listed(&self) {
+            self.node_listed.store(true, Ordering::Relaxed);
+        }
+
+        pub fn set_compute_ready(&self) {
+            self.compute_ready.store(true, Ordering::Relaxed);
+        }
+
+        /// Why drains may not wait for the VMs (`None`: they will).
+        pub fn set_guard_problem(&self, problem: Option<String>) {
+            if let Ok(mut slot) = self.guard_problem.lock() {
+                *slot = problem;
+            }
+        }
+
+        /// `Ok` when ready, else why not.
+        pub fn readiness(&self) -> Result<(), String> {
+            if !self.node_listed.load(Ordering::Relaxed) {
+                return Err("waiting for the node watch".into());
+            }
+            if !self.compute_ready.load(Ordering::Relaxed) {
+                return Err("waiting for Nova and Keystone to answer".into());
+            }
+            match self.guard_problem.lock().ok().and_then(|p| p.clone()) {
+                Some(problem) => Err(problem),
+                None => Ok(()),
+            }
+        }
+    }
 
     #[derive(Clone)]
     struct AppState {
         metrics: Arc<Metrics>,
-        nova: Arc<NovaClient>,
+        nova: NovaSlot,
         health: Health,
     }
 
     /// Serves in the background; a port that cannot be bound is logged, not fatal.
-    pub fn spawn(listen: SocketAddr, metrics: Arc<Metrics>, nova: Arc<NovaClient>, health: Health) {
+    pub fn spawn(listen: SocketAddr, metrics: Arc<Metrics>, nova: NovaSlot, health: Health) {
         let app = Router::new()
             .route("/metrics", get(render))
             .route("/healthz", get(|| async { "ok\n" }))
@@ -331,7 +373,8 @@ pub mod server {
     }
 
     async fn render(State(state): State<AppState>) -> impl IntoResponse {
-        let body = state.metrics.render(state.nova.requests(), state.nova.errors());
+        let (requests, errors) = state.nova.get().map_or((0, 0), |nova| (nova.requests(), nova.errors()));
+        let body = state.metrics.render(requests, errors);
         (
             // prometheus-client writes OpenMetrics (`# EOF`, `_total` counters), not the 0.0.4 text format.
             [(
@@ -342,18 +385,10 @@ pub mod server {
         )
     }
 
-    /// Ready once the Node watch has listed the node (Nova auth was checked at
-    /// start-up), and while the guard pod can keep drains waiting.
     async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-        if !state.health.node_synced.load(Ordering::Relaxed) {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "waiting for the node watch\n".to_string(),
-            );
-        }
-        match state.health.guard_problem() {
-            Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n")),
-            None => (StatusCode::OK, "ready\n".to_string()),
+        match state.health.readiness() {
+            Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         }
     }
 }

@@ -15,4 +15,6 @@ pub use plan::{Action, StatePolicy};
 pub use report::{Outcome, Report, RunResult, VmReport};
 
 #[cfg(test)]
+pub(crate) mod fake;
+#[cfg(test)]
 mod tests;

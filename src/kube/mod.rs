@@ -2,6 +2,7 @@
 //! about it, and the guard pod that keeps `kubectl drain` waiting (watched too).
 
 pub mod annotations;
+pub mod cluster;
 pub mod guard;
 
 use futures::Stream;
@@ -13,7 +14,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
 pub use annotations::{DrainState, Phase};
-pub use guard::Guard;
+pub use cluster::{Cluster, KubeCluster};
+pub use guard::{Guard, GuardPod};
 
 /// Name under which Events are reported.
 pub const CONTROLLER: &str = "nova-kubernetes-drain";

@@ -52,6 +52,21 @@ pub enum NovaError {
     },
     #[error("{0}")]
     Unsupported(String),
+    /// Keystone or the catalog could not be reached, or answered 5xx: may work later.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+impl NovaError {
+    /// Whether trying again later may work (an outage), as opposed to what never
+    /// will (refused credentials, a bad CA bundle, no compute endpoint, no common microversion).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            NovaError::Transport { .. } | NovaError::Unreachable(_) => true,
+            NovaError::Http { status, .. } => status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS,
+            NovaError::Auth(_) | NovaError::Setup(_) | NovaError::Unsupported(_) => false,
+        }
+    }
 }
 
 impl From<NovaError> for ComputeError {
@@ -399,6 +414,10 @@ impl NovaClient {
 fn auth_error(error: osauth::Error) -> NovaError {
     match error.kind() {
         ErrorKind::AuthenticationFailed | ErrorKind::AccessDenied => NovaError::Auth(error.to_string()),
+        ErrorKind::ProtocolError
+        | ErrorKind::InternalServerError
+        | ErrorKind::OperationTimedOut
+        | ErrorKind::InvalidResponse => NovaError::Unreachable(error.to_string()),
         _ => NovaError::Setup(error.to_string()),
     }
 }

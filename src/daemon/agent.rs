@@ -1,0 +1,579 @@
+//! Carries out the steps [`decide`] names: runs the engine, records the drain
+//! state (the only writer of the Node's annotations), tends the guard, tells
+//! what happens (Events, metrics, readiness). Generic over the compute API and
+//! the cluster, so it is tested with a fake cloud and a fake cluster.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::decide::{Evacuation, NodeSeen, Situation, Step, conclude, decide, guard_problem};
+use crate::evacuation::{
+    Action, Compute, Engine, EvacuationError, Event, Observer, Report, RestoreOutcome, Settings, StopRequest, Target,
+};
+use crate::kube::{Cluster, DrainState, GuardPod, Phase, Severity};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::server::Health;
+
+/// How long SIGTERM may take: stop starting migrations, record state, exit.
+const SHUTDOWN_BUDGET: Duration = Duration::from_secs(8);
+/// Wait before trying a failed restore, or a failed guard call, again.
+const RETRY_SOON: Duration = Duration::from_secs(10);
+
+/// What the agent is told: the watches, the Nova connection, signals.
+pub enum Input<C> {
+    /// The Node as it is now; `None`: it was deleted.
+    Node(Option<Node>),
+    /// The Node watch has listed once: the agent can be ready.
+    NodeListed,
+    /// The guard pod as it is now.
+    Guard(GuardPod),
+    /// Nova answered: the evacuation engine can run.
+    ComputeReady(Arc<C>),
+    /// SIGTERM or SIGINT.
+    Terminate,
+}
+
+/// The agent's settings beside the evacuation's.
+#[derive(Clone, Debug)]
+pub struct AgentSettings {
+    pub target: Target,
+    pub evacuation: Settings,
+    pub release_guard_on_failure: bool,
+    pub retry_after_failure: Duration,
+    pub guard_grace: Duration,
+}
+
+struct Running {
+    handle: JoinHandle<Result<Report, EvacuationError>>,
+    stop: watch::Sender<StopRequest>,
+    cancelling: Arc<AtomicBool>,
+}
+
+pub struct Agent<C: Compute + 'static, K: Cluster> {
+    settings: AgentSettings,
+    compute: Option<Arc<C>>,
+    cluster: Arc<K>,
+    metrics: Arc<Metrics>,
+    health: Health,
+    situation: Situation,
+    /// The Node as last seen, for the guard's ownerReference.
+    node: Option<Node>,
+    /// Whether the drain state was read from the Node's annotations yet: only
+    /// once, then ours (the watch may still deliver older copies of the Node).
+    state_loaded: bool,
+    running: Option<Running>,
+    /// Why tending the guard fails, and since when.
+    guard_failing: Option<(Instant, String)>,
+    /// The guard problem last told in an Event, so it is told once.
+    guard_reported: Option<String>,
+    /// When a guard's grace period ends, to look at it again then.
+    guard_check_at: Option<Instant>,
+    /// Wall-clock time at `epoch`: guard pods carry wall-clock creation times,
+    /// the agent's timers run on tokio's clock (paused in tests).
+    epoch: (Instant, jiff::Timestamp),
+    left: mpsc::UnboundedSender<usize>,
+    left_rx: Option<mpsc::UnboundedReceiver<usize>>,
+}
+
+impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
+    pub fn new(settings: AgentSettings, cluster: Arc<K>, metrics: Arc<Metrics>, health: Health) -> Self {
+        let (left, left_rx) = mpsc::unbounded_channel();
+        let agent = Agent {
+            settings,
+            compute: None,
+            cluster,
+            metrics,
+            health,
+            situation: Situation::default(),
+            node: None,
+            state_loaded: false,
+            running: None,
+            guard_failing: None,
+            guard_reported: None,
+            guard_check_at: None,
+            epoch: (Instant::now(), jiff::Timestamp::now()),
+            left,
+            left_rx: Some(left_rx),
+        };
+        agent.set_phase_metric(Phase::Idle);
+        agent
+    }
+
+    /// Runs until told to terminate (or every input is gone); returns the exit code.
+    pub async fn run(mut self, mut inputs: mpsc::Receiver<Input<C>>) -> i32 {
+        let Some(mut left_rx) = self.left_rx.take() else {
+            return crate::exit::FAILED;
+        };
+        loop {
+            let wake = [
+                self.situation.retry_at,
+                self.situation.guard_retry_at,
+                self.guard_check_at,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let evacuating = self.running.is_some();
+            let running = &mut self.running;
+            tokio::select! {
+                input = inputs.recv() => match input {
+                    Some(Input::Terminate) | None => return self.shutdown().await,
+                    Some(input) => self.take(input),
+                },
+                Some(left) = left_rx.recv() => self.record_left(left).await,
+                finished = async { (&mut running.as_mut().expect("guarded by the select condition").handle).await }, if evacuating => {
+                    self.finished(finished).await;
+                }
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
+                    self.guard_check_at = None;
+                }
+            }
+            self.reconcile().await;
+        }
+    }
+
+    fn take(&mut self, input: Input<C>) {
+        match input {
+            Input::Node(Some(node)) => {
+                self.cluster.node_seen(&node);
+                if !self.state_loaded {
+                    self.situation.recorded = DrainState::from_node(&node);
+                    self.set_phase_metric(self.situation.recorded.phase);
+                    self.state_loaded = true;
+                }
+                let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+                self.situation.node = NodeSeen::Present { cordoned };
+                self.node = Some(node);
+            }
+            Input::Node(None) => {
+                if self.situation.node != NodeSeen::Deleted {
+                    warn!("the node was deleted: its guard is released");
+                }
+                self.situation.node = NodeSeen::Deleted;
+            }
+            Input::NodeListed => self.health.set_node_listed(),
+            Input::Guard(pod) => self.situation.guard = Some(pod),
+            Input::ComputeReady(compute) => {
+                self.compute = Some(compute);
+                self.situation.compute_ready = true;
+                self.health.set_compute_ready();
+            }
+            Input::Terminate => {}
+        }
+    }
+
+    /// Carries out what [`decide`] asks until it asks nothing more (each step
+    /// changes what it sees, or sets a time to try again).
+    async fn reconcile(&mut self) {
+        for _ in 0..4 {
+            let steps = decide(&self.situation, Instant::now());
+            if steps.is_empty() {
+                break;
+            }
+            for step in steps {
+                self.carry_out(step).await;
+            }
+        }
+        self.report_guard();
+    }
+
+    async fn carry_out(&mut self, step: Step) {
+        match step {
+            Step::Evacuate => self.evacuate().await,
+            Step::Cancel => {
+                if let Some(running) = &self.running {
+                    info!("node uncordoned: cancelling the evacuation");
+                    running.cancelling.store(true, Ordering::Relaxed);
+                    let _ = running.stop.send(StopRequest::AbortInFlight);
+                }
+                self.situation.evacuation = Evacuation::Cancelling;
+            }
+            Step::Restore => self.restore().await,
+            Step::PutGuard => {
+                let (Some(node), Some(current)) = (self.node.clone(), self.situation.guard.clone()) else {
+                    return;
+                };
+                match self.cluster.put_guard(&node, &current).await {
+                    // What the watch will show; it corrects this if anything differs.
+                    Ok(()) => self.guard_done(Some(GuardPod::Present {
+                        held: true,
+                        running: matches!(current, GuardPod::Present { running: true, .. }),
+                        waiting: None,
+                        created_at: match current {
+                            GuardPod::Present { created_at, .. } => created_at,
+                            _ => Some(self.wall_now()),
+                        },
+                    })),
+                    Err(e) => self.guard_failed(e),
+                }
+            }
+            Step::ReleaseGuard => match self.cluster.release_guard().await {
+                Ok(()) => {
+                    self.situation.released = true;
+                    let gone = match self.situation.guard {
+                        Some(GuardPod::Terminating { .. }) => Some(GuardPod::Terminating { held: false }),
+                        ref other => other.clone(),
+                    };
+                    self.guard_done(gone);
+                }
+                Err(e) => self.guard_failed(e),
+            },
+            Step::LetGuardGoIfEmpty => self.let_guard_go_if_empty().await,
+        }
+    }
+
+    async fn evacuate(&mut self) {
+        let Some(compute) = self.compute.clone() else { return };
+        let previous = self.situation.recorded.clone();
+        let state = DrainState {
+            phase: Phase::Evacuating,
+            started_at: previous
+                .started_at
+                .filter(|_| previous.phase != Phase::Idle)
+                .or_else(|| Some(self.wall_now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string())),
+            last_error: None,
+            ..previous
+        };
+        // Recorded before anything changes in Nova, so a crash after the disable is never forgotten.
+        self.save(state).await;
+        info!("node cordoned: evacuating the hypervisor");
+        let (stop, stop_rx) = watch::channel(StopRequest::Continue);
+        let cancelling = Arc::new(AtomicBool::new(false));
+        let observer = self.observer(cancelling.clone());
+        let settings = self.settings.evacuation.clone();
+        let target = self.settings.target.clone();
+        let handle = tokio::spawn(async move {
+            let engine = Engine::new(&*compute, &settings, &observer);
+            engine.evacuate(&target, stop_rx).await
+        });
+        self.running = Some(Running {
+            handle,
+            stop,
+            cancelling,
+        });
+        self.situation.evacuation = Evacuation::Running;
+        self.situation.retry_at = None;
+    }
+
+    async fn finished(&mut self, result: Result<Result<Report, EvacuationError>, tokio::task::JoinError>) {
+        let cancelled = self
+            .running
+            .take()
+            .is_some_and(|r| r.cancelling.load(Ordering::Relaxed));
+        self.situation.evacuation = Evacuation::None;
+        let result = match result {
+            Ok(Ok(report)) => Ok(report),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("the evacuation task failed: {e}")),
+        };
+        if let Ok(report) = &result {
+            self.metrics.vms_remaining.set(report.servers_left_on_host as i64);
+            self.metrics.record_report(report);
+        }
+        let conclusion = conclude(
+            &self.situation.recorded,
+            result.as_ref().map_err(Clone::clone),
+            cancelled,
+            self.settings.release_guard_on_failure,
+            self.settings.retry_after_failure,
+        );
+        let (severity, reason, note) = conclusion.event;
+        self.cluster.publish(severity, reason, note);
+        self.save(conclusion.state).await;
+        self.situation.retry_at = conclusion.retry_in.map(|delay| Instant::now() + delay);
+        if conclusion.release_guard {
+            self.carry_out(Step::ReleaseGuard).await;
+        }
+    }
+
+    /// After an uncordon: re-enable the service if it is still ours, record Idle.
+    async fn restore(&mut self) {
+        let Some(compute) = self.compute.clone() else { return };
+        let observer = self.observer(Arc::default());
+        let engine = Engine::new(&*compute, &self.settings.evacuation, &observer);
+        let host = self.settings.target.host.clone();
+        match engine.restore(&self.settings.target).await {
+            Ok(RestoreOutcome::Enabled) => self.cluster.publish(
+                Severity::Normal,
+                "NovaComputeEnabled",
+                format!("nova-compute on {host} enabled again"),
+            ),
+            Ok(RestoreOutcome::AlreadyEnabled) => {}
+            Ok(RestoreOutcome::DisabledBySomeoneElse { reason }) => self.cluster.publish(
+                Severity::Normal,
+                "NovaComputeLeftDisabled",
+                format!(
+                    "nova-compute stays disabled: someone else disabled it ({})",
+                    reason.unwrap_or_default()
+                ),
+            ),
+            Err(e) => {
+                warn!(error = %e, "could not re-enable the nova-compute service; will try again");
+                self.situation.retry_at = Some(Instant::now() + RETRY_SOON);
+                return;
+            }
+        }
+        self.situation.retry_at = None;
+        self.situation.released = false;
+        self.metrics.vms_remaining.set(0);
+        self.save(DrainState::default()).await;
+    }
+
+    /// A guard being deleted while nothing is guarded is let go, but only once
+    /// Nova lists no VM on the host: a drain may still be waiting on it.
+    async fn let_guard_go_if_empty(&mut self) {
+        let Some(compute) = self.compute.clone() else { return };
+        let host = self.settings.target.host.clone();
+        let servers = match compute.servers_on_host(&host).await {
+            Ok(servers) => servers,
+            Err(e) => return self.guard_failed(format!("listing the servers on {host}: {e}")),
+        };
+        if !servers.is_empty() {
+            return self.guard_failed(format!(
+                "the guard pod {} is being deleted while {} VM(s) run on {host}: it stays until the hypervisor is \
+                 empty (cordon the node to have it evacuated)",
+                self.cluster.guard_name(),
+                servers.len()
+            ));
+        }
+        match self.cluster.release_guard().await {
+            Ok(()) => self.guard_done(Some(GuardPod::Terminating { held: false })),
+            Err(e) => self.guard_failed(e),
+        }
+    }
+
+    fn guard_done(&mut self, expected: Option<GuardPod>) {
+        self.situation.guard = expected;
+        self.situation.guard_retry_at = None;
+        self.guard_failing = None;
+    }
+
+    fn guard_failed(&mut self, error: String) {
+        warn!(%error, "could not tend the drain guard; trying again");
+        let since = self.guard_failing.take().map_or_else(Instant::now, |(since, _)| since);
+        self.guard_failing = Some((since, error));
+        self.situation.guard_retry_at = Some(Instant::now() + RETRY_SOON);
+    }
+
+    /// Reports a guard that cannot keep drains waiting: a Warning Event on the
+    /// Node (once per problem), `/readyz` failing and `nova_drain_guard_ready` 0.
+    fn report_guard(&mut self) {
+        let now = Instant::now();
+        let grace = self.settings.guard_grace;
+        let wall_now = self.wall_now();
+        let age =
+            |created: jiff::Timestamp| Duration::try_from(wall_now.duration_since(created)).unwrap_or(Duration::ZERO);
+        let failing = self
+            .guard_failing
+            .as_ref()
+            .map(|(since, error)| (now.duration_since(*since), error.as_str()));
+        let name = self.cluster.guard_name().to_string();
+        let problem = guard_problem(
+            self.situation.guard.as_ref(),
+            self.situation.released,
+            failing,
+            age,
+            grace,
+            &name,
+        );
+        if problem.is_none() {
+            // Look again when a grace period that is running out ends.
+            let ends = match (&self.guard_failing, &self.situation.guard) {
+                (Some((since, _)), _) => Some(*since + grace),
+                (
+                    None,
+                    Some(GuardPod::Present {
+                        running: false,
+                        created_at: Some(created),
+                        ..
+                    }),
+                ) => Some(now + grace.saturating_sub(age(*created))),
+                _ => None,
+            };
+            self.guard_check_at = ends.filter(|_| !self.situation.released);
+        }
+        self.metrics.guard_ready.set(i64::from(problem.is_none()));
+        self.health.set_guard_problem(problem.clone());
+        if problem != self.guard_reported {
+            if let Some(problem) = &problem {
+                self.cluster
+                    .publish(Severity::Warning, "DrainGuardNotRunning", problem.clone());
+            }
+            self.guard_reported = problem;
+        }
+    }
+
+    fn wall_now(&self) -> jiff::Timestamp {
+        let elapsed = Instant::now().duration_since(self.epoch.0);
+        jiff::SignedDuration::try_from(elapsed)
+            .ok()
+            .and_then(|d| self.epoch.1.checked_add(d).ok())
+            .unwrap_or(self.epoch.1)
+    }
+
+    fn set_phase_metric(&self, phase: Phase) {
+        let all: Vec<&str> = Phase::ALL.iter().map(|p| p.as_str()).collect();
+        self.metrics.set_phase(phase.as_str(), &all);
+    }
+
+    async fn save(&mut self, state: DrainState) {
+        self.set_phase_metric(state.phase);
+        if let Err(e) = self.cluster.record(&state).await {
+            warn!(error = %e, "could not record the drain state on the node");
+        }
+        self.situation.recorded = state;
+    }
+
+    /// Progress of the running evacuation. Only the agent writes the annotations,
+    /// so a count that arrives after the run ended is stale and dropped.
+    async fn record_left(&mut self, left: usize) {
+        if self.running.is_none() || self.situation.recorded.vms_left == Some(left) {
+            return;
+        }
+        let state = DrainState {
+            vms_left: Some(left),
+            ..self.situation.recorded.clone()
+        };
+        self.save(state).await;
+    }
+
+    fn observer(&self, cancelling: Arc<AtomicBool>) -> AgentObserver<K> {
+        AgentObserver {
+            cluster: self.cluster.clone(),
+            left: self.left.clone(),
+            metrics: self.metrics.clone(),
+            total: AtomicUsize::new(0),
+            cancelling,
+        }
+    }
+
+    /// SIGTERM: start nothing new, leave in-flight migrations to Nova, record state, exit.
+    /// The guard stays as it is: a drain keeps waiting for the agent's return.
+    async fn shutdown(&mut self) -> i32 {
+        info!("terminating: starting no more migrations, leaving in-flight ones to Nova");
+        if let Some(running) = self.running.take() {
+            let _ = running.stop.send(StopRequest::LeaveInFlight);
+            match tokio::time::timeout(SHUTDOWN_BUDGET, running.handle).await {
+                Ok(Ok(Ok(report))) => {
+                    self.metrics.record_report(&report);
+                    let state = DrainState {
+                        vms_left: Some(report.servers_left_on_host),
+                        last_error: Some("the agent stopped; the evacuation resumes when it starts again".into()),
+                        ..self.situation.recorded.clone()
+                    };
+                    self.save(state).await;
+                }
+                _ => warn!("the evacuation did not stop in time; it resumes when the agent starts again"),
+            }
+        }
+        crate::exit::DONE
+    }
+}
+
+/// Turns the engine's events into Kubernetes Events and progress.
+struct AgentObserver<K> {
+    cluster: Arc<K>,
+    left: mpsc::UnboundedSender<usize>,
+    metrics: Arc<Metrics>,
+    total: AtomicUsize,
+    /// Set once an uncordon asked the engine to abort: what stays is cancelled, not failed.
+    cancelling: Arc<AtomicBool>,
+}
+
+fn vm(server: &crate::evacuation::Server) -> String {
+    format!("{} ({})", server.name, server.id)
+}
+
+impl<K: Cluster> Observer for AgentObserver<K> {
+    fn event(&self, event: &Event<'_>) {
+        let publish = |severity, reason, note| self.cluster.publish(severity, reason, note);
+        let cold = |action: &Action| *action == Action::ColdMigrate;
+        match event {
+            Event::ServiceDisabled { reason } => publish(
+                Severity::Normal,
+                "NovaComputeDisabled",
+                format!("nova-compute disabled: {reason}"),
+            ),
+            Event::ServiceAlreadyDisabled { .. } => {}
+            Event::EvacuationStarted { to_move, to_skip } => {
+                self.total.store(to_move + to_skip, Ordering::Relaxed);
+                self.metrics.vms_remaining.set((to_move + to_skip) as i64);
+                publish(
+                    Severity::Normal,
+                    "EvacuationStarted",
+                    format!("moving {to_move} VM(s) off the hypervisor; {to_skip} left in place by policy"),
+                )
+            }
+            Event::MigrationStarted {
+                server,
+                action,
+                attempt,
+            } => publish(
+                Severity::Normal,
+                if cold(action) {
+                    "ColdMigrationStarted"
+                } else {
+                    "LiveMigrationStarted"
+                },
+                format!("{} attempt {attempt}", vm(server)),
+            ),
+            Event::MigrationSucceeded {
+                server,
+                action,
+                destination,
+                seconds,
+            } => publish(
+                Severity::Normal,
+                if cold(action) {
+                    "ColdMigrationSucceeded"
+                } else {
+                    "LiveMigrationSucceeded"
+                },
+                format!("{} now on {destination} after {seconds:.1} s", vm(server)),
+            ),
+            Event::MigrationFailed {
+                server,
+                reason,
+                retry_in,
+            } => {
+                let next = match retry_in {
+                    Some(delay) => format!("retrying in {} s", delay.as_secs()),
+                    None => "no attempts left".to_string(),
+                };
+                publish(
+                    Severity::Warning,
+                    "LiveMigrationFailed",
+                    format!("{}: {reason}; {next}", vm(server)),
+                )
+            }
+            Event::Intervened { server, what, reason } => publish(
+                Severity::Warning,
+                "LiveMigrationIntervened",
+                format!("{what} {}: {reason}", vm(server)),
+            ),
+            Event::NotMigratable { server, reason } if self.cancelling.load(Ordering::Relaxed) => publish(
+                Severity::Normal,
+                "MigrationCancelled",
+                format!("{} stays: the uncordon cancelled the evacuation ({reason})", vm(server)),
+            ),
+            Event::NotMigratable { server, reason } => publish(
+                Severity::Warning,
+                "VMNotMigratable",
+                format!("{} ({}) stays: {reason}", vm(server), server.status),
+            ),
+            Event::Progress { done, total, .. } => {
+                let all = self.total.load(Ordering::Relaxed).max(*total);
+                let left = all.saturating_sub(*done);
+                self.metrics.vms_remaining.set(left as i64);
+                let _ = self.left.send(left);
+            }
+        }
+    }
+}

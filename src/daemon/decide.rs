@@ -1,0 +1,616 @@
+//! The agent's decisions, as plain functions of what it knows: no I/O, no
+//! clock of their own, so every transition is unit-tested below.
+//!
+//! [`decide`] looks at the Node, the recorded drain state, the running
+//! evacuation and the guard pod, and names the steps that bring the world in
+//! line; [`conclude`] says what a finished evacuation means for the record,
+//! the guard and the next try.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::evacuation::{Report, RunResult};
+use crate::kube::guard::GuardPod;
+use crate::kube::{DrainState, Phase, Severity};
+
+/// The agent's own Node as last seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NodeSeen {
+    /// Not listed yet.
+    #[default]
+    Unknown,
+    Present {
+        cordoned: bool,
+    },
+    Deleted,
+}
+
+/// The evacuation task, if one runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Evacuation {
+    #[default]
+    None,
+    Running,
+    /// Asked to abort its in-flight migrations because the node was uncordoned.
+    Cancelling,
+}
+
+/// Everything the decisions depend on.
+#[derive(Clone, Debug, Default)]
+pub struct Situation {
+    pub node: NodeSeen,
+    /// The drain state as last recorded on the Node.
+    pub recorded: DrainState,
+    pub evacuation: Evacuation,
+    /// A failed evacuation or restore is not tried again before this.
+    pub retry_at: Option<Instant>,
+    /// The guard pod; `None` until its watch has listed.
+    pub guard: Option<GuardPod>,
+    /// The guard has been released for the current cordon (drain may finish).
+    pub released: bool,
+    /// Nova and Keystone have answered at least once (the client is set up).
+    pub compute_ready: bool,
+    /// The guard could not be tended; not tried again before this.
+    pub guard_retry_at: Option<Instant>,
+}
+
+/// What the agent does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Record the phase Evacuating, then start the engine.
+    Evacuate,
+    /// Ask the running engine to abort its in-flight migrations.
+    Cancel,
+    /// Re-enable the service if it is still ours, then record Idle.
+    Restore,
+    /// Create the guard pod and budget, or put our finalizer back on the pod.
+    PutGuard,
+    /// Delete the budget and take our finalizer off: drain may finish.
+    ReleaseGuard,
+    /// The guard is being deleted while nothing is to be guarded: release it
+    /// if Nova lists no VM on the host (a drain may still be waiting on it).
+    LetGuardGoIfEmpty,
+}
+
+/// The steps that bring the world in line with the Node as it is now.
+pub fn decide(situation: &Situation, now: Instant) -> Vec<Step> {
+    let due = |at: Option<Instant>| at.is_none_or(|at| at <= now);
+    let phase = situation.recorded.phase;
+    let mut steps = Vec::new();
+    match situation.node {
+        NodeSeen::Unknown => return steps,
+        // Nothing can drain a deleted Node; its guard must not be held for ever.
+        NodeSeen::Deleted => {
+            if !situation.released && due(situation.guard_retry_at) {
+                steps.push(Step::ReleaseGuard);
+            }
+            return steps;
+        }
+        NodeSeen::Present { cordoned: true } => match (situation.evacuation, phase) {
+            (Evacuation::Running | Evacuation::Cancelling, _) => {}
+            (Evacuation::None, Phase::Evacuated) => {
+                if !situation.released && due(situation.guard_retry_at) {
+                    steps.push(Step::ReleaseGuard);
+                }
+            }
+            (Evacuation::None, _) if situation.compute_ready && due(situation.retry_at) => steps.push(Step::Evacuate),
+            (Evacuation::None, _) => {}
+        },
+        NodeSeen::Present { cordoned: false } => match situation.evacuation {
+            Evacuation::Running => steps.push(Step::Cancel),
+            Evacuation::Cancelling => {}
+            Evacuation::None if phase != Phase::Idle => {
+                if situation.compute_ready && due(situation.retry_at) {
+                    steps.push(Step::Restore);
+                }
+            }
+            Evacuation::None => {}
+        },
+    }
+    if let Some(guard) = &situation.guard
+        && due(situation.guard_retry_at)
+    {
+        let idle = situation.node == NodeSeen::Present { cordoned: false }
+            && situation.evacuation == Evacuation::None
+            && phase == Phase::Idle;
+        match guard {
+            GuardPod::Terminating { held: true } if idle && situation.compute_ready => {
+                steps.push(Step::LetGuardGoIfEmpty)
+            }
+            GuardPod::Missing | GuardPod::Present { held: false, .. }
+                if !situation.released && phase != Phase::Evacuated =>
+            {
+                steps.push(Step::PutGuard)
+            }
+            _ => {}
+        }
+    }
+    steps
+}
+
+/// What a finished evacuation means.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conclusion {
+    /// To be recorded on the Node.
+    pub state: DrainState,
+    /// Release the guard: the hypervisor is empty, or the operator asked to let drains finish anyway.
+    pub release_guard: bool,
+    /// Evacuate again after this long if the node stays cordoned.
+    pub retry_in: Option<Duration>,
+    /// The Event that tells it.
+    pub event: (Severity, &'static str, String),
+}
+
+/// Turns the end of an evacuation (its report, or why it could not run) into
+/// the record, the guard's fate, the next try and the Event.
+pub fn conclude(
+    recorded: &DrainState,
+    result: Result<&Report, String>,
+    cancelled: bool,
+    release_guard_on_failure: bool,
+    retry_after_failure: Duration,
+) -> Conclusion {
+    let mut state = DrainState {
+        last_error: None,
+        ..recorded.clone()
+    };
+    let failed = |state: DrainState, reason: &'static str, why: String| Conclusion {
+        state: DrainState {
+            last_error: Some(why.clone()),
+            ..state
+        },
+        release_guard: release_guard_on_failure && !cancelled,
+        retry_in: (!cancelled).then_some(retry_after_failure),
+        event: (Severity::Warning, reason, why),
+    };
+    let report = match result {
+        Ok(report) => report,
+        Err(why) => {
+            state.phase = Phase::Failed;
+            return failed(state, "EvacuationFailed", why);
+        }
+    };
+    state.disabled_by_us = report.service_disabled_by_us;
+    state.vms_total = Some(report.vms.len());
+    state.vms_left = Some(report.servers_left_on_host);
+    match report.result {
+        RunResult::Succeeded => {
+            state.phase = Phase::Evacuated;
+            Conclusion {
+                state,
+                release_guard: true,
+                retry_in: None,
+                event: (
+                    Severity::Normal,
+                    "EvacuationSucceeded",
+                    format!(
+                        "the hypervisor {} is empty ({} VM(s) moved in {:.0} s)",
+                        report.host,
+                        report.vms.len(),
+                        report.duration_seconds
+                    ),
+                ),
+            }
+        }
+        RunResult::Interrupted if cancelled => Conclusion {
+            // The phase stays as it was: the restore that follows records Idle.
+            state,
+            release_guard: false,
+            retry_in: None,
+            event: (
+                Severity::Normal,
+                "EvacuationCancelled",
+                format!(
+                    "the node was uncordoned: {} VM(s) stay on {}",
+                    report.servers_left_on_host, report.host
+                ),
+            ),
+        },
+        RunResult::TimedOut => {
+            state.phase = Phase::TimedOut;
+            failed(state, "EvacuationTimedOut", left_behind(report))
+        }
+        _ => {
+            state.phase = Phase::Failed;
+            failed(state, "EvacuationFailed", left_behind(report))
+        }
+    }
+}
+
+/// Why a guard cannot keep drains waiting, if it cannot: not Running `grace`
+/// after its creation, or not put in place for `grace` because of errors.
+pub fn guard_problem(
+    guard: Option<&GuardPod>,
+    released: bool,
+    failing: Option<(Duration, &str)>,
+    age: impl Fn(jiff::Timestamp) -> Duration,
+    grace: Duration,
+    name: &str,
+) -> Option<String> {
+    if released {
+        return None;
+    }
+    if let Some((failing_for, error)) = failing {
+        return (failing_for >= grace).then(|| error.to_string());
+    }
+    match guard? {
+        GuardPod::Present {
+            running: false,
+            waiting,
+            created_at,
+            ..
+        } => {
+            let age = created_at.map(age).unwrap_or(Duration::ZERO);
+            (age >= grace).then(|| {
+                format!(
+                    "the guard pod {name} is not Running after {} s ({}): evictions ignore its budget; `kubectl \
+                     drain` still waits on its finalizer, drain tools that do not wait for deleted pods will not",
+                    age.as_secs(),
+                    waiting.as_deref().unwrap_or("Pending")
+                )
+            })
+        }
+        _ => None,
+    }
+}
+
+fn left_behind(report: &Report) -> String {
+    let stuck: Vec<String> = report
+        .vms
+        .iter()
+        .filter(|vm| !vm.outcome.is_success())
+        .map(|vm| {
+            format!(
+                "{} ({}): {}",
+                vm.name,
+                vm.id,
+                vm.reason.as_deref().unwrap_or("not moved")
+            )
+        })
+        .collect();
+    format!(
+        "{} server(s) left on {}: {}",
+        report.servers_left_on_host,
+        report.host,
+        stuck.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::evacuation::{Action, Outcome, VmReport};
+
+    fn at(situation: Situation) -> Vec<Step> {
+        decide(&situation, Instant::now())
+    }
+
+    fn node(cordoned: bool) -> NodeSeen {
+        NodeSeen::Present { cordoned }
+    }
+
+    fn in_phase(phase: Phase) -> DrainState {
+        DrainState {
+            phase,
+            ..DrainState::default()
+        }
+    }
+
+    fn running_guard() -> Option<GuardPod> {
+        Some(GuardPod::Present {
+            held: true,
+            running: true,
+            waiting: None,
+            created_at: None,
+        })
+    }
+
+    fn ready(node: NodeSeen, phase: Phase) -> Situation {
+        Situation {
+            node,
+            recorded: in_phase(phase),
+            guard: running_guard(),
+            compute_ready: true,
+            ..Situation::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_happens_before_the_node_is_listed() {
+        let situation = Situation {
+            guard: Some(GuardPod::Missing),
+            compute_ready: true,
+            ..Situation::default()
+        };
+        assert_eq!(at(situation), vec![]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cordon_evacuates_once_nova_is_reachable() {
+        assert_eq!(at(ready(node(true), Phase::Idle)), vec![Step::Evacuate]);
+        // A restarted agent resumes a run it left.
+        assert_eq!(at(ready(node(true), Phase::Evacuating)), vec![Step::Evacuate]);
+        let unreachable = Situation {
+            compute_ready: false,
+            ..ready(node(true), Phase::Idle)
+        };
+        assert_eq!(at(unreachable), vec![]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_an_evacuation_runs_a_cordon_changes_nothing_and_an_uncordon_cancels_it_once() {
+        let running = Situation {
+            evacuation: Evacuation::Running,
+            ..ready(node(true), Phase::Evacuating)
+        };
+        assert_eq!(at(running.clone()), vec![]);
+        let uncordoned = Situation {
+            node: node(false),
+            ..running
+        };
+        assert_eq!(at(uncordoned.clone()), vec![Step::Cancel]);
+        let cancelling = Situation {
+            evacuation: Evacuation::Cancelling,
+            ..uncordoned
+        };
+        assert_eq!(at(cancelling.clone()), vec![]);
+        // Cordoned again before the cancellation ended: wait for it, then evacuate afresh.
+        assert_eq!(
+            at(Situation {
+                node: node(true),
+                ..cancelling
+            }),
+            vec![]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_hypervisor_releases_the_guard_once() {
+        assert_eq!(at(ready(node(true), Phase::Evacuated)), vec![Step::ReleaseGuard]);
+        let released = Situation {
+            released: true,
+            guard: Some(GuardPod::Missing),
+            ..ready(node(true), Phase::Evacuated)
+        };
+        assert_eq!(at(released), vec![], "drain took the pod: not put back while cordoned");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_run_is_tried_again_only_when_due() {
+        let later = Instant::now() + Duration::from_secs(60);
+        let failed = Situation {
+            retry_at: Some(later),
+            ..ready(node(true), Phase::Failed)
+        };
+        assert_eq!(at(failed.clone()), vec![]);
+        assert_eq!(decide(&failed, later), vec![Step::Evacuate]);
+        let timed_out = Situation {
+            recorded: in_phase(Phase::TimedOut),
+            ..failed
+        };
+        assert_eq!(decide(&timed_out, later), vec![Step::Evacuate]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_uncordon_restores_and_a_failed_restore_is_retried_when_due() {
+        for phase in [Phase::Evacuating, Phase::Evacuated, Phase::Failed, Phase::TimedOut] {
+            assert_eq!(at(ready(node(false), phase)), vec![Step::Restore], "{phase:?}");
+        }
+        let later = Instant::now() + Duration::from_secs(10);
+        let nova_down = Situation {
+            retry_at: Some(later),
+            ..ready(node(false), Phase::Evacuated)
+        };
+        assert_eq!(at(nova_down.clone()), vec![]);
+        assert_eq!(decide(&nova_down, later), vec![Step::Restore]);
+        assert_eq!(at(ready(node(false), Phase::Idle)), vec![]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_guard_is_put_back_whenever_drains_must_wait() {
+        for (cordoned, phase) in [(false, Phase::Idle), (true, Phase::Evacuating), (true, Phase::Failed)] {
+            let missing = Situation {
+                guard: Some(GuardPod::Missing),
+                evacuation: if cordoned {
+                    Evacuation::Running
+                } else {
+                    Evacuation::None
+                },
+                ..ready(node(cordoned), phase)
+            };
+            assert_eq!(at(missing), vec![Step::PutGuard], "{cordoned} {phase:?}");
+        }
+        let unfinalized = Situation {
+            guard: Some(GuardPod::Present {
+                held: false,
+                running: true,
+                waiting: None,
+                created_at: None,
+            }),
+            ..ready(node(false), Phase::Idle)
+        };
+        assert_eq!(at(unfinalized), vec![Step::PutGuard]);
+        let not_listed = Situation {
+            guard: None,
+            ..ready(node(false), Phase::Idle)
+        };
+        assert_eq!(at(not_listed), vec![]);
+        let failing = Situation {
+            guard: Some(GuardPod::Missing),
+            guard_retry_at: Some(Instant::now() + Duration::from_secs(10)),
+            ..ready(node(false), Phase::Idle)
+        };
+        assert_eq!(at(failing), vec![]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_guard_being_deleted_holds_while_guarding_and_is_let_go_only_when_idle() {
+        let terminating = Some(GuardPod::Terminating { held: true });
+        let evacuating = Situation {
+            guard: terminating.clone(),
+            evacuation: Evacuation::Running,
+            ..ready(node(true), Phase::Evacuating)
+        };
+        assert_eq!(at(evacuating), vec![], "drain waits on it");
+        let uncordoned_mid_run = Situation {
+            guard: terminating.clone(),
+            evacuation: Evacuation::Cancelling,
+            ..ready(node(false), Phase::Evacuating)
+        };
+        assert_eq!(at(uncordoned_mid_run), vec![]);
+        let idle = Situation {
+            guard: terminating.clone(),
+            ..ready(node(false), Phase::Idle)
+        };
+        assert_eq!(at(idle), vec![Step::LetGuardGoIfEmpty]);
+        let gone_for_good = Situation {
+            guard: Some(GuardPod::Terminating { held: false }),
+            ..ready(node(false), Phase::Idle)
+        };
+        assert_eq!(at(gone_for_good), vec![], "it goes by itself, then it is made again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deleted_node_lets_its_guard_go() {
+        assert_eq!(
+            at(ready(NodeSeen::Deleted, Phase::Evacuating)),
+            vec![Step::ReleaseGuard]
+        );
+        let released = Situation {
+            released: true,
+            ..ready(NodeSeen::Deleted, Phase::Evacuating)
+        };
+        assert_eq!(at(released), vec![]);
+    }
+
+    fn report(result: RunResult, left: usize) -> Report {
+        Report {
+            node: "node-a".into(),
+            host: "cmp-a".into(),
+            result,
+            service_disabled_by_us: true,
+            service_disabled_reason: None,
+            servers_left_on_host: left,
+            duration_seconds: 12.0,
+            vms: vec![VmReport {
+                id: "vm-1".into(),
+                name: "web".into(),
+                project_id: "p".into(),
+                status: "ACTIVE".into(),
+                ram_mb: 512,
+                action: Action::LiveMigrate,
+                source: "cmp-a".into(),
+                destination: None,
+                attempts: 3,
+                duration_seconds: 9.0,
+                outcome: if left == 0 { Outcome::Migrated } else { Outcome::Failed },
+                reason: (left > 0).then(|| "no valid host".to_string()),
+            }],
+        }
+    }
+
+    const RETRY: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn success_records_evacuated_and_releases() {
+        let done = conclude(
+            &in_phase(Phase::Evacuating),
+            Ok(&report(RunResult::Succeeded, 0)),
+            false,
+            false,
+            RETRY,
+        );
+        assert_eq!(done.state.phase, Phase::Evacuated);
+        assert_eq!((done.state.vms_total, done.state.vms_left), (Some(1), Some(0)));
+        assert!(done.state.disabled_by_us);
+        assert!(done.release_guard);
+        assert_eq!(done.retry_in, None);
+        assert_eq!(done.event.1, "EvacuationSucceeded");
+    }
+
+    #[test]
+    fn failure_keeps_the_guard_and_retries_unless_told_to_release() {
+        let failed = conclude(
+            &in_phase(Phase::Evacuating),
+            Ok(&report(RunResult::Failed, 1)),
+            false,
+            false,
+            RETRY,
+        );
+        assert_eq!(failed.state.phase, Phase::Failed);
+        assert!(!failed.release_guard);
+        assert_eq!(failed.retry_in, Some(RETRY));
+        assert_eq!(failed.event.0, Severity::Warning);
+        assert!(
+            failed
+                .state
+                .last_error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("web (vm-1): no valid host")
+        );
+        let released = conclude(
+            &in_phase(Phase::Evacuating),
+            Ok(&report(RunResult::TimedOut, 1)),
+            false,
+            true,
+            RETRY,
+        );
+        assert_eq!(released.state.phase, Phase::TimedOut);
+        assert_eq!(released.event.1, "EvacuationTimedOut");
+        assert!(released.release_guard);
+        let error = conclude(
+            &in_phase(Phase::Evacuating),
+            Err("nova-api: HTTP 503".into()),
+            false,
+            false,
+            RETRY,
+        );
+        assert_eq!(error.state.phase, Phase::Failed);
+        assert_eq!(error.state.last_error.as_deref(), Some("nova-api: HTTP 503"));
+        assert_eq!(error.retry_in, Some(RETRY));
+    }
+
+    #[test]
+    fn a_run_cancelled_by_the_uncordon_is_not_a_failure() {
+        let cancelled = conclude(
+            &in_phase(Phase::Evacuating),
+            Ok(&report(RunResult::Interrupted, 1)),
+            true,
+            true,
+            RETRY,
+        );
+        assert_eq!(cancelled.state.phase, Phase::Evacuating, "the restore records Idle");
+        assert_eq!(cancelled.event.0, Severity::Normal);
+        assert_eq!(cancelled.event.1, "EvacuationCancelled");
+        assert!(!cancelled.release_guard);
+        assert_eq!(cancelled.retry_in, None);
+    }
+
+    #[test]
+    fn a_guard_is_a_problem_only_after_its_grace() {
+        let grace = Duration::from_secs(60);
+        let pending = GuardPod::Present {
+            held: true,
+            running: false,
+            waiting: Some("ImagePullBackOff".into()),
+            created_at: Some(jiff::Timestamp::UNIX_EPOCH),
+        };
+        let age = |secs| move |_| Duration::from_secs(secs);
+        assert_eq!(guard_problem(Some(&pending), false, None, age(59), grace, "g"), None);
+        let problem = guard_problem(Some(&pending), false, None, age(61), grace, "g").unwrap_or_default();
+        assert!(
+            problem.contains("not Running after 61 s (ImagePullBackOff)"),
+            "{problem}"
+        );
+        assert_eq!(guard_problem(Some(&pending), true, None, age(61), grace, "g"), None);
+        let failing = Some((Duration::from_secs(70), "forbidden"));
+        assert_eq!(
+            guard_problem(None, false, failing, age(0), grace, "g").as_deref(),
+            Some("forbidden")
+        );
+        let running = running_guard();
+        assert_eq!(guard_problem(running.as_ref(), false, None, age(600), grace, "g"), None);
+    }
+}

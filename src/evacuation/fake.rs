@@ -1,0 +1,772 @@
+//! [`FakeCloud`], an in-memory Nova for tests of the engine and of the daemon,
+//! on tokio's paused clock: sleeps advance virtual time at once, so every
+//! timing is exact and every test runs in milliseconds.
+//!
+//! The fake is also the written record of what the engine assumes about Nova.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep};
+
+use super::*;
+
+// ---------------------------------------------------------------------------
+// The fake cloud
+// ---------------------------------------------------------------------------
+
+/// The nova-compute host being drained, and its Kubernetes node.
+pub(crate) const SOURCE: &str = "cmp-src";
+pub(crate) const NODE: &str = "node-a";
+/// Nova's `migration_type`s.
+pub(crate) const LIVE: &str = "live-migration";
+pub(crate) const COLD: &str = "migration";
+pub(crate) const MIB: u64 = 1024 * 1024;
+
+pub(crate) fn secs(seconds: u64) -> Duration {
+    Duration::from_secs(seconds)
+}
+
+pub(crate) fn millis(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+/// How one migration of a server goes, as the fake's hypervisors play it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Script {
+    /// Finishes `after` this long, memory copied at an even pace: the server then runs on the destination.
+    Complete { after: Duration },
+    /// Fails `after` this long (the destination refused, the network broke): the server stays ACTIVE on its source.
+    Fail { after: Duration },
+    /// Copies half the memory in `progress_for`, then stops converging: `memory_remaining_bytes` stays where it got
+    /// to and the migration never ends by itself.
+    Stall { progress_for: Duration },
+    /// Never converges because the guest dirties memory as fast as it is copied: each `period` the remaining memory
+    /// falls from half to a quarter of the total, then jumps back up for the next pre-copy pass.
+    Thrash { period: Duration },
+    /// The source finishes `after` this long and marks the migration completed, but the destination never takes the
+    /// server over (its nova-compute died): the server keeps showing `migrating` on its source for ever.
+    DestinationLost { after: Duration },
+}
+
+/// What a migration is given when its server has no script.
+pub(crate) const DEFAULT_SCRIPT: Script = Script::Complete {
+    after: Duration::from_secs(30),
+};
+
+/// What the in-progress migration records say about memory; drivers differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// `memory_total_bytes` and `memory_remaining_bytes` filled in, as libvirt does.
+    Reported,
+    /// Both zero: a driver that tracks nothing.
+    Zero,
+    /// Both null.
+    Missing,
+}
+
+pub(crate) struct FakeVm {
+    pub(crate) server: Server,
+    /// How its successive migrations go; the last one repeats for ever.
+    pub(crate) scripts: VecDeque<Script>,
+    pub(crate) progress: Progress,
+}
+
+impl FakeVm {
+    pub(crate) fn next_script(&mut self) -> Script {
+        if self.scripts.len() > 1 {
+            self.scripts.pop_front().unwrap_or(DEFAULT_SCRIPT)
+        } else {
+            self.scripts.front().copied().unwrap_or(DEFAULT_SCRIPT)
+        }
+    }
+}
+
+/// A migration record, as `os-migrations` keeps it.
+pub(crate) struct FakeMigration {
+    pub(crate) id: String,
+    pub(crate) server_id: String,
+    /// [`LIVE`] or [`COLD`].
+    pub(crate) kind: &'static str,
+    /// Live: running -> completed | error | cancelled.
+    /// Cold: migrating -> finished (server in VERIFY_RESIZE) -> confirmed, or -> error.
+    pub(crate) status: &'static str,
+    pub(crate) source: String,
+    pub(crate) dest: String,
+    pub(crate) script: Script,
+    pub(crate) progress: Progress,
+    pub(crate) total_bytes: u64,
+    pub(crate) started: Instant,
+    pub(crate) ended: Option<Instant>,
+    /// The server's status before a cold migration; the confirmation brings it back (SHUTOFF stays SHUTOFF).
+    pub(crate) status_before: String,
+}
+
+impl FakeMigration {
+    /// Still moving, by itself, towards an end.
+    pub(crate) fn moving(&self) -> bool {
+        matches!(self.status, "running" | "migrating")
+    }
+
+    /// Occupies the source: moving, or a cold migration waiting for its confirmation.
+    pub(crate) fn in_flight(&self) -> bool {
+        self.moving() || self.status == "finished"
+    }
+
+    pub(crate) fn remaining_bytes(&self, now: Instant) -> u64 {
+        if self.status == "completed" {
+            return 0;
+        }
+        let elapsed = self.ended.unwrap_or(now) - self.started;
+        let total = self.total_bytes;
+        let copied = match self.script {
+            Script::Complete { after } | Script::Fail { after } | Script::DestinationLost { after } => {
+                share(total, elapsed.min(after), after)
+            }
+            Script::Stall { progress_for } => share(total / 2, elapsed.min(progress_for), progress_for),
+            Script::Thrash { period } => {
+                let into_pass = Duration::from_nanos((elapsed.as_nanos() % period.as_nanos().max(1)) as u64);
+                total / 2 + share(total / 4, into_pass, period)
+            }
+        };
+        total - copied
+    }
+
+    pub(crate) fn record(&self, now: Instant) -> Migration {
+        let (remaining, total) = match self.progress {
+            Progress::Reported => (Some(self.remaining_bytes(now)), Some(self.total_bytes)),
+            Progress::Zero => (Some(0), Some(0)),
+            Progress::Missing => (None, None),
+        };
+        Migration {
+            id: self.id.clone(),
+            status: self.status.to_string(),
+            source_host: Some(self.source.clone()),
+            dest_host: Some(self.dest.clone()),
+            memory_remaining_bytes: remaining,
+            memory_total_bytes: total,
+            created_at: None,
+        }
+    }
+}
+
+/// `part / whole` of `amount`; all of it when `whole` is zero.
+pub(crate) fn share(amount: u64, part: Duration, whole: Duration) -> u64 {
+    if whole.is_zero() {
+        return amount;
+    }
+    (u128::from(amount) * part.as_nanos() / whole.as_nanos()) as u64
+}
+
+/// Every call the engine made, for the tests to look at. Times are virtual, from the fake's creation (the test's start).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Calls {
+    pub(crate) live_migrate: Vec<(String, Duration)>,
+    pub(crate) cold_migrate: Vec<(String, Duration)>,
+    /// Every migration request, live or cold, in order.
+    pub(crate) starts: Vec<String>,
+    pub(crate) confirm_resize: Vec<String>,
+    pub(crate) abort: Vec<(String, Duration)>,
+    pub(crate) force_complete: Vec<(String, Duration)>,
+    /// The reasons of every disable call.
+    pub(crate) disable: Vec<String>,
+    pub(crate) enable: usize,
+    /// The most migrations in flight from the drained host at once (a cold one until confirmed).
+    pub(crate) max_in_flight: usize,
+}
+
+impl Calls {
+    pub(crate) fn live_migrate_times(&self, server: &str) -> Vec<Duration> {
+        self.live_migrate
+            .iter()
+            .filter(|(id, _)| id == server)
+            .map(|(_, at)| *at)
+            .collect()
+    }
+
+    pub(crate) fn abort_times(&self, server: &str) -> Vec<Duration> {
+        self.abort
+            .iter()
+            .filter(|(id, _)| id == server)
+            .map(|(_, at)| *at)
+            .collect()
+    }
+}
+
+/// A change to the cloud made by someone other than the engine.
+pub(crate) type CloudChange = Box<dyn FnOnce(&mut Cloud) + Send>;
+
+pub(crate) struct Cloud {
+    pub(crate) service: ComputeService,
+    pub(crate) vms: BTreeMap<String, FakeVm>,
+    /// Oldest first.
+    pub(crate) migrations: Vec<FakeMigration>,
+    /// The other hypervisors, as `spare_capacity` reports them and as the scheduler picks destinations.
+    pub(crate) other_hosts: Vec<HostCapacity>,
+    /// The scheduler places round-robin and ignores capacity: capacity is the engine's own pre-check.
+    pub(crate) placed: usize,
+    /// Placement is unreachable: `spare_capacity` fails.
+    pub(crate) placement_down: bool,
+    /// Nova's API is unreachable: every call fails.
+    pub(crate) nova_down: bool,
+    /// Other hosts' services that are disabled or down: (enabled, up).
+    pub(crate) unusable: BTreeMap<String, (bool, bool)>,
+    /// Someone else's change, made right after the next host listing is answered.
+    pub(crate) after_listing: Option<CloudChange>,
+    pub(crate) calls: Calls,
+}
+
+impl Cloud {
+    /// Lets every moving migration end whose time has come.
+    pub(crate) fn settle(&mut self, now: Instant) {
+        for i in 0..self.migrations.len() {
+            let migration = &self.migrations[i];
+            if !migration.moving() {
+                continue;
+            }
+            let elapsed = now - migration.started;
+            match migration.script {
+                Script::Complete { after } if elapsed >= after => self.land(i, now),
+                Script::Fail { after } if elapsed >= after => self.end_on_source(i, "error", now),
+                Script::DestinationLost { after } if elapsed >= after => {
+                    let migration = &mut self.migrations[i];
+                    migration.ended = Some(now);
+                    migration.status = "completed";
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The move succeeded: the server is on the destination (a cold-migrated one in VERIFY_RESIZE).
+    pub(crate) fn land(&mut self, i: usize, now: Instant) {
+        let migration = &mut self.migrations[i];
+        migration.ended = Some(now);
+        migration.status = if migration.kind == LIVE {
+            "completed"
+        } else {
+            "finished"
+        };
+        if let Some(vm) = self.vms.get_mut(&migration.server_id) {
+            vm.server.host = Some(migration.dest.clone());
+            vm.server.task_state = None;
+            if migration.kind == COLD {
+                vm.server.status = "VERIFY_RESIZE".into();
+            }
+        }
+    }
+
+    /// The move failed or was cancelled: the server keeps running on its source, no task.
+    pub(crate) fn end_on_source(&mut self, i: usize, status: &'static str, now: Instant) {
+        let migration = &mut self.migrations[i];
+        migration.ended = Some(now);
+        migration.status = status;
+        if let Some(vm) = self.vms.get_mut(&migration.server_id) {
+            vm.server.task_state = None;
+        }
+    }
+
+    /// What the API does on `os-migrateLive` / `migrate`: refuse (409) a server that is busy or in the wrong state,
+    /// else set the task state at once and let the conductor schedule and move it.
+    pub(crate) fn start_migration(&mut self, server_id: &str, kind: &'static str, now: Instant) -> ComputeResult<()> {
+        let Some(vm) = self.vms.get(server_id) else {
+            return Err(ComputeError::Other(format!(
+                "404: instance {server_id} could not be found"
+            )));
+        };
+        let (action, allowed, task) = if kind == LIVE {
+            ("os-migrateLive", ["ACTIVE", "PAUSED"], "migrating")
+        } else {
+            ("migrate", ["ACTIVE", "SHUTOFF"], "resize_prep")
+        };
+        if let Some(busy) = &vm.server.task_state {
+            return Err(ComputeError::Conflict(format!(
+                "Cannot '{action}' instance {server_id} while it is in task_state {busy}"
+            )));
+        }
+        if !allowed.contains(&vm.server.status.as_str()) {
+            return Err(ComputeError::Conflict(format!(
+                "Cannot '{action}' instance {server_id} while it is in vm_state {}",
+                vm.server.status
+            )));
+        }
+        let source = vm.server.host.clone().unwrap_or_default();
+        let candidates: Vec<String> = self
+            .other_hosts
+            .iter()
+            .filter(|h| h.host != source)
+            .map(|h| h.host.clone())
+            .collect();
+        let dest = candidates.get(self.placed % candidates.len().max(1)).cloned();
+        self.placed += 1;
+
+        let vm = self.vms.get_mut(server_id).expect("looked up above");
+        let mut script = vm.next_script();
+        if dest.is_none() {
+            // NoValidHost: the API has accepted the request; the conductor then fails it.
+            script = Script::Fail { after: Duration::ZERO };
+        }
+        vm.server.task_state = Some(task.into());
+        let migration = FakeMigration {
+            id: (self.migrations.len() + 1).to_string(),
+            server_id: server_id.into(),
+            kind,
+            status: if kind == LIVE { "running" } else { "migrating" },
+            source: source.clone(),
+            dest: dest.unwrap_or_default(),
+            script,
+            progress: vm.progress,
+            total_bytes: vm.server.flavor.ram_mb * MIB,
+            started: now,
+            ended: None,
+            status_before: vm.server.status.clone(),
+        };
+        self.migrations.push(migration);
+        let in_flight = self
+            .migrations
+            .iter()
+            .filter(|m| m.source == source && m.in_flight())
+            .count();
+        self.calls.max_in_flight = self.calls.max_in_flight.max(in_flight);
+        Ok(())
+    }
+
+    /// The running live migration `migration_id` of `server_id`; Nova answers 400 for any other state.
+    pub(crate) fn running_live(&self, server_id: &str, migration_id: &str) -> ComputeResult<usize> {
+        let Some(i) = self
+            .migrations
+            .iter()
+            .position(|m| m.id == migration_id && m.server_id == server_id && m.kind == LIVE)
+        else {
+            return Err(ComputeError::Other(format!("404: migration {migration_id} not found")));
+        };
+        if self.migrations[i].status != "running" {
+            return Err(ComputeError::Conflict(format!(
+                "Migration {migration_id} state of instance {server_id} is {}",
+                self.migrations[i].status
+            )));
+        }
+        Ok(i)
+    }
+}
+
+/// An in-memory Nova with one compute service to drain ([`SOURCE`]) and other hypervisors to move to.
+pub(crate) struct FakeCloud {
+    pub(crate) epoch: Instant,
+    pub(crate) state: Mutex<Cloud>,
+}
+
+impl FakeCloud {
+    pub(crate) fn new() -> Self {
+        let big = |host: &str| HostCapacity {
+            host: host.into(),
+            free_ram_mb: 256 * 1024,
+            free_vcpus: 128,
+            free_disk_gb: 4000,
+        };
+        FakeCloud {
+            epoch: Instant::now(),
+            state: Mutex::new(Cloud {
+                service: ComputeService {
+                    id: "7b8a1a4e-0000-4000-8000-000000000001".into(),
+                    host: SOURCE.into(),
+                    enabled: true,
+                    up: true,
+                    disabled_reason: None,
+                },
+                vms: BTreeMap::new(),
+                migrations: Vec::new(),
+                other_hosts: vec![big("cmp-dst-1"), big("cmp-dst-2")],
+                placed: 0,
+                placement_down: false,
+                nova_down: false,
+                unusable: BTreeMap::new(),
+                after_listing: None,
+                calls: Calls::default(),
+            }),
+        }
+    }
+
+    /// The state, brought up to the current (virtual) time first.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Cloud> {
+        let mut cloud = self.state.lock().expect("fake cloud lock");
+        cloud.settle(Instant::now());
+        cloud
+    }
+
+    /// Virtual time since the test started.
+    pub(crate) fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    // Setting the scene.
+
+    /// A server on [`SOURCE`] with 2 vCPU and 20 GiB disk.
+    pub(crate) fn add_vm(&self, id: &str, status: &str, ram_mb: u64) {
+        let server = Server {
+            id: id.into(),
+            name: format!("vm-{id}"),
+            project_id: "tenant-1".into(),
+            status: status.into(),
+            task_state: None,
+            host: Some(SOURCE.into()),
+            flavor: Flavor {
+                ram_mb,
+                vcpus: 2,
+                disk_gb: 20,
+            },
+        };
+        let vm = FakeVm {
+            server,
+            scripts: VecDeque::new(),
+            progress: Progress::Reported,
+        };
+        self.lock().vms.insert(id.into(), vm);
+    }
+
+    /// How the server's successive migrations go; the last script repeats.
+    pub(crate) fn script(&self, id: &str, scripts: &[Script]) {
+        self.lock().vms.get_mut(id).expect("known VM").scripts = scripts.iter().copied().collect();
+    }
+
+    pub(crate) fn progress(&self, id: &str, progress: Progress) {
+        self.lock().vms.get_mut(id).expect("known VM").progress = progress;
+    }
+
+    /// Replaces the other hypervisors by these, each with `free_ram_mb` and plenty of everything else.
+    pub(crate) fn other_hosts(&self, hosts: &[(&str, u64)]) {
+        self.lock().other_hosts = hosts
+            .iter()
+            .map(|(host, free_ram_mb)| HostCapacity {
+                host: (*host).into(),
+                free_ram_mb: *free_ram_mb,
+                free_vcpus: 128,
+                free_disk_gb: 4000,
+            })
+            .collect();
+    }
+
+    // Someone else acting on the cloud.
+
+    /// Makes `change` right after the next host listing is answered, before the engine can act on it.
+    pub(crate) fn after_next_listing(&self, change: impl FnOnce(&mut Cloud) + Send + 'static) {
+        self.lock().after_listing = Some(Box::new(change));
+    }
+
+    pub(crate) fn placement_down(&self) {
+        self.lock().placement_down = true;
+    }
+
+    /// Nova's API unreachable (`true`) or back (`false`): every call fails meanwhile.
+    pub(crate) fn set_nova_down(&self, down: bool) {
+        self.lock().nova_down = down;
+    }
+
+    fn reachable(&self) -> ComputeResult<()> {
+        match self.lock().nova_down {
+            true => Err(ComputeError::Other(
+                "GET http://nova.test/v2.1: connect: connection refused".into(),
+            )),
+            false => Ok(()),
+        }
+    }
+
+    /// Sets the state of another host's nova-compute service.
+    pub(crate) fn other_service(&self, host: &str, enabled: bool, up: bool) {
+        self.lock().unusable.insert(host.into(), (enabled, up));
+    }
+
+    pub(crate) fn disable_by_operator(&self, reason: &str) {
+        let mut cloud = self.lock();
+        cloud.service.enabled = false;
+        cloud.service.disabled_reason = Some(reason.into());
+    }
+
+    /// An operator (or an earlier run) live-migrates the server: not one of the engine's calls.
+    pub(crate) fn live_migrate_by_operator(&self, id: &str) {
+        self.lock()
+            .start_migration(id, LIVE, Instant::now())
+            .expect("operator's migration starts");
+    }
+
+    /// A user deletes the server; its running migrations end with it.
+    pub(crate) fn delete_vm(&self, id: &str) {
+        let now = Instant::now();
+        let mut cloud = self.lock();
+        cloud.vms.remove(id);
+        for migration in cloud.migrations.iter_mut().filter(|m| m.server_id == id && m.moving()) {
+            migration.status = "error";
+            migration.ended = Some(now);
+        }
+    }
+
+    // Looking at the outcome.
+
+    pub(crate) fn calls(&self) -> Calls {
+        self.lock().calls.clone()
+    }
+
+    pub(crate) fn vm(&self, id: &str) -> Server {
+        self.lock().vms.get(id).expect("known VM").server.clone()
+    }
+
+    pub(crate) fn service(&self) -> ComputeService {
+        self.lock().service.clone()
+    }
+
+    /// Statuses of the server's migration records, oldest first.
+    pub(crate) fn migration_statuses(&self, id: &str) -> Vec<&'static str> {
+        self.lock()
+            .migrations
+            .iter()
+            .filter(|m| m.server_id == id)
+            .map(|m| m.status)
+            .collect()
+    }
+}
+
+impl Compute for FakeCloud {
+    async fn find_service(&self, host: &str) -> ComputeResult<Option<ComputeService>> {
+        self.reachable()?;
+        let cloud = self.lock();
+        Ok(Some(cloud.service.clone()).filter(|s| s.host == host))
+    }
+
+    async fn disable_service(&self, service: &ComputeService, reason: &str) -> ComputeResult<ComputeService> {
+        self.reachable()?;
+        let mut cloud = self.lock();
+        cloud.calls.disable.push(reason.into());
+        assert_eq!(service.id, cloud.service.id, "disables the service it looked up");
+        cloud.service.enabled = false;
+        cloud.service.disabled_reason = Some(reason.into());
+        Ok(cloud.service.clone())
+    }
+
+    async fn enable_service(&self, service: &ComputeService) -> ComputeResult<ComputeService> {
+        self.reachable()?;
+        let mut cloud = self.lock();
+        cloud.calls.enable += 1;
+        assert_eq!(service.id, cloud.service.id, "enables the service it looked up");
+        cloud.service.enabled = true;
+        cloud.service.disabled_reason = None;
+        Ok(cloud.service.clone())
+    }
+
+    async fn servers_on_host(&self, host: &str) -> ComputeResult<Vec<Server>> {
+        self.reachable()?;
+        let mut cloud = self.lock();
+        let servers = cloud
+            .vms
+            .values()
+            .filter(|vm| vm.server.host.as_deref() == Some(host))
+            .map(|vm| vm.server.clone())
+            .collect();
+        if let Some(change) = cloud.after_listing.take() {
+            change(&mut cloud);
+        }
+        Ok(servers)
+    }
+
+    async fn server(&self, id: &str) -> ComputeResult<Option<Server>> {
+        self.reachable()?;
+        Ok(self.lock().vms.get(id).map(|vm| vm.server.clone()))
+    }
+
+    async fn live_migrate(&self, server_id: &str) -> ComputeResult<()> {
+        self.reachable()?;
+        let at = self.now();
+        let mut cloud = self.lock();
+        cloud.calls.live_migrate.push((server_id.into(), at));
+        cloud.calls.starts.push(server_id.into());
+        cloud.start_migration(server_id, LIVE, Instant::now())
+    }
+
+    async fn cold_migrate(&self, server_id: &str) -> ComputeResult<()> {
+        self.reachable()?;
+        let at = self.now();
+        let mut cloud = self.lock();
+        cloud.calls.cold_migrate.push((server_id.into(), at));
+        cloud.calls.starts.push(server_id.into());
+        cloud.start_migration(server_id, COLD, Instant::now())
+    }
+
+    async fn confirm_resize(&self, server_id: &str) -> ComputeResult<()> {
+        self.reachable()?;
+        let mut cloud = self.lock();
+        cloud.calls.confirm_resize.push(server_id.into());
+        let cloud = &mut *cloud;
+        let Some(vm) = cloud.vms.get_mut(server_id) else {
+            return Err(ComputeError::Other(format!(
+                "404: instance {server_id} could not be found"
+            )));
+        };
+        if vm.server.status != "VERIFY_RESIZE" {
+            return Err(ComputeError::Conflict(format!(
+                "Cannot 'confirmResize' instance {server_id} while it is in vm_state {}",
+                vm.server.status
+            )));
+        }
+        let migration = cloud
+            .migrations
+            .iter_mut()
+            .rev()
+            .find(|m| m.server_id == server_id && m.kind == COLD && m.status == "finished")
+            .expect("a VERIFY_RESIZE server has a finished migration");
+        migration.status = "confirmed";
+        vm.server.status = migration.status_before.clone();
+        vm.server.task_state = None;
+        Ok(())
+    }
+
+    async fn in_progress_migrations(&self, server_id: &str) -> ComputeResult<Vec<Migration>> {
+        self.reachable()?;
+        let now = Instant::now();
+        let cloud = self.lock();
+        Ok(cloud
+            .migrations
+            .iter()
+            .rev()
+            .filter(|m| m.server_id == server_id && m.kind == LIVE && m.moving())
+            .map(|m| m.record(now))
+            .collect())
+    }
+
+    async fn migration_history(&self, server_id: &str, migration_type: &str) -> ComputeResult<Vec<Migration>> {
+        self.reachable()?;
+        let now = Instant::now();
+        let cloud = self.lock();
+        Ok(cloud
+            .migrations
+            .iter()
+            .rev()
+            .filter(|m| m.server_id == server_id && m.kind == migration_type)
+            .map(|m| m.record(now))
+            .collect())
+    }
+
+    async fn unconfirmed_migrations_from(&self, host: &str) -> ComputeResult<Vec<String>> {
+        self.reachable()?;
+        let cloud = self.lock();
+        let mut ids: Vec<String> = cloud
+            .migrations
+            .iter()
+            .filter(|m| m.kind == COLD && m.status == "finished" && m.source == host)
+            .map(|m| m.server_id.clone())
+            .collect();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    async fn force_complete(&self, server_id: &str, migration_id: &str) -> ComputeResult<()> {
+        self.reachable()?;
+        let at = self.now();
+        let mut cloud = self.lock();
+        cloud.calls.force_complete.push((server_id.into(), at));
+        let i = cloud.running_live(server_id, migration_id)?;
+        cloud.land(i, Instant::now());
+        Ok(())
+    }
+
+    async fn abort_migration(&self, server_id: &str, migration_id: &str) -> ComputeResult<()> {
+        self.reachable()?;
+        let at = self.now();
+        let mut cloud = self.lock();
+        cloud.calls.abort.push((server_id.into(), at));
+        let i = cloud.running_live(server_id, migration_id)?;
+        cloud.end_on_source(i, "cancelled", Instant::now());
+        Ok(())
+    }
+
+    async fn compute_services(&self) -> ComputeResult<Vec<ComputeService>> {
+        self.reachable()?;
+        let cloud = self.lock();
+        let others = cloud.other_hosts.iter().map(|h| {
+            let (enabled, up) = cloud.unusable.get(&h.host).copied().unwrap_or((true, true));
+            ComputeService {
+                id: format!("svc-{}", h.host),
+                host: h.host.clone(),
+                enabled,
+                up,
+                disabled_reason: None,
+            }
+        });
+        Ok(std::iter::once(cloud.service.clone()).chain(others).collect())
+    }
+
+    async fn spare_capacity(&self, hosts: &[String]) -> ComputeResult<Vec<HostCapacity>> {
+        self.reachable()?;
+        let cloud = self.lock();
+        if cloud.placement_down {
+            return Err(ComputeError::Other("placement: connection refused".into()));
+        }
+        assert!(!hosts.iter().any(|h| h == SOURCE), "the drained host is no destination");
+        Ok(cloud
+            .other_hosts
+            .iter()
+            .filter(|h| hosts.contains(&h.host))
+            .cloned()
+            .collect())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+pub(crate) struct Quiet;
+
+impl Observer for Quiet {
+    fn event(&self, _: &Event<'_>) {}
+}
+
+pub(crate) fn target() -> Target {
+    Target {
+        node: NODE.into(),
+        host: SOURCE.into(),
+    }
+}
+
+/// One evacuation that nobody stops.
+pub(crate) async fn evacuate(cloud: &FakeCloud, settings: &Settings) -> Report {
+    let (_never_stop, stop) = watch::channel(StopRequest::Continue);
+    Engine::new(cloud, settings, &Quiet)
+        .evacuate(&target(), stop)
+        .await
+        .expect("the evacuation runs")
+}
+
+/// One evacuation that is asked to `request` a stop `after` this long.
+pub(crate) async fn evacuate_stopped(
+    cloud: &FakeCloud,
+    settings: &Settings,
+    after: Duration,
+    request: StopRequest,
+) -> Report {
+    let (stop, stop_rx) = watch::channel(StopRequest::Continue);
+    let target = target();
+    let engine = Engine::new(cloud, settings, &Quiet);
+    let (report, ()) = tokio::join!(engine.evacuate(&target, stop_rx), async {
+        sleep(after).await;
+        stop.send(request).expect("the engine listens");
+    });
+    report.expect("the evacuation runs")
+}
+
+pub(crate) fn vm<'r>(report: &'r Report, id: &str) -> &'r VmReport {
+    report
+        .vms
+        .iter()
+        .find(|vm| vm.id == id)
+        .unwrap_or_else(|| panic!("{id} is in the report"))
+}
+
+pub(crate) fn reason<'r>(report: &'r Report, id: &str) -> &'r str {
+    vm(report, id).reason.as_deref().unwrap_or_default()
+}
+
+#[track_caller]
+pub(crate) fn assert_within(at: Duration, from: Duration, to: Duration) {
+    assert!(from <= at && at <= to, "{at:?} is not within {from:?}..={to:?}");
+}

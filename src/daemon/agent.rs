@@ -29,7 +29,7 @@ const RETRY_SOON: Duration = Duration::from_secs(10);
 /// What the agent is told: the watches, the Nova connection, signals.
 pub enum Input<C> {
     /// The Node as it is now; `None`: it was deleted.
-    Node(Option<Node>),
+    Node(Option<Box<Node>>),
     /// The Node watch has listed once: the agent can be ready.
     NodeListed,
     /// The guard pod as it is now.
@@ -142,6 +142,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
     fn take(&mut self, input: Input<C>) {
         match input {
             Input::Node(Some(node)) => {
+                let node = *node;
                 self.cluster.node_seen(&node);
                 if !self.state_loaded {
                     self.situation.recorded = DrainState::from_node(&node);

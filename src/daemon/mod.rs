@@ -12,6 +12,8 @@
 
 pub mod agent;
 pub mod decide;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -174,7 +176,7 @@ async fn forward_node(
             }
             Ok(watcher::Event::InitApply(node)) => {
                 listed_node = true;
-                Input::Node(Some(node))
+                Input::Node(Some(Box::new(node)))
             }
             Ok(watcher::Event::InitDone) => {
                 if !listed_node && inputs.send(Input::Node(None)).await.is_err() {
@@ -182,7 +184,7 @@ async fn forward_node(
                 }
                 Input::NodeListed
             }
-            Ok(watcher::Event::Apply(node)) => Input::Node(Some(node)),
+            Ok(watcher::Event::Apply(node)) => Input::Node(Some(Box::new(node))),
             Ok(watcher::Event::Delete(_)) => Input::Node(None),
             Err(e) => {
                 warn!(error = %e, "node watch failed; retrying");

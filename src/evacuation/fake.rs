@@ -508,6 +508,11 @@ impl FakeCloud {
         self.lock().calls.clone()
     }
 
+    /// The server, `None` once deleted.
+    pub(crate) fn try_vm(&self, id: &str) -> Option<Server> {
+        self.lock().vms.get(id).map(|vm| vm.server.clone())
+    }
+
     pub(crate) fn vm(&self, id: &str) -> Server {
         self.lock().vms.get(id).expect("known VM").server.clone()
     }

@@ -1,0 +1,727 @@
+//! The agent against the engine's [`FakeCloud`] and a [`FakeCluster`], on
+//! tokio's paused clock: every transition of a node's maintenance, including
+//! cordon/uncordon flips, failures, outages and SIGTERM in every phase, in
+//! milliseconds of real time.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, NodeSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep};
+
+use super::agent::{Agent, AgentSettings, Input};
+use crate::evacuation::fake::{FakeCloud, NODE, SOURCE, Script, target};
+use crate::evacuation::{Settings, is_our_reason};
+use crate::kube::{Cluster, DrainState, GuardPod, Phase, Severity};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::server::Health;
+
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(60);
+const GUARD_GRACE: Duration = Duration::from_secs(60);
+
+/// The cluster as the agent changes it, with the guard watch played back to the agent.
+struct FakeCluster {
+    state: Mutex<ClusterState>,
+    watch: mpsc::Sender<Input<FakeCloud>>,
+    epoch: (Instant, jiff::Timestamp),
+}
+
+struct ClusterState {
+    /// Every drain state recorded, oldest first.
+    records: Vec<DrainState>,
+    guard: GuardPod,
+    budget: bool,
+    events: Vec<(Severity, &'static str, String)>,
+    /// The API refuses guard changes with this error.
+    refuse_guard: Option<String>,
+    /// The kubelet runs the guard pod (false: its image cannot be pulled).
+    kubelet_runs_guard: bool,
+}
+
+impl FakeCluster {
+    fn lock(&self) -> MutexGuard<'_, ClusterState> {
+        self.state.lock().expect("fake cluster lock")
+    }
+
+    fn set_guard(&self, state: &mut ClusterState, guard: GuardPod) {
+        state.guard = guard.clone();
+        let _ = self.watch.try_send(Input::Guard(guard));
+    }
+
+    fn now(&self) -> jiff::Timestamp {
+        let elapsed = jiff::SignedDuration::try_from(Instant::now() - self.epoch.0).unwrap_or_default();
+        self.epoch.1.checked_add(elapsed).unwrap_or(self.epoch.1)
+    }
+
+    /// `kubectl drain`'s eviction of the guard: refused (429) while the budget
+    /// protects a running pod, else the pod is deleted (held by its finalizer).
+    fn evict(&self) -> bool {
+        let mut state = self.lock();
+        if state.budget && matches!(state.guard, GuardPod::Present { running: true, .. }) {
+            return false;
+        }
+        self.delete_locked(&mut state);
+        true
+    }
+
+    /// `kubectl delete pod`, or `kubectl drain --disable-eviction`: budgets play no part.
+    fn delete(&self) {
+        let mut state = self.lock();
+        self.delete_locked(&mut state);
+    }
+
+    fn delete_locked(&self, state: &mut ClusterState) {
+        let next = match state.guard {
+            GuardPod::Present { held: true, .. } | GuardPod::Terminating { held: true } => {
+                GuardPod::Terminating { held: true }
+            }
+            _ => GuardPod::Missing,
+        };
+        self.set_guard(state, next);
+    }
+
+    /// What `kubectl drain` waits for after evicting: the pod gone.
+    fn guard_gone(&self) -> bool {
+        self.lock().guard == GuardPod::Missing
+    }
+
+    fn phase(&self) -> Phase {
+        self.lock().records.last().map_or(Phase::Idle, |s| s.phase)
+    }
+
+    fn last_record(&self) -> DrainState {
+        self.lock().records.last().cloned().unwrap_or_default()
+    }
+
+    fn reasons(&self) -> Vec<&'static str> {
+        self.lock().events.iter().map(|(_, reason, _)| *reason).collect()
+    }
+
+    fn guard_in_place(&self) -> bool {
+        let state = self.lock();
+        state.budget && matches!(state.guard, GuardPod::Present { held: true, .. })
+    }
+}
+
+impl Cluster for FakeCluster {
+    fn guard_name(&self) -> &str {
+        "nova-drain-guard-node-a"
+    }
+
+    fn node_seen(&self, _: &Node) {}
+
+    async fn record(&self, state: &DrainState) -> Result<(), String> {
+        self.lock().records.push(state.clone());
+        Ok(())
+    }
+
+    async fn put_guard(&self, _: &Node, current: &GuardPod) -> Result<(), String> {
+        let now = self.now();
+        let mut state = self.lock();
+        if let Some(error) = &state.refuse_guard {
+            return Err(error.clone());
+        }
+        assert_eq!(&state.guard, current, "the agent acts on the guard as it is");
+        state.budget = true;
+        let running = state.kubelet_runs_guard;
+        let next = match state.guard.clone() {
+            GuardPod::Missing => GuardPod::Present {
+                held: true,
+                running,
+                waiting: (!running).then(|| "ImagePullBackOff".to_string()),
+                created_at: Some(now),
+            },
+            GuardPod::Present {
+                running,
+                waiting,
+                created_at,
+                ..
+            } => GuardPod::Present {
+                held: true,
+                running,
+                waiting,
+                created_at,
+            },
+            terminating => terminating,
+        };
+        self.set_guard(&mut state, next);
+        Ok(())
+    }
+
+    async fn release_guard(&self) -> Result<(), String> {
+        let mut state = self.lock();
+        if let Some(error) = &state.refuse_guard {
+            return Err(error.clone());
+        }
+        state.budget = false;
+        let next = match state.guard.clone() {
+            GuardPod::Terminating { .. } => GuardPod::Missing,
+            GuardPod::Present {
+                running,
+                waiting,
+                created_at,
+                ..
+            } => GuardPod::Present {
+                held: false,
+                running,
+                waiting,
+                created_at,
+            },
+            GuardPod::Missing => GuardPod::Missing,
+        };
+        self.set_guard(&mut state, next);
+        Ok(())
+    }
+
+    fn publish(&self, severity: Severity, reason: &'static str, note: String) {
+        self.lock().events.push((severity, reason, note));
+    }
+}
+
+struct Harness {
+    cloud: Arc<FakeCloud>,
+    cluster: Arc<FakeCluster>,
+    inputs: mpsc::Sender<Input<FakeCloud>>,
+    agent: JoinHandle<i32>,
+    health: Health,
+    metrics: Arc<Metrics>,
+}
+
+fn node(cordoned: bool, recorded: Option<&DrainState>) -> Node {
+    let annotations = recorded.map(|state| {
+        let patch = state.to_merge_patch();
+        patch["metadata"]["annotations"]
+            .as_object()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    Node {
+        metadata: ObjectMeta {
+            name: Some(NODE.into()),
+            uid: Some("node-uid".into()),
+            annotations,
+            ..ObjectMeta::default()
+        },
+        spec: Some(NodeSpec {
+            unschedulable: Some(cordoned),
+            ..NodeSpec::default()
+        }),
+        status: None,
+    }
+}
+
+impl Harness {
+    /// An agent whose Node is listed as `cordoned` with `recorded` in its
+    /// annotations (a restart), the guard listed as `guard`, Nova reachable or not.
+    async fn start_with(
+        cloud: Arc<FakeCloud>,
+        cordoned: bool,
+        recorded: Option<DrainState>,
+        guard: GuardPod,
+        nova_reachable: bool,
+        release_guard_on_failure: bool,
+    ) -> Harness {
+        let (inputs, receiver) = mpsc::channel(64);
+        let cluster = Arc::new(FakeCluster {
+            state: Mutex::new(ClusterState {
+                records: Vec::new(),
+                guard: guard.clone(),
+                budget: guard != GuardPod::Missing,
+                events: Vec::new(),
+                refuse_guard: None,
+                kubelet_runs_guard: true,
+            }),
+            watch: inputs.clone(),
+            epoch: (Instant::now(), jiff::Timestamp::now()),
+        });
+        let metrics = Arc::new(Metrics::default());
+        let health = Health::default();
+        let settings = AgentSettings {
+            target: target(),
+            evacuation: Settings {
+                disable_first: true,
+                ..Settings::default()
+            },
+            release_guard_on_failure,
+            retry_after_failure: RETRY_AFTER_FAILURE,
+            guard_grace: GUARD_GRACE,
+        };
+        let agent = Agent::new(settings, cluster.clone(), metrics.clone(), health.clone());
+        let agent = tokio::spawn(agent.run(receiver));
+        let harness = Harness {
+            cloud,
+            cluster,
+            inputs,
+            agent,
+            health,
+            metrics,
+        };
+        harness.send(Input::Guard(guard)).await;
+        harness
+            .send(Input::Node(Some(Box::new(node(cordoned, recorded.as_ref())))))
+            .await;
+        harness.send(Input::NodeListed).await;
+        if nova_reachable {
+            harness.nova_reachable().await;
+        }
+        harness
+    }
+
+    async fn start(cloud: Arc<FakeCloud>) -> Harness {
+        let harness = Harness::start_with(cloud, false, None, GuardPod::Missing, true, false).await;
+        harness
+            .until("the guard in place", |h| h.cluster.guard_in_place())
+            .await;
+        harness
+    }
+
+    async fn send(&self, input: Input<FakeCloud>) {
+        self.inputs.send(input).await.expect("the agent runs");
+    }
+
+    async fn nova_reachable(&self) {
+        self.send(Input::ComputeReady(self.cloud.clone())).await;
+    }
+
+    async fn cordon(&self, cordoned: bool) {
+        self.send(Input::Node(Some(Box::new(node(cordoned, None))))).await;
+    }
+
+    /// Waits (in virtual time, at most a virtual hour) until `done` holds.
+    async fn until(&self, what: &str, done: impl Fn(&Harness) -> bool) {
+        let limit = Instant::now() + Duration::from_secs(3600);
+        while !done(self) {
+            assert!(Instant::now() < limit, "never: {what}");
+            sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `kubectl drain`: evicts the guard every 5 s until allowed, then waits for it to be gone.
+    /// Returns when drain would return.
+    async fn drain(&self) {
+        while !self.cluster.evict() {
+            sleep(Duration::from_secs(5)).await;
+        }
+        self.until("drain returns", |h| h.cluster.guard_gone()).await;
+    }
+
+    async fn terminate(self) -> i32 {
+        let started = Instant::now();
+        self.send(Input::Terminate).await;
+        let code = self.agent.await.expect("the agent ends");
+        assert!(started.elapsed() <= Duration::from_secs(10), "stopped within 10 s");
+        code
+    }
+
+    fn on_source(&self) -> usize {
+        ["vm-1", "vm-2", "vm-3"]
+            .iter()
+            .filter(|id| self.cloud.try_vm(id).is_some_and(|s| s.host.as_deref() == Some(SOURCE)))
+            .count()
+    }
+
+    fn service_ours(&self) -> bool {
+        let service = self.cloud.service();
+        !service.enabled && is_our_reason(service.disabled_reason.as_deref())
+    }
+}
+
+fn cloud_with(vms: usize) -> Arc<FakeCloud> {
+    let cloud = FakeCloud::new();
+    for i in 1..=vms {
+        cloud.add_vm(&format!("vm-{i}"), "ACTIVE", 2048);
+    }
+    Arc::new(cloud)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cordon_evacuates_and_drain_returns_only_once_the_hypervisor_is_empty() {
+    let h = Harness::start(cloud_with(3)).await;
+    assert_eq!(h.health.readiness(), Ok(()));
+    h.cordon(true).await;
+    h.until("evacuating", |h| h.cluster.phase() == Phase::Evacuating).await;
+    assert!(
+        !h.cluster.evict(),
+        "the budget refuses the eviction of the running guard"
+    );
+    h.drain().await;
+    assert_eq!(h.on_source(), 0, "drain returned with VMs on the hypervisor");
+    assert_eq!(h.cluster.phase(), Phase::Evacuated);
+    assert!(h.service_ours());
+    let record = h.cluster.last_record();
+    assert_eq!((record.vms_total, record.vms_left), (Some(3), Some(0)));
+    assert!(record.disabled_by_us);
+    let reasons = h.cluster.reasons();
+    assert_eq!(reasons.iter().filter(|r| **r == "LiveMigrationSucceeded").count(), 3);
+    assert!(reasons.contains(&"EvacuationSucceeded"));
+    let scrape = h.metrics.render(0, 0);
+    assert!(
+        scrape.contains("nova_drain_migrations_total{outcome=\"migrated\"} 3"),
+        "{scrape}"
+    );
+
+    // Uncordon: the service comes back and a new guard is made.
+    h.cordon(false).await;
+    h.until("idle with the guard back", |h| {
+        h.cluster.phase() == Phase::Idle && h.cluster.guard_in_place()
+    })
+    .await;
+    assert!(h.cloud.service().enabled);
+    assert!(h.cluster.reasons().contains(&"NovaComputeEnabled"));
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_guard_that_never_runs_still_holds_drain_and_is_reported() {
+    let h = Harness::start(cloud_with(0)).await;
+    // The first guard was made before the node lost its image: deleted while the
+    // hypervisor is empty, it is let go and made anew, and cannot start.
+    h.cluster.lock().kubelet_runs_guard = false;
+    h.cluster.delete();
+    h.until("a guard that cannot start", |h| {
+        matches!(h.cluster.lock().guard, GuardPod::Present { running: false, .. })
+    })
+    .await;
+    assert_eq!(h.health.readiness(), Ok(()), "within its grace");
+    sleep(GUARD_GRACE).await;
+    h.until("reported", |h| h.health.readiness().is_err()).await;
+    assert!(h.cluster.reasons().contains(&"DrainGuardNotRunning"));
+    assert!(h.metrics.render(0, 0).contains("nova_drain_guard_ready 0"));
+    h.cloud.add_vm("vm-1", "ACTIVE", 2048);
+    h.cloud.add_vm("vm-2", "ACTIVE", 2048);
+
+    // The eviction API ignores budgets for pods that are not Running: drain gets the
+    // pod at once, and its finalizer still keeps drain waiting for the VMs.
+    h.cordon(true).await;
+    assert!(h.cluster.evict());
+    h.until("drain returns", |h| h.cluster.guard_gone()).await;
+    assert_eq!(h.on_source(), 0, "drain returned with VMs on the hypervisor");
+    assert_eq!(h.cluster.phase(), Phase::Evacuated);
+    assert_eq!(
+        h.cluster
+            .reasons()
+            .iter()
+            .filter(|r| **r == "DrainGuardNotRunning")
+            .count(),
+        1,
+        "told once"
+    );
+    assert_eq!(h.health.readiness(), Ok(()), "released: nothing to guard");
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_with_disable_eviction_waits_too() {
+    let h = Harness::start(cloud_with(3)).await;
+    h.cordon(true).await;
+    h.cluster.delete();
+    assert_eq!(h.cluster.lock().guard, GuardPod::Terminating { held: true });
+    h.until("drain returns", |h| h.cluster.guard_gone()).await;
+    assert_eq!(h.on_source(), 0, "drain returned with VMs on the hypervisor");
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn uncordon_mid_evacuation_cancels_restores_and_puts_the_guard_back() {
+    let cloud = cloud_with(1);
+    cloud.script(
+        "vm-1",
+        &[Script::Stall {
+            progress_for: Duration::from_secs(5),
+        }],
+    );
+    let h = Harness::start(cloud).await;
+    h.cordon(true).await;
+    h.until("migrating", |h| h.cloud.migration_statuses("vm-1") == ["running"])
+        .await;
+    h.cordon(false).await;
+    h.until("idle", |h| h.cluster.phase() == Phase::Idle).await;
+    assert_eq!(h.cloud.migration_statuses("vm-1"), ["cancelled"]);
+    assert_eq!(h.on_source(), 1);
+    assert!(h.cloud.service().enabled);
+    let reasons = h.cluster.reasons();
+    assert!(reasons.contains(&"MigrationCancelled"), "{reasons:?}");
+    assert!(reasons.contains(&"EvacuationCancelled"), "{reasons:?}");
+    assert!(!reasons.contains(&"VMNotMigratable"), "{reasons:?}");
+    assert!(!reasons.contains(&"EvacuationFailed"), "{reasons:?}");
+    let scrape = h.metrics.render(0, 0);
+    assert!(
+        scrape.contains("nova_drain_migrations_total{outcome=\"aborted\"} 1"),
+        "{scrape}"
+    );
+    assert!(!scrape.contains("not-migrated"), "each VM counted once: {scrape}");
+    assert!(h.cluster.guard_in_place());
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cordon_uncordon_cordon_flips_end_in_one_evacuation() {
+    let cloud = cloud_with(2);
+    let h = Harness::start(cloud).await;
+    h.cordon(true).await;
+    h.cordon(false).await;
+    h.cordon(true).await;
+    h.until("evacuated", |h| h.cluster.phase() == Phase::Evacuated).await;
+    assert_eq!(h.on_source(), 0);
+    for vm in ["vm-1", "vm-2"] {
+        let statuses = h.cloud.migration_statuses(vm);
+        assert_eq!(
+            statuses.iter().filter(|s| **s == "completed").count(),
+            1,
+            "{vm}: {statuses:?}"
+        );
+    }
+    // Flip while a cancellation is under way: it ends idle, service enabled.
+    h.cordon(false).await;
+    h.cordon(true).await;
+    h.cordon(false).await;
+    h.until("idle", |h| h.cluster.phase() == Phase::Idle).await;
+    assert!(h.cloud.service().enabled);
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_run_keeps_drain_waiting_and_is_retried_after_the_set_delay() {
+    let cloud = cloud_with(1);
+    cloud.script(
+        "vm-1",
+        &[Script::Fail {
+            after: Duration::from_secs(2),
+        }],
+    );
+    let h = Harness::start(cloud).await;
+    h.cordon(true).await;
+    h.until("failed", |h| h.cluster.phase() == Phase::Failed).await;
+    let failed_at = Instant::now();
+    assert!(!h.cluster.evict(), "drain keeps waiting");
+    assert!(h.cluster.last_record().last_error.unwrap_or_default().contains("vm-1"));
+    h.cloud.script(
+        "vm-1",
+        &[Script::Complete {
+            after: Duration::from_secs(2),
+        }],
+    );
+    h.until("evacuated by the retry", |h| h.cluster.phase() == Phase::Evacuated)
+        .await;
+    assert!(
+        failed_at.elapsed() >= RETRY_AFTER_FAILURE,
+        "retried after {:?}",
+        failed_at.elapsed()
+    );
+    h.drain().await;
+    assert_eq!(h.on_source(), 0);
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn release_on_failure_lets_drain_finish() {
+    let cloud = cloud_with(1);
+    cloud.script(
+        "vm-1",
+        &[Script::Fail {
+            after: Duration::from_secs(1),
+        }],
+    );
+    let h = Harness::start_with(cloud, false, None, GuardPod::Missing, true, true).await;
+    h.until("guard", |h| h.cluster.guard_in_place()).await;
+    h.cordon(true).await;
+    h.until("failed", |h| h.cluster.phase() == Phase::Failed).await;
+    h.drain().await;
+    assert_eq!(h.on_source(), 1, "as the operator asked");
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn restore_is_retried_while_nova_is_down() {
+    let h = Harness::start(cloud_with(1)).await;
+    h.cordon(true).await;
+    h.until("evacuated", |h| h.cluster.phase() == Phase::Evacuated).await;
+    h.cloud.set_nova_down(true);
+    h.cordon(false).await;
+    sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        h.cluster.phase(),
+        Phase::Evacuated,
+        "not Idle while the service could not be enabled"
+    );
+    h.cloud.set_nova_down(false);
+    h.until("idle", |h| h.cluster.phase() == Phase::Idle).await;
+    assert!(h.cloud.service().enabled);
+    assert!(h.cluster.guard_in_place());
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn nova_down_at_start_up_is_waited_for_not_fatal() {
+    let cloud = cloud_with(2);
+    let h = Harness::start_with(cloud, true, None, GuardPod::Missing, false, false).await;
+    h.until("the guard put in place meanwhile", |h| h.cluster.guard_in_place())
+        .await;
+    sleep(Duration::from_secs(120)).await;
+    assert_eq!(h.cluster.phase(), Phase::Idle, "nothing to do without Nova");
+    assert!(h.health.readiness().is_err(), "not ready without Nova");
+    h.nova_reachable().await;
+    h.until("evacuated", |h| h.cluster.phase() == Phase::Evacuated).await;
+    assert_eq!(h.health.readiness(), Ok(()));
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_agent_resumes_and_a_drain_waiting_on_the_terminating_guard_returns() {
+    let cloud = cloud_with(2);
+    cloud.disable_by_operator("nova-kubernetes-drain: evacuating for Kubernetes node node-a since earlier");
+    let recorded = DrainState {
+        phase: Phase::Evacuating,
+        started_at: Some("2026-12-01T00:00:00Z".into()),
+        disabled_by_us: true,
+        ..DrainState::default()
+    };
+    // The old agent died after drain had already deleted the guard.
+    let h = Harness::start_with(
+        cloud,
+        true,
+        Some(recorded),
+        GuardPod::Terminating { held: true },
+        true,
+        false,
+    )
+    .await;
+    h.until("drain returns", |h| h.cluster.guard_gone()).await;
+    assert_eq!(h.on_source(), 0);
+    assert_eq!(
+        h.cluster.last_record().started_at.as_deref(),
+        Some("2026-12-01T00:00:00Z")
+    );
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn uncordon_while_the_guard_is_terminating_keeps_it_until_the_hypervisor_is_empty() {
+    let cloud = cloud_with(1);
+    cloud.script(
+        "vm-1",
+        &[Script::Stall {
+            progress_for: Duration::from_secs(5),
+        }],
+    );
+    let h = Harness::start(cloud).await;
+    h.cordon(true).await;
+    h.cluster.delete();
+    h.until("migrating", |h| h.cloud.migration_statuses("vm-1") == ["running"])
+        .await;
+    h.cordon(false).await;
+    h.until("idle", |h| h.cluster.phase() == Phase::Idle).await;
+    sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        h.cluster.lock().guard,
+        GuardPod::Terminating { held: true },
+        "a drain still waiting must not return while the VM runs there"
+    );
+    sleep(GUARD_GRACE).await;
+    h.until("reported", |h| h.health.readiness().is_err()).await;
+    // The VM goes (its owner deleted it): the guard is let go and made anew.
+    h.cloud.delete_vm("vm-1");
+    h.until("a new guard", |h| h.cluster.guard_in_place()).await;
+    h.until("ready again", |h| h.health.readiness().is_ok()).await;
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_node_lets_its_guard_go() {
+    let h = Harness::start(cloud_with(1)).await;
+    h.cordon(true).await;
+    h.cluster.delete();
+    h.send(Input::Node(None)).await;
+    h.until("the guard gone", |h| h.cluster.guard_gone()).await;
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn guard_api_errors_are_retried_and_reported_after_the_grace() {
+    let cloud = cloud_with(0);
+    let h = Harness::start_with(cloud, false, None, GuardPod::Missing, true, false).await;
+    h.cluster.lock().refuse_guard = Some("pods is forbidden: violates PodSecurity \"restricted\"".into());
+    h.cluster.delete();
+    sleep(GUARD_GRACE + Duration::from_secs(11)).await;
+    let why = h.health.readiness().expect_err("reported");
+    assert!(why.contains("PodSecurity"), "{why}");
+    h.cluster.lock().refuse_guard = None;
+    h.until("the guard in place", |h| h.cluster.guard_in_place()).await;
+    h.until("ready", |h| h.health.readiness().is_ok()).await;
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sigterm_in_every_phase_exits_at_once_and_keeps_the_record() {
+    // Idle.
+    let h = Harness::start(cloud_with(1)).await;
+    assert_eq!(h.terminate().await, 0);
+
+    // Evacuating: the in-flight migration is left to Nova, the drain keeps waiting.
+    let cloud = cloud_with(1);
+    cloud.script(
+        "vm-1",
+        &[Script::Stall {
+            progress_for: Duration::from_secs(5),
+        }],
+    );
+    let h = Harness::start(cloud.clone()).await;
+    h.cordon(true).await;
+    h.until("migrating", |h| h.cloud.migration_statuses("vm-1") == ["running"])
+        .await;
+    let cluster = h.cluster.clone();
+    assert_eq!(h.terminate().await, 0);
+    assert_eq!(cloud.migration_statuses("vm-1"), ["running"], "left to Nova");
+    let record = cluster.last_record();
+    assert_eq!(record.phase, Phase::Evacuating);
+    assert!(record.last_error.unwrap_or_default().contains("resumes"));
+    assert!(cluster.guard_in_place(), "drain keeps waiting for the next agent");
+
+    // Cancelling (uncordoned while the abort is under way).
+    let cloud = cloud_with(1);
+    cloud.script(
+        "vm-1",
+        &[Script::Stall {
+            progress_for: Duration::from_secs(5),
+        }],
+    );
+    let h = Harness::start(cloud).await;
+    h.cordon(true).await;
+    h.until("migrating", |h| h.cloud.migration_statuses("vm-1") == ["running"])
+        .await;
+    h.cordon(false).await;
+    assert_eq!(h.terminate().await, 0);
+
+    // Evacuated.
+    let h = Harness::start(cloud_with(1)).await;
+    h.cordon(true).await;
+    h.until("evacuated", |h| h.cluster.phase() == Phase::Evacuated).await;
+    let cluster = h.cluster.clone();
+    assert_eq!(h.terminate().await, 0);
+    assert_eq!(cluster.phase(), Phase::Evacuated);
+}
+
+#[tokio::test(start_paused = true)]
+async fn progress_is_recorded_by_the_agent_alone_and_never_after_the_end() {
+    let h = Harness::start(cloud_with(3)).await;
+    h.cordon(true).await;
+    h.until("evacuated", |h| h.cluster.phase() == Phase::Evacuated).await;
+    sleep(Duration::from_secs(5)).await;
+    let records = h.cluster.lock().records.clone();
+    let end = records
+        .iter()
+        .position(|s| s.phase == Phase::Evacuated)
+        .expect("the end is recorded");
+    assert_eq!(end, records.len() - 1, "nothing recorded after the end: {records:?}");
+    assert_eq!(records[end].vms_left, Some(0));
+    let lefts: Vec<usize> = records.iter().filter_map(|s| s.vms_left).collect();
+    assert!(lefts.windows(2).all(|w| w[0] >= w[1]), "counts only go down: {lefts:?}");
+    assert_eq!(h.terminate().await, 0);
+}

@@ -15,7 +15,8 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event as WEvent};
 use serde_json::{Value, json};
-use support::kube_api::{DrainOptions, KubeApi};
+use support::kube_api::KubeApi;
+use support::kubectl::Kubectl;
 use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -47,6 +48,15 @@ async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     while !f() {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`wait_for`] for what takes kubectl's 5 s retry interval or more.
+async fn wait_for_long(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -502,22 +512,41 @@ async fn pdb_without_disruption_controller_is_still_being_processed() {
     pods.evict("guard", &EvictParams::default()).await.unwrap();
 }
 
+/// A pod whose controller owner is its Node, like the drainer's guard pod.
+fn node_owned_pod(api: &KubeApi, name: &str, node: &str, app: &str) -> Pod {
+    let mut pod = pod_json(name, node, app, false);
+    pod.metadata.owner_references = Some(vec![
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node", "name": node, "uid": api.node(node).metadata.uid, "controller": true
+        }))
+        .unwrap(),
+    ]);
+    pod
+}
+
+fn evictions_of(api: &KubeApi, pod: &str) -> usize {
+    api.requests()
+        .iter()
+        .filter(|(m, p)| m == "POST" && p.ends_with(&format!("/{pod}/eviction")))
+        .count()
+}
+
 #[tokio::test]
-async fn kubectl_drain_waits_for_pdb() {
+async fn kubectl_drain_waits_while_an_integer_min_available_forbids_eviction() {
     let api = KubeApi::start();
     api.add_node("n1");
     api.add_node("n2");
     api.add_namespace("nova");
+    let kubectl = Kubectl::new(&api);
     let client = api.kube_client();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "nova");
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, "nova");
-    let mut guard = pod_json("guard", "n1", "guard", true);
-    guard.metadata.owner_references.as_mut().unwrap()[0].kind = "StatefulSet".into();
-    pods.create(&PostParams::default(), &guard).await.unwrap();
-    pods.create(&PostParams::default(), &pod_json("web", "n1", "web", true))
+    let pp = PostParams::default();
+    pods.create(&pp, &node_owned_pod(&api, "guard", "n1", "guard"))
         .await
         .unwrap();
-    pods.create(&PostParams::default(), &pod_json("elsewhere", "n2", "web", true))
+    pods.create(&pp, &pod_json("web", "n1", "web", true)).await.unwrap();
+    pods.create(&pp, &pod_json("elsewhere", "n2", "web", true))
         .await
         .unwrap();
     let ds = api.add_daemonset("nova", "agent");
@@ -525,76 +554,74 @@ async fn kubectl_drain_waits_for_pdb() {
     agent.metadata.owner_references = Some(vec![serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent", "uid": ds["metadata"]["uid"], "controller": true
     })).unwrap()]);
-    pods.create(&PostParams::default(), &agent).await.unwrap();
-    pdbs.create(
-        &PostParams::default(),
-        &pdb_json("guard", "guard", json!({"maxUnavailable": 0})),
-    )
-    .await
-    .unwrap();
+    pods.create(&pp, &agent).await.unwrap();
+    pdbs.create(&pp, &pdb_json("guard", "guard", json!({"minAvailable": 1})))
+        .await
+        .unwrap();
     wait_for("pods running", || {
         ["guard", "web", "agent-x"].iter().all(|p| pod_running(&api, "nova", p))
     })
     .await;
-    wait_for("pdb status", || pdb_computed(&api, "nova", "guard")).await;
+    // Integer minAvailable: computed from the selected pods alone, even
+    // though their controller (a Node) has no scale subresource.
+    wait_for("pdb status", || {
+        api.pdbs("nova")[0]
+            .status
+            .as_ref()
+            .is_some_and(|s| s.current_healthy == 1)
+    })
+    .await;
+    let status = api.pdbs("nova")[0].status.clone().unwrap();
+    assert_eq!(
+        (
+            status.expected_pods,
+            status.desired_healthy,
+            status.current_healthy,
+            status.disruptions_allowed
+        ),
+        (1, 1, 1, 0)
+    );
+    let condition = &status.conditions.unwrap()[0];
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", "InsufficientPods")
+    );
 
-    let opts = DrainOptions {
-        timeout: Duration::from_secs(20),
-        retry_interval: Duration::from_millis(100),
-        poll_interval: Duration::from_millis(50),
-        ..Default::default()
-    };
-    let drain = api.kubectl_drain_with("n1", opts.clone());
+    let drain = kubectl.drain("n1", &[], Duration::from_secs(60));
     let unblock = async {
         wait_for("cordon", || api.node("n1").spec.unwrap().unschedulable == Some(true)).await;
         wait_for("web evicted", || api.pod("nova", "web").is_none()).await;
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // kubectl retries a 429 every 5 s: wait for a retry.
+        wait_for_long("a retried eviction", || evictions_of(&api, "guard") >= 2).await;
         assert!(api.pod("nova", "guard").is_some(), "the PDB must hold the guard");
         pdbs.delete("guard", &DeleteParams::default()).await.unwrap();
     };
     let (took, ()) = tokio::join!(drain, unblock);
     let took = took.expect("drain succeeds");
-    assert!(took >= Duration::from_millis(700), "{took:?}");
+    assert!(took >= Duration::from_secs(5), "{took:?}");
     assert!(api.pod("nova", "guard").is_none());
     assert!(api.pod("nova", "agent-x").is_some(), "DaemonSet pods are ignored");
     assert!(api.pod("nova", "elsewhere").is_some());
-    let evictions = api
-        .requests()
-        .iter()
-        .filter(|(m, p)| m == "POST" && p.ends_with("/guard/eviction"))
-        .count();
-    assert!(evictions >= 2, "retried on 429: {evictions}");
     assert!(
-        api.requests()
-            .iter()
-            .any(|(m, p)| m == "GET" && p.starts_with("/api/v1/pods?fieldSelector=spec.nodeName%3Dn1"))
+        api.requests().iter().any(|(m, p)| m == "GET"
+            && p.starts_with("/api/v1/pods?")
+            && p.contains("fieldSelector=spec.nodeName%3Dn1"))
     );
 
-    // A bare pod refuses the drain (no --force), with a timeout when blocked.
-    pods.create(&PostParams::default(), &pod_json("bare", "n2", "bare", false))
+    // A bare pod refuses the drain (no --force); with --force, a budget
+    // that never allows runs into kubectl's --timeout.
+    pods.create(&pp, &pod_json("bare", "n2", "bare", false)).await.unwrap();
+    let err = kubectl.drain("n2", &[], Duration::from_secs(20)).await.unwrap_err();
+    assert!(err.contains("declare no controller"), "{err}");
+    pdbs.create(&pp, &pdb_json("web", "web", json!({"minAvailable": 1})))
         .await
         .unwrap();
-    let err = api.kubectl_drain_with("n2", opts.clone()).await.unwrap_err();
-    assert!(err.contains("declare no controller"), "{err}");
-    pdbs.create(
-        &PostParams::default(),
-        &pdb_json("web", "web", json!({"maxUnavailable": 0})),
-    )
-    .await
-    .unwrap();
     wait_for("pdb status", || pdb_computed(&api, "nova", "web")).await;
-    let err = api
-        .kubectl_drain_with(
-            "n2",
-            DrainOptions {
-                timeout: Duration::from_millis(500),
-                force: true,
-                ..opts
-            },
-        )
+    let err = kubectl
+        .drain("n2", &["--force"], Duration::from_secs(2))
         .await
         .unwrap_err();
-    assert!(err.contains("global timeout"), "{err}");
+    assert!(err.contains("global timeout reached"), "{err}");
 }
 
 #[tokio::test]

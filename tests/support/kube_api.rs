@@ -1222,7 +1222,8 @@ impl State {
             return Ok(obj);
         }
         if emptied {
-            return Ok(self.remove(res, ns, name, &obj));
+            // deleteWithoutFinalizers answers the deleted object.
+            return Ok(self.remove(res, ns, name));
         }
         let mut cmp_new = obj.clone();
         let mut cmp_old = old.clone();
@@ -1469,19 +1470,26 @@ impl State {
                 self.commit(r, &n, &o, None);
             }
         }
-        Ok((200, self.remove(res, ns, name, &obj)))
+        let gone = self.remove(res, ns, name);
+        // A DELETE answers pods with the deleted pod, everything else with a
+        // Status (the stores' ReturnDeletedObject).
+        Ok((
+            200,
+            if res == Res::Pod {
+                gone
+            } else {
+                success_status(res, &obj, 200)
+            },
+        ))
     }
 
-    /// Removes an object from storage; pods answer with the deleted object,
-    /// everything else with a Status (the stores' ReturnDeletedObject).
-    fn remove(&mut self, res: Res, ns: &str, name: &str, obj: &Value) -> Value {
+    /// Removes an object from storage: the object as deleted.
+    fn remove(&mut self, res: Res, ns: &str, name: &str) -> Value {
         let gone = self.commit(res, ns, name, None).expect("deleted object");
         if res == Res::Pod {
             self.pod_side.remove(meta_str(&gone, "uid").unwrap_or(""));
-            gone
-        } else {
-            success_status(res, obj, 200)
         }
+        gone
     }
 
     // ---------------- eviction ----------------
@@ -2549,6 +2557,9 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request<Body>) -> Re
         Ok(b) => b,
         Err(e) => return error_response(&ApiError::bad_request(e.to_string())),
     };
+    if std::env::var_os("KUBE_API_DEBUG").is_some() && !body.is_empty() {
+        eprintln!("fake kube-apiserver:   {content_type}: {body:?}");
+    }
     match route(&shared, &method, &path, &query, &content_type, &body) {
         Ok(Routed::Json(code, v)) => json_response(code, &v),
         Ok(Routed::Watch(resp)) => resp,
@@ -2662,7 +2673,13 @@ fn route(
                     .patch(t.res, &ns, name, content_type, body, q, t.sub.is_some())
                     .map(|(c, v)| Routed::Json(c, v)),
                 (None, Method::DELETE) => {
-                    let mut opts = if body.is_empty() { json!({}) } else { parse_json(body)? };
+                    let mut opts = if body.is_empty() {
+                        json!({})
+                    } else if content_type.starts_with("application/vnd.kubernetes.protobuf") {
+                        delete_options_from_protobuf(body)?
+                    } else {
+                        parse_json(body)?
+                    };
                     if let Some(g) = q.get("gracePeriodSeconds").and_then(|g| g.parse::<i64>().ok()) {
                         opts["gracePeriodSeconds"] = json!(g);
                     }
@@ -2679,6 +2696,79 @@ fn route(
             }
         }
     }
+}
+
+/// One protobuf field value: a varint (`Ok`) or length-delimited bytes (`Err`).
+type ProtoValue<'a> = Result<u64, &'a [u8]>;
+
+/// Protobuf wire format: the `(number, value)` fields of one message.
+fn protobuf_fields(mut b: &[u8]) -> Option<Vec<(u64, ProtoValue<'_>)>> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut out = vec![];
+    while !b.is_empty() {
+        let key = varint(&mut b)?;
+        let value = match key & 7 {
+            0 => Ok(varint(&mut b)?),
+            2 => {
+                let len = usize::try_from(varint(&mut b)?).ok()?;
+                let (data, rest) = (b.get(..len)?, b.get(len..)?);
+                b = rest;
+                Err(data)
+            }
+            _ => return None,
+        };
+        out.push((key >> 3, value));
+    }
+    Some(out)
+}
+
+/// DeleteOptions sent as protobuf (kubectl 1.37's typed client does): the
+/// `k8s\0` runtime.Unknown envelope around a metav1.DeleteOptions.
+fn delete_options_from_protobuf(body: &[u8]) -> ApiResult<Value> {
+    let bad = || ApiError::bad_request("error decoding DeleteOptions: not a protobuf runtime.Unknown");
+    let envelope = body.strip_prefix(b"k8s\0").ok_or_else(bad)?;
+    let raw = protobuf_fields(envelope)
+        .ok_or_else(bad)?
+        .into_iter()
+        .find_map(|(n, v)| (n == 2).then_some(v).and_then(Result::err))
+        .unwrap_or_default();
+    let text = |d: &[u8]| json!(String::from_utf8_lossy(d));
+    let mut opts = json!({});
+    for (n, v) in protobuf_fields(raw).ok_or_else(bad)? {
+        match (n, v) {
+            (1, Ok(g)) => opts["gracePeriodSeconds"] = json!(g as i64),
+            (2, Err(pre)) => {
+                for (m, w) in protobuf_fields(pre).ok_or_else(bad)? {
+                    match (m, w) {
+                        (1, Err(d)) => opts["preconditions"]["uid"] = text(d),
+                        (2, Err(d)) => opts["preconditions"]["resourceVersion"] = text(d),
+                        _ => {}
+                    }
+                }
+            }
+            (3, Ok(o)) => opts["orphanDependents"] = json!(o != 0),
+            (4, Err(d)) => opts["propagationPolicy"] = text(d),
+            (5, Err(d)) => {
+                if !opts["dryRun"].is_array() {
+                    opts["dryRun"] = json!([]);
+                }
+                opts["dryRun"].as_array_mut().expect("array").push(text(d));
+            }
+            _ => {}
+        }
+    }
+    Ok(opts)
 }
 
 fn discovery(segs: &[&str], url: &str) -> Option<Value> {
@@ -3185,6 +3275,22 @@ impl KubeApi {
             .unwrap_or_else(|e| panic!("patch node {name}: {}", e.message))
             .1;
         serde_json::from_value(v).expect("node")
+    }
+
+    /// A JSON patch (RFC 6902) of a pod, through the same code path as HTTP
+    /// (`test` operations, finalizer rules and all).
+    pub fn json_patch_pod(&self, ns: &str, name: &str, ops: Value) -> Result<Pod, ApiError> {
+        let (_, v) = self.lock().patch(
+            Res::Pod,
+            ns,
+            name,
+            "application/json-patch+json",
+            ops.to_string().as_bytes(),
+            &Query::default(),
+            false,
+        )?;
+        // Removing the last finalizer of a terminating pod answers the deleted pod.
+        Ok(serde_json::from_value(v).expect("pod"))
     }
 
     pub fn node(&self, name: &str) -> Node {

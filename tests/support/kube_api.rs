@@ -1,50 +1,56 @@
 //! In-process fake Kubernetes API server for tests, following the real
-//! kube-apiserver wire protocol (JSON only) as closely as our code needs, and
-//! never more leniently than the real one where we model a behaviour.
+//! kube-apiserver wire protocol (JSON; protobuf only for the DeleteOptions
+//! kubectl sends) as closely as our code and the real `kubectl` need, and never
+//! more leniently than the real one where we model a behaviour.
 //!
 //! ```ignore
 //! mod support;
-//! use support::kube_api::KubeApi;
+//! use support::{kube_api::KubeApi, kubectl::Kubectl};
 //!
 //! #[tokio::test]
 //! async fn t() {
 //!     let api = KubeApi::start();            // spawns on the current runtime
 //!     api.add_node("n1");
 //!     let client = api.kube_client();        // kube::Client, plain HTTP, no auth
-//!     api.set_unschedulable("n1", true);     // what `kubectl cordon` does
-//!     let took = api.kubectl_drain("n1", Duration::from_secs(30)).await;
+//!     let took = Kubectl::new(&api).drain("n1", &[], Duration::from_secs(30)).await;
 //! }
 //! ```
 //!
-//! # Control API (all synchronous except `kubectl_drain*`)
+//! # Control API (synchronous)
 //! * [`KubeApi::start`], [`KubeApi::url`], [`KubeApi::kube_client`],
 //!   [`KubeApi::write_kubeconfig`].
 //! * Objects: [`KubeApi::add_node`], [`KubeApi::add_namespace`],
 //!   [`KubeApi::add_daemonset`], [`KubeApi::set_unschedulable`] (a strategic
 //!   merge PATCH through the same code path as HTTP, so watchers see it),
-//!   [`KubeApi::node`], [`KubeApi::pod`], [`KubeApi::pods`], [`KubeApi::pdbs`],
+//!   [`KubeApi::json_patch_pod`] (likewise, a JSON patch), [`KubeApi::node`],
+//!   [`KubeApi::pod`], [`KubeApi::pdbs`],
 //!   [`KubeApi::set_pod_phase`] (a kubelet status update), [`KubeApi::events`]
-//!   (every Event created or patched, both APIs, in order, as stored).
+//!   (every Event clients created or patched, both APIs, in order, as stored).
 //! * Simulated components: [`KubeApi::set_kubelet`] (default on: a pod bound
 //!   to an existing node becomes Running+Ready ~100 ms after creation; a
-//!   terminating pod is removed after its grace period capped at 1 s),
-//!   [`KubeApi::set_disruption_controller`] (default on: PDB status is
-//!   recomputed every 50 ms, asynchronously, like kube-controller-manager).
+//!   terminating pod is stopped after its grace period capped at 1 s, then
+//!   removed, or, with finalizers, marked Failed with grace 0 and left to
+//!   them), [`KubeApi::set_disruption_controller`] (default on: PDB status is
+//!   recomputed every 50 ms, asynchronously, like kube-controller-manager,
+//!   failing safe (`SyncFailed`) where the real one does, with its events).
 //! * Watch control: [`KubeApi::drop_watches`] (abort every open watch
 //!   connection), [`KubeApi::compact`] (every resourceVersion handed out so far
 //!   becomes "too old" for watch: 410 in-stream), [`KubeApi::set_bookmark_interval`],
 //!   [`KubeApi::watch_events_sent`], [`KubeApi::bookmarks_sent`],
 //!   [`KubeApi::open_watches`].
-//! * [`KubeApi::requests`]: `(method, path?query)` of every HTTP request.
-//! * [`KubeApi::kubectl_drain`] / [`KubeApi::kubectl_drain_with`]: what
-//!   `kubectl drain NODE --ignore-daemonsets` does, over HTTP.
+//! * [`KubeApi::requests`]: `(method, path?query)` of every HTTP request
+//!   (`KUBE_API_DEBUG=1` prints them, with request bodies).
 //!
 //! Deviations from the real server (all documented where they are made):
-//! no managedFields, strategic merge patch and server-side apply are treated as
-//! JSON merge patches, no json-patch, PDB `maxUnavailable`/percent scale of a
-//! controller is the number of its pods matching the PDB (the real controller
-//! reads the controller's `spec.replicas`), no finalizers, no admission beyond
-//! namespace existence and default tolerations.
+//! no managedFields; server-side apply is a JSON merge patch; strategic merge
+//! patch is a JSON merge patch except for `metadata.finalizers` (merged, with
+//! `$deleteFromPrimitiveList`); no workload controllers (ReplicaSet,
+//! StatefulSet, ...) are stored, so a PDB with `maxUnavailable` or a percentage
+//! over pods they own fails safe with "found no controllers", as the real
+//! controller does when they are missing; controller events are written once
+//! per PDB and reason (no count/series); no admission beyond namespace
+//! existence and default tolerations; no garbage collector (ownerReferences
+//! never delete anything); responses are JSON only.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -3305,14 +3311,6 @@ impl KubeApi {
         self.lock()
             .get(Res::Pod, ns, name)
             .map(|v| serde_json::from_value(v.clone()).expect("pod"))
-    }
-
-    pub fn pods(&self, ns: &str) -> Vec<Pod> {
-        self.lock()
-            .list_objs(Res::Pod, Some(ns))
-            .into_iter()
-            .map(|v| serde_json::from_value(v).expect("pod"))
-            .collect()
     }
 
     pub fn pdbs(&self, ns: &str) -> Vec<PodDisruptionBudget> {

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
-use support::kube_api::{DrainOptions, KubeApi};
+use support::kube_api::KubeApi;
+use support::kubectl::Kubectl;
 use support::openstack::{BootSpec, Lab, RestoreLab, lab_kill};
 use support::wait::{eventually, free_port};
 use tokio::process::{Child, Command};
@@ -176,13 +177,8 @@ async fn kubectl_drain_waits_for_the_vms_and_uncordon_restores_everything() {
     })
     .await;
 
-    let options = DrainOptions {
-        retry_interval: Duration::from_millis(500),
-        timeout: Duration::from_secs(120),
-        ..DrainOptions::default()
-    };
-    let took = kube
-        .kubectl_drain_with(NODE, options)
+    let took = Kubectl::new(&kube)
+        .drain(NODE, &[], Duration::from_secs(120))
         .await
         .expect("kubectl drain succeeds");
     // drain returned: by then every VM must have left the hypervisor.

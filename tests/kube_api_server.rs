@@ -15,7 +15,8 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event as WEvent};
 use serde_json::{Value, json};
-use support::kube_api::{DrainOptions, KubeApi};
+use support::kube_api::KubeApi;
+use support::kubectl::Kubectl;
 use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -47,6 +48,15 @@ async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     while !f() {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`wait_for`] for what takes kubectl's 5 s retry interval or more.
+async fn wait_for_long(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -502,22 +512,41 @@ async fn pdb_without_disruption_controller_is_still_being_processed() {
     pods.evict("guard", &EvictParams::default()).await.unwrap();
 }
 
+/// A pod whose controller owner is its Node, like the drainer's guard pod.
+fn node_owned_pod(api: &KubeApi, name: &str, node: &str, app: &str) -> Pod {
+    let mut pod = pod_json(name, node, app, false);
+    pod.metadata.owner_references = Some(vec![
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node", "name": node, "uid": api.node(node).metadata.uid, "controller": true
+        }))
+        .unwrap(),
+    ]);
+    pod
+}
+
+fn evictions_of(api: &KubeApi, pod: &str) -> usize {
+    api.requests()
+        .iter()
+        .filter(|(m, p)| m == "POST" && p.ends_with(&format!("/{pod}/eviction")))
+        .count()
+}
+
 #[tokio::test]
-async fn kubectl_drain_waits_for_pdb() {
+async fn kubectl_drain_waits_while_an_integer_min_available_forbids_eviction() {
     let api = KubeApi::start();
     api.add_node("n1");
     api.add_node("n2");
     api.add_namespace("nova");
+    let kubectl = Kubectl::new(&api);
     let client = api.kube_client();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "nova");
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, "nova");
-    let mut guard = pod_json("guard", "n1", "guard", true);
-    guard.metadata.owner_references.as_mut().unwrap()[0].kind = "StatefulSet".into();
-    pods.create(&PostParams::default(), &guard).await.unwrap();
-    pods.create(&PostParams::default(), &pod_json("web", "n1", "web", true))
+    let pp = PostParams::default();
+    pods.create(&pp, &node_owned_pod(&api, "guard", "n1", "guard"))
         .await
         .unwrap();
-    pods.create(&PostParams::default(), &pod_json("elsewhere", "n2", "web", true))
+    pods.create(&pp, &pod_json("web", "n1", "web", true)).await.unwrap();
+    pods.create(&pp, &pod_json("elsewhere", "n2", "web", true))
         .await
         .unwrap();
     let ds = api.add_daemonset("nova", "agent");
@@ -525,76 +554,74 @@ async fn kubectl_drain_waits_for_pdb() {
     agent.metadata.owner_references = Some(vec![serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent", "uid": ds["metadata"]["uid"], "controller": true
     })).unwrap()]);
-    pods.create(&PostParams::default(), &agent).await.unwrap();
-    pdbs.create(
-        &PostParams::default(),
-        &pdb_json("guard", "guard", json!({"maxUnavailable": 0})),
-    )
-    .await
-    .unwrap();
+    pods.create(&pp, &agent).await.unwrap();
+    pdbs.create(&pp, &pdb_json("guard", "guard", json!({"minAvailable": 1})))
+        .await
+        .unwrap();
     wait_for("pods running", || {
         ["guard", "web", "agent-x"].iter().all(|p| pod_running(&api, "nova", p))
     })
     .await;
-    wait_for("pdb status", || pdb_computed(&api, "nova", "guard")).await;
+    // Integer minAvailable: computed from the selected pods alone, even
+    // though their controller (a Node) has no scale subresource.
+    wait_for("pdb status", || {
+        api.pdbs("nova")[0]
+            .status
+            .as_ref()
+            .is_some_and(|s| s.current_healthy == 1)
+    })
+    .await;
+    let status = api.pdbs("nova")[0].status.clone().unwrap();
+    assert_eq!(
+        (
+            status.expected_pods,
+            status.desired_healthy,
+            status.current_healthy,
+            status.disruptions_allowed
+        ),
+        (1, 1, 1, 0)
+    );
+    let condition = &status.conditions.unwrap()[0];
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", "InsufficientPods")
+    );
 
-    let opts = DrainOptions {
-        timeout: Duration::from_secs(20),
-        retry_interval: Duration::from_millis(100),
-        poll_interval: Duration::from_millis(50),
-        ..Default::default()
-    };
-    let drain = api.kubectl_drain_with("n1", opts.clone());
+    let drain = kubectl.drain("n1", &[], Duration::from_secs(60));
     let unblock = async {
         wait_for("cordon", || api.node("n1").spec.unwrap().unschedulable == Some(true)).await;
         wait_for("web evicted", || api.pod("nova", "web").is_none()).await;
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // kubectl retries a 429 every 5 s: wait for a retry.
+        wait_for_long("a retried eviction", || evictions_of(&api, "guard") >= 2).await;
         assert!(api.pod("nova", "guard").is_some(), "the PDB must hold the guard");
         pdbs.delete("guard", &DeleteParams::default()).await.unwrap();
     };
     let (took, ()) = tokio::join!(drain, unblock);
     let took = took.expect("drain succeeds");
-    assert!(took >= Duration::from_millis(700), "{took:?}");
+    assert!(took >= Duration::from_secs(5), "{took:?}");
     assert!(api.pod("nova", "guard").is_none());
     assert!(api.pod("nova", "agent-x").is_some(), "DaemonSet pods are ignored");
     assert!(api.pod("nova", "elsewhere").is_some());
-    let evictions = api
-        .requests()
-        .iter()
-        .filter(|(m, p)| m == "POST" && p.ends_with("/guard/eviction"))
-        .count();
-    assert!(evictions >= 2, "retried on 429: {evictions}");
     assert!(
-        api.requests()
-            .iter()
-            .any(|(m, p)| m == "GET" && p.starts_with("/api/v1/pods?fieldSelector=spec.nodeName%3Dn1"))
+        api.requests().iter().any(|(m, p)| m == "GET"
+            && p.starts_with("/api/v1/pods?")
+            && p.contains("fieldSelector=spec.nodeName%3Dn1"))
     );
 
-    // A bare pod refuses the drain (no --force), with a timeout when blocked.
-    pods.create(&PostParams::default(), &pod_json("bare", "n2", "bare", false))
+    // A bare pod refuses the drain (no --force); with --force, a budget
+    // that never allows runs into kubectl's --timeout.
+    pods.create(&pp, &pod_json("bare", "n2", "bare", false)).await.unwrap();
+    let err = kubectl.drain("n2", &[], Duration::from_secs(20)).await.unwrap_err();
+    assert!(err.contains("declare no controller"), "{err}");
+    pdbs.create(&pp, &pdb_json("web", "web", json!({"minAvailable": 1})))
         .await
         .unwrap();
-    let err = api.kubectl_drain_with("n2", opts.clone()).await.unwrap_err();
-    assert!(err.contains("declare no controller"), "{err}");
-    pdbs.create(
-        &PostParams::default(),
-        &pdb_json("web", "web", json!({"maxUnavailable": 0})),
-    )
-    .await
-    .unwrap();
     wait_for("pdb status", || pdb_computed(&api, "nova", "web")).await;
-    let err = api
-        .kubectl_drain_with(
-            "n2",
-            DrainOptions {
-                timeout: Duration::from_millis(500),
-                force: true,
-                ..opts
-            },
-        )
+    let err = kubectl
+        .drain("n2", &["--force"], Duration::from_secs(2))
         .await
         .unwrap_err();
-    assert!(err.contains("global timeout"), "{err}");
+    assert!(err.contains("global timeout reached"), "{err}");
 }
 
 #[tokio::test]
@@ -657,5 +684,458 @@ async fn recorder_publishes_node_events() {
     assert!(
         reqs.iter()
             .any(|(m, p)| m == "PATCH" && p.starts_with("/apis/events.k8s.io/v1/namespaces/default/events/n1."))
+    );
+}
+
+fn pdb_condition(api: &KubeApi, ns: &str) -> Option<(String, String, String)> {
+    let pdb = api.pdbs(ns).into_iter().next()?;
+    let c = pdb.status?.conditions?.into_iter().next()?;
+    Some((c.status, c.reason, c.message))
+}
+
+/// `reason: message` of the Events about PodDisruptionBudgets, as listed over HTTP.
+async fn pdb_event_reasons(api: &KubeApi) -> Vec<String> {
+    let list: Value = reqwest::get(format!("{}/api/v1/events", api.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["involvedObject"]["kind"] == "PodDisruptionBudget")
+        .map(|e| format!("{}: {}", e["reason"].as_str().unwrap(), e["message"].as_str().unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn budgets_over_pods_whose_controller_has_no_scale_fail_safe() {
+    let api = KubeApi::start();
+    api.add_node("n1");
+    let client = api.kube_client_no_retry();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, "default");
+    let pp = PostParams::default();
+    pods.create(&pp, &node_owned_pod(&api, "guard", "n1", "guard"))
+        .await
+        .unwrap();
+    pdbs.create(&pp, &pdb_json("guard", "guard", json!({"maxUnavailable": 0})))
+        .await
+        .unwrap();
+    wait_for("guard running", || pod_running(&api, "default", "guard")).await;
+    wait_for("sync failure", || pdb_condition(&api, "default").is_some()).await;
+    let (status, reason, message) = pdb_condition(&api, "default").unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "SyncFailed"));
+    assert_eq!(message, "nodes does not implement the scale subresource");
+    let s = api.pdbs("default")[0].status.clone().unwrap();
+    assert_eq!((s.expected_pods, s.disruptions_allowed), (0, 0));
+    // failSafe never records the generation as observed.
+    assert_eq!(s.observed_generation, None);
+    let err = pods.evict("guard", &EvictParams::default()).await.unwrap_err();
+    let kube::Error::Api(e) = err else { panic!("{err:?}") };
+    assert_eq!(e.code, 429);
+    // The first sync already recorded its event.
+    assert!(pdb_event_reasons(&api).await.contains(
+        &"CalculateExpectedPodCountFailed: Failed to calculate the number of expected pods: nodes does not implement the scale subresource".to_string()
+    ));
+
+    // A percentage minAvailable needs the controller's scale too.
+    pdbs.patch(
+        "guard",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"maxUnavailable": null, "minAvailable": "50%"}})),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(pdb_condition(&api, "default").unwrap().1, "SyncFailed");
+
+    // Pods with no controller at all: UnmanagedPods, and never a disruption.
+    pods.create(&pp, &pod_json("bare", "n1", "bare", false)).await.unwrap();
+    pdbs.create(&pp, &pdb_json("bare", "bare", json!({"maxUnavailable": 1})))
+        .await
+        .unwrap();
+    wait_for("bare running", || pod_running(&api, "default", "bare")).await;
+    wait_for("bare pdb status", || pdb_computed(&api, "default", "bare")).await;
+    let bare = api
+        .pdbs("default")
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some("bare"))
+        .unwrap();
+    let s = bare.status.unwrap();
+    assert_eq!((s.expected_pods, s.current_healthy, s.disruptions_allowed), (0, 1, 0));
+    assert_eq!(s.conditions.unwrap()[0].reason, "InsufficientPods");
+    let events = pdb_event_reasons(&api).await;
+    assert!(
+        events
+            .iter()
+            .any(|r| r.starts_with("UnmanagedPods: Pods selected by this PodDisruptionBudget")),
+        "{events:?}"
+    );
+    // Controller events are not what clients wrote.
+    assert!(api.events().is_empty());
+}
+
+#[tokio::test]
+async fn eviction_ignores_budgets_for_pods_not_running_or_terminating() {
+    let api = KubeApi::start();
+    api.set_kubelet(false);
+    api.add_node("n1");
+    let client = api.kube_client_no_retry();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, "default");
+    let pp = PostParams::default();
+    pdbs.create(&pp, &pdb_json("guard", "guard", json!({"minAvailable": 1})))
+        .await
+        .unwrap();
+    for (name, phase) in [
+        ("running", "Running"),
+        ("succeeded", "Succeeded"),
+        ("failed", "Failed"),
+        ("pending", "Pending"),
+    ] {
+        pods.create(&pp, &node_owned_pod(&api, name, "n1", "guard"))
+            .await
+            .unwrap();
+        api.set_pod_phase("default", name, phase);
+    }
+    wait_for("pdb status", || {
+        api.pdbs("default")[0]
+            .status
+            .as_ref()
+            .is_some_and(|s| s.expected_pods == 4 && s.current_healthy == 1)
+    })
+    .await;
+    let err = pods.evict("running", &EvictParams::default()).await.unwrap_err();
+    let kube::Error::Api(e) = err else { panic!("{err:?}") };
+    assert_eq!(e.code, 429);
+    for name in ["succeeded", "failed", "pending"] {
+        pods.evict(name, &EvictParams::default()).await.unwrap();
+    }
+    // Terminal pods go at once; the Pending one waits for a kubelet.
+    assert!(api.pod("default", "succeeded").is_none());
+    assert!(api.pod("default", "failed").is_none());
+    assert!(
+        api.pod("default", "pending")
+            .unwrap()
+            .metadata
+            .deletion_timestamp
+            .is_some()
+    );
+
+    // A terminating pod is evicted (201) whatever its budget says.
+    pods.delete("running", &DeleteParams::default()).await.unwrap();
+    assert!(
+        api.pod("default", "running")
+            .unwrap()
+            .metadata
+            .deletion_timestamp
+            .is_some()
+    );
+    let url = format!("{}/api/v1/namespaces/default/pods/running/eviction", api.url());
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(&json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "running", "namespace": "default"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+}
+
+#[tokio::test]
+async fn kubectl_drain_evicts_a_pending_pod_under_a_budget_at_once() {
+    let api = KubeApi::start();
+    api.set_kubelet(false);
+    api.add_node("n1");
+    let kubectl = Kubectl::new(&api);
+    let client = api.kube_client();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, "default");
+    let pp = PostParams::default();
+    pods.create(&pp, &node_owned_pod(&api, "guard", "n1", "guard"))
+        .await
+        .unwrap();
+    pdbs.create(&pp, &pdb_json("guard", "guard", json!({"minAvailable": 1})))
+        .await
+        .unwrap();
+    wait_for("pdb status", || pdb_computed(&api, "default", "guard")).await;
+    let drain = kubectl.drain("n1", &[], Duration::from_secs(30));
+    let kubelet = async {
+        // Evicted (terminating): a kubelet finishes it.
+        wait_for("guard terminating", || {
+            api.pod("default", "guard")
+                .is_some_and(|p| p.metadata.deletion_timestamp.is_some())
+        })
+        .await;
+        api.set_kubelet(true);
+    };
+    let (took, ()) = tokio::join!(drain, kubelet);
+    let took = took.expect("drain succeeds");
+    assert_eq!(evictions_of(&api, "guard"), 1, "no 429 to retry");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[tokio::test]
+async fn finalizers_hold_deleted_objects() {
+    let api = KubeApi::start();
+    api.add_node("n1");
+    let client = api.kube_client_no_retry();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pp = PostParams::default();
+    let mut pod = node_owned_pod(&api, "guard", "n1", "guard");
+    pod.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    pods.create(&pp, &pod).await.unwrap();
+    wait_for("guard running", || pod_running(&api, "default", "guard")).await;
+    let rv = api.resource_version();
+    let url = format!(
+        "{}/api/v1/namespaces/default/pods?watch=true&resourceVersion={rv}&timeoutSeconds=4&fieldSelector=metadata.name%3Dguard",
+        api.url()
+    );
+    let watch = tokio::spawn(async move { reqwest::get(url).await.unwrap().text().await.unwrap() });
+    wait_for("watch", || api.open_watches() == 1).await;
+
+    // --force --grace-period=0 marks it deleted; the finalizer keeps it.
+    let dp = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..Default::default()
+    };
+    let kept = pods
+        .delete("guard", &dp)
+        .await
+        .unwrap()
+        .left()
+        .expect("kept, not deleted");
+    assert!(kept.metadata.deletion_timestamp.is_some());
+    assert_eq!(kept.metadata.deletion_grace_period_seconds, Some(0));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(api.pod("default", "guard").is_some());
+
+    // No new finalizer on an object being deleted.
+    let err = pods
+        .patch(
+            "guard",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": [FINALIZER, "example.com/other"]}})),
+        )
+        .await
+        .unwrap_err();
+    let kube::Error::Api(e) = err else { panic!("{err:?}") };
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        e.message,
+        "Pod \"guard\" is invalid: metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers []string{\"example.com/other\"}"
+    );
+
+    // Removing the last finalizer (a JSON patch with a test) removes it.
+    let ops = json!([
+        {"op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER},
+        {"op": "remove", "path": "/metadata/finalizers/0"}
+    ]);
+    api.json_patch_pod("default", "guard", ops).unwrap();
+    assert!(api.pod("default", "guard").is_none());
+    let text = watch.await.unwrap();
+    let types: Vec<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(types.first().map(String::as_str), Some("MODIFIED"), "{text}");
+    assert_eq!(types.last().map(String::as_str), Some("DELETED"), "{text}");
+    assert!(!types.contains(&"ADDED".to_string()), "{text}");
+
+    // Kinds without graceful deletion (a Node) are marked at once too.
+    let nodes: Api<Node> = Api::all(api.kube_client());
+    nodes
+        .patch(
+            "n1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": [FINALIZER]}})),
+        )
+        .await
+        .unwrap();
+    nodes.delete("n1", &DeleteParams::default()).await.unwrap();
+    let n = api.node("n1");
+    assert!(n.metadata.deletion_timestamp.is_some());
+    nodes
+        .patch(
+            "n1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
+    assert!(nodes.get_opt("n1").await.unwrap().is_none());
+}
+
+/// PATCH with `application/json-patch+json`: status code and body.
+async fn json_patch_http(api: &KubeApi, path: &str, ops: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .patch(format!("{}{path}", api.url()))
+        .header("content-type", "application/json-patch+json")
+        .body(ops.to_string())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+const FINALIZER: &str = "nova-kubernetes-drain/hypervisor-empty";
+
+#[tokio::test]
+async fn kubectl_drain_waits_for_a_finalizer() {
+    let api = KubeApi::start();
+    api.add_node("n1");
+    api.add_node("n2");
+    let kubectl = Kubectl::new(&api);
+    let pods: Api<Pod> = Api::namespaced(api.kube_client(), "default");
+    for (node, extra) in [("n1", &[][..]), ("n2", &["--disable-eviction"][..])] {
+        let name = format!("guard-{node}");
+        let mut pod = node_owned_pod(&api, &name, node, "guard");
+        pod.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+        wait_for("guard running", || pod_running(&api, "default", &name)).await;
+        let drain = kubectl.drain(node, extra, Duration::from_secs(60));
+        tokio::pin!(drain);
+        // The kubelet stopped it; only the finalizer keeps it (and drain waiting).
+        let terminated = wait_for("guard terminated", || {
+            api.pod("default", &name).is_some_and(|p| {
+                p.metadata.deletion_grace_period_seconds == Some(0)
+                    && p.status.and_then(|s| s.phase).as_deref() == Some("Failed")
+            })
+        });
+        tokio::select! {
+            r = &mut drain => panic!("drain {node} {extra:?} ended with the finalizer on: {r:?}"),
+            () = terminated => {}
+        }
+        tokio::select! {
+            r = &mut drain => panic!("drain {node} {extra:?} ended with the finalizer on: {r:?}"),
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        let ops = json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": [FINALIZER]},
+            {"op": "remove", "path": "/metadata/finalizers"}
+        ]);
+        if node == "n1" {
+            api.json_patch_pod("default", &name, ops).unwrap();
+        } else {
+            kubectl.patch_pod_json("default", &name, &ops).await.unwrap();
+        }
+        let took = drain.await;
+        let took = took.unwrap_or_else(|e| panic!("drain {node} {extra:?}: {e}"));
+        assert!(took >= Duration::from_secs(2), "{took:?}");
+        assert!(api.pod("default", &name).is_none());
+    }
+    let deleted = api
+        .requests()
+        .iter()
+        .any(|(m, p)| m == "DELETE" && p.starts_with("/api/v1/namespaces/default/pods/guard-n2"));
+    assert!(deleted, "--disable-eviction deletes");
+}
+
+#[tokio::test]
+async fn json_patch_and_stale_resource_versions() {
+    let api = KubeApi::start();
+    api.add_node("n1");
+    let client = api.kube_client_no_retry();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let nodes: Api<Node> = Api::all(client);
+    let mut pod = node_owned_pod(&api, "guard", "n1", "guard");
+    pod.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let pp = PatchParams::default();
+
+    // add, replace, test and remove on a node.
+    let ops = json!([
+        {"op": "add", "path": "/metadata/labels/role", "value": "compute"},
+        {"op": "replace", "path": "/metadata/labels/role", "value": "storage"},
+        {"op": "test", "path": "/metadata/labels/role", "value": "storage"},
+        {"op": "remove", "path": "/metadata/labels/kubernetes.io~1os"}
+    ]);
+    let (code, n) = json_patch_http(&api, "/api/v1/nodes/n1", &ops).await;
+    assert_eq!(code, 200, "{n}");
+    let n: Node = serde_json::from_value(n).unwrap();
+    let labels = n.metadata.labels.unwrap();
+    assert_eq!(labels.get("role").map(String::as_str), Some("storage"));
+    assert!(!labels.contains_key("kubernetes.io/os"));
+
+    // A failed test: 422 and nothing changes.
+    let ops = json!([
+        {"op": "test", "path": "/metadata/finalizers/0", "value": "example.com/other"},
+        {"op": "remove", "path": "/metadata/finalizers/0"}
+    ]);
+    let (code, e) = json_patch_http(&api, "/api/v1/namespaces/default/pods/guard", &ops).await;
+    assert_eq!((code, e["reason"].as_str()), (422, Some("Invalid")), "{e}");
+    assert_eq!(
+        e["message"],
+        "the server rejected our request due to an error in our request"
+    );
+    assert_eq!(
+        e["details"]["causes"][0],
+        json!({"reason": "UnexpectedServerResponse", "message": "testing value /metadata/finalizers/0 failed: test failed"})
+    );
+    assert_eq!(
+        api.pod("default", "guard").unwrap().metadata.finalizers.unwrap(),
+        [FINALIZER]
+    );
+
+    // A stale resourceVersion in a merge patch, a JSON patch or a PUT: 409.
+    let stale = api.pod("default", "guard").unwrap().metadata.resource_version.unwrap();
+    nodes
+        .patch("n1", &pp, &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})))
+        .await
+        .unwrap();
+    pods.patch("guard", &pp, &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})))
+        .await
+        .unwrap();
+    let conflict =
+        |err: kube::Error| {
+            let kube::Error::Api(e) = err else { panic!("{err:?}") };
+            assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"), "{e:?}");
+            assert!(e.message.ends_with(
+                "the object has been modified; please apply your changes to the latest version and try again"
+            ));
+        };
+    conflict(
+        pods.patch(
+            "guard",
+            &pp,
+            &Patch::Merge(json!({"metadata": {"resourceVersion": stale, "finalizers": null}})),
+        )
+        .await
+        .unwrap_err(),
+    );
+    let ops = json!([
+        {"op": "replace", "path": "/metadata/resourceVersion", "value": stale},
+        {"op": "remove", "path": "/metadata/finalizers"}
+    ]);
+    let (code, e) = json_patch_http(&api, "/api/v1/namespaces/default/pods/guard", &ops).await;
+    assert_eq!((code, e["reason"].as_str()), (409, Some("Conflict")), "{e}");
+    let mut old = api.pod("default", "guard").unwrap();
+    old.metadata.resource_version = Some(stale);
+    conflict(pods.replace("guard", &PostParams::default(), &old).await.unwrap_err());
+    assert_eq!(
+        api.pod("default", "guard").unwrap().metadata.finalizers.unwrap(),
+        [FINALIZER]
+    );
+
+    // kubectl patch --type=json: the same 422 for a failed test.
+    let kubectl = Kubectl::new(&api);
+    let err = kubectl
+        .patch_pod_json(
+            "default",
+            "guard",
+            &json!([{"op": "test", "path": "/metadata/finalizers/0", "value": "nope"}]),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("The request is invalid") && err.contains("testing value /metadata/finalizers/0 failed"),
+        "{err}"
     );
 }

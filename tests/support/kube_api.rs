@@ -1,53 +1,59 @@
 //! In-process fake Kubernetes API server for tests, following the real
-//! kube-apiserver wire protocol (JSON only) as closely as our code needs, and
-//! never more leniently than the real one where we model a behaviour.
+//! kube-apiserver wire protocol (JSON; protobuf only for the DeleteOptions
+//! kubectl sends) as closely as our code and the real `kubectl` need, and never
+//! more leniently than the real one where we model a behaviour.
 //!
 //! ```ignore
 //! mod support;
-//! use support::kube_api::KubeApi;
+//! use support::{kube_api::KubeApi, kubectl::Kubectl};
 //!
 //! #[tokio::test]
 //! async fn t() {
 //!     let api = KubeApi::start();            // spawns on the current runtime
 //!     api.add_node("n1");
 //!     let client = api.kube_client();        // kube::Client, plain HTTP, no auth
-//!     api.set_unschedulable("n1", true);     // what `kubectl cordon` does
-//!     let took = api.kubectl_drain("n1", Duration::from_secs(30)).await;
+//!     let took = Kubectl::new(&api).drain("n1", &[], Duration::from_secs(30)).await;
 //! }
 //! ```
 //!
-//! # Control API (all synchronous except `kubectl_drain*`)
+//! # Control API (synchronous)
 //! * [`KubeApi::start`], [`KubeApi::url`], [`KubeApi::kube_client`],
 //!   [`KubeApi::write_kubeconfig`].
 //! * Objects: [`KubeApi::add_node`], [`KubeApi::add_namespace`],
 //!   [`KubeApi::add_daemonset`], [`KubeApi::set_unschedulable`] (a strategic
 //!   merge PATCH through the same code path as HTTP, so watchers see it),
-//!   [`KubeApi::node`], [`KubeApi::pod`], [`KubeApi::pods`], [`KubeApi::pdbs`],
+//!   [`KubeApi::json_patch_pod`] (likewise, a JSON patch), [`KubeApi::node`],
+//!   [`KubeApi::pod`], [`KubeApi::pdbs`],
 //!   [`KubeApi::set_pod_phase`] (a kubelet status update), [`KubeApi::events`]
-//!   (every Event created or patched, both APIs, in order, as stored).
+//!   (every Event clients created or patched, both APIs, in order, as stored).
 //! * Simulated components: [`KubeApi::set_kubelet`] (default on: a pod bound
 //!   to an existing node becomes Running+Ready ~100 ms after creation; a
-//!   terminating pod is removed after its grace period capped at 1 s),
-//!   [`KubeApi::set_disruption_controller`] (default on: PDB status is
-//!   recomputed every 50 ms, asynchronously, like kube-controller-manager).
+//!   terminating pod is stopped after its grace period capped at 1 s, then
+//!   removed, or, with finalizers, marked Failed with grace 0 and left to
+//!   them), [`KubeApi::set_disruption_controller`] (default on: PDB status is
+//!   recomputed every 50 ms, asynchronously, like kube-controller-manager,
+//!   failing safe (`SyncFailed`) where the real one does, with its events).
 //! * Watch control: [`KubeApi::drop_watches`] (abort every open watch
 //!   connection), [`KubeApi::compact`] (every resourceVersion handed out so far
 //!   becomes "too old" for watch: 410 in-stream), [`KubeApi::set_bookmark_interval`],
 //!   [`KubeApi::watch_events_sent`], [`KubeApi::bookmarks_sent`],
 //!   [`KubeApi::open_watches`].
-//! * [`KubeApi::requests`]: `(method, path?query)` of every HTTP request.
-//! * [`KubeApi::kubectl_drain`] / [`KubeApi::kubectl_drain_with`]: what
-//!   `kubectl drain NODE --ignore-daemonsets` does, over HTTP.
+//! * [`KubeApi::requests`]: `(method, path?query)` of every HTTP request
+//!   (`KUBE_API_DEBUG=1` prints them, with request bodies).
 //!
 //! Deviations from the real server (all documented where they are made):
-//! no managedFields, strategic merge patch and server-side apply are treated as
-//! JSON merge patches, no json-patch, PDB `maxUnavailable`/percent scale of a
-//! controller is the number of its pods matching the PDB (the real controller
-//! reads the controller's `spec.replicas`), no finalizers, no admission beyond
-//! namespace existence and default tolerations.
+//! no managedFields; server-side apply is a JSON merge patch; strategic merge
+//! patch is a JSON merge patch except for `metadata.finalizers` (merged, with
+//! `$deleteFromPrimitiveList`); no workload controllers (ReplicaSet,
+//! StatefulSet, ...) are stored, so a PDB with `maxUnavailable` or a percentage
+//! over pods they own fails safe with "found no controllers", as the real
+//! controller does when they are missing; controller events are written once
+//! per PDB and reason (no count/series); no admission beyond namespace
+//! existence and default tolerations; no garbage collector (ownerReferences
+//! never delete anything); responses are JSON only.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -610,6 +616,189 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
+/// Strategic merge patch, as far as our objects need it: a JSON merge patch
+/// but for `metadata.finalizers`, a list with patchStrategy "merge" (the
+/// patch's entries are added, `$deleteFromPrimitiveList/finalizers` removes),
+/// and `$` directives, which are dropped. Every other list is replaced, as
+/// for lists without a merge key.
+fn strategic_merge_patch(target: &mut Value, patch: &Value) {
+    let mut patch = patch.clone();
+    let before: Vec<Value> = target
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let meta_patch = patch.get_mut("metadata").and_then(Value::as_object_mut);
+    let (added, deleted) = match meta_patch {
+        Some(m) => {
+            let added = m.remove("finalizers");
+            let deleted = m.remove("$deleteFromPrimitiveList/finalizers");
+            m.retain(|k, _| !k.starts_with('$'));
+            (added, deleted)
+        }
+        None => (None, None),
+    };
+    if let Some(o) = patch.as_object_mut() {
+        o.retain(|k, _| !k.starts_with('$'));
+    }
+    merge_patch(target, &patch);
+    if added.is_none() && deleted.is_none() {
+        return;
+    }
+    let mut list = match &added {
+        Some(Value::Null) => vec![],
+        _ => before,
+    };
+    for f in added.iter().filter_map(Value::as_array).flatten() {
+        if !list.contains(f) {
+            list.push(f.clone());
+        }
+    }
+    if let Some(gone) = deleted.as_ref().and_then(Value::as_array) {
+        list.retain(|f| !gone.contains(f));
+    }
+    if list.is_empty() {
+        meta_mut(target).remove("finalizers");
+    } else {
+        meta_mut(target).insert("finalizers".into(), Value::Array(list));
+    }
+}
+
+/// RFC 6902 JSON patch as the real server applies it (evanphx/json-patch):
+/// a failed operation is a 422 whose cause carries the library's message.
+fn json_patch(doc: &Value, ops: &[Value]) -> ApiResult<Value> {
+    let mut doc = doc.clone();
+    for op in ops {
+        let kind = op.get("op").and_then(Value::as_str).unwrap_or("");
+        let path = op.get("path").and_then(Value::as_str).unwrap_or("");
+        let value = || {
+            op.get("value")
+                .cloned()
+                .ok_or_else(|| patch_failed(format!("{kind} operation missing value")))
+        };
+        match kind {
+            "add" => pointer_add(&mut doc, path, value()?)?,
+            "remove" => {
+                pointer_remove(&mut doc, path)?;
+            }
+            "replace" => {
+                let v = value()?;
+                let slot = doc.pointer_mut(path).ok_or_else(|| {
+                    patch_failed(format!(
+                        "replace operation does not apply: doc is missing key: {path}: missing value"
+                    ))
+                })?;
+                *slot = v;
+            }
+            "test" => {
+                let v = value()?;
+                match doc.pointer(path) {
+                    Some(actual) if *actual == v => {}
+                    None if v.is_null() => {}
+                    _ => return Err(patch_failed(format!("testing value {path} failed: test failed"))),
+                }
+            }
+            "move" | "copy" => {
+                let from = op.get("from").and_then(Value::as_str).unwrap_or("");
+                let v = if kind == "move" {
+                    pointer_remove(&mut doc, from)?
+                } else {
+                    doc.pointer(from).cloned().ok_or_else(|| {
+                        patch_failed(format!(
+                            "copy operation does not apply: doc is missing from path: {from}: missing value"
+                        ))
+                    })?
+                };
+                pointer_add(&mut doc, path, v)?;
+            }
+            other => return Err(ApiError::bad_request(format!("Unexpected kind: {other}"))),
+        }
+    }
+    Ok(doc)
+}
+
+/// NewGenericServerResponse(422, ...): what a JSON patch that does not apply
+/// answers.
+fn patch_failed(cause: String) -> ApiError {
+    let mut e = ApiError::new(
+        422,
+        "Invalid",
+        "the server rejected our request due to an error in our request",
+    );
+    e.details = Some(Box::new(StatusDetails {
+        causes: Some(vec![StatusCause {
+            reason: Some("UnexpectedServerResponse".into()),
+            message: Some(cause),
+            field: None,
+        }]),
+        ..Default::default()
+    }));
+    e
+}
+
+/// Splits a JSON pointer into its parent pointer and unescaped last token.
+fn split_pointer(path: &str) -> Option<(&str, String)> {
+    let (parent, last) = path.rsplit_once('/')?;
+    Some((parent, last.replace("~1", "/").replace("~0", "~")))
+}
+
+fn pointer_add(doc: &mut Value, path: &str, v: Value) -> ApiResult<()> {
+    if path.is_empty() {
+        *doc = v;
+        return Ok(());
+    }
+    let missing = || {
+        patch_failed(format!(
+            "add operation does not apply: doc is missing path: {path:?}: missing value"
+        ))
+    };
+    let (parent, key) = split_pointer(path).ok_or_else(missing)?;
+    match doc.pointer_mut(parent).ok_or_else(missing)? {
+        Value::Object(m) => {
+            m.insert(key, v);
+        }
+        Value::Array(a) => {
+            let i = if key == "-" {
+                a.len()
+            } else {
+                key.parse().map_err(|_| missing())?
+            };
+            if i > a.len() {
+                return Err(patch_failed(format!(
+                    "Unable to access invalid index: {i}: invalid index referenced"
+                )));
+            }
+            a.insert(i, v);
+        }
+        _ => return Err(missing()),
+    }
+    Ok(())
+}
+
+fn pointer_remove(doc: &mut Value, path: &str) -> ApiResult<Value> {
+    let missing = || {
+        patch_failed(format!(
+            "remove operation does not apply: doc is missing path: {path:?}: missing value"
+        ))
+    };
+    let (parent, key) = split_pointer(path).ok_or_else(missing)?;
+    match doc.pointer_mut(parent).ok_or_else(missing)? {
+        Value::Object(m) => m
+            .remove(&key)
+            .ok_or_else(|| patch_failed(format!("unable to remove nonexistent key: {key}: missing value"))),
+        Value::Array(a) => {
+            let i: usize = key.parse().map_err(|_| missing())?;
+            if i >= a.len() {
+                return Err(patch_failed(format!(
+                    "Unable to remove invalid index: {i}: invalid index referenced"
+                )));
+            }
+            Ok(a.remove(i))
+        }
+        _ => Err(missing()),
+    }
+}
+
 fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
@@ -734,6 +923,9 @@ impl Watcher {
 struct PodSide {
     created: Instant,
     delete_requested: Option<Instant>,
+    /// The kubelet has stopped the containers (and kept the pod only
+    /// because of its finalizers).
+    terminated: bool,
 }
 
 struct State {
@@ -750,6 +942,8 @@ struct State {
     disruption_controller: bool,
     bookmark_interval: Duration,
     pod_side: HashMap<String, PodSide>, // by uid
+    /// (PDB uid, reason) of the disruption controller's events so far.
+    pdb_events: HashSet<(String, &'static str)>,
 }
 
 impl State {
@@ -767,6 +961,7 @@ impl State {
             disruption_controller: true,
             bookmark_interval: Duration::from_secs(5),
             pod_side: HashMap::new(),
+            pdb_events: HashSet::new(),
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             s.create(Res::Namespace, "", json!({"metadata": {"name": ns}}), false)
@@ -934,6 +1129,7 @@ impl State {
                 PodSide {
                     created: Instant::now(),
                     delete_requested: None,
+                    terminated: false,
                 },
             );
         }
@@ -1022,8 +1218,18 @@ impl State {
         }
         let obj = res.canonical(obj).map_err(ApiError::bad_request)?;
         validate(res, &obj, Some(&old))?;
+        // Store.Update's shouldDeleteDuringUpdate: the last finalizer of an
+        // object being deleted with no grace left is gone, and so is it.
+        let emptied = !has_finalizers(&obj)
+            && has_finalizers(&old)
+            && meta_str(&old, "deletionTimestamp").is_some()
+            && deletion_grace(&old).is_none_or(|g| g == 0);
         if dry_run {
             return Ok(obj);
+        }
+        if emptied {
+            // deleteWithoutFinalizers answers the deleted object.
+            return Ok(self.remove(res, ns, name));
         }
         let mut cmp_new = obj.clone();
         let mut cmp_old = old.clone();
@@ -1066,16 +1272,25 @@ impl State {
         }
         if !matches!(
             ct,
-            "application/merge-patch+json" | "application/strategic-merge-patch+json"
+            "application/json-patch+json" | "application/merge-patch+json" | "application/strategic-merge-patch+json"
         ) && !is_apply
         {
             return Err(ApiError::new(
                 415,
                 "UnsupportedMediaType",
                 format!(
-                    "the body of the request was in an unknown format - accepted media types include: application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml (fake server: {ct:?} is not implemented)"
+                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct:?})"
                 ),
             ));
+        }
+        if ct == "application/json-patch+json" {
+            let old = self.get_or_404(res, ns, name)?;
+            let ops: Vec<Value> = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let patched = json_patch(&old, &ops)?;
+            // A resourceVersion left in the patched object is a precondition.
+            return self
+                .update(res, ns, name, patched, status_sub, q.get("dryRun").is_some())
+                .map(|o| (200, o));
         }
         let patch: Value =
             serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
@@ -1122,7 +1337,11 @@ impl State {
         }
         let old = self.get_or_404(res, ns, name)?;
         let mut merged = old.clone();
-        merge_patch(&mut merged, &patch);
+        if ct == "application/strategic-merge-patch+json" {
+            strategic_merge_patch(&mut merged, &patch);
+        } else {
+            merge_patch(&mut merged, &patch);
+        }
         // A patch carrying a resourceVersion is a precondition; otherwise
         // patches apply to the latest version.
         if patch.pointer("/metadata/resourceVersion").is_none() {
@@ -1134,6 +1353,12 @@ impl State {
 
     // ---------------- delete ----------------
 
+    /// DELETE as the generic registry store does it (rest.BeforeDelete and
+    /// updateForGracefulDeletionAndFinalizers): a pod is deleted gracefully
+    /// (deletionTimestamp = now + grace, kept for the kubelet) unless its
+    /// grace is 0; an object with finalizers is only marked as being deleted
+    /// (deletionTimestamp, deletionGracePeriodSeconds) and kept until its
+    /// finalizers are gone, also on `--force --grace-period=0`.
     fn delete(&mut self, res: Res, ns: &str, name: &str, opts: &Value) -> ApiResult<(u16, Value)> {
         let obj = self.get_or_404(res, ns, name)?;
         if let Some(pre) = opts.get("preconditions") {
@@ -1164,60 +1389,85 @@ impl State {
             .get("dryRun")
             .and_then(Value::as_array)
             .is_some_and(|a| !a.is_empty());
-        if res == Res::Pod {
-            let grace = opts
-                .get("gracePeriodSeconds")
-                .and_then(Value::as_i64)
-                .or_else(|| {
-                    obj.pointer("/spec/terminationGracePeriodSeconds")
-                        .and_then(Value::as_i64)
-                })
-                .unwrap_or(30);
-            let unscheduled = obj
-                .pointer("/spec/nodeName")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .is_empty();
-            let terminal = matches!(pod_phase(&obj), "Succeeded" | "Failed");
-            if grace > 0 && !unscheduled && !terminal {
-                // Graceful: set deletionTimestamp, keep the pod for the kubelet.
-                if dry_run {
-                    return Ok((200, obj));
+        let finalizers = has_finalizers(&obj);
+        let requested = opts.get("gracePeriodSeconds").and_then(Value::as_i64);
+        let now = jiff::Timestamp::now().as_second();
+        let mut o = obj.clone();
+        let keep = match (
+            meta_str(&obj, "deletionTimestamp").and_then(parse_ts),
+            deletion_grace(&obj),
+        ) {
+            // Already being deleted with a grace period: only a shorter one
+            // changes anything (the deletion timestamp moves earlier).
+            (Some(ts), Some(g)) if g > 0 => match requested {
+                Some(p) if p < g => {
+                    let mut p = p.max(0);
+                    let mut at = ts.as_second() - g + p;
+                    if at < now {
+                        at = now;
+                        if p != 0 {
+                            p = 1;
+                        }
+                    }
+                    set_deletion(&mut o, at, p);
+                    p > 0 || finalizers
                 }
-                let existing = meta_str(&obj, "deletionTimestamp").is_some();
-                let cur_grace = obj
-                    .pointer("/metadata/deletionGracePeriodSeconds")
-                    .and_then(Value::as_i64);
-                if existing && cur_grace.is_some_and(|g| g <= grace) {
-                    return Ok((200, obj));
+                _ => return Ok((200, obj)),
+            },
+            // Being deleted with no grace left: gone unless finalizers remain.
+            (Some(ts), _) => {
+                set_deletion(&mut o, ts.as_second().min(now), 0);
+                finalizers
+            }
+            (None, _) if res == Res::Pod => {
+                // podStrategy.CheckGracefulDelete.
+                let mut period = requested
+                    .or_else(|| {
+                        obj.pointer("/spec/terminationGracePeriodSeconds")
+                            .and_then(Value::as_i64)
+                    })
+                    .unwrap_or(0);
+                let unscheduled = obj
+                    .pointer("/spec/nodeName")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .is_empty();
+                if unscheduled || matches!(pod_phase(&obj), "Succeeded" | "Failed") {
+                    period = 0;
                 }
-                let mut o = obj.clone();
-                let ts = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() + grace).expect("ts");
-                let m = meta_mut(&mut o);
-                m.insert("deletionTimestamp".into(), json!(ts.to_string()));
-                m.insert("deletionGracePeriodSeconds".into(), json!(grace));
-                let g = m.get("generation").and_then(Value::as_i64).unwrap_or(0);
-                if g > 0 {
-                    m.insert("generation".into(), json!(g + 1));
+                if period < 0 {
+                    period = 1;
                 }
-                let stored = self.commit(res, ns, name, Some(o)).expect("stored");
+                set_deletion(&mut o, now + period, period);
+                bump_generation(&mut o);
+                period > 0 || finalizers
+            }
+            // No graceful deletion for other kinds: markAsDeleting.
+            (None, _) => {
+                set_deletion(&mut o, now, 0);
+                bump_generation(&mut o);
+                finalizers
+            }
+        };
+        if dry_run {
+            return Ok((200, if keep { o } else { obj }));
+        }
+        if keep {
+            let stored = if o == obj {
+                obj
+            } else {
+                self.commit(res, ns, name, Some(o)).expect("stored")
+            };
+            if res == Res::Pod {
                 let uid = meta_str(&stored, "uid").unwrap_or("").to_string();
                 let side = self.pod_side.entry(uid).or_insert(PodSide {
                     created: Instant::now(),
                     delete_requested: None,
+                    terminated: false,
                 });
                 side.delete_requested.get_or_insert(Instant::now());
-                return Ok((200, stored));
             }
-            if dry_run {
-                return Ok((200, obj));
-            }
-            let gone = self.commit(res, ns, name, None).expect("deleted object");
-            self.pod_side.remove(meta_str(&gone, "uid").unwrap_or(""));
-            return Ok((200, gone));
-        }
-        if dry_run {
-            return Ok((200, success_status(res, &obj, 200)));
+            return Ok((200, stored));
         }
         if res == Res::Namespace {
             // No namespace controller: delete contents at once.
@@ -1226,8 +1476,26 @@ impl State {
                 self.commit(r, &n, &o, None);
             }
         }
-        self.commit(res, ns, name, None);
-        Ok((200, success_status(res, &obj, 200)))
+        let gone = self.remove(res, ns, name);
+        // A DELETE answers pods with the deleted pod, everything else with a
+        // Status (the stores' ReturnDeletedObject).
+        Ok((
+            200,
+            if res == Res::Pod {
+                gone
+            } else {
+                success_status(res, &obj, 200)
+            },
+        ))
+    }
+
+    /// Removes an object from storage: the object as deleted.
+    fn remove(&mut self, res: Res, ns: &str, name: &str) -> Value {
+        let gone = self.commit(res, ns, name, None).expect("deleted object");
+        if res == Res::Pod {
+            self.pod_side.remove(meta_str(&gone, "uid").unwrap_or(""));
+        }
+        gone
     }
 
     // ---------------- eviction ----------------
@@ -1323,7 +1591,7 @@ impl State {
                 let allowed = st("disruptionsAllowed") - 1;
                 p["status"]["disruptionsAllowed"] = json!(allowed);
                 if allowed == 0 {
-                    set_pdb_condition(&mut p, false);
+                    set_pdb_allowed_condition(&mut p);
                 }
                 if !p["status"]["disruptedPods"].is_object() {
                     p["status"]["disruptedPods"] = json!({});
@@ -1399,18 +1667,36 @@ impl State {
             let side = self.pod_side.entry(uid.clone()).or_insert(PodSide {
                 created: now,
                 delete_requested: None,
+                terminated: false,
             });
             if let Some(dts) = meta_str(&pod, "deletionTimestamp") {
+                if side.terminated {
+                    continue;
+                }
                 let requested = *side.delete_requested.get_or_insert(now);
-                let grace = pod
-                    .pointer("/metadata/deletionGracePeriodSeconds")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0);
+                let grace = deletion_grace(&pod).unwrap_or(0).max(0) as u64;
                 let due_cap = requested + KUBELET_MAX_GRACE.min(Duration::from_secs(grace));
                 let due_ts = parse_ts(dts).is_some_and(|t| t <= jiff::Timestamp::now());
-                if now >= due_cap || due_ts {
+                if now < due_cap && !due_ts {
+                    continue;
+                }
+                if !has_finalizers(&pod) {
+                    // The kubelet's final DELETE with grace 0.
                     self.commit(Res::Pod, &ns, &name, None);
                     self.pod_side.remove(&uid);
+                    continue;
+                }
+                // Containers stopped: the terminal status update, then the
+                // DELETE with grace 0 that leaves the pod to its finalizers.
+                side.terminated = true;
+                let mut p = pod.clone();
+                make_terminated(&mut p);
+                let at = parse_ts(dts)
+                    .map_or(0, |t| t.as_second())
+                    .min(jiff::Timestamp::now().as_second());
+                set_deletion(&mut p, at, 0);
+                if let Ok(p) = Res::Pod.canonical(p) {
+                    self.commit(Res::Pod, &ns, &name, Some(p));
                 }
                 continue;
             }
@@ -1437,12 +1723,40 @@ impl State {
                 .into_iter()
                 .filter(|p| object_selector_matches(pdb.pointer("/spec/selector"), p))
                 .collect();
-            let new = compute_pdb(&pdb, &pods);
-            if new != pdb
-                && let Ok(new) = Res::Pdb.canonical(new)
+            let (new, events) = compute_pdb(&pdb, &pods);
+            if let Ok(new) = Res::Pdb.canonical(new)
+                && new != pdb
             {
                 self.commit(Res::Pdb, &ns, &name, Some(new));
             }
+            for (reason, message) in events {
+                self.record_pdb_event(&pdb, reason, message);
+            }
+        }
+    }
+
+    /// A Warning Event about a PDB from the controller manager's (core/v1)
+    /// recorder, written once per PDB and reason. Not in `events_log`, which
+    /// holds what clients wrote.
+    fn record_pdb_event(&mut self, pdb: &Value, reason: &'static str, message: String) {
+        let uid = meta_str(pdb, "uid").unwrap_or("").to_string();
+        if !self.pdb_events.insert((uid.clone(), reason)) {
+            return;
+        }
+        let ns = meta_str(pdb, "namespace").unwrap_or("").to_string();
+        let event_name = format!("{}.{}", name_of(pdb), &new_uid().replace('-', "")[..16]);
+        let now = now_ts();
+        let event = json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": event_name, "namespace": ns, "uid": new_uid(), "creationTimestamp": now},
+            "involvedObject": {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "namespace": ns,
+                               "name": name_of(pdb), "uid": uid, "resourceVersion": meta_str(pdb, "resourceVersion")},
+            "reason": reason, "message": message, "type": "Warning", "count": 1,
+            "source": {"component": "controllermanager"}, "reportingComponent": "controllermanager", "reportingInstance": "",
+            "firstTimestamp": now, "lastTimestamp": now,
+        });
+        if let Ok(event) = Res::CoreEvent.canonical(event) {
+            self.commit(Res::CoreEvent, &ns, &event_name, Some(event));
         }
     }
 }
@@ -1533,9 +1847,26 @@ fn make_running(pod: &mut Value) {
     );
 }
 
-fn set_pdb_condition(pdb: &mut Value, allowed: bool) {
-    let status = if allowed { "True" } else { "False" };
-    let reason = if allowed { "SufficientPods" } else { "InsufficientPods" };
+/// The kubelet's last status of a pod it stopped: containers terminated by
+/// SIGTERM, so the pod is Failed and no longer Ready.
+fn make_terminated(pod: &mut Value) {
+    let now = now_ts();
+    pod["status"]["phase"] = json!("Failed");
+    for t in ["Ready", "ContainersReady"] {
+        set_pod_condition(pod, t, "False", "PodCompleted", "");
+    }
+    if let Some(cs) = pod["status"]["containerStatuses"].as_array_mut() {
+        for c in cs {
+            c["ready"] = json!(false);
+            c["started"] = json!(false);
+            c["state"] = json!({"terminated": {"exitCode": 143, "reason": "Error", "startedAt": c["state"]["running"]["startedAt"], "finishedAt": now}});
+        }
+    }
+}
+
+/// metav1 SetStatusCondition on the PDB's `DisruptionAllowed` condition:
+/// the transition time only moves when the status changes.
+fn set_pdb_condition(pdb: &mut Value, status: &str, reason: &str, message: &str) {
     let og = pdb.pointer("/status/observedGeneration").cloned().unwrap_or(json!(0));
     let old_ltt = pdb
         .pointer("/status/conditions")
@@ -1546,14 +1877,111 @@ fn set_pdb_condition(pdb: &mut Value, allowed: bool) {
         })
         .map(|c| c["lastTransitionTime"].clone());
     let c = json!({
-        "type": "DisruptionAllowed", "status": status, "reason": reason, "message": "",
+        "type": "DisruptionAllowed", "status": status, "reason": reason, "message": message,
         "observedGeneration": og, "lastTransitionTime": old_ltt.unwrap_or(json!(now_ts())),
     });
     pdb["status"]["conditions"] = json!([c]);
 }
 
-/// The disruption controller's status computation for one PDB.
-fn compute_pdb(pdb: &Value, pods: &[Value]) -> Value {
+/// pdbhelper.UpdateDisruptionAllowedCondition.
+fn set_pdb_allowed_condition(pdb: &mut Value) {
+    if pdb
+        .pointer("/status/disruptionsAllowed")
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
+        > 0
+    {
+        set_pdb_condition(pdb, "True", "SufficientPods", "");
+    } else {
+        set_pdb_condition(pdb, "False", "InsufficientPods", "");
+    }
+}
+
+/// What the controller manager's RESTMapper and scale client make of a
+/// controller owner reference (the disruption controller's getScaleController):
+/// the scale of the controller, or the sync error. No workload controller
+/// (ReplicaSet, StatefulSet, Deployment, ReplicationController) is ever
+/// stored here, so a scalable kind is always "not found", as on a real server
+/// whose controller object is missing.
+fn controller_scale(pod: &Value, owner: &Value) -> Result<i64, String> {
+    let api_version = owner["apiVersion"].as_str().unwrap_or("");
+    let kind = owner["kind"].as_str().unwrap_or("");
+    let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+    let resource = match (group, kind) {
+        ("apps", "ReplicaSet" | "StatefulSet" | "Deployment") | ("", "ReplicationController") => {
+            return Err(format!("found no controllers for pod {:?}", name_of(pod)));
+        }
+        ("", "Node") => "nodes",
+        ("", "Pod") => "pods",
+        ("", "Namespace") => "namespaces",
+        ("", "Service") => "services",
+        ("", "ConfigMap") => "configmaps",
+        ("", "Secret") => "secrets",
+        ("apps", "DaemonSet") => "daemonsets.apps",
+        ("batch", "Job") => "jobs.batch",
+        ("batch", "CronJob") => "cronjobs.batch",
+        _ => return Err(format!("no matches for kind {kind:?} in version {api_version:?}")),
+    };
+    Err(format!("{resource} does not implement the scale subresource"))
+}
+
+/// The disruption controller's getExpectedPodCount: `(expectedPods,
+/// desiredHealthy, unmanaged pods)`, or the error that makes it fail safe.
+fn expected_pod_count(pdb: &Value, pods: &[Value]) -> Result<(i64, i64, Vec<String>), String> {
+    let expected_scale = || -> Result<(i64, Vec<String>), String> {
+        let mut unmanaged = vec![];
+        let mut total = 0;
+        for pod in pods {
+            match controller_ref(pod) {
+                None => unmanaged.push(name_of(pod).to_string()),
+                Some(owner) => total += controller_scale(pod, owner)?,
+            }
+        }
+        Ok((total, unmanaged))
+    };
+    let spec = &pdb["spec"];
+    if let Some(mu) = spec.get("maxUnavailable").filter(|v| !v.is_null()) {
+        let (expected, unmanaged) = expected_scale()?;
+        let mu = int_or_percent(mu, expected).unwrap_or(0);
+        Ok((expected, (expected - mu).max(0), unmanaged))
+    } else if let Some(ma) = spec.get("minAvailable").filter(|v| !v.is_null()) {
+        if let Some(n) = ma.as_i64() {
+            // Integer minAvailable: the selected pods alone, no controllers.
+            Ok((pods.len() as i64, n, vec![]))
+        } else {
+            let (expected, unmanaged) = expected_scale()?;
+            Ok((expected, int_or_percent(ma, expected).unwrap_or(0), unmanaged))
+        }
+    } else {
+        Ok((0, 0, vec![]))
+    }
+}
+
+/// The disruption controller's sync of one PDB: its new content and the
+/// Warning events (reason, message) it records about it.
+fn compute_pdb(pdb: &Value, pods: &[Value]) -> (Value, Vec<(&'static str, String)>) {
+    let mut out = pdb.clone();
+    let (expected, desired, unmanaged) = match expected_pod_count(pdb, pods) {
+        Ok(counts) => counts,
+        Err(e) => {
+            // failSafe: nothing but disruptionsAllowed and the condition
+            // changes, not even observedGeneration.
+            out["status"]["disruptionsAllowed"] = json!(0);
+            set_pdb_condition(&mut out, "False", "SyncFailed", &e);
+            let event = format!("Failed to calculate the number of expected pods: {e}");
+            return (out, vec![("CalculateExpectedPodCountFailed", event)]);
+        }
+    };
+    let mut events = vec![];
+    if !unmanaged.is_empty() {
+        let selector = pdb["spec"]["selector"].to_string();
+        events.push((
+            "UnmanagedPods",
+            format!(
+                "Pods selected by this PodDisruptionBudget (selector: {selector}) were found to be unmanaged. As a result, the status of the PDB cannot be calculated correctly, which may result in undefined behavior. To account for these pods please set \".spec.minAvailable\" field of the PDB to an integer value."
+            ),
+        ));
+    }
     let now = jiff::Timestamp::now();
     // disruptedPods: drop entries for pods gone or terminating, and expired ones.
     let mut disrupted = Map::new();
@@ -1570,34 +1998,17 @@ fn compute_pdb(pdb: &Value, pods: &[Value]) -> Value {
             }
         }
     }
+    // countHealthyPods: Ready, not terminating, not just disrupted.
     let healthy = pods
         .iter()
         .filter(|p| meta_str(p, "deletionTimestamp").is_none())
         .filter(|p| !disrupted.contains_key(name_of(p)))
         .filter(|p| pod_ready(p))
         .count() as i64;
-    // Guess (documented): a controller's scale is the number of its pods here.
-    let scale = || pods.iter().filter(|p| controller_ref(p).is_some()).count() as i64;
-    let spec = &pdb["spec"];
-    let (expected, desired) = if let Some(mu) = spec.get("maxUnavailable").filter(|v| !v.is_null()) {
-        let expected = scale();
-        let mu = int_or_percent(mu, expected).unwrap_or(0);
-        (expected, (expected - mu).max(0))
-    } else if let Some(ma) = spec.get("minAvailable").filter(|v| !v.is_null()) {
-        if ma.is_number() {
-            (pods.len() as i64, ma.as_i64().unwrap_or(0))
-        } else {
-            let expected = scale();
-            (expected, int_or_percent(ma, expected).unwrap_or(0))
-        }
-    } else {
-        (0, 0)
-    };
     let mut allowed = healthy - desired;
     if expected <= 0 || allowed <= 0 {
         allowed = 0;
     }
-    let mut out = pdb.clone();
     let generation = pdb.pointer("/metadata/generation").cloned().unwrap_or(json!(0));
     out["status"]["observedGeneration"] = generation;
     out["status"]["currentHealthy"] = json!(healthy);
@@ -1609,8 +2020,8 @@ fn compute_pdb(pdb: &Value, pods: &[Value]) -> Value {
     } else {
         out["status"]["disruptedPods"] = Value::Object(disrupted);
     }
-    set_pdb_condition(&mut out, allowed > 0);
-    out
+    set_pdb_allowed_condition(&mut out);
+    (out, events)
 }
 
 /// Injects apiVersion/kind when missing (the real decoder defaults them from
@@ -1733,6 +2144,7 @@ fn default_and_reset_status(res: Res, obj: &mut Value, old: Option<&Value>) {
 fn validate(res: Res, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
     let name = name_of(obj).to_string();
     let mut errs: Vec<(String, String, &'static str)> = vec![];
+    validate_finalizers(obj, old, &mut errs);
     let name_ok = match res {
         Res::Namespace => is_dns_label(&name),
         _ => is_dns_subdomain(&name),
@@ -1832,6 +2244,69 @@ fn validate(res: Res, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
         Ok(())
     } else {
         Err(ApiError::invalid(res, &name, errs))
+    }
+}
+
+fn finalizers(obj: &Value) -> Vec<&str> {
+    obj.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+fn has_finalizers(obj: &Value) -> bool {
+    !finalizers(obj).is_empty()
+}
+fn deletion_grace(obj: &Value) -> Option<i64> {
+    obj.pointer("/metadata/deletionGracePeriodSeconds")
+        .and_then(Value::as_i64)
+}
+fn set_deletion(obj: &mut Value, at_second: i64, grace: i64) {
+    let ts = jiff::Timestamp::from_second(at_second).expect("timestamp");
+    let m = meta_mut(obj);
+    m.insert("deletionTimestamp".into(), json!(ts.to_string()));
+    m.insert("deletionGracePeriodSeconds".into(), json!(grace));
+}
+/// The first deletion request bumps a tracked generation.
+fn bump_generation(obj: &mut Value) {
+    let m = meta_mut(obj);
+    let g = m.get("generation").and_then(Value::as_i64).unwrap_or(0);
+    if g > 0 {
+        m.insert("generation".into(), json!(g + 1));
+    }
+}
+
+/// ValidateObjectMeta's finalizer rules: each name qualified (or a standard
+/// one), and ValidateNoNewFinalizers once the object is being deleted.
+fn validate_finalizers(obj: &Value, old: Option<&Value>, errs: &mut Vec<(String, String, &'static str)>) {
+    for (i, f) in finalizers(obj).into_iter().enumerate() {
+        let field = format!("metadata.finalizers[{i}]");
+        if !is_qualified_name(f) {
+            errs.push((field, invalid_value(f, "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"), "FieldValueInvalid"));
+        } else if !f.contains('/') && !matches!(f, "kubernetes" | "orphan" | "foregroundDeletion") {
+            errs.push((
+                field,
+                invalid_value(f, "name is neither a standard finalizer name nor is it fully qualified"),
+                "FieldValueInvalid",
+            ));
+        }
+    }
+    let Some(old) = old.filter(|o| meta_str(o, "deletionTimestamp").is_some()) else {
+        return;
+    };
+    let before = finalizers(old);
+    let mut extra: Vec<&str> = finalizers(obj).into_iter().filter(|f| !before.contains(f)).collect();
+    extra.sort_unstable();
+    extra.dedup();
+    if !extra.is_empty() {
+        let list: Vec<String> = extra.iter().map(|f| format!("{f:?}")).collect();
+        errs.push((
+            "metadata.finalizers".into(),
+            format!(
+                "Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers []string{{{}}}",
+                list.join(", ")
+            ),
+            "FieldValueForbidden",
+        ));
     }
 }
 
@@ -2088,6 +2563,9 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request<Body>) -> Re
         Ok(b) => b,
         Err(e) => return error_response(&ApiError::bad_request(e.to_string())),
     };
+    if std::env::var_os("KUBE_API_DEBUG").is_some() && !body.is_empty() {
+        eprintln!("fake kube-apiserver:   {content_type}: {body:?}");
+    }
     match route(&shared, &method, &path, &query, &content_type, &body) {
         Ok(Routed::Json(code, v)) => json_response(code, &v),
         Ok(Routed::Watch(resp)) => resp,
@@ -2201,7 +2679,13 @@ fn route(
                     .patch(t.res, &ns, name, content_type, body, q, t.sub.is_some())
                     .map(|(c, v)| Routed::Json(c, v)),
                 (None, Method::DELETE) => {
-                    let mut opts = if body.is_empty() { json!({}) } else { parse_json(body)? };
+                    let mut opts = if body.is_empty() {
+                        json!({})
+                    } else if content_type.starts_with("application/vnd.kubernetes.protobuf") {
+                        delete_options_from_protobuf(body)?
+                    } else {
+                        parse_json(body)?
+                    };
                     if let Some(g) = q.get("gracePeriodSeconds").and_then(|g| g.parse::<i64>().ok()) {
                         opts["gracePeriodSeconds"] = json!(g);
                     }
@@ -2218,6 +2702,79 @@ fn route(
             }
         }
     }
+}
+
+/// One protobuf field value: a varint (`Ok`) or length-delimited bytes (`Err`).
+type ProtoValue<'a> = Result<u64, &'a [u8]>;
+
+/// Protobuf wire format: the `(number, value)` fields of one message.
+fn protobuf_fields(mut b: &[u8]) -> Option<Vec<(u64, ProtoValue<'_>)>> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut out = vec![];
+    while !b.is_empty() {
+        let key = varint(&mut b)?;
+        let value = match key & 7 {
+            0 => Ok(varint(&mut b)?),
+            2 => {
+                let len = usize::try_from(varint(&mut b)?).ok()?;
+                let (data, rest) = (b.get(..len)?, b.get(len..)?);
+                b = rest;
+                Err(data)
+            }
+            _ => return None,
+        };
+        out.push((key >> 3, value));
+    }
+    Some(out)
+}
+
+/// DeleteOptions sent as protobuf (kubectl 1.37's typed client does): the
+/// `k8s\0` runtime.Unknown envelope around a metav1.DeleteOptions.
+fn delete_options_from_protobuf(body: &[u8]) -> ApiResult<Value> {
+    let bad = || ApiError::bad_request("error decoding DeleteOptions: not a protobuf runtime.Unknown");
+    let envelope = body.strip_prefix(b"k8s\0").ok_or_else(bad)?;
+    let raw = protobuf_fields(envelope)
+        .ok_or_else(bad)?
+        .into_iter()
+        .find_map(|(n, v)| (n == 2).then_some(v).and_then(Result::err))
+        .unwrap_or_default();
+    let text = |d: &[u8]| json!(String::from_utf8_lossy(d));
+    let mut opts = json!({});
+    for (n, v) in protobuf_fields(raw).ok_or_else(bad)? {
+        match (n, v) {
+            (1, Ok(g)) => opts["gracePeriodSeconds"] = json!(g as i64),
+            (2, Err(pre)) => {
+                for (m, w) in protobuf_fields(pre).ok_or_else(bad)? {
+                    match (m, w) {
+                        (1, Err(d)) => opts["preconditions"]["uid"] = text(d),
+                        (2, Err(d)) => opts["preconditions"]["resourceVersion"] = text(d),
+                        _ => {}
+                    }
+                }
+            }
+            (3, Ok(o)) => opts["orphanDependents"] = json!(o != 0),
+            (4, Err(d)) => opts["propagationPolicy"] = text(d),
+            (5, Err(d)) => {
+                if !opts["dryRun"].is_array() {
+                    opts["dryRun"] = json!([]);
+                }
+                opts["dryRun"].as_array_mut().expect("array").push(text(d));
+            }
+            _ => {}
+        }
+    }
+    Ok(opts)
 }
 
 fn discovery(segs: &[&str], url: &str) -> Option<Value> {
@@ -2244,7 +2801,7 @@ fn discovery(segs: &[&str], url: &str) -> Option<Value> {
     };
     Some(match segs {
         ["version"] => json!({
-            "major": "1", "minor": "33", "gitVersion": "v1.33.0-fake", "gitCommit": "0000000000000000000000000000000000000000",
+            "major": "1", "minor": "36", "gitVersion": "v1.36.2-fake", "gitCommit": "0000000000000000000000000000000000000000",
             "gitTreeState": "clean", "buildDate": "2025-01-01T00:00:00Z", "goVersion": "go1.24.0", "compiler": "gc", "platform": "linux/amd64"
         }),
         ["api"] => {
@@ -2588,41 +3145,9 @@ fn watch(shared: &Arc<Shared>, t: &Target, q: &Query) -> ApiResult<Response<Body
 // Test handle
 // ---------------------------------------------------------------------------
 
-/// Options of [`KubeApi::kubectl_drain_with`] (kubectl's defaults, but
-/// `--ignore-daemonsets`).
-#[derive(Clone, Debug)]
-pub struct DrainOptions {
-    /// `--timeout` (kubectl: 0 = forever).
-    pub timeout: Duration,
-    /// Sleep after a 429 from the eviction API (kubectl: 5 s).
-    pub retry_interval: Duration,
-    /// Poll interval while waiting for evicted pods to be gone (kubectl: 1 s).
-    pub poll_interval: Duration,
-    /// `--force`: also evict pods without a controller.
-    pub force: bool,
-    /// `--ignore-daemonsets`.
-    pub ignore_daemonsets: bool,
-    /// `--delete-emptydir-data`.
-    pub delete_emptydir_data: bool,
-}
-
-impl Default for DrainOptions {
-    fn default() -> Self {
-        DrainOptions {
-            timeout: Duration::from_secs(300),
-            retry_interval: Duration::from_secs(5),
-            poll_interval: Duration::from_secs(1),
-            force: false,
-            ignore_daemonsets: true,
-            delete_emptydir_data: false,
-        }
-    }
-}
-
 pub struct KubeApi {
     shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    http: reqwest::Client,
 }
 
 impl Drop for KubeApi {
@@ -2664,7 +3189,6 @@ impl KubeApi {
         KubeApi {
             shared,
             tasks: vec![server, background],
-            http: reqwest::Client::new(),
         }
     }
 
@@ -2759,6 +3283,22 @@ impl KubeApi {
         serde_json::from_value(v).expect("node")
     }
 
+    /// A JSON patch (RFC 6902) of a pod, through the same code path as HTTP
+    /// (`test` operations, finalizer rules and all).
+    pub fn json_patch_pod(&self, ns: &str, name: &str, ops: Value) -> Result<Pod, ApiError> {
+        let (_, v) = self.lock().patch(
+            Res::Pod,
+            ns,
+            name,
+            "application/json-patch+json",
+            ops.to_string().as_bytes(),
+            &Query::default(),
+            false,
+        )?;
+        // Removing the last finalizer of a terminating pod answers the deleted pod.
+        Ok(serde_json::from_value(v).expect("pod"))
+    }
+
     pub fn node(&self, name: &str) -> Node {
         let v = self
             .lock()
@@ -2771,14 +3311,6 @@ impl KubeApi {
         self.lock()
             .get(Res::Pod, ns, name)
             .map(|v| serde_json::from_value(v.clone()).expect("pod"))
-    }
-
-    pub fn pods(&self, ns: &str) -> Vec<Pod> {
-        self.lock()
-            .list_objs(Res::Pod, Some(ns))
-            .into_iter()
-            .map(|v| serde_json::from_value(v).expect("pod"))
-            .collect()
     }
 
     pub fn pdbs(&self, ns: &str) -> Vec<PodDisruptionBudget> {
@@ -2871,183 +3403,4 @@ impl KubeApi {
     pub fn resource_version(&self) -> u64 {
         self.lock().rv
     }
-
-    /// `kubectl drain NODE --ignore-daemonsets --delete-emptydir-data=false
-    /// --timeout=TIMEOUT` with kubectl's 5 s retry after a 429.
-    pub async fn kubectl_drain(&self, node: &str, timeout: Duration) -> Result<Duration, String> {
-        self.kubectl_drain_with(
-            node,
-            DrainOptions {
-                timeout,
-                ..Default::default()
-            },
-        )
-        .await
-    }
-
-    /// kubectl drain (k8s.io/kubectl/pkg/drain) over HTTP: cordon, list the
-    /// node's pods, filter (DaemonSet, mirror, emptyDir, unreplicated), evict
-    /// every pod in parallel retrying on 429, wait for each to be gone.
-    pub async fn kubectl_drain_with(&self, node: &str, opts: DrainOptions) -> Result<Duration, String> {
-        let start = Instant::now();
-        let base = self.url();
-        let http = &self.http;
-        let deadline = start + opts.timeout;
-        // Cordon (kubectl: GET, then a strategic merge patch if needed).
-        let n: Value = get_json(http, &format!("{base}/api/v1/nodes/{node}")).await?;
-        if n.pointer("/spec/unschedulable").and_then(Value::as_bool) != Some(true) {
-            let r = http
-                .patch(format!("{base}/api/v1/nodes/{node}"))
-                .header("content-type", "application/strategic-merge-patch+json")
-                .body(json!({"spec": {"unschedulable": true}}).to_string())
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            if !r.status().is_success() {
-                return Err(format!("cordon {node}: {}", r.text().await.unwrap_or_default()));
-            }
-        }
-        // List pods on the node (chunked, like kubectl's --chunk-size=500).
-        let mut pods: Vec<Value> = vec![];
-        let mut cont = String::new();
-        loop {
-            let mut url = url::Url::parse(&format!("{base}/api/v1/pods")).map_err(|e| e.to_string())?;
-            url.query_pairs_mut()
-                .append_pair("fieldSelector", &format!("spec.nodeName={node}"))
-                .append_pair("limit", "500");
-            if !cont.is_empty() {
-                url.query_pairs_mut().append_pair("continue", &cont);
-            }
-            let list = get_json(http, url.as_str()).await?;
-            pods.extend(list["items"].as_array().cloned().unwrap_or_default());
-            cont = list
-                .pointer("/metadata/continue")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            if cont.is_empty() {
-                break;
-            }
-        }
-        // Filters, in kubectl's order; errors are collected and fail the drain.
-        let mut to_evict = vec![];
-        let mut errors = vec![];
-        for pod in pods {
-            let ns = meta_str(&pod, "namespace").unwrap_or("").to_string();
-            let name = name_of(&pod).to_string();
-            let terminal = matches!(pod_phase(&pod), "Succeeded" | "Failed");
-            if let Some(c) = controller_ref(&pod).filter(|c| c["kind"] == "DaemonSet") {
-                let ds = c["name"].as_str().unwrap_or("");
-                let r = http
-                    .get(format!("{base}/apis/apps/v1/namespaces/{ns}/daemonsets/{ds}"))
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if r.status() == 404 && opts.force {
-                    continue;
-                }
-                if !r.status().is_success() {
-                    errors.push(format!("{ns}/{name}: daemonsets.apps \"{ds}\" not found"));
-                    continue;
-                }
-                if !opts.ignore_daemonsets {
-                    errors.push(format!(
-                        "{ns}/{name}: cannot delete DaemonSet-managed Pods (use --ignore-daemonsets to ignore)"
-                    ));
-                }
-                continue;
-            }
-            if pod
-                .pointer("/metadata/annotations/kubernetes.io~1config.mirror")
-                .is_some()
-            {
-                continue;
-            }
-            let empty_dir = pod
-                .pointer("/spec/volumes")
-                .and_then(Value::as_array)
-                .is_some_and(|vs| vs.iter().any(|v| v.get("emptyDir").is_some()));
-            if empty_dir && !terminal && !opts.delete_emptydir_data {
-                errors.push(format!(
-                    "{ns}/{name}: cannot delete Pods with local storage (use --delete-emptydir-data to override)"
-                ));
-                continue;
-            }
-            if controller_ref(&pod).is_none() && !terminal && !opts.force {
-                errors.push(format!(
-                    "{ns}/{name}: cannot delete Pods that declare no controller (use --force to override)"
-                ));
-                continue;
-            }
-            to_evict.push(pod);
-        }
-        if !errors.is_empty() {
-            return Err(format!("cannot delete {}", errors.join(", ")));
-        }
-        let results = futures::future::join_all(to_evict.iter().map(|pod| {
-            let ns = meta_str(pod, "namespace").unwrap_or("").to_string();
-            let name = name_of(pod).to_string();
-            let uid = meta_str(pod, "uid").unwrap_or("").to_string();
-            let opts = opts.clone();
-            let base = base.clone();
-            async move {
-                let body = json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": ns}, "deleteOptions": {}});
-                loop {
-                    if Instant::now() >= deadline {
-                        return Err(format!("error when evicting pods/\"{name}\" -n \"{ns}\": global timeout reached: {:?}", opts.timeout));
-                    }
-                    let r = http
-                        .post(format!("{base}/api/v1/namespaces/{ns}/pods/{name}/eviction"))
-                        .header("content-type", "application/json")
-                        .body(body.to_string())
-                        .send()
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let code = r.status().as_u16();
-                    let text = r.text().await.unwrap_or_default();
-                    match code {
-                        200..=299 => break,
-                        404 => return Ok(()),
-                        429 => tokio::time::sleep(opts.retry_interval).await,
-                        _ => return Err(format!("error when evicting pods/\"{name}\" -n \"{ns}\": {code} {text}")),
-                    }
-                }
-                loop {
-                    let r = http
-                        .get(format!("{base}/api/v1/namespaces/{ns}/pods/{name}"))
-                        .send()
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if r.status() == 404 {
-                        return Ok(());
-                    }
-                    let p: Value = r.json().await.map_err(|e| e.to_string())?;
-                    if meta_str(&p, "uid") != Some(uid.as_str()) {
-                        return Ok(());
-                    }
-                    if Instant::now() >= deadline {
-                        return Err(format!("error when waiting for pod \"{name}\" in namespace \"{ns}\" to terminate: global timeout reached: {:?}", opts.timeout));
-                    }
-                    tokio::time::sleep(opts.poll_interval).await;
-                }
-            }
-        }))
-        .await;
-        let errs: Vec<String> = results.into_iter().filter_map(Result::err).collect();
-        if errs.is_empty() {
-            Ok(start.elapsed())
-        } else {
-            Err(errs.join("; "))
-        }
-    }
-}
-
-async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, String> {
-    let r = http.get(url).send().await.map_err(|e| e.to_string())?;
-    let code = r.status();
-    let v: Value = r.json().await.map_err(|e| e.to_string())?;
-    if !code.is_success() {
-        return Err(format!("GET {url}: {code}: {v}"));
-    }
-    Ok(v)
 }

@@ -3,9 +3,11 @@
 //! * [`openstack`]: drives the loopback OpenStack lab of `tests/lab/` (start
 //!   it with `tests/lab/up.sh`) as an admin through its REST APIs.
 //! * [`kube_api`]: an in-process fake Kubernetes API server (nodes, pods,
-//!   PDBs, evictions, events, watches) plus a `kubectl drain` emulation.
+//!   PDBs, evictions, finalizers, events, watches).
+//! * [`kubectl`]: the real `kubectl` (drain, delete, patch) against it.
 #![allow(dead_code)]
 
 pub mod kube_api;
+pub mod kubectl;
 pub mod openstack;
 pub mod wait;

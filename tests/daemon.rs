@@ -29,11 +29,18 @@ const FAST: &str = "migration:\n  poll_interval_seconds: 0.2\n  retry_backoff_se
 struct Agent {
     child: Child,
     dir: PathBuf,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    port: u16,
 }
 
 impl Agent {
     /// Starts `drainer -daemon` against the fake API server and the lab.
     async fn start(kube: &KubeApi, lab: &Lab, extra_config: &str) -> Agent {
+        Agent::start_with(kube, lab, extra_config, &[]).await
+    }
+
+    /// [`Agent::start`] with more flags.
+    async fn start_with(kube: &KubeApi, lab: &Lab, extra_config: &str, flags: &[&str]) -> Agent {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("drainer-daemon-{}-{n}", std::process::id()));
@@ -54,13 +61,33 @@ impl Agent {
             .args(["--node", NODE, "--namespace", NAMESPACE, "--retry-after-failure", "2"])
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
+            .args(flags)
             .env_remove("KUBECONFIG")
             .env_remove("NODE_NAME")
             .env("POD_NAME", AGENT_POD)
             .kill_on_drop(true)
             .spawn()
             .expect("start drainer -daemon");
-        Agent { child, dir }
+        Agent { child, dir, port }
+    }
+
+    /// `GET /PATH` on the agent's HTTP port: status, content type and body.
+    async fn get(&self, path: &str) -> Option<(u16, String, String)> {
+        let response = reqwest::get(format!("http://127.0.0.1:{}/{path}", self.port))
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        Some((status, content_type, response.text().await.ok()?))
+    }
+
+    async fn ready(&self) -> Option<bool> {
+        self.get("readyz").await.map(|(status, _, _)| status == 200)
     }
 
     fn pid(&self) -> i32 {
@@ -105,12 +132,20 @@ fn reasons(kube: &KubeApi) -> Vec<String> {
         .collect()
 }
 
+const FINALIZER: &str = "nova-kubernetes-drain/hypervisor-empty";
+
+/// The guard pod (not being deleted, with our finalizer) and its budget.
 fn guard_in_place(kube: &KubeApi) -> bool {
-    kube.pod(NAMESPACE, GUARD).is_some()
-        && kube
-            .pdbs(NAMESPACE)
-            .iter()
-            .any(|p| p.metadata.name.as_deref() == Some(GUARD))
+    kube.pod(NAMESPACE, GUARD).is_some_and(|pod| {
+        pod.metadata.deletion_timestamp.is_none()
+            && pod
+                .metadata
+                .finalizers
+                .is_some_and(|f| f.iter().any(|f| f == FINALIZER))
+    }) && kube
+        .pdbs(NAMESPACE)
+        .iter()
+        .any(|p| p.metadata.name.as_deref() == Some(GUARD))
 }
 
 async fn wait_phase(kube: &KubeApi, phase: &str, limit: Duration) {
@@ -439,4 +474,277 @@ async fn sigterm_stops_within_ten_seconds_and_leaves_the_migration_to_nova() {
         .as_u64()
         .expect("migration id");
     lab.abort_migration(&stuck, migration).await;
+}
+
+/// The guard runs the agent's own image, carries our finalizer, and its budget
+/// is one the disruption controller can compute (not `SyncFailed`).
+#[tokio::test]
+async fn the_guard_runs_the_agents_image_and_its_budget_is_computed() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, kube) = setup().await;
+    let agent = Agent::start(&kube, &lab, "").await;
+    wait_guard(&kube, Duration::from_secs(20)).await;
+    let pod = kube.pod(NAMESPACE, GUARD).expect("guard pod");
+    let spec = pod.spec.expect("spec");
+    let container = &spec.containers[0];
+    assert_eq!(container.image.as_deref(), Some(AGENT_IMAGE));
+    assert_eq!(container.args, Some(vec!["guard".to_string()]));
+    assert_eq!(spec.node_name.as_deref(), Some(NODE));
+    let owner = &pod.metadata.owner_references.expect("owned")[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Node", NODE));
+    let budget = eventually("the budget computed", Duration::from_secs(10), async || {
+        kube.pdbs(NAMESPACE)
+            .into_iter()
+            .find(|p| p.metadata.name.as_deref() == Some(GUARD))
+            .and_then(|p| p.status)
+            .filter(|s| s.expected_pods == 1 && s.current_healthy == 1)
+    })
+    .await;
+    assert_eq!(budget.disruptions_allowed, 0);
+    assert_eq!(budget.desired_healthy, 1);
+    let sync_failed = budget
+        .conditions
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.reason == "SyncFailed");
+    assert!(!sync_failed, "the disruption controller computes the budget");
+
+    eventually("ready", Duration::from_secs(20), async || {
+        agent.ready().await.filter(|r| *r)
+    })
+    .await;
+    let (status, content_type, body) = agent.get("metrics").await.expect("metrics");
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(body.contains("nova_drain_guard_ready 1"), "{body}");
+    assert!(body.trim_end().ends_with("# EOF"));
+}
+
+/// A guard pod that cannot start is evicted at once (the eviction API ignores
+/// budgets for pods that are not Running); its finalizer still keeps the real
+/// `kubectl drain` waiting until the hypervisor is empty. It is reported.
+#[tokio::test]
+async fn kubectl_drain_waits_even_when_the_guard_never_runs() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, kube) = setup().await;
+    kube.set_kubelet(false);
+    lab.boot(BootSpec::new("dmn-pending").count(2)).await;
+    let agent = Agent::start_with(&kube, &lab, "", &["--guard-grace", "2"]).await;
+    wait_guard(&kube, Duration::from_secs(20)).await;
+    eventually("the guard reported", Duration::from_secs(20), async || {
+        reasons(&kube).iter().any(|r| r == "DrainGuardNotRunning").then_some(())
+    })
+    .await;
+    assert_eq!(agent.ready().await, Some(false), "not ready while the guard cannot run");
+    let (_, _, metrics) = agent.get("metrics").await.expect("metrics");
+    assert!(metrics.contains("nova_drain_guard_ready 0"), "{metrics}");
+
+    Kubectl::new(&kube)
+        .drain(NODE, &[], Duration::from_secs(120))
+        .await
+        .expect("kubectl drain succeeds");
+    assert!(
+        lab.servers_on(NODE).await.is_empty(),
+        "drain returned while VMs were still on {NODE}"
+    );
+    assert_eq!(annotation(&kube, "phase").as_deref(), Some("Evacuated"));
+    assert!(kube.pod(NAMESPACE, GUARD).is_none());
+}
+
+#[tokio::test]
+async fn kubectl_drain_with_disable_eviction_waits_for_the_vms() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, kube) = setup().await;
+    lab.boot(BootSpec::new("dmn-delete").count(3)).await;
+    let _agent = Agent::start(&kube, &lab, "").await;
+    wait_guard(&kube, Duration::from_secs(20)).await;
+    Kubectl::new(&kube)
+        .drain(NODE, &["--disable-eviction"], Duration::from_secs(120))
+        .await
+        .expect("kubectl drain succeeds");
+    assert!(
+        lab.servers_on(NODE).await.is_empty(),
+        "drain returned while VMs were still on {NODE}"
+    );
+}
+
+/// The agent SIGKILLed while `kubectl drain` waits on the deleted guard: the
+/// next agent finishes the evacuation and only then lets drain return.
+#[tokio::test]
+async fn an_agent_restarted_mid_drain_still_holds_it_until_the_hypervisor_is_empty() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, kube) = setup().await;
+    lab.boot(BootSpec::new("dmn-mid").count(3).flavor("m1.small")).await;
+    // Continues the `migration:` mapping of FAST: one VM at a time, so the kill lands mid-evacuation.
+    let mut agent = Agent::start(&kube, &lab, "  max_parallel: 1\n").await;
+    wait_guard(&kube, Duration::from_secs(20)).await;
+    let kubectl = Kubectl::new(&kube);
+    let drain = kubectl.drain(NODE, &["--disable-eviction"], Duration::from_secs(180));
+    let restart = async {
+        eventually("the guard being deleted", Duration::from_secs(30), async || {
+            kube.pod(NAMESPACE, GUARD)
+                .and_then(|p| p.metadata.deletion_timestamp)
+                .map(drop)
+        })
+        .await;
+        agent.signal("KILL");
+        assert!(agent.wait_exit(Duration::from_secs(5)).await.is_some());
+        let left = lab.servers_on(NODE).await.len();
+        let again = Agent::start(&kube, &lab, "").await;
+        (left, again)
+    };
+    let (drained, (left_at_kill, _again)) = tokio::join!(drain, restart);
+    drained.expect("kubectl drain succeeds");
+    assert!(left_at_kill > 0, "the agent was killed mid-evacuation");
+    assert!(
+        lab.servers_on(NODE).await.is_empty(),
+        "drain returned while VMs were still on {NODE}"
+    );
+}
+
+/// Uncordoned while the guard is being deleted and a VM is still on the
+/// hypervisor: the guard stays (a drain waiting on it must not return) and is
+/// let go, then made anew, once the hypervisor is empty. Nothing stays stuck.
+#[tokio::test]
+async fn uncordon_while_the_guard_is_terminating_holds_it_until_the_hypervisor_is_empty() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, kube) = setup().await;
+    let stuck = lab.boot(BootSpec::new("dmn-held").stall()).await.remove(0);
+    let _agent = Agent::start(&kube, &lab, "").await;
+    wait_guard(&kube, Duration::from_secs(20)).await;
+    kube.set_unschedulable(NODE, true);
+    let kubectl = Kubectl::new(&kube);
+    kubectl
+        .delete_pod(NAMESPACE, GUARD, &[])
+        .await
+        .expect("kubectl delete pod");
+    eventually("the live migration running", Duration::from_secs(30), async || {
+        lab.server_migrations(&stuck)
+            .await
+            .first()
+            .filter(|m| m["status"] == "running")
+            .map(drop)
+    })
+    .await;
+    kube.set_unschedulable(NODE, false);
+    wait_phase(&kube, "Idle", Duration::from_secs(30)).await;
+    assert_eq!(host_of(&lab.server(&stuck).await), NODE);
+    assert!(
+        kube.pod(NAMESPACE, GUARD)
+            .is_some_and(|p| p.metadata.deletion_timestamp.is_some()),
+        "the guard is held while a VM runs on the hypervisor"
+    );
+
+    lab.delete(&stuck).await;
+    eventually("a new guard in place", Duration::from_secs(40), async || {
+        guard_in_place(&kube).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_deleted_node_lets_its_guard_go() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, kube) = setup().await;
+    let _agent = Agent::start(&kube, &lab, "").await;
+    wait_guard(&kube, Duration::from_secs(20)).await;
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(kube.kube_client());
+    nodes.delete(NODE, &Default::default()).await.expect("delete the node");
+    // The garbage collector deletes the pods the Node owned.
+    Kubectl::new(&kube)
+        .delete_pod(NAMESPACE, GUARD, &[])
+        .await
+        .expect("kubectl delete pod");
+    eventually("the guard gone", Duration::from_secs(20), async || {
+        kube.pod(NAMESPACE, GUARD).is_none().then_some(())
+    })
+    .await;
+}
+
+/// Keystone and nova-api down when the agent starts: it does not exit, reports
+/// not ready, and acts on a cordon made during the outage once they are back.
+#[tokio::test]
+async fn nova_and_keystone_down_at_start_up_are_outlived() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, kube) = setup().await;
+    let id = lab.boot(BootSpec::new("dmn-outage")).await.remove(0);
+    lab_kill("nova-api");
+    lab_kill("keystone");
+    let restore = RestoreLab;
+    let mut agent = Agent::start(&kube, &lab, "").await;
+    wait_guard(&kube, Duration::from_secs(20)).await;
+    kube.set_unschedulable(NODE, true);
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(5)).await,
+        None,
+        "the agent keeps running through the outage"
+    );
+    assert_eq!(agent.ready().await, Some(false));
+    assert_ne!(annotation(&kube, "phase").as_deref(), Some("Evacuated"));
+
+    drop(restore); // up.sh brings Keystone and nova-api back
+    wait_phase(&kube, "Evacuated", Duration::from_secs(90)).await;
+    assert_ne!(host_of(&lab.server(&id).await), NODE);
+    eventually("ready", Duration::from_secs(10), async || {
+        agent.ready().await.filter(|r| *r)
+    })
+    .await;
+    kube.set_unschedulable(NODE, false);
+    wait_phase(&kube, "Idle", Duration::from_secs(30)).await;
+    assert_eq!(lab.service(NODE).await["status"], "enabled");
+}
+
+#[tokio::test]
+async fn a_bad_password_still_exits_2() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, kube) = setup().await;
+    let config = lab.drainer_config().replace("Password: admin", "Password: wrong");
+    assert_ne!(config, lab.drainer_config(), "the config names the password");
+    let dir = std::env::temp_dir().join(format!("drainer-badpass-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(dir.join("config.yaml"), config).expect("config");
+    kube.write_kubeconfig(dir.join("kubeconfig"));
+    let status = Command::new(DRAINER)
+        .arg("-daemon")
+        .arg("-config-path")
+        .arg(dir.join("config.yaml"))
+        .arg("--kubeconfig")
+        .arg(dir.join("kubeconfig"))
+        .args(["--node", NODE, "--namespace", NAMESPACE, "--listen", "127.0.0.1:0"])
+        .env("POD_NAME", AGENT_POD)
+        .kill_on_drop(true)
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(30), status)
+        .await
+        .expect("exits")
+        .expect("runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(status.code(), Some(2), "refused credentials can never work");
+}
+
+/// `drainer guard`, what the guard pod runs: waits, and exits 0 on SIGTERM.
+#[tokio::test]
+async fn the_guard_process_waits_for_sigterm() {
+    let mut guard = Command::new(DRAINER)
+        .arg("guard")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start drainer guard");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), guard.wait())
+            .await
+            .is_err(),
+        "it waits"
+    );
+    let pid = guard.id().expect("running").to_string();
+    let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status();
+    assert!(killed.expect("kill").success());
+    let status = tokio::time::timeout(Duration::from_secs(5), guard.wait())
+        .await
+        .expect("exits on SIGTERM")
+        .expect("status");
+    assert_eq!(status.code(), Some(0));
 }

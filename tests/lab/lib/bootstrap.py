@@ -97,7 +97,7 @@ def resources(n):
     osapi.wait_for("%d hypervisors" % n, hyp, timeout=120)
 
     projects(tok)
-    flavors = osapi.request("GET", nova + "/flavors?is_public=None", token=tok)[0]["flavors"]
+    flavors = osapi.list_all(nova + "/flavors?is_public=None", "flavors", token=tok)
     for name, fid, ram, vcpus, disk in FLAVORS:
         if not any(f["name"] == name for f in flavors):
             osapi.request("POST", nova + "/flavors", {"flavor": {

@@ -42,7 +42,7 @@ def list_all(tok, base, query):
 def boot(n, host, flavor_name="m1.small"):
     sess = {p: session(p) for p in ("admin", "demo")}
     tok, nv, gl = sess["admin"]
-    flavor = next(f for f in nova(tok, nv, "GET", "/flavors?is_public=None")["flavors"]
+    flavor = next(f for f in osapi.list_all(nv + "/flavors?is_public=None", "flavors", token=tok, headers=MV)
                   if f["name"] == flavor_name)
     image = osapi.request("GET", gl + "/v2/images?name=tiny", token=tok)[0]["images"][0]
     ids = []

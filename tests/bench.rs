@@ -679,6 +679,8 @@ async fn daemon_reaction(lab: &Lab, ids: &[String]) -> Reaction {
         .arg("--kubeconfig")
         .arg(dir.join("kubeconfig"))
         .args(["--node", HOST, "--namespace", NAMESPACE, "--log-format", "json"])
+        // No agent pod to read the image from here.
+        .args(["--guard-image", "localhost/nova-kubernetes-drain:bench"])
         .arg("--listen")
         .arg(format!("127.0.0.1:{}", free_port()))
         .env_remove("KUBECONFIG")

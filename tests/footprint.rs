@@ -354,6 +354,9 @@ fn start_agent(kube: &KubeApi, lab: &Lab, port: u16) -> Proc {
         NAMESPACE.into(),
         "--listen".into(),
         format!("127.0.0.1:{port}"),
+        // No agent pod to read the image from here.
+        "--guard-image".into(),
+        "localhost/nova-kubernetes-drain:bench".into(),
     ];
     spawn(DRAINER, &args, dir)
 }

@@ -150,6 +150,10 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                     self.state_loaded = true;
                 }
                 let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+                if self.situation.node == NodeSeen::Deleted {
+                    // The Node registered again: its guard is needed again.
+                    self.situation.released = false;
+                }
                 self.situation.node = NodeSeen::Present { cordoned };
                 self.node = Some(node);
             }

@@ -644,6 +644,18 @@ async fn a_deleted_node_lets_its_guard_go() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_node_registered_again_gets_a_guard_again() {
+    let h = Harness::start(cloud_with(0)).await;
+    h.send(Input::Node(None)).await;
+    h.until("released", |h| !h.cluster.lock().budget).await;
+    h.cluster.delete();
+    h.until("gone", |h| h.cluster.guard_gone()).await;
+    h.cordon(false).await;
+    h.until("a new guard", |h| h.cluster.guard_in_place()).await;
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn guard_api_errors_are_retried_and_reported_after_the_grace() {
     let cloud = cloud_with(0);
     let h = Harness::start_with(cloud, false, None, GuardPod::Missing, true, false).await;

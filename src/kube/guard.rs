@@ -107,6 +107,15 @@ impl GuardPod {
     }
 }
 
+/// Why the guard could not be put in place or released.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+    #[error("the finalizers of pod {0} kept changing while ours was being removed")]
+    Contended(String),
+}
+
 /// The guard pod and budget of one node, in the agent's namespace.
 pub struct Guard {
     pods: Api<Pod>,
@@ -163,7 +172,7 @@ impl Guard {
 
     /// Puts the budget and the finalized pod in place. A pod still terminating is
     /// left alone: it is created again once it is gone (the pod watch says when).
-    pub async fn ensure(&self, node: &Node, image: &GuardImage, current: &GuardPod) -> Result<(), kube::Error> {
+    pub async fn ensure(&self, node: &Node, image: &GuardImage, current: &GuardPod) -> Result<(), GuardError> {
         match self.budgets.get_opt(&self.name).await? {
             None => {
                 create_ignoring_conflict(&self.budgets, &self.budget(node)).await?;
@@ -197,19 +206,20 @@ impl Guard {
     }
 
     /// Lets drain finish: deletes the budget and takes our finalizer off the pod.
-    pub async fn release(&self) -> Result<(), kube::Error> {
+    pub async fn release(&self) -> Result<(), GuardError> {
         match self.budgets.delete(&self.name, &DeleteParams::default()).await {
             Ok(_) => info!(budget = %self.name, "guard budget deleted"),
             Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         self.remove_finalizer().await
     }
 
     /// Removes [`FINALIZER`] from the pod, leaving any other finalizer: a JSON patch
     /// that first tests the list it read, so a concurrent change makes it fail and retry.
-    async fn remove_finalizer(&self) -> Result<(), kube::Error> {
-        loop {
+    async fn remove_finalizer(&self) -> Result<(), GuardError> {
+        // A few rounds settle any race; an API that keeps refusing is reported by the caller.
+        for _ in 0..4 {
             let Some(pod) = self.pods.get_opt(&self.name).await? else {
                 return Ok(());
             };
@@ -223,7 +233,7 @@ impl Guard {
                 {"op": "replace", "path": "/metadata/finalizers", "value": kept},
             ])) {
                 Ok(patch) => patch,
-                Err(e) => return Err(kube::Error::SerdeError(e)),
+                Err(e) => return Err(kube::Error::SerdeError(e).into()),
             };
             match self
                 .pods
@@ -237,12 +247,13 @@ impl Guard {
                 Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
                 // The list changed under us (422 from the failed test, 409 on a conflict): read again.
                 Err(kube::Error::Api(status)) if matches!(status.code, 409 | 422) => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
+        Err(GuardError::Contended(self.name.clone()))
     }
 
-    async fn add_finalizer(&self) -> Result<(), kube::Error> {
+    async fn add_finalizer(&self) -> Result<(), GuardError> {
         let Some(pod) = self.pods.get_opt(&self.name).await? else {
             return Ok(());
         };
@@ -258,8 +269,8 @@ impl Guard {
         }});
         self.pods
             .patch(&self.name, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-            .map(drop)
+            .await?;
+        Ok(())
     }
 
     fn labels(&self) -> BTreeMap<String, String> {

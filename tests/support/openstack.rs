@@ -680,12 +680,12 @@ impl Lab {
     }
 
     async fn flavor_id(&self, name: &str) -> String {
-        let v = self.nova(reqwest::Method::GET, "/flavors?is_public=None", None).await;
-        v["flavors"]
-            .as_array()
-            .and_then(|fs| fs.iter().find(|f| f["name"] == name))
+        let flavors = self.list_all("/flavors?is_public=None", "flavors").await;
+        flavors
+            .iter()
+            .find(|f| f["name"] == name)
             .map(|f| str_of(&f["id"]).to_string())
-            .unwrap_or_else(|| panic!("flavor {name} not found (lab bootstrap incomplete?): {v}"))
+            .unwrap_or_else(|| panic!("flavor {name} not found (lab bootstrap incomplete?): {flavors:?}"))
     }
 
     async fn image_id(&self, name: &str) -> String {

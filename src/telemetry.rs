@@ -129,6 +129,7 @@ impl Observer for ConsoleObserver {
             }
             Event::MigrationFailed {
                 server,
+                action: _,
                 reason,
                 retry_in,
             } => match retry_in {

@@ -545,6 +545,7 @@ impl<K: Cluster> Observer for AgentObserver<K> {
             ),
             Event::MigrationFailed {
                 server,
+                action,
                 reason,
                 retry_in,
             } => {
@@ -554,7 +555,11 @@ impl<K: Cluster> Observer for AgentObserver<K> {
                 };
                 publish(
                     Severity::Warning,
-                    "LiveMigrationFailed",
+                    if cold(action) {
+                        "ColdMigrationFailed"
+                    } else {
+                        "LiveMigrationFailed"
+                    },
                     format!("{}: {reason}; {next}", vm(server)),
                 )
             }

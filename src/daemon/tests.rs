@@ -379,6 +379,20 @@ async fn a_cordon_evacuates_and_drain_returns_only_once_the_hypervisor_is_empty(
 }
 
 #[tokio::test(start_paused = true)]
+async fn cold_migrations_are_reported_as_cold() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("vm-1", "SHUTOFF", 2048);
+    let h = Harness::start(Arc::new(cloud)).await;
+    h.cordon(true).await;
+    h.until("evacuated", |h| h.cluster.phase() == Phase::Evacuated).await;
+    let reasons = h.cluster.reasons();
+    assert!(reasons.contains(&"ColdMigrationStarted"), "{reasons:?}");
+    assert!(reasons.contains(&"ColdMigrationSucceeded"), "{reasons:?}");
+    assert!(!reasons.iter().any(|r| r.starts_with("LiveMigration")), "{reasons:?}");
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_guard_that_never_runs_still_holds_drain_and_is_reported() {
     let h = Harness::start(cloud_with(0)).await;
     // The first guard was made before the node lost its image: deleted while the

@@ -155,6 +155,7 @@ pub enum Event<'a> {
     },
     MigrationFailed {
         server: &'a Server,
+        action: Action,
         reason: &'a str,
         retry_in: Option<Duration>,
     },
@@ -1049,6 +1050,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                 .min(MAX_BACKOFF);
             self.observer.event(&Event::MigrationFailed {
                 server: &job.server,
+                action: job.action,
                 reason: &reason,
                 retry_in: Some(backoff),
             });
@@ -1057,6 +1059,7 @@ impl<'a, C: Compute> Engine<'a, C> {
         } else {
             self.observer.event(&Event::MigrationFailed {
                 server: &job.server,
+                action: job.action,
                 reason: &reason,
                 retry_in: None,
             });

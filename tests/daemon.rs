@@ -1,6 +1,7 @@
 //! `drainer -daemon` end to end: the real binary, the real OpenStack lab of
-//! `tests/lab/` and the in-process Kubernetes API server of
-//! `tests/support/kube_api.rs`, driven the way operators do it (cordon,
+//! `tests/lab/` and a Kubernetes cluster ([`support::cluster`]: the in-process
+//! API server of `tests/support/kube_api.rs`, or the real cluster named by
+//! `DRAINER_TEST_KUBECONFIG`), driven the way operators do it (cordon,
 //! `kubectl drain`, uncordon) and the way nodes fail (SIGKILL, SIGTERM,
 //! dropped watches, 410 Gone, nova-api down at the uncordon).
 
@@ -9,21 +10,20 @@ mod support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
-use support::kube_api::KubeApi;
-use support::kubectl::Kubectl;
+use support::cluster::{TestCluster, real_cluster_requested};
 use support::openstack::{BootSpec, Lab, RestoreLab, lab_kill};
 use support::wait::{eventually, free_port};
 use tokio::process::{Child, Command};
 
 const DRAINER: &str = env!("CARGO_BIN_EXE_drainer");
-const NODE: &str = "host1";
+/// The lab's Nova host the tests drain. The test's Node is `host1.t<random>`,
+/// mapped back to it by `nova_host: '{short}'`.
+const NOVA_HOST: &str = "host1";
 const NAMESPACE: &str = "nova-drain";
-const GUARD: &str = "nova-drain-guard-host1";
-/// The agent's own pod, as its DaemonSet would have made it: the guard runs its image.
-const AGENT_POD: &str = "drainer-host1";
+/// The agent's image: its pod's on the fake, `--guard-image` on a real cluster.
 const AGENT_IMAGE: &str = "localhost/nova-kubernetes-drain:test";
+const NOVA_HOST_CONFIG: &str = "nova_host: '{short}'\n";
 const FAST: &str = "migration:\n  poll_interval_seconds: 0.2\n  retry_backoff_seconds: 1\n";
 
 struct Agent {
@@ -34,37 +34,47 @@ struct Agent {
 }
 
 impl Agent {
-    /// Starts `drainer -daemon` against the fake API server and the lab.
-    async fn start(kube: &KubeApi, lab: &Lab, extra_config: &str) -> Agent {
-        Agent::start_with(kube, lab, extra_config, &[]).await
+    /// Starts `drainer -daemon` against the test's cluster and the lab.
+    async fn start(cluster: &TestCluster, lab: &Lab, extra_config: &str) -> Agent {
+        Agent::start_with(cluster, lab, extra_config, &[]).await
     }
 
     /// [`Agent::start`] with more flags.
-    async fn start_with(kube: &KubeApi, lab: &Lab, extra_config: &str, flags: &[&str]) -> Agent {
+    async fn start_with(cluster: &TestCluster, lab: &Lab, extra_config: &str, flags: &[&str]) -> Agent {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("drainer-daemon-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        kube.write_kubeconfig(dir.join("kubeconfig"));
+        cluster.write_agent_kubeconfig(&dir.join("kubeconfig")).await;
         std::fs::write(
             dir.join("config.yaml"),
-            format!("{}{FAST}{extra_config}", lab.drainer_config()),
+            format!("{}{NOVA_HOST_CONFIG}{FAST}{extra_config}", lab.drainer_config()),
         )
         .expect("config");
         let port = free_port();
+        let identity = cluster.agent_identity();
         let child = Command::new(DRAINER)
             .arg("-daemon")
             .arg("-config-path")
             .arg(dir.join("config.yaml"))
             .arg("--kubeconfig")
             .arg(dir.join("kubeconfig"))
-            .args(["--node", NODE, "--namespace", NAMESPACE, "--retry-after-failure", "2"])
+            .args([
+                "--node",
+                cluster.node(),
+                "--namespace",
+                NAMESPACE,
+                "--retry-after-failure",
+                "2",
+            ])
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
+            .args(&identity.flags)
             .args(flags)
             .env_remove("KUBECONFIG")
             .env_remove("NODE_NAME")
-            .env("POD_NAME", AGENT_POD)
+            .env_remove("POD_NAME")
+            .envs(identity.env)
             .kill_on_drop(true)
             .spawn()
             .expect("start drainer -daemon");
@@ -117,79 +127,45 @@ impl Drop for Agent {
     }
 }
 
-fn annotation(kube: &KubeApi, key: &str) -> Option<String> {
-    kube.node(NODE)
-        .metadata
-        .annotations
-        .and_then(|a| a.get(&format!("nova-kubernetes-drain/{key}")).cloned())
-}
-
-fn reasons(kube: &KubeApi) -> Vec<String> {
-    kube.events()
-        .iter()
-        .filter(|e| e["regarding"]["name"] == NODE)
-        .filter_map(|e| e["reason"].as_str().map(str::to_string))
-        .collect()
-}
-
 const FINALIZER: &str = "nova-kubernetes-drain/hypervisor-empty";
 
 /// The guard pod (not being deleted, with our finalizer) and its budget.
-fn guard_in_place(kube: &KubeApi) -> bool {
-    kube.pod(NAMESPACE, GUARD).is_some_and(|pod| {
+async fn guard_in_place(cluster: &TestCluster) -> bool {
+    let guard = cluster.guard();
+    let pod = cluster.pod(&guard).await.is_some_and(|pod| {
         pod.metadata.deletion_timestamp.is_none()
             && pod
                 .metadata
                 .finalizers
                 .is_some_and(|f| f.iter().any(|f| f == FINALIZER))
-    }) && kube
-        .pdbs(NAMESPACE)
-        .iter()
-        .any(|p| p.metadata.name.as_deref() == Some(GUARD))
+    });
+    pod && cluster.pdb(&guard).await.is_some()
 }
 
-async fn wait_phase(kube: &KubeApi, phase: &str, limit: Duration) {
+async fn phase(cluster: &TestCluster) -> Option<String> {
+    cluster.annotation("phase").await
+}
+
+async fn wait_phase(cluster: &TestCluster, phase: &str, limit: Duration) {
     eventually(&format!("phase {phase}"), limit, async || {
-        (annotation(kube, "phase").as_deref() == Some(phase)).then_some(())
+        (cluster.annotation("phase").await.as_deref() == Some(phase)).then_some(())
     })
     .await;
 }
 
-async fn wait_guard(kube: &KubeApi, limit: Duration) {
+async fn wait_guard(cluster: &TestCluster, limit: Duration) {
     eventually("the guard pod and its PDB", limit, async || {
-        guard_in_place(kube).then_some(())
+        guard_in_place(cluster).await.then_some(())
     })
     .await;
 }
 
-/// A clean lab and a fake cluster with our node and namespace.
-async fn setup() -> (Lab, KubeApi) {
+/// A clean lab and a cluster with our node and namespace.
+async fn setup() -> (Lab, TestCluster) {
     let lab = Lab::connect().await;
     lab.reset().await;
-    let kube = KubeApi::start();
-    kube.add_namespace(NAMESPACE);
-    kube.add_node(NODE);
-    add_agent_pod(&kube).await;
-    (lab, kube)
-}
-
-/// The DaemonSet pod the agent runs in (drain skips it with `--ignore-daemonsets`).
-async fn add_agent_pod(kube: &KubeApi) {
-    let daemonset = kube.add_daemonset(NAMESPACE, "drainer");
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {
-            "name": AGENT_POD,
-            "labels": {"app": "drainer"},
-            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "drainer",
-                                 "uid": daemonset["metadata"]["uid"], "controller": true}],
-        },
-        "spec": {"nodeName": NODE, "containers": [{"name": "drainer", "image": AGENT_IMAGE}]},
-    }))
-    .expect("pod");
-    kube::Api::<Pod>::namespaced(kube.kube_client(), NAMESPACE)
-        .create(&Default::default(), &pod)
-        .await
-        .expect("create the agent's pod");
+    let cluster = TestCluster::start(NOVA_HOST, NAMESPACE, AGENT_IMAGE).await;
+    (lab, cluster)
 }
 
 fn host_of(server: &Value) -> String {
@@ -199,41 +175,44 @@ fn host_of(server: &Value) -> String {
 #[tokio::test]
 async fn kubectl_drain_waits_for_the_vms_and_uncordon_restores_everything() {
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
+    let (lab, cluster) = setup().await;
     let mut ids = lab.boot(BootSpec::new("dmn-a").count(2)).await;
     ids.extend(lab.boot(BootSpec::new("dmn-d").project("demo")).await);
-    let _agent = Agent::start(&kube, &lab, "").await;
-    wait_guard(&kube, Duration::from_secs(20)).await;
+    let _agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
     eventually("the guard pod Running", Duration::from_secs(10), async || {
-        kube.pod(NAMESPACE, GUARD)
+        cluster
+            .pod(&cluster.guard())
+            .await
             .and_then(|p| p.status)
             .and_then(|s| s.phase)
             .filter(|p| p == "Running")
     })
     .await;
 
-    let took = Kubectl::new(&kube)
-        .drain(NODE, &[], Duration::from_secs(120))
+    let took = cluster
+        .kubectl()
+        .drain(cluster.node(), &[], Duration::from_secs(120))
         .await
         .expect("kubectl drain succeeds");
     // drain returned: by then every VM must have left the hypervisor.
     assert!(
-        lab.servers_on(NODE).await.is_empty(),
-        "drain returned while VMs were still on {NODE}"
+        lab.servers_on(NOVA_HOST).await.is_empty(),
+        "drain returned while VMs were still on {NOVA_HOST}"
     );
     for id in &ids {
         let server = lab.server(id).await;
         assert_eq!(server["status"], "ACTIVE");
-        assert_ne!(host_of(&server), NODE);
+        assert_ne!(host_of(&server), NOVA_HOST);
     }
     assert!(
         took > Duration::from_secs(1),
         "drain waited for the migrations ({took:?})"
     );
-    lab.assert_disabled_by_drainer(NODE).await;
-    assert_eq!(annotation(&kube, "phase").as_deref(), Some("Evacuated"));
-    assert_eq!(annotation(&kube, "vms-left").as_deref(), Some("0"));
-    let seen = reasons(&kube);
+    lab.assert_disabled_by_drainer(NOVA_HOST).await;
+    assert_eq!(phase(&cluster).await.as_deref(), Some("Evacuated"));
+    assert_eq!(cluster.annotation("vms-left").await.as_deref(), Some("0"));
+    let seen = cluster.reasons().await;
     for reason in [
         "NovaComputeDisabled",
         "EvacuationStarted",
@@ -244,8 +223,8 @@ async fn kubectl_drain_waits_for_the_vms_and_uncordon_restores_everything() {
         assert!(seen.iter().any(|r| r == reason), "no {reason} event in {seen:?}");
     }
     assert_eq!(seen.iter().filter(|r| *r == "LiveMigrationSucceeded").count(), 3);
-    let notes: Vec<String> = kube
-        .events()
+    let events = cluster.events().await;
+    let notes: Vec<String> = events
         .iter()
         .filter_map(|e| e["note"].as_str().map(str::to_string))
         .collect();
@@ -253,37 +232,34 @@ async fn kubectl_drain_waits_for_the_vms_and_uncordon_restores_everything() {
         ids.iter().all(|id| notes.iter().any(|n| n.contains(id.as_str()))),
         "events name the VMs"
     );
-    assert!(kube.events().iter().all(|e| e["metadata"]["namespace"] == "default"));
+    assert!(events.iter().all(|e| e["metadata"]["namespace"] == "default"));
 
-    kube.set_unschedulable(NODE, false);
+    cluster.uncordon().await;
     eventually(
         "the service enabled after uncordon",
         Duration::from_secs(15),
-        async || (lab.service(NODE).await["status"] == "enabled").then_some(()),
+        async || (lab.service(NOVA_HOST).await["status"] == "enabled").then_some(()),
     )
     .await;
-    wait_guard(&kube, Duration::from_secs(15)).await;
-    wait_phase(&kube, "Idle", Duration::from_secs(10)).await;
-    assert!(reasons(&kube).iter().any(|r| r == "NovaComputeEnabled"));
+    wait_guard(&cluster, Duration::from_secs(15)).await;
+    wait_phase(&cluster, "Idle", Duration::from_secs(10)).await;
+    assert!(cluster.reasons().await.iter().any(|r| r == "NovaComputeEnabled"));
 }
 
 #[tokio::test]
 async fn a_node_cordoned_before_start_up_is_evacuated() {
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
+    let (lab, cluster) = setup().await;
     let ids = lab.boot(BootSpec::new("dmn-pre").count(2)).await;
-    kube.set_unschedulable(NODE, true);
-    let _agent = Agent::start(&kube, &lab, "").await;
-    wait_phase(&kube, "Evacuated", Duration::from_secs(60)).await;
-    assert!(lab.servers_on(NODE).await.is_empty());
+    cluster.cordon().await;
+    let _agent = Agent::start(&cluster, &lab, "").await;
+    wait_phase(&cluster, "Evacuated", Duration::from_secs(60)).await;
+    assert!(lab.servers_on(NOVA_HOST).await.is_empty());
     for id in &ids {
-        assert_ne!(host_of(&lab.server(id).await), NODE);
+        assert_ne!(host_of(&lab.server(id).await), NOVA_HOST);
     }
     assert!(
-        !kube
-            .pdbs(NAMESPACE)
-            .iter()
-            .any(|p| p.metadata.name.as_deref() == Some(GUARD)),
+        cluster.pdb(&cluster.guard()).await.is_none(),
         "the guard is released once the hypervisor is empty"
     );
 }
@@ -291,11 +267,11 @@ async fn a_node_cordoned_before_start_up_is_evacuated() {
 #[tokio::test]
 async fn uncordon_mid_evacuation_aborts_and_re_enables() {
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
+    let (lab, cluster) = setup().await;
     let stuck = lab.boot(BootSpec::new("dmn-stall").stall()).await.remove(0);
-    let _agent = Agent::start(&kube, &lab, "").await;
-    wait_guard(&kube, Duration::from_secs(20)).await;
-    kube.set_unschedulable(NODE, true);
+    let _agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    cluster.cordon().await;
     eventually("the live migration running", Duration::from_secs(30), async || {
         lab.server_migrations(&stuck)
             .await
@@ -306,50 +282,50 @@ async fn uncordon_mid_evacuation_aborts_and_re_enables() {
     .await;
 
     let uncordoned = Instant::now();
-    kube.set_unschedulable(NODE, false);
+    cluster.uncordon().await;
     eventually("the service enabled", Duration::from_secs(20), async || {
-        (lab.service(NODE).await["status"] == "enabled").then_some(())
+        (lab.service(NOVA_HOST).await["status"] == "enabled").then_some(())
     })
     .await;
     let reaction = uncordoned.elapsed();
     assert!(reaction < Duration::from_secs(15), "took {reaction:?}");
     let server = lab.server(&stuck).await;
     assert_eq!(server["status"], "ACTIVE");
-    assert_eq!(host_of(&server), NODE, "the aborted VM stays on its source");
+    assert_eq!(host_of(&server), NOVA_HOST, "the aborted VM stays on its source");
     let history = lab.live_migrations(&stuck).await;
     assert_eq!(history.len(), 1, "{history:?}");
     assert_eq!(history[0]["status"], "cancelled");
-    wait_guard(&kube, Duration::from_secs(15)).await;
+    wait_guard(&cluster, Duration::from_secs(15)).await;
 
     // A quick re-cordon/uncordon flip ends in the right state too, with no duplicate migration.
-    kube.set_unschedulable(NODE, true);
+    cluster.cordon().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    kube.set_unschedulable(NODE, false);
+    cluster.uncordon().await;
     eventually("enabled after the flip", Duration::from_secs(20), async || {
-        let enabled = lab.service(NODE).await["status"] == "enabled";
-        let idle = annotation(&kube, "phase").as_deref() == Some("Idle");
+        let enabled = lab.service(NOVA_HOST).await["status"] == "enabled";
+        let idle = phase(&cluster).await.as_deref() == Some("Idle");
         (enabled && idle && lab.server_migrations(&stuck).await.is_empty()).then_some(())
     })
     .await;
     let history = lab.live_migrations(&stuck).await;
     assert!(history.len() <= 2, "at most one migration per cordon: {history:?}");
     assert!(history.iter().all(|m| m["status"] == "cancelled"), "{history:?}");
-    assert_eq!(host_of(&lab.server(&stuck).await), NODE);
+    assert_eq!(host_of(&lab.server(&stuck).await), NOVA_HOST);
 }
 
 #[tokio::test]
 async fn a_service_disabled_by_an_operator_stays_disabled() {
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
+    let (lab, cluster) = setup().await;
     let id = lab.boot(BootSpec::new("dmn-op")).await.remove(0);
-    lab.set_service(NODE, false, Some("RMA 4711: bad DIMM")).await;
-    let _agent = Agent::start(&kube, &lab, "").await;
-    kube.set_unschedulable(NODE, true);
-    wait_phase(&kube, "Evacuated", Duration::from_secs(60)).await;
-    assert_ne!(host_of(&lab.server(&id).await), NODE);
-    kube.set_unschedulable(NODE, false);
-    wait_phase(&kube, "Idle", Duration::from_secs(20)).await;
-    let service = lab.service(NODE).await;
+    lab.set_service(NOVA_HOST, false, Some("RMA 4711: bad DIMM")).await;
+    let _agent = Agent::start(&cluster, &lab, "").await;
+    cluster.cordon().await;
+    wait_phase(&cluster, "Evacuated", Duration::from_secs(60)).await;
+    assert_ne!(host_of(&lab.server(&id).await), NOVA_HOST);
+    cluster.uncordon().await;
+    wait_phase(&cluster, "Idle", Duration::from_secs(20)).await;
+    let service = lab.service(NOVA_HOST).await;
     assert_eq!(service["status"], "disabled");
     assert_eq!(service["disabled_reason"], "RMA 4711: bad DIMM");
 }
@@ -357,45 +333,45 @@ async fn a_service_disabled_by_an_operator_stays_disabled() {
 #[tokio::test]
 async fn nova_api_down_at_the_uncordon_delays_the_re_enable_until_it_is_back() {
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
+    let (lab, cluster) = setup().await;
     let id = lab.boot(BootSpec::new("dmn-reenable")).await.remove(0);
-    let _agent = Agent::start(&kube, &lab, "").await;
-    wait_guard(&kube, Duration::from_secs(20)).await;
-    kube.set_unschedulable(NODE, true);
-    wait_phase(&kube, "Evacuated", Duration::from_secs(60)).await;
+    let _agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    cluster.cordon().await;
+    wait_phase(&cluster, "Evacuated", Duration::from_secs(60)).await;
 
     lab_kill("nova-api");
     let restore = RestoreLab;
-    kube.set_unschedulable(NODE, false);
+    cluster.uncordon().await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
-        annotation(&kube, "phase").as_deref(),
+        phase(&cluster).await.as_deref(),
         Some("Evacuated"),
         "not Idle while the service could not be enabled"
     );
-    assert!(!reasons(&kube).iter().any(|r| r == "NovaComputeEnabled"));
+    assert!(!cluster.reasons().await.iter().any(|r| r == "NovaComputeEnabled"));
 
     drop(restore); // up.sh brings nova-api back (also if an assertion above failed)
     eventually("the service enabled", Duration::from_secs(40), async || {
-        (lab.service(NODE).await["status"] == "enabled").then_some(())
+        (lab.service(NOVA_HOST).await["status"] == "enabled").then_some(())
     })
     .await;
     eventually("phase Idle and the guard back", Duration::from_secs(15), async || {
-        (annotation(&kube, "phase").as_deref() == Some("Idle") && guard_in_place(&kube)).then_some(())
+        (phase(&cluster).await.as_deref() == Some("Idle") && guard_in_place(&cluster).await).then_some(())
     })
     .await;
-    assert!(reasons(&kube).iter().any(|r| r == "NovaComputeEnabled"));
-    assert_ne!(host_of(&lab.server(&id).await), NODE, "the VM stays where it went");
+    assert!(cluster.reasons().await.iter().any(|r| r == "NovaComputeEnabled"));
+    assert_ne!(host_of(&lab.server(&id).await), NOVA_HOST, "the VM stays where it went");
 }
 
 #[tokio::test]
 async fn sigkill_mid_evacuation_then_restart_resumes_without_duplicate_migrations() {
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
+    let (lab, cluster) = setup().await;
     let ids = lab.boot(BootSpec::new("dmn-kill").count(3).flavor("m1.small")).await;
-    let mut agent = Agent::start(&kube, &lab, "").await;
-    wait_guard(&kube, Duration::from_secs(20)).await;
-    kube.set_unschedulable(NODE, true);
+    let mut agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    cluster.cordon().await;
     let migrating = eventually("a migration in flight", Duration::from_secs(30), async || {
         for id in &ids {
             if !lab.server_migrations(id).await.is_empty() {
@@ -408,35 +384,43 @@ async fn sigkill_mid_evacuation_then_restart_resumes_without_duplicate_migration
     agent.signal("KILL");
     assert!(agent.wait_exit(Duration::from_secs(5)).await.is_some());
     assert_eq!(
-        annotation(&kube, "phase").as_deref(),
+        phase(&cluster).await.as_deref(),
         Some("Evacuating"),
         "progress is on the node"
     );
 
-    let _again = Agent::start(&kube, &lab, "").await;
-    wait_phase(&kube, "Evacuated", Duration::from_secs(90)).await;
-    assert!(lab.servers_on(NODE).await.is_empty());
+    let _again = Agent::start(&cluster, &lab, "").await;
+    wait_phase(&cluster, "Evacuated", Duration::from_secs(90)).await;
+    assert!(lab.servers_on(NOVA_HOST).await.is_empty());
     for id in &ids {
         let history = lab.live_migrations(id).await;
         assert_eq!(history.len(), 1, "exactly one migration of {id}: {history:?}");
         assert_eq!(history[0]["status"], "completed");
     }
-    assert_ne!(host_of(&lab.server(&migrating).await), NODE);
+    assert_ne!(host_of(&lab.server(&migrating).await), NOVA_HOST);
 }
 
 #[tokio::test]
 async fn dropped_watches_and_410_gone_are_survived() {
+    if real_cluster_requested() {
+        eprintln!(
+            "skipped on the real cluster of DRAINER_TEST_KUBECONFIG: dropping watches, compacting the watch \
+             history and counting requests need the in-process API server"
+        );
+        return;
+    }
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
+    let (lab, cluster) = setup().await;
+    let fake = cluster.fake().expect("the in-process API server");
     let id = lab.boot(BootSpec::new("dmn-watch")).await.remove(0);
-    let _agent = Agent::start(&kube, &lab, "").await;
-    wait_guard(&kube, Duration::from_secs(20)).await;
-    kube.drop_watches();
-    kube.compact();
-    kube.set_unschedulable(NODE, true);
-    wait_phase(&kube, "Evacuated", Duration::from_secs(60)).await;
-    assert_ne!(host_of(&lab.server(&id).await), NODE);
-    let relists = kube
+    let _agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    fake.drop_watches();
+    fake.compact();
+    cluster.cordon().await;
+    wait_phase(&cluster, "Evacuated", Duration::from_secs(60)).await;
+    assert_ne!(host_of(&lab.server(&id).await), NOVA_HOST);
+    let relists = fake
         .requests()
         .iter()
         .filter(|(method, path)| method == "GET" && path.starts_with("/api/v1/nodes?") && !path.contains("watch=true"))
@@ -450,11 +434,11 @@ async fn dropped_watches_and_410_gone_are_survived() {
 #[tokio::test]
 async fn sigterm_stops_within_ten_seconds_and_leaves_the_migration_to_nova() {
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
+    let (lab, cluster) = setup().await;
     let stuck = lab.boot(BootSpec::new("dmn-term").stall()).await.remove(0);
-    let mut agent = Agent::start(&kube, &lab, "").await;
-    wait_guard(&kube, Duration::from_secs(20)).await;
-    kube.set_unschedulable(NODE, true);
+    let mut agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    cluster.cordon().await;
     eventually("the live migration running", Duration::from_secs(30), async || {
         lab.server_migrations(&stuck).await.first().map(drop)
     })
@@ -468,7 +452,7 @@ async fn sigterm_stops_within_ten_seconds_and_leaves_the_migration_to_nova() {
         !lab.server_migrations(&stuck).await.is_empty(),
         "the in-flight migration was left to Nova"
     );
-    assert_eq!(annotation(&kube, "phase").as_deref(), Some("Evacuating"));
+    assert_eq!(phase(&cluster).await.as_deref(), Some("Evacuating"));
     // Leave the lab clean for the next test: stop the stalled migration.
     let migration = lab.server_migrations(&stuck).await[0]["id"]
         .as_u64()
@@ -481,21 +465,22 @@ async fn sigterm_stops_within_ten_seconds_and_leaves_the_migration_to_nova() {
 #[tokio::test]
 async fn the_guard_runs_the_agents_image_and_its_budget_is_computed() {
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
-    let agent = Agent::start(&kube, &lab, "").await;
-    wait_guard(&kube, Duration::from_secs(20)).await;
-    let pod = kube.pod(NAMESPACE, GUARD).expect("guard pod");
+    let (lab, cluster) = setup().await;
+    let agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    let pod = cluster.pod(&cluster.guard()).await.expect("guard pod");
     let spec = pod.spec.expect("spec");
     let container = &spec.containers[0];
     assert_eq!(container.image.as_deref(), Some(AGENT_IMAGE));
     assert_eq!(container.args, Some(vec!["guard".to_string()]));
-    assert_eq!(spec.node_name.as_deref(), Some(NODE));
+    assert_eq!(spec.node_name.as_deref(), Some(cluster.node()));
     let owner = &pod.metadata.owner_references.expect("owned")[0];
-    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Node", NODE));
-    let budget = eventually("the budget computed", Duration::from_secs(10), async || {
-        kube.pdbs(NAMESPACE)
-            .into_iter()
-            .find(|p| p.metadata.name.as_deref() == Some(GUARD))
+    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Node", cluster.node()));
+    // The real disruption controller computes it asynchronously too.
+    let budget = eventually("the budget computed", Duration::from_secs(30), async || {
+        cluster
+            .pdb(&cluster.guard())
+            .await
             .and_then(|p| p.status)
             .filter(|s| s.expected_pods == 1 && s.current_healthy == 1)
     })
@@ -529,45 +514,52 @@ async fn the_guard_runs_the_agents_image_and_its_budget_is_computed() {
 #[tokio::test]
 async fn kubectl_drain_waits_even_when_the_guard_never_runs() {
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
-    kube.set_kubelet(false);
+    let (lab, cluster) = setup().await;
+    cluster.set_kubelet(false);
     lab.boot(BootSpec::new("dmn-pending").count(2)).await;
-    let agent = Agent::start_with(&kube, &lab, "", &["--guard-grace", "2"]).await;
-    wait_guard(&kube, Duration::from_secs(20)).await;
+    let agent = Agent::start_with(&cluster, &lab, "", &["--guard-grace", "2"]).await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
     eventually("the guard reported", Duration::from_secs(20), async || {
-        reasons(&kube).iter().any(|r| r == "DrainGuardNotRunning").then_some(())
+        cluster
+            .reasons()
+            .await
+            .iter()
+            .any(|r| r == "DrainGuardNotRunning")
+            .then_some(())
     })
     .await;
     assert_eq!(agent.ready().await, Some(false), "not ready while the guard cannot run");
     let (_, _, metrics) = agent.get("metrics").await.expect("metrics");
     assert!(metrics.contains("nova_drain_guard_ready 0"), "{metrics}");
 
-    Kubectl::new(&kube)
-        .drain(NODE, &[], Duration::from_secs(120))
+    cluster
+        .kubectl()
+        .drain(cluster.node(), &[], Duration::from_secs(120))
         .await
         .expect("kubectl drain succeeds");
     assert!(
-        lab.servers_on(NODE).await.is_empty(),
-        "drain returned while VMs were still on {NODE}"
+        lab.servers_on(NOVA_HOST).await.is_empty(),
+        "drain returned while VMs were still on {NOVA_HOST}"
     );
-    assert_eq!(annotation(&kube, "phase").as_deref(), Some("Evacuated"));
-    assert!(kube.pod(NAMESPACE, GUARD).is_none());
+    assert_eq!(phase(&cluster).await.as_deref(), Some("Evacuated"));
+    assert!(cluster.pod(&cluster.guard()).await.is_none());
 }
 
 #[tokio::test]
 async fn kubectl_drain_with_disable_eviction_waits_for_the_vms() {
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
+    let (lab, cluster) = setup().await;
     lab.boot(BootSpec::new("dmn-delete").count(3)).await;
-    let _agent = Agent::start(&kube, &lab, "").await;
-    wait_guard(&kube, Duration::from_secs(20)).await;
-    Kubectl::new(&kube)
-        .drain(NODE, &["--disable-eviction"], Duration::from_secs(120))
+    let _agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    cluster
+        .kubectl()
+        .drain(cluster.node(), &["--disable-eviction"], Duration::from_secs(120))
         .await
         .expect("kubectl drain succeeds");
     assert!(
-        lab.servers_on(NODE).await.is_empty(),
-        "drain returned while VMs were still on {NODE}"
+        lab.servers_on(NOVA_HOST).await.is_empty(),
+        "drain returned while VMs were still on {NOVA_HOST}"
     );
 }
 
@@ -576,32 +568,35 @@ async fn kubectl_drain_with_disable_eviction_waits_for_the_vms() {
 #[tokio::test]
 async fn an_agent_restarted_mid_drain_still_holds_it_until_the_hypervisor_is_empty() {
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
+    let (lab, cluster) = setup().await;
     lab.boot(BootSpec::new("dmn-mid").count(3).flavor("m1.small")).await;
     // Continues the `migration:` mapping of FAST: one VM at a time, so the kill lands mid-evacuation.
-    let mut agent = Agent::start(&kube, &lab, "  max_parallel: 1\n").await;
-    wait_guard(&kube, Duration::from_secs(20)).await;
-    let kubectl = Kubectl::new(&kube);
-    let drain = kubectl.drain(NODE, &["--disable-eviction"], Duration::from_secs(180));
+    let mut agent = Agent::start(&cluster, &lab, "  max_parallel: 1\n").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    let drain = cluster
+        .kubectl()
+        .drain(cluster.node(), &["--disable-eviction"], Duration::from_secs(180));
     let restart = async {
         eventually("the guard being deleted", Duration::from_secs(30), async || {
-            kube.pod(NAMESPACE, GUARD)
+            cluster
+                .pod(&cluster.guard())
+                .await
                 .and_then(|p| p.metadata.deletion_timestamp)
                 .map(drop)
         })
         .await;
         agent.signal("KILL");
         assert!(agent.wait_exit(Duration::from_secs(5)).await.is_some());
-        let left = lab.servers_on(NODE).await.len();
-        let again = Agent::start(&kube, &lab, "").await;
+        let left = lab.servers_on(NOVA_HOST).await.len();
+        let again = Agent::start(&cluster, &lab, "").await;
         (left, again)
     };
     let (drained, (left_at_kill, _again)) = tokio::join!(drain, restart);
     drained.expect("kubectl drain succeeds");
     assert!(left_at_kill > 0, "the agent was killed mid-evacuation");
     assert!(
-        lab.servers_on(NODE).await.is_empty(),
-        "drain returned while VMs were still on {NODE}"
+        lab.servers_on(NOVA_HOST).await.is_empty(),
+        "drain returned while VMs were still on {NOVA_HOST}"
     );
 }
 
@@ -611,14 +606,14 @@ async fn an_agent_restarted_mid_drain_still_holds_it_until_the_hypervisor_is_emp
 #[tokio::test]
 async fn uncordon_while_the_guard_is_terminating_holds_it_until_the_hypervisor_is_empty() {
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
+    let (lab, cluster) = setup().await;
     let stuck = lab.boot(BootSpec::new("dmn-held").stall()).await.remove(0);
-    let _agent = Agent::start(&kube, &lab, "").await;
-    wait_guard(&kube, Duration::from_secs(20)).await;
-    kube.set_unschedulable(NODE, true);
-    let kubectl = Kubectl::new(&kube);
-    kubectl
-        .delete_pod(NAMESPACE, GUARD, &[])
+    let _agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    cluster.cordon().await;
+    cluster
+        .kubectl()
+        .delete_pod(NAMESPACE, &cluster.guard(), &[])
         .await
         .expect("kubectl delete pod");
     eventually("the live migration running", Duration::from_secs(30), async || {
@@ -629,18 +624,20 @@ async fn uncordon_while_the_guard_is_terminating_holds_it_until_the_hypervisor_i
             .map(drop)
     })
     .await;
-    kube.set_unschedulable(NODE, false);
-    wait_phase(&kube, "Idle", Duration::from_secs(30)).await;
-    assert_eq!(host_of(&lab.server(&stuck).await), NODE);
+    cluster.uncordon().await;
+    wait_phase(&cluster, "Idle", Duration::from_secs(30)).await;
+    assert_eq!(host_of(&lab.server(&stuck).await), NOVA_HOST);
     assert!(
-        kube.pod(NAMESPACE, GUARD)
+        cluster
+            .pod(&cluster.guard())
+            .await
             .is_some_and(|p| p.metadata.deletion_timestamp.is_some()),
         "the guard is held while a VM runs on the hypervisor"
     );
 
     lab.delete(&stuck).await;
     eventually("a new guard in place", Duration::from_secs(40), async || {
-        guard_in_place(&kube).then_some(())
+        guard_in_place(&cluster).await.then_some(())
     })
     .await;
 }
@@ -648,18 +645,21 @@ async fn uncordon_while_the_guard_is_terminating_holds_it_until_the_hypervisor_i
 #[tokio::test]
 async fn a_deleted_node_lets_its_guard_go() {
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
-    let _agent = Agent::start(&kube, &lab, "").await;
-    wait_guard(&kube, Duration::from_secs(20)).await;
-    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(kube.kube_client());
-    nodes.delete(NODE, &Default::default()).await.expect("delete the node");
-    // The garbage collector deletes the pods the Node owned.
-    Kubectl::new(&kube)
-        .delete_pod(NAMESPACE, GUARD, &[])
-        .await
-        .expect("kubectl delete pod");
-    eventually("the guard gone", Duration::from_secs(20), async || {
-        kube.pod(NAMESPACE, GUARD).is_none().then_some(())
+    let (lab, cluster) = setup().await;
+    let _agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    cluster.delete_node().await;
+    if !cluster.is_real() {
+        // The garbage collector deletes the pods the Node owned; the fake has
+        // none (on a real cluster, kube-controller-manager's does it).
+        cluster
+            .kubectl()
+            .delete_pod(NAMESPACE, &cluster.guard(), &[])
+            .await
+            .expect("kubectl delete pod");
+    }
+    eventually("the guard gone", Duration::from_secs(60), async || {
+        cluster.pod(&cluster.guard()).await.is_none().then_some(())
     })
     .await;
 }
@@ -669,52 +669,64 @@ async fn a_deleted_node_lets_its_guard_go() {
 #[tokio::test]
 async fn nova_and_keystone_down_at_start_up_are_outlived() {
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
+    let (lab, cluster) = setup().await;
     let id = lab.boot(BootSpec::new("dmn-outage")).await.remove(0);
     lab_kill("nova-api");
     lab_kill("keystone");
     let restore = RestoreLab;
-    let mut agent = Agent::start(&kube, &lab, "").await;
-    wait_guard(&kube, Duration::from_secs(20)).await;
-    kube.set_unschedulable(NODE, true);
+    let mut agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    cluster.cordon().await;
     assert_eq!(
         agent.wait_exit(Duration::from_secs(5)).await,
         None,
         "the agent keeps running through the outage"
     );
     assert_eq!(agent.ready().await, Some(false));
-    assert_ne!(annotation(&kube, "phase").as_deref(), Some("Evacuated"));
+    assert_ne!(phase(&cluster).await.as_deref(), Some("Evacuated"));
 
     drop(restore); // up.sh brings Keystone and nova-api back
-    wait_phase(&kube, "Evacuated", Duration::from_secs(90)).await;
-    assert_ne!(host_of(&lab.server(&id).await), NODE);
+    wait_phase(&cluster, "Evacuated", Duration::from_secs(90)).await;
+    assert_ne!(host_of(&lab.server(&id).await), NOVA_HOST);
     eventually("ready", Duration::from_secs(10), async || {
         agent.ready().await.filter(|r| *r)
     })
     .await;
-    kube.set_unschedulable(NODE, false);
-    wait_phase(&kube, "Idle", Duration::from_secs(30)).await;
-    assert_eq!(lab.service(NODE).await["status"], "enabled");
+    cluster.uncordon().await;
+    wait_phase(&cluster, "Idle", Duration::from_secs(30)).await;
+    assert_eq!(lab.service(NOVA_HOST).await["status"], "enabled");
 }
 
 #[tokio::test]
 async fn a_bad_password_still_exits_2() {
     let _exclusive = Lab::exclusive().await;
-    let (lab, kube) = setup().await;
+    let (lab, cluster) = setup().await;
     let config = lab.drainer_config().replace("Password: admin", "Password: wrong");
     assert_ne!(config, lab.drainer_config(), "the config names the password");
     let dir = std::env::temp_dir().join(format!("drainer-badpass-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     std::fs::write(dir.join("config.yaml"), config).expect("config");
-    kube.write_kubeconfig(dir.join("kubeconfig"));
+    cluster.write_agent_kubeconfig(&dir.join("kubeconfig")).await;
+    let identity = cluster.agent_identity();
     let status = Command::new(DRAINER)
         .arg("-daemon")
         .arg("-config-path")
         .arg(dir.join("config.yaml"))
         .arg("--kubeconfig")
         .arg(dir.join("kubeconfig"))
-        .args(["--node", NODE, "--namespace", NAMESPACE, "--listen", "127.0.0.1:0"])
-        .env("POD_NAME", AGENT_POD)
+        .args([
+            "--node",
+            cluster.node(),
+            "--namespace",
+            NAMESPACE,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(&identity.flags)
+        .env_remove("KUBECONFIG")
+        .env_remove("NODE_NAME")
+        .env_remove("POD_NAME")
+        .envs(identity.env)
         .kill_on_drop(true)
         .status();
     let status = tokio::time::timeout(Duration::from_secs(30), status)

@@ -5,8 +5,11 @@
 //! * [`kube_api`]: an in-process fake Kubernetes API server (nodes, pods,
 //!   PDBs, evictions, finalizers, events, watches).
 //! * [`kubectl`]: the real `kubectl` (drain, delete, patch) against it.
+//! * [`cluster`]: the cluster a daemon test runs against: the fake, or a real
+//!   one named by `DRAINER_TEST_KUBECONFIG` (a Ready test Node, a kubelet player).
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod kube_api;
 pub mod kubectl;
 pub mod openstack;

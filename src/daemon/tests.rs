@@ -320,6 +320,12 @@ impl Harness {
         code
     }
 
+    /// Until `vm-1`'s live migration runs.
+    async fn migrating(&self) {
+        self.until("migrating", |h| h.cloud.migration_statuses("vm-1") == ["running"])
+            .await;
+    }
+
     fn on_source(&self) -> usize {
         ["vm-1", "vm-2", "vm-3"]
             .iter()
@@ -331,6 +337,18 @@ impl Harness {
         let service = self.cloud.service();
         !service.enabled && is_our_reason(service.disabled_reason.as_deref())
     }
+}
+
+/// One VM, `vm-1`, whose live migration never converges (until aborted).
+fn stalling_vm() -> Arc<FakeCloud> {
+    let cloud = cloud_with(1);
+    cloud.script(
+        "vm-1",
+        &[Script::Stall {
+            progress_for: Duration::from_secs(5),
+        }],
+    );
+    cloud
 }
 
 fn cloud_with(vms: usize) -> Arc<FakeCloud> {
@@ -444,17 +462,10 @@ async fn drain_with_disable_eviction_waits_too() {
 
 #[tokio::test(start_paused = true)]
 async fn uncordon_mid_evacuation_cancels_restores_and_puts_the_guard_back() {
-    let cloud = cloud_with(1);
-    cloud.script(
-        "vm-1",
-        &[Script::Stall {
-            progress_for: Duration::from_secs(5),
-        }],
-    );
+    let cloud = stalling_vm();
     let h = Harness::start(cloud).await;
     h.cordon(true).await;
-    h.until("migrating", |h| h.cloud.migration_statuses("vm-1") == ["running"])
-        .await;
+    h.migrating().await;
     h.cordon(false).await;
     h.until("idle", |h| h.cluster.phase() == Phase::Idle).await;
     assert_eq!(h.cloud.migration_statuses("vm-1"), ["cancelled"]);
@@ -618,18 +629,11 @@ async fn a_restarted_agent_resumes_and_a_drain_waiting_on_the_terminating_guard_
 
 #[tokio::test(start_paused = true)]
 async fn uncordon_while_the_guard_is_terminating_keeps_it_until_the_hypervisor_is_empty() {
-    let cloud = cloud_with(1);
-    cloud.script(
-        "vm-1",
-        &[Script::Stall {
-            progress_for: Duration::from_secs(5),
-        }],
-    );
+    let cloud = stalling_vm();
     let h = Harness::start(cloud).await;
     h.cordon(true).await;
     h.cluster.delete();
-    h.until("migrating", |h| h.cloud.migration_statuses("vm-1") == ["running"])
-        .await;
+    h.migrating().await;
     h.cordon(false).await;
     h.until("idle", |h| h.cluster.phase() == Phase::Idle).await;
     sleep(Duration::from_secs(30)).await;
@@ -691,17 +695,10 @@ async fn sigterm_in_every_phase_exits_at_once_and_keeps_the_record() {
     assert_eq!(h.terminate().await, 0);
 
     // Evacuating: the in-flight migration is left to Nova, the drain keeps waiting.
-    let cloud = cloud_with(1);
-    cloud.script(
-        "vm-1",
-        &[Script::Stall {
-            progress_for: Duration::from_secs(5),
-        }],
-    );
+    let cloud = stalling_vm();
     let h = Harness::start(cloud.clone()).await;
     h.cordon(true).await;
-    h.until("migrating", |h| h.cloud.migration_statuses("vm-1") == ["running"])
-        .await;
+    h.migrating().await;
     let cluster = h.cluster.clone();
     assert_eq!(h.terminate().await, 0);
     assert_eq!(cloud.migration_statuses("vm-1"), ["running"], "left to Nova");
@@ -711,17 +708,10 @@ async fn sigterm_in_every_phase_exits_at_once_and_keeps_the_record() {
     assert!(cluster.guard_in_place(), "drain keeps waiting for the next agent");
 
     // Cancelling (uncordoned while the abort is under way).
-    let cloud = cloud_with(1);
-    cloud.script(
-        "vm-1",
-        &[Script::Stall {
-            progress_for: Duration::from_secs(5),
-        }],
-    );
+    let cloud = stalling_vm();
     let h = Harness::start(cloud).await;
     h.cordon(true).await;
-    h.until("migrating", |h| h.cloud.migration_statuses("vm-1") == ["running"])
-        .await;
+    h.migrating().await;
     h.cordon(false).await;
     assert_eq!(h.terminate().await, 0);
 

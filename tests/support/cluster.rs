@@ -59,6 +59,8 @@ pub const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// How often the Node's Lease is renewed (real mode; the kubelet's default is 10 s of 40 s).
 pub const LEASE_EVERY: Duration = Duration::from_secs(5);
 const LEASE_SECONDS: i32 = 40;
+/// A test Node whose Lease has not been renewed for this long was left by a killed run.
+const LEFTOVER_AFTER: Duration = Duration::from_secs(300);
 /// How often the kubelet player looks at the Node's pods.
 const KUBELET_EVERY: Duration = Duration::from_millis(200);
 /// Bound on every kubectl call but drain.
@@ -111,20 +113,23 @@ impl TestCluster {
     /// Nova host `nova_host` (see [`TestCluster::node`]); the agent's guard runs `agent_image`.
     pub async fn start(nova_host: &str, namespace: &str, agent_image: &str) -> TestCluster {
         let node = format!("{nova_host}.t{}", random_suffix());
-        let kubectl = ClusterKubectl::new(temp_dir("cluster"));
-        let backend = match std::env::var_os(KUBECONFIG_ENV).filter(|v| !v.is_empty()) {
+        let dir = temp_dir("cluster");
+        let (backend, kubectl) = match std::env::var_os(KUBECONFIG_ENV).filter(|v| !v.is_empty()) {
             None => {
                 let fake = KubeApi::start();
                 // The player below is the kubelet, as on a real cluster.
                 fake.set_kubelet(false);
                 fake.add_namespace(namespace);
-                fake.write_kubeconfig(kubectl.dir.join("kubeconfig"));
-                Backend::Fake(fake)
+                fake.write_kubeconfig(dir.join("kubeconfig"));
+                (
+                    Backend::Fake(fake),
+                    ClusterKubectl::new(dir.clone(), dir.join("kubeconfig")),
+                )
             }
             Some(path) => {
+                // Used in place: it may name certificate files relative to the working directory.
                 let kubeconfig = PathBuf::from(path);
-                std::fs::copy(&kubeconfig, kubectl.dir.join("kubeconfig"))
-                    .unwrap_or_else(|e| panic!("read {KUBECONFIG_ENV}={}: {e}", kubeconfig.display()));
+                let kubectl = ClusterKubectl::new(dir.clone(), kubeconfig.clone());
                 let view = kubectl
                     .run(&["config", "view", "--raw", "--minify", "--flatten", "-o", "json"])
                     .await
@@ -140,12 +145,13 @@ impl TestCluster {
                     .run(&["apply", "-k", &deploy.to_string_lossy()])
                     .await
                     .expect("kubectl apply -k deploy/");
-                Backend::Real {
+                let backend = Backend::Real {
                     kubeconfig,
                     server,
                     ca_data: cluster["certificate-authority-data"].as_str().map(str::to_string),
                     insecure: cluster["insecure-skip-tls-verify"].as_bool().unwrap_or(false),
-                }
+                };
+                (backend, kubectl)
             }
         };
         let client = match &backend {
@@ -159,6 +165,9 @@ impl TestCluster {
             }
         };
         let real = matches!(backend, Backend::Real { .. });
+        if real {
+            sweep_leftovers(&client, namespace).await;
+        }
 
         let nodes: Api<Node> = Api::all(client.clone());
         let created: Node = serde_json::from_value(json!({
@@ -462,9 +471,50 @@ impl Drop for TestCluster {
     }
 }
 
-/// kubectl against the test's cluster: its own kubeconfig copy and discovery cache.
+/// Deletes the test Nodes of runs that were killed before their clean-up
+/// (label [`TEST_LABEL`], Lease not renewed for [`LEFTOVER_AFTER`]) and lets
+/// their guards go. Nodes of runs still going renew their Lease and are kept.
+async fn sweep_leftovers(client: &kube::Client, namespace: &str) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), namespace);
+    let Ok(list) = nodes
+        .list(&ListParams::default().labels(&format!("{TEST_LABEL}=true")))
+        .await
+    else {
+        return;
+    };
+    let now = jiff::Timestamp::now();
+    for node in list.items {
+        let Some(name) = node.metadata.name else { continue };
+        let renewed = match leases.get_opt(&name).await {
+            Ok(lease) => lease.and_then(|l| l.spec?.renew_time).map(|t| t.0),
+            Err(_) => continue,
+        };
+        let last_sign = renewed.or(node.metadata.creation_timestamp.map(|t| t.0));
+        if last_sign.is_some_and(|t| now.duration_since(t).unsigned_abs() < LEFTOVER_AFTER) {
+            continue;
+        }
+        eprintln!("deleting test node {name}, left over by a killed run");
+        let _ = nodes.delete(&name, &DeleteParams::default()).await;
+        let guard = format!("nova-drain-guard-{name}");
+        let strip: json_patch::Patch =
+            serde_json::from_value(json!([{"op": "remove", "path": "/metadata/finalizers"}])).expect("patch");
+        let _ = pods
+            .patch(&guard, &PatchParams::default(), &Patch::<()>::Json(strip))
+            .await;
+        let _ = pods.delete(&guard, &DeleteParams::default().grace_period(0)).await;
+        let _ = budgets.delete(&guard, &DeleteParams::default()).await;
+        let _ = leases.delete(&name, &DeleteParams::default()).await;
+    }
+}
+
+/// kubectl against the test's cluster, with its own discovery cache.
 pub struct ClusterKubectl {
+    /// Removed on drop (the cache; the fake's kubeconfig).
     dir: PathBuf,
+    kubeconfig: PathBuf,
 }
 
 impl Drop for ClusterKubectl {
@@ -474,14 +524,14 @@ impl Drop for ClusterKubectl {
 }
 
 impl ClusterKubectl {
-    fn new(dir: PathBuf) -> ClusterKubectl {
-        ClusterKubectl { dir }
+    fn new(dir: PathBuf, kubeconfig: PathBuf) -> ClusterKubectl {
+        ClusterKubectl { dir, kubeconfig }
     }
 
     fn base_args(&self) -> Vec<String> {
         vec![
             "--kubeconfig".into(),
-            self.dir.join("kubeconfig").to_string_lossy().into_owned(),
+            self.kubeconfig.to_string_lossy().into_owned(),
             "--cache-dir".into(),
             self.dir.join("cache").to_string_lossy().into_owned(),
         ]

@@ -31,7 +31,6 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -42,11 +41,10 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use serde_json::{Value, json};
-use tokio::process::Command;
 use tokio::task::JoinHandle;
 
 use super::kube_api::KubeApi;
-use super::kubectl::kubectl_binary;
+use super::kubectl::Kubectl;
 
 /// Names an admin kubeconfig of a real cluster to run against.
 pub const KUBECONFIG_ENV: &str = "DRAINER_TEST_KUBECONFIG";
@@ -65,8 +63,6 @@ const LEFTOVER_AFTER: Duration = Duration::from_secs(300);
 const KUBELET_EVERY: Duration = Duration::from_millis(200);
 /// Bound on every kubectl call but drain.
 const KUBECTL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Extra time a kubectl drain gets beyond its own `--timeout` before it is killed.
-const DRAIN_SLACK: Duration = Duration::from_secs(30);
 
 /// Whether `DRAINER_TEST_KUBECONFIG` asks for a real cluster.
 pub fn real_cluster_requested() -> bool {
@@ -100,7 +96,7 @@ pub struct TestCluster {
     agent_image: String,
     /// The fake's agent pod (`$POD_NAME`); none on a real cluster.
     agent_pod: Option<String>,
-    kubectl: ClusterKubectl,
+    kubectl: Kubectl,
     /// Whether the kubelet player starts new pods.
     kubelet: Arc<AtomicBool>,
     node_deleted: AtomicBool,
@@ -113,25 +109,24 @@ impl TestCluster {
     /// Nova host `nova_host` (see [`TestCluster::node`]); the agent's guard runs `agent_image`.
     pub async fn start(nova_host: &str, namespace: &str, agent_image: &str) -> TestCluster {
         let node = format!("{nova_host}.t{}", random_suffix());
-        let dir = temp_dir("cluster");
         let (backend, kubectl) = match std::env::var_os(KUBECONFIG_ENV).filter(|v| !v.is_empty()) {
             None => {
                 let fake = KubeApi::start();
                 // The player below is the kubelet, as on a real cluster.
                 fake.set_kubelet(false);
                 fake.add_namespace(namespace);
-                fake.write_kubeconfig(dir.join("kubeconfig"));
-                (
-                    Backend::Fake(fake),
-                    ClusterKubectl::new(dir.clone(), dir.join("kubeconfig")),
-                )
+                let kubectl = Kubectl::new(&fake);
+                (Backend::Fake(fake), kubectl)
             }
             Some(path) => {
                 // Used in place: it may name certificate files relative to the working directory.
                 let kubeconfig = PathBuf::from(path);
-                let kubectl = ClusterKubectl::new(dir.clone(), kubeconfig.clone());
+                let kubectl = Kubectl::with_kubeconfig(kubeconfig.clone());
                 let view = kubectl
-                    .run(&["config", "view", "--raw", "--minify", "--flatten", "-o", "json"])
+                    .run(
+                        &["config", "view", "--raw", "--minify", "--flatten", "-o", "json"],
+                        KUBECTL_TIMEOUT,
+                    )
                     .await
                     .expect("kubectl config view");
                 let view: Value = serde_json::from_str(&view).expect("kubectl config view -o json");
@@ -142,7 +137,7 @@ impl TestCluster {
                     .to_string();
                 let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
                 kubectl
-                    .run(&["apply", "-k", &deploy.to_string_lossy()])
+                    .run(&["apply", "-k", &deploy.to_string_lossy()], KUBECTL_TIMEOUT)
                     .await
                     .expect("kubectl apply -k deploy/");
                 let backend = Backend::Real {
@@ -252,7 +247,7 @@ impl TestCluster {
         self.client.clone()
     }
 
-    pub fn kubectl(&self) -> &ClusterKubectl {
+    pub fn kubectl(&self) -> &Kubectl {
         &self.kubectl
     }
 
@@ -264,13 +259,16 @@ impl TestCluster {
 
     /// `kubectl cordon NODE`.
     pub async fn cordon(&self) {
-        self.kubectl.run(&["cordon", &self.node]).await.expect("kubectl cordon");
+        self.kubectl
+            .run(&["cordon", &self.node], KUBECTL_TIMEOUT)
+            .await
+            .expect("kubectl cordon");
     }
 
     /// `kubectl uncordon NODE`.
     pub async fn uncordon(&self) {
         self.kubectl
-            .run(&["uncordon", &self.node])
+            .run(&["uncordon", &self.node], KUBECTL_TIMEOUT)
             .await
             .expect("kubectl uncordon");
     }
@@ -353,7 +351,10 @@ impl TestCluster {
             } => {
                 let token = self
                     .kubectl
-                    .run(&["create", "token", SERVICE_ACCOUNT, "-n", &self.namespace])
+                    .run(
+                        &["create", "token", SERVICE_ACCOUNT, "-n", &self.namespace],
+                        KUBECTL_TIMEOUT,
+                    )
                     .await
                     .expect("kubectl create token");
                 let trust = match (ca_data, insecure) {
@@ -507,97 +508,6 @@ async fn sweep_leftovers(client: &kube::Client, namespace: &str) {
         let _ = pods.delete(&guard, &DeleteParams::default().grace_period(0)).await;
         let _ = budgets.delete(&guard, &DeleteParams::default()).await;
         let _ = leases.delete(&name, &DeleteParams::default()).await;
-    }
-}
-
-/// kubectl against the test's cluster, with its own discovery cache.
-pub struct ClusterKubectl {
-    /// Removed on drop (the cache; the fake's kubeconfig).
-    dir: PathBuf,
-    kubeconfig: PathBuf,
-}
-
-impl Drop for ClusterKubectl {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl ClusterKubectl {
-    fn new(dir: PathBuf, kubeconfig: PathBuf) -> ClusterKubectl {
-        ClusterKubectl { dir, kubeconfig }
-    }
-
-    fn base_args(&self) -> Vec<String> {
-        vec![
-            "--kubeconfig".into(),
-            self.kubeconfig.to_string_lossy().into_owned(),
-            "--cache-dir".into(),
-            self.dir.join("cache").to_string_lossy().into_owned(),
-        ]
-    }
-
-    /// `kubectl ARGS` (bounded by [`KUBECTL_TIMEOUT`]): stdout, or what it printed on failure.
-    pub async fn run(&self, args: &[&str]) -> Result<String, String> {
-        self.run_for(args, KUBECTL_TIMEOUT).await
-    }
-
-    async fn run_for(&self, args: &[&str], limit: Duration) -> Result<String, String> {
-        let child = Command::new(kubectl_binary())
-            .args(self.base_args())
-            .args(args)
-            .env_remove("KUBECONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", kubectl_binary().display()));
-        let out = match tokio::time::timeout(limit, child.wait_with_output()).await {
-            Ok(out) => out.map_err(|e| e.to_string())?,
-            Err(_) => return Err(format!("kubectl {} still running after {limit:?}", args.join(" "))),
-        };
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status.success() {
-            Ok(stdout)
-        } else {
-            Err(format!("{}{stdout}", String::from_utf8_lossy(&out.stderr)))
-        }
-    }
-
-    /// For [`Drop`]: blocks the thread, bounded by `--request-timeout`.
-    fn run_blocking(&self, args: &[&str]) -> Result<(), String> {
-        let out = std::process::Command::new(kubectl_binary())
-            .args(self.base_args())
-            .arg("--request-timeout=10s")
-            .args(args)
-            .env_remove("KUBECONFIG")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    /// `kubectl drain NODE --ignore-daemonsets --timeout=TIMEOUT EXTRA...`:
-    /// how long it took, or what kubectl printed when it failed.
-    pub async fn drain(&self, node: &str, extra: &[&str], timeout: Duration) -> Result<Duration, String> {
-        let start = Instant::now();
-        let timeout_arg = format!("--timeout={}s", timeout.as_secs().max(1));
-        let mut args = vec!["drain", node, "--ignore-daemonsets", &timeout_arg];
-        args.extend_from_slice(extra);
-        self.run_for(&args, timeout + DRAIN_SLACK).await?;
-        Ok(start.elapsed())
-    }
-
-    /// `kubectl delete -n NS pod NAME --wait=false EXTRA...`.
-    pub async fn delete_pod(&self, ns: &str, name: &str, extra: &[&str]) -> Result<String, String> {
-        let mut args = vec!["delete", "-n", ns, "pod", name, "--wait=false"];
-        args.extend_from_slice(extra);
-        self.run(&args).await
     }
 }
 
@@ -865,12 +775,4 @@ fn random_suffix() -> String {
     let n = N.fetch_add(1, Ordering::Relaxed);
     let hash = std::collections::hash_map::RandomState::new().hash_one((std::process::id(), n, Instant::now()));
     format!("{:08x}", hash as u32)
-}
-
-fn temp_dir(what: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("drainer-{what}-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
 }

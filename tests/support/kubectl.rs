@@ -72,10 +72,11 @@ fn client_minor(bin: &Path) -> Result<u64, String> {
         .ok_or_else(|| "no client version".to_string())
 }
 
-/// kubectl bound to one fake API server: its own kubeconfig and discovery
-/// cache in a temporary directory (removed on drop).
+/// kubectl bound to one cluster: a kubeconfig, and its own discovery cache
+/// in a temporary directory (removed on drop, with a kubeconfig written there).
 pub struct Kubectl {
     dir: PathBuf,
+    kubeconfig: PathBuf,
 }
 
 impl Drop for Kubectl {
@@ -84,24 +85,64 @@ impl Drop for Kubectl {
     }
 }
 
+fn scratch_dir() -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("kubectl-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("kubectl temp dir");
+    dir
+}
+
 impl Kubectl {
+    /// For the in-process server.
     pub fn new(api: &KubeApi) -> Kubectl {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("kubectl-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("kubectl temp dir");
-        api.write_kubeconfig(dir.join("kubeconfig"));
-        Kubectl { dir }
+        let dir = scratch_dir();
+        let kubeconfig = dir.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        Kubectl { dir, kubeconfig }
+    }
+
+    /// For a cluster named by a kubeconfig, used in place (it may name
+    /// certificate files relative to the working directory).
+    pub fn with_kubeconfig(kubeconfig: PathBuf) -> Kubectl {
+        Kubectl {
+            dir: scratch_dir(),
+            kubeconfig,
+        }
+    }
+
+    /// `--kubeconfig` and `--cache-dir`, before every command's own arguments.
+    fn base_args(&self) -> [std::ffi::OsString; 4] {
+        [
+            "--kubeconfig".into(),
+            self.kubeconfig.clone().into_os_string(),
+            "--cache-dir".into(),
+            self.dir.join("cache").into_os_string(),
+        ]
+    }
+
+    /// [`Kubectl::run`] blocking the thread (for `Drop`), bounded by `--request-timeout`.
+    pub fn run_blocking(&self, args: &[&str]) -> Result<(), String> {
+        let out = std::process::Command::new(kubectl_binary())
+            .args(self.base_args())
+            .arg("--request-timeout=10s")
+            .args(args)
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
     }
 
     /// Runs `kubectl ARGS`, killed after `timeout`: stdout on success, else
     /// what it printed (stderr, then stdout).
     pub async fn run(&self, args: &[&str], timeout: Duration) -> Result<String, String> {
         let child = Command::new(kubectl_binary())
-            .arg("--kubeconfig")
-            .arg(self.dir.join("kubeconfig"))
-            .arg("--cache-dir")
-            .arg(self.dir.join("cache"))
+            .args(self.base_args())
             .args(args)
             .env_remove("KUBECONFIG")
             .stdin(Stdio::null())

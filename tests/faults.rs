@@ -107,7 +107,30 @@ async fn evacuation_survives_restart_of(service: &str, prefix: &str, count: usiz
     let (code, report) = finish(child).await;
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["result"], "succeeded");
-    assert_all_moved(&lab, &ids, 1).await;
+    assert_moved_once_despite_the_outage(&lab, &ids).await;
+}
+
+/// Every VM ACTIVE, off host1, moved by exactly one completed live migration.
+/// Nova itself may fail a migration during the outage (a destination
+/// nova-compute that must fetch a Keystone token for its pre-live-migration
+/// step while Keystone is down): the drainer tries again, so such attempts
+/// may precede the completed one, but never a second completed or one still running.
+async fn assert_moved_once_despite_the_outage(lab: &Lab, ids: &[String]) {
+    for id in ids {
+        let server = lab.server(id).await;
+        assert_eq!(server["status"], "ACTIVE", "{id}");
+        assert_ne!(server["OS-EXT-SRV-ATTR:host"], "host1", "{id}");
+        let history = lab.live_migrations(id).await;
+        let completed = history.iter().filter(|m| m["status"] == "completed").count();
+        assert_eq!(completed, 1, "{id}: {history:?}");
+        assert!(
+            history
+                .iter()
+                .all(|m| matches!(m["status"].as_str(), Some("completed" | "failed" | "error"))),
+            "{id}: {history:?}"
+        );
+    }
+    assert!(lab.servers_on("host1").await.is_empty());
 }
 
 #[tokio::test]
@@ -115,9 +138,10 @@ async fn nova_api_killed_and_restarted_mid_evacuation() {
     evacuation_survives_restart_of("nova-api", "fault-api", 4, Duration::from_secs(3)).await;
 }
 
-/// Keystone dies for 10 s while VMs move: the drainer's token, and the tokens
-/// Nova's services hold and have validated, keep working until it is back
-/// (the drainer's own renewal during an outage is covered in `nova::keystone`).
+/// Keystone dies for 10 s while VMs move: the drainer's token keeps working
+/// until it is back (its renewal during an outage is covered in
+/// `nova::keystone`). A destination nova-compute that must fetch a token of its
+/// own meanwhile fails that migration (seen on a fresh lab); the drainer tries again.
 #[tokio::test]
 async fn keystone_down_mid_evacuation() {
     evacuation_survives_restart_of("keystone", "fault-keystone", 4, Duration::from_secs(10)).await;

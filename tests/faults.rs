@@ -184,12 +184,12 @@ async fn bad_input_exits_2_with_a_clear_message_and_no_change() {
         (
             "unreachable Keystone",
             base.replace("http://127.0.0.1:5000/v3", "http://127.0.0.1:9/v3"),
-            "cannot use the cloud",
+            "connection refused for http://127.0.0.1:9/v3/auth/tokens",
         ),
         (
             "TLS to a plain-HTTP Keystone",
             base.replace("http://127.0.0.1:5000/v3", "https://127.0.0.1:5000/v3"),
-            "cannot use the cloud",
+            "TLS failed for https://127.0.0.1:5000/v3/auth/tokens",
         ),
         (
             "CA bundle that is not PEM",

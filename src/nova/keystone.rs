@@ -204,7 +204,12 @@ impl KeystoneAuth {
             .json(self.body.expose())
             .send()
             .await
-            .map_err(|e| Error::new(ErrorKind::ProtocolError, format!("Keystone at {}: {e}", self.token_url)))?;
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::ProtocolError,
+                    format!("Keystone: {}", super::net::send_error(&e)),
+                )
+            })?;
         let status = response.status();
         if !status.is_success() {
             let kind = match status.as_u16() {

@@ -3,6 +3,7 @@
 
 mod keystone;
 pub mod microversion;
+mod net;
 mod wire;
 
 use std::time::{Duration, Instant};
@@ -412,13 +413,20 @@ impl NovaClient {
 }
 
 fn auth_error(error: osauth::Error) -> NovaError {
+    // osauth prefixes its message with a generic description of the kind
+    // ("Error when accessing the server: ..."); the message alone says more.
+    let text = error.to_string();
+    let message = text
+        .strip_prefix(&format!("{}: ", error.kind()))
+        .unwrap_or(&text)
+        .to_string();
     match error.kind() {
-        ErrorKind::AuthenticationFailed | ErrorKind::AccessDenied => NovaError::Auth(error.to_string()),
+        ErrorKind::AuthenticationFailed | ErrorKind::AccessDenied => NovaError::Auth(message),
         ErrorKind::ProtocolError
         | ErrorKind::InternalServerError
         | ErrorKind::OperationTimedOut
-        | ErrorKind::InvalidResponse => NovaError::Unreachable(error.to_string()),
-        _ => NovaError::Setup(error.to_string()),
+        | ErrorKind::InvalidResponse => NovaError::Unreachable(message),
+        _ => NovaError::Setup(message),
     }
 }
 

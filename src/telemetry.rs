@@ -187,6 +187,8 @@ pub mod metrics {
         pub phase: Family<PhaseLabel, Gauge>,
         /// 1 while the guard pod does its job (Running, or held by our finalizer), 0 when drains may not wait.
         pub guard_ready: Gauge,
+        /// What `/readyz` says, for alerting where the scrape does not see readiness.
+        pub agent_ready: Gauge,
         nova_requests: Counter,
         nova_errors: Counter,
         seen_requests: AtomicU64,
@@ -219,6 +221,12 @@ pub mod metrics {
                 "1 while the drain guard pod is Running or held by its finalizer; 0 when drains may not wait for the VMs",
                 guard_ready.clone(),
             );
+            let agent_ready = Gauge::default();
+            registry.register(
+                "agent_ready",
+                "1 when /readyz answers 200: the node is watched, Nova answers, the guard holds",
+                agent_ready.clone(),
+            );
             let nova_requests = Counter::default();
             registry.register(
                 "nova_requests",
@@ -238,6 +246,7 @@ pub mod metrics {
                 vms_remaining,
                 phase,
                 guard_ready,
+                agent_ready,
                 nova_requests,
                 nova_errors,
                 seen_requests: AtomicU64::new(0),
@@ -375,6 +384,10 @@ pub mod server {
 
     async fn render(State(state): State<AppState>) -> impl IntoResponse {
         let (requests, errors) = state.nova.get().map_or((0, 0), |nova| (nova.requests(), nova.errors()));
+        state
+            .metrics
+            .agent_ready
+            .set(i64::from(state.health.readiness().is_ok()));
         let body = state.metrics.render(requests, errors);
         (
             // prometheus-client writes OpenMetrics (`# EOF`, `_total` counters), not the 0.0.4 text format.

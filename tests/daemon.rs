@@ -460,6 +460,21 @@ async fn sigterm_stops_within_ten_seconds_and_leaves_the_migration_to_nova() {
     lab.abort_migration(&stuck, migration).await;
 }
 
+/// The `nova_drain_*` series named in a text.
+fn series_named(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("nova_drain_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.insert(name);
+    }
+    names
+}
+
 /// The guard runs the agent's own image, carries our finalizer, and its budget
 /// is one the disruption controller can compute (not `SyncFailed`).
 #[tokio::test]
@@ -506,6 +521,27 @@ async fn the_guard_runs_the_agents_image_and_its_budget_is_computed() {
     );
     assert!(body.contains("nova_drain_guard_ready 1"), "{body}");
     assert!(body.trim_end().ends_with("# EOF"));
+    // Every series the alerting rules of deploy/alerts/ use is in this scrape.
+    let rules = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/alerts/nova-drain.rules.yaml"
+    ))
+    .expect("the alerting rules");
+    let without_comments: String = rules
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let used = series_named(&without_comments);
+    assert!(used.len() >= 5, "{used:?}");
+    for series in used {
+        assert!(
+            body.lines().any(|line| line
+                .strip_prefix(series.as_str())
+                .is_some_and(|rest| rest.starts_with([' ', '{']))),
+            "{series} (used by an alert) is not in the scrape:\n{body}"
+        );
+    }
 }
 
 /// A guard pod that cannot start is evicted at once (the eviction API ignores

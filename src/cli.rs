@@ -20,7 +20,8 @@ use clap::{CommandFactory, Parser, ValueEnum};
                   2 bad usage, configuration or credentials (nothing was changed)."
 )]
 pub struct Cli {
-    /// Config file (the old tool's keys or the documented ones); optional when OS_* variables hold the credentials.
+    /// Config file (the old tool's keys or the documented ones) [default: ./config.yaml, which may be absent when
+    /// OS_* variables hold the credentials].
     #[arg(long = "config-path", value_name = "PATH")]
     pub config_path: Option<PathBuf>,
 
@@ -147,6 +148,11 @@ fn normalize<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
             Some(rest) if longs.iter().any(|l| l == rest.split('=').next().unwrap_or(rest)) => {
                 out.push(format!("-{arg}"))
             }
+            // An unknown word after one dash is an unknown long flag in the old tool's
+            // style: named whole, not as clap's short flag '-f' of "-frobnicate".
+            Some(rest) if rest.len() > 1 && rest.starts_with(|c: char| c.is_ascii_alphabetic()) => {
+                out.push(format!("-{arg}"))
+            }
             _ => out.push(arg),
         }
     }
@@ -159,6 +165,15 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::parse_compatible(std::iter::once("drainer").chain(args.iter().copied()).map(String::from))
+    }
+
+    #[test]
+    fn an_unknown_single_dash_word_is_named_whole() {
+        let error = parse(&["-frobnicate"]).unwrap_err().to_string();
+        assert!(error.contains("'--frobnicate'"), "{error}");
+        assert!(parse(&["-h"]).is_err(), "short flags stay short (help)");
+        let known = parse(&["-node", "compute-1", "-time-out=5"]).unwrap();
+        assert_eq!((known.node.as_deref(), known.time_out), (Some("compute-1"), Some(5.0)));
     }
 
     #[test]

@@ -160,7 +160,16 @@ impl Environment for ProcessEnvironment {
 pub fn load(path: &Path, path_is_explicit: bool, env: &dyn Environment) -> Result<Config, ConfigError> {
     let file = match std::fs::read_to_string(path) {
         Ok(text) => parse(&text).map_err(|e| invalid(format!("{}: {e}", path.display())))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path_is_explicit => FileConfig::default(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path_is_explicit => {
+            // Only the environment can hold the credentials: say so, not "config.yaml: missing ...".
+            return build(FileConfig::default(), env).map_err(|e| {
+                invalid(format!(
+                    "{e}: there is no {} (the default config file) and the OS_* variables do not say it either; \
+                     pass -config-path FILE (see config.example.yaml) or source an openrc",
+                    path.display()
+                ))
+            });
+        }
         Err(e) => return Err(invalid(format!("cannot read config file {}: {e}", path.display()))),
     };
     build(file, env).map_err(|e| invalid(format!("{}: {e}", path.display())))

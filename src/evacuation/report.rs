@@ -135,8 +135,7 @@ impl Report {
                 Action::ColdMigrate => "cold-migrate",
                 Action::Skip => "skip",
             };
-            let _ = writeln!(
-                out,
+            let line = format!(
                 "{:<36}  {:<20}  {:<32}  {:<9}  {:>7}  {:<12}  {:<14}  {:>3}  {:>7.1}  {:<11}  {}",
                 vm.id,
                 truncate(&vm.name, 20),
@@ -153,6 +152,8 @@ impl Report {
                     .unwrap_or_default(),
                 vm.reason.as_deref().unwrap_or("")
             );
+            // No padding left at the end of a line without a reason.
+            let _ = writeln!(out, "{}", line.trim_end());
         }
         out
     }

@@ -123,10 +123,17 @@ impl NovaClient {
     /// Authenticates, finds the compute endpoint and negotiates the microversion.
     /// Changes nothing in the cloud.
     pub async fn connect(credentials: &Credentials, cap: Option<Microversion>) -> Result<NovaClient, NovaError> {
+        // Trusted: the system's CA bundle (`SSL_CERT_FILE`, else the OS's,
+        // `/etc/ssl/certs/ca-certificates.crt` in the image) and `cacert`.
+        // Not the roots compiled into webpki-roots (osauth's TLS feature
+        // brings them in): an operator who replaces the image's bundle must
+        // be able to narrow trust, not only widen it.
         let mut http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
-            .use_rustls_tls();
+            .use_rustls_tls()
+            .tls_built_in_webpki_certs(false)
+            .tls_built_in_native_certs(true);
         if let Some(path) = &credentials.cacert {
             let pem = std::fs::read(path).map_err(|e| NovaError::Setup(format!("cacert {}: {e}", path.display())))?;
             let certificates = reqwest::Certificate::from_pem_bundle(&pem)

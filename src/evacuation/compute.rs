@@ -134,4 +134,6 @@ pub trait Compute: Send + Sync {
     fn abort_migration(&self, server_id: &str, migration_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
     /// Free resources on each of these compute hosts.
     fn spare_capacity(&self, hosts: &[String]) -> impl Future<Output = ComputeResult<Vec<HostCapacity>>> + Send;
+    /// The name of the project with this id (from Keystone), for the report.
+    fn project_name(&self, project_id: &str) -> impl Future<Output = ComputeResult<String>> + Send;
 }

@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::compute::{Compute, ComputeError, ComputeService, HostCapacity, Server};
 use super::plan::{self, Action, PlannedVm, Shortfall, StatePolicy};
-use super::report::{Outcome, Report, RunResult, VmReport};
+use super::report::{CapacityCheck, Outcome, Report, RunResult, VmReport};
 
 /// Prefix of every `disabled_reason` we write; a service whose reason does not
 /// start with it was disabled by someone else and is never enabled by us.
@@ -336,11 +336,25 @@ impl<'a, C: Compute> Engine<'a, C> {
         Ok(RestoreOutcome::Enabled)
     }
 
-    /// What an evacuation would do, changing nothing.
+    /// What an evacuation would do, changing nothing: the plan and the
+    /// capacity check's verdict (unless the settings skip it).
     pub async fn preview(&self, target: &Target) -> Result<Report, EvacuationError> {
         let started = Instant::now();
-        let service = self.service(target).await?;
-        let planned = self.plan(target).await?;
+        let (service, destinations) = self.survey(target).await?;
+        let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(&destinations));
+        let planned = planned?;
+        let capacity = capacity?.map(|candidates| {
+            let moving: Vec<&Server> = planned
+                .iter()
+                .filter(|p| p.action != Action::Skip)
+                .map(|p| &p.server)
+                .collect();
+            let unplaced = match plan::check_capacity(&moving, &candidates) {
+                Ok(()) => vec![],
+                Err(shortfall) => shortfall.unplaced.into_iter().map(|s| s.id).collect(),
+            };
+            CapacityCheck { candidates, unplaced }
+        });
         let vms = planned
             .iter()
             .map(|p| {
@@ -351,6 +365,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                 vm_report(&p.server, p.action, &target.host, 0, 0.0, outcome, reason, None)
             })
             .collect();
+        let vms = self.name_projects(vms).await;
         Ok(Report {
             node: target.node.clone(),
             host: target.host.clone(),
@@ -360,6 +375,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             duration_seconds: started.elapsed().as_secs_f64(),
             servers_left_on_host: planned.len(),
             vms,
+            capacity,
         })
     }
 
@@ -397,11 +413,21 @@ impl<'a, C: Compute> Engine<'a, C> {
 
         // Housekeeping kept off the way to the first migration; not when asked to return at once.
         let leave_at_once = matches!(ending, Some(Ending::Stopped(StopRequest::LeaveInFlight)));
-        let (left, ()) = tokio::join!(self.compute.servers_on_host(&target.host), async {
-            if !leave_at_once {
-                self.confirm_leftover_cold_migrations(&target.host).await;
+        let (left, (), vms) = tokio::join!(
+            self.compute.servers_on_host(&target.host),
+            async {
+                if !leave_at_once {
+                    self.confirm_leftover_cold_migrations(&target.host).await;
+                }
+            },
+            async {
+                if leave_at_once {
+                    vms
+                } else {
+                    self.name_projects(vms).await
+                }
             }
-        });
+        );
         let left = match left {
             Ok(servers) => servers.len(),
             Err(e) => {
@@ -424,7 +450,32 @@ impl<'a, C: Compute> Engine<'a, C> {
             duration_seconds: started.elapsed().as_secs_f64(),
             servers_left_on_host: left,
             vms,
+            capacity: None,
         })
+    }
+
+    /// The report's VMs with their projects' names: one Keystone look-up per
+    /// project, side by side. Best effort: a project Keystone does not name
+    /// (deleted, or the account may not read it) keeps only its id.
+    async fn name_projects(&self, mut vms: Vec<VmReport>) -> Vec<VmReport> {
+        let mut ids: Vec<&str> = vms.iter().map(|vm| vm.project_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let names = join_all(ids.into_iter().map(|id| async move {
+            match self.compute.project_name(id).await {
+                Ok(name) => Some((id.to_string(), name)),
+                Err(e) => {
+                    debug!(project = id, error = %e, "no project name");
+                    None
+                }
+            }
+        }))
+        .await;
+        let names: std::collections::HashMap<String, String> = names.into_iter().flatten().collect();
+        for vm in &mut vms {
+            vm.project = names.get(&vm.project_id).cloned();
+        }
+        vms
     }
 
     /// Every server on the host now, with its action, in the order they will move.
@@ -1141,6 +1192,7 @@ fn vm_report(
         id: server.id.clone(),
         name: server.name.clone(),
         project_id: server.project_id.clone(),
+        project: None,
         status: server.status.clone(),
         ram_mb: server.flavor.ram_mb,
         action,

@@ -714,6 +714,16 @@ impl Compute for FakeCloud {
             .cloned()
             .collect())
     }
+
+    /// The fake's VMs are all in project `tenant-1`, named `demo`; any other
+    /// is unknown to Keystone.
+    async fn project_name(&self, project_id: &str) -> ComputeResult<String> {
+        self.reachable()?;
+        match project_id {
+            "tenant-1" => Ok("demo".into()),
+            other => Err(ComputeError::Other(format!("project {other}: not found"))),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

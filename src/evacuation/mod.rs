@@ -12,7 +12,7 @@ pub use engine::{
     StopRequest, Target, disabled_reason, is_our_reason,
 };
 pub use plan::{Action, StatePolicy};
-pub use report::{Outcome, Report, RunResult, VmReport};
+pub use report::{CapacityCheck, Outcome, Report, RunResult, VmReport};
 
 #[cfg(test)]
 pub(crate) mod fake;

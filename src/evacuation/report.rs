@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::compute::HostCapacity;
 use super::plan::Action;
 
 /// What finally happened to one VM.
@@ -42,6 +43,8 @@ pub struct VmReport {
     pub id: String,
     pub name: String,
     pub project_id: String,
+    /// The project's name, when Keystone told it.
+    pub project: Option<String>,
     /// Nova status when the evacuation found it.
     pub status: String,
     pub ram_mb: u64,
@@ -71,6 +74,15 @@ pub enum RunResult {
     Planned,
 }
 
+/// The capacity check's verdict, as a dry run shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CapacityCheck {
+    /// The enabled, up hypervisors the VMs may go to, with what they have free.
+    pub candidates: Vec<HostCapacity>,
+    /// Ids of the VMs that would not fit (none: they all fit).
+    pub unplaced: Vec<String>,
+}
+
 /// The whole evacuation.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Report {
@@ -84,13 +96,20 @@ pub struct Report {
     /// Servers Nova still lists on the host at the end.
     pub servers_left_on_host: usize,
     pub vms: Vec<VmReport>,
+    /// A dry run's capacity check (none when skipped, and in a real run,
+    /// which stops with an error on a shortfall).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<CapacityCheck>,
 }
 
 impl Report {
-    /// Process exit code: 0 only when the host is empty (or nothing would need moving in a dry run).
+    /// Process exit code: 0 only when the host is empty, or for a dry run
+    /// whose VMs fit elsewhere (a real run would stop on the shortfall).
     pub fn exit_code(&self) -> i32 {
+        let shortfall = self.capacity.as_ref().is_some_and(|c| !c.unplaced.is_empty());
         match self.result {
-            RunResult::Succeeded | RunResult::Planned => 0,
+            RunResult::Succeeded => 0,
+            RunResult::Planned if !shortfall => 0,
             _ => 1,
         }
     }
@@ -116,11 +135,18 @@ impl Report {
             self.node, self.host, self.servers_left_on_host, self.duration_seconds
         );
         let service = match (&self.service_disabled_reason, self.service_disabled_by_us) {
+            // A dry run changed nothing: the marker is an earlier run's.
+            (Some(reason), true) if self.result == RunResult::Planned => {
+                format!("disabled by an earlier drainer run ({reason}); `-enable` re-enables it")
+            }
             (Some(reason), true) => format!("disabled by us ({reason})"),
             (Some(reason), false) => format!("disabled by someone else ({reason}); left as it is"),
             (None, _) => "enabled".to_string(),
         };
         let _ = writeln!(out, "service: {service}");
+        if let Some(capacity) = &self.capacity {
+            let _ = writeln!(out, "capacity: {}", self.capacity_verdict(capacity));
+        }
         if self.vms.is_empty() {
             return out;
         }
@@ -139,7 +165,7 @@ impl Report {
                 "{:<36}  {:<20}  {:<32}  {:<9}  {:>7}  {:<12}  {:<14}  {:>3}  {:>7.1}  {:<11}  {}",
                 vm.id,
                 truncate(&vm.name, 20),
-                truncate(&vm.project_id, 32),
+                truncate(vm.project.as_deref().unwrap_or(&vm.project_id), 32),
                 vm.status,
                 vm.ram_mb,
                 action,
@@ -156,6 +182,37 @@ impl Report {
             let _ = writeln!(out, "{}", line.trim_end());
         }
         out
+    }
+}
+
+impl Report {
+    fn capacity_verdict(&self, capacity: &CapacityCheck) -> String {
+        let moving = self.vms.iter().filter(|vm| vm.outcome == Outcome::Planned).count();
+        let mut candidates: Vec<&HostCapacity> = capacity.candidates.iter().collect();
+        candidates.sort_by(|a, b| a.host.cmp(&b.host));
+        let hosts: Vec<String> = candidates
+            .into_iter()
+            .map(|h| {
+                format!(
+                    "{} ({} MiB, {} vCPU, {} GiB free)",
+                    h.host, h.free_ram_mb, h.free_vcpus, h.free_disk_gb
+                )
+            })
+            .collect();
+        let hosts = if hosts.is_empty() {
+            "no other enabled, up hypervisor".to_string()
+        } else {
+            hosts.join(", ")
+        };
+        if capacity.unplaced.is_empty() {
+            format!("the {moving} VM(s) to move fit on {hosts}")
+        } else {
+            format!(
+                "SHORTFALL: {} of the {moving} VM(s) to move do not fit ({}) on {hosts}; a run would stop before changing anything",
+                capacity.unplaced.len(),
+                capacity.unplaced.join(", ")
+            )
+        }
     }
 }
 

@@ -513,6 +513,72 @@ async fn only_enabled_and_up_hosts_count_as_room() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_dry_run_shows_the_capacity_verdict_and_changes_nothing() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("small", "ACTIVE", 512);
+    cloud.add_vm("huge", "ACTIVE", 16384);
+    cloud.other_hosts(&[("cmp-dst-1", 8192)]);
+    let preview = async |settings: &Settings| {
+        Engine::new(&cloud, settings, &Quiet)
+            .preview(&target())
+            .await
+            .expect("preview")
+    };
+
+    let report = preview(&Settings::default()).await;
+    let capacity = report.capacity.clone().expect("checked");
+    assert_eq!(capacity.unplaced, ["huge"]);
+    assert_eq!(capacity.candidates.len(), 1);
+    assert_eq!(capacity.candidates[0].host, "cmp-dst-1");
+    assert_eq!(report.exit_code(), 1, "a run would stop on the shortfall");
+    assert!(
+        report.to_human().contains("SHORTFALL: 1 of the 2 VM(s)"),
+        "{}",
+        report.to_human()
+    );
+
+    cloud.other_hosts(&[("cmp-dst-2", 32768)]);
+    let report = preview(&Settings::default()).await;
+    assert_eq!(report.capacity.as_ref().map(|c| c.unplaced.len()), Some(0));
+    assert_eq!(report.exit_code(), 0);
+
+    let skipped = Settings {
+        check_capacity: false,
+        ..Settings::default()
+    };
+    assert_eq!(preview(&skipped).await.capacity, None);
+    let calls = cloud.calls();
+    assert!(calls.disable.is_empty() && calls.starts.is_empty());
+    assert!(cloud.service().enabled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_report_names_projects_and_keeps_the_id_of_one_keystone_cannot_name() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("named", "ACTIVE", 512);
+    cloud.add_vm("orphan", "SUSPENDED", 512);
+    cloud.lock().vms.get_mut("orphan").expect("orphan").server.project_id = "deleted-project".into();
+
+    let report = evacuate(&cloud, &Settings::default()).await;
+
+    let named = vm(&report, "named");
+    assert_eq!(
+        (named.project.as_deref(), named.project_id.as_str()),
+        (Some("demo"), "tenant-1")
+    );
+    let orphan = vm(&report, "orphan");
+    assert_eq!(
+        (orphan.project.as_deref(), orphan.project_id.as_str()),
+        (None, "deleted-project")
+    );
+    let table = report.to_human();
+    assert!(
+        table.contains("  demo  ") && table.contains("  deleted-project  "),
+        "{table}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn capacity_check_can_be_skipped() {
     let cloud = FakeCloud::new();
     cloud.add_vm("huge", "ACTIVE", 16384);

@@ -240,6 +240,23 @@ impl NovaClient {
         self.call(&url, Method::GET, path, &[], None, &headers).await
     }
 
+    /// A Keystone v3 call, at the catalog's identity endpoint (with or
+    /// without its `/v3`).
+    async fn identity<T: DeserializeOwned>(&self, path: &[&str]) -> Result<T, NovaError> {
+        let mut url = self
+            .session
+            .client()
+            .get_endpoint("identity", self.session.endpoint_filters())
+            .await
+            .map_err(auth_error)?;
+        if url.path().trim_end_matches('/').ends_with("/v3") {
+            let cannot = NovaError::Setup(format!("identity endpoint {url} cannot take a path"));
+            url.path_segments_mut().map_err(|()| cannot)?.pop_if_empty().pop();
+        }
+        let path: Vec<&str> = ["v3"].into_iter().chain(path.iter().copied()).collect();
+        self.call(&url, Method::GET, &path, &[], None, &[]).await
+    }
+
     /// One request with the session's token: renews the token once on a 401,
     /// retries idempotent calls on transport errors, 5xx and 429.
     async fn call<T: DeserializeOwned>(
@@ -642,6 +659,11 @@ impl Compute for NovaClient {
     async fn compute_services(&self) -> ComputeResult<Vec<ComputeService>> {
         let services = self.services(None).await?;
         Ok(services.into_iter().map(wire::Service::into_service).collect())
+    }
+
+    async fn project_name(&self, project_id: &str) -> ComputeResult<String> {
+        let root: wire::ProjectRoot = self.identity(&["projects", project_id]).await?;
+        Ok(root.project.name)
     }
 
     async fn spare_capacity(&self, hosts: &[String]) -> ComputeResult<Vec<HostCapacity>> {

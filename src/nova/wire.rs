@@ -269,6 +269,17 @@ pub struct HypervisorService {
     pub host: String,
 }
 
+/// Keystone's `GET /v3/projects/{id}`.
+#[derive(Deserialize)]
+pub struct ProjectRoot {
+    pub project: Project,
+}
+
+#[derive(Deserialize)]
+pub struct Project {
+    pub name: String,
+}
+
 #[derive(Deserialize)]
 pub struct ResourceProvidersRoot {
     pub resource_providers: Vec<ResourceProvider>,

@@ -1,7 +1,9 @@
 #!/bin/bash
 # demo.sh - the "main job" end to end: start the lab, boot servers on host1
-# (alternating projects admin and demo), show where they are, drain host1 with
-# the drainer, show where they are afterwards.
+# (alternating projects admin and demo), show where they are, show the
+# drainer's plan (--dry-run), drain host1 with the drainer, show where they
+# are afterwards, end the maintenance with `drainer -enable`. The lab keeps
+# running afterwards (tests/lab/down.sh stops it).
 #
 # env: DEMO_SERVERS (4), DEMO_HOST (host1), DEMO_FLAVOR (m1.small),
 #      DEMO_SKIP_UP=1 (lab already running), DEMO_KEEP=1 (keep the servers
@@ -36,19 +38,34 @@ step "(b) boot $N x $FLAVOR servers on $HOST (projects admin + demo)"
 step "(c) before the drain"
 "$PY" "$HERE/lib/demo.py" where demo-
 
-step "(d) drainer -config-path $RUN/drainer.yaml --node $HOST"
 "$PY" "$HERE/lib/demo.py" config "$RUN/drainer.yaml"
-cat "$RUN/drainer.yaml" | sed 's/^Password:.*/Password: ***/; s/^/    /'
+sed 's/^Password:.*/Password: ***/; s/^/    /' "$RUN/drainer.yaml"
+
+step "build drainer (cargo build --release; the first build takes several minutes)"
+BUILD_LOG=$RUN/log/demo-build.log
+(cd "$ROOT" && cargo build --release --locked --bin drainer) >"$BUILD_LOG" 2>&1 \
+  || { tail -30 "$BUILD_LOG"; echo "ERROR: cargo build failed (whole log: $BUILD_LOG)" >&2; exit 2; }
+DRAINER=$ROOT/target/release/drainer
+echo "  $("$DRAINER" --version): $DRAINER"
+
+step "(d) the plan: drainer -config-path $RUN/drainer.yaml --node $HOST --dry-run"
+"$DRAINER" -config-path "$RUN/drainer.yaml" --node "$HOST" --dry-run
+
+step "(e) evacuate: drainer -config-path $RUN/drainer.yaml --node $HOST"
 rc=0
-(cd "$ROOT" && cargo run --release --bin drainer -- -config-path "$RUN/drainer.yaml" --node "$HOST") || rc=$?
+"$DRAINER" -config-path "$RUN/drainer.yaml" --node "$HOST" || rc=$?
 echo "  drainer exit code: $rc"
 
-step "(e) after the drain"
+step "(f) after the drain"
 "$PY" "$HERE/lib/demo.py" where demo-
 
 if [ "${DEMO_KEEP:-}" != 1 ]; then
-  step "cleanup (DEMO_KEEP=1 keeps the servers and $HOST disabled)"
+  step "(g) maintenance over: drainer -config-path $RUN/drainer.yaml --node $HOST -enable"
+  "$DRAINER" -config-path "$RUN/drainer.yaml" --node "$HOST" -enable
+  step "cleanup: delete the demo servers (DEMO_KEEP=1 keeps them and $HOST disabled)"
   "$PY" "$HERE/lib/demo.py" cleanup demo-
-  "$PY" "$HERE/lib/demo.py" enable-all
 fi
+echo
+echo "The lab keeps running for the test suite: $(wc -l <"$RUN/pids") processes started by"
+echo "tests/lab/up.sh (logs in $RUN/log). Stop them all with: bash tests/lab/down.sh"
 exit $rc

@@ -141,10 +141,33 @@ pub struct Lab {
 
 static EXCLUSIVE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Returned by [`Lab::exclusive`]: the lab is ours while it lives.
+/// Returned by [`Lab::exclusive`]: the lab is ours while it lives, and is
+/// left clean when it goes.
 pub struct LabGuard {
     _local: tokio::sync::MutexGuard<'static, ()>,
     _port: Option<std::net::TcpListener>,
+}
+
+impl Drop for LabGuard {
+    /// Leaves the lab as the test found it, also when the test failed: no
+    /// server, every nova-compute service enabled ([`Lab::reset`]), before
+    /// the lock goes to the next user. Runs after the test's other locals
+    /// (declared after the guard, so dropped first: agents killed, a
+    /// [`RestoreLab`] already done). On its own thread and runtime: a drop
+    /// cannot await, and a failure here must not abort a panicking test.
+    fn drop(&mut self) {
+        let cleaned = std::thread::spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async { Lab::connect().await.reset().await })
+        })
+        .join();
+        if cleaned.is_err() {
+            eprintln!("the lab could not be cleaned after the test (the panic above says why)");
+        }
+    }
 }
 
 impl Lab {

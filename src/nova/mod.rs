@@ -279,16 +279,33 @@ impl NovaClient {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut request = self.session.client().request(method.clone(), url.clone()).query(query);
+            let mut request = self.http.request(method.clone(), url.clone()).query(query);
             for (name, value) in headers {
                 request = request.header(*name, value.as_str());
             }
             if let Some(body) = &body {
                 request = request.json(body);
             }
+            // Sent with our own client rather than osauth's, whose error keeps
+            // only reqwest's text ("error sending request"), not the cause.
+            let request = self
+                .session
+                .client()
+                .auth_type()
+                .authenticate(&self.http, request)
+                .await;
             self.requests.add();
             let sent = Instant::now();
-            let transient = match request.send_unchecked().await {
+            let response = match request {
+                Ok(request) => request.send().await.map_err(|e| NovaError::Transport {
+                    method: method.clone(),
+                    path: shown.clone(),
+                    message: net::send_error(&e),
+                }),
+                // No token: refused credentials end here, an unreachable Keystone is retried.
+                Err(e) => Err(auth_error(e)),
+            };
+            let transient = match response {
                 Ok(response) => {
                     let status = response.status();
                     debug!(%method, path = %shown, status = status.as_u16(), ms = sent.elapsed().as_millis(), "request");
@@ -327,15 +344,8 @@ impl NovaClient {
                     }
                     error
                 }
-                Err(e) if e.kind() == ErrorKind::AuthenticationFailed || e.kind() == ErrorKind::AccessDenied => {
-                    return Err(NovaError::Auth(e.to_string()));
-                }
-                Err(e) if e.kind() == ErrorKind::EndpointNotFound => return Err(NovaError::Setup(e.to_string())),
-                Err(e) => NovaError::Transport {
-                    method: method.clone(),
-                    path: shown.clone(),
-                    message: e.to_string(),
-                },
+                Err(error) if !error.is_transient() => return Err(error),
+                Err(error) => error,
             };
             self.errors.add();
             if !idempotent || attempt >= ATTEMPTS {

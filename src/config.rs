@@ -131,6 +131,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct MigrationSection {
     max_parallel: Option<u32>,
+    queue_ahead: Option<u32>,
     budget_seconds: Option<f64>,
     budget_minimum_seconds: Option<f64>,
     budget_seconds_per_gib: Option<f64>,
@@ -477,6 +478,12 @@ fn settings(file: &FileConfig) -> Result<Settings, ConfigError> {
             "migration.max_parallel must be 1 to 64, got {max_parallel}"
         )));
     }
+    let queue_ahead = m.queue_ahead.unwrap_or(defaults.queue_ahead as u32);
+    if queue_ahead > 64 {
+        return Err(invalid(format!(
+            "migration.queue_ahead must be 0 to 64, got {queue_ahead}"
+        )));
+    }
     let budget = match m.budget_seconds {
         Some(fixed) => Budget::Fixed(seconds("migration.budget_seconds", Some(fixed), 0.0, 0.1)?),
         None => Budget::Scaled {
@@ -508,6 +515,7 @@ fn settings(file: &FileConfig) -> Result<Settings, ConfigError> {
     }
     Ok(Settings {
         max_parallel: max_parallel as usize,
+        queue_ahead: queue_ahead as usize,
         budget,
         stall_after: (!stall.is_zero()).then_some(stall),
         on_budget_exceeded: m.on_budget_exceeded.unwrap_or(defaults.on_budget_exceeded),
@@ -659,6 +667,10 @@ mod tests {
         assert!(bad.to_string().contains("state_policy.SUSPENDED"), "{bad}");
         let bad = from_str(&format!("{OLD_TOOL}migration:\n  max_parallel: 0\n"), &no_env()).unwrap_err();
         assert!(bad.to_string().contains("migration.max_parallel"), "{bad}");
+        let off = from_str(&format!("{OLD_TOOL}migration:\n  queue_ahead: 0\n"), &no_env()).expect("valid");
+        assert_eq!(off.evacuation.queue_ahead, 0);
+        let bad = from_str(&format!("{OLD_TOOL}migration:\n  queue_ahead: 65\n"), &no_env()).unwrap_err();
+        assert!(bad.to_string().contains("migration.queue_ahead"), "{bad}");
     }
 
     #[test]

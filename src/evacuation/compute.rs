@@ -134,6 +134,10 @@ pub trait Compute: Send + Sync {
     fn abort_migration(&self, server_id: &str, migration_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
     /// Free resources on each of these compute hosts.
     fn spare_capacity(&self, hosts: &[String]) -> impl Future<Output = ComputeResult<Vec<HostCapacity>>> + Send;
+    /// Whether a live migration Nova holds queued (or preparing) can be
+    /// aborted (compute API 2.65): only then may migrations be handed to Nova
+    /// ahead of a free slot.
+    fn aborts_queued_migrations(&self) -> bool;
     /// The name of the project with this id (from Keystone), for the report.
     fn project_name(&self, project_id: &str) -> impl Future<Output = ComputeResult<String>> + Send;
 }

@@ -66,8 +66,13 @@ impl Budget {
 /// Every knob of an evacuation; built from the configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
-    /// Migrations in flight at once from this host (Nova's own default is 1).
+    /// Migrations running at once from this host (Nova's own default is 1).
     pub max_parallel: usize,
+    /// Live migrations handed to Nova beyond `max_parallel`, for Nova to hold
+    /// queued and start itself the moment a running one ends: their
+    /// scheduling and preparation overlap the running ones. Only where a
+    /// queued migration can be aborted (compute API 2.65).
+    pub queue_ahead: usize,
     pub budget: Budget,
     /// A migration whose `memory_remaining_bytes` has not dropped for this long is stalled.
     pub stall_after: Option<Duration>,
@@ -93,6 +98,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             max_parallel: 1,
+            queue_ahead: 1,
             budget: Budget::Scaled {
                 minimum: Duration::from_secs(150),
                 per_gib: Duration::from_secs(150),
@@ -296,6 +302,28 @@ struct Flight {
     requested: Option<(BudgetAction, String)>,
     /// Since when Nova has listed no migration in progress while the server still migrates.
     orphaned_since: Option<Instant>,
+    /// Handed to Nova beyond `max_parallel`, and (as far as we know) still
+    /// queued there behind the running ones: its budget has not started.
+    waiting_in_nova: bool,
+    /// The migration record's status at the last progress read.
+    nova_status: Option<String>,
+    /// Aborted because Nova started it beyond `max_parallel`: queued again
+    /// once stopped, not counted as an attempt.
+    withdrawn: bool,
+}
+
+/// What the run has learnt about Nova holding migrations queued for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NovaQueue {
+    /// Nothing handed ahead yet, or not seen queued yet.
+    Unknown,
+    /// A migration handed ahead was seen `queued` while `max_parallel` ran:
+    /// Nova's own limit holds the rest back.
+    Holds,
+    /// Nova started a migration handed ahead at once (its
+    /// `max_concurrent_live_migrations` is above `max_parallel`): none is
+    /// handed ahead for the rest of the run.
+    RunsAtOnce,
 }
 
 enum Ending {
@@ -307,6 +335,8 @@ enum Step {
     Continue,
     Done(VmReport),
     Retry(Job, String),
+    /// Back to the queue as if never started (a withdrawn migration).
+    Requeue(Job),
 }
 
 impl<'a, C: Compute> Engine<'a, C> {
@@ -617,6 +647,13 @@ impl<'a, C: Compute> Engine<'a, C> {
         });
 
         let deadline = self.settings.timeout.map(|t| started + t);
+        let max_running = self.settings.max_parallel.max(1);
+        let mut queue_ahead = if self.compute.aborts_queued_migrations() {
+            self.settings.queue_ahead
+        } else {
+            0
+        };
+        let mut nova_queue = NovaQueue::Unknown;
         let mut flights: Vec<Flight> = Vec::new();
         let mut ending: Option<Ending> = None;
         let mut ending_since = now;
@@ -659,16 +696,22 @@ impl<'a, C: Compute> Engine<'a, C> {
             while ending.is_none() {
                 let now = Instant::now();
                 let mut ready = Vec::new();
-                while flights.len() + ready.len() < self.settings.max_parallel.max(1) {
-                    let Some(position) = queue.iter().position(|job| job.not_before <= now) else {
+                while flights.len() + ready.len() < max_running + queue_ahead {
+                    // Beyond max_parallel only live migrations: Nova queues those per host.
+                    let ahead = flights.len() + ready.len() >= max_running;
+                    let Some(position) = queue
+                        .iter()
+                        .position(|job| job.not_before <= now && (!ahead || job.action == Action::LiveMigrate))
+                    else {
                         break;
                     };
-                    ready.extend(queue.remove(position));
+                    ready.extend(queue.remove(position).map(|job| (job, ahead)));
                 }
                 if ready.is_empty() {
                     break;
                 }
-                for start in join_all(ready.into_iter().map(|job| self.start(target, job))).await {
+                let starts = join_all(ready.into_iter().map(|(job, ahead)| self.start(target, job, ahead))).await;
+                for start in starts {
                     match start {
                         Start::Flying(flight) => flights.push(*flight),
                         Start::Done(report) => reports.push(report),
@@ -691,16 +734,24 @@ impl<'a, C: Compute> Engine<'a, C> {
 
             self.pause(stop).await;
 
-            let steps = join_all(flights.iter_mut().map(|flight| self.poll(target, flight))).await;
+            let steps = join_all(flights.iter_mut().map(|flight| self.poll(target, flight, nova_queue))).await;
             let mut still = Vec::with_capacity(flights.len());
             for (flight, step) in flights.into_iter().zip(steps) {
                 match step {
                     Step::Continue => still.push(flight),
                     Step::Done(report) => reports.push(report),
                     Step::Retry(job, reason) => self.retry_or_fail(target, job, reason, &mut queue, &mut reports),
+                    Step::Requeue(job) => queue.push_front(job),
                 }
             }
             flights = still;
+            self.start_waiting(&mut flights, max_running);
+            if nova_queue == NovaQueue::Unknown {
+                nova_queue = self.learn_nova_queue(&mut flights, max_running).await;
+                if nova_queue == NovaQueue::RunsAtOnce {
+                    queue_ahead = 0;
+                }
+            }
         }
 
         let reason_left = match ending {
@@ -749,7 +800,9 @@ impl<'a, C: Compute> Engine<'a, C> {
         }
     }
 
-    async fn start(&self, target: &Target, mut job: Job) -> Start {
+    /// Starts (or follows) one VM's migration; `ahead` when it is handed to
+    /// Nova beyond `max_parallel`, to wait queued there.
+    async fn start(&self, target: &Target, mut job: Job, ahead: bool) -> Start {
         let now = Instant::now();
         let fresh = job.listed_at.take().is_some_and(|t| now - t < FRESH_LISTING);
         let current = if fresh {
@@ -780,7 +833,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             info!(server = %job.server.id, "following a migration already in progress");
             job.action = action;
             job.attempts += 1;
-            return Start::Flying(Box::new(self.flight(job, now)));
+            return Start::Flying(Box::new(self.flight(job, now, false)));
         }
         if current.status == "ERROR" {
             return Start::Done(self.job_report(
@@ -803,6 +856,11 @@ impl<'a, C: Compute> Engine<'a, C> {
                 return Start::Done(self.job_report(target, &job, Outcome::Skipped, Some(reason), None));
             }
         }
+        if ahead && job.action != Action::LiveMigrate {
+            // Now a cold migration: Nova would run it at once, so it waits for a slot of its own.
+            job.not_before = now + self.settings.poll_interval;
+            return Start::Later(job);
+        }
         job.server.status = current.status.clone();
         job.attempts += 1;
         let request = match job.action {
@@ -816,7 +874,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                     action: job.action,
                     attempt: job.attempts,
                 });
-                Start::Flying(Box::new(self.flight(job, now)))
+                Start::Flying(Box::new(self.flight(job, now, ahead)))
             }
             Err(ComputeError::Other(message)) => {
                 // The request may or may not have reached Nova; the next start looks at the server first.
@@ -836,7 +894,7 @@ impl<'a, C: Compute> Engine<'a, C> {
         }
     }
 
-    fn flight(&self, job: Job, now: Instant) -> Flight {
+    fn flight(&self, job: Job, now: Instant, waiting_in_nova: bool) -> Flight {
         let budget = self.settings.budget.for_ram(job.server.flavor.ram_mb);
         Flight {
             job,
@@ -850,10 +908,65 @@ impl<'a, C: Compute> Engine<'a, C> {
             over_budget_noted: false,
             requested: None,
             orphaned_since: None,
+            waiting_in_nova,
+            nova_status: None,
+            withdrawn: false,
         }
     }
 
-    async fn poll(&self, target: &Target, flight: &mut Flight) -> Step {
+    /// A running migration ended: Nova starts the oldest it holds queued in
+    /// the freed slot, so its budget starts now.
+    fn start_waiting(&self, flights: &mut [Flight], max_running: usize) {
+        let now = Instant::now();
+        let free = max_running.saturating_sub(flights.iter().filter(|f| !f.waiting_in_nova).count());
+        // Oldest first: flights are kept in the order they started.
+        for flight in flights.iter_mut().filter(|f| f.waiting_in_nova).take(free) {
+            flight.waiting_in_nova = false;
+            flight.attempt_started = now;
+            flight.last_progress = now;
+            flight.next_progress_check = now;
+        }
+    }
+
+    /// Whether Nova holds the migrations handed ahead queued, from their
+    /// status. One that Nova started while `max_parallel` others run is
+    /// withdrawn at once (aborted, queued again), and none is handed ahead
+    /// any more: `max_parallel` bounds what runs.
+    async fn learn_nova_queue(&self, flights: &mut [Flight], max_running: usize) -> NovaQueue {
+        let running = flights.iter().filter(|f| !f.waiting_in_nova).count();
+        let mut learnt = NovaQueue::Unknown;
+        for flight in flights.iter_mut().filter(|f| f.waiting_in_nova) {
+            match flight.nova_status.as_deref() {
+                Some("queued") => learnt = NovaQueue::Holds,
+                Some("preparing" | "running" | "post-migrating") if running >= max_running => {
+                    warn!(
+                        server = %flight.job.server.id,
+                        max_parallel = max_running,
+                        "Nova started a migration handed ahead while max_parallel others run (its \
+                         max_concurrent_live_migrations is higher): withdrawing it, handing none ahead any more"
+                    );
+                    flight.waiting_in_nova = false;
+                    flight.withdrawn = true;
+                    let reason = format!("Nova ran it beside {max_running} others; it is moved again later");
+                    flight.requested = Some((BudgetAction::Abort, reason.clone()));
+                    self.intervene(flight, BudgetAction::Abort, &reason).await;
+                    return NovaQueue::RunsAtOnce;
+                }
+                _ => {}
+            }
+        }
+        learnt
+    }
+
+    async fn poll(&self, target: &Target, flight: &mut Flight, nova_queue: NovaQueue) -> Step {
+        if flight.waiting_in_nova && flight.requested.is_none() {
+            // Queued behind the running ones: nothing to watch until a slot
+            // frees, except, until Nova has shown that it queues, its status.
+            if nova_queue == NovaQueue::Unknown {
+                self.read_progress(flight, Instant::now()).await;
+            }
+            return Step::Continue;
+        }
         let id = flight.job.server.id.clone();
         let server = match self.compute.server(&id).await {
             Ok(Some(server)) => server,
@@ -908,6 +1021,16 @@ impl<'a, C: Compute> Engine<'a, C> {
 
     /// A migration that ended with the VM still on the source: aborted by us, or failed.
     async fn ended_on_source(&self, target: &Target, flight: &mut Flight, migration_type: &str) -> Step {
+        if flight.withdrawn {
+            return Step::Requeue(Job {
+                server: flight.job.server.clone(),
+                action: flight.job.action,
+                attempts: flight.job.attempts.saturating_sub(1),
+                first_started: flight.job.first_started,
+                not_before: Instant::now(),
+                listed_at: None,
+            });
+        }
         if let Phase::Aborting { reason } = &flight.phase {
             let reason = reason.clone();
             return Step::Done(self.finish(target, flight, Outcome::Aborted, Some(reason), None));
@@ -1035,6 +1158,12 @@ impl<'a, C: Compute> Engine<'a, C> {
             return Some(false);
         };
         flight.migration_id = Some(migration.id.clone());
+        if matches!(migration.status.as_str(), "accepted" | "queued") {
+            // Not running yet (Nova's own slots are taken): its budget and stall clock have not started.
+            flight.attempt_started = now;
+            flight.last_progress = now;
+        }
+        flight.nova_status = Some(migration.status.clone());
         // Drivers that report nothing (a zero or missing total) give no stall signal.
         if let (Some(total), Some(remaining)) = (migration.memory_total_bytes, migration.memory_remaining_bytes)
             && total > 0

@@ -90,7 +90,7 @@ pub(crate) struct FakeMigration {
     pub(crate) server_id: String,
     /// [`LIVE`] or [`COLD`].
     pub(crate) kind: &'static str,
-    /// Live: running -> completed | error | cancelled.
+    /// Live: [queued ->] running -> completed | error | cancelled.
     /// Cold: migrating -> finished (server in VERIFY_RESIZE) -> confirmed, or -> error.
     pub(crate) status: &'static str,
     pub(crate) source: String,
@@ -115,9 +115,17 @@ impl FakeMigration {
         self.moving() || self.status == "finished"
     }
 
+    /// Queued in Nova behind its `max_concurrent_live_migrations` running ones.
+    pub(crate) fn queued(&self) -> bool {
+        self.status == "queued"
+    }
+
     pub(crate) fn remaining_bytes(&self, now: Instant) -> u64 {
         if self.status == "completed" {
             return 0;
+        }
+        if self.queued() {
+            return self.total_bytes;
         }
         let elapsed = self.ended.unwrap_or(now) - self.started;
         let total = self.total_bytes;
@@ -173,8 +181,11 @@ pub(crate) struct Calls {
     /// The reasons of every disable call.
     pub(crate) disable: Vec<String>,
     pub(crate) enable: usize,
-    /// The most migrations in flight from the drained host at once (a cold one until confirmed).
+    /// The most migrations in flight from the drained host at once (a cold one
+    /// until confirmed; not the live ones Nova holds queued).
     pub(crate) max_in_flight: usize,
+    /// The most live migrations Nova held queued at once.
+    pub(crate) max_queued: usize,
 }
 
 impl Calls {
@@ -215,21 +226,42 @@ pub(crate) struct Cloud {
     pub(crate) unusable: BTreeMap<String, (bool, bool)>,
     /// Someone else's change, made right after the next host listing is answered.
     pub(crate) after_listing: Option<CloudChange>,
+    /// Nova's `max_concurrent_live_migrations` per source host: more live
+    /// migrations wait as `queued` and start the moment one ends. `None`: no
+    /// limit.
+    pub(crate) nova_live_limit: Option<usize>,
+    /// Whether the API lets a queued (or preparing) migration be aborted
+    /// (compute microversion 2.65).
+    pub(crate) aborts_queued: bool,
     pub(crate) calls: Calls,
 }
 
 impl Cloud {
-    /// Lets every moving migration end whose time has come.
+    /// Lets every moving migration end whose time has come; a queued one
+    /// starts the moment a slot frees (migrations are kept oldest first, so
+    /// it is looked at later in the same pass).
     pub(crate) fn settle(&mut self, now: Instant) {
         for i in 0..self.migrations.len() {
             let migration = &self.migrations[i];
+            if migration.queued() {
+                continue;
+            }
             if !migration.moving() {
                 continue;
             }
             let elapsed = now - migration.started;
+            let ended_at = |after: Duration| (migration.started + after).min(now);
             match migration.script {
-                Script::Complete { after } if elapsed >= after => self.land(i, now),
-                Script::Fail { after } if elapsed >= after => self.end_on_source(i, "error", now),
+                Script::Complete { after } if elapsed >= after => {
+                    let at = ended_at(after);
+                    self.land(i, now);
+                    self.start_queued(i, at);
+                }
+                Script::Fail { after } if elapsed >= after => {
+                    let at = ended_at(after);
+                    self.end_on_source(i, "error", now);
+                    self.start_queued(i, at);
+                }
                 Script::DestinationLost { after } if elapsed >= after => {
                     let migration = &mut self.migrations[i];
                     migration.ended = Some(now);
@@ -238,6 +270,38 @@ impl Cloud {
                 _ => {}
             }
         }
+    }
+
+    /// Live migrations from `source` running now (not queued, not ended).
+    fn running_live_from(&self, source: &str) -> usize {
+        self.migrations
+            .iter()
+            .filter(|m| m.kind == LIVE && m.source == source && m.moving())
+            .count()
+    }
+
+    /// A slot freed on the source of migration `i`, at `at`: Nova starts its oldest queued live migration.
+    pub(crate) fn start_queued(&mut self, i: usize, at: Instant) {
+        let source = self.migrations[i].source.clone();
+        if self.nova_live_limit.is_some_and(|limit| self.running_live_from(&source) >= limit) {
+            return;
+        }
+        if let Some(next) = self.migrations.iter_mut().find(|m| m.source == source && m.queued()) {
+            next.status = "running";
+            next.started = at;
+        }
+        self.note_in_flight(&source);
+    }
+
+    fn note_in_flight(&mut self, source: &str) {
+        let in_flight = self
+            .migrations
+            .iter()
+            .filter(|m| m.source == source && m.in_flight())
+            .count();
+        let queued = self.migrations.iter().filter(|m| m.source == source && m.queued()).count();
+        self.calls.max_in_flight = self.calls.max_in_flight.max(in_flight);
+        self.calls.max_queued = self.calls.max_queued.max(queued);
     }
 
     /// The move succeeded: the server is on the destination (a cold-migrated one in VERIFY_RESIZE).
@@ -302,6 +366,10 @@ impl Cloud {
         let dest = candidates.get(self.placed % candidates.len().max(1)).cloned();
         self.placed += 1;
 
+        // NoValidHost fails in the conductor, before any compute queues it.
+        let nova_queues = kind == LIVE
+            && dest.is_some()
+            && self.nova_live_limit.is_some_and(|limit| self.running_live_from(&source) >= limit);
         let vm = self.vms.get_mut(server_id).expect("looked up above");
         let mut script = vm.next_script();
         if dest.is_none() {
@@ -309,11 +377,16 @@ impl Cloud {
             script = Script::Fail { after: Duration::ZERO };
         }
         vm.server.task_state = Some(task.into());
+        let status = match kind {
+            LIVE if nova_queues => "queued",
+            LIVE => "running",
+            _ => "migrating",
+        };
         let migration = FakeMigration {
             id: (self.migrations.len() + 1).to_string(),
             server_id: server_id.into(),
             kind,
-            status: if kind == LIVE { "running" } else { "migrating" },
+            status,
             source: source.clone(),
             dest: dest.unwrap_or_default(),
             script,
@@ -324,17 +397,13 @@ impl Cloud {
             status_before: vm.server.status.clone(),
         };
         self.migrations.push(migration);
-        let in_flight = self
-            .migrations
-            .iter()
-            .filter(|m| m.source == source && m.in_flight())
-            .count();
-        self.calls.max_in_flight = self.calls.max_in_flight.max(in_flight);
+        self.note_in_flight(&source);
         Ok(())
     }
 
-    /// The running live migration `migration_id` of `server_id`; Nova answers 400 for any other state.
-    pub(crate) fn running_live(&self, server_id: &str, migration_id: &str) -> ComputeResult<usize> {
+    /// The running live migration `migration_id` of `server_id` (or a queued
+    /// one, when `queued_too`); Nova answers 400 for any other state.
+    pub(crate) fn running_live(&self, server_id: &str, migration_id: &str, queued_too: bool) -> ComputeResult<usize> {
         let Some(i) = self
             .migrations
             .iter()
@@ -342,7 +411,7 @@ impl Cloud {
         else {
             return Err(ComputeError::Other(format!("404: migration {migration_id} not found")));
         };
-        if self.migrations[i].status != "running" {
+        if self.migrations[i].status != "running" && !(queued_too && self.migrations[i].queued()) {
             return Err(ComputeError::Conflict(format!(
                 "Migration {migration_id} state of instance {server_id} is {}",
                 self.migrations[i].status
@@ -384,6 +453,8 @@ impl FakeCloud {
                 nova_down: false,
                 unusable: BTreeMap::new(),
                 after_listing: None,
+                nova_live_limit: None,
+                aborts_queued: false,
                 calls: Calls::default(),
             }),
         }
@@ -446,6 +517,24 @@ impl FakeCloud {
                 free_disk_gb: 4000,
             })
             .collect();
+    }
+
+    /// Nova holds live migrations beyond `limit` per host queued (its
+    /// `max_concurrent_live_migrations`), and queued ones can be aborted (2.65).
+    pub(crate) fn nova_queues_beyond(&self, limit: Option<usize>) {
+        let mut cloud = self.lock();
+        cloud.nova_live_limit = limit;
+        cloud.aborts_queued = true;
+    }
+
+    /// When each live migration of `server` started running in Nova (after any wait in its queue).
+    pub(crate) fn running_since(&self, server: &str) -> Vec<Duration> {
+        self.lock()
+            .migrations
+            .iter()
+            .filter(|m| m.server_id == server && m.kind == LIVE)
+            .map(|m| m.started - self.epoch)
+            .collect()
     }
 
     // Someone else acting on the cloud.
@@ -633,7 +722,7 @@ impl Compute for FakeCloud {
             .migrations
             .iter()
             .rev()
-            .filter(|m| m.server_id == server_id && m.kind == LIVE && m.moving())
+            .filter(|m| m.server_id == server_id && m.kind == LIVE && (m.moving() || m.queued()))
             .map(|m| m.record(now))
             .collect())
     }
@@ -669,8 +758,10 @@ impl Compute for FakeCloud {
         let at = self.now();
         let mut cloud = self.lock();
         cloud.calls.force_complete.push((server_id.into(), at));
-        let i = cloud.running_live(server_id, migration_id)?;
-        cloud.land(i, Instant::now());
+        let i = cloud.running_live(server_id, migration_id, false)?;
+        let now = Instant::now();
+        cloud.land(i, now);
+        cloud.start_queued(i, now);
         Ok(())
     }
 
@@ -679,8 +770,14 @@ impl Compute for FakeCloud {
         let at = self.now();
         let mut cloud = self.lock();
         cloud.calls.abort.push((server_id.into(), at));
-        let i = cloud.running_live(server_id, migration_id)?;
-        cloud.end_on_source(i, "cancelled", Instant::now());
+        let aborts_queued = cloud.aborts_queued;
+        let i = cloud.running_live(server_id, migration_id, aborts_queued)?;
+        let was_running = !cloud.migrations[i].queued();
+        let now = Instant::now();
+        cloud.end_on_source(i, "cancelled", now);
+        if was_running {
+            cloud.start_queued(i, now);
+        }
         Ok(())
     }
 
@@ -713,6 +810,10 @@ impl Compute for FakeCloud {
             .filter(|h| hosts.contains(&h.host))
             .cloned()
             .collect())
+    }
+
+    fn aborts_queued_migrations(&self) -> bool {
+        self.lock().aborts_queued
     }
 
     /// The fake's VMs are all in project `tenant-1`, named `demo`; any other

@@ -648,6 +648,117 @@ async fn stop_abort_in_flight_aborts_the_live_migration() {
     assert_eq!((long.host.as_deref(), long.task_state), (Some(SOURCE), None));
 }
 
+/// Live migrations of 10.2 s: ends fall between two polls.
+const TEN_S: Duration = Duration::from_millis(10_200);
+
+/// Four VMs of [`TEN_S`] each on a Nova that runs one live migration per host and queues the rest.
+fn four_on_a_queueing_nova() -> FakeCloud {
+    let cloud = FakeCloud::new();
+    for id in ["a", "b", "c", "d"] {
+        cloud.add_vm(id, "ACTIVE", 512);
+        cloud.script(id, &[Script::Complete { after: TEN_S }]);
+    }
+    cloud.nova_queues_beyond(Some(1));
+    cloud
+}
+
+#[tokio::test(start_paused = true)]
+async fn nova_holds_the_next_migration_queued_and_starts_it_as_the_last_ends() {
+    let cloud = four_on_a_queueing_nova();
+
+    let report = evacuate(&cloud, &Settings::default()).await;
+
+    assert_eq!(report.result, RunResult::Succeeded, "{report:?}");
+    let calls = cloud.calls();
+    assert_eq!(calls.max_in_flight, 1, "max_parallel bounds what runs");
+    assert_eq!(calls.max_queued, 1, "one handed ahead");
+    // Each starts in Nova the moment the one before ends: no gap for our
+    // poll, our request or Nova's scheduling.
+    for (before, next) in [("a", "b"), ("b", "c"), ("c", "d")] {
+        assert_eq!(cloud.running_since(next), [cloud.running_since(before)[0] + TEN_S]);
+    }
+    assert!(calls.live_migrate_times("b")[0] < secs(1), "b handed ahead at once");
+    assert!(report.duration_seconds <= 41.3, "{}", report.duration_seconds);
+
+    // Without handing ahead, every VM waits for our poll and request.
+    let serial = four_on_a_queueing_nova();
+    let settings = Settings {
+        queue_ahead: 0,
+        ..Settings::default()
+    };
+    let slower = evacuate(&serial, &settings).await;
+    assert_eq!(serial.calls().max_queued, 0);
+    assert!(
+        slower.duration_seconds >= report.duration_seconds + 1.0,
+        "{} s against {} s",
+        slower.duration_seconds,
+        report.duration_seconds
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_migrations_budget_starts_when_nova_runs_it() {
+    let cloud = four_on_a_queueing_nova();
+    for id in ["a", "b", "c", "d"] {
+        cloud.script(id, &[Script::Complete { after: secs(100) }]);
+    }
+    let settings = Settings {
+        budget: Budget::Fixed(secs(120)),
+        ..Settings::default()
+    };
+
+    let report = evacuate(&cloud, &settings).await;
+
+    // b waited 100 s queued behind a, then ran 100 s: within its 120 s budget.
+    assert_eq!(report.result, RunResult::Succeeded, "{report:?}");
+    assert!(cloud.calls().abort.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancellation_aborts_the_queued_migration_too() {
+    let cloud = four_on_a_queueing_nova();
+    for id in ["a", "b", "c", "d"] {
+        cloud.script(id, &[Script::Complete { after: secs(100) }]);
+    }
+
+    let report = evacuate_stopped(&cloud, &Settings::default(), secs(10), StopRequest::AbortInFlight).await;
+
+    assert_eq!(cloud.calls().abort_times("a").len(), 1);
+    assert_eq!(cloud.calls().abort_times("b").len(), 1, "the queued one too");
+    for id in ["a", "b"] {
+        assert_eq!(vm(&report, id).outcome, Outcome::Aborted);
+        let server = cloud.vm(id);
+        assert_eq!((server.host.as_deref(), server.task_state), (Some(SOURCE), None));
+    }
+    assert_eq!(vm(&report, "c").outcome, Outcome::NotStarted);
+    assert!(report.duration_seconds < 15.0, "{}", report.duration_seconds);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_nova_that_runs_more_than_max_parallel_gets_nothing_ahead() {
+    let cloud = four_on_a_queueing_nova();
+    cloud.nova_queues_beyond(None);
+
+    let report = evacuate(&cloud, &Settings::default()).await;
+
+    assert_eq!(report.result, RunResult::Succeeded, "{report:?}");
+    let calls = cloud.calls();
+    // b ran beside a for one poll, then was aborted and moved again later,
+    // its withdrawn try not counted; nothing else was handed ahead.
+    assert_eq!(calls.abort_times("b"), [Duration::from_millis(500)]);
+    assert_eq!(calls.live_migrate_times("b").len(), 2);
+    assert_eq!(vm(&report, "b").attempts, 1);
+    assert_eq!(vm(&report, "b").outcome, Outcome::Migrated);
+    for (id, count) in [("a", 1), ("c", 1), ("d", 1)] {
+        assert_eq!(calls.live_migrate_times(id).len(), count);
+    }
+    let overlapping = |x: &str, y: &str| {
+        let (x, y) = (cloud.running_since(x), cloud.running_since(y));
+        x.iter().any(|&s| y.iter().any(|&t| s < t + TEN_S && t < s + TEN_S))
+    };
+    assert!(!overlapping("c", "d") && !overlapping("b", "c") && !overlapping("c", "a"));
+}
+
 #[tokio::test(start_paused = true)]
 async fn error_and_suspended_vms_are_skipped_shutoff_ones_cold_migrated() {
     let cloud = FakeCloud::new();

@@ -671,6 +671,10 @@ impl Compute for NovaClient {
         Ok(services.into_iter().map(wire::Service::into_service).collect())
     }
 
+    fn aborts_queued_migrations(&self) -> bool {
+        self.version.supports(Microversion(2, 65))
+    }
+
     async fn project_name(&self, project_id: &str) -> ComputeResult<String> {
         let root: wire::ProjectRoot = self.identity(&["projects", project_id]).await?;
         Ok(root.project.name)

@@ -19,6 +19,10 @@ pub const DISABLED_REASON_MARKER: &str = "nova-kubernetes-drain:";
 
 /// How often in-flight migrations' progress numbers are read.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+/// How long an accepted abort may leave the migration running before it is
+/// sent again: Nova accepts an abort while the migration is `preparing` but
+/// cannot stop it then, and it goes on to run.
+const ABORT_AGAIN_AFTER: Duration = Duration::from_secs(5);
 /// How long a force-completed migration may take before it is aborted.
 const FORCE_COMPLETE_GRACE: Duration = Duration::from_secs(60);
 /// After a time-out or cancellation, how long to wait for in-flight
@@ -282,8 +286,14 @@ struct Job {
 #[derive(Debug, PartialEq, Eq)]
 enum Phase {
     Moving,
-    ForceCompleting { since: Instant },
-    Aborting { reason: String },
+    ForceCompleting {
+        since: Instant,
+    },
+    /// An abort was accepted at `since`.
+    Aborting {
+        reason: String,
+        since: Instant,
+    },
     Confirming,
 }
 
@@ -1031,7 +1041,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                 listed_at: None,
             });
         }
-        if let Phase::Aborting { reason } = &flight.phase {
+        if let Phase::Aborting { reason, .. } = &flight.phase {
             let reason = reason.clone();
             return Step::Done(self.finish(target, flight, Outcome::Aborted, Some(reason), None));
         }
@@ -1101,6 +1111,13 @@ impl<'a, C: Compute> Engine<'a, C> {
                     let reason = format!("no progress for {} s", stall.as_secs());
                     self.intervene(flight, self.settings.on_budget_exceeded, &reason).await;
                 }
+            }
+            Phase::Aborting { ref reason, since }
+                if now - since > ABORT_AGAIN_AFTER && flight.nova_status.as_deref() == Some("running") =>
+            {
+                let reason = reason.trim_start_matches("aborted: ").to_string();
+                debug!(server = %flight.job.server.id, "the migration still runs after its abort; aborting again");
+                self.intervene(flight, BudgetAction::Abort, &reason).await;
             }
             Phase::ForceCompleting { since } if now - since > FORCE_COMPLETE_GRACE => {
                 let reason = format!(
@@ -1206,6 +1223,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                 flight.phase = match what {
                     BudgetAction::Abort => Phase::Aborting {
                         reason: format!("aborted: {reason}"),
+                        since: Instant::now(),
                     },
                     BudgetAction::ForceComplete => Phase::ForceCompleting { since: Instant::now() },
                 };

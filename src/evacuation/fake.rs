@@ -233,6 +233,9 @@ pub(crate) struct Cloud {
     /// Whether the API lets a queued (or preparing) migration be aborted
     /// (compute microversion 2.65).
     pub(crate) aborts_queued: bool,
+    /// Servers whose next abort Nova accepts but cannot carry out (it came
+    /// while the migration was `preparing`): the migration goes on.
+    pub(crate) abort_lost: Vec<String>,
     pub(crate) calls: Calls,
 }
 
@@ -283,7 +286,10 @@ impl Cloud {
     /// A slot freed on the source of migration `i`, at `at`: Nova starts its oldest queued live migration.
     pub(crate) fn start_queued(&mut self, i: usize, at: Instant) {
         let source = self.migrations[i].source.clone();
-        if self.nova_live_limit.is_some_and(|limit| self.running_live_from(&source) >= limit) {
+        if self
+            .nova_live_limit
+            .is_some_and(|limit| self.running_live_from(&source) >= limit)
+        {
             return;
         }
         if let Some(next) = self.migrations.iter_mut().find(|m| m.source == source && m.queued()) {
@@ -299,7 +305,11 @@ impl Cloud {
             .iter()
             .filter(|m| m.source == source && m.in_flight())
             .count();
-        let queued = self.migrations.iter().filter(|m| m.source == source && m.queued()).count();
+        let queued = self
+            .migrations
+            .iter()
+            .filter(|m| m.source == source && m.queued())
+            .count();
         self.calls.max_in_flight = self.calls.max_in_flight.max(in_flight);
         self.calls.max_queued = self.calls.max_queued.max(queued);
     }
@@ -369,7 +379,9 @@ impl Cloud {
         // NoValidHost fails in the conductor, before any compute queues it.
         let nova_queues = kind == LIVE
             && dest.is_some()
-            && self.nova_live_limit.is_some_and(|limit| self.running_live_from(&source) >= limit);
+            && self
+                .nova_live_limit
+                .is_some_and(|limit| self.running_live_from(&source) >= limit);
         let vm = self.vms.get_mut(server_id).expect("looked up above");
         let mut script = vm.next_script();
         if dest.is_none() {
@@ -455,6 +467,7 @@ impl FakeCloud {
                 after_listing: None,
                 nova_live_limit: None,
                 aborts_queued: false,
+                abort_lost: Vec::new(),
                 calls: Calls::default(),
             }),
         }
@@ -772,6 +785,10 @@ impl Compute for FakeCloud {
         cloud.calls.abort.push((server_id.into(), at));
         let aborts_queued = cloud.aborts_queued;
         let i = cloud.running_live(server_id, migration_id, aborts_queued)?;
+        if let Some(lost) = cloud.abort_lost.iter().position(|s| s == server_id) {
+            cloud.abort_lost.remove(lost);
+            return Ok(());
+        }
         let was_running = !cloud.migrations[i].queued();
         let now = Instant::now();
         cloud.end_on_source(i, "cancelled", now);

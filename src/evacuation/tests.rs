@@ -760,6 +760,23 @@ async fn a_nova_that_runs_more_than_max_parallel_gets_nothing_ahead() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_abort_nova_accepted_but_did_not_carry_out_is_sent_again() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("long", "ACTIVE", 512);
+    cloud.script("long", &[Script::Complete { after: secs(100) }]);
+    cloud.lock().abort_lost.push("long".into());
+
+    let report = evacuate_stopped(&cloud, &Settings::default(), secs(10), StopRequest::AbortInFlight).await;
+
+    let aborts = cloud.calls().abort_times("long");
+    assert_eq!(aborts.len(), 2, "{aborts:?}");
+    assert_within(aborts[1], secs(15), secs(18));
+    assert_eq!(vm(&report, "long").outcome, Outcome::Aborted);
+    let long = cloud.vm("long");
+    assert_eq!((long.host.as_deref(), long.task_state), (Some(SOURCE), None));
+}
+
+#[tokio::test(start_paused = true)]
 async fn error_and_suspended_vms_are_skipped_shutoff_ones_cold_migrated() {
     let cloud = FakeCloud::new();
     cloud.add_vm("broken", "ERROR", 512);

@@ -756,7 +756,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             }
             flights = still;
             self.start_waiting(&mut flights, max_running);
-            if nova_queue == NovaQueue::Unknown {
+            if queue_ahead > 0 && nova_queue == NovaQueue::Unknown {
                 nova_queue = self.learn_nova_queue(&mut flights, max_running).await;
                 if nova_queue == NovaQueue::RunsAtOnce {
                     queue_ahead = 0;
@@ -938,34 +938,52 @@ impl<'a, C: Compute> Engine<'a, C> {
         }
     }
 
-    /// Whether Nova holds the migrations handed ahead queued, from their
-    /// status. One that Nova started while `max_parallel` others run is
-    /// withdrawn at once (aborted, queued again), and none is handed ahead
-    /// any more: `max_parallel` bounds what runs.
+    /// Whether Nova holds the migrations handed ahead queued, from the
+    /// statuses last read. More started in Nova than `max_parallel` means
+    /// Nova's own limit is higher: the newest is withdrawn at once (aborted,
+    /// queued again) and none is handed ahead any more, so `max_parallel`
+    /// bounds what runs. Nova may also start the one handed ahead before the
+    /// other: then that one is the one waiting.
     async fn learn_nova_queue(&self, flights: &mut [Flight], max_running: usize) -> NovaQueue {
-        let running = flights.iter().filter(|f| !f.waiting_in_nova).count();
-        let mut learnt = NovaQueue::Unknown;
-        for flight in flights.iter_mut().filter(|f| f.waiting_in_nova) {
-            match flight.nova_status.as_deref() {
-                Some("queued") => learnt = NovaQueue::Holds,
-                Some("preparing" | "running" | "post-migrating") if running >= max_running => {
-                    warn!(
-                        server = %flight.job.server.id,
-                        max_parallel = max_running,
-                        "Nova started a migration handed ahead while max_parallel others run (its \
-                         max_concurrent_live_migrations is higher): withdrawing it, handing none ahead any more"
-                    );
-                    flight.waiting_in_nova = false;
-                    flight.withdrawn = true;
-                    let reason = format!("Nova ran it beside {max_running} others; it is moved again later");
-                    flight.requested = Some((BudgetAction::Abort, reason.clone()));
-                    self.intervene(flight, BudgetAction::Abort, &reason).await;
-                    return NovaQueue::RunsAtOnce;
-                }
-                _ => {}
+        fn started(flight: &Flight) -> bool {
+            matches!(
+                flight.nova_status.as_deref(),
+                Some("preparing" | "running" | "post-migrating")
+            )
+        }
+        let in_nova = flights.iter().filter(|f| started(f)).count();
+        if in_nova > max_running {
+            if let Some(flight) = flights.iter_mut().rev().find(|f| started(f)) {
+                warn!(
+                    server = %flight.job.server.id,
+                    max_parallel = max_running,
+                    "Nova runs more migrations than max_parallel (its max_concurrent_live_migrations is \
+                     higher): withdrawing the newest, handing none ahead any more"
+                );
+                flight.waiting_in_nova = false;
+                flight.withdrawn = true;
+                let reason = format!("Nova ran it beside {max_running} other(s); it is moved again later");
+                flight.requested = Some((BudgetAction::Abort, reason.clone()));
+                self.intervene(flight, BudgetAction::Abort, &reason).await;
+            }
+            return NovaQueue::RunsAtOnce;
+        }
+        for i in 0..flights.len() {
+            if flights[i].waiting_in_nova
+                && started(&flights[i])
+                && let Some(j) = flights
+                    .iter()
+                    .position(|f| !f.waiting_in_nova && f.nova_status.as_deref() == Some("queued"))
+            {
+                flights[i].waiting_in_nova = false;
+                flights[j].waiting_in_nova = true;
             }
         }
-        learnt
+        if flights.iter().any(|f| f.nova_status.as_deref() == Some("queued")) {
+            NovaQueue::Holds
+        } else {
+            NovaQueue::Unknown
+        }
     }
 
     async fn poll(&self, target: &Target, flight: &mut Flight, nova_queue: NovaQueue) -> Step {

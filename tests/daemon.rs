@@ -180,15 +180,7 @@ async fn kubectl_drain_waits_for_the_vms_and_uncordon_restores_everything() {
     ids.extend(lab.boot(BootSpec::new("dmn-d").project("demo")).await);
     let _agent = Agent::start(&cluster, &lab, "").await;
     wait_guard(&cluster, Duration::from_secs(20)).await;
-    eventually("the guard pod Running", Duration::from_secs(10), async || {
-        cluster
-            .pod(&cluster.guard())
-            .await
-            .and_then(|p| p.status)
-            .and_then(|s| s.phase)
-            .filter(|p| p == "Running")
-    })
-    .await;
+    cluster.wait_guard_running(Duration::from_secs(10)).await;
 
     let took = cluster
         .kubectl()

@@ -449,15 +449,7 @@ async fn the_agent_in_the_image_drains_its_node_through_names_and_the_bundle_it_
     })
     .await;
     assert_eq!(container_uid(built, &agent).as_deref(), Some("65532"));
-    eventually("the guard pod Running", Duration::from_secs(20), async || {
-        cluster
-            .pod(&cluster.guard())
-            .await
-            .and_then(|p| p.status)
-            .and_then(|s| s.phase)
-            .filter(|p| p == "Running")
-    })
-    .await;
+    cluster.wait_guard_running(Duration::from_secs(20)).await;
 
     cluster
         .kubectl()

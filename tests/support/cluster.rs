@@ -297,6 +297,18 @@ impl TestCluster {
             .expect("get the pod")
     }
 
+    /// Waits until the guard pod runs (the kubelet player starts it).
+    pub async fn wait_guard_running(&self, limit: Duration) {
+        super::wait::eventually("the guard pod Running", limit, async || {
+            self.pod(&self.guard())
+                .await
+                .and_then(|p| p.status)
+                .and_then(|s| s.phase)
+                .filter(|p| p == "Running")
+        })
+        .await;
+    }
+
     pub async fn pdb(&self, name: &str) -> Option<PodDisruptionBudget> {
         Api::<PodDisruptionBudget>::namespaced(self.client(), &self.namespace)
             .get_opt(name)

@@ -744,7 +744,7 @@ impl<'a, C: Compute> Engine<'a, C> {
 
             self.pause(stop).await;
 
-            let steps = join_all(flights.iter_mut().map(|flight| self.poll(target, flight, nova_queue))).await;
+            let steps = join_all(flights.iter_mut().map(|flight| self.poll(target, flight))).await;
             let mut still = Vec::with_capacity(flights.len());
             for (flight, step) in flights.into_iter().zip(steps) {
                 match step {
@@ -945,6 +945,24 @@ impl<'a, C: Compute> Engine<'a, C> {
     /// bounds what runs. Nova may also start the one handed ahead before the
     /// other: then that one is the one waiting.
     async fn learn_nova_queue(&self, flights: &mut [Flight], max_running: usize) -> NovaQueue {
+        // Fresh statuses, those handed ahead first: Nova starts a queued
+        // migration only once the running one has ended (and left its
+        // in-progress list), so one read running after another was read
+        // started really ran beside it, and a migration that ended between
+        // two reads is never counted twice.
+        let now = Instant::now();
+        for flight in flights
+            .iter_mut()
+            .filter(|f| f.waiting_in_nova && f.phase == Phase::Moving)
+        {
+            self.read_progress(flight, now).await;
+        }
+        for flight in flights
+            .iter_mut()
+            .filter(|f| !f.waiting_in_nova && f.phase == Phase::Moving)
+        {
+            self.read_progress(flight, now).await;
+        }
         fn started(flight: &Flight) -> bool {
             matches!(
                 flight.nova_status.as_deref(),
@@ -986,13 +1004,11 @@ impl<'a, C: Compute> Engine<'a, C> {
         }
     }
 
-    async fn poll(&self, target: &Target, flight: &mut Flight, nova_queue: NovaQueue) -> Step {
+    async fn poll(&self, target: &Target, flight: &mut Flight) -> Step {
         if flight.waiting_in_nova && flight.requested.is_none() {
             // Queued behind the running ones: nothing to watch until a slot
-            // frees, except, until Nova has shown that it queues, its status.
-            if nova_queue == NovaQueue::Unknown {
-                self.read_progress(flight, Instant::now()).await;
-            }
+            // frees (until Nova has shown that it queues, `learn_nova_queue`
+            // reads its status).
             return Step::Continue;
         }
         let id = flight.job.server.id.clone();
@@ -1190,6 +1206,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             }
         };
         let Some(migration) = migrations.into_iter().next() else {
+            flight.nova_status = None;
             return Some(false);
         };
         flight.migration_id = Some(migration.id.clone());

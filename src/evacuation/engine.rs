@@ -232,17 +232,22 @@ pub fn disabled_reason(node: &str, now: jiff::Timestamp) -> String {
     )
 }
 
+/// The servers of a plan that will move (the capacity check's subject).
+fn to_move(planned: &[PlannedVm]) -> Vec<&Server> {
+    planned
+        .iter()
+        .filter(|p| p.action != Action::Skip)
+        .map(|p| &p.server)
+        .collect()
+}
+
 /// Refuses a plan whose VMs do not fit on the other hosts (`None`: no check
 /// asked for). With nothing to move, the look-up's own failure does not matter.
 fn check_fit(
     planned: &[PlannedVm],
     hosts: Result<Option<Vec<HostCapacity>>, EvacuationError>,
 ) -> Result<(), EvacuationError> {
-    let moving: Vec<&Server> = planned
-        .iter()
-        .filter(|p| p.action != Action::Skip)
-        .map(|p| &p.server)
-        .collect();
+    let moving = to_move(planned);
     if moving.is_empty() {
         return Ok(());
     }
@@ -384,12 +389,7 @@ impl<'a, C: Compute> Engine<'a, C> {
         let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(&destinations));
         let planned = planned?;
         let capacity = capacity?.map(|candidates| {
-            let moving: Vec<&Server> = planned
-                .iter()
-                .filter(|p| p.action != Action::Skip)
-                .map(|p| &p.server)
-                .collect();
-            let unplaced = match plan::check_capacity(&moving, &candidates) {
+            let unplaced = match plan::check_capacity(&to_move(&planned), &candidates) {
                 Ok(()) => vec![],
                 Err(shortfall) => shortfall.unplaced.into_iter().map(|s| s.id).collect(),
             };

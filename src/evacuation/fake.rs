@@ -246,9 +246,7 @@ impl Cloud {
     pub(crate) fn settle(&mut self, now: Instant) {
         for i in 0..self.migrations.len() {
             let migration = &self.migrations[i];
-            if migration.queued() {
-                continue;
-            }
+            // Queued ones are not moving: they start in `start_queued`.
             if !migration.moving() {
                 continue;
             }

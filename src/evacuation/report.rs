@@ -183,9 +183,7 @@ impl Report {
         }
         out
     }
-}
 
-impl Report {
     fn capacity_verdict(&self, capacity: &CapacityCheck) -> String {
         let moving = self.vms.iter().filter(|vm| vm.outcome == Outcome::Planned).count();
         let mut candidates: Vec<&HostCapacity> = capacity.candidates.iter().collect();

@@ -1,5 +1,6 @@
 //! Real faults on the real lab, in the middle of an evacuation: Keystone
-//! tokens expiring, Keystone, nova-api or RabbitMQ dying and coming back, the
+//! tokens expiring, Keystone, nova-api or RabbitMQ dying and coming back, a
+//! lost scheduler reply putting a VM in ERROR, the
 //! destination compute dying, the drainer itself being SIGKILLed, and bad
 //! input. Each scenario ends with every VM ACTIVE on exactly one host, none
 //! lost, none in ERROR, the service in the right state, and the drainer's
@@ -224,6 +225,49 @@ async fn bad_input_exits_2_with_a_clear_message_and_no_change() {
 #[tokio::test]
 async fn rabbitmq_restart_during_an_evacuation() {
     evacuation_survives_restart_of("rabbitmq", "fault-rabbit", 3, Duration::from_secs(2)).await;
+}
+
+/// When a call from Nova's conductor to the scheduler gets no reply (a
+/// RabbitMQ restart loses it; here the scheduler is down), the conductor
+/// gives up after `rpc_response_timeout` (60 s) and sets the VM to ERROR,
+/// though no hypervisor ever touched it. The drainer sets it back to ACTIVE
+/// and moves it once the scheduler answers again.
+#[tokio::test]
+async fn vm_put_in_error_by_a_lost_scheduler_reply_is_set_back_and_moved() {
+    let _exclusive = Lab::exclusive().await;
+    let lab = Lab::connect().await;
+    lab.reset().await;
+    let id = lab
+        .boot(BootSpec::new("fault-sched").flavor("m1.small"))
+        .await
+        .remove(0);
+    lab_kill("nova-scheduler");
+    let restore = RestoreLab;
+    let child = spawn(
+        &config(&lab, "  retries: 2\n"),
+        &["--node", "host1", "--output", "json"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while lab.server(&id).await["status"] != "ERROR" {
+        assert!(Instant::now() < deadline, "Nova never gave up on the scheduler");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(restore);
+    let (code, report) = finish(child).await;
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["vms"][0]["outcome"], "migrated", "{report:#}");
+    assert_eq!(report["vms"][0]["attempts"], 2, "{report:#}");
+    let server = lab.server(&id).await;
+    assert_eq!(server["status"], "ACTIVE");
+    assert_ne!(server["OS-EXT-SRV-ATTR:host"], "host1");
+    let mut statuses: Vec<String> = lab
+        .live_migrations(&id)
+        .await
+        .iter()
+        .map(|m| m["status"].as_str().unwrap_or_default().to_string())
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses, ["completed", "error"]);
 }
 
 #[tokio::test]

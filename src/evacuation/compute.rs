@@ -29,6 +29,8 @@ pub struct Server {
     pub task_state: Option<String>,
     /// `OS-EXT-SRV-ATTR:host`, the nova-compute service host.
     pub host: Option<String>,
+    /// `OS-EXT-STS:power_state` is RUNNING: the guest runs, whatever `status` says.
+    pub running: bool,
     pub flavor: Flavor,
 }
 
@@ -128,6 +130,15 @@ pub trait Compute: Send + Sync {
     ) -> impl Future<Output = ComputeResult<Vec<Migration>>> + Send;
     /// Servers cold-migrated off `host` that still wait for a confirmation.
     fn unconfirmed_migrations_from(&self, host: &str) -> impl Future<Output = ComputeResult<Vec<String>>> + Send;
+    /// Whether the newest request on this server is a live migration that
+    /// failed before any hypervisor took part (its instance action has no
+    /// event beyond the conductor's scheduling and the pre-checks): the guest
+    /// was never touched, whatever state Nova left the server in. `false`
+    /// whenever that cannot be shown.
+    fn failed_before_any_hypervisor(&self, server_id: &str) -> impl Future<Output = ComputeResult<bool>> + Send;
+    /// Sets the server's state back to ACTIVE (`os-resetState`), for a VM
+    /// that Nova put in ERROR although its guest was never touched.
+    fn reset_to_active(&self, server_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
     /// Lets a running live migration finish now (pausing the VM if needed).
     fn force_complete(&self, server_id: &str, migration_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
     /// Cancels a live migration; the server stays on its source.

@@ -1021,8 +1021,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             }
         };
         if server.status == "ERROR" {
-            let reason = "the VM went to ERROR while migrating; an operator must look at it".to_string();
-            return Step::Done(self.finish(target, flight, Outcome::Failed, Some(reason), None));
+            return self.errored_while_migrating(target, flight, &server).await;
         }
         let on_source = server.host.as_deref() == Some(target.host.as_str());
         match flight.job.action {
@@ -1061,6 +1060,51 @@ impl<'a, C: Compute> Engine<'a, C> {
                 Step::Continue
             }
         }
+    }
+
+    /// Nova put the server in ERROR during our migration. Its conductor does
+    /// so when a step fails unexpectedly before any hypervisor took part (seen
+    /// when RabbitMQ restarts and the scheduler's reply is lost: the call times
+    /// out after a minute): the guest still runs untouched on the source, and
+    /// an operator would reset the state and try again. Only in exactly that
+    /// case is it set back to ACTIVE and tried again; in any other, the VM is
+    /// left to an operator.
+    async fn errored_while_migrating(&self, target: &Target, flight: &mut Flight, server: &Server) -> Step {
+        let id = &flight.job.server.id;
+        let untouched_so_far = flight.job.action == Action::LiveMigrate
+            && flight.job.server.status == "ACTIVE"
+            && server.running
+            && server.task_state.is_none()
+            && server.host.as_deref() == Some(target.host.as_str());
+        let mut reason = "the VM went to ERROR while migrating; an operator must look at it".to_string();
+        if untouched_so_far {
+            match self.compute.failed_before_any_hypervisor(id).await {
+                Ok(false) => {}
+                Ok(true) => match self.compute.reset_to_active(id).await {
+                    Ok(()) => {
+                        warn!(
+                            server = %id,
+                            "Nova put the VM in ERROR when its live migration failed before reaching any hypervisor; \
+                             it runs untouched on {}: set back to ACTIVE",
+                            target.host
+                        );
+                        return self.ended_on_source(target, flight, "live-migration").await;
+                    }
+                    Err(e) => {
+                        reason = format!(
+                            "Nova put the VM in ERROR before its live migration reached any hypervisor, and \
+                             setting it back to ACTIVE failed ({e}); it runs on {}",
+                            target.host
+                        );
+                    }
+                },
+                Err(e) => {
+                    debug!(server = %id, error = %e, "could not read the server's actions; looking again next time");
+                    return Step::Continue;
+                }
+            }
+        }
+        Step::Done(self.finish(target, flight, Outcome::Failed, Some(reason), None))
     }
 
     /// A migration that ended with the VM still on the source: aborted by us, or failed.

@@ -49,6 +49,10 @@ pub(crate) enum Script {
     /// The source finishes `after` this long and marks the migration completed, but the destination never takes the
     /// server over (its nova-compute died): the server keeps showing `migrating` on its source for ever.
     DestinationLost { after: Duration },
+    /// Nova's conductor fails it `after` this long, before any hypervisor took part (the scheduler's reply was lost
+    /// while RabbitMQ restarted, and the call timed out): the migration ends in `error` and the server in ERROR,
+    /// its guest still running untouched on the source.
+    ConductorError { after: Duration },
 }
 
 /// What a migration is given when its server has no script.
@@ -72,6 +76,8 @@ pub(crate) struct FakeVm {
     /// How its successive migrations go; the last one repeats for ever.
     pub(crate) scripts: VecDeque<Script>,
     pub(crate) progress: Progress,
+    /// Its newest instance action is a `resetState`, not a migration.
+    pub(crate) reset_since_migration: bool,
 }
 
 impl FakeVm {
@@ -90,7 +96,7 @@ pub(crate) struct FakeMigration {
     pub(crate) server_id: String,
     /// [`LIVE`] or [`COLD`].
     pub(crate) kind: &'static str,
-    /// Live: [queued ->] running -> completed | error | cancelled.
+    /// Live: [accepted | queued ->] running -> completed | error | cancelled.
     /// Cold: migrating -> finished (server in VERIFY_RESIZE) -> confirmed, or -> error.
     pub(crate) status: &'static str,
     pub(crate) source: String,
@@ -120,19 +126,25 @@ impl FakeMigration {
         self.status == "queued"
     }
 
+    /// Still being scheduled in the conductor: no hypervisor has it yet.
+    pub(crate) fn accepted(&self) -> bool {
+        self.status == "accepted"
+    }
+
     pub(crate) fn remaining_bytes(&self, now: Instant) -> u64 {
         if self.status == "completed" {
             return 0;
         }
-        if self.queued() {
+        if self.queued() || self.accepted() {
             return self.total_bytes;
         }
         let elapsed = self.ended.unwrap_or(now) - self.started;
         let total = self.total_bytes;
         let copied = match self.script {
-            Script::Complete { after } | Script::Fail { after } | Script::DestinationLost { after } => {
-                share(total, elapsed.min(after), after)
-            }
+            Script::Complete { after }
+            | Script::Fail { after }
+            | Script::DestinationLost { after }
+            | Script::ConductorError { after } => share(total, elapsed.min(after), after),
             Script::Stall { progress_for } => share(total / 2, elapsed.min(progress_for), progress_for),
             Script::Thrash { period } => {
                 let into_pass = Duration::from_nanos((elapsed.as_nanos() % period.as_nanos().max(1)) as u64);
@@ -177,6 +189,8 @@ pub(crate) struct Calls {
     pub(crate) starts: Vec<String>,
     pub(crate) confirm_resize: Vec<String>,
     pub(crate) abort: Vec<(String, Duration)>,
+    /// Servers set back to ACTIVE, in order.
+    pub(crate) reset_to_active: Vec<String>,
     pub(crate) force_complete: Vec<(String, Duration)>,
     /// The reasons of every disable call.
     pub(crate) disable: Vec<String>,
@@ -246,6 +260,16 @@ impl Cloud {
     pub(crate) fn settle(&mut self, now: Instant) {
         for i in 0..self.migrations.len() {
             let migration = &self.migrations[i];
+            if let Script::ConductorError { after } = migration.script
+                && migration.accepted()
+                && now - migration.started >= after
+            {
+                self.end_on_source(i, "error", now);
+                if let Some(vm) = self.vms.get_mut(&self.migrations[i].server_id) {
+                    vm.server.status = "ERROR".into();
+                }
+                continue;
+            }
             // Queued ones are not moving: they start in `start_queued`.
             if !migration.moving() {
                 continue;
@@ -387,7 +411,9 @@ impl Cloud {
             script = Script::Fail { after: Duration::ZERO };
         }
         vm.server.task_state = Some(task.into());
+        vm.reset_since_migration = false;
         let status = match kind {
+            LIVE if matches!(script, Script::ConductorError { .. }) => "accepted",
             LIVE if nova_queues => "queued",
             LIVE => "running",
             _ => "migrating",
@@ -494,6 +520,7 @@ impl FakeCloud {
             status: status.into(),
             task_state: None,
             host: Some(SOURCE.into()),
+            running: status == "ACTIVE",
             flavor: Flavor {
                 ram_mb,
                 vcpus: 2,
@@ -504,6 +531,7 @@ impl FakeCloud {
             server,
             scripts: VecDeque::new(),
             progress: Progress::Reported,
+            reset_since_migration: false,
         };
         self.lock().vms.insert(id.into(), vm);
     }
@@ -733,7 +761,7 @@ impl Compute for FakeCloud {
             .migrations
             .iter()
             .rev()
-            .filter(|m| m.server_id == server_id && m.kind == LIVE && (m.moving() || m.queued()))
+            .filter(|m| m.server_id == server_id && m.kind == LIVE && (m.moving() || m.queued() || m.accepted()))
             .map(|m| m.record(now))
             .collect())
     }
@@ -762,6 +790,36 @@ impl Compute for FakeCloud {
             .collect();
         ids.dedup();
         Ok(ids)
+    }
+
+    async fn failed_before_any_hypervisor(&self, server_id: &str) -> ComputeResult<bool> {
+        self.reachable()?;
+        let cloud = self.lock();
+        if cloud.vms.get(server_id).is_none_or(|vm| vm.reset_since_migration) {
+            return Ok(false);
+        }
+        Ok(cloud
+            .migrations
+            .iter()
+            .rfind(|m| m.server_id == server_id)
+            .is_some_and(|m| {
+                m.kind == LIVE && m.status == "error" && matches!(m.script, Script::ConductorError { .. })
+            }))
+    }
+
+    async fn reset_to_active(&self, server_id: &str) -> ComputeResult<()> {
+        self.reachable()?;
+        let mut cloud = self.lock();
+        cloud.calls.reset_to_active.push(server_id.into());
+        let Some(vm) = cloud.vms.get_mut(server_id) else {
+            return Err(ComputeError::Other(format!(
+                "404: instance {server_id} could not be found"
+            )));
+        };
+        vm.server.status = "ACTIVE".into();
+        vm.server.task_state = None;
+        vm.reset_since_migration = true;
+        Ok(())
     }
 
     async fn force_complete(&self, server_id: &str, migration_id: &str) -> ComputeResult<()> {

@@ -181,6 +181,7 @@ mod tests {
             status: status.into(),
             task_state: None,
             host: Some("src".into()),
+            running: true,
             flavor: Flavor {
                 ram_mb,
                 vcpus: 1,

@@ -69,6 +69,60 @@ async fn moves_every_vm_in_planned_order_never_more_than_max_parallel_at_once() 
     assert_eq!((d.status.as_str(), d.task_state), ("SHUTOFF", None));
 }
 
+/// A RabbitMQ restart loses the scheduler's reply: a minute later Nova's
+/// conductor fails the migration and sets the VM to ERROR, though no
+/// hypervisor ever touched it. The engine shows that from the instance
+/// action, sets the VM back to ACTIVE and tries again.
+#[tokio::test(start_paused = true)]
+async fn vm_put_in_error_before_reaching_a_hypervisor_is_set_back_to_active_and_moved() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("lost-reply", "ACTIVE", 512);
+    cloud.script(
+        "lost-reply",
+        &[
+            Script::ConductorError { after: secs(60) },
+            Script::Complete { after: secs(5) },
+        ],
+    );
+    let settings = Settings {
+        retries: 1,
+        ..Settings::default()
+    };
+
+    let report = evacuate(&cloud, &settings).await;
+
+    assert_eq!(cloud.calls().reset_to_active, ["lost-reply"]);
+    assert_eq!(cloud.calls().live_migrate_times("lost-reply").len(), 2);
+    assert_eq!(cloud.migration_statuses("lost-reply"), ["error", "completed"]);
+    let moved = vm(&report, "lost-reply");
+    assert_eq!(moved.outcome, Outcome::Migrated, "{moved:?}");
+    assert_eq!(moved.attempts, 2);
+    assert_eq!(cloud.vm("lost-reply").status, "ACTIVE");
+    assert_ne!(cloud.vm("lost-reply").host.as_deref(), Some(SOURCE));
+    assert_eq!(report.result, RunResult::Succeeded);
+}
+
+/// A paused VM that Nova put in ERROR is not set back: `os-resetState` knows
+/// only ACTIVE and ERROR, and ACTIVE would misstate a paused guest.
+#[tokio::test(start_paused = true)]
+async fn paused_vm_put_in_error_is_left_to_an_operator() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("paused", "PAUSED", 512);
+    cloud.script("paused", &[Script::ConductorError { after: secs(60) }]);
+    let settings = Settings {
+        retries: 1,
+        ..Settings::default()
+    };
+
+    let report = evacuate(&cloud, &settings).await;
+
+    assert!(cloud.calls().reset_to_active.is_empty());
+    assert_eq!(cloud.calls().live_migrate_times("paused").len(), 1);
+    assert_eq!(vm(&report, "paused").outcome, Outcome::Failed);
+    assert!(reason(&report, "paused").contains("ERROR"), "{report:?}");
+    assert_eq!(report.exit_code(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn failed_migration_is_retried_with_doubling_backoff_then_reported_failed() {
     let cloud = FakeCloud::new();

@@ -48,6 +48,8 @@ pub const HYPERVISOR_PAGING: Microversion = Microversion(2, 33);
 pub const EMBEDDED_FLAVOR: Microversion = Microversion(2, 47);
 /// Services are addressed by UUID: `PUT /os-services/{uuid}`.
 pub const SERVICE_UUID: Microversion = Microversion(2, 53);
+/// `GET /servers/{id}/os-instance-actions` takes `limit`.
+pub const INSTANCE_ACTION_PAGING: Microversion = Microversion(2, 58);
 /// `GET /os-migrations` is paged and sorted newest first.
 pub const MIGRATION_PAGING: Microversion = Microversion(2, 59);
 /// Aborting a live migration that is still queued or preparing.

@@ -639,6 +639,42 @@ impl Compute for NovaClient {
         Ok(ids)
     }
 
+    async fn failed_before_any_hypervisor(&self, server_id: &str) -> ComputeResult<bool> {
+        let mut query = Vec::new();
+        if self.version.supports(microversion::INSTANCE_ACTION_PAGING) {
+            query.push(("limit", "1".to_string()));
+        }
+        let root: wire::InstanceActionsRoot = self
+            .compute(
+                Method::GET,
+                &["servers", server_id, "os-instance-actions"],
+                &query,
+                None,
+            )
+            .await?;
+        let Some(newest) = root.instance_actions.into_iter().next() else {
+            return Ok(false);
+        };
+        if newest.action != "live-migration" {
+            return Ok(false);
+        }
+        let root: wire::InstanceActionRoot = self
+            .compute(
+                Method::GET,
+                &["servers", server_id, "os-instance-actions", &newest.request_id],
+                &[],
+                None,
+            )
+            .await?;
+        Ok(root.instance_action.live_migration_stopped_before_hypervisors())
+    }
+
+    async fn reset_to_active(&self, server_id: &str) -> ComputeResult<()> {
+        Ok(self
+            .server_action(server_id, json!({ "os-resetState": { "state": "active" } }))
+            .await?)
+    }
+
     async fn force_complete(&self, server_id: &str, migration_id: &str) -> ComputeResult<()> {
         self.require(microversion::FORCE_COMPLETE, "force-completing a live migration")?;
         let body = json!({ "force_complete": null });

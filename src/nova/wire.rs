@@ -100,6 +100,9 @@ pub struct ServerRoot {
     pub server: Server,
 }
 
+/// `OS-EXT-STS:power_state` of a running guest.
+const POWER_STATE_RUNNING: u8 = 1;
+
 #[derive(Deserialize)]
 pub struct Server {
     pub id: String,
@@ -112,6 +115,9 @@ pub struct Server {
     pub task_state: Option<String>,
     #[serde(rename = "OS-EXT-SRV-ATTR:host", default)]
     pub host: Option<Value>,
+    /// 1 is RUNNING (nova.compute.power_state).
+    #[serde(rename = "OS-EXT-STS:power_state", default)]
+    pub power_state: Option<u8>,
     pub flavor: ServerFlavor,
 }
 
@@ -129,6 +135,7 @@ impl Server {
             status: self.status,
             task_state: self.task_state,
             host,
+            running: self.power_state == Some(POWER_STATE_RUNNING),
             flavor,
         })
     }
@@ -191,6 +198,53 @@ impl FlavorDetail {
             vcpus: self.vcpus,
             disk_gb: disk_gb(Some(self.disk), Some(self.ephemeral), self.swap.as_ref()),
         }
+    }
+}
+
+/// `GET /servers/{id}/os-instance-actions`, newest first.
+#[derive(Deserialize)]
+pub struct InstanceActionsRoot {
+    #[serde(rename = "instanceActions")]
+    pub instance_actions: Vec<InstanceAction>,
+}
+
+/// `GET /servers/{id}/os-instance-actions/{request_id}`.
+#[derive(Deserialize)]
+pub struct InstanceActionRoot {
+    #[serde(rename = "instanceAction")]
+    pub instance_action: InstanceAction,
+}
+
+/// One request made on a server (`live-migration`, `resetState`, ...) and,
+/// in the single-action view, the steps Nova's services took for it.
+#[derive(Deserialize)]
+pub struct InstanceAction {
+    pub action: String,
+    pub request_id: String,
+    #[serde(default)]
+    pub events: Vec<InstanceActionEvent>,
+}
+
+#[derive(Deserialize)]
+pub struct InstanceActionEvent {
+    /// The service prefix and method: `conductor_live_migrate_instance`, `compute_live_migration`, ...
+    pub event: String,
+}
+
+impl InstanceAction {
+    /// A live migration whose every step ran in the conductor or was a
+    /// pre-check: no hypervisor began to move (or roll back) the guest.
+    pub fn live_migration_stopped_before_hypervisors(&self) -> bool {
+        const BEFORE_ANY_HYPERVISOR: [&str; 3] = [
+            "conductor_live_migrate_instance",
+            "compute_check_can_live_migrate_destination",
+            "compute_check_can_live_migrate_source",
+        ];
+        self.action == "live-migration"
+            && self
+                .events
+                .iter()
+                .all(|e| BEFORE_ANY_HYPERVISOR.contains(&e.event.as_str()))
     }
 }
 
@@ -330,7 +384,7 @@ mod tests {
     #[test]
     fn server_from_microversion_2_93() {
         let json = r#"{"id":"a","name":"vm","tenant_id":"p","status":"ACTIVE","OS-EXT-STS:task_state":null,
-            "OS-EXT-SRV-ATTR:host":"host1","flavor":{"original_name":"m1.small","ram":512,"vcpus":1,"disk":1,
+            "OS-EXT-STS:power_state":1,"OS-EXT-SRV-ATTR:host":"host1","flavor":{"original_name":"m1.small","ram":512,"vcpus":1,"disk":1,
             "ephemeral":0,"swap":0,"extra_specs":{}}}"#;
         let server: Server = serde_json::from_str(json).unwrap();
         let flavor = server.flavor.embedded().unwrap();
@@ -338,6 +392,7 @@ mod tests {
         let server = server.into_server(flavor).unwrap();
         assert_eq!(server.host.as_deref(), Some("host1"));
         assert_eq!(server.task_state, None);
+        assert!(server.running);
     }
 
     #[test]
@@ -396,5 +451,33 @@ mod tests {
     fn swap_counts_toward_disk() {
         assert_eq!(disk_gb(Some(10), Some(5), Some(&Value::from(1536))), 17);
         assert_eq!(disk_gb(Some(1), None, Some(&Value::from(""))), 1);
+    }
+
+    /// Shapes as Nova 2.93 returns them; event names from nova.compute.manager's `wrap_instance_event`.
+    #[test]
+    fn live_migration_that_never_reached_a_hypervisor() {
+        let action = |events: &str| -> InstanceAction {
+            let json = format!(
+                r#"{{"instanceAction":{{"action":"live-migration","request_id":"req-1","message":"Error",
+                "events":[{events}]}}}}"#
+            );
+            serde_json::from_str::<InstanceActionRoot>(&json)
+                .unwrap()
+                .instance_action
+        };
+        let event = |name: &str| format!(r#"{{"event":"{name}","result":"Error","host":"h","details":null}}"#);
+        let conductor = event("conductor_live_migrate_instance");
+        assert!(action(&conductor).live_migration_stopped_before_hypervisors());
+        let checked = format!("{conductor},{}", event("compute_check_can_live_migrate_destination"));
+        assert!(action(&checked).live_migration_stopped_before_hypervisors());
+        let started = format!("{conductor},{}", event("compute_live_migration"));
+        assert!(!action(&started).live_migration_stopped_before_hypervisors());
+        let list = r#"{"instanceActions":[{"action":"resetState","request_id":"req-2"},
+            {"action":"live-migration","request_id":"req-1"}],"links":[]}"#;
+        let newest = serde_json::from_str::<InstanceActionsRoot>(list)
+            .unwrap()
+            .instance_actions
+            .remove(0);
+        assert!(!newest.live_migration_stopped_before_hypervisors());
     }
 }

@@ -244,7 +244,7 @@ async fn vm_put_in_error_by_a_lost_scheduler_reply_is_set_back_and_moved() {
     lab_kill("nova-scheduler");
     let restore = RestoreLab;
     let child = spawn(
-        &config(&lab, "  retries: 2\n"),
+        &config(&lab, "  retries: 3\n"),
         &["--node", "host1", "--output", "json"],
     );
     let deadline = Instant::now() + Duration::from_secs(150);
@@ -256,18 +256,24 @@ async fn vm_put_in_error_by_a_lost_scheduler_reply_is_set_back_and_moved() {
     let (code, report) = finish(child).await;
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["vms"][0]["outcome"], "migrated", "{report:#}");
-    assert_eq!(report["vms"][0]["attempts"], 2, "{report:#}");
     let server = lab.server(&id).await;
     assert_eq!(server["status"], "ACTIVE");
     assert_ne!(server["OS-EXT-SRV-ATTR:host"], "host1");
-    let mut statuses: Vec<String> = lab
-        .live_migrations(&id)
-        .await
-        .iter()
-        .map(|m| m["status"].as_str().unwrap_or_default().to_string())
-        .collect();
-    statuses.sort();
-    assert_eq!(statuses, ["completed", "error"]);
+    // The restarted scheduler may still answer the request that timed out,
+    // and its claim then fails the next attempt in the conductor too (seen:
+    // "another process changed the consumer"); that VM is set back again.
+    let history = lab.live_migrations(&id).await;
+    let statuses: Vec<&str> = history.iter().filter_map(|m| m["status"].as_str()).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == "completed").count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| matches!(*s, "completed" | "error")),
+        "{statuses:?}"
+    );
+    assert_eq!(report["vms"][0]["attempts"], statuses.len(), "{report:#}");
 }
 
 #[tokio::test]

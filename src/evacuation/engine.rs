@@ -325,6 +325,63 @@ struct Flight {
     /// Aborted because Nova started it beyond `max_parallel`: queued again
     /// once stopped, not counted as an attempt.
     withdrawn: bool,
+    /// The quickest this run moved a VM with no more RAM, if it moved one:
+    /// this migration is not expected to end sooner.
+    expected: Option<Duration>,
+    /// The earliest Nova can have begun to run it: when it was asked for,
+    /// or for one handed ahead, when the migration before it was last seen
+    /// still moving (Nova starts the next the moment one ends, before we see it end).
+    running_from: Instant,
+    /// When its server is next read.
+    next_poll: Instant,
+    /// When its server was read before the latest read.
+    read_before: Option<Instant>,
+    read_last: Option<Instant>,
+}
+
+impl Flight {
+    /// Called as the server is read at `now`: when to read it next. Before
+    /// three quarters of the quickest comparable migration of this run there
+    /// is nothing to see (that one's time counts Nova's scheduling and our
+    /// noticing its end, so comparable ones run a little shorter); from then
+    /// until two poll intervals after it, the end is near and the server is
+    /// read at half the poll interval, so that its end is seen sooner;
+    /// otherwise at the poll interval.
+    fn schedule_next_poll(&mut self, now: Instant, poll_interval: Duration) {
+        self.next_poll = match self.expected {
+            Some(quickest) if self.job.action == Action::LiveMigrate => {
+                let earliest_end = self.running_from + quickest * 3 / 4;
+                if now < earliest_end {
+                    earliest_end
+                } else if now < self.running_from + quickest + poll_interval * 2 {
+                    now + poll_interval / 2
+                } else {
+                    now + poll_interval
+                }
+            }
+            _ => now + poll_interval,
+        };
+    }
+}
+
+/// How long this run's live migrations took, from running in Nova to seen
+/// ended, with the VM's RAM: a VM with more RAM is not expected to move
+/// quicker than the quickest with less.
+#[derive(Default)]
+struct MoveTimes(Vec<(u64, Duration)>);
+
+impl MoveTimes {
+    fn record(&mut self, ram_mb: u64, took: Duration) {
+        self.0.push((ram_mb, took));
+    }
+
+    fn quickest_up_to(&self, ram_mb: u64) -> Option<Duration> {
+        self.0
+            .iter()
+            .filter(|(ram, _)| *ram <= ram_mb)
+            .map(|(_, took)| *took)
+            .min()
+    }
 }
 
 /// What the run has learnt about Nova holding migrations queued for it.
@@ -664,6 +721,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             0
         };
         let mut nova_queue = NovaQueue::Unknown;
+        let mut move_times = MoveTimes::default();
         let mut flights: Vec<Flight> = Vec::new();
         let mut ending: Option<Ending> = None;
         let mut ending_since = now;
@@ -723,7 +781,11 @@ impl<'a, C: Compute> Engine<'a, C> {
                 let starts = join_all(ready.into_iter().map(|(job, ahead)| self.start(target, job, ahead))).await;
                 for start in starts {
                     match start {
-                        Start::Flying(flight) => flights.push(*flight),
+                        Start::Flying(mut flight) => {
+                            flight.expected = move_times.quickest_up_to(flight.job.server.flavor.ram_mb);
+                            flight.schedule_next_poll(Instant::now(), self.settings.poll_interval);
+                            flights.push(*flight);
+                        }
                         Start::Done(report) => reports.push(report),
                         Start::Later(job) => queue.push_back(job),
                         Start::Failed(job, reason) => self.retry_or_fail(target, job, reason, &mut queue, &mut reports),
@@ -742,20 +804,33 @@ impl<'a, C: Compute> Engine<'a, C> {
                 in_flight: flights.len(),
             });
 
-            self.pause(stop).await;
+            let next_poll = flights.iter().filter(|f| !f.waiting_in_nova).map(|f| f.next_poll).min();
+            self.pause(stop, next_poll).await;
 
             let steps = join_all(flights.iter_mut().map(|flight| self.poll(target, flight))).await;
             let mut still = Vec::with_capacity(flights.len());
+            // Nova starts what it holds queued once a running migration ends:
+            // not before the ended ones were last seen still moving.
+            let mut slot_freed_after: Option<Instant> = None;
             for (flight, step) in flights.into_iter().zip(steps) {
+                if !matches!(step, Step::Continue) && !flight.waiting_in_nova {
+                    let seen_moving = flight.read_before.unwrap_or(flight.running_from);
+                    slot_freed_after = Some(slot_freed_after.map_or(seen_moving, |t| t.min(seen_moving)));
+                }
                 match step {
                     Step::Continue => still.push(flight),
-                    Step::Done(report) => reports.push(report),
+                    Step::Done(report) => {
+                        if report.outcome == Outcome::Migrated && flight.job.action == Action::LiveMigrate {
+                            move_times.record(flight.job.server.flavor.ram_mb, flight.running_from.elapsed());
+                        }
+                        reports.push(report);
+                    }
                     Step::Retry(job, reason) => self.retry_or_fail(target, job, reason, &mut queue, &mut reports),
                     Step::Requeue(job) => queue.push_front(job),
                 }
             }
             flights = still;
-            self.start_waiting(&mut flights, max_running);
+            self.start_waiting(&mut flights, max_running, &move_times, slot_freed_after);
             if queue_ahead > 0 && nova_queue == NovaQueue::Unknown {
                 nova_queue = self.learn_nova_queue(&mut flights, max_running).await;
                 if nova_queue == NovaQueue::RunsAtOnce {
@@ -796,11 +871,13 @@ impl<'a, C: Compute> Engine<'a, C> {
         (reports, ending)
     }
 
-    /// Waits one poll interval, or less if a stop is requested meanwhile.
-    async fn pause(&self, stop: &mut watch::Receiver<StopRequest>) {
+    /// Waits until the next flight is due (at most one poll interval), or
+    /// less if a stop is requested meanwhile.
+    async fn pause(&self, stop: &mut watch::Receiver<StopRequest>, next_poll: Option<Instant>) {
         let interval = self.settings.poll_interval;
+        let until_due = next_poll.map_or(interval, |due| due.saturating_duration_since(Instant::now()));
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(until_due.min(interval)) => {}
             changed = stop.changed() => {
                 if changed.is_err() {
                     // Nobody can ask us to stop any more: just wait.
@@ -914,19 +991,30 @@ impl<'a, C: Compute> Engine<'a, C> {
             migration_id: None,
             remaining: None,
             last_progress: now,
-            next_progress_check: now,
+            next_progress_check: now + PROGRESS_INTERVAL,
             over_budget_noted: false,
             requested: None,
             orphaned_since: None,
             waiting_in_nova,
             nova_status: None,
             withdrawn: false,
+            expected: None,
+            running_from: now,
+            next_poll: now,
+            read_before: None,
+            read_last: None,
         }
     }
 
     /// A running migration ended: Nova starts the oldest it holds queued in
     /// the freed slot, so its budget starts now.
-    fn start_waiting(&self, flights: &mut [Flight], max_running: usize) {
+    fn start_waiting(
+        &self,
+        flights: &mut [Flight],
+        max_running: usize,
+        move_times: &MoveTimes,
+        slot_freed_after: Option<Instant>,
+    ) {
         let now = Instant::now();
         let free = max_running.saturating_sub(flights.iter().filter(|f| !f.waiting_in_nova).count());
         // Oldest first: flights are kept in the order they started.
@@ -934,7 +1022,10 @@ impl<'a, C: Compute> Engine<'a, C> {
             flight.waiting_in_nova = false;
             flight.attempt_started = now;
             flight.last_progress = now;
-            flight.next_progress_check = now;
+            flight.next_progress_check = now + PROGRESS_INTERVAL;
+            flight.running_from = slot_freed_after.unwrap_or(now);
+            flight.expected = move_times.quickest_up_to(flight.job.server.flavor.ram_mb);
+            flight.schedule_next_poll(now, self.settings.poll_interval);
         }
     }
 
@@ -1011,6 +1102,13 @@ impl<'a, C: Compute> Engine<'a, C> {
             // reads its status).
             return Step::Continue;
         }
+        let now = Instant::now();
+        if flight.requested.is_none() && now < flight.next_poll {
+            return Step::Continue;
+        }
+        flight.schedule_next_poll(now, self.settings.poll_interval);
+        flight.read_before = flight.read_last.replace(now);
+
         let id = flight.job.server.id.clone();
         let server = match self.compute.server(&id).await {
             Ok(Some(server)) => server,

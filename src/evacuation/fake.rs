@@ -189,6 +189,8 @@ pub(crate) struct Calls {
     pub(crate) starts: Vec<String>,
     pub(crate) confirm_resize: Vec<String>,
     pub(crate) abort: Vec<(String, Duration)>,
+    /// The server of every `GET /servers/{id}`, in order.
+    pub(crate) server_reads: Vec<String>,
     /// Servers set back to ACTIVE, in order.
     pub(crate) reset_to_active: Vec<String>,
     pub(crate) force_complete: Vec<(String, Duration)>,
@@ -247,6 +249,10 @@ pub(crate) struct Cloud {
     /// Whether the API lets a queued (or preparing) migration be aborted
     /// (compute microversion 2.65).
     pub(crate) aborts_queued: bool,
+    /// How long Nova's conductor takes to schedule and pre-check a live
+    /// migration (`accepted`) before the source compute queues or runs it;
+    /// the work that handing migrations ahead overlaps with the running one.
+    pub(crate) scheduling: Duration,
     /// Servers whose next abort Nova accepts but cannot carry out (it came
     /// while the migration was `preparing`): the migration goes on.
     pub(crate) abort_lost: Vec<String>,
@@ -258,18 +264,38 @@ impl Cloud {
     /// starts the moment a slot frees (migrations are kept oldest first, so
     /// it is looked at later in the same pass).
     pub(crate) fn settle(&mut self, now: Instant) {
+        // First the conductor's part: what it has scheduled by now reaches
+        // its compute, which queues it behind the migrations still listed
+        // running; one of those that ended earlier starts it below, not
+        // before it was scheduled.
         for i in 0..self.migrations.len() {
             let migration = &self.migrations[i];
-            if let Script::ConductorError { after } = migration.script
-                && migration.accepted()
-                && now - migration.started >= after
-            {
-                self.end_on_source(i, "error", now);
-                if let Some(vm) = self.vms.get_mut(&self.migrations[i].server_id) {
-                    vm.server.status = "ERROR".into();
+            if !migration.accepted() {
+                continue;
+            }
+            if let Script::ConductorError { after } = migration.script {
+                if now - migration.started >= after {
+                    self.end_on_source(i, "error", now);
+                    if let Some(vm) = self.vms.get_mut(&self.migrations[i].server_id) {
+                        vm.server.status = "ERROR".into();
+                    }
                 }
                 continue;
             }
+            if now - migration.started >= self.scheduling {
+                let at = migration.started + self.scheduling;
+                let source = migration.source.clone();
+                let full = self
+                    .nova_live_limit
+                    .is_some_and(|limit| self.running_live_from(&source) >= limit);
+                let migration = &mut self.migrations[i];
+                migration.started = at;
+                migration.status = if full { "queued" } else { "running" };
+                self.note_in_flight(&source);
+            }
+        }
+        for i in 0..self.migrations.len() {
+            let migration = &self.migrations[i];
             // Queued ones are not moving: they start in `start_queued`.
             if !migration.moving() {
                 continue;
@@ -316,7 +342,8 @@ impl Cloud {
         }
         if let Some(next) = self.migrations.iter_mut().find(|m| m.source == source && m.queued()) {
             next.status = "running";
-            next.started = at;
+            // Not before it reached the queue.
+            next.started = at.max(next.started);
         }
         self.note_in_flight(&source);
     }
@@ -413,7 +440,7 @@ impl Cloud {
         vm.server.task_state = Some(task.into());
         vm.reset_since_migration = false;
         let status = match kind {
-            LIVE if matches!(script, Script::ConductorError { .. }) => "accepted",
+            LIVE if matches!(script, Script::ConductorError { .. }) || !self.scheduling.is_zero() => "accepted",
             LIVE if nova_queues => "queued",
             LIVE => "running",
             _ => "migrating",
@@ -491,6 +518,7 @@ impl FakeCloud {
                 after_listing: None,
                 nova_live_limit: None,
                 aborts_queued: false,
+                scheduling: Duration::ZERO,
                 abort_lost: Vec::new(),
                 calls: Calls::default(),
             }),
@@ -564,6 +592,12 @@ impl FakeCloud {
         let mut cloud = self.lock();
         cloud.nova_live_limit = limit;
         cloud.aborts_queued = true;
+    }
+
+    /// Nova's conductor takes `scheduling` to schedule each live migration
+    /// before a compute queues or runs it.
+    pub(crate) fn nova_schedules_for(&self, scheduling: Duration) {
+        self.lock().scheduling = scheduling;
     }
 
     /// When each live migration of `server` started running in Nova (after any wait in its queue).
@@ -704,7 +738,9 @@ impl Compute for FakeCloud {
 
     async fn server(&self, id: &str) -> ComputeResult<Option<Server>> {
         self.reachable()?;
-        Ok(self.lock().vms.get(id).map(|vm| vm.server.clone()))
+        let mut cloud = self.lock();
+        cloud.calls.server_reads.push(id.into());
+        Ok(cloud.vms.get(id).map(|vm| vm.server.clone()))
     }
 
     async fn live_migrate(&self, server_id: &str) -> ComputeResult<()> {

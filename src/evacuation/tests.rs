@@ -705,7 +705,8 @@ async fn stop_abort_in_flight_aborts_the_live_migration() {
 /// Live migrations of 10.2 s: ends fall between two polls.
 const TEN_S: Duration = Duration::from_millis(10_200);
 
-/// Four VMs of [`TEN_S`] each on a Nova that runs one live migration per host and queues the rest.
+/// Four VMs of [`TEN_S`] each on a Nova that runs one live migration per
+/// host and queues the rest, and takes a second to schedule each.
 fn four_on_a_queueing_nova() -> FakeCloud {
     let cloud = FakeCloud::new();
     for id in ["a", "b", "c", "d"] {
@@ -713,6 +714,7 @@ fn four_on_a_queueing_nova() -> FakeCloud {
         cloud.script(id, &[Script::Complete { after: TEN_S }]);
     }
     cloud.nova_queues_beyond(Some(1));
+    cloud.nova_schedules_for(secs(1));
     cloud
 }
 
@@ -732,9 +734,14 @@ async fn nova_holds_the_next_migration_queued_and_starts_it_as_the_last_ends() {
         assert_eq!(cloud.running_since(next), [cloud.running_since(before)[0] + TEN_S]);
     }
     assert!(calls.live_migrate_times("b")[0] < secs(1), "b handed ahead at once");
-    assert!(report.duration_seconds <= 41.3, "{}", report.duration_seconds);
+    // The first scheduling, four migrations back to back, then the last end seen within half a poll.
+    assert!(
+        report.duration_seconds <= 1.0 + 40.8 + 0.25,
+        "{}",
+        report.duration_seconds
+    );
 
-    // Without handing ahead, every VM waits for our poll and request.
+    // Without handing ahead, every VM waits for our poll, our request and Nova's scheduling.
     let serial = four_on_a_queueing_nova();
     let settings = Settings {
         queue_ahead: 0,
@@ -743,11 +750,36 @@ async fn nova_holds_the_next_migration_queued_and_starts_it_as_the_last_ends() {
     let slower = evacuate(&serial, &settings).await;
     assert_eq!(serial.calls().max_queued, 0);
     assert!(
-        slower.duration_seconds >= report.duration_seconds + 1.0,
+        slower.duration_seconds >= report.duration_seconds + 3.0,
         "{} s against {} s",
         slower.duration_seconds,
         report.duration_seconds
     );
+}
+
+/// Once one VM has moved, a comparable one is not read before it could have
+/// ended, then read at half the poll interval: fewer reads, and its end seen sooner.
+#[tokio::test(start_paused = true)]
+async fn migrations_are_read_around_their_expected_end() {
+    let cloud = four_on_a_queueing_nova();
+
+    let report = evacuate(&cloud, &Settings::default()).await;
+
+    assert_eq!(report.result, RunResult::Succeeded, "{report:?}");
+    // a, with nothing to go by, is read every 0.5 s through its 1 s of
+    // scheduling and 10.2 s of running (23 reads); b, c and d only from 3/4
+    // of a's time on, at 0.25 s (1 read to start c or d, then about 10).
+    let reads = |id: &str| cloud.calls().server_reads.iter().filter(|r| *r == id).count();
+    assert_eq!(reads("a"), 23);
+    for id in ["b", "c", "d"] {
+        assert!(reads(id) <= 12, "{id}: {} reads", reads(id));
+    }
+    for id in ["b", "c", "d"] {
+        let ended = cloud.running_since(id)[0] + TEN_S;
+        let asked = cloud.calls().live_migrate_times(id)[0];
+        let seen = asked + Duration::from_secs_f64(vm(&report, id).duration_seconds);
+        assert_within(seen, ended, ended + millis(250));
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -797,9 +829,10 @@ async fn a_nova_that_runs_more_than_max_parallel_gets_nothing_ahead() {
 
     assert_eq!(report.result, RunResult::Succeeded, "{report:?}");
     let calls = cloud.calls();
-    // b ran beside a for one poll, then was aborted and moved again later,
-    // its withdrawn try not counted; nothing else was handed ahead.
-    assert_eq!(calls.abort_times("b"), [Duration::from_millis(500)]);
+    // b ran beside a from the end of its scheduling (1 s), was aborted at the
+    // poll that saw it and moved again later, its withdrawn try not counted;
+    // nothing else was handed ahead.
+    assert_eq!(calls.abort_times("b"), [secs(1)]);
     assert_eq!(calls.live_migrate_times("b").len(), 2);
     assert_eq!(vm(&report, "b").attempts, 1);
     assert_eq!(vm(&report, "b").outcome, Outcome::Migrated);

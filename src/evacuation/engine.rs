@@ -342,8 +342,9 @@ struct Flight {
 impl Flight {
     /// Called as the server is read at `now`: when to read it next. Before
     /// three quarters of the quickest comparable migration of this run there
-    /// is nothing to see (that one's time counts Nova's scheduling and our
-    /// noticing its end, so comparable ones run a little shorter); from then
+    /// is nothing to see but an early failure (that one's time counts Nova's
+    /// scheduling and our noticing its end, so comparable ones run a little
+    /// shorter): read every [`QUIET_POLLS`] poll intervals; from then
     /// until two poll intervals after it, the end is near and the server is
     /// read at half the poll interval, so that its end is seen sooner;
     /// otherwise at the poll interval.
@@ -352,7 +353,8 @@ impl Flight {
             Some(quickest) if self.job.action == Action::LiveMigrate => {
                 let earliest_end = self.running_from + quickest * 3 / 4;
                 if now < earliest_end {
-                    earliest_end
+                    // A migration that fails early is still seen soon.
+                    earliest_end.min(now + poll_interval * QUIET_POLLS)
                 } else if now < self.running_from + quickest + poll_interval * 2 {
                     now + poll_interval / 2
                 } else {
@@ -363,6 +365,9 @@ impl Flight {
         };
     }
 }
+
+/// Poll intervals between reads of a migration that cannot have ended yet.
+const QUIET_POLLS: u32 = 10;
 
 /// How long this run's live migrations took, from running in Nova to seen
 /// ended, with the VM's RAM: a VM with more RAM is not expected to move

@@ -8,8 +8,8 @@ mod wire;
 
 use std::time::{Duration, Instant};
 
-use osauth::services::COMPUTE;
-use osauth::{ErrorKind, InterfaceType, Session};
+use osauth::services::{COMPUTE, ServiceType};
+use osauth::{AuthType, ErrorKind, InterfaceType, Session};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -168,11 +168,15 @@ impl NovaClient {
         if let Some(region) = &credentials.region_name {
             session.set_region(region.clone());
         }
-        let (min, max) = session
-            .get_api_versions(COMPUTE)
-            .await
-            .map_err(auth_error)?
-            .ok_or_else(|| NovaError::Setup("the compute endpoint does not announce microversions".into()))?;
+        let versions = match session.get_api_versions(COMPUTE).await {
+            Ok(versions) => versions,
+            Err(e) if e.kind() == ErrorKind::ProtocolError => {
+                return Err(why_compute_unreachable(&auth, &http, session.endpoint_filters(), e).await);
+            }
+            Err(e) => return Err(auth_error(e)),
+        };
+        let (min, max) =
+            versions.ok_or_else(|| NovaError::Setup("the compute endpoint does not announce microversions".into()))?;
         let version = Negotiated::pick(Microversion(min.0, min.1), Microversion(max.0, max.1), cap)
             .map_err(NovaError::Unsupported)?;
         let compute_url = session.get_endpoint(COMPUTE, [""; 0]).await.map_err(auth_error)?;
@@ -444,6 +448,24 @@ impl NovaClient {
             }
         }
     }
+}
+
+/// osauth's version discovery keeps only reqwest's text of a failure to
+/// send ("error sending request for url"): the catalog's compute URL is
+/// asked again here, for the cause in one line (refused, timed out, name,
+/// TLS). Whatever the answer, Nova cannot be used now.
+async fn why_compute_unreachable(
+    auth: &KeystoneAuth,
+    http: &reqwest::Client,
+    filters: &osauth::EndpointFilters,
+    error: osauth::Error,
+) -> NovaError {
+    if let Ok(url) = auth.get_endpoint(http, COMPUTE.catalog_type(), filters).await
+        && let Err(e) = http.get(url).send().await
+    {
+        return NovaError::Unreachable(format!("Nova: {}", net::send_error(&e)));
+    }
+    auth_error(error)
 }
 
 fn auth_error(error: osauth::Error) -> NovaError {
@@ -749,5 +771,61 @@ impl Compute for NovaClient {
         }))
         .await?;
         Ok(capacity)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Keystone that issues a token whose catalog names a compute endpoint nobody listens on.
+    async fn keystone_with_compute_at(compute: &str) -> String {
+        let compute = compute.to_string();
+        let app = axum::Router::new().route(
+            "/v3/auth/tokens",
+            axum::routing::post(move || {
+                let compute = compute.clone();
+                async move {
+                    let now = jiff::Timestamp::now();
+                    let body = json!({ "token": {
+                        "issued_at": now.to_string(),
+                        "expires_at": (now + jiff::SignedDuration::from_secs(3600)).to_string(),
+                        "catalog": [{ "type": "compute", "endpoints": [
+                            { "interface": "public", "url": compute, "region_id": "RegionOne" }
+                        ]}],
+                    }});
+                    ([("x-subject-token", "token-1")], axum::Json(body))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/v3", listener.local_addr().expect("address"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    #[tokio::test]
+    async fn nova_down_at_start_up_is_named_with_its_cause_and_url() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.local_addr().expect("addr").port()
+        };
+        let compute = format!("http://127.0.0.1:{port}/v2.1");
+        let credentials = Credentials {
+            auth_url: keystone_with_compute_at(&compute).await,
+            username: Some("drainer".into()),
+            password: Some(crate::config::Secret::new("pw".into())),
+            project_name: Some("admin".into()),
+            ..Credentials::default()
+        };
+
+        let error = NovaClient::connect(&credentials, None).await.expect_err("Nova is down");
+
+        assert!(error.is_transient(), "{error}");
+        let said = error.to_string();
+        assert!(
+            said.contains(&format!("Nova: connection refused for {compute}")),
+            "{said}"
+        );
     }
 }

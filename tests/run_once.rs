@@ -104,6 +104,17 @@ async fn evacuates_two_projects_across_pages_then_reruns_as_a_no_op() {
         assert_eq!(line["destination"].as_str(), Some(host_of(&server)));
     }
     assert!(lab.servers_on("host1").await.is_empty());
+    // One migration handed ahead: asked for before the first ended, and held
+    // queued by Nova (the lab's max_concurrent_live_migrations is 1); had
+    // Nova run it beside the first, the drainer would have withdrawn it.
+    let first_end = run.stderr.find(" migrated ").expect("a migration ended");
+    assert_eq!(
+        run.stderr[..first_end].matches("migration started").count(),
+        2,
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("withdrawing"), "{}", run.stderr);
     let service = lab.service("host1").await;
     assert_eq!(service["status"], "disabled");
     let reason = service["disabled_reason"].as_str().unwrap_or_default();

@@ -347,10 +347,11 @@ impl Flight {
     /// shorter): read every [`QUIET_POLLS`] poll intervals; from then
     /// until two poll intervals after it, the end is near and the server is
     /// read at half the poll interval, so that its end is seen sooner;
-    /// otherwise at the poll interval.
+    /// otherwise, or once an abort or force-complete was asked for, at the
+    /// poll interval.
     fn schedule_next_poll(&mut self, now: Instant, poll_interval: Duration) {
         self.next_poll = match self.expected {
-            Some(quickest) if self.job.action == Action::LiveMigrate => {
+            Some(quickest) if self.job.action == Action::LiveMigrate && self.phase == Phase::Moving => {
                 let earliest_end = self.running_from + quickest * 3 / 4;
                 if now < earliest_end {
                     // A migration that fails early is still seen soon.
@@ -1402,6 +1403,8 @@ impl<'a, C: Compute> Engine<'a, C> {
                     what: verb,
                     reason,
                 });
+                // Its end is now expected any moment, not at the usual time.
+                flight.next_poll = flight.next_poll.min(Instant::now() + self.settings.poll_interval);
                 flight.phase = match what {
                     BudgetAction::Abort => Phase::Aborting {
                         reason: format!("aborted: {reason}"),

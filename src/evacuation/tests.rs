@@ -782,6 +782,21 @@ async fn migrations_are_read_around_their_expected_end() {
     }
 }
 
+/// A migration read rarely because it cannot have ended yet is read at the
+/// poll interval again once it is aborted: a cancellation ends as soon as before.
+#[tokio::test(start_paused = true)]
+async fn an_aborted_migration_is_read_at_the_poll_interval_again() {
+    let cloud = four_on_a_queueing_nova();
+    cloud.script("b", &[Script::Complete { after: secs(100) }]);
+
+    let report = evacuate_stopped(&cloud, &Settings::default(), secs(14), StopRequest::AbortInFlight).await;
+
+    assert_eq!(cloud.calls().abort_times("b"), [secs(14)]);
+    assert_eq!(vm(&report, "b").outcome, Outcome::Aborted);
+    // b's end is seen at the next poll, c's (it was queued) at the one after.
+    assert!(report.duration_seconds <= 15.0, "{}", report.duration_seconds);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_queued_migrations_budget_starts_when_nova_runs_it() {
     let cloud = four_on_a_queueing_nova();

@@ -182,16 +182,7 @@ async fn kubectl_drain_waits_for_the_vms_and_uncordon_restores_everything() {
     wait_guard(&cluster, Duration::from_secs(20)).await;
     cluster.wait_guard_running(Duration::from_secs(10)).await;
 
-    let took = cluster
-        .kubectl()
-        .drain(cluster.node(), &[], Duration::from_secs(120))
-        .await
-        .expect("kubectl drain succeeds");
-    // drain returned: by then every VM must have left the hypervisor.
-    assert!(
-        lab.servers_on(NOVA_HOST).await.is_empty(),
-        "drain returned while VMs were still on {NOVA_HOST}"
-    );
+    let took = cluster.drain_until_empty(&lab, NOVA_HOST, &[]).await;
     for id in &ids {
         let server = lab.server(id).await;
         assert_eq!(server["status"], "ACTIVE");
@@ -560,15 +551,7 @@ async fn kubectl_drain_waits_even_when_the_guard_never_runs() {
     let (_, _, metrics) = agent.get("metrics").await.expect("metrics");
     assert!(metrics.contains("nova_drain_guard_ready 0"), "{metrics}");
 
-    cluster
-        .kubectl()
-        .drain(cluster.node(), &[], Duration::from_secs(120))
-        .await
-        .expect("kubectl drain succeeds");
-    assert!(
-        lab.servers_on(NOVA_HOST).await.is_empty(),
-        "drain returned while VMs were still on {NOVA_HOST}"
-    );
+    cluster.drain_until_empty(&lab, NOVA_HOST, &[]).await;
     assert_eq!(phase(&cluster).await.as_deref(), Some("Evacuated"));
     assert!(cluster.pod(&cluster.guard()).await.is_none());
 }
@@ -581,14 +564,8 @@ async fn kubectl_drain_with_disable_eviction_waits_for_the_vms() {
     let _agent = Agent::start(&cluster, &lab, "").await;
     wait_guard(&cluster, Duration::from_secs(20)).await;
     cluster
-        .kubectl()
-        .drain(cluster.node(), &["--disable-eviction"], Duration::from_secs(120))
-        .await
-        .expect("kubectl drain succeeds");
-    assert!(
-        lab.servers_on(NOVA_HOST).await.is_empty(),
-        "drain returned while VMs were still on {NOVA_HOST}"
-    );
+        .drain_until_empty(&lab, NOVA_HOST, &["--disable-eviction"])
+        .await;
 }
 
 /// The agent SIGKILLed while `kubectl drain` waits on the deleted guard: the

@@ -451,15 +451,7 @@ async fn the_agent_in_the_image_drains_its_node_through_names_and_the_bundle_it_
     assert_eq!(container_uid(built, &agent).as_deref(), Some("65532"));
     cluster.wait_guard_running(Duration::from_secs(20)).await;
 
-    cluster
-        .kubectl()
-        .drain(cluster.node(), &[], Duration::from_secs(120))
-        .await
-        .expect("kubectl drain succeeds");
-    assert!(
-        lab.servers_on(NOVA_HOST).await.is_empty(),
-        "drain returned with VMs on {NOVA_HOST}"
-    );
+    cluster.drain_until_empty(&lab, NOVA_HOST, &[]).await;
     let server = lab.server(&ids[0]).await;
     assert_eq!(server["status"], "ACTIVE");
     lab.assert_disabled_by_drainer(NOVA_HOST).await;

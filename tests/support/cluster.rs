@@ -309,6 +309,21 @@ impl TestCluster {
         .await;
     }
 
+    /// Drains the test's Node with the real `kubectl` (and `extra` flags) and
+    /// asserts the promise: when drain returns, no VM is left on `nova_host`.
+    pub async fn drain_until_empty(&self, lab: &super::openstack::Lab, nova_host: &str, extra: &[&str]) -> Duration {
+        let took = self
+            .kubectl()
+            .drain(self.node(), extra, Duration::from_secs(120))
+            .await
+            .expect("kubectl drain succeeds");
+        assert!(
+            lab.servers_on(nova_host).await.is_empty(),
+            "drain returned while VMs were still on {nova_host}"
+        );
+        took
+    }
+
     pub async fn pdb(&self, name: &str) -> Option<PodDisruptionBudget> {
         Api::<PodDisruptionBudget>::namespaced(self.client(), &self.namespace)
             .get_opt(name)

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures::future::{BoxFuture, join_all};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -493,6 +493,7 @@ impl<'a, C: Compute> Engine<'a, C> {
 
         // Independent look-ups run side by side: they sit between the decision and the first migration.
         let listed_at;
+        let mut relisting: Option<BoxFuture<'_, Result<Vec<PlannedVm>, EvacuationError>>> = None;
         let ((by_us, reason), planned) = if self.settings.disable_first {
             // Listed after the disable, so no VM can land unseen: one listing serves both.
             let disabled = self.disable(target, &service).await?;
@@ -501,18 +502,25 @@ impl<'a, C: Compute> Engine<'a, C> {
             let planned = planned?;
             check_fit(&planned, capacity)?;
             (disabled, planned)
-        } else {
-            if self.settings.check_capacity {
-                let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(&destinations));
-                check_fit(&planned?, capacity)?;
-            }
+        } else if self.settings.check_capacity {
+            let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(&destinations));
+            let planned = planned?;
+            check_fit(&planned, capacity)?;
+            listed_at = Instant::now();
             let disabled = self.disable(target, &service).await?;
-            // Listed again: VMs may have landed between the check and the disable.
+            // VMs may have landed between the check and the disable: the host
+            // is listed again while the checked ones already move.
+            relisting = Some(Box::pin(self.plan(target)));
+            (disabled, planned)
+        } else {
+            let disabled = self.disable(target, &service).await?;
             listed_at = Instant::now();
             (disabled, self.plan(target).await?)
         };
 
-        let (vms, ending) = self.move_all(target, planned, listed_at, started, &mut stop).await;
+        let (vms, ending) = self
+            .move_all(target, planned, listed_at, relisting, started, &mut stop)
+            .await;
 
         // Housekeeping kept off the way to the first migration; not when asked to return at once.
         let leave_at_once = matches!(ending, Some(Ending::Stopped(StopRequest::LeaveInFlight)));
@@ -674,46 +682,21 @@ impl<'a, C: Compute> Engine<'a, C> {
         }
     }
 
+    /// Moves the planned VMs; `relisting`, when given, lists the host again
+    /// meanwhile, and the VMs only it finds are moved too.
     async fn move_all(
         &self,
         target: &Target,
         planned: Vec<PlannedVm>,
         listed_at: Instant,
+        mut relisting: Option<BoxFuture<'_, Result<Vec<PlannedVm>, EvacuationError>>>,
         started: Instant,
         stop: &mut watch::Receiver<StopRequest>,
     ) -> (Vec<VmReport>, Option<Ending>) {
         let now = Instant::now();
         let mut reports = Vec::new();
         let mut queue = VecDeque::new();
-        for PlannedVm { server, action } in planned {
-            if action == Action::Skip {
-                let reason = skip_reason(&server);
-                self.observer.event(&Event::NotMigratable {
-                    server: &server,
-                    reason: &reason,
-                });
-                reports.push(vm_report(
-                    &server,
-                    action,
-                    &target.host,
-                    0,
-                    0.0,
-                    Outcome::Skipped,
-                    Some(reason),
-                    None,
-                ));
-            } else {
-                queue.push_back(Job {
-                    server,
-                    action,
-                    attempts: 0,
-                    first_started: None,
-                    not_before: now,
-                    listed_at: Some(listed_at),
-                });
-            }
-        }
-        let total = queue.len();
+        let mut total = self.admit(target, planned, listed_at, &mut queue, &mut reports);
         self.observer.event(&Event::EvacuationStarted {
             to_move: total,
             to_skip: reports.len(),
@@ -798,7 +781,8 @@ impl<'a, C: Compute> Engine<'a, C> {
                     }
                 }
             }
-            if flights.is_empty() && (queue.is_empty() || ending.is_some()) {
+            if flights.is_empty() && (queue.is_empty() || ending.is_some()) && (relisting.is_none() || ending.is_some())
+            {
                 break;
             }
             if ending.is_some() && ending_since.elapsed() >= SETTLE_GRACE {
@@ -811,7 +795,34 @@ impl<'a, C: Compute> Engine<'a, C> {
             });
 
             let next_poll = flights.iter().filter(|f| !f.waiting_in_nova).map(|f| f.next_poll).min();
-            self.pause(stop, next_poll).await;
+            if let Some(listed) = self.pause(stop, next_poll, &mut relisting).await {
+                relisting = None;
+                match listed {
+                    Ok(planned) => {
+                        let known: std::collections::HashSet<&str> = queue
+                            .iter()
+                            .map(|job| job.server.id.as_str())
+                            .chain(flights.iter().map(|f| f.job.server.id.as_str()))
+                            .chain(reports.iter().map(|r| r.id.as_str()))
+                            .collect();
+                        let newcomers: Vec<PlannedVm> = planned
+                            .into_iter()
+                            .filter(|p| !known.contains(p.server.id.as_str()))
+                            .collect();
+                        if !newcomers.is_empty() {
+                            info!(
+                                count = newcomers.len(),
+                                "VMs landed on the host before it was disabled; moving them too"
+                            );
+                            total += self.admit(target, newcomers, Instant::now(), &mut queue, &mut reports);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "could not list the host again after disabling it; what is left is counted at the end")
+                    }
+                }
+                continue;
+            }
 
             let steps = join_all(flights.iter_mut().map(|flight| self.poll(target, flight))).await;
             let mut still = Vec::with_capacity(flights.len());
@@ -878,19 +889,76 @@ impl<'a, C: Compute> Engine<'a, C> {
     }
 
     /// Waits until the next flight is due (at most one poll interval), or
-    /// less if a stop is requested meanwhile.
-    async fn pause(&self, stop: &mut watch::Receiver<StopRequest>, next_poll: Option<Instant>) {
+    /// less if a stop is requested or the listing in the background ends
+    /// meanwhile; returns that listing when it ended.
+    async fn pause(
+        &self,
+        stop: &mut watch::Receiver<StopRequest>,
+        next_poll: Option<Instant>,
+        relisting: &mut Option<BoxFuture<'_, Result<Vec<PlannedVm>, EvacuationError>>>,
+    ) -> Option<Result<Vec<PlannedVm>, EvacuationError>> {
         let interval = self.settings.poll_interval;
         let until_due = next_poll.map_or(interval, |due| due.saturating_duration_since(Instant::now()));
+        let listing = async {
+            match relisting.as_mut() {
+                Some(listing) => listing.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(until_due.min(interval)) => {}
+            _ = tokio::time::sleep(until_due.min(interval)) => None,
             changed = stop.changed() => {
                 if changed.is_err() {
                     // Nobody can ask us to stop any more: just wait.
                     tokio::time::sleep(interval).await;
                 }
+                None
+            }
+            listed = listing => Some(listed),
+        }
+    }
+
+    /// Queues the planned VMs to move and reports those the policy leaves;
+    /// returns how many were queued.
+    fn admit(
+        &self,
+        target: &Target,
+        planned: Vec<PlannedVm>,
+        listed_at: Instant,
+        queue: &mut VecDeque<Job>,
+        reports: &mut Vec<VmReport>,
+    ) -> usize {
+        let mut queued = 0;
+        for PlannedVm { server, action } in planned {
+            if action == Action::Skip {
+                let reason = skip_reason(&server);
+                self.observer.event(&Event::NotMigratable {
+                    server: &server,
+                    reason: &reason,
+                });
+                reports.push(vm_report(
+                    &server,
+                    action,
+                    &target.host,
+                    0,
+                    0.0,
+                    Outcome::Skipped,
+                    Some(reason),
+                    None,
+                ));
+            } else {
+                queued += 1;
+                queue.push_back(Job {
+                    server,
+                    action,
+                    attempts: 0,
+                    first_started: None,
+                    not_before: listed_at,
+                    listed_at: Some(listed_at),
+                });
             }
         }
+        queued
     }
 
     /// Starts (or follows) one VM's migration; `ahead` when it is handed to

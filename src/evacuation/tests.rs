@@ -514,6 +514,29 @@ async fn capacity_look_up_failure_stops_an_evacuation_only_when_something_must_m
     assert!(cloud.calls().starts.is_empty());
 }
 
+/// A run-once lists the host, checks capacity, then disables the service:
+/// a VM that lands in between (someone else's migration) is found by the
+/// listing made after the disable, while the checked VMs already move, and
+/// is moved too. The checked VM starts first although the newcomer is
+/// smaller: the first migration does not wait for the second listing.
+#[tokio::test(start_paused = true)]
+async fn a_vm_landing_before_the_disable_is_moved_too() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("checked", "ACTIVE", 512);
+    cloud.add_vm("late", "ACTIVE", 256);
+    cloud.lock().vms.get_mut("late").expect("late").server.host = Some("cmp-elsewhere".into());
+    cloud.after_next_listing(|cloud| {
+        cloud.vms.get_mut("late").expect("late").server.host = Some(SOURCE.into());
+    });
+
+    let report = evacuate(&cloud, &Settings::default()).await;
+
+    assert_eq!(report.result, RunResult::Succeeded, "{report:?}");
+    assert_eq!(vm(&report, "late").outcome, Outcome::Migrated);
+    assert_eq!(cloud.calls().starts, ["checked", "late"]);
+    assert_ne!(cloud.vm("late").host.as_deref(), Some(SOURCE));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_listing_overtaken_by_someone_else_is_read_again_not_counted_as_a_failure() {
     let cloud = FakeCloud::new();

@@ -8,6 +8,7 @@ mod wire;
 
 use std::time::{Duration, Instant};
 
+use futures::{StreamExt, TryStreamExt};
 use osauth::services::{COMPUTE, ServiceType};
 use osauth::{AuthType, ErrorKind, InterfaceType, Session};
 use reqwest::{Method, StatusCode};
@@ -30,6 +31,11 @@ const ATTEMPTS: u32 = 3;
 /// Time limit of one HTTP request, and of establishing its connection.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Destination hosts whose Placement inventories and usages are read at the
+/// same time (two requests each). Unbounded, a cloud of a thousand hosts
+/// would send two thousand requests at once to Placement and its database
+/// between a cordon and the first migration, and time out on its own load.
+const PLACEMENT_HOSTS_AT_ONCE: usize = 16;
 
 /// Why the client could not be set up or a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -755,53 +761,157 @@ impl Compute for NovaClient {
                 Some((host, provider.uuid.clone()))
             })
             .collect();
-        let capacity = futures::future::try_join_all(candidates.into_iter().map(|(host, uuid)| async move {
-            let inventories_path = ["resource_providers", uuid.as_str(), "inventories"];
-            let usages_path = ["resource_providers", uuid.as_str(), "usages"];
-            let (inventories, usages) = tokio::try_join!(
-                self.placement::<wire::InventoriesRoot>(&inventories_path),
-                self.placement::<wire::UsagesRoot>(&usages_path),
-            )?;
-            Ok::<_, NovaError>(HostCapacity {
-                host,
-                free_ram_mb: wire::free(&inventories, &usages, "MEMORY_MB"),
-                free_vcpus: wire::free(&inventories, &usages, "VCPU"),
-                free_disk_gb: wire::free(&inventories, &usages, "DISK_GB"),
+        let capacity = futures::stream::iter(candidates)
+            .map(|(host, uuid)| async move {
+                let inventories_path = ["resource_providers", uuid.as_str(), "inventories"];
+                let usages_path = ["resource_providers", uuid.as_str(), "usages"];
+                let (inventories, usages) = tokio::try_join!(
+                    self.placement::<wire::InventoriesRoot>(&inventories_path),
+                    self.placement::<wire::UsagesRoot>(&usages_path),
+                )?;
+                Ok::<_, NovaError>(HostCapacity {
+                    host,
+                    free_ram_mb: wire::free(&inventories, &usages, "MEMORY_MB"),
+                    free_vcpus: wire::free(&inventories, &usages, "VCPU"),
+                    free_disk_gb: wire::free(&inventories, &usages, "DISK_GB"),
+                })
             })
-        }))
-        .await?;
+            .buffer_unordered(PLACEMENT_HOSTS_AT_ONCE)
+            .try_collect()
+            .await?;
         Ok(capacity)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
 
-    /// A Keystone that issues a token whose catalog names a compute endpoint nobody listens on.
-    async fn keystone_with_compute_at(compute: &str) -> String {
-        let compute = compute.to_string();
-        let app = axum::Router::new().route(
+    /// Keystone's token route, issuing a token whose catalog has these
+    /// `(service type, URL)` endpoints.
+    fn keystone_route(catalog: Vec<(&'static str, String)>) -> axum::Router {
+        let catalog: Vec<Value> = catalog
+            .into_iter()
+            .map(|(kind, url)| {
+                json!({ "type": kind, "endpoints": [
+                    { "interface": "public", "url": url, "region_id": "RegionOne" }
+                ]})
+            })
+            .collect();
+        axum::Router::new().route(
             "/v3/auth/tokens",
             axum::routing::post(move || {
-                let compute = compute.clone();
+                let catalog = catalog.clone();
                 async move {
                     let now = jiff::Timestamp::now();
                     let body = json!({ "token": {
                         "issued_at": now.to_string(),
                         "expires_at": (now + jiff::SignedDuration::from_secs(3600)).to_string(),
-                        "catalog": [{ "type": "compute", "endpoints": [
-                            { "interface": "public", "url": compute, "region_id": "RegionOne" }
-                        ]}],
+                        "catalog": catalog,
                     }});
                     ([("x-subject-token", "token-1")], axum::Json(body))
                 }
             }),
-        );
+        )
+    }
+
+    async fn serve(listener: tokio::net::TcpListener, app: axum::Router) {
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
+
+    fn credentials(auth_url: String) -> Credentials {
+        Credentials {
+            auth_url,
+            username: Some("drainer".into()),
+            password: Some(crate::config::Secret::new("pw".into())),
+            project_name: Some("admin".into()),
+            ..Credentials::default()
+        }
+    }
+
+    /// A Keystone that issues a token whose catalog names a compute endpoint nobody listens on.
+    async fn keystone_with_compute_at(compute: &str) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}/v3", listener.local_addr().expect("address"));
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        serve(listener, keystone_route(vec![("compute", compute.to_string())])).await;
         url
+    }
+
+    /// Keystone, Nova and Placement on one port, with `hosts` hypervisors;
+    /// Placement answers each inventory or usage read after 20 ms and
+    /// records in `most_at_once` the largest number it was reading at once.
+    async fn cloud_with_hosts(hosts: usize, most_at_once: Arc<AtomicUsize>) -> String {
+        use axum::extract::Path;
+        use axum::routing::get;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let compute = format!("{base}/compute/v2.1");
+        let names: Vec<String> = (1..=hosts).map(|n| format!("cmp{n}")).collect();
+        let hypervisors: Vec<Value> = names
+            .iter()
+            .map(|name| json!({ "id": name, "hypervisor_hostname": name, "service": { "host": name } }))
+            .collect();
+        let providers: Vec<Value> = names.iter().map(|name| json!({ "uuid": name, "name": name })).collect();
+        let reading = Arc::new(AtomicUsize::new(0));
+        let read = move |Path((_, what)): Path<(String, String)>| {
+            let (reading, most_at_once) = (reading.clone(), most_at_once.clone());
+            async move {
+                let now = reading.fetch_add(1, Ordering::SeqCst) + 1;
+                most_at_once.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                reading.fetch_sub(1, Ordering::SeqCst);
+                axum::Json(if what == "inventories" {
+                    json!({ "inventories": { "MEMORY_MB": { "total": 4096, "reserved": 0, "allocation_ratio": 1.0 } } })
+                } else {
+                    json!({ "usages": { "MEMORY_MB": 1024 } })
+                })
+            }
+        };
+        let version = json!({ "version": {
+            "id": "v2.1", "status": "CURRENT", "version": "2.93", "min_version": "2.1",
+            "links": [{ "rel": "self", "href": format!("{compute}/") }],
+        }});
+        let app = keystone_route(vec![
+            ("compute", compute.clone()),
+            ("placement", format!("{base}/placement")),
+        ])
+        .route("/compute/v2.1", get(axum::Json(version.clone())))
+        .route("/compute/v2.1/", get(axum::Json(version)))
+        .route(
+            "/compute/v2.1/os-hypervisors/detail",
+            get(axum::Json(json!({ "hypervisors": hypervisors }))),
+        )
+        .route(
+            "/placement/resource_providers",
+            get(axum::Json(json!({ "resource_providers": providers }))),
+        )
+        .route("/placement/resource_providers/{uuid}/{what}", get(read));
+        serve(listener, app).await;
+        format!("{base}/v3")
+    }
+
+    #[tokio::test]
+    async fn placement_is_asked_about_a_bounded_number_of_hosts_at_once() {
+        let most_at_once = Arc::new(AtomicUsize::new(0));
+        let hosts = 4 * PLACEMENT_HOSTS_AT_ONCE;
+        let auth_url = cloud_with_hosts(hosts, most_at_once.clone()).await;
+        let nova = NovaClient::connect(&credentials(auth_url), None)
+            .await
+            .expect("connect");
+        let destinations: Vec<String> = (1..=hosts).map(|n| format!("cmp{n}")).collect();
+
+        let capacity = nova.spare_capacity(&destinations).await.expect("capacity");
+
+        assert_eq!(capacity.len(), hosts);
+        assert!(capacity.iter().all(|host| host.free_ram_mb == 3072));
+        let most = most_at_once.load(Ordering::SeqCst);
+        assert!(
+            (2..=2 * PLACEMENT_HOSTS_AT_ONCE).contains(&most),
+            "{most} Placement reads at once"
+        );
     }
 
     #[tokio::test]
@@ -811,13 +921,7 @@ mod tests {
             listener.local_addr().expect("addr").port()
         };
         let compute = format!("http://127.0.0.1:{port}/v2.1");
-        let credentials = Credentials {
-            auth_url: keystone_with_compute_at(&compute).await,
-            username: Some("drainer".into()),
-            password: Some(crate::config::Secret::new("pw".into())),
-            project_name: Some("admin".into()),
-            ..Credentials::default()
-        };
+        let credentials = credentials(keystone_with_compute_at(&compute).await);
 
         let error = NovaClient::connect(&credentials, None).await.expect_err("Nova is down");
 

@@ -93,9 +93,26 @@ async fn keystone_tokens_expiring_mid_evacuation_are_renewed() {
     assert_all_moved(&lab, &ids, 1).await;
 }
 
+/// What a restarted lab service may cost besides time.
+#[derive(PartialEq)]
+enum Outage {
+    /// Nothing: the evacuation must finish as if nothing had happened.
+    Harmless,
+    /// RPC messages in flight are lost (RabbitMQ). When the lost one is the
+    /// source's `post_live_migration_at_destination` call, the source gives
+    /// up after `rpc_response_timeout` (60 s; "Post live migration at
+    /// destination host2 failed: MessagingTimeout"), records the migration
+    /// `completed`, and the server stays `migrating` on host1 although its
+    /// guest left: Nova's own failure, which only an operator can sort out.
+    /// The drainer must then report exactly that, leave the VM alone (not
+    /// retried, not in ERROR) and exit 1.
+    LosesMessages,
+}
+
 /// Kills a lab service while a live migration runs, brings it back, and
-/// expects the evacuation to finish as if nothing had happened.
-async fn evacuation_survives_restart_of(service: &str, prefix: &str, count: usize, down_for: Duration) {
+/// expects the evacuation to finish as if nothing had happened, or, for an
+/// outage that loses messages, to report truthfully what Nova lost.
+async fn evacuation_survives_restart_of(service: &str, prefix: &str, count: usize, down_for: Duration, outage: Outage) {
     let _exclusive = Lab::exclusive().await;
     let lab = Lab::connect().await;
     lab.reset().await;
@@ -106,9 +123,39 @@ async fn evacuation_survives_restart_of(service: &str, prefix: &str, count: usiz
     tokio::time::sleep(down_for).await;
     recover().await;
     let (code, report) = finish(child).await;
-    assert_eq!(code, 0, "{report:#}");
-    assert_eq!(report["result"], "succeeded");
-    assert_moved_once_despite_the_outage(&lab, &ids).await;
+    let vms = report["vms"].as_array().expect("vms");
+    let (moved, left): (Vec<&Value>, Vec<&Value>) = vms.iter().partition(|vm| vm["outcome"] == "migrated");
+    let moved: Vec<String> = moved
+        .iter()
+        .map(|vm| vm["id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(moved.len() + left.len(), count, "{report:#}");
+    if left.is_empty() {
+        assert_eq!(code, 0, "{report:#}");
+        assert_eq!(report["result"], "succeeded");
+        assert_moved_once_despite_the_outage(&lab, &moved).await;
+        assert!(lab.servers_on("host1").await.is_empty());
+        return;
+    }
+    assert!(outage == Outage::LosesMessages, "{report:#}");
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(report["result"], "failed");
+    assert_eq!(report["servers_left_on_host"], left.len(), "{report:#}");
+    assert_moved_once_despite_the_outage(&lab, &moved).await;
+    for vm in left {
+        let id = vm["id"].as_str().expect("id");
+        assert_eq!(vm["outcome"], "failed", "{vm:#}");
+        assert_eq!(vm["attempts"], 1, "{vm:#}");
+        let reason = vm["reason"].as_str().expect("reason");
+        assert!(reason.contains("never took it over"), "{reason}");
+        let server = lab.server(id).await;
+        assert_eq!(server["status"], "ACTIVE", "{id}");
+        assert_eq!(server["OS-EXT-STS:task_state"], "migrating", "{id}");
+        assert_eq!(server["OS-EXT-SRV-ATTR:host"], "host1", "{id}");
+        let history = lab.live_migrations(id).await;
+        let statuses: Vec<&str> = history.iter().filter_map(|m| m["status"].as_str()).collect();
+        assert_eq!(statuses, ["completed"], "{id}: {history:?}");
+    }
 }
 
 /// Every VM ACTIVE, off host1, moved by exactly one completed live migration.
@@ -131,12 +178,11 @@ async fn assert_moved_once_despite_the_outage(lab: &Lab, ids: &[String]) {
             "{id}: {history:?}"
         );
     }
-    assert!(lab.servers_on("host1").await.is_empty());
 }
 
 #[tokio::test]
 async fn nova_api_killed_and_restarted_mid_evacuation() {
-    evacuation_survives_restart_of("nova-api", "fault-api", 4, Duration::from_secs(3)).await;
+    evacuation_survives_restart_of("nova-api", "fault-api", 4, Duration::from_secs(3), Outage::Harmless).await;
 }
 
 /// Keystone dies for 10 s while VMs move: the drainer's token keeps working
@@ -145,7 +191,14 @@ async fn nova_api_killed_and_restarted_mid_evacuation() {
 /// own meanwhile fails that migration (seen on a fresh lab); the drainer tries again.
 #[tokio::test]
 async fn keystone_down_mid_evacuation() {
-    evacuation_survives_restart_of("keystone", "fault-keystone", 4, Duration::from_secs(10)).await;
+    evacuation_survives_restart_of(
+        "keystone",
+        "fault-keystone",
+        4,
+        Duration::from_secs(10),
+        Outage::Harmless,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -222,9 +275,19 @@ async fn bad_input_exits_2_with_a_clear_message_and_no_change() {
     assert!(lab.live_migrations(&id).await.is_empty());
 }
 
+/// RabbitMQ killed for 2 s while a migration runs: Nova loses the RPC
+/// messages in flight, which may leave a VM to an operator (see `Outage`)
+/// or put it in ERROR before any hypervisor took part (set back and moved).
 #[tokio::test]
 async fn rabbitmq_restart_during_an_evacuation() {
-    evacuation_survives_restart_of("rabbitmq", "fault-rabbit", 3, Duration::from_secs(2)).await;
+    evacuation_survives_restart_of(
+        "rabbitmq",
+        "fault-rabbit",
+        3,
+        Duration::from_secs(2),
+        Outage::LosesMessages,
+    )
+    .await;
 }
 
 /// When a call from Nova's conductor to the scheduler gets no reply (a

@@ -29,7 +29,8 @@ const FORCE_COMPLETE_GRACE: Duration = Duration::from_secs(60);
 /// migrations to settle (aborts to roll back) before reporting.
 const SETTLE_GRACE: Duration = Duration::from_secs(120);
 /// How long a server may show `migrating` with no migration in progress
-/// before the migration is taken as lost.
+/// before its migration record is read, and how long that record may show an
+/// end with the server still `migrating` before the migration is taken as lost.
 const ORPHAN_GRACE: Duration = Duration::from_secs(30);
 /// A listing younger than this is trusted for a VM's first migration request
 /// (saving a read per VM on the way to the first migrations); anything older
@@ -317,6 +318,9 @@ struct Flight {
     requested: Option<(BudgetAction, String)>,
     /// Since when Nova has listed no migration in progress while the server still migrates.
     orphaned_since: Option<Instant>,
+    /// Since when its migration record has shown an end while the server
+    /// still showed `migrating` (see `ended_without_the_server`).
+    ended_record_since: Option<Instant>,
     /// Handed to Nova beyond `max_parallel`, and (as far as we know) still
     /// queued there behind the running ones: its budget has not started.
     waiting_in_nova: bool,
@@ -1069,6 +1073,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             over_budget_noted: false,
             requested: None,
             orphaned_since: None,
+            ended_record_since: None,
             waiting_in_nova,
             nova_status: None,
             withdrawn: false,
@@ -1344,6 +1349,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                 }
             } else {
                 flight.orphaned_since = None;
+                flight.ended_record_since = None;
             }
         }
         match flight.phase {
@@ -1382,10 +1388,16 @@ impl<'a, C: Compute> Engine<'a, C> {
     }
 
     /// The server still shows `migrating` but Nova has no migration in progress
-    /// for it: normal for a moment at the start and the end of a migration;
-    /// past [`ORPHAN_GRACE`] with a finished record, the destination never
-    /// took the VM over (seen when the destination compute dies), and no
-    /// amount of waiting will change that.
+    /// for it: normal for a moment at the start and the end of a migration,
+    /// and for as long as Nova's conductor schedules it (`accepted` is not
+    /// listed in progress). The VM is given up on only when its record has
+    /// shown an end for [`ORPHAN_GRACE`] with the server still `migrating`:
+    /// then the destination never took it over (seen when the destination
+    /// compute dies, or its reply is lost while RabbitMQ restarts), and no
+    /// amount of waiting will change that. Not at the first sight of an
+    /// ended record: the server was read before it, and Nova writes a failed
+    /// migration's record before its server (the conductor sets the record to
+    /// `error`, then the server to ERROR).
     async fn ended_without_the_server(&self, flight: &mut Flight, now: Instant) -> Option<String> {
         let since = *flight.orphaned_since.get_or_insert(now);
         if now - since < ORPHAN_GRACE {
@@ -1400,13 +1412,18 @@ impl<'a, C: Compute> Engine<'a, C> {
             Some(id) => history.into_iter().find(|m| &m.id == id),
             None => history.into_iter().next(),
         }?;
-        matches!(record.status.as_str(), "completed" | "error" | "failed" | "cancelled").then(|| {
+        if !matches!(record.status.as_str(), "completed" | "error" | "failed" | "cancelled") {
+            flight.ended_record_since = None;
+            return None;
+        }
+        let ended = *flight.ended_record_since.get_or_insert(now);
+        (now - ended >= ORPHAN_GRACE).then(|| {
             format!(
-                "Nova recorded the live migration as {} {} s ago but the server still shows task_state \
+                "Nova recorded the live migration as {} but {} s later the server still shows task_state \
                  migrating on its source: the destination ({}) never took it over; an operator must check \
                  where it runs before resetting its state",
                 record.status,
-                (now - since).as_secs(),
+                (now - ended).as_secs(),
                 record.dest_host.as_deref().unwrap_or("unknown")
             )
         })

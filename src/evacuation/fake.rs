@@ -50,10 +50,14 @@ pub(crate) enum Script {
     /// server over (its nova-compute died): the server keeps showing `migrating` on its source for ever.
     DestinationLost { after: Duration },
     /// Nova's conductor fails it `after` this long, before any hypervisor took part (the scheduler's reply was lost
-    /// while RabbitMQ restarted, and the call timed out): the migration ends in `error` and the server in ERROR,
-    /// its guest still running untouched on the source.
+    /// while RabbitMQ restarted, and the call timed out): the migration ends in `error`, and
+    /// [`CONDUCTOR_WRITES_APART`] later the server in ERROR, its guest still running untouched on the source.
     ConductorError { after: Duration },
 }
+
+/// How long after a failed migration's record Nova's conductor sets its
+/// server to ERROR (see [`Cloud::conductor_sets_errored_servers`]).
+pub(crate) const CONDUCTOR_WRITES_APART: Duration = Duration::from_secs(2);
 
 /// What a migration is given when its server has no script.
 pub(crate) const DEFAULT_SCRIPT: Script = Script::Complete {
@@ -275,10 +279,10 @@ impl Cloud {
             }
             if let Script::ConductorError { after } = migration.script {
                 if now - migration.started >= after {
-                    self.end_on_source(i, "error", now);
-                    if let Some(vm) = self.vms.get_mut(&self.migrations[i].server_id) {
-                        vm.server.status = "ERROR".into();
-                    }
+                    // The record first; the server below, a moment later.
+                    let migration = &mut self.migrations[i];
+                    migration.ended = Some(now);
+                    migration.status = "error";
                 }
                 continue;
             }
@@ -294,6 +298,7 @@ impl Cloud {
                 self.note_in_flight(&source);
             }
         }
+        self.conductor_sets_errored_servers(now);
         for i in 0..self.migrations.len() {
             let migration = &self.migrations[i];
             // Queued ones are not moving: they start in `start_queued`.
@@ -382,6 +387,28 @@ impl Cloud {
     }
 
     /// The move failed or was cancelled: the server keeps running on its source, no task.
+    /// Nova's conductor writes a failed migration's record, then its server
+    /// (ERROR, no task state): 13 ms apart on the lab, exaggerated here to
+    /// [`CONDUCTOR_WRITES_APART`] so that a read can fall in between.
+    fn conductor_sets_errored_servers(&mut self, now: Instant) {
+        for migration in &self.migrations {
+            let Some(ended) = migration.ended else { continue };
+            if !matches!(migration.script, Script::ConductorError { .. }) || now - ended < CONDUCTOR_WRITES_APART {
+                continue;
+            }
+            let newest = self.migrations.iter().rfind(|m| m.server_id == migration.server_id);
+            if newest.map(|m| &m.id) != Some(&migration.id) {
+                continue;
+            }
+            if let Some(vm) = self.vms.get_mut(&migration.server_id)
+                && vm.server.task_state.is_some()
+            {
+                vm.server.status = "ERROR".into();
+                vm.server.task_state = None;
+            }
+        }
+    }
+
     pub(crate) fn end_on_source(&mut self, i: usize, status: &'static str, now: Instant) {
         let migration = &mut self.migrations[i];
         migration.ended = Some(now);

@@ -145,7 +145,6 @@ async fn evacuation_survives_restart_of(service: &str, prefix: &str, count: usiz
     for vm in left {
         let id = vm["id"].as_str().expect("id");
         assert_eq!(vm["outcome"], "failed", "{vm:#}");
-        assert_eq!(vm["attempts"], 1, "{vm:#}");
         let reason = vm["reason"].as_str().expect("reason");
         assert!(reason.contains("never took it over"), "{reason}");
         // Not in ERROR: vm_state active, shown as MIGRATING while the task state lasts.
@@ -154,9 +153,20 @@ async fn evacuation_survives_restart_of(service: &str, prefix: &str, count: usiz
         assert_eq!(server["OS-EXT-STS:vm_state"], "active", "{id}");
         assert_eq!(server["OS-EXT-STS:task_state"], "migrating", "{id}");
         assert_eq!(server["OS-EXT-SRV-ATTR:host"], "host1", "{id}");
+        // Earlier attempts may have failed before a hypervisor took part
+        // (a lost scheduler reply); the last one completed in Nova's records.
         let history = lab.live_migrations(id).await;
         let statuses: Vec<&str> = history.iter().filter_map(|m| m["status"].as_str()).collect();
-        assert_eq!(statuses, ["completed"], "{id}: {history:?}");
+        assert_eq!(vm["attempts"], statuses.len(), "{id}: {history:?}");
+        assert_eq!(
+            statuses.iter().filter(|s| **s == "completed").count(),
+            1,
+            "{id}: {history:?}"
+        );
+        assert!(
+            statuses.iter().all(|s| matches!(*s, "completed" | "error" | "failed")),
+            "{id}: {history:?}"
+        );
     }
 }
 

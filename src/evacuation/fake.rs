@@ -386,7 +386,6 @@ impl Cloud {
         }
     }
 
-    /// The move failed or was cancelled: the server keeps running on its source, no task.
     /// Nova's conductor writes a failed migration's record, then its server
     /// (ERROR, no task state): 13 ms apart on the lab, exaggerated here to
     /// [`CONDUCTOR_WRITES_APART`] so that a read can fall in between.
@@ -409,6 +408,7 @@ impl Cloud {
         }
     }
 
+    /// The move failed or was cancelled: the server keeps running on its source, no task.
     pub(crate) fn end_on_source(&mut self, i: usize, status: &'static str, now: Instant) {
         let migration = &mut self.migrations[i];
         migration.ended = Some(now);

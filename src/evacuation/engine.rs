@@ -785,8 +785,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                     }
                 }
             }
-            if flights.is_empty() && (queue.is_empty() || ending.is_some()) && (relisting.is_none() || ending.is_some())
-            {
+            if flights.is_empty() && (ending.is_some() || (queue.is_empty() && relisting.is_none())) {
                 break;
             }
             if ending.is_some() && ending_since.elapsed() >= SETTLE_GRACE {
@@ -802,25 +801,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             if let Some(listed) = self.pause(stop, next_poll, &mut relisting).await {
                 relisting = None;
                 match listed {
-                    Ok(planned) => {
-                        let known: std::collections::HashSet<&str> = queue
-                            .iter()
-                            .map(|job| job.server.id.as_str())
-                            .chain(flights.iter().map(|f| f.job.server.id.as_str()))
-                            .chain(reports.iter().map(|r| r.id.as_str()))
-                            .collect();
-                        let newcomers: Vec<PlannedVm> = planned
-                            .into_iter()
-                            .filter(|p| !known.contains(p.server.id.as_str()))
-                            .collect();
-                        if !newcomers.is_empty() {
-                            info!(
-                                count = newcomers.len(),
-                                "VMs landed on the host before it was disabled; moving them too"
-                            );
-                            total += self.admit(target, newcomers, Instant::now(), &mut queue, &mut reports);
-                        }
-                    }
+                    Ok(planned) => total += self.admit_newcomers(target, planned, &flights, &mut queue, &mut reports),
                     Err(e) => {
                         warn!(error = %e, "could not list the host again after disabling it; what is left is counted at the end")
                     }
@@ -963,6 +944,36 @@ impl<'a, C: Compute> Engine<'a, C> {
             }
         }
         queued
+    }
+
+    /// Admits from a second listing the VMs the run does not know yet (queued,
+    /// in flight or reported); returns how many were queued.
+    fn admit_newcomers(
+        &self,
+        target: &Target,
+        listed: Vec<PlannedVm>,
+        flights: &[Flight],
+        queue: &mut VecDeque<Job>,
+        reports: &mut Vec<VmReport>,
+    ) -> usize {
+        let known: std::collections::HashSet<&str> = queue
+            .iter()
+            .map(|job| job.server.id.as_str())
+            .chain(flights.iter().map(|f| f.job.server.id.as_str()))
+            .chain(reports.iter().map(|r| r.id.as_str()))
+            .collect();
+        let newcomers: Vec<PlannedVm> = listed
+            .into_iter()
+            .filter(|p| !known.contains(p.server.id.as_str()))
+            .collect();
+        if newcomers.is_empty() {
+            return 0;
+        }
+        info!(
+            count = newcomers.len(),
+            "VMs landed on the host before it was disabled; moving them too"
+        );
+        self.admit(target, newcomers, Instant::now(), queue, reports)
     }
 
     /// Starts (or follows) one VM's migration; `ahead` when it is handed to

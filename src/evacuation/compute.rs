@@ -47,6 +47,8 @@ pub struct Flavor {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Migration {
     pub id: String,
+    /// The migrated server (`instance_uuid`); in a host-wide listing it tells whose record this is.
+    pub server_id: Option<String>,
     pub status: String,
     pub source_host: Option<String>,
     pub dest_host: Option<String>,
@@ -62,6 +64,31 @@ impl Migration {
     pub fn failed(&self) -> bool {
         matches!(self.status.as_str(), "error" | "failed" | "cancelled")
     }
+
+    /// Whether the record shows the migration over, one way or the other.
+    pub fn ended(&self) -> bool {
+        is_ended(&self.status)
+    }
+}
+
+/// Whether a live migration status is terminal (`completed`, or a failure).
+pub fn is_ended(status: &str) -> bool {
+    matches!(status, "completed" | "error" | "failed" | "cancelled")
+}
+
+/// A point in time from which changed migration records are asked for
+/// (Nova's `changes-since`). Each answer gives the next one, so the caller
+/// needs no clock of Nova's: what the mark leaves out, only the cloud knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChangeMark(pub jiff::Timestamp);
+
+/// The live migrations from one host whose records changed since a mark.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrationChanges {
+    /// Newest first.
+    pub migrations: Vec<Migration>,
+    /// Where the next look should start from.
+    pub next: ChangeMark,
 }
 
 /// Free resources on one possible destination.
@@ -143,6 +170,19 @@ pub trait Compute: Send + Sync {
     fn force_complete(&self, server_id: &str, migration_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
     /// Cancels a live migration; the server stays on its source.
     fn abort_migration(&self, server_id: &str, migration_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
+    /// Whether [`Compute::live_migrations_changed`] can be asked (compute API
+    /// 2.59: `changes-since` on `GET /os-migrations`).
+    fn lists_migration_changes(&self) -> bool;
+    /// The live migrations from `host` whose records changed since `since`
+    /// (`None`: in the last few seconds): one look, usually one short page,
+    /// for every migration in flight from the host. Records left unchanged
+    /// are not listed (nor those never updated since they were created, nor
+    /// those of deleted servers).
+    fn live_migrations_changed(
+        &self,
+        host: &str,
+        since: Option<ChangeMark>,
+    ) -> impl Future<Output = ComputeResult<MigrationChanges>> + Send;
     /// Free resources on each of these compute hosts.
     fn spare_capacity(&self, hosts: &[String]) -> impl Future<Output = ComputeResult<Vec<HostCapacity>>> + Send;
     /// Whether a live migration Nova holds queued (or preparing) can be

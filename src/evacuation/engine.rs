@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::compute::{Compute, ComputeError, ComputeService, HostCapacity, Server};
+use super::compute::{ChangeMark, Compute, ComputeError, ComputeService, HostCapacity, Migration, Server, is_ended};
 use super::plan::{self, Action, PlannedVm, Shortfall, StatePolicy};
 use super::report::{CapacityCheck, Outcome, Report, RunResult, VmReport};
 
@@ -19,6 +19,10 @@ pub const DISABLED_REASON_MARKER: &str = "nova-kubernetes-drain:";
 
 /// How often in-flight migrations' progress numbers are read.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+/// The longest between two progress reads of a live migration whose status
+/// is read host-wide: a lost migration (no longer in progress, its server
+/// still migrating) is noticed this much later at most.
+const SLOW_PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 /// How long an accepted abort may leave the migration running before it is
 /// sent again: Nova accepts an abort while the migration is `preparing` but
 /// cannot stop it then, and it goes on to run.
@@ -338,29 +342,72 @@ struct Flight {
     running_from: Instant,
     /// When its server is next read.
     next_poll: Instant,
-    /// When its server was read before the latest read.
+    /// When it was seen still moving before the latest look (its server
+    /// read, or its record listed unended).
     read_before: Option<Instant>,
     read_last: Option<Instant>,
+    /// The host-wide look at changed records listed its record ended (or
+    /// one that may be an earlier attempt's): its server is read next.
+    record_ended: bool,
 }
 
 impl Flight {
+    /// What a look at Nova's records of this migration tells: its id and
+    /// status, and, while it waits queued, that its clocks have not started.
+    fn note_record(&mut self, migration: &Migration, now: Instant) {
+        self.migration_id = Some(migration.id.clone());
+        if matches!(migration.status.as_str(), "accepted" | "queued") {
+            // Not running yet (Nova's own slots are taken): its budget and stall clock have not started.
+            self.attempt_started = now;
+            self.last_progress = now;
+        }
+        self.nova_status = Some(migration.status.clone());
+    }
+
+    /// Takes in the host-wide look at changed records (newest first). A
+    /// record not listed has not changed since the previous look; one that
+    /// has not ended is this attempt's (Nova moves a server once at a time).
+    fn note_changes(&mut self, changed: &[Migration], now: Instant) {
+        if self.job.action != Action::LiveMigrate {
+            return;
+        }
+        let Some(record) = changed
+            .iter()
+            .find(|m| m.server_id.as_deref() == Some(self.job.server.id.as_str()))
+        else {
+            return;
+        };
+        if !record.ended() {
+            self.note_record(record, now);
+            self.read_before = self.read_last.replace(now);
+        } else {
+            if self.migration_id.as_deref() == Some(record.id.as_str()) {
+                self.nova_status = Some(record.status.clone());
+                // What it ended as is known: no progress read is needed to see it.
+                self.next_progress_check = self.next_progress_check.min(now);
+            }
+            self.record_ended = true;
+        }
+    }
+
     /// Called as the server is read at `now`: when to read it next. Before
     /// three quarters of the quickest comparable migration of this run there
     /// is nothing to see but an early failure (that one's time counts Nova's
     /// scheduling and our noticing its end, so comparable ones run a little
     /// shorter): read every [`QUIET_POLLS`] poll intervals; from then
     /// until two poll intervals after it, the end is near and the server is
-    /// read at half the poll interval, so that its end is seen sooner;
-    /// otherwise, or once an abort or force-complete was asked for, at the
-    /// poll interval.
-    fn schedule_next_poll(&mut self, now: Instant, poll_interval: Duration) {
+    /// read at half the poll interval, so that its end is seen sooner
+    /// (unless `batched`: a host-wide look then serves every flight, and
+    /// looks at half the interval would double them all); otherwise, or once
+    /// an abort or force-complete was asked for, at the poll interval.
+    fn schedule_next_poll(&mut self, now: Instant, poll_interval: Duration, batched: bool) {
         self.next_poll = match self.expected {
             Some(quickest) if self.job.action == Action::LiveMigrate && self.phase == Phase::Moving => {
                 let earliest_end = self.running_from + quickest * 3 / 4;
                 if now < earliest_end {
                     // A migration that fails early is still seen soon.
                     earliest_end.min(now + poll_interval * QUIET_POLLS)
-                } else if now < self.running_from + quickest + poll_interval * 2 {
+                } else if !batched && now < self.running_from + quickest + poll_interval * 2 {
                     now + poll_interval / 2
                 } else {
                     now + poll_interval
@@ -716,6 +763,7 @@ impl<'a, C: Compute> Engine<'a, C> {
         let mut nova_queue = NovaQueue::Unknown;
         let mut move_times = MoveTimes::default();
         let mut flights: Vec<Flight> = Vec::new();
+        let mut change_mark: Option<ChangeMark> = None;
         let mut ending: Option<Ending> = None;
         let mut ending_since = now;
         loop {
@@ -776,7 +824,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                     match start {
                         Start::Flying(mut flight) => {
                             flight.expected = move_times.quickest_up_to(flight.job.server.flavor.ram_mb);
-                            flight.schedule_next_poll(Instant::now(), self.settings.poll_interval);
+                            flight.schedule_next_poll(Instant::now(), self.settings.poll_interval, false);
                             flights.push(*flight);
                         }
                         Start::Done(report) => reports.push(report),
@@ -809,7 +857,16 @@ impl<'a, C: Compute> Engine<'a, C> {
                 continue;
             }
 
-            let steps = join_all(flights.iter_mut().map(|flight| self.poll(target, flight))).await;
+            let learning = queue_ahead > 0 && nova_queue == NovaQueue::Unknown;
+            let changed = self.read_changes(target, &flights, learning, &mut change_mark).await;
+            if let Some(changed) = &changed {
+                let now = Instant::now();
+                for flight in &mut flights {
+                    flight.note_changes(changed, now);
+                }
+            }
+            let batched = changed.is_some();
+            let steps = join_all(flights.iter_mut().map(|flight| self.poll(target, flight, batched))).await;
             let mut still = Vec::with_capacity(flights.len());
             // Nova starts what it holds queued once a running migration ends:
             // not before the ended ones were last seen still moving.
@@ -834,7 +891,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             flights = still;
             self.start_waiting(&mut flights, max_running, &move_times, slot_freed_after);
             if queue_ahead > 0 && nova_queue == NovaQueue::Unknown {
-                nova_queue = self.learn_nova_queue(&mut flights, max_running).await;
+                nova_queue = self.learn_nova_queue(&mut flights, max_running, batched).await;
                 if nova_queue == NovaQueue::RunsAtOnce {
                     queue_ahead = 0;
                 }
@@ -1093,6 +1150,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             next_poll: now,
             read_before: None,
             read_last: None,
+            record_ended: false,
         }
     }
 
@@ -1115,7 +1173,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             flight.next_progress_check = now + PROGRESS_INTERVAL;
             flight.running_from = slot_freed_after.unwrap_or(now);
             flight.expected = move_times.quickest_up_to(flight.job.server.flavor.ram_mb);
-            flight.schedule_next_poll(now, self.settings.poll_interval);
+            flight.schedule_next_poll(now, self.settings.poll_interval, false);
         }
     }
 
@@ -1125,24 +1183,27 @@ impl<'a, C: Compute> Engine<'a, C> {
     /// queued again) and none is handed ahead any more, so `max_parallel`
     /// bounds what runs. Nova may also start the one handed ahead before the
     /// other: then that one is the one waiting.
-    async fn learn_nova_queue(&self, flights: &mut [Flight], max_running: usize) -> NovaQueue {
-        // Fresh statuses, those handed ahead first: Nova starts a queued
-        // migration only once the running one has ended (and left its
-        // in-progress list), so one read running after another was read
+    async fn learn_nova_queue(&self, flights: &mut [Flight], max_running: usize, batched: bool) -> NovaQueue {
+        // Fresh statuses: one host-wide look gives them all at one moment.
+        // Else read one by one, those handed ahead first: Nova starts a
+        // queued migration only once the running one has ended (and left
+        // its in-progress list), so one read running after another was read
         // started really ran beside it, and a migration that ended between
         // two reads is never counted twice.
-        let now = Instant::now();
-        for flight in flights
-            .iter_mut()
-            .filter(|f| f.waiting_in_nova && f.phase == Phase::Moving)
-        {
-            self.read_progress(flight, now).await;
-        }
-        for flight in flights
-            .iter_mut()
-            .filter(|f| !f.waiting_in_nova && f.phase == Phase::Moving)
-        {
-            self.read_progress(flight, now).await;
+        if !batched {
+            let now = Instant::now();
+            for flight in flights
+                .iter_mut()
+                .filter(|f| f.waiting_in_nova && f.phase == Phase::Moving)
+            {
+                self.read_progress(flight, now).await;
+            }
+            for flight in flights
+                .iter_mut()
+                .filter(|f| !f.waiting_in_nova && f.phase == Phase::Moving)
+            {
+                self.read_progress(flight, now).await;
+            }
         }
         fn started(flight: &Flight) -> bool {
             matches!(
@@ -1185,7 +1246,61 @@ impl<'a, C: Compute> Engine<'a, C> {
         }
     }
 
-    async fn poll(&self, target: &Target, flight: &mut Flight) -> Step {
+    /// One look at every live migration from the host whose record changed
+    /// since the previous look, when it saves reads: two flights or more are
+    /// followed (or Nova's queueing is still being learnt), and one is due.
+    /// `None`: each flight is read on its own this tick.
+    async fn read_changes(
+        &self,
+        target: &Target,
+        flights: &[Flight],
+        learning_queue: bool,
+        mark: &mut Option<ChangeMark>,
+    ) -> Option<Vec<Migration>> {
+        if !self.compute.lists_migration_changes() {
+            return None;
+        }
+        let now = Instant::now();
+        let followed = flights.iter().filter(|f| !f.waiting_in_nova).count();
+        let due = flights
+            .iter()
+            .any(|f| !f.waiting_in_nova && (now >= f.next_poll || f.requested.is_some()));
+        if !due || (followed < 2 && !(learning_queue && flights.len() >= 2)) {
+            return None;
+        }
+        match self.compute.live_migrations_changed(&target.host, *mark).await {
+            Ok(changes) => {
+                *mark = Some(changes.next);
+                Some(changes.migrations)
+            }
+            Err(e) => {
+                debug!(error = %e, "could not list changed migrations; reading each server");
+                None
+            }
+        }
+    }
+
+    /// How often a live migration's progress numbers are read: every
+    /// [`PROGRESS_INTERVAL`] while they serve a stall check, or while an
+    /// abort or force-complete is seen through. Where Nova's records are
+    /// looked at host-wide each tick and nothing checks for stalls, its status
+    /// needs no read of its own; the read serves only to notice a migration
+    /// lost (no longer in progress, its server still migrating).
+    fn progress_every(&self, flight: &Flight) -> Duration {
+        if self.compute.lists_migration_changes()
+            && self.settings.stall_after.is_none()
+            && flight.phase == Phase::Moving
+        {
+            SLOW_PROGRESS_INTERVAL
+        } else {
+            PROGRESS_INTERVAL
+        }
+    }
+
+    /// Follows one flight; `batched` when this tick's host-wide look at
+    /// changed records covers it: its server is read only when its record
+    /// ended, or was not listed for [`QUIET_POLLS`] poll intervals.
+    async fn poll(&self, target: &Target, flight: &mut Flight, batched: bool) -> Step {
         if flight.waiting_in_nova && flight.requested.is_none() {
             // Queued behind the running ones: nothing to watch until a slot
             // frees (until Nova has shown that it queues, `learn_nova_queue`
@@ -1193,10 +1308,21 @@ impl<'a, C: Compute> Engine<'a, C> {
             return Step::Continue;
         }
         let now = Instant::now();
-        if flight.requested.is_none() && now < flight.next_poll {
+        if batched && flight.requested.is_none() && flight.job.action == Action::LiveMigrate {
+            let seen = flight.read_last.unwrap_or(flight.running_from);
+            if !flight.record_ended && now - seen < self.settings.poll_interval * QUIET_POLLS {
+                // Still moving, or unchanged since the last look: only the budget and stall checks.
+                flight.schedule_next_poll(now, self.settings.poll_interval, true);
+                if let Some(reason) = self.watch_live(flight).await {
+                    return Step::Done(self.finish(target, flight, Outcome::Failed, Some(reason), None));
+                }
+                return Step::Continue;
+            }
+        } else if flight.requested.is_none() && now < flight.next_poll {
             return Step::Continue;
         }
-        flight.schedule_next_poll(now, self.settings.poll_interval);
+        flight.record_ended = false;
+        flight.schedule_next_poll(now, self.settings.poll_interval, batched);
         flight.read_before = flight.read_last.replace(now);
 
         let id = flight.job.server.id.clone();
@@ -1352,8 +1478,19 @@ impl<'a, C: Compute> Engine<'a, C> {
     async fn watch_live(&self, flight: &mut Flight) -> Option<String> {
         let now = Instant::now();
         if now >= flight.next_progress_check {
-            flight.next_progress_check = now + PROGRESS_INTERVAL;
-            let in_progress = self.read_progress(flight, now).await;
+            // A record seen ended needs no read to tell that nothing is in progress.
+            let record_ended = flight.nova_status.as_deref().is_some_and(is_ended);
+            flight.next_progress_check = now
+                + if record_ended {
+                    PROGRESS_INTERVAL
+                } else {
+                    self.progress_every(flight)
+                };
+            let in_progress = if record_ended {
+                Some(false)
+            } else {
+                self.read_progress(flight, now).await
+            };
             if in_progress == Some(false) {
                 if let Some(reason) = self.ended_without_the_server(flight, now).await {
                     return Some(reason);
@@ -1453,13 +1590,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             flight.nova_status = None;
             return Some(false);
         };
-        flight.migration_id = Some(migration.id.clone());
-        if matches!(migration.status.as_str(), "accepted" | "queued") {
-            // Not running yet (Nova's own slots are taken): its budget and stall clock have not started.
-            flight.attempt_started = now;
-            flight.last_progress = now;
-        }
-        flight.nova_status = Some(migration.status.clone());
+        flight.note_record(&migration, now);
         // Drivers that report nothing (a zero or missing total) give no stall signal.
         if let (Some(total), Some(remaining)) = (migration.memory_total_bytes, migration.memory_remaining_bytes)
             && total > 0

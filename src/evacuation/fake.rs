@@ -110,11 +110,19 @@ pub(crate) struct FakeMigration {
     pub(crate) total_bytes: u64,
     pub(crate) started: Instant,
     pub(crate) ended: Option<Instant>,
+    /// `updated_at`: unset until the record first changes after its creation, as in Nova's database.
+    pub(crate) updated: Option<Instant>,
     /// The server's status before a cold migration; the confirmation brings it back (SHUTOFF stays SHUTOFF).
     pub(crate) status_before: String,
 }
 
 impl FakeMigration {
+    /// A new status, written at `now` (its `updated_at`).
+    pub(crate) fn set_status(&mut self, status: &'static str, now: Instant) {
+        self.status = status;
+        self.updated = Some(now);
+    }
+
     /// Still moving, by itself, towards an end.
     pub(crate) fn moving(&self) -> bool {
         matches!(self.status, "running" | "migrating")
@@ -166,6 +174,7 @@ impl FakeMigration {
         };
         Migration {
             id: self.id.clone(),
+            server_id: Some(self.server_id.clone()),
             status: self.status.to_string(),
             source_host: Some(self.source.clone()),
             dest_host: Some(self.dest.clone()),
@@ -195,6 +204,10 @@ pub(crate) struct Calls {
     pub(crate) abort: Vec<(String, Duration)>,
     /// The server of every `GET /servers/{id}`, in order.
     pub(crate) server_reads: Vec<String>,
+    /// Looks at the host's changed migration records (`GET /os-migrations?changes-since=`).
+    pub(crate) change_reads: usize,
+    /// Reads of one server's migrations in progress (`GET /servers/{id}/migrations`).
+    pub(crate) progress_reads: usize,
     /// Servers set back to ACTIVE, in order.
     pub(crate) reset_to_active: Vec<String>,
     pub(crate) force_complete: Vec<(String, Duration)>,
@@ -260,6 +273,8 @@ pub(crate) struct Cloud {
     /// Servers whose next abort Nova accepts but cannot carry out (it came
     /// while the migration was `preparing`): the migration goes on.
     pub(crate) abort_lost: Vec<String>,
+    /// The API is older than 2.59: no `changes-since` on `GET /os-migrations`.
+    pub(crate) no_changes_since: bool,
     pub(crate) calls: Calls,
 }
 
@@ -282,7 +297,7 @@ impl Cloud {
                     // The record first; the server below, a moment later.
                     let migration = &mut self.migrations[i];
                     migration.ended = Some(now);
-                    migration.status = "error";
+                    migration.set_status("error", now);
                 }
                 continue;
             }
@@ -294,7 +309,7 @@ impl Cloud {
                     .is_some_and(|limit| self.running_live_from(&source) >= limit);
                 let migration = &mut self.migrations[i];
                 migration.started = at;
-                migration.status = if full { "queued" } else { "running" };
+                migration.set_status(if full { "queued" } else { "running" }, at);
                 self.note_in_flight(&source);
             }
         }
@@ -321,7 +336,7 @@ impl Cloud {
                 Script::DestinationLost { after } if elapsed >= after => {
                     let migration = &mut self.migrations[i];
                     migration.ended = Some(now);
-                    migration.status = "completed";
+                    migration.set_status("completed", now);
                 }
                 _ => {}
             }
@@ -346,9 +361,9 @@ impl Cloud {
             return;
         }
         if let Some(next) = self.migrations.iter_mut().find(|m| m.source == source && m.queued()) {
-            next.status = "running";
             // Not before it reached the queue.
             next.started = at.max(next.started);
+            next.set_status("running", next.started);
         }
         self.note_in_flight(&source);
     }
@@ -372,11 +387,14 @@ impl Cloud {
     pub(crate) fn land(&mut self, i: usize, now: Instant) {
         let migration = &mut self.migrations[i];
         migration.ended = Some(now);
-        migration.status = if migration.kind == LIVE {
-            "completed"
-        } else {
-            "finished"
-        };
+        migration.set_status(
+            if migration.kind == LIVE {
+                "completed"
+            } else {
+                "finished"
+            },
+            now,
+        );
         if let Some(vm) = self.vms.get_mut(&migration.server_id) {
             vm.server.host = Some(migration.dest.clone());
             vm.server.task_state = None;
@@ -412,7 +430,7 @@ impl Cloud {
     pub(crate) fn end_on_source(&mut self, i: usize, status: &'static str, now: Instant) {
         let migration = &mut self.migrations[i];
         migration.ended = Some(now);
-        migration.status = status;
+        migration.set_status(status, now);
         if let Some(vm) = self.vms.get_mut(&migration.server_id) {
             vm.server.task_state = None;
         }
@@ -484,6 +502,9 @@ impl Cloud {
             total_bytes: vm.server.flavor.ram_mb * MIB,
             started: now,
             ended: None,
+            // The API creates the record; the conductor writes it again at
+            // once unless it is still scheduling it (`accepted`).
+            updated: (status != "accepted").then_some(now),
             status_before: vm.server.status.clone(),
         };
         self.migrations.push(migration);
@@ -547,6 +568,7 @@ impl FakeCloud {
                 aborts_queued: false,
                 scheduling: Duration::ZERO,
                 abort_lost: Vec::new(),
+                no_changes_since: false,
                 calls: Calls::default(),
             }),
         }
@@ -557,6 +579,13 @@ impl FakeCloud {
         let mut cloud = self.state.lock().expect("fake cloud lock");
         cloud.settle(Instant::now());
         cloud
+    }
+
+    /// The wall-clock time Nova would write for the virtual instant `at`.
+    fn timestamp(&self, at: Instant) -> jiff::Timestamp {
+        let base = jiff::Timestamp::from_second(1_800_000_000).expect("a time of this century");
+        let since = jiff::SignedDuration::try_from(at - self.epoch).expect("a test lasts less than centuries");
+        base.checked_add(since).expect("a time of this century")
     }
 
     /// Virtual time since the test started.
@@ -686,7 +715,7 @@ impl FakeCloud {
         let mut cloud = self.lock();
         cloud.vms.remove(id);
         for migration in cloud.migrations.iter_mut().filter(|m| m.server_id == id && m.moving()) {
-            migration.status = "error";
+            migration.set_status("error", now);
             migration.ended = Some(now);
         }
     }
@@ -810,7 +839,7 @@ impl Compute for FakeCloud {
             .rev()
             .find(|m| m.server_id == server_id && m.kind == COLD && m.status == "finished")
             .expect("a VERIFY_RESIZE server has a finished migration");
-        migration.status = "confirmed";
+        migration.set_status("confirmed", Instant::now());
         vm.server.status = migration.status_before.clone();
         vm.server.task_state = None;
         Ok(())
@@ -822,7 +851,8 @@ impl Compute for FakeCloud {
     async fn in_progress_migrations(&self, server_id: &str) -> ComputeResult<Vec<Migration>> {
         self.reachable()?;
         let now = Instant::now();
-        let cloud = self.lock();
+        let mut cloud = self.lock();
+        cloud.calls.progress_reads += 1;
         Ok(cloud
             .migrations
             .iter()
@@ -953,6 +983,37 @@ impl Compute for FakeCloud {
 
     fn aborts_queued_migrations(&self) -> bool {
         self.lock().aborts_queued
+    }
+
+    fn lists_migration_changes(&self) -> bool {
+        !self.lock().no_changes_since
+    }
+
+    /// As Nova does it: `updated_at` in whole seconds compared with `>=`,
+    /// records never updated since their creation left out, and those of
+    /// deleted servers too. Marks carry no overlap: one clock here.
+    async fn live_migrations_changed(&self, host: &str, since: Option<ChangeMark>) -> ComputeResult<MigrationChanges> {
+        self.reachable()?;
+        let now = Instant::now();
+        let mut cloud = self.lock();
+        if cloud.no_changes_since {
+            return Err(ComputeError::Unsupported("changes-since needs compute API 2.59".into()));
+        }
+        cloud.calls.change_reads += 1;
+        let second = |at: Instant| self.timestamp(at).as_second();
+        let since = since.map_or_else(|| second(now) - 2, |mark| mark.0.as_second());
+        let migrations = cloud
+            .migrations
+            .iter()
+            .rev()
+            .filter(|m| m.kind == LIVE && m.source == host && cloud.vms.contains_key(&m.server_id))
+            .filter(|m| m.updated.is_some_and(|at| second(at) >= since))
+            .map(|m| m.record(now))
+            .collect();
+        Ok(MigrationChanges {
+            migrations,
+            next: ChangeMark(jiff::Timestamp::from_second(second(now)).expect("a time of this century")),
+        })
     }
 
     /// The fake's VMs are all in project `tenant-1`, named `demo`; any other

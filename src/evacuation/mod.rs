@@ -6,7 +6,10 @@ mod engine;
 pub mod plan;
 pub mod report;
 
-pub use compute::{Compute, ComputeError, ComputeResult, ComputeService, Flavor, HostCapacity, Migration, Server};
+pub use compute::{
+    ChangeMark, Compute, ComputeError, ComputeResult, ComputeService, Flavor, HostCapacity, Migration,
+    MigrationChanges, Server,
+};
 pub use engine::{
     Budget, BudgetAction, DISABLED_REASON_MARKER, Engine, EvacuationError, Event, Observer, RestoreOutcome, Settings,
     StopRequest, Target, disabled_reason, is_our_reason,

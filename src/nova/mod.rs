@@ -18,7 +18,9 @@ use tracing::{debug, warn};
 use url::Url;
 
 use crate::config::Credentials;
-use crate::evacuation::{Compute, ComputeError, ComputeResult, ComputeService, HostCapacity, Migration, Server};
+use crate::evacuation::{
+    ChangeMark, Compute, ComputeError, ComputeResult, ComputeService, HostCapacity, Migration, MigrationChanges, Server,
+};
 use microversion::{Microversion, Negotiated};
 
 pub use keystone::KeystoneAuth;
@@ -36,6 +38,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// would send two thousand requests at once to Placement and its database
 /// between a cordon and the first migration, and time out on its own load.
 const PLACEMENT_HOSTS_AT_ONCE: usize = 16;
+/// How far each look for changed migration records reaches back before the
+/// previous one was sent: Nova keeps `updated_at` in whole seconds, written
+/// by its computes' and conductors' clocks, which may be a little behind ours.
+const CHANGES_OVERLAP: jiff::SignedDuration = jiff::SignedDuration::from_secs(2);
 
 /// Why the client could not be set up or a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -733,6 +739,38 @@ impl Compute for NovaClient {
     async fn compute_services(&self) -> ComputeResult<Vec<ComputeService>> {
         let services = self.services(None).await?;
         Ok(services.into_iter().map(wire::Service::into_service).collect())
+    }
+
+    fn lists_migration_changes(&self) -> bool {
+        self.version.supports(microversion::MIGRATION_PAGING)
+    }
+
+    async fn live_migrations_changed(&self, host: &str, since: Option<ChangeMark>) -> ComputeResult<MigrationChanges> {
+        self.require(microversion::MIGRATION_PAGING, "reading changed migrations")?;
+        let asked_at = jiff::Timestamp::now();
+        let reach_back = |t: jiff::Timestamp| {
+            let back = t.checked_sub(CHANGES_OVERLAP).unwrap_or(t);
+            // Whole seconds, as Nova compares them.
+            jiff::Timestamp::from_second(back.as_second()).unwrap_or(back)
+        };
+        let since = since.map_or_else(|| reach_back(asked_at), |mark| mark.0);
+        let query = vec![
+            ("source_compute", host.to_string()),
+            ("migration_type", "live-migration".to_string()),
+            ("changes-since", since.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
+        ];
+        let migrations = self
+            .migrations(query)
+            .await?
+            .into_iter()
+            .filter(|m| m.source_compute.as_deref() == Some(host))
+            .filter(|m| m.migration_type.as_deref() == Some("live-migration"))
+            .map(wire::Migration::into_migration)
+            .collect();
+        Ok(MigrationChanges {
+            migrations,
+            next: ChangeMark(reach_back(asked_at)),
+        })
     }
 
     fn aborts_queued_migrations(&self) -> bool {

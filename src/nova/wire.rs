@@ -287,6 +287,7 @@ impl Migration {
     pub fn into_migration(self) -> EngineMigration {
         EngineMigration {
             id: id_text(&self.id),
+            server_id: self.instance_uuid,
             status: self.status,
             source_host: self.source_compute,
             dest_host: self.dest_compute,

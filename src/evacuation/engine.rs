@@ -390,24 +390,35 @@ impl Flight {
         }
     }
 
+    /// Whether, by this run's quickest comparable move, its live migration
+    /// cannot have ended by `now`: only an early failure is to be seen.
+    fn quiet(&self, now: Instant) -> bool {
+        self.job.action == Action::LiveMigrate
+            && self.phase == Phase::Moving
+            && self.requested.is_none()
+            && self
+                .expected
+                .is_some_and(|quickest| now < self.running_from + quickest * 3 / 4)
+    }
+
     /// Called as the server is read at `now`: when to read it next. Before
     /// three quarters of the quickest comparable migration of this run there
     /// is nothing to see but an early failure (that one's time counts Nova's
     /// scheduling and our noticing its end, so comparable ones run a little
     /// shorter): read every [`QUIET_POLLS`] poll intervals; from then
     /// until two poll intervals after it, the end is near and the server is
-    /// read at half the poll interval, so that its end is seen sooner
-    /// (unless `batched`: a host-wide look then serves every flight, and
-    /// looks at half the interval would double them all); otherwise, or once
+    /// read at half the poll interval, so that its end is seen sooner (only
+    /// when it is `alone` in flight: with several, at the poll interval, or
+    /// reads would grow with the migrations in flight); otherwise, or once
     /// an abort or force-complete was asked for, at the poll interval.
-    fn schedule_next_poll(&mut self, now: Instant, poll_interval: Duration, batched: bool) {
+    fn schedule_next_poll(&mut self, now: Instant, poll_interval: Duration, alone: bool) {
         self.next_poll = match self.expected {
             Some(quickest) if self.job.action == Action::LiveMigrate && self.phase == Phase::Moving => {
                 let earliest_end = self.running_from + quickest * 3 / 4;
                 if now < earliest_end {
                     // A migration that fails early is still seen soon.
                     earliest_end.min(now + poll_interval * QUIET_POLLS)
-                } else if !batched && now < self.running_from + quickest + poll_interval * 2 {
+                } else if alone && now < self.running_from + quickest + poll_interval * 2 {
                     now + poll_interval / 2
                 } else {
                     now + poll_interval
@@ -824,7 +835,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                     match start {
                         Start::Flying(mut flight) => {
                             flight.expected = move_times.quickest_up_to(flight.job.server.flavor.ram_mb);
-                            flight.schedule_next_poll(Instant::now(), self.settings.poll_interval, false);
+                            flight.schedule_next_poll(Instant::now(), self.settings.poll_interval, true);
                             flights.push(*flight);
                         }
                         Start::Done(report) => reports.push(report),
@@ -866,7 +877,13 @@ impl<'a, C: Compute> Engine<'a, C> {
                 }
             }
             let batched = changed.is_some();
-            let steps = join_all(flights.iter_mut().map(|flight| self.poll(target, flight, batched))).await;
+            let alone = flights.iter().filter(|f| !f.waiting_in_nova).count() <= 1;
+            let steps = join_all(
+                flights
+                    .iter_mut()
+                    .map(|flight| self.poll(target, flight, batched, alone)),
+            )
+            .await;
             let mut still = Vec::with_capacity(flights.len());
             // Nova starts what it holds queued once a running migration ends:
             // not before the ended ones were last seen still moving.
@@ -1173,7 +1190,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             flight.next_progress_check = now + PROGRESS_INTERVAL;
             flight.running_from = slot_freed_after.unwrap_or(now);
             flight.expected = move_times.quickest_up_to(flight.job.server.flavor.ram_mb);
-            flight.schedule_next_poll(now, self.settings.poll_interval, false);
+            flight.schedule_next_poll(now, self.settings.poll_interval, true);
         }
     }
 
@@ -1247,9 +1264,14 @@ impl<'a, C: Compute> Engine<'a, C> {
     }
 
     /// One look at every live migration from the host whose record changed
-    /// since the previous look, when it saves reads: two flights or more are
-    /// followed (or Nova's queueing is still being learnt), and one is due.
-    /// `None`: each flight is read on its own this tick.
+    /// since the previous look, when it saves reads: while Nova's queueing is
+    /// being learnt (instead of a progress read of every flight), or when a
+    /// flight that cannot have ended yet is due a read and another is
+    /// followed. Not for a migration near its expected end: Nova marks its
+    /// record `completed` only after its post-migration bookkeeping on the
+    /// source (a resource audit, 0.5-2 s on the lab), while the server has
+    /// already settled on the destination; that end is seen sooner by
+    /// reading the server. `None`: each flight is read on its own this tick.
     async fn read_changes(
         &self,
         target: &Target,
@@ -1261,11 +1283,11 @@ impl<'a, C: Compute> Engine<'a, C> {
             return None;
         }
         let now = Instant::now();
-        let followed = flights.iter().filter(|f| !f.waiting_in_nova).count();
-        let due = flights
-            .iter()
-            .any(|f| !f.waiting_in_nova && (now >= f.next_poll || f.requested.is_some()));
-        if !due || (followed < 2 && !(learning_queue && flights.len() >= 2)) {
+        let followed: Vec<&Flight> = flights.iter().filter(|f| !f.waiting_in_nova).collect();
+        let quiet_due = followed.iter().any(|f| f.quiet(now) && now >= f.next_poll);
+        let any_due = followed.iter().any(|f| now >= f.next_poll || f.requested.is_some());
+        let look = (learning_queue && flights.len() >= 2 && any_due) || (quiet_due && followed.len() >= 2);
+        if !look {
             return None;
         }
         match self.compute.live_migrations_changed(&target.host, *mark).await {
@@ -1298,9 +1320,10 @@ impl<'a, C: Compute> Engine<'a, C> {
     }
 
     /// Follows one flight; `batched` when this tick's host-wide look at
-    /// changed records covers it: its server is read only when its record
-    /// ended, or was not listed for [`QUIET_POLLS`] poll intervals.
-    async fn poll(&self, target: &Target, flight: &mut Flight, batched: bool) -> Step {
+    /// changed records covers it: one that cannot have ended yet is then read
+    /// only when its record shows an end, or was not listed for
+    /// [`QUIET_POLLS`] poll intervals. `alone`: no other migration is followed.
+    async fn poll(&self, target: &Target, flight: &mut Flight, batched: bool, alone: bool) -> Step {
         if flight.waiting_in_nova && flight.requested.is_none() {
             // Queued behind the running ones: nothing to watch until a slot
             // frees (until Nova has shown that it queues, `learn_nova_queue`
@@ -1308,21 +1331,24 @@ impl<'a, C: Compute> Engine<'a, C> {
             return Step::Continue;
         }
         let now = Instant::now();
-        if batched && flight.requested.is_none() && flight.job.action == Action::LiveMigrate {
-            let seen = flight.read_last.unwrap_or(flight.running_from);
-            if !flight.record_ended && now - seen < self.settings.poll_interval * QUIET_POLLS {
-                // Still moving, or unchanged since the last look: only the budget and stall checks.
-                flight.schedule_next_poll(now, self.settings.poll_interval, true);
-                if let Some(reason) = self.watch_live(flight).await {
-                    return Step::Done(self.finish(target, flight, Outcome::Failed, Some(reason), None));
-                }
-                return Step::Continue;
+        let seen = flight.read_last.unwrap_or(flight.running_from);
+        if batched
+            && flight.quiet(now)
+            && !flight.record_ended
+            && now - seen < self.settings.poll_interval * QUIET_POLLS
+        {
+            // Still moving, or unchanged since the last look: only the budget and stall checks.
+            flight.schedule_next_poll(now, self.settings.poll_interval, alone);
+            if let Some(reason) = self.watch_live(flight).await {
+                return Step::Done(self.finish(target, flight, Outcome::Failed, Some(reason), None));
             }
-        } else if flight.requested.is_none() && now < flight.next_poll {
+            return Step::Continue;
+        }
+        if flight.requested.is_none() && !flight.record_ended && now < flight.next_poll {
             return Step::Continue;
         }
         flight.record_ended = false;
-        flight.schedule_next_poll(now, self.settings.poll_interval, batched);
+        flight.schedule_next_poll(now, self.settings.poll_interval, alone);
         flight.read_before = flight.read_last.replace(now);
 
         let id = flight.job.server.id.clone();

@@ -50,7 +50,7 @@ pub const EMBEDDED_FLAVOR: Microversion = Microversion(2, 47);
 pub const SERVICE_UUID: Microversion = Microversion(2, 53);
 /// `GET /servers/{id}/os-instance-actions` takes `limit`.
 pub const INSTANCE_ACTION_PAGING: Microversion = Microversion(2, 58);
-/// `GET /os-migrations` is paged and sorted newest first.
+/// `GET /os-migrations` is paged, sorted newest first, and takes `changes-since`.
 pub const MIGRATION_PAGING: Microversion = Microversion(2, 59);
 /// Aborting a live migration that is still queued or preparing.
 pub const ABORT_QUEUED: Microversion = Microversion(2, 65);

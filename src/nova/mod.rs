@@ -952,6 +952,82 @@ mod tests {
         );
     }
 
+    /// Keystone and a Nova whose `GET /os-migrations` answers `records` and
+    /// keeps each query string it was asked with.
+    async fn nova_with_migrations(records: Value, queries: Arc<std::sync::Mutex<Vec<String>>>) -> String {
+        use axum::extract::RawQuery;
+        use axum::routing::get;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let compute = format!("{base}/compute/v2.1");
+        let version = json!({ "version": {
+            "id": "v2.1", "status": "CURRENT", "version": "2.93", "min_version": "2.1",
+            "links": [{ "rel": "self", "href": format!("{compute}/") }],
+        }});
+        let list = move |RawQuery(query): RawQuery| {
+            queries.lock().expect("queries").push(query.unwrap_or_default());
+            let records = records.clone();
+            async move { axum::Json(json!({ "migrations": records, "migrations_links": [] })) }
+        };
+        let app = keystone_route(vec![("compute", compute)])
+            .route("/compute/v2.1", get(axum::Json(version.clone())))
+            .route("/compute/v2.1/", get(axum::Json(version)))
+            .route("/compute/v2.1/os-migrations", get(list));
+        serve(listener, app).await;
+        format!("{base}/v3")
+    }
+
+    #[tokio::test]
+    async fn changed_migrations_are_asked_for_since_the_previous_look_less_the_overlap() {
+        let record = |id: u64, server: &str, source: &str, kind: &str| {
+            json!({ "id": id, "uuid": format!("m-{id}"), "status": "running", "instance_uuid": server,
+                    "source_compute": source, "dest_compute": "cmp9", "migration_type": kind,
+                    "created_at": "2026-12-02T11:00:00.000000", "updated_at": "2026-12-02T11:00:01.000000" })
+        };
+        let records = json!([
+            record(3, "vm-a", "cmp1", "live-migration"),
+            record(2, "vm-b", "cmp10", "live-migration"),
+            record(1, "vm-c", "cmp1", "migration"),
+        ]);
+        let queries = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let nova = NovaClient::connect(&credentials(nova_with_migrations(records, queries.clone()).await), None)
+            .await
+            .expect("connect");
+
+        let before = jiff::Timestamp::now();
+        let first = nova.live_migrations_changed("cmp1", None).await.expect("first look");
+        let second = nova
+            .live_migrations_changed("cmp1", Some(first.next))
+            .await
+            .expect("second look");
+
+        // Only this host's live migrations, whatever else the answer holds.
+        let ids: Vec<(&str, Option<&str>)> = first
+            .migrations
+            .iter()
+            .map(|m| (m.id.as_str(), m.server_id.as_deref()))
+            .collect();
+        assert_eq!(ids, [("3", Some("vm-a"))]);
+        assert_eq!(second.migrations.len(), 1);
+        // Whole seconds, reaching 2 s back from when the look was sent.
+        let reach = first.next.0;
+        assert_eq!(reach.subsec_nanosecond(), 0);
+        let back = before.as_second() - reach.as_second();
+        assert!((1..=3).contains(&back), "{reach} is {back} s before {before}");
+        let queries = queries.lock().expect("queries").clone();
+        assert_eq!(queries.len(), 2, "{queries:?}");
+        let since = |mark: jiff::Timestamp| format!("changes-since={}", mark.strftime("%Y-%m-%dT%H%%3A%M%%3A%SZ"));
+        for (query, mark) in queries.iter().zip([None, Some(first.next.0)]) {
+            assert!(query.contains("source_compute=cmp1"), "{query}");
+            assert!(query.contains("migration_type=live-migration"), "{query}");
+            if let Some(mark) = mark {
+                assert!(query.contains(&since(mark)), "{query} asks since {mark}");
+            } else {
+                assert!(query.contains("changes-since="), "{query}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn nova_down_at_start_up_is_named_with_its_cause_and_url() {
         let port = {

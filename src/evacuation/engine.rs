@@ -1304,10 +1304,11 @@ impl<'a, C: Compute> Engine<'a, C> {
 
     /// How often a live migration's progress numbers are read: every
     /// [`PROGRESS_INTERVAL`] while they serve a stall check, or while an
-    /// abort or force-complete is seen through. Where Nova's records are
-    /// looked at host-wide each tick and nothing checks for stalls, its status
-    /// needs no read of its own; the read serves only to notice a migration
-    /// lost (no longer in progress, its server still migrating).
+    /// abort or force-complete is seen through. Where the cloud offers the
+    /// host-wide look at changed records (2.59+) and nothing checks for
+    /// stalls, the status needs no read of its own; the read serves only to
+    /// notice a migration lost (no longer in progress, its server still
+    /// migrating).
     fn progress_every(&self, flight: &Flight) -> Duration {
         if self.compute.lists_migration_changes()
             && self.settings.stall_after.is_none()

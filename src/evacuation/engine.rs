@@ -1587,7 +1587,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             Some(id) => history.into_iter().find(|m| &m.id == id),
             None => history.into_iter().next(),
         }?;
-        if !matches!(record.status.as_str(), "completed" | "error" | "failed" | "cancelled") {
+        if !record.ended() {
             flight.ended_record_since = None;
             return None;
         }

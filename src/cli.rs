@@ -81,9 +81,15 @@ pub struct Cli {
     #[arg(long)]
     pub release_guard_on_failure: bool,
 
-    /// Daemon: seconds to wait before evacuating again after a failed run while still cordoned.
+    /// Daemon: seconds to wait before evacuating again after a failed run while still cordoned;
+    /// doubled after each further failure in a row, up to --max-retry-after-failure.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub retry_after_failure: u64,
+
+    /// Daemon: longest wait between two runs that fail in a row (a change of the Node, or of
+    /// the VMs on its hypervisor, starts the doubling over).
+    #[arg(long, value_name = "SECONDS", default_value_t = 960)]
+    pub max_retry_after_failure: u64,
 
     /// Format of the log lines on standard error.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nova_kubernetes_drain::cli::{Cli, Command, Output};
 use nova_kubernetes_drain::config::{self, Config, ProcessEnvironment};
-use nova_kubernetes_drain::daemon::DaemonSettings;
+use nova_kubernetes_drain::daemon::{DaemonSettings, RetryBackoff};
 use nova_kubernetes_drain::evacuation::{Engine, EvacuationError, Report, RestoreOutcome, StopRequest, Target};
 use nova_kubernetes_drain::nova::NovaClient;
 use nova_kubernetes_drain::{exit, telemetry};
@@ -172,7 +172,10 @@ async fn daemon(cli: &Cli, config: Config, target: Target) -> i32 {
         guard_grace: Duration::from_secs(cli.guard_grace),
         listen: cli.listen,
         release_guard_on_failure: cli.release_guard_on_failure,
-        retry_after_failure: Duration::from_secs(cli.retry_after_failure.max(1)),
+        retry: RetryBackoff {
+            first: Duration::from_secs(cli.retry_after_failure.max(1)),
+            max: Duration::from_secs(cli.max_retry_after_failure.max(1)),
+        },
         instance: std::env::var("POD_NAME").unwrap_or_else(|_| format!("drainer-{}", target.node)),
         target,
     };

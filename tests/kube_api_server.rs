@@ -687,6 +687,48 @@ async fn recorder_publishes_node_events() {
     );
 }
 
+#[tokio::test]
+async fn repeated_node_events_are_counted_in_one_series() {
+    use nova_kubernetes_drain::kube::{NodeEvents, Severity};
+    let api = KubeApi::start();
+    let node = api.add_node("n1");
+    let events = NodeEvents::new(api.kube_client(), &node, "drainer-n1");
+    let stuck = "1 server(s) left on n1: vm (id-1): SUSPENDED";
+    for _ in 0..3 {
+        events
+            .publish(Severity::Warning, "EvacuationFailed", "Evacuate", stuck)
+            .await
+            .unwrap();
+    }
+    events
+        .publish(Severity::Warning, "EvacuationFailed", "Evacuate", "another note")
+        .await
+        .unwrap();
+    let stored: Api<K8sEvent> = Api::namespaced(api.kube_client(), "default");
+    let list = stored.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(list.len(), 2, "one Event per distinct note: {list:#?}");
+    let repeated = list.iter().find(|e| e.note.as_deref() == Some(stuck)).unwrap();
+    assert_eq!(repeated.series.as_ref().map(|s| s.count), Some(3));
+    let patches = api
+        .requests()
+        .iter()
+        .filter(|(m, p)| m == "PATCH" && p.starts_with("/apis/events.k8s.io/v1/namespaces/default/events/n1."))
+        .count();
+    assert_eq!(patches, 2);
+
+    // An Event that expired (or was deleted) is written anew.
+    let name = repeated.metadata.name.clone().unwrap();
+    stored.delete(&name, &DeleteParams::default()).await.unwrap();
+    events
+        .publish(Severity::Warning, "EvacuationFailed", "Evacuate", stuck)
+        .await
+        .unwrap();
+    let list = stored.list(&ListParams::default()).await.unwrap().items;
+    let anew = list.iter().find(|e| e.note.as_deref() == Some(stuck)).unwrap();
+    assert_ne!(anew.metadata.name.as_deref(), Some(name.as_str()));
+    assert_eq!(anew.series, None);
+}
+
 fn pdb_condition(api: &KubeApi, ns: &str) -> Option<(String, String, String)> {
     let pdb = api.pdbs(ns).into_iter().next()?;
     let c = pdb.status?.conditions?.into_iter().next()?;

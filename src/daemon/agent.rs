@@ -3,6 +3,7 @@
 //! what happens (Events, metrics, readiness). Generic over the compute API and
 //! the cluster, so it is tested with a fake cloud and a fake cluster.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -13,11 +14,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::decide::{Evacuation, NodeSeen, Situation, Step, conclude, decide, guard_problem};
+use super::decide::{Evacuation, NodeSeen, RetryBackoff, Situation, Step, conclude, decide, guard_problem};
 use crate::evacuation::{
     Action, Compute, Engine, EvacuationError, Event, Observer, Report, RestoreOutcome, Settings, StopRequest, Target,
 };
-use crate::kube::{Cluster, DrainState, GuardPod, Phase, Severity};
+use crate::kube::{Cluster, DrainState, GuardPod, Phase, Severity, operator_view};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::server::Health;
 
@@ -46,7 +47,7 @@ pub struct AgentSettings {
     pub target: Target,
     pub evacuation: Settings,
     pub release_guard_on_failure: bool,
-    pub retry_after_failure: Duration,
+    pub retry: RetryBackoff,
     pub guard_grace: Duration,
 }
 
@@ -68,6 +69,11 @@ pub struct Agent<C: Compute + 'static, K: Cluster> {
     /// Whether the drain state was read from the Node's annotations yet: only
     /// once, then ours (the watch may still deliver older copies of the Node).
     state_loaded: bool,
+    /// What an operator can change about the Node (see [`operator_view`]), as last seen:
+    /// a change while failed runs back off starts the backoff over.
+    operator_view: Option<String>,
+    /// The VMs the last failed run found on the host: another set starts the backoff over.
+    failed_vms: Option<BTreeSet<String>>,
     running: Option<Running>,
     /// Why tending the guard fails, and since when.
     guard_failing: Option<(Instant, String)>,
@@ -94,6 +100,8 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             situation: Situation::default(),
             node: None,
             state_loaded: false,
+            operator_view: None,
+            failed_vms: None,
             running: None,
             guard_failing: None,
             guard_reported: None,
@@ -149,6 +157,11 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                     self.set_phase_metric(self.situation.recorded.phase);
                     self.state_loaded = true;
                 }
+                let view = operator_view(&node);
+                if self.operator_view.as_ref().is_some_and(|seen| *seen != view) {
+                    self.restart_backoff();
+                }
+                self.operator_view = Some(view);
                 let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
                 if self.situation.node == NodeSeen::Deleted {
                     // The Node registered again: its guard is needed again.
@@ -278,17 +291,29 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(format!("the evacuation task failed: {e}")),
         };
+        let mut recorded = self.situation.recorded.clone();
         if let Ok(report) = &result {
             self.metrics.vms_remaining.set(report.servers_left_on_host as i64);
             self.metrics.record_report(report);
+            let vms: BTreeSet<String> = report.vms.iter().map(|vm| vm.id.clone()).collect();
+            if report.result == crate::evacuation::RunResult::Succeeded {
+                self.failed_vms = None;
+            } else if self.failed_vms.replace(vms.clone()).is_some_and(|before| before != vms) {
+                info!("other VMs on the host than at the last failed run: the backoff starts over");
+                recorded.failures = 0;
+            }
         }
         let conclusion = conclude(
-            &self.situation.recorded,
+            &recorded,
             result.as_ref().map_err(Clone::clone),
             cancelled,
             self.settings.release_guard_on_failure,
-            self.settings.retry_after_failure,
+            self.settings.retry,
+            self.wall_now(),
         );
+        if let (Some(delay), Some(at)) = (conclusion.retry_in, &conclusion.state.next_retry_at) {
+            info!(failures = conclusion.state.failures, retry_in_seconds = delay.as_secs(), retry_at = %at, "will evacuate again while the node stays cordoned");
+        }
         let (severity, reason, note) = conclusion.event;
         self.cluster.publish(severity, reason, note);
         self.save(conclusion.state).await;
@@ -296,6 +321,19 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         if conclusion.release_guard {
             self.carry_out(Step::ReleaseGuard).await;
         }
+    }
+
+    /// An operator changed the Node while failed runs back off: the next try
+    /// comes after the first wait at the latest, and the doubling starts over.
+    fn restart_backoff(&mut self) {
+        if self.situation.recorded.failures == 0 {
+            return;
+        }
+        info!("the node changed: the backoff after failed runs starts over");
+        let soon = Instant::now() + self.settings.retry.first;
+        self.situation.retry_at = self.situation.retry_at.map(|at| at.min(soon));
+        self.situation.recorded.failures = 0;
+        self.situation.recorded.next_retry_at = None;
     }
 
     /// After an uncordon: re-enable the service if it is still ours, record Idle.

@@ -129,6 +129,35 @@ pub fn decide(situation: &Situation, now: Instant) -> Vec<Step> {
     steps
 }
 
+/// How long a node that stays cordoned waits after failed runs: `first`
+/// after one failure, doubling with each further failure in a row, never more
+/// than `max`, so a VM that can never move costs a run (and its Events) every
+/// `max` instead of every minute for as long as the node stays cordoned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryBackoff {
+    pub first: Duration,
+    pub max: Duration,
+}
+
+impl RetryBackoff {
+    /// The wait after `failures` failed runs in a row (at least one).
+    pub fn after(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(30);
+        self.first
+            .saturating_mul(1u32 << doublings)
+            .min(self.max.max(self.first))
+    }
+}
+
+/// `now + delay` in the form the Node's annotations use.
+pub fn rfc3339(now: jiff::Timestamp, delay: Duration) -> String {
+    let at = jiff::SignedDuration::try_from(delay)
+        .ok()
+        .and_then(|d| now.checked_add(d).ok())
+        .unwrap_or(now);
+    at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
 /// What a finished evacuation means.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Conclusion {
@@ -149,20 +178,29 @@ pub fn conclude(
     result: Result<&Report, String>,
     cancelled: bool,
     release_guard_on_failure: bool,
-    retry_after_failure: Duration,
+    backoff: RetryBackoff,
+    wall_now: jiff::Timestamp,
 ) -> Conclusion {
     let mut state = DrainState {
         last_error: None,
+        failures: 0,
+        next_retry_at: None,
         ..recorded.clone()
     };
-    let failed = |state: DrainState, reason: &'static str, why: String| Conclusion {
-        state: DrainState {
-            last_error: Some(why.clone()),
-            ..state
-        },
-        release_guard: release_guard_on_failure && !cancelled,
-        retry_in: (!cancelled).then_some(retry_after_failure),
-        event: (Severity::Warning, reason, why),
+    let failed = |state: DrainState, reason: &'static str, why: String| {
+        let failures = recorded.failures.saturating_add(1);
+        let retry_in = (!cancelled).then(|| backoff.after(failures));
+        Conclusion {
+            state: DrainState {
+                last_error: Some(why.clone()),
+                failures,
+                next_retry_at: retry_in.map(|delay| rfc3339(wall_now, delay)),
+                ..state
+            },
+            release_guard: release_guard_on_failure && !cancelled,
+            retry_in,
+            event: (Severity::Warning, reason, why),
+        }
     };
     let report = match result {
         Ok(report) => report,
@@ -512,16 +550,34 @@ mod tests {
         }
     }
 
-    const RETRY: Duration = Duration::from_secs(60);
+    const RETRY: RetryBackoff = RetryBackoff {
+        first: Duration::from_secs(60),
+        max: Duration::from_secs(960),
+    };
+
+    fn conclude_at(
+        recorded: &DrainState,
+        result: Result<&Report, String>,
+        cancelled: bool,
+        release_guard_on_failure: bool,
+    ) -> Conclusion {
+        conclude(
+            recorded,
+            result,
+            cancelled,
+            release_guard_on_failure,
+            RETRY,
+            jiff::Timestamp::UNIX_EPOCH,
+        )
+    }
 
     #[test]
     fn success_records_evacuated_and_releases() {
-        let done = conclude(
+        let done = conclude_at(
             &in_phase(Phase::Evacuating),
             Ok(&report(RunResult::Succeeded, 0)),
             false,
             false,
-            RETRY,
         );
         assert_eq!(done.state.phase, Phase::Evacuated);
         assert_eq!((done.state.vms_total, done.state.vms_left), (Some(1), Some(0)));
@@ -533,16 +589,17 @@ mod tests {
 
     #[test]
     fn failure_keeps_the_guard_and_retries_unless_told_to_release() {
-        let failed = conclude(
+        let failed = conclude_at(
             &in_phase(Phase::Evacuating),
             Ok(&report(RunResult::Failed, 1)),
             false,
             false,
-            RETRY,
         );
         assert_eq!(failed.state.phase, Phase::Failed);
         assert!(!failed.release_guard);
-        assert_eq!(failed.retry_in, Some(RETRY));
+        assert_eq!(failed.retry_in, Some(RETRY.first));
+        assert_eq!(failed.state.failures, 1);
+        assert_eq!(failed.state.next_retry_at.as_deref(), Some("1970-01-01T00:01:00Z"));
         assert_eq!(failed.event.0, Severity::Warning);
         assert!(
             failed
@@ -552,36 +609,60 @@ mod tests {
                 .unwrap_or_default()
                 .contains("web (vm-1): no valid host")
         );
-        let released = conclude(
+        let released = conclude_at(
             &in_phase(Phase::Evacuating),
             Ok(&report(RunResult::TimedOut, 1)),
             false,
             true,
-            RETRY,
         );
         assert_eq!(released.state.phase, Phase::TimedOut);
         assert_eq!(released.event.1, "EvacuationTimedOut");
         assert!(released.release_guard);
-        let error = conclude(
+        let error = conclude_at(
             &in_phase(Phase::Evacuating),
             Err("nova-api: HTTP 503".into()),
             false,
             false,
-            RETRY,
         );
         assert_eq!(error.state.phase, Phase::Failed);
         assert_eq!(error.state.last_error.as_deref(), Some("nova-api: HTTP 503"));
-        assert_eq!(error.retry_in, Some(RETRY));
+        assert_eq!(error.retry_in, Some(RETRY.first));
+    }
+
+    #[test]
+    fn failures_in_a_row_double_the_wait_up_to_the_bound_and_success_resets_them() {
+        let mut recorded = in_phase(Phase::Evacuating);
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            let failed = conclude_at(&recorded, Ok(&report(RunResult::Failed, 1)), false, false);
+            waits.push(failed.retry_in.map(|d| d.as_secs()));
+            recorded = failed.state;
+        }
+        let secs = |s: &[u64]| s.iter().map(|s| Some(*s)).collect::<Vec<_>>();
+        assert_eq!(waits, secs(&[60, 120, 240, 480, 960, 960, 960]));
+        assert_eq!(recorded.failures, 7);
+        assert_eq!(recorded.next_retry_at.as_deref(), Some("1970-01-01T00:16:00Z"));
+        let done = conclude_at(&recorded, Ok(&report(RunResult::Succeeded, 0)), false, false);
+        assert_eq!((done.state.failures, done.state.next_retry_at), (0, None));
+        assert_eq!(RETRY.after(u32::MAX), RETRY.max, "no overflow");
+        let tight = RetryBackoff {
+            first: Duration::from_secs(300),
+            max: Duration::from_secs(60),
+        };
+        assert_eq!(
+            tight.after(3),
+            tight.first,
+            "a bound under the first wait is the first wait"
+        );
     }
 
     #[test]
     fn a_run_cancelled_by_the_uncordon_is_not_a_failure() {
-        let cancelled = conclude(
+        let cancelled = conclude_at(
             &in_phase(Phase::Evacuating),
             Ok(&report(RunResult::Interrupted, 1)),
             true,
             true,
-            RETRY,
         );
         assert_eq!(cancelled.state.phase, Phase::Evacuating, "the restore records Idle");
         assert_eq!(cancelled.event.0, Severity::Normal);

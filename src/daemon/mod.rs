@@ -32,6 +32,7 @@ use crate::nova::microversion::Microversion;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::server::{Health, NovaSlot};
 use agent::{Agent, AgentSettings, Input};
+pub use decide::RetryBackoff;
 
 /// How the agent runs, beside the evacuation settings.
 #[derive(Clone, Debug)]
@@ -49,8 +50,8 @@ pub struct DaemonSettings {
     pub listen: SocketAddr,
     /// Let `kubectl drain` finish even when VMs could not be moved (after the time-out or failure).
     pub release_guard_on_failure: bool,
-    /// Wait before evacuating again after a failed run while the node stays cordoned.
-    pub retry_after_failure: Duration,
+    /// Waits before evacuating again after failed runs while the node stays cordoned.
+    pub retry: RetryBackoff,
     /// Identifies this agent in Events (its pod name).
     pub instance: String,
 }
@@ -110,7 +111,7 @@ pub async fn run(settings: DaemonSettings, mut config: Config, kube: kube::Clien
             target: settings.target,
             evacuation: config.evacuation,
             release_guard_on_failure: settings.release_guard_on_failure,
-            retry_after_failure: settings.retry_after_failure,
+            retry: settings.retry,
             guard_grace: settings.guard_grace,
         },
         cluster,

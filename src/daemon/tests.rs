@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep};
 
 use super::agent::{Agent, AgentSettings, Input};
+use super::decide::RetryBackoff;
 use crate::evacuation::fake::{FakeCloud, NODE, SOURCE, Script, target};
 use crate::evacuation::{Settings, is_our_reason};
 use crate::kube::{Cluster, DrainState, GuardPod, Phase, Severity};
@@ -20,6 +21,7 @@ use crate::telemetry::metrics::Metrics;
 use crate::telemetry::server::Health;
 
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(60);
+const MAX_RETRY_AFTER_FAILURE: Duration = Duration::from_secs(960);
 const GUARD_GRACE: Duration = Duration::from_secs(60);
 
 /// The cluster as the agent changes it, with the guard watch played back to the agent.
@@ -250,7 +252,10 @@ impl Harness {
                 ..Settings::default()
             },
             release_guard_on_failure,
-            retry_after_failure: RETRY_AFTER_FAILURE,
+            retry: RetryBackoff {
+                first: RETRY_AFTER_FAILURE,
+                max: MAX_RETRY_AFTER_FAILURE,
+            },
             guard_grace: GUARD_GRACE,
         };
         let agent = Agent::new(settings, cluster.clone(), metrics.clone(), health.clone());
@@ -542,6 +547,66 @@ async fn a_failed_run_keeps_drain_waiting_and_is_retried_after_the_set_delay() {
     );
     h.drain().await;
     assert_eq!(h.on_source(), 0);
+    assert_eq!(h.terminate().await, 0);
+}
+
+/// Runs started so far (each begins with this Event).
+fn runs(h: &Harness) -> usize {
+    h.cluster
+        .reasons()
+        .iter()
+        .filter(|r| **r == "EvacuationStarted")
+        .count()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_that_can_never_move_backs_off_and_a_change_starts_the_backoff_over() {
+    let cloud = cloud_with(0);
+    cloud.add_vm("vm-1", "SUSPENDED", 2048);
+    let h = Harness::start(cloud).await;
+    h.cordon(true).await;
+    h.until("failed", |h| h.cluster.phase() == Phase::Failed).await;
+    let first_failure = Instant::now();
+    let record = h.cluster.last_record();
+    assert_eq!(record.failures, 1);
+    assert!(record.next_retry_at.is_some(), "the next try is shown on the Node");
+
+    // Cordoned for 30 minutes: tries at 0, 1, 3, 7 and 15 minutes (60 s doubling), not every minute.
+    sleep(Duration::from_secs(30 * 60) - first_failure.elapsed()).await;
+    assert_eq!(runs(&h), 5, "{:?}", h.cluster.reasons());
+    assert_eq!(h.cluster.last_record().failures, 5);
+    assert!(!h.cluster.evict(), "drain keeps waiting all along");
+
+    // An operator annotates the Node: the next try comes within the first wait, and waits start over.
+    let mut annotated = node(true, None);
+    annotated
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert("example.org/retry".into(), "now".into());
+    h.send(Input::Node(Some(Box::new(annotated)))).await;
+    let asked = Instant::now();
+    h.until("tried again", |h| runs(h) == 6).await;
+    assert!(
+        asked.elapsed() <= RETRY_AFTER_FAILURE,
+        "tried {:?} after the change",
+        asked.elapsed()
+    );
+    h.until("failed again", |h| {
+        h.cluster.phase() == Phase::Failed && h.cluster.last_record().failures == 1
+    })
+    .await;
+
+    // Another VM on the host: its first failure waits the first wait again.
+    sleep(RETRY_AFTER_FAILURE * 2).await;
+    assert_eq!(runs(&h), 7, "one try after the first wait, the next after twice that");
+    assert_eq!(h.cluster.last_record().failures, 2);
+    h.cloud.add_vm("vm-2", "SUSPENDED", 2048);
+    h.until("failed with the new VM", |h| {
+        runs(h) == 8 && h.cluster.phase() == Phase::Failed
+    })
+    .await;
+    assert_eq!(h.cluster.last_record().failures, 1, "the VMs changed");
     assert_eq!(h.terminate().await, 0);
 }
 

@@ -65,6 +65,10 @@ pub struct DrainState {
     pub vms_total: Option<usize>,
     pub vms_left: Option<usize>,
     pub last_error: Option<String>,
+    /// Failed runs in a row while cordoned: each doubles the wait before the next.
+    pub failures: u32,
+    /// RFC 3339 time of the next try after a failure, where an operator looks for it.
+    pub next_retry_at: Option<String>,
 }
 
 fn key(name: &str) -> String {
@@ -84,6 +88,8 @@ impl DrainState {
             vms_total: get("vms-total").and_then(|v| v.parse().ok()),
             vms_left: get("vms-left").and_then(|v| v.parse().ok()),
             last_error: get("last-error"),
+            failures: get("failures").and_then(|v| v.parse().ok()).unwrap_or(0),
+            next_retry_at: get("next-retry-at"),
         }
     }
 
@@ -104,10 +110,33 @@ impl DrainState {
                     key("vms-total"): number(self.vms_total),
                     key("vms-left"): number(self.vms_left),
                     key("last-error"): text(&last_error),
+                    key("failures"): if self.failures > 0 { json!(self.failures.to_string()) } else { Value::Null },
+                    key("next-retry-at"): text(&self.next_retry_at),
                 }
             }
         })
     }
+}
+
+/// What an operator (or another controller) can change about a Node: its
+/// labels, annotations other than ours, and spec (taints, unschedulable); not
+/// the status the kubelet rewrites every few seconds. A change of it while
+/// failed runs back off starts the backoff over (`kubectl annotate node` is
+/// the way to ask for a try sooner).
+pub fn operator_view(node: &Node) -> String {
+    let theirs: BTreeMap<&String, &String> = node
+        .metadata
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(key, _)| !key.starts_with(PREFIX))
+        .collect();
+    json!({
+        "labels": node.metadata.labels,
+        "annotations": theirs,
+        "spec": node.spec,
+    })
+    .to_string()
 }
 
 #[cfg(test)]
@@ -123,6 +152,8 @@ mod tests {
             vms_total: Some(7),
             vms_left: Some(3),
             last_error: None,
+            failures: 2,
+            next_retry_at: Some("2026-11-21T10:04:00Z".into()),
         };
         let patch = state.to_merge_patch();
         let annotations: BTreeMap<String, String> = patch["metadata"]["annotations"]
@@ -135,6 +166,20 @@ mod tests {
         node.metadata.annotations = Some(annotations);
         assert_eq!(DrainState::from_node(&node), state);
         assert!(patch["metadata"]["annotations"]["nova-kubernetes-drain/last-error"].is_null());
+    }
+
+    #[test]
+    fn the_operator_view_leaves_out_our_annotations_and_the_status() {
+        let mut node = Node::default();
+        let before = operator_view(&node);
+        node.metadata.annotations = Some(BTreeMap::from([(key("phase"), "Failed".to_string())]));
+        node.status = Some(Default::default());
+        assert_eq!(operator_view(&node), before);
+        node.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("example.org/retry".into(), "1".into());
+        assert_ne!(operator_view(&node), before);
     }
 
     #[test]

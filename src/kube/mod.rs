@@ -5,6 +5,8 @@ pub mod annotations;
 pub mod cluster;
 pub mod guard;
 
+use std::sync::{Arc, Mutex};
+
 use futures::Stream;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
 use k8s_openapi::api::events::v1::Event as KubeEvent;
@@ -12,8 +14,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+use serde_json::json;
 
-pub use annotations::{DrainState, Phase};
+pub use annotations::{DrainState, Phase, operator_view};
 pub use cluster::{Cluster, KubeCluster};
 pub use guard::{Guard, GuardPod};
 
@@ -61,13 +64,45 @@ pub enum Severity {
 /// Publishes events.k8s.io/v1 Events about one Node, in namespace `default`
 /// as the API server requires for cluster-scoped objects.
 ///
-/// Not kube's `Recorder`: it folds events with the same reason into one
-/// series that keeps the first note, and our notes name the VMs.
+/// An Event that repeats an earlier one exactly (type, reason and note) is
+/// counted in that Event's `series`, as Kubernetes' own recorders do, instead
+/// of being written again: a node retrying a VM that cannot move shows one
+/// Event with a growing count. Not kube's `Recorder`: it folds events with the
+/// same reason into one series that keeps the first note, and our notes name
+/// the VMs.
 #[derive(Clone)]
 pub struct NodeEvents {
     api: Api<KubeEvent>,
     regarding: ObjectReference,
     instance: String,
+    series: Arc<Mutex<EventSeries>>,
+}
+
+/// Most distinct Events remembered for counting repeats; the oldest are forgotten first.
+const SERIES_KEPT: usize = 256;
+
+/// What makes two Events the same: type, reason and note.
+type SeriesKey = (&'static str, String, String);
+
+/// The Events written so far, by what makes two of them the same.
+#[derive(Default)]
+struct EventSeries {
+    /// Each Event's key, name and count so far, oldest first.
+    seen: Vec<(SeriesKey, (String, i32))>,
+}
+
+impl EventSeries {
+    fn find(&mut self, key: &SeriesKey) -> Option<&mut (String, i32)> {
+        self.seen.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    fn remember(&mut self, key: SeriesKey, name: String) {
+        self.seen.retain(|(k, _)| *k != key);
+        if self.seen.len() >= SERIES_KEPT {
+            self.seen.remove(0);
+        }
+        self.seen.push((key, (name, 1)));
+    }
 }
 
 impl NodeEvents {
@@ -82,28 +117,51 @@ impl NodeEvents {
                 ..ObjectReference::default()
             },
             instance: instance.to_string(),
+            series: Arc::default(),
         }
     }
 
-    /// Creates one Event; `reason` is PascalCase, `note` says what happened to which VM.
+    /// Creates one Event, or counts a repeat of an earlier one in its series;
+    /// `reason` is PascalCase, `note` says what happened to which VM.
     pub async fn publish(&self, severity: Severity, reason: &str, action: &str, note: &str) -> Result<(), kube::Error> {
         let now = jiff::Timestamp::now();
         let node = self.regarding.name.clone().unwrap_or_default();
         let note: String = note.chars().take(1000).collect();
+        let type_ = match severity {
+            Severity::Normal => "Normal",
+            Severity::Warning => "Warning",
+        };
+        let key = (type_, reason.to_string(), note.clone());
+        let repeat = self.series.lock().ok().and_then(|mut s| s.find(&key).cloned());
+        if let Some((name, count)) = repeat {
+            let patch = json!({"series": {"count": count + 1, "lastObservedTime": MicroTime(now)}});
+            match self
+                .api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+            {
+                Ok(_) => {
+                    if let Ok(mut series) = self.series.lock()
+                        && let Some(entry) = series.find(&key)
+                    {
+                        entry.1 = count + 1;
+                    }
+                    return Ok(());
+                }
+                // Expired (the API server keeps Events for an hour) or deleted: write it anew.
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let name = format!("{node}.{:x}", now.as_nanosecond());
         let event = KubeEvent {
             metadata: ObjectMeta {
-                name: Some(format!("{node}.{:x}", now.as_nanosecond())),
+                name: Some(name.clone()),
                 namespace: Some("default".into()),
                 ..ObjectMeta::default()
             },
             event_time: Some(MicroTime(now)),
-            type_: Some(
-                match severity {
-                    Severity::Normal => "Normal",
-                    Severity::Warning => "Warning",
-                }
-                .into(),
-            ),
+            type_: Some(type_.into()),
             reason: Some(reason.into()),
             action: Some(action.into()),
             note: Some(note),
@@ -112,6 +170,10 @@ impl NodeEvents {
             reporting_instance: Some(self.instance.clone()),
             ..KubeEvent::default()
         };
-        self.api.create(&PostParams::default(), &event).await.map(drop)
+        self.api.create(&PostParams::default(), &event).await?;
+        if let Ok(mut series) = self.series.lock() {
+            series.remember(key, name);
+        }
+        Ok(())
     }
 }

@@ -41,8 +41,8 @@ pub struct Cli {
     #[arg(long = "time-out", value_name = "MINUTES")]
     pub time_out: Option<f64>,
 
-    /// Kubernetes node name [default: $NODE_NAME, then this machine's hostname].
-    #[arg(long, value_name = "NAME")]
+    /// Kubernetes node name [default: this machine's hostname].
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node: Option<String>,
 
     /// Print the plan (service, each VM and what would happen to it) and change nothing.
@@ -61,15 +61,19 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
 
-    /// Daemon: namespace of the drain guard pod and budget [default: $POD_NAMESPACE, then nova-drain].
-    #[arg(long, value_name = "NAME")]
-    pub namespace: Option<String>,
+    /// Daemon: namespace of the drain guard pod and budget (the agent's own).
+    #[arg(long, env = "POD_NAMESPACE", value_name = "NAME", default_value = "nova-drain")]
+    pub namespace: String,
+
+    /// Daemon: the agent's own pod, whose image the guard runs and which names the agent in Events.
+    #[arg(long, env = "POD_NAME", value_name = "NAME")]
+    pub pod_name: Option<String>,
 
     /// Daemon: address for /metrics, /healthz and /readyz.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9102")]
     pub listen: std::net::SocketAddr,
 
-    /// Daemon: image of the guard pod [default: the agent's own image, read from its pod $POD_NAME].
+    /// Daemon: image of the guard pod [default: the agent's own image, read from its pod --pod-name].
     #[arg(long, value_name = "IMAGE")]
     pub guard_image: Option<String>,
 

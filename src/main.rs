@@ -162,13 +162,9 @@ async fn daemon(cli: &Cli, config: Config, target: Target) -> i32 {
         Err(e) => return usage(format!("cannot use the Kubernetes API: {e}")),
     };
     let settings = DaemonSettings {
-        namespace: cli
-            .namespace
-            .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok())
-            .unwrap_or_else(|| "nova-drain".to_string()),
+        namespace: cli.namespace.clone(),
         guard_image: cli.guard_image.clone(),
-        own_pod: std::env::var("POD_NAME").ok(),
+        own_pod: cli.pod_name.clone(),
         guard_grace: Duration::from_secs(cli.guard_grace),
         listen: cli.listen,
         release_guard_on_failure: cli.release_guard_on_failure,
@@ -176,7 +172,10 @@ async fn daemon(cli: &Cli, config: Config, target: Target) -> i32 {
             first: Duration::from_secs(cli.retry_after_failure.max(1)),
             max: Duration::from_secs(cli.max_retry_after_failure.max(1)),
         },
-        instance: std::env::var("POD_NAME").unwrap_or_else(|_| format!("drainer-{}", target.node)),
+        instance: cli
+            .pod_name
+            .clone()
+            .unwrap_or_else(|| format!("drainer-{}", target.node)),
         target,
     };
     nova_kubernetes_drain::daemon::run(settings, config, kube).await
@@ -200,9 +199,9 @@ fn apply_flags(cli: &Cli, config: &mut Config) -> Result<(), String> {
     Ok(())
 }
 
-/// `--node`, else `NODE_NAME` (set from the downward API in a DaemonSet), else the hostname.
+/// `--node` or `NODE_NAME` (set from the downward API in a DaemonSet), else the hostname.
 fn node_name(cli: &Cli) -> Result<String, String> {
-    if let Some(node) = cli.node.clone().or_else(|| std::env::var("NODE_NAME").ok()) {
+    if let Some(node) = cli.node.clone() {
         let node = node.trim().to_string();
         if node.is_empty() {
             return Err("the node name is empty (--node / NODE_NAME)".into());

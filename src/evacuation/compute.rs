@@ -60,11 +60,6 @@ pub struct Migration {
 }
 
 impl Migration {
-    /// Terminal statuses in which the server did not move.
-    pub fn failed(&self) -> bool {
-        matches!(self.status.as_str(), "error" | "failed" | "cancelled")
-    }
-
     /// Whether the record shows the migration over, one way or the other.
     pub fn ended(&self) -> bool {
         is_ended(&self.status)

@@ -395,13 +395,18 @@ where
     }
 }
 
-/// `nova-drain-guard-NODE`, shortened with a hash when the node name is long.
+/// `nova-drain-guard-NODE`, shortened with a hash when the node name is long:
+/// at most 63 characters and a valid DNS-1123 name (pod and budget) for every
+/// Node name the API server accepts. The cut never leaves a `.` or `-` before
+/// the hash, which would make a label of the name start or end with one.
 pub fn guard_name(node: &str) -> String {
     let name = format!("nova-drain-guard-{node}");
     if name.len() <= 63 {
         name
     } else {
-        format!("nova-drain-guard-{}-{:08x}", &node[..node.len().min(36)], fnv(node))
+        let kept: String = node.chars().take(36).collect();
+        let kept = kept.trim_end_matches(['.', '-']);
+        format!("nova-drain-guard-{kept}-{:08x}", fnv(node))
     }
 }
 
@@ -410,7 +415,8 @@ fn label_value(node: &str) -> String {
     if node.len() <= 63 {
         node.to_string()
     } else {
-        format!("{}-{:08x}", &node[..54], fnv(node))
+        let kept: String = node.chars().take(54).collect();
+        format!("{kept}-{:08x}", fnv(node))
     }
 }
 
@@ -426,8 +432,56 @@ mod tests {
     use k8s_openapi::api::core::v1::{ContainerState, ContainerStateWaiting, ContainerStatus, PodCondition, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+    /// A DNS-1123 subdomain as the API server validates Pod and budget names.
+    fn is_dns1123_subdomain(name: &str) -> bool {
+        name.len() <= 253
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            })
+    }
+
+    /// A label value as the API server validates it.
+    fn is_label_value(value: &str) -> bool {
+        value.len() <= 63
+            && (value.is_empty()
+                || (value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                    && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && value.ends_with(|c: char| c.is_ascii_alphanumeric())))
+    }
+
+    proptest::proptest! {
+        /// Every Node name the API server accepts (a DNS-1123 subdomain) gives valid guard names.
+        #[test]
+        fn guard_names_are_valid_for_every_node_name(
+            labels in proptest::collection::vec("[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", 1..6)
+        ) {
+            let node = labels.join(".");
+            proptest::prop_assume!(node.len() <= 253);
+            let name = guard_name(&node);
+            proptest::prop_assert!(name.len() <= 63, "{name}");
+            proptest::prop_assert!(is_dns1123_subdomain(&name), "{name} from {node}");
+            proptest::prop_assert!(is_label_value(&label_value(&node)), "{node}");
+        }
+    }
+
     #[test]
     fn names_fit_kubernetes_limits() {
+        let cut_at_a_dot = format!("{}.{}", "a".repeat(35), "b".repeat(60));
+        assert!(
+            is_dns1123_subdomain(&guard_name(&cut_at_a_dot)),
+            "{}",
+            guard_name(&cut_at_a_dot)
+        );
+        let cut_at_a_dash = format!("{}-{}", "a".repeat(35), "b".repeat(60));
+        assert!(is_dns1123_subdomain(&guard_name(&cut_at_a_dash)));
         assert_eq!(guard_name("compute-1"), "nova-drain-guard-compute-1");
         let long = "a".repeat(200);
         assert!(guard_name(&long).len() <= 63);

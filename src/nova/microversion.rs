@@ -44,16 +44,12 @@ pub const ABORT_RUNNING: Microversion = Microversion(2, 24);
 pub const BLOCK_MIGRATION_AUTO: Microversion = Microversion(2, 25);
 /// Hypervisor listing is paged (`limit`/`marker`).
 pub const HYPERVISOR_PAGING: Microversion = Microversion(2, 33);
-/// Servers embed their flavor (RAM, vCPUs, disk) instead of a flavor link.
-pub const EMBEDDED_FLAVOR: Microversion = Microversion(2, 47);
 /// Services are addressed by UUID: `PUT /os-services/{uuid}`.
 pub const SERVICE_UUID: Microversion = Microversion(2, 53);
 /// `GET /servers/{id}/os-instance-actions` takes `limit`.
 pub const INSTANCE_ACTION_PAGING: Microversion = Microversion(2, 58);
 /// `GET /os-migrations` is paged, sorted newest first, and takes `changes-since`.
 pub const MIGRATION_PAGING: Microversion = Microversion(2, 59);
-/// Aborting a live migration that is still queued or preparing.
-pub const ABORT_QUEUED: Microversion = Microversion(2, 65);
 
 /// The compute API version agreed with one cloud: the newest both sides speak.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

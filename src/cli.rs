@@ -22,7 +22,7 @@ use clap::{CommandFactory, Parser, ValueEnum};
 pub struct Cli {
     /// Config file (the old tool's keys or the documented ones) [default: ./config.yaml, which may be absent when
     /// OS_* variables hold the credentials].
-    #[arg(long = "config-path", value_name = "PATH")]
+    #[arg(long = "config-path", value_name = "PATH", global = true)]
     pub config_path: Option<PathBuf>,
 
     /// Evacuate the node's hypervisor once and exit (the default).
@@ -54,15 +54,21 @@ pub struct Cli {
     pub skip_capacity_check: bool,
 
     /// Format of the final report on standard output.
-    #[arg(long, value_enum, default_value_t = Output::Human)]
+    #[arg(long, value_enum, default_value_t = Output::Human, global = true)]
     pub output: Output,
 
     /// Daemon: kubeconfig file [default: $KUBECONFIG, then the in-cluster service account].
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", global = true)]
     pub kubeconfig: Option<PathBuf>,
 
     /// Daemon: namespace of the drain guard pod and budget (the agent's own).
-    #[arg(long, env = "POD_NAMESPACE", value_name = "NAME", default_value = "nova-drain")]
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        value_name = "NAME",
+        default_value = "nova-drain",
+        global = true
+    )]
     pub namespace: String,
 
     /// Daemon: the agent's own pod, whose image the guard runs and which names the agent in Events.
@@ -104,11 +110,27 @@ pub struct Cli {
 }
 
 /// Modes other than evacuating.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::Subcommand)]
+#[derive(Clone, Debug, PartialEq, Eq, clap::Subcommand)]
 pub enum Command {
     /// Run as the drain guard pod the agent creates on its node: do nothing until
     /// SIGTERM or SIGINT, then exit 0 (its finalizer, not this process, holds drains).
+    #[command(hide = true)]
     Guard,
+    /// Let drains finish on a node whose agent is gone (uninstalled, or its node out of the
+    /// DaemonSet): delete the guard's budget and remove our finalizer (only ours) from the
+    /// guard pod. Refuses while Nova lists servers on the node's host, unless --force.
+    /// Exit 0 released (or nothing to release), 1 a guard kept or a call failed, 2 bad usage.
+    ReleaseGuard {
+        /// The node whose guard to release.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        node: Option<String>,
+        /// Every guard of ours in --namespace.
+        #[arg(long)]
+        all: bool,
+        /// Release without asking Nova (it is down, or VMs are knowingly left on the host).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Report format.
@@ -191,6 +213,32 @@ mod tests {
         let cli = parse(&["guard"]).unwrap();
         assert_eq!(cli.command, Some(Command::Guard));
         assert!(!cli.daemon);
+    }
+
+    #[test]
+    fn release_guard_takes_a_node_or_all() {
+        let cli = parse(&["release-guard", "compute-1", "--namespace", "ops"]).unwrap();
+        assert_eq!(
+            cli.command,
+            Some(Command::ReleaseGuard {
+                node: Some("compute-1".into()),
+                all: false,
+                force: false
+            })
+        );
+        assert_eq!(cli.namespace, "ops");
+        let cli = parse(&["release-guard", "-all", "-force", "-output", "json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::ReleaseGuard {
+                all: true,
+                force: true,
+                ..
+            })
+        ));
+        assert_eq!(cli.output, Output::Json);
+        assert!(parse(&["release-guard"]).is_err(), "a node or --all");
+        assert!(parse(&["release-guard", "n1", "--all"]).is_err());
     }
 
     #[test]

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use nova_kubernetes_drain::cli::{Cli, Command, Output};
 use nova_kubernetes_drain::config::{self, Config, ProcessEnvironment};
+use nova_kubernetes_drain::daemon::release::{GuardRelease, release_guards};
 use nova_kubernetes_drain::daemon::{DaemonSettings, RetryBackoff};
 use nova_kubernetes_drain::evacuation::{Engine, EvacuationError, Report, RestoreOutcome, StopRequest, Target};
+use nova_kubernetes_drain::kube::Guard;
 use nova_kubernetes_drain::nova::NovaClient;
 use nova_kubernetes_drain::{exit, telemetry};
 use tokio::sync::watch;
@@ -23,7 +25,7 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(cli.log_format);
-    if cli.command == Some(Command::Guard) {
+    if matches!(cli.command, Some(Command::Guard)) {
         return ExitCode::from(guard() as u8);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -73,6 +75,9 @@ fn usage(message: impl std::fmt::Display) -> i32 {
 }
 
 async fn run(cli: Cli) -> i32 {
+    if let Some(Command::ReleaseGuard { node, all, force }) = &cli.command {
+        return release_guard(&cli, node.as_deref(), *all, *force).await;
+    }
     let explicit = cli.config_path.is_some();
     let path = cli.config_path.clone().unwrap_or_else(|| PathBuf::from("config.yaml"));
     let mut config = match config::load(&path, explicit, &ProcessEnvironment) {
@@ -146,8 +151,60 @@ async fn run(cli: Cli) -> i32 {
     }
 }
 
-/// Runs the agent of a DaemonSet pod until it is told to stop.
-async fn daemon(cli: &Cli, config: Config, target: Target) -> i32 {
+/// `drainer release-guard`: releases the guard of `node` (or of every node, `all`).
+async fn release_guard(cli: &Cli, node: Option<&str>, all: bool, force: bool) -> i32 {
+    let kube = match kube_client(cli).await {
+        Ok(client) => client,
+        Err(e) => return usage(format!("cannot use the Kubernetes API: {e}")),
+    };
+    // Nova is asked only without --force, so a cloud that is down does not block the release.
+    let (config, nova) = if force {
+        (None, None)
+    } else {
+        let explicit = cli.config_path.is_some();
+        let path = cli.config_path.clone().unwrap_or_else(|| PathBuf::from("config.yaml"));
+        let config = match config::load(&path, explicit, &ProcessEnvironment) {
+            Ok(config) => config,
+            Err(e) => return usage(e),
+        };
+        match NovaClient::connect(&config.credentials, config.compute_api_version).await {
+            Ok(client) => (Some(config), Some(client)),
+            Err(e) => return usage(format!("cannot use the cloud (--force releases without it): {e}")),
+        }
+    };
+    let guards = match node {
+        Some(node) if !all => vec![Guard::new(kube, &cli.namespace, node)],
+        _ => match Guard::all_in(kube, &cli.namespace).await {
+            Ok(guards) => guards,
+            Err(e) => {
+                error!("cannot list the guards in namespace {}: {e}", cli.namespace);
+                return exit::FAILED;
+            }
+        },
+    };
+    let host_of = |node: &str| {
+        config
+            .as_ref()
+            .map_or_else(|| node.to_string(), |c| c.nova_host_for(node))
+    };
+    let outcomes = release_guards(guards, nova.as_ref(), host_of).await;
+    match cli.output {
+        Output::Json => match serde_json::to_string_pretty(&outcomes) {
+            Ok(json) => println!("{json}"),
+            Err(e) => error!("cannot render the outcome: {e}"),
+        },
+        Output::Human if outcomes.is_empty() => println!("no guard of ours in namespace {}", cli.namespace),
+        Output::Human => outcomes.iter().for_each(|o| println!("{}", o.describe())),
+    }
+    if outcomes.iter().all(GuardRelease::done) {
+        exit::DONE
+    } else {
+        exit::FAILED
+    }
+}
+
+/// The Kubernetes client: `--kubeconfig`, else `$KUBECONFIG` or the in-cluster service account.
+async fn kube_client(cli: &Cli) -> Result<kube::Client, String> {
     let kube_config = match &cli.kubeconfig {
         Some(path) => match kube::config::Kubeconfig::read_from(path) {
             Ok(file) => kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
@@ -157,7 +214,12 @@ async fn daemon(cli: &Cli, config: Config, target: Target) -> i32 {
         },
         None => kube::Config::infer().await.map_err(|e| e.to_string()),
     };
-    let kube = match kube_config.and_then(|c| kube::Client::try_from(c).map_err(|e| e.to_string())) {
+    kube_config.and_then(|c| kube::Client::try_from(c).map_err(|e| e.to_string()))
+}
+
+/// Runs the agent of a DaemonSet pod until it is told to stop.
+async fn daemon(cli: &Cli, config: Config, target: Target) -> i32 {
+    let kube = match kube_client(cli).await {
         Ok(client) => client,
         Err(e) => return usage(format!("cannot use the Kubernetes API: {e}")),
     };

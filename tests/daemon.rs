@@ -669,6 +669,158 @@ async fn a_deleted_node_lets_its_guard_go() {
     .await;
 }
 
+/// `drainer release-guard NODE` with the agent's kubeconfig and the lab's config; exit code and stdout.
+async fn release_guard(cluster: &TestCluster, lab: &Lab, flags: &[&str]) -> (Option<i32>, String) {
+    let dir = std::env::temp_dir().join(format!("drainer-release-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    cluster.write_agent_kubeconfig(&dir.join("kubeconfig")).await;
+    std::fs::write(
+        dir.join("config.yaml"),
+        format!("{}{NOVA_HOST_CONFIG}", lab.drainer_config()),
+    )
+    .expect("config");
+    let output = Command::new(DRAINER)
+        .arg("release-guard")
+        .arg(cluster.node())
+        .arg("-config-path")
+        .arg(dir.join("config.yaml"))
+        .arg("--kubeconfig")
+        .arg(dir.join("kubeconfig"))
+        .args(["--namespace", NAMESPACE])
+        .args(flags)
+        .env_remove("KUBECONFIG")
+        .output()
+        .await
+        .expect("run drainer release-guard");
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+async fn guard_finalizers(cluster: &TestCluster) -> Vec<String> {
+    cluster
+        .pod(&cluster.guard())
+        .await
+        .and_then(|p| p.metadata.finalizers)
+        .unwrap_or_default()
+}
+
+/// The agent is gone for good (here SIGKILLed and not started again): `drainer
+/// release-guard` keeps the guard while Nova lists a VM on the host, releases
+/// it with `--force` or once the host is empty, and removes only our
+/// finalizer; so does the manual way deploy/README.md documents.
+#[tokio::test]
+async fn release_guard_after_the_agent_is_gone_removes_only_ours_and_only_when_empty() {
+    const OTHER: &str = "example.org/keep";
+    let _exclusive = Lab::exclusive().await;
+    let (lab, cluster) = setup().await;
+    let vm = lab.boot(BootSpec::new("dmn-release")).await.remove(0);
+    let mut agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    agent.signal("KILL");
+    assert!(agent.wait_exit(Duration::from_secs(5)).await.is_some());
+    let guard = cluster.guard();
+    cluster
+        .kubectl()
+        .patch_pod_json(
+            NAMESPACE,
+            &guard,
+            &serde_json::json!([{"op": "add", "path": "/metadata/finalizers/0", "value": OTHER}]),
+        )
+        .await
+        .expect("another finalizer");
+
+    let (code, out) = release_guard(&cluster, &lab, &[]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("kept") && out.contains("1 server(s)"), "{out}");
+    assert!(guard_in_place(&cluster).await, "kept while a VM runs on the host");
+
+    let (code, out) = release_guard(&cluster, &lab, &["--force", "--output", "json"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    let outcome: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(outcome[0]["outcome"], "released", "{out}");
+    assert!(cluster.pdb(&guard).await.is_none(), "the budget is gone");
+    assert_eq!(guard_finalizers(&cluster).await, [OTHER], "only ours is removed");
+
+    // The manual way of deploy/README.md: find our finalizer's index, then a
+    // JSON patch that tests that index before removing it.
+    cluster
+        .kubectl()
+        .patch_pod_json(
+            NAMESPACE,
+            &guard,
+            &serde_json::json!([{"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}]),
+        )
+        .await
+        .expect("our finalizer back");
+    let template = format!(
+        r#"{{{{range $i, $f := .metadata.finalizers}}}}{{{{if eq $f "{FINALIZER}"}}}}{{{{$i}}}}{{{{end}}}}{{{{end}}}}"#
+    );
+    let index = cluster
+        .kubectl()
+        .run(
+            &[
+                "-n",
+                NAMESPACE,
+                "get",
+                "pod",
+                &guard,
+                "-o",
+                &format!("go-template={template}"),
+            ],
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("kubectl get -o go-template");
+    assert_eq!(index.trim(), "1");
+    let remove = |at: &str| {
+        serde_json::json!([
+            {"op": "test", "path": format!("/metadata/finalizers/{at}"), "value": FINALIZER},
+            {"op": "remove", "path": format!("/metadata/finalizers/{at}")},
+        ])
+    };
+    assert!(
+        cluster
+            .kubectl()
+            .patch_pod_json(NAMESPACE, &guard, &remove("0"))
+            .await
+            .is_err(),
+        "the test at a wrong index refuses the patch"
+    );
+    cluster
+        .kubectl()
+        .patch_pod_json(NAMESPACE, &guard, &remove(index.trim()))
+        .await
+        .expect("the documented patch");
+    assert_eq!(guard_finalizers(&cluster).await, [OTHER]);
+    cluster
+        .kubectl()
+        .patch_pod_json(
+            NAMESPACE,
+            &guard,
+            &serde_json::json!([{"op": "remove", "path": "/metadata/finalizers/0"}]),
+        )
+        .await
+        .expect("the other finalizer removed");
+
+    // The host emptied by someone else: released without --force.
+    lab.delete(&vm).await;
+    let mut agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    agent.signal("KILL");
+    assert!(agent.wait_exit(Duration::from_secs(5)).await.is_some());
+    let (code, out) = release_guard(&cluster, &lab, &[]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("Nova lists no server"), "{out}");
+    assert!(guard_finalizers(&cluster).await.is_empty());
+    assert!(cluster.pdb(&guard).await.is_none());
+    let (code, out) = release_guard(&cluster, &lab, &[]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("no guard of ours"), "{out}");
+}
+
 /// Keystone and nova-api down when the agent starts: it does not exit, reports
 /// not ready, and acts on a cordon made during the outage once they are back.
 #[tokio::test]

@@ -30,7 +30,7 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use tracing::info;
@@ -44,6 +44,8 @@ pub const GUARD_LABEL: &str = "nova-kubernetes-drain/guard";
 pub const FINALIZER: &str = "nova-kubernetes-drain/hypervisor-empty";
 /// The argument that makes the agent's binary run as the guard (see `drainer guard`).
 pub const GUARD_COMMAND: &str = "guard";
+/// `app.kubernetes.io/name` of every guard pod.
+const GUARD_APP: &str = "nova-drain-guard";
 
 /// The guard pod as the agent judges it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -170,6 +172,55 @@ impl Guard {
         &self.name
     }
 
+    /// The node this guard holds drains of.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Every guard in `namespace` that still holds anything: a pod with our
+    /// finalizer, or a budget of ours. Named by the node the pod is bound to
+    /// (or the budget's node label).
+    pub async fn all_in(client: Client, namespace: &str) -> Result<Vec<Guard>, kube::Error> {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), namespace);
+        let mut guards: BTreeMap<String, String> = BTreeMap::new();
+        for pod in pods
+            .list(&ListParams::default().labels(&format!("app.kubernetes.io/name={GUARD_APP}")))
+            .await?
+        {
+            let held = pod.metadata.finalizers.iter().flatten().any(|f| f == FINALIZER);
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+            if let (true, Some(name), Some(node)) = (held, pod.metadata.name, node) {
+                guards.insert(name, node);
+            }
+        }
+        for budget in budgets.list(&ListParams::default().labels(GUARD_LABEL)).await? {
+            let node = budget.metadata.labels.as_ref().and_then(|l| l.get(NODE_LABEL)).cloned();
+            if let (Some(name), Some(node)) = (budget.metadata.name, node) {
+                guards.entry(name).or_insert(node);
+            }
+        }
+        Ok(guards
+            .into_iter()
+            .map(|(name, node)| Guard {
+                pods: pods.clone(),
+                budgets: budgets.clone(),
+                node,
+                name,
+            })
+            .collect())
+    }
+
+    /// Whether our finalizer or our budget is still there.
+    pub async fn holds(&self) -> Result<bool, kube::Error> {
+        let finalized = self
+            .pods
+            .get_opt(&self.name)
+            .await?
+            .is_some_and(|pod| pod.metadata.finalizers.iter().flatten().any(|f| f == FINALIZER));
+        Ok(finalized || self.budgets.get_opt(&self.name).await?.is_some())
+    }
+
     /// Puts the budget and the finalized pod in place. A pod still terminating is
     /// left alone: it is created again once it is gone (the pod watch says when).
     pub async fn ensure(&self, node: &Node, image: &GuardImage, current: &GuardPod) -> Result<(), GuardError> {
@@ -275,7 +326,7 @@ impl Guard {
 
     fn labels(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
-            ("app.kubernetes.io/name".to_string(), "nova-drain-guard".to_string()),
+            ("app.kubernetes.io/name".to_string(), GUARD_APP.to_string()),
             (NODE_LABEL.to_string(), label_value(&self.node)),
         ])
     }
@@ -328,9 +379,10 @@ impl Guard {
                     "kubernetes.io/description".to_string(),
                     format!(
                         "Keeps `kubectl drain` waiting until nova-kubernetes-drain has moved every VM off this node's \
-                         hypervisor. If its agent is gone for good, release it with: kubectl -n NAMESPACE patch pod \
-                         {} --type=json -p '[{{\"op\":\"remove\",\"path\":\"/metadata/finalizers\"}}]'",
-                        self.name
+                         hypervisor. If its agent is gone for good, release it with `drainer release-guard {}` \
+                         (it refuses while Nova lists servers on the host; without the binary, see \"The guard\" \
+                         in the project's deploy/README.md: remove only the finalizer {FINALIZER})",
+                        self.node
                     ),
                 )])),
                 owner_references: Some(self.owner(node)),

@@ -345,6 +345,7 @@ const ENV_VARS: &[(&str, &str)] = &[
     ("OS_AUTH_URL", "auth_url"),
     ("OS_AUTH_TYPE", "auth_type"),
     ("OS_USERNAME", "username"),
+    ("OS_USER_NAME", "username"),
     ("OS_USER_ID", "user_id"),
     ("OS_PASSWORD", "password"),
     ("OS_USER_DOMAIN_ID", "user_domain_id"),

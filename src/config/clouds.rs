@@ -38,13 +38,13 @@ const ALIASES: &[(&str, &[&str])] = &[
     ("token", &["auth_token", "token"]),
     ("project_id", &["tenant_id", "project_id"]),
     ("project_name", &["tenant_name", "project_name"]),
+    ("username", &["user_name", "username"]),
 ];
 
 /// Auth plugin options openstacksdk also takes from beside `auth:` when
 /// `auth:` lacks them (`_validate_auth`).
 const PLUGIN_OPTIONS: &[&str] = &[
     "auth_url",
-    "username",
     "user_id",
     "password",
     "default_domain_id",
@@ -248,8 +248,7 @@ fn entry_settings(mut cloud: Map<String, Yaml>, at: &str) -> Result<Entry, Confi
     let mut entry = Entry::default();
     for (key, value) in &auth {
         let origin = format!("{at} auth.{key}");
-        let Some(known) = known_key(key).filter(|k| super::REFUSED.iter().any(|(r, _)| r == k) || is_auth_key(k))
-        else {
+        let Some(known) = auth_key(key) else {
             return Err(invalid(format!(
                 "{origin}: not a key the drainer knows for password or application-credential authentication"
             )));
@@ -309,12 +308,16 @@ fn entry_settings(mut cloud: Map<String, Yaml>, at: &str) -> Result<Entry, Confi
     Ok(entry)
 }
 
-/// Keys that belong under `auth:` (the rest of [`super::HONOURED`] sits beside it).
-fn is_auth_key(key: &str) -> bool {
-    !matches!(
-        key,
-        "auth_type" | "region_name" | "interface" | "cacert" | "insecure" | "identity_api_version"
-    )
+/// The static name of a key that may stand under `auth:`: a known key
+/// (honoured, or refused later with why) other than those that belong
+/// beside it.
+fn auth_key(key: &str) -> Option<&'static str> {
+    known_key(key).filter(|k| {
+        !matches!(
+            *k,
+            "auth_type" | "region_name" | "interface" | "cacert" | "insecure" | "identity_api_version"
+        )
+    })
 }
 
 /// The regions of the entry, the one openstacksdk picks when none is asked

@@ -73,13 +73,13 @@ const CASES: &[Case] = &[
         expect: Expect::Same,
     },
     Case {
-        name: "domain_id stands for both domains",
+        name: "domain_id stands for both domains, user_name for username",
         clouds: "
 clouds:
   lab:
     auth:
       auth_url: http://keystone.test:5000/v3
-      username: admin
+      user_name: admin
       password: pw
       project_name: admin
       domain_id: d0

@@ -3,37 +3,18 @@
 //! request is made.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use serde_json::Value;
 
 use crate::evacuation::{Action, Budget, BudgetAction, Settings, StatePolicy};
 use crate::nova::microversion::{self, Microversion};
 
-/// A value that must never be printed: Debug and Display show `<redacted>`.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret<T>(T);
-
-impl<T> Secret<T> {
-    pub fn new(value: T) -> Self {
-        Secret(value)
-    }
-
-    /// The secret itself, for the one place that sends it.
-    pub fn expose(&self) -> &T {
-        &self.0
-    }
-}
-
-impl<T> fmt::Debug for Secret<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+mod clouds;
+#[cfg(test)]
+mod oracle;
 
 /// A configuration problem: the message names the key and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -45,12 +26,12 @@ fn invalid(message: impl Into<String>) -> ConfigError {
 }
 
 /// Keystone credentials and how to reach the cloud.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Credentials {
     pub auth_url: String,
     pub username: Option<String>,
     pub user_id: Option<String>,
-    pub password: Option<Secret<String>>,
+    pub password: Option<SecretString>,
     pub user_domain_id: Option<String>,
     pub user_domain_name: Option<String>,
     pub project_id: Option<String>,
@@ -59,7 +40,7 @@ pub struct Credentials {
     pub project_domain_name: Option<String>,
     pub application_credential_id: Option<String>,
     pub application_credential_name: Option<String>,
-    pub application_credential_secret: Option<Secret<String>>,
+    pub application_credential_secret: Option<SecretString>,
     pub region_name: Option<String>,
     /// Catalog interface: public, internal or admin.
     pub interface: String,
@@ -98,7 +79,7 @@ struct FileConfig {
     #[serde(alias = "UserID")]
     user_id: Option<String>,
     #[serde(alias = "Password")]
-    password: Option<Secret<String>>,
+    password: Option<SecretString>,
     #[serde(alias = "TenantName")]
     project_name: Option<String>,
     #[serde(alias = "TenantID")]
@@ -113,7 +94,7 @@ struct FileConfig {
     project_domain_name: Option<String>,
     application_credential_id: Option<String>,
     application_credential_name: Option<String>,
-    application_credential_secret: Option<Secret<String>>,
+    application_credential_secret: Option<SecretString>,
     region_name: Option<String>,
     interface: Option<String>,
     cacert: Option<PathBuf>,
@@ -145,6 +126,11 @@ struct MigrationSection {
 /// Where configuration comes from besides the file: lets tests supply their own environment.
 pub trait Environment {
     fn var(&self, name: &str) -> Option<String>;
+
+    /// Where clouds.yaml is looked for first, as openstacksdk does.
+    fn current_dir(&self) -> Option<PathBuf> {
+        std::env::current_dir().ok()
+    }
 }
 
 /// The process environment.
@@ -233,17 +219,28 @@ fn key_path_at(text: &str, line: usize) -> Option<String> {
 }
 
 fn build(file: FileConfig, env: &dyn Environment) -> Result<Config, ConfigError> {
-    let credentials = credentials(&file, env)?;
+    let cloud = match file.cloud.clone().or_else(|| env.var("OS_CLOUD")) {
+        Some(name) => clouds::read(&name, env)?,
+        None => clouds::Entry::default(),
+    };
+    let credentials = credentials(&file, env, &cloud)?;
     let nova_host = file.nova_host.clone().unwrap_or_else(|| "{node}".to_string());
     validate_template(&nova_host)?;
     let evacuation = settings(&file)?;
-    let compute_api_version = match &file.compute_api_version {
+    // The CLI's clouds.yaml pin applies unless the file sets ours; its
+    // "2" and "2.latest" mean no pin.
+    let version = match (&file.compute_api_version, &cloud.compute_api_version) {
+        (Some(text), _) => Some(("compute_api_version".to_string(), text.clone())),
+        (None, Some((_, text))) if text == "2" || text.ends_with("latest") => None,
+        (None, other) => other.clone(),
+    };
+    let compute_api_version = match version {
         None => None,
-        Some(text) => {
-            let version: Microversion = text.parse().map_err(|e| invalid(format!("compute_api_version: {e}")))?;
+        Some((origin, text)) => {
+            let version: Microversion = text.parse().map_err(|e| invalid(format!("{origin}: {e}")))?;
             if version < microversion::OLDEST || version > microversion::NEWEST {
                 return Err(invalid(format!(
-                    "compute_api_version {version} is outside {} to {}",
+                    "{origin} {version} is outside {} to {}",
                     microversion::OLDEST,
                     microversion::NEWEST
                 )));
@@ -272,98 +269,367 @@ fn validate_template(template: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn credentials(file: &FileConfig, env: &dyn Environment) -> Result<Credentials, ConfigError> {
-    let mut c = Credentials {
-        interface: "public".to_string(),
-        ..Credentials::default()
-    };
-    let mut auth_url = None;
-    let mut insecure = None;
-    if let Some(cloud) = file.cloud.clone().or_else(|| env.var("OS_CLOUD")) {
-        apply_cloud(&cloud, &mut c, &mut auth_url, &mut insecure)?;
-    }
+/// A credentials setting as one source wrote it.
+#[derive(Clone)]
+enum Value {
+    Text(String),
+    Secret(SecretString),
+    Flag(bool),
+}
 
-    let env_string = |name: &str| env.var(name);
-    let overlay = |slot: &mut Option<String>, file_value: &Option<String>, env_name: &str| {
-        if let Some(v) = file_value
-            .clone()
-            .filter(|v| !v.is_empty())
-            .or_else(|| env_string(env_name))
-        {
-            *slot = Some(v);
+/// A credentials setting and where it was written, so that a message can name it.
+#[derive(Clone)]
+struct Setting {
+    value: Value,
+    origin: String,
+}
+
+/// One source's credentials settings, keyed by their clouds.yaml names
+/// (`auth.` dropped), which every source is translated into.
+type Layer = BTreeMap<&'static str, Setting>;
+
+/// Keys the drainer honours, whatever the source.
+const HONOURED: &[&str] = &[
+    "auth_url",
+    "auth_type",
+    "username",
+    "user_id",
+    "password",
+    "user_domain_id",
+    "user_domain_name",
+    "project_id",
+    "project_name",
+    "project_domain_id",
+    "project_domain_name",
+    "domain_id",
+    "domain_name",
+    "default_domain_id",
+    "default_domain_name",
+    "application_credential_id",
+    "application_credential_name",
+    "application_credential_secret",
+    "region_name",
+    "interface",
+    "cacert",
+    "insecure",
+    "identity_api_version",
+];
+
+/// Why `auth_type: token` and a token are refused. Keystone's token method
+/// issues a token that expires with the one given, so the drainer could not
+/// renew it: a drain (or a daemon) would stop mid-way.
+const TOKEN_REFUSED: &str = "token authentication is not supported: a token cannot be renewed and a drain can outlive it; use a password or an application credential";
+
+/// Keys the `openstack` CLI accepts for the auth types it shares with the
+/// drainer that the drainer cannot honour, each with why: refused by name
+/// rather than ignored, so that a run never authenticates as something else
+/// than the operator wrote.
+const REFUSED: &[(&str, &str)] = &[
+    ("token", TOKEN_REFUSED),
+    (
+        "trust_id",
+        "trust-scoped tokens are not supported; use a project in which the drainer's user has the admin role",
+    ),
+    (
+        "system_scope",
+        "system-scoped tokens are not supported: listing every project's servers needs a project-scoped admin token",
+    ),
+    ("passcode", "TOTP (multi-factor) authentication is not supported"),
+    ("cert", "TLS client certificates are not supported"),
+    ("key", "TLS client certificates are not supported"),
+];
+
+/// The `OS_*` variables read, and the key each stands for. Where two stand
+/// for one key (an old name beside the new), the first listed wins.
+const ENV_VARS: &[(&str, &str)] = &[
+    ("OS_AUTH_URL", "auth_url"),
+    ("OS_AUTH_TYPE", "auth_type"),
+    ("OS_USERNAME", "username"),
+    ("OS_USER_NAME", "username"),
+    ("OS_USER_ID", "user_id"),
+    ("OS_PASSWORD", "password"),
+    ("OS_USER_DOMAIN_ID", "user_domain_id"),
+    ("OS_USER_DOMAIN_NAME", "user_domain_name"),
+    ("OS_PROJECT_ID", "project_id"),
+    ("OS_TENANT_ID", "project_id"),
+    ("OS_PROJECT_NAME", "project_name"),
+    ("OS_TENANT_NAME", "project_name"),
+    ("OS_PROJECT_DOMAIN_ID", "project_domain_id"),
+    ("OS_PROJECT_DOMAIN_NAME", "project_domain_name"),
+    ("OS_DOMAIN_ID", "domain_id"),
+    ("OS_DOMAIN_NAME", "domain_name"),
+    ("OS_DEFAULT_DOMAIN_ID", "default_domain_id"),
+    ("OS_DEFAULT_DOMAIN_NAME", "default_domain_name"),
+    ("OS_APPLICATION_CREDENTIAL_ID", "application_credential_id"),
+    ("OS_APPLICATION_CREDENTIAL_NAME", "application_credential_name"),
+    ("OS_APPLICATION_CREDENTIAL_SECRET", "application_credential_secret"),
+    ("OS_REGION_NAME", "region_name"),
+    ("OS_INTERFACE", "interface"),
+    ("OS_ENDPOINT_TYPE", "interface"),
+    ("OS_CACERT", "cacert"),
+    ("OS_INSECURE", "insecure"),
+    ("OS_IDENTITY_API_VERSION", "identity_api_version"),
+    ("OS_TOKEN", "token"),
+    ("OS_TRUST_ID", "trust_id"),
+    ("OS_SYSTEM_SCOPE", "system_scope"),
+    ("OS_PASSCODE", "passcode"),
+    ("OS_CERT", "cert"),
+    ("OS_KEY", "key"),
+];
+
+/// Keys whose values are secrets: kept in a `SecretString` from the moment they are read.
+fn is_secret(key: &str) -> bool {
+    matches!(key, "password" | "application_credential_secret" | "token")
+}
+
+/// The static name of a known key (honoured or refused), `None` for any other.
+fn known_key(key: &str) -> Option<&'static str> {
+    HONOURED
+        .iter()
+        .copied()
+        .chain(REFUSED.iter().map(|(k, _)| *k))
+        .find(|k| *k == key)
+}
+
+fn env_layer(env: &dyn Environment) -> Layer {
+    let mut layer = Layer::new();
+    for (name, key) in ENV_VARS {
+        if layer.contains_key(key) {
+            continue;
+        }
+        if let Some(text) = env.var(name) {
+            let value = if is_secret(key) {
+                Value::Secret(SecretString::from(text))
+            } else {
+                Value::Text(text)
+            };
+            layer.insert(
+                key,
+                Setting {
+                    value,
+                    origin: (*name).to_string(),
+                },
+            );
+        }
+    }
+    layer
+}
+
+fn file_layer(file: &FileConfig) -> Layer {
+    let mut layer = Layer::new();
+    let mut put = |key: &'static str, value: Option<Value>| {
+        if let Some(value) = value {
+            layer.insert(
+                key,
+                Setting {
+                    value,
+                    origin: key.to_string(),
+                },
+            );
         }
     };
-    overlay(&mut auth_url, &file.auth_url, "OS_AUTH_URL");
-    overlay(&mut c.username, &file.username, "OS_USERNAME");
-    overlay(&mut c.user_id, &file.user_id, "OS_USER_ID");
-    overlay(&mut c.project_name, &file.project_name, "OS_PROJECT_NAME");
-    overlay(&mut c.project_id, &file.project_id, "OS_PROJECT_ID");
-    overlay(&mut c.user_domain_id, &file.user_domain_id, "OS_USER_DOMAIN_ID");
-    overlay(&mut c.user_domain_name, &file.user_domain_name, "OS_USER_DOMAIN_NAME");
-    overlay(
-        &mut c.project_domain_id,
-        &file.project_domain_id,
-        "OS_PROJECT_DOMAIN_ID",
+    let text = |v: &Option<String>| v.clone().filter(|v| !v.is_empty()).map(Value::Text);
+    put("auth_url", text(&file.auth_url));
+    put("username", text(&file.username));
+    put("user_id", text(&file.user_id));
+    put("password", file.password.clone().map(Value::Secret));
+    put("project_name", text(&file.project_name));
+    put("project_id", text(&file.project_id));
+    put("domain_id", text(&file.domain_id));
+    put("domain_name", text(&file.domain_name));
+    put("user_domain_id", text(&file.user_domain_id));
+    put("user_domain_name", text(&file.user_domain_name));
+    put("project_domain_id", text(&file.project_domain_id));
+    put("project_domain_name", text(&file.project_domain_name));
+    put("application_credential_id", text(&file.application_credential_id));
+    put("application_credential_name", text(&file.application_credential_name));
+    put(
+        "application_credential_secret",
+        file.application_credential_secret.clone().map(Value::Secret),
     );
-    overlay(
-        &mut c.project_domain_name,
-        &file.project_domain_name,
-        "OS_PROJECT_DOMAIN_NAME",
+    put("region_name", text(&file.region_name));
+    put("interface", text(&file.interface));
+    put(
+        "cacert",
+        file.cacert.as_ref().map(|p| Value::Text(p.display().to_string())),
     );
-    overlay(
-        &mut c.application_credential_id,
-        &file.application_credential_id,
-        "OS_APPLICATION_CREDENTIAL_ID",
-    );
-    overlay(
-        &mut c.application_credential_name,
-        &file.application_credential_name,
-        "OS_APPLICATION_CREDENTIAL_NAME",
-    );
-    overlay(&mut c.region_name, &file.region_name, "OS_REGION_NAME");
-    let mut interface = None;
-    overlay(&mut interface, &file.interface, "OS_INTERFACE");
-    if let Some(interface) = interface {
-        c.interface = interface.trim_end_matches("URL").to_ascii_lowercase();
+    put("insecure", file.insecure.map(Value::Flag));
+    layer
+}
+
+/// The credentials settings in force: each key from the first source that
+/// has it (the config file, then `OS_*`, then the clouds.yaml entry).
+fn merge(layers: &[&Layer]) -> Layer {
+    let mut merged = Layer::new();
+    for layer in layers.iter().rev() {
+        merged.extend(layer.iter().map(|(k, v)| (*k, v.clone())));
     }
-    let mut cacert = None;
-    overlay(
-        &mut cacert,
-        &file.cacert.as_ref().map(|p| p.display().to_string()),
-        "OS_CACERT",
-    );
-    if let Some(cacert) = cacert {
-        c.cacert = Some(PathBuf::from(cacert));
+    merged
+}
+
+fn text_of(settings: &Layer, key: &str) -> Result<Option<String>, ConfigError> {
+    match settings.get(key) {
+        None => Ok(None),
+        Some(Setting {
+            value: Value::Text(text),
+            ..
+        }) => Ok(Some(text.clone())),
+        Some(Setting {
+            value: Value::Flag(flag),
+            ..
+        }) => Ok(Some(flag.to_string())),
+        Some(Setting { origin, .. }) => Err(invalid(format!("{origin} must be plain text"))),
     }
-    if let Some(password) = file.password.clone() {
-        c.password = Some(password);
-    } else if let Some(password) = env.var("OS_PASSWORD") {
-        c.password = Some(Secret::new(password));
+}
+
+/// A secret key's value (every source reads those into a `SecretString`, see [`is_secret`]).
+fn secret_of(settings: &Layer, key: &str) -> Option<SecretString> {
+    match &settings.get(key)?.value {
+        Value::Secret(secret) => Some(secret.clone()),
+        Value::Text(_) | Value::Flag(_) => None,
     }
-    if let Some(secret) = file.application_credential_secret.clone() {
-        c.application_credential_secret = Some(secret);
-    } else if let Some(secret) = env.var("OS_APPLICATION_CREDENTIAL_SECRET") {
-        c.application_credential_secret = Some(Secret::new(secret));
+}
+
+fn origin_of(settings: &Layer, key: &str) -> String {
+    settings.get(key).map_or_else(|| key.to_string(), |s| s.origin.clone())
+}
+
+/// `true`, `yes`, `1` (any case) or a YAML boolean.
+fn flag_of(settings: &Layer, key: &str) -> Option<bool> {
+    settings.get(key).map(|s| match &s.value {
+        Value::Flag(flag) => *flag,
+        Value::Text(text) => matches!(text.to_ascii_lowercase().as_str(), "1" | "true" | "yes"),
+        Value::Secret(_) => false,
+    })
+}
+
+/// The keys of an application credential: any of them, without an
+/// `auth_type`, asks for application-credential authentication.
+const APPLICATION_CREDENTIAL: &[&str] = &[
+    "application_credential_id",
+    "application_credential_name",
+    "application_credential_secret",
+];
+
+/// Which Keystone method the settings ask for.
+#[derive(Clone, Copy, PartialEq)]
+enum Method {
+    Password,
+    ApplicationCredential,
+}
+
+fn method(settings: &Layer) -> Result<Method, ConfigError> {
+    let Some(auth_type) = text_of(settings, "auth_type")? else {
+        return Ok(if APPLICATION_CREDENTIAL.iter().any(|k| settings.contains_key(k)) {
+            Method::ApplicationCredential
+        } else {
+            Method::Password
+        });
+    };
+    match auth_type.as_str() {
+        "password" | "v3password" => Ok(Method::Password),
+        "v3applicationcredential" | "applicationcredential" => Ok(Method::ApplicationCredential),
+        "token" | "v3token" => Err(invalid(format!(
+            "{} {auth_type}: {}",
+            origin_of(settings, "auth_type"),
+            TOKEN_REFUSED
+        ))),
+        other => Err(invalid(format!(
+            "{} {other:?} is not supported: use password, v3password or v3applicationcredential",
+            origin_of(settings, "auth_type")
+        ))),
     }
-    if let Some(value) = file.insecure {
-        insecure = Some(value);
-    } else if let Some(value) = env.var("OS_INSECURE") {
-        insecure = Some(matches!(value.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
+}
+
+fn credentials(file: &FileConfig, env: &dyn Environment, cloud: &clouds::Entry) -> Result<Credentials, ConfigError> {
+    let settings = merge(&[&file_layer(file), &env_layer(env), &cloud.settings]);
+    for (key, why) in REFUSED {
+        if let Some(setting) = settings.get(key) {
+            return Err(invalid(format!("{}: {why}", setting.origin)));
+        }
     }
-    c.insecure = insecure.unwrap_or(false);
-    // The old tool's DomainID (or a domain name) stands for both the user's and the project's domain.
-    if let Some(domain) = &file.domain_id {
-        c.user_domain_id.get_or_insert_with(|| domain.clone());
-        c.project_domain_id.get_or_insert_with(|| domain.clone());
+    let method = method(&settings)?;
+    // Keys that belong to the other method are refused, not dropped: with
+    // both a password and an application credential, which one the
+    // operator meant is not ours to guess.
+    let foreign: &[&str] = match method {
+        Method::Password => APPLICATION_CREDENTIAL,
+        // An application credential carries its own project: Keystone
+        // refuses a token request that also names one.
+        Method::ApplicationCredential => &["password", "project_id", "project_name"],
+    };
+    if let Some(key) = foreign.iter().find(|k| settings.contains_key(*k)) {
+        let what = match method {
+            Method::Password => "password authentication",
+            Method::ApplicationCredential => "application-credential authentication",
+        };
+        // What chose the method: auth_type, else the application credential's own keys.
+        let chosen_by = ["auth_type"]
+            .iter()
+            .chain(APPLICATION_CREDENTIAL)
+            .find_map(|k| settings.get(k))
+            .map_or_else(String::new, |s| format!(" (chosen by {})", s.origin));
+        return Err(invalid(format!(
+            "{} does not go with {what}{chosen_by}: leave one of them out",
+            origin_of(&settings, key)
+        )));
     }
-    if let Some(domain) = &file.domain_name {
-        c.user_domain_name.get_or_insert_with(|| domain.clone());
-        c.project_domain_name.get_or_insert_with(|| domain.clone());
+    if let Some(version) = text_of(&settings, "identity_api_version")?
+        && !(version == "3" || version.starts_with("3."))
+    {
+        return Err(invalid(format!(
+            "{} {version}: the drainer speaks Keystone v3 only",
+            origin_of(&settings, "identity_api_version")
+        )));
     }
 
-    c.auth_url = auth_url.ok_or_else(|| {
-        invalid("missing auth_url (IdentityEndpoint in the old tool's format; OS_AUTH_URL in the environment)")
-    })?;
+    let text = |key: &str| text_of(&settings, key);
+    let mut c = Credentials {
+        auth_url: text("auth_url")?.ok_or_else(|| {
+            invalid("missing auth_url (IdentityEndpoint in the old tool's format; OS_AUTH_URL in the environment)")
+        })?,
+        username: text("username")?,
+        user_id: text("user_id")?,
+        password: secret_of(&settings, "password"),
+        user_domain_id: text("user_domain_id")?,
+        user_domain_name: text("user_domain_name")?,
+        project_id: text("project_id")?,
+        project_name: text("project_name")?,
+        project_domain_id: text("project_domain_id")?,
+        project_domain_name: text("project_domain_name")?,
+        application_credential_id: text("application_credential_id")?,
+        application_credential_name: text("application_credential_name")?,
+        application_credential_secret: secret_of(&settings, "application_credential_secret"),
+        region_name: text("region_name")?,
+        interface: "public".to_string(),
+        cacert: None,
+        insecure: flag_of(&settings, "insecure").unwrap_or(false),
+    };
+    // As openstacksdk reads them: `domain_*` (the old tool's DomainID) names
+    // both the user's and the project's domain, and keystoneauth's
+    // `default_domain_*` stands in for whichever of them is not given.
+    for fallback in ["domain", "default_domain"] {
+        if let Some(id) = text(&format!("{fallback}_id"))? {
+            c.user_domain_id.get_or_insert_with(|| id.clone());
+            c.project_domain_id.get_or_insert(id);
+        }
+        if let Some(name) = text(&format!("{fallback}_name"))? {
+            c.user_domain_name.get_or_insert_with(|| name.clone());
+            c.project_domain_name.get_or_insert(name);
+        }
+    }
+    // `publicURL` and the like are the v2 catalog's names, still common in openrc files.
+    if let Some(interface) = text("interface")? {
+        c.interface = interface.trim_end_matches("URL").to_ascii_lowercase();
+    }
+    // openstacksdk expands `~` in cacert; insecure wins over it.
+    if let Some(cacert) = text("cacert")?.filter(|_| !c.insecure) {
+        c.cacert = Some(match (cacert.strip_prefix("~/"), env.var("HOME")) {
+            (Some(rest), Some(home)) => Path::new(&home).join(rest),
+            _ => PathBuf::from(cacert),
+        });
+    }
+
     let url = url::Url::parse(&c.auth_url).map_err(|e| invalid(format!("auth_url {:?}: {e}", c.auth_url)))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(invalid(format!(
@@ -371,9 +637,20 @@ fn credentials(file: &FileConfig, env: &dyn Environment) -> Result<Credentials, 
             c.auth_url
         )));
     }
+    if let Some(region) = &c.region_name
+        && !cloud.regions.is_empty()
+        && !cloud.regions.contains(region)
+    {
+        return Err(invalid(format!(
+            "{} {region:?} is not a region of the cloud (it lists {:?})",
+            origin_of(&settings, "region_name"),
+            cloud.regions
+        )));
+    }
     if !matches!(c.interface.as_str(), "public" | "internal" | "admin") {
         return Err(invalid(format!(
-            "interface {:?} must be public, internal or admin",
+            "{} {:?} must be public, internal or admin",
+            origin_of(&settings, "interface"),
             c.interface
         )));
     }
@@ -383,80 +660,50 @@ fn credentials(file: &FileConfig, env: &dyn Environment) -> Result<Credentials, 
         return Err(invalid(format!("cacert {}: {e}", cacert.display())));
     }
 
-    if let Some(secret) = &c.application_credential_secret {
-        if secret.expose().is_empty() {
-            return Err(invalid("application_credential_secret is empty"));
-        }
-        if c.application_credential_id.is_none() {
-            if c.application_credential_name.is_none() {
+    match method {
+        Method::ApplicationCredential => {
+            let Some(secret) = &c.application_credential_secret else {
                 return Err(invalid(
-                    "application credentials need application_credential_id (or application_credential_name with user_id or username)",
+                    "missing application_credential_secret (OS_APPLICATION_CREDENTIAL_SECRET)",
+                ));
+            };
+            if secret.expose_secret().is_empty() {
+                return Err(invalid("application_credential_secret is empty"));
+            }
+            if c.application_credential_id.is_none() {
+                if c.application_credential_name.is_none() {
+                    return Err(invalid(
+                        "application credentials need application_credential_id (or application_credential_name with user_id or username)",
+                    ));
+                }
+                if c.user_id.is_none() && c.username.is_none() {
+                    return Err(invalid("application_credential_name needs user_id or username"));
+                }
+            }
+        }
+        Method::Password => {
+            if c.username.is_none() && c.user_id.is_none() {
+                return Err(invalid(
+                    "missing username (Username in the old tool's format; OS_USERNAME)",
                 ));
             }
-            if c.user_id.is_none() && c.username.is_none() {
-                return Err(invalid("application_credential_name needs user_id or username"));
+            match &c.password {
+                None => {
+                    return Err(invalid(
+                        "missing password (Password in the old tool's format; OS_PASSWORD)",
+                    ));
+                }
+                Some(p) if p.expose_secret().is_empty() => return Err(invalid("password is empty")),
+                Some(_) => {}
             }
-        }
-    } else if c.application_credential_id.is_some() || c.application_credential_name.is_some() {
-        return Err(invalid(
-            "missing application_credential_secret (OS_APPLICATION_CREDENTIAL_SECRET)",
-        ));
-    } else {
-        if c.username.is_none() && c.user_id.is_none() {
-            return Err(invalid(
-                "missing username (Username in the old tool's format; OS_USERNAME)",
-            ));
-        }
-        match &c.password {
-            None => {
+            if c.project_name.is_none() && c.project_id.is_none() {
                 return Err(invalid(
-                    "missing password (Password in the old tool's format; OS_PASSWORD)",
+                    "missing project: set project_name (TenantName in the old tool's format) or project_id; listing every project's servers needs an admin project-scoped token",
                 ));
             }
-            Some(p) if p.expose().is_empty() => return Err(invalid("password is empty")),
-            Some(_) => {}
-        }
-        if c.project_name.is_none() && c.project_id.is_none() {
-            return Err(invalid(
-                "missing project: set project_name (TenantName in the old tool's format) or project_id; listing every project's servers needs an admin project-scoped token",
-            ));
         }
     }
     Ok(c)
-}
-
-/// Starts from a `clouds.yaml` entry (osauth finds the file as openstacksdk does).
-fn apply_cloud(
-    cloud: &str,
-    c: &mut Credentials,
-    auth_url: &mut Option<String>,
-    insecure: &mut Option<bool>,
-) -> Result<(), ConfigError> {
-    let config = osauth::CloudConfig::from_config(cloud).map_err(|e| invalid(format!("cloud {cloud:?}: {e}")))?;
-    let value = serde_json::to_value(&config).map_err(|e| invalid(format!("cloud {cloud:?}: {e}")))?;
-    let text = |v: &Value| v.as_str().map(str::to_string);
-    let auth = &value["auth"];
-    *auth_url = text(&auth["auth_url"]);
-    c.username = text(&auth["username"]);
-    c.user_id = text(&auth["user_id"]);
-    c.password = text(&auth["password"]).map(Secret::new);
-    c.project_name = text(&auth["project_name"]);
-    c.project_id = text(&auth["project_id"]);
-    c.user_domain_name = text(&auth["user_domain_name"]);
-    c.project_domain_id = text(&auth["project_domain_id"]);
-    c.project_domain_name = text(&auth["project_domain_name"]);
-    c.application_credential_id = text(&auth["application_credential_id"]);
-    c.application_credential_name = text(&auth["application_credential_name"]);
-    c.application_credential_secret = text(&auth["application_credential_secret"]).map(Secret::new);
-    c.region_name = text(&value["region_name"]);
-    if let Some(interface) = text(&value["interface"]) {
-        c.interface = interface;
-    }
-    c.cacert = text(&value["cacert"]).map(PathBuf::from);
-    if let Some(verify) = value["verify"].as_bool() {
-        *insecure = Some(!verify);
-    }
-    Ok(())
 }
 
 fn seconds(key: &str, value: Option<f64>, default: f64, min: f64) -> Result<Duration, ConfigError> {
@@ -557,7 +804,7 @@ mod tests {
         assert_eq!(c.project_name.as_deref(), Some("admin"));
         assert_eq!(c.user_domain_id.as_deref(), Some("default"));
         assert_eq!(c.project_domain_id.as_deref(), Some("default"));
-        assert_eq!(c.password.as_ref().unwrap().expose(), "s3cret");
+        assert_eq!(c.password.as_ref().unwrap().expose_secret(), "s3cret");
         assert_eq!(config.evacuation, Settings::default());
     }
 
@@ -566,7 +813,7 @@ mod tests {
         let config = from_str(OLD_TOOL, &no_env()).unwrap();
         let debug = format!("{config:?}");
         assert!(!debug.contains("s3cret"), "{debug}");
-        assert!(debug.contains("<redacted>"));
+        assert!(debug.contains("REDACTED"), "{debug}");
     }
 
     #[test]
@@ -644,6 +891,67 @@ mod tests {
         assert_eq!(config.credentials.application_credential_id.as_deref(), Some("abc"));
         let missing = from_str("auth_url: http://k/v3\napplication_credential_id: abc\n", &no_env()).unwrap_err();
         assert!(missing.to_string().contains("application_credential_secret"));
+    }
+
+    #[test]
+    fn a_password_and_an_application_credential_together_are_refused() {
+        let env = FakeEnv(HashMap::from([("OS_APPLICATION_CREDENTIAL_SECRET", "xyz")]));
+        let error = from_str(OLD_TOOL, &env).unwrap_err().to_string();
+        assert!(
+            error.contains("password does not go with application-credential"),
+            "{error}"
+        );
+        let error = from_str(&format!("{OLD_TOOL}application_credential_id: abc\n"), &no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("application_credential_id"), "{error}");
+        let env = FakeEnv(HashMap::from([("OS_TRUST_ID", "51d2")]));
+        let error = from_str(OLD_TOOL, &env).unwrap_err().to_string();
+        assert!(error.starts_with("OS_TRUST_ID: trust-scoped"), "{error}");
+    }
+
+    /// The clouds.yaml named by OS_CLIENT_CONFIG_FILE, as in openstacksdk.
+    struct CloudsEnv(PathBuf);
+
+    impl Environment for CloudsEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            match name {
+                "OS_CLIENT_CONFIG_FILE" => Some(self.0.display().to_string()),
+                "OS_CLOUD" => Some("lab".into()),
+                _ => None,
+            }
+        }
+
+        fn current_dir(&self) -> Option<PathBuf> {
+            None
+        }
+    }
+
+    fn with_cloud(name: &str, entry: &str) -> Result<Config, ConfigError> {
+        let path = std::env::temp_dir().join(format!("drainer-config-{}-{name}.yaml", std::process::id()));
+        let auth = "    auth:\n      auth_url: http://k/v3\n      application_credential_id: a\n      application_credential_secret: s\n";
+        std::fs::write(&path, format!("clouds:\n  lab:\n{auth}{entry}")).expect("write clouds.yaml");
+        let config = from_str("", &CloudsEnv(path.clone()));
+        std::fs::remove_file(&path).expect("remove clouds.yaml");
+        config
+    }
+
+    #[test]
+    fn the_clouds_compute_api_version_caps_ours_and_verify_must_be_a_flag() {
+        let pinned = with_cloud("pin", "    compute_api_version: '2.60'\n").expect("valid");
+        assert_eq!(pinned.compute_api_version, Some(Microversion(2, 60)));
+        let unpinned = with_cloud("latest", "    compute_api_version: 2.latest\n").expect("valid");
+        assert_eq!(unpinned.compute_api_version, None);
+        let error = with_cloud("high", "    compute_api_version: '3.1'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("cloud \"lab\" compute_api_version"), "{error}");
+        let error = with_cloud("verify", "    verify: /etc/ssl/ca.pem\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("verify must be true or false"), "{error}");
+        let insecure = with_cloud("insecure", "    verify: false\n").expect("valid");
+        assert!(insecure.credentials.insecure);
     }
 
     #[test]

@@ -17,7 +17,9 @@ use serde_json::{Value, json};
 use tokio::sync::RwLock;
 use tracing::warn;
 
-use crate::config::{Credentials, Secret};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::config::Credentials;
 
 /// Renew the token when it has less than this left (or half its lifetime, if shorter).
 /// Nova keeps using the caller's token for the rest of an operation (the
@@ -33,7 +35,8 @@ const OUTAGE_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_secs(5);
 #[derive(Clone)]
 pub struct KeystoneAuth {
     token_url: Url,
-    body: Secret<Value>,
+    /// The token request, JSON text: it holds the password or secret.
+    body: SecretString,
     cached: Arc<RwLock<Option<CachedToken>>>,
 }
 
@@ -46,7 +49,7 @@ impl fmt::Debug for KeystoneAuth {
 }
 
 struct CachedToken {
-    value: Secret<String>,
+    value: SecretString,
     expires_at: jiff::Timestamp,
     /// Renew once this close to `expires_at`.
     margin: jiff::SignedDuration,
@@ -116,14 +119,14 @@ impl KeystoneAuth {
                 (None, Some(name)) => json!({ "name": name }),
                 (None, None) => json!({}),
             };
-            credential["secret"] = json!(secret.expose());
+            credential["secret"] = json!(secret.expose_secret());
             if credentials.application_credential_id.is_none() {
                 credential["user"] = user_json(credentials, user_domain);
             }
             json!({ "methods": ["application_credential"], "application_credential": credential })
         } else {
             let mut user = user_json(credentials, user_domain);
-            user["password"] = json!(credentials.password.as_ref().map(Secret::expose));
+            user["password"] = json!(credentials.password.as_ref().map(ExposeSecret::expose_secret));
             json!({ "methods": ["password"], "password": { "user": user } })
         };
         let mut auth = json!({ "identity": identity });
@@ -144,9 +147,16 @@ impl KeystoneAuth {
         }
         Ok(KeystoneAuth {
             token_url,
-            body: Secret::new(json!({ "auth": auth })),
+            body: SecretString::from(json!({ "auth": auth }).to_string()),
             cached: Arc::new(RwLock::new(None)),
         })
+    }
+
+    /// The token request as it is sent, for the credentials oracle test
+    /// (src/config/oracle.rs), which holds it against the openstack CLI's.
+    #[cfg(test)]
+    pub(crate) fn request_body(&self) -> Value {
+        serde_json::from_str(self.body.expose_secret()).expect("the request body is JSON")
     }
 
     /// Whether an operation that outlasts this call may start now. Nova keeps
@@ -160,7 +170,7 @@ impl KeystoneAuth {
         {
             let cached = self.cached.read().await;
             if let Some(token) = cached.as_ref().filter(|t| fresh(t) || t.renewal_deferred()) {
-                return Ok(token.value.expose().clone());
+                return Ok(token.value.expose_secret().to_string());
             }
         }
         if let Err(error) = self.renew(client, false).await {
@@ -169,7 +179,7 @@ impl KeystoneAuth {
         let cached = self.cached.read().await;
         cached
             .as_ref()
-            .map(|t| t.value.expose().clone())
+            .map(|t| t.value.expose_secret().to_string())
             .ok_or_else(|| Error::new(ErrorKind::AuthenticationFailed, "no token after authenticating"))
     }
 
@@ -190,7 +200,7 @@ impl KeystoneAuth {
         };
         warn!(error = %error, expires_at = %token.expires_at, "could not renew the Keystone token; using the current one meanwhile");
         token.next_renewal = now.checked_add(OUTAGE_GRACE).ok();
-        Ok(token.value.expose().clone())
+        Ok(token.value.expose_secret().to_string())
     }
 
     async fn renew(&self, client: &Client, force: bool) -> Result<(), Error> {
@@ -201,7 +211,8 @@ impl KeystoneAuth {
         }
         let response = client
             .post(self.token_url.clone())
-            .json(self.body.expose())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(self.body.expose_secret().to_string())
             .send()
             .await
             .map_err(|e| {
@@ -244,7 +255,7 @@ impl KeystoneAuth {
             .issued_at
             .map_or(RENEW_BEFORE * 2, |issued| issued.duration_until(root.token.expires_at));
         *cached = Some(CachedToken {
-            value: Secret::new(value),
+            value: SecretString::from(value),
             expires_at: root.token.expires_at,
             margin: RENEW_BEFORE.min(lifetime / 2),
             catalog: root.token.catalog,
@@ -401,7 +412,7 @@ mod tests {
         let credentials = Credentials {
             auth_url: url.into(),
             username: Some("drainer".into()),
-            password: Some(Secret::new("pw".into())),
+            password: Some(SecretString::from("pw")),
             project_name: Some("admin".into()),
             ..Credentials::default()
         };

@@ -864,7 +864,7 @@ mod tests {
         Credentials {
             auth_url,
             username: Some("drainer".into()),
-            password: Some(crate::config::Secret::new("pw".into())),
+            password: Some(secrecy::SecretString::from("pw")),
             project_name: Some("admin".into()),
             ..Credentials::default()
         }

@@ -55,8 +55,10 @@ die() {
 PKGS="python3-nova python3-keystone python3-placement python3-glance python3-neutron
       rabbitmq-server mariadb-server procps curl"
 # Not the lab's: the tools the test suite drives beside it (promtool for
-# tests/alerts.rs; buildah, podman, runc, skopeo for tests/image.rs).
-PKGS="$PKGS prometheus buildah podman runc skopeo"
+# tests/alerts.rs; buildah, podman, runc, skopeo for tests/image.rs;
+# openstacksdk, the credentials oracle of src/config/oracle.rs, which
+# python3-nova pulls in too but the test must not depend on that).
+PKGS="$PKGS prometheus buildah podman runc skopeo python3-openstacksdk"
 
 # ---------------------------------------------------------------- packages
 missing=""

@@ -33,9 +33,14 @@ pub struct Cli {
     #[arg(long, conflicts_with = "enable")]
     pub daemon: bool,
 
-    /// Re-enable the nova-compute service after maintenance, only if the drainer disabled it.
+    /// Re-enable the nova-compute service after maintenance, only if the drainer disabled it
+    /// and no server is being moved off the host (an evacuation runs).
     #[arg(long)]
     pub enable: bool,
+
+    /// With -enable: re-enable even while servers are being moved off the host.
+    #[arg(long, requires = "enable")]
+    pub force: bool,
 
     /// Overall time limit in minutes: no new migrations after it, in-flight ones are handled per policy.
     #[arg(long = "time-out", value_name = "MINUTES")]

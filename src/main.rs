@@ -91,9 +91,19 @@ async fn run(cli: Cli) -> i32 {
         Ok(node) => node,
         Err(e) => return usage(e),
     };
+    let run = match (&cli.daemon, &cli.pod_name) {
+        (true, Some(pod)) => format!("agent {pod}"),
+        (true, None) => format!("agent drainer-{node}"),
+        (false, _) => format!(
+            "run-once on {} pid {}",
+            hostname().unwrap_or_else(|| "unknown host".into()),
+            std::process::id()
+        ),
+    };
     let target = Target {
         host: config.nova_host_for(&node),
         node,
+        run,
     };
     if cli.daemon {
         // The agent reaches Nova by itself, with backoff: an outage at start-up must not crash-loop it.
@@ -108,7 +118,7 @@ async fn run(cli: Cli) -> i32 {
     let observer = telemetry::ConsoleObserver::for_stderr();
     let engine = Engine::new(&client, &config.evacuation, &observer);
     if cli.enable {
-        return match engine.restore(&target).await {
+        return match engine.restore(&target, cli.force).await {
             Ok(RestoreOutcome::Enabled) => {
                 println!("nova-compute on {} enabled", target.host);
                 exit::DONE
@@ -116,6 +126,17 @@ async fn run(cli: Cli) -> i32 {
             Ok(RestoreOutcome::AlreadyEnabled) => {
                 println!("nova-compute on {} is already enabled", target.host);
                 exit::DONE
+            }
+            Ok(RestoreOutcome::StillMoving { servers }) => {
+                error!(
+                    "nova-compute on {} stays disabled: an evacuation runs ({} being moved off it: {}); enabling it now \
+                     would let the scheduler place new VMs on the host being emptied. Uncordon the node (agent) or \
+                     stop the run first; --force enables it anyway",
+                    target.host,
+                    servers.len(),
+                    servers.join(", ")
+                );
+                exit::FAILED
             }
             Ok(RestoreOutcome::DisabledBySomeoneElse { reason }) => {
                 error!(
@@ -270,11 +291,15 @@ fn node_name(cli: &Cli) -> Result<String, String> {
         }
         return Ok(node);
     }
+    hostname().ok_or_else(|| "cannot tell the node name: pass --node or set NODE_NAME".to_string())
+}
+
+/// This machine's hostname, as the kernel has it.
+fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .ok()
         .filter(|h| !h.is_empty())
-        .ok_or_else(|| "cannot tell the node name: pass --node or set NODE_NAME".to_string())
 }
 
 fn print_report(report: &Report, output: Output) {

@@ -413,6 +413,77 @@ async fn enable_refuses_a_service_disabled_by_someone_else() {
     );
 }
 
+/// `-enable` refuses while an evacuation of the host runs (the scheduler
+/// would place new VMs on the host being emptied), and respects an operator
+/// who disables the service again after us: Nova (Zed) clears the
+/// `disabled_reason` on a disable without a reason, so our marker is gone.
+#[tokio::test]
+async fn enable_refuses_while_an_evacuation_runs_and_after_an_operators_disable() {
+    let _exclusive = Lab::exclusive().await;
+    let lab = Lab::connect().await;
+    lab.reset().await;
+    let stuck = lab.boot(BootSpec::new("enable-mid").stall()).await.remove(0);
+    let config = format!(
+        "{}{FAST}  budget_seconds: 25\n  on_budget_exceeded: abort\n",
+        lab.drainer_config()
+    );
+    let run = tokio::spawn({
+        let config = config.clone();
+        async move { drainer(&config, &["--node", "host1", "--output", "json"]).await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !lab
+        .server_migrations(&stuck)
+        .await
+        .iter()
+        .any(|m| m["status"] == "running")
+    {
+        assert!(std::time::Instant::now() < deadline, "the migration never ran");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let reason = lab.service("host1").await["disabled_reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.starts_with("nova-kubernetes-drain:") && reason.contains("node host1 by run-once on "),
+        "the marker names the node and the run: {reason}"
+    );
+
+    let enable = drainer(&config, &["-enable", "--node", "host1"]).await;
+    assert_eq!(enable.code, 1, "{}", enable.stderr);
+    assert!(
+        enable.stderr.contains("an evacuation runs") && enable.stderr.contains(&stuck),
+        "{}",
+        enable.stderr
+    );
+    assert_eq!(lab.service("host1").await["status"], "disabled");
+
+    let run = run.await.expect("the run ends");
+    assert_eq!(run.code, 1, "aborted at its budget");
+    let enable = drainer(&config, &["-enable", "--node", "host1"]).await;
+    assert_eq!(enable.code, 0, "{}", enable.stderr);
+    assert_eq!(lab.service("host1").await["status"], "enabled");
+
+    // Disabled by us, then by an operator without a reason of their own.
+    lab.delete(&stuck).await;
+    let drain = drainer(&config, &["--node", "host1"]).await;
+    assert_eq!(drain.code, 0, "{}", drain.stderr);
+    lab.set_service("host1", false, None).await;
+    let service = lab.service("host1").await;
+    assert!(
+        service["disabled_reason"].is_null(),
+        "Nova cleared our marker: {service}"
+    );
+    let enable = drainer(&config, &["-enable", "--node", "host1"]).await;
+    assert_eq!(enable.code, 1, "{}", enable.stderr);
+    assert_eq!(
+        lab.service("host1").await["status"],
+        "disabled",
+        "the operator's disable stands"
+    );
+}
+
 #[tokio::test]
 async fn older_microversions_use_the_legacy_calls() {
     let _exclusive = Lab::exclusive().await;

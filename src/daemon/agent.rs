@@ -342,7 +342,9 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         let observer = self.observer(Arc::default());
         let engine = Engine::new(&*compute, &self.settings.evacuation, &observer);
         let host = self.settings.target.host.clone();
-        match engine.restore(&self.settings.target).await {
+        // The agent's own run was cancelled before this (its in-flight migrations
+        // aborted); what still moves is someone else's, and must not keep the service disabled.
+        match engine.restore(&self.settings.target, true).await {
             Ok(RestoreOutcome::Enabled) => self.cluster.publish(
                 Severity::Normal,
                 "NovaComputeEnabled",
@@ -357,6 +359,11 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                     reason.unwrap_or_default()
                 ),
             ),
+            Ok(RestoreOutcome::StillMoving { servers }) => {
+                warn!(moving = %servers.join(", "), "servers still move off the host; the service is re-enabled once they are gone");
+                self.situation.retry_at = Some(Instant::now() + RETRY_SOON);
+                return;
+            }
             Err(e) => {
                 warn!(error = %e, "could not re-enable the nova-compute service; will try again");
                 self.situation.retry_at = Some(Instant::now() + RETRY_SOON);

@@ -136,11 +136,15 @@ pub enum StopRequest {
     AbortInFlight,
 }
 
-/// The node being drained and its nova-compute service host.
+/// The node being drained, its nova-compute service host, and who drains it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     pub node: String,
     pub host: String,
+    /// Who runs the evacuation (`agent POD`, `run-once on HOST pid N`): named
+    /// in the `disabled_reason`, so an operator reading the service knows
+    /// whom to ask.
+    pub run: String,
 }
 
 /// Progress worth telling an operator about, as it happens.
@@ -228,11 +232,12 @@ fn step(step: &'static str) -> impl FnOnce(ComputeError) -> EvacuationError {
     move |source| EvacuationError::Compute { step, source }
 }
 
-/// The `disabled_reason` we write: marker, node and time, within Nova's 255 characters.
-pub fn disabled_reason(node: &str, now: jiff::Timestamp) -> String {
-    let node: String = node.chars().take(180).collect();
+/// The `disabled_reason` we write: marker, node, run and time, within Nova's 255 characters.
+pub fn disabled_reason(target: &Target, now: jiff::Timestamp) -> String {
+    let node: String = target.node.chars().take(110).collect();
+    let run: String = target.run.chars().take(70).collect();
     format!(
-        "{DISABLED_REASON_MARKER} evacuating for Kubernetes node {node} since {}",
+        "{DISABLED_REASON_MARKER} evacuating for Kubernetes node {node} by {run} since {}",
         now.strftime("%Y-%m-%dT%H:%M:%SZ")
     )
 }
@@ -260,6 +265,11 @@ fn check_fit(
     plan::check_capacity(&moving, &hosts).map_err(EvacuationError::Capacity)
 }
 
+/// Whether a server's `task_state` is a live or cold migration under way.
+fn is_a_move(task_state: &str) -> bool {
+    task_state == "migrating" || task_state.starts_with("resize")
+}
+
 /// Whether `reason` was written by us.
 pub fn is_our_reason(reason: Option<&str>) -> bool {
     reason.is_some_and(|r| r.starts_with(DISABLED_REASON_MARKER))
@@ -273,6 +283,12 @@ pub enum RestoreOutcome {
     /// Disabled with a reason that is not ours: an operator's decision, left alone.
     DisabledBySomeoneElse {
         reason: Option<String>,
+    },
+    /// Left disabled: these servers are being moved off the host (an
+    /// evacuation runs), and an enabled service would let the scheduler place
+    /// new VMs on the host being emptied.
+    StillMoving {
+        servers: Vec<String>,
     },
 }
 
@@ -488,8 +504,11 @@ impl<'a, C: Compute> Engine<'a, C> {
         }
     }
 
-    /// Re-enables the host's service, but only if our marker is still its reason.
-    pub async fn restore(&self, target: &Target) -> Result<RestoreOutcome, EvacuationError> {
+    /// Re-enables the host's service, but only if our marker is still its
+    /// reason (Nova clears the reason when an operator disables the service
+    /// again, so an operator's later disable is respected too), and, unless
+    /// `even_while_moving`, only while no server is being moved off the host.
+    pub async fn restore(&self, target: &Target, even_while_moving: bool) -> Result<RestoreOutcome, EvacuationError> {
         let service = self.service(target).await?;
         if service.enabled {
             return Ok(RestoreOutcome::AlreadyEnabled);
@@ -498,6 +517,21 @@ impl<'a, C: Compute> Engine<'a, C> {
             return Ok(RestoreOutcome::DisabledBySomeoneElse {
                 reason: service.disabled_reason,
             });
+        }
+        if !even_while_moving {
+            let servers = self
+                .compute
+                .servers_on_host(&target.host)
+                .await
+                .map_err(step("listing the servers on the host"))?;
+            let moving: Vec<String> = servers
+                .into_iter()
+                .filter(|s| s.task_state.as_deref().is_some_and(is_a_move))
+                .map(|s| format!("{} ({})", s.name, s.id))
+                .collect();
+            if !moving.is_empty() {
+                return Ok(RestoreOutcome::StillMoving { servers: moving });
+            }
         }
         self.compute
             .enable_service(&service)
@@ -718,7 +752,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             });
             return Ok((ours, service.disabled_reason.clone().unwrap_or_default()));
         }
-        let reason = disabled_reason(&target.node, jiff::Timestamp::now());
+        let reason = disabled_reason(target, jiff::Timestamp::now());
         self.compute
             .disable_service(service, &reason)
             .await

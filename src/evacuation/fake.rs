@@ -1041,6 +1041,7 @@ pub(crate) fn target() -> Target {
     Target {
         node: NODE.into(),
         host: SOURCE.into(),
+        run: "agent drainer-test".into(),
     }
 }
 

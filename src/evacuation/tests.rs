@@ -371,7 +371,10 @@ async fn service_disabled_by_someone_else_is_left_alone_and_never_enabled() {
     );
     assert_eq!(report.result, RunResult::Succeeded, "the VMs are moved all the same");
 
-    let restored = Engine::new(&cloud, &settings, &Quiet).restore(&target()).await.unwrap();
+    let restored = Engine::new(&cloud, &settings, &Quiet)
+        .restore(&target(), false)
+        .await
+        .unwrap();
     assert_eq!(
         restored,
         RestoreOutcome::DisabledBySomeoneElse {
@@ -392,14 +395,55 @@ async fn restore_enables_only_a_service_we_disabled() {
     evacuate(&cloud, &settings).await;
     assert!(is_our_reason(cloud.service().disabled_reason.as_deref()));
 
-    assert_eq!(engine.restore(&target()).await.unwrap(), RestoreOutcome::Enabled);
+    assert_eq!(engine.restore(&target(), false).await.unwrap(), RestoreOutcome::Enabled);
     assert_eq!(cloud.calls().enable, 1);
     let service = cloud.service();
     assert!(service.enabled);
     assert_eq!(service.disabled_reason, None);
 
-    assert_eq!(engine.restore(&target()).await.unwrap(), RestoreOutcome::AlreadyEnabled);
+    assert_eq!(
+        engine.restore(&target(), false).await.unwrap(),
+        RestoreOutcome::AlreadyEnabled
+    );
     assert_eq!(cloud.calls().enable, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn restore_leaves_the_service_disabled_while_servers_move_off_the_host() {
+    let cloud = std::sync::Arc::new(FakeCloud::new());
+    cloud.add_vm("a", "ACTIVE", 512);
+    cloud.script(
+        "a",
+        &[Script::Stall {
+            progress_for: Duration::from_secs(5),
+        }],
+    );
+    let settings = Settings::default();
+    let (stop_tx, stop) = watch::channel(StopRequest::Continue);
+    let run = tokio::spawn({
+        let cloud = cloud.clone();
+        async move {
+            Engine::new(&*cloud, &Settings::default(), &Quiet)
+                .evacuate(&target(), stop)
+                .await
+        }
+    });
+    while cloud.migration_statuses("a") != ["running"] {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let engine = Engine::new(&*cloud, &settings, &Quiet);
+    assert_eq!(
+        engine.restore(&target(), false).await.unwrap(),
+        RestoreOutcome::StillMoving {
+            servers: vec!["vm-a (a)".into()]
+        }
+    );
+    assert!(!cloud.service().enabled, "an evacuation runs: left disabled");
+    let reason = cloud.service().disabled_reason.unwrap_or_default();
+    assert!(reason.contains("node node-a by agent drainer-test since"), "{reason}");
+    assert_eq!(engine.restore(&target(), true).await.unwrap(), RestoreOutcome::Enabled);
+    let _ = stop_tx.send(StopRequest::AbortInFlight);
+    let _ = run.await;
 }
 
 #[tokio::test(start_paused = true)]

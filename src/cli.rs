@@ -50,8 +50,9 @@ pub struct Cli {
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node: Option<String>,
 
-    /// Print the plan (service, each VM and what would happen to it) and change nothing.
-    #[arg(long)]
+    /// Print the plan (service, each VM and what would happen to it), or with -enable whether the
+    /// service would be enabled, and change nothing. Not for -daemon or release-guard.
+    #[arg(long, conflicts_with = "daemon")]
     pub dry_run: bool,
 
     /// Move VMs even if the other hypervisors seem too full to hold them.
@@ -155,7 +156,15 @@ pub enum LogFormat {
 impl Cli {
     /// Parses arguments, accepting the old tool's single-dash long flags.
     pub fn parse_compatible<I: IntoIterator<Item = String>>(args: I) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(normalize(args))
+        let cli = Cli::try_parse_from(normalize(args))?;
+        if cli.dry_run && matches!(cli.command, Some(Command::ReleaseGuard { .. })) {
+            return Err(Cli::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "release-guard has no --dry-run: list what it would release with \
+                 `kubectl get pods,pdb -n NAMESPACE -l app.kubernetes.io/name=nova-drain-guard`",
+            ));
+        }
+        Ok(cli)
     }
 }
 
@@ -243,6 +252,12 @@ mod tests {
         ));
         assert_eq!(cli.output, Output::Json);
         assert!(parse(&["release-guard"]).is_err(), "a node or --all");
+        assert!(
+            parse(&["--dry-run", "release-guard", "n1"]).is_err(),
+            "a dry run it would not honour"
+        );
+        assert!(parse(&["-daemon", "--dry-run"]).is_err());
+        assert!(parse(&["-enable", "--dry-run"]).is_ok());
         assert!(parse(&["release-guard", "n1", "--all"]).is_err());
     }
 

@@ -9,7 +9,9 @@ use nova_kubernetes_drain::cli::{Cli, Command, Output};
 use nova_kubernetes_drain::config::{self, Config, ProcessEnvironment};
 use nova_kubernetes_drain::daemon::release::{GuardRelease, release_guards};
 use nova_kubernetes_drain::daemon::{DaemonSettings, RetryBackoff};
-use nova_kubernetes_drain::evacuation::{Engine, EvacuationError, Report, RestoreOutcome, StopRequest, Target};
+use nova_kubernetes_drain::evacuation::{
+    Engine, EvacuationError, Report, RestoreOptions, RestoreOutcome, StopRequest, Target,
+};
 use nova_kubernetes_drain::kube::Guard;
 use nova_kubernetes_drain::nova::NovaClient;
 use nova_kubernetes_drain::{exit, telemetry};
@@ -118,9 +120,20 @@ async fn run(cli: Cli) -> i32 {
     let observer = telemetry::ConsoleObserver::for_stderr();
     let engine = Engine::new(&client, &config.evacuation, &observer);
     if cli.enable {
-        return match engine.restore(&target, cli.force).await {
+        let options = RestoreOptions {
+            even_while_moving: cli.force,
+            dry_run: cli.dry_run,
+        };
+        return match engine.restore(&target, options).await {
             Ok(RestoreOutcome::Enabled) => {
                 println!("nova-compute on {} enabled", target.host);
+                exit::DONE
+            }
+            Ok(RestoreOutcome::WouldEnable) => {
+                println!(
+                    "would enable nova-compute on {} (dry run: nothing changed)",
+                    target.host
+                );
                 exit::DONE
             }
             Ok(RestoreOutcome::AlreadyEnabled) => {

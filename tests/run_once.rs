@@ -461,6 +461,19 @@ async fn enable_refuses_while_an_evacuation_runs_and_after_an_operators_disable(
 
     let run = run.await.expect("the run ends");
     assert_eq!(run.code, 1, "aborted at its budget");
+    for args in [
+        ["-enable", "--dry-run", "--node", "host1"],
+        ["--dry-run", "-enable", "--node", "host1"],
+    ] {
+        let dry = drainer(&config, &args).await;
+        assert_eq!(dry.code, 0, "{}", dry.stderr);
+        assert!(dry.stdout.contains("would enable"), "{}", dry.stdout);
+        assert_eq!(
+            lab.service("host1").await["status"],
+            "disabled",
+            "a dry run changes nothing"
+        );
+    }
     let enable = drainer(&config, &["-enable", "--node", "host1"]).await;
     assert_eq!(enable.code, 0, "{}", enable.stderr);
     assert_eq!(lab.service("host1").await["status"], "enabled");

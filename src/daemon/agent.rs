@@ -16,7 +16,8 @@ use tracing::{info, warn};
 
 use super::decide::{Evacuation, NodeSeen, RetryBackoff, Situation, Step, conclude, decide, guard_problem};
 use crate::evacuation::{
-    Action, Compute, Engine, EvacuationError, Event, Observer, Report, RestoreOutcome, Settings, StopRequest, Target,
+    Action, Compute, Engine, EvacuationError, Event, Observer, Report, RestoreOptions, RestoreOutcome, Settings,
+    StopRequest, Target,
 };
 use crate::kube::{Cluster, DrainState, GuardPod, Phase, Severity, operator_view};
 use crate::telemetry::metrics::Metrics;
@@ -344,13 +345,17 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         let host = self.settings.target.host.clone();
         // The agent's own run was cancelled before this (its in-flight migrations
         // aborted); what still moves is someone else's, and must not keep the service disabled.
-        match engine.restore(&self.settings.target, true).await {
+        let options = RestoreOptions {
+            even_while_moving: true,
+            dry_run: false,
+        };
+        match engine.restore(&self.settings.target, options).await {
             Ok(RestoreOutcome::Enabled) => self.cluster.publish(
                 Severity::Normal,
                 "NovaComputeEnabled",
                 format!("nova-compute on {host} enabled again"),
             ),
-            Ok(RestoreOutcome::AlreadyEnabled) => {}
+            Ok(RestoreOutcome::AlreadyEnabled | RestoreOutcome::WouldEnable) => {}
             Ok(RestoreOutcome::DisabledBySomeoneElse { reason }) => self.cluster.publish(
                 Severity::Normal,
                 "NovaComputeLeftDisabled",

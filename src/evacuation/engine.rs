@@ -275,10 +275,22 @@ pub fn is_our_reason(reason: Option<&str>) -> bool {
     reason.is_some_and(|r| r.starts_with(DISABLED_REASON_MARKER))
 }
 
+/// How [`Engine::restore`] may act.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// Enable even while servers are being moved off the host (the agent
+    /// after cancelling its own run; `-enable --force`).
+    pub even_while_moving: bool,
+    /// Decide, change nothing (`-enable --dry-run`).
+    pub dry_run: bool,
+}
+
 /// What re-enabling a service after maintenance did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RestoreOutcome {
     Enabled,
+    /// A dry run: the service would be enabled; nothing changed.
+    WouldEnable,
     AlreadyEnabled,
     /// Disabled with a reason that is not ours: an operator's decision, left alone.
     DisabledBySomeoneElse {
@@ -508,7 +520,7 @@ impl<'a, C: Compute> Engine<'a, C> {
     /// reason (Nova clears the reason when an operator disables the service
     /// again, so an operator's later disable is respected too), and, unless
     /// `even_while_moving`, only while no server is being moved off the host.
-    pub async fn restore(&self, target: &Target, even_while_moving: bool) -> Result<RestoreOutcome, EvacuationError> {
+    pub async fn restore(&self, target: &Target, options: RestoreOptions) -> Result<RestoreOutcome, EvacuationError> {
         let service = self.service(target).await?;
         if service.enabled {
             return Ok(RestoreOutcome::AlreadyEnabled);
@@ -518,7 +530,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                 reason: service.disabled_reason,
             });
         }
-        if !even_while_moving {
+        if !options.even_while_moving {
             let servers = self
                 .compute
                 .servers_on_host(&target.host)
@@ -532,6 +544,9 @@ impl<'a, C: Compute> Engine<'a, C> {
             if !moving.is_empty() {
                 return Ok(RestoreOutcome::StillMoving { servers: moving });
             }
+        }
+        if options.dry_run {
+            return Ok(RestoreOutcome::WouldEnable);
         }
         self.compute
             .enable_service(&service)

@@ -11,8 +11,8 @@ pub use compute::{
     MigrationChanges, Server,
 };
 pub use engine::{
-    Budget, BudgetAction, DISABLED_REASON_MARKER, Engine, EvacuationError, Event, Observer, RestoreOutcome, Settings,
-    StopRequest, Target, disabled_reason, is_our_reason,
+    Budget, BudgetAction, DISABLED_REASON_MARKER, Engine, EvacuationError, Event, Observer, RestoreOptions,
+    RestoreOutcome, Settings, StopRequest, Target, disabled_reason, is_our_reason,
 };
 pub use plan::{Action, StatePolicy};
 pub use report::{CapacityCheck, Outcome, Report, RunResult, VmReport};

@@ -372,7 +372,7 @@ async fn service_disabled_by_someone_else_is_left_alone_and_never_enabled() {
     assert_eq!(report.result, RunResult::Succeeded, "the VMs are moved all the same");
 
     let restored = Engine::new(&cloud, &settings, &Quiet)
-        .restore(&target(), false)
+        .restore(&target(), RestoreOptions::default())
         .await
         .unwrap();
     assert_eq!(
@@ -395,14 +395,26 @@ async fn restore_enables_only_a_service_we_disabled() {
     evacuate(&cloud, &settings).await;
     assert!(is_our_reason(cloud.service().disabled_reason.as_deref()));
 
-    assert_eq!(engine.restore(&target(), false).await.unwrap(), RestoreOutcome::Enabled);
+    let dry_run = RestoreOptions {
+        dry_run: true,
+        ..RestoreOptions::default()
+    };
+    assert_eq!(
+        engine.restore(&target(), dry_run).await.unwrap(),
+        RestoreOutcome::WouldEnable
+    );
+    assert_eq!(cloud.calls().enable, 0, "a dry run changes nothing");
+    assert_eq!(
+        engine.restore(&target(), RestoreOptions::default()).await.unwrap(),
+        RestoreOutcome::Enabled
+    );
     assert_eq!(cloud.calls().enable, 1);
     let service = cloud.service();
     assert!(service.enabled);
     assert_eq!(service.disabled_reason, None);
 
     assert_eq!(
-        engine.restore(&target(), false).await.unwrap(),
+        engine.restore(&target(), RestoreOptions::default()).await.unwrap(),
         RestoreOutcome::AlreadyEnabled
     );
     assert_eq!(cloud.calls().enable, 1);
@@ -433,7 +445,7 @@ async fn restore_leaves_the_service_disabled_while_servers_move_off_the_host() {
     }
     let engine = Engine::new(&*cloud, &settings, &Quiet);
     assert_eq!(
-        engine.restore(&target(), false).await.unwrap(),
+        engine.restore(&target(), RestoreOptions::default()).await.unwrap(),
         RestoreOutcome::StillMoving {
             servers: vec!["vm-a (a)".into()]
         }
@@ -441,7 +453,14 @@ async fn restore_leaves_the_service_disabled_while_servers_move_off_the_host() {
     assert!(!cloud.service().enabled, "an evacuation runs: left disabled");
     let reason = cloud.service().disabled_reason.unwrap_or_default();
     assert!(reason.contains("node node-a by agent drainer-test since"), "{reason}");
-    assert_eq!(engine.restore(&target(), true).await.unwrap(), RestoreOutcome::Enabled);
+    let forced = RestoreOptions {
+        even_while_moving: true,
+        ..RestoreOptions::default()
+    };
+    assert_eq!(
+        engine.restore(&target(), forced).await.unwrap(),
+        RestoreOutcome::Enabled
+    );
     let _ = stop_tx.send(StopRequest::AbortInFlight);
     let _ = run.await;
 }

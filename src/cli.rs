@@ -15,9 +15,10 @@ use clap::{CommandFactory, Parser, ValueEnum};
     long_about = None,
     after_help = "Every long flag also works with one dash, as the old Go tool wrote them: \
                   -config-path, -run-once, -daemon, -time-out, -enable, -node ...\n\n\
-                  Exit codes: 0 the hypervisor is empty (or the requested change is done); \
-                  1 some VM could not be moved or the time ran out; \
-                  2 bad usage, configuration or credentials (nothing was changed)."
+                  Exit codes: 0 the hypervisor is empty, or the requested change is done (a dry run: \
+                  the run would succeed); 1 some VM could not be moved or the time ran out, or -enable / \
+                  release-guard left the service or a guard as it was; 2 bad usage, configuration or \
+                  credentials (nothing was changed); 130 stopped by Ctrl-C."
 )]
 pub struct Cli {
     /// Config file (the old tool's keys or the documented ones) [default: ./config.yaml, which may be absent when
@@ -42,9 +43,10 @@ pub struct Cli {
     #[arg(long, requires = "enable")]
     pub force: bool,
 
-    /// Overall time limit in minutes: no new migrations after it, in-flight ones are handled per policy.
-    #[arg(long = "time-out", value_name = "MINUTES")]
-    pub time_out: Option<f64>,
+    /// Overall time limit: no new migrations after it, in-flight ones are handled per policy.
+    /// A bare number is minutes (the old tool's -time-out 30); or a duration: 90s, 5m, 1h30m.
+    #[arg(long = "time-out", value_name = "DURATION", value_parser = parse_time_out)]
+    pub time_out: Option<std::time::Duration>,
 
     /// Kubernetes node name [default: this machine's hostname].
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
@@ -59,8 +61,8 @@ pub struct Cli {
     #[arg(long)]
     pub skip_capacity_check: bool,
 
-    /// Format of the final report on standard output.
-    #[arg(long, value_enum, default_value_t = Output::Human, global = true)]
+    /// Format of the final report on standard output (-o json, as kubectl; -f json, as openstack).
+    #[arg(short = 'o', short_alias = 'f', long, value_enum, default_value_t = Output::Human, global = true)]
     pub output: Output,
 
     /// Daemon: kubeconfig file [default: $KUBECONFIG, then the in-cluster service account].
@@ -168,6 +170,30 @@ impl Cli {
     }
 }
 
+/// Longest `--time-out` taken: a week.
+const LONGEST_TIME_OUT: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// `--time-out`: a bare number of minutes, as the old tool took it, or a duration (`90s`, `5m`, `1h30m`).
+fn parse_time_out(text: &str) -> Result<std::time::Duration, String> {
+    let duration = match text.trim().parse::<f64>() {
+        Ok(minutes) if minutes.is_finite() && minutes > 0.0 => {
+            std::time::Duration::try_from_secs_f64(minutes * 60.0).map_err(|e| e.to_string())?
+        }
+        Ok(_) => return Err(format!("must be above 0, got {text}")),
+        Err(_) => text
+            .trim()
+            .parse::<jiff::SignedDuration>()
+            .ok()
+            .filter(|d| d.is_positive())
+            .and_then(|d| std::time::Duration::try_from(d).ok())
+            .ok_or_else(|| format!("{text:?} is neither minutes nor a duration such as 90s, 5m or 1h30m"))?,
+    };
+    if duration > LONGEST_TIME_OUT {
+        return Err(format!("{text} is longer than a week"));
+    }
+    Ok(duration)
+}
+
 /// Turns `-config-path x` / `-time-out=30` into `--config-path x` / `--time-out=30`
 /// for every long flag we know; short flags and values are left alone.
 fn normalize<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
@@ -207,6 +233,8 @@ fn normalize<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -219,7 +247,10 @@ mod tests {
         assert!(error.contains("'--frobnicate'"), "{error}");
         assert!(parse(&["-h"]).is_err(), "short flags stay short (help)");
         let known = parse(&["-node", "compute-1", "-time-out=5"]).unwrap();
-        assert_eq!((known.node.as_deref(), known.time_out), (Some("compute-1"), Some(5.0)));
+        assert_eq!(
+            (known.node.as_deref(), known.time_out),
+            (Some("compute-1"), Some(Duration::from_secs(300)))
+        );
     }
 
     #[test]
@@ -227,6 +258,20 @@ mod tests {
         let cli = parse(&["guard"]).unwrap();
         assert_eq!(cli.command, Some(Command::Guard));
         assert!(!cli.daemon);
+    }
+
+    #[test]
+    fn time_outs_are_minutes_or_durations_and_output_has_short_forms() {
+        let time_out = |arg: &str| parse(&["--time-out", arg]).map(|c| c.time_out);
+        assert_eq!(time_out("2.5").unwrap(), Some(Duration::from_secs(150)));
+        assert_eq!(time_out("90s").unwrap(), Some(Duration::from_secs(90)));
+        assert_eq!(time_out("5m").unwrap(), Some(Duration::from_secs(300)));
+        assert_eq!(time_out("1h30m").unwrap(), Some(Duration::from_secs(5400)));
+        for bad in ["0", "-5", "soon", "0s", "8d", "NaN"] {
+            assert!(time_out(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse(&["-o", "json"]).unwrap().output, Output::Json);
+        assert_eq!(parse(&["-f", "json"]).unwrap().output, Output::Json);
     }
 
     #[test]
@@ -266,10 +311,10 @@ mod tests {
         let cli = parse(&["-config-path", "c.yaml", "-run-once", "-time-out", "30"]).unwrap();
         assert_eq!(cli.config_path, Some(PathBuf::from("c.yaml")));
         assert!(cli.run_once);
-        assert_eq!(cli.time_out, Some(30.0));
+        assert_eq!(cli.time_out, Some(Duration::from_secs(1800)));
         let cli = parse(&["-daemon", "-time-out=5"]).unwrap();
         assert!(cli.daemon);
-        assert_eq!(cli.time_out, Some(5.0));
+        assert_eq!(cli.time_out, Some(Duration::from_secs(300)));
     }
 
     #[test]

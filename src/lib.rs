@@ -18,4 +18,6 @@ pub mod exit {
     pub const FAILED: i32 = 1;
     /// Bad usage, configuration or credentials, found before any change.
     pub const USAGE: i32 = 2;
+    /// Stopped by Ctrl-C (SIGINT) before the end, as shells report it (128 + 2).
+    pub const INTERRUPTED: i32 = 130;
 }

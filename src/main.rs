@@ -9,9 +9,7 @@ use nova_kubernetes_drain::cli::{Cli, Command, Output};
 use nova_kubernetes_drain::config::{self, Config, ProcessEnvironment};
 use nova_kubernetes_drain::daemon::release::{GuardRelease, release_guards};
 use nova_kubernetes_drain::daemon::{DaemonSettings, RetryBackoff};
-use nova_kubernetes_drain::evacuation::{
-    Engine, EvacuationError, Report, RestoreOptions, RestoreOutcome, StopRequest, Target,
-};
+use nova_kubernetes_drain::evacuation::{Engine, EvacuationError, Report, RestoreOptions, StopRequest, Target};
 use nova_kubernetes_drain::kube::Guard;
 use nova_kubernetes_drain::nova::NovaClient;
 use nova_kubernetes_drain::{exit, telemetry};
@@ -86,9 +84,7 @@ async fn run(cli: Cli) -> i32 {
         Ok(config) => config,
         Err(e) => return usage(e),
     };
-    if let Err(e) = apply_flags(&cli, &mut config) {
-        return usage(e);
-    }
+    apply_flags(&cli, &mut config);
     let node = match node_name(&cli) {
         Ok(node) => node,
         Err(e) => return usage(e),
@@ -125,39 +121,15 @@ async fn run(cli: Cli) -> i32 {
             dry_run: cli.dry_run,
         };
         return match engine.restore(&target, options).await {
-            Ok(RestoreOutcome::Enabled) => {
-                println!("nova-compute on {} enabled", target.host);
-                exit::DONE
-            }
-            Ok(RestoreOutcome::WouldEnable) => {
-                println!(
-                    "would enable nova-compute on {} (dry run: nothing changed)",
-                    target.host
-                );
-                exit::DONE
-            }
-            Ok(RestoreOutcome::AlreadyEnabled) => {
-                println!("nova-compute on {} is already enabled", target.host);
-                exit::DONE
-            }
-            Ok(RestoreOutcome::StillMoving { servers }) => {
-                error!(
-                    "nova-compute on {} stays disabled: an evacuation runs ({} being moved off it: {}); enabling it now \
-                     would let the scheduler place new VMs on the host being emptied. Uncordon the node (agent) or \
-                     stop the run first; --force enables it anyway",
-                    target.host,
-                    servers.len(),
-                    servers.join(", ")
-                );
-                exit::FAILED
-            }
-            Ok(RestoreOutcome::DisabledBySomeoneElse { reason }) => {
-                error!(
-                    "nova-compute on {} was disabled by someone else ({}); not enabling it",
-                    target.host,
-                    reason.as_deref().unwrap_or("no reason given")
-                );
-                exit::FAILED
+            Ok(outcome) => {
+                match cli.output {
+                    Output::Json => {
+                        let json = serde_json::json!({"host": target.host, "node": target.node, "restore": outcome});
+                        println!("{json:#}");
+                    }
+                    Output::Human => println!("{}", outcome.describe(&target.host)),
+                }
+                outcome.exit_code()
             }
             Err(e) => fail(e),
         };
@@ -282,17 +254,14 @@ fn fail(error: EvacuationError) -> i32 {
     if error.is_usage() { exit::USAGE } else { exit::FAILED }
 }
 
-fn apply_flags(cli: &Cli, config: &mut Config) -> Result<(), String> {
-    if let Some(minutes) = cli.time_out {
-        if !(minutes.is_finite() && minutes > 0.0 && minutes <= 7.0 * 24.0 * 60.0) {
-            return Err(format!("-time-out must be a number of minutes above 0, got {minutes}"));
-        }
-        config.evacuation.timeout = Some(Duration::from_secs_f64(minutes * 60.0));
+/// The flags that override the config file (checked by clap already).
+fn apply_flags(cli: &Cli, config: &mut Config) {
+    if let Some(time_out) = cli.time_out {
+        config.evacuation.timeout = Some(time_out);
     }
     if cli.skip_capacity_check {
         config.evacuation.check_capacity = false;
     }
-    Ok(())
 }
 
 /// `--node` or `NODE_NAME` (set from the downward API in a DaemonSet), else the hostname.

@@ -286,7 +286,8 @@ pub struct RestoreOptions {
 }
 
 /// What re-enabling a service after maintenance did.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum RestoreOutcome {
     Enabled,
     /// A dry run: the service would be enabled; nothing changed.
@@ -302,6 +303,37 @@ pub enum RestoreOutcome {
     StillMoving {
         servers: Vec<String>,
     },
+}
+
+impl RestoreOutcome {
+    /// The line an operator reads, with the next step where one is needed.
+    pub fn describe(&self, host: &str) -> String {
+        match self {
+            RestoreOutcome::Enabled => format!("nova-compute on {host} enabled"),
+            RestoreOutcome::WouldEnable => format!("would enable nova-compute on {host} (dry run: nothing changed)"),
+            RestoreOutcome::AlreadyEnabled => format!("nova-compute on {host} is already enabled"),
+            RestoreOutcome::StillMoving { servers } => format!(
+                "nova-compute on {host} stays disabled: an evacuation runs ({} being moved off it: {}); enabling it \
+                 now would let the scheduler place new VMs on the host being emptied. Uncordon the node (agent) or \
+                 stop the run first; --force enables it anyway",
+                servers.len(),
+                servers.join(", ")
+            ),
+            RestoreOutcome::DisabledBySomeoneElse { reason } => format!(
+                "nova-compute on {host} stays disabled: someone else disabled it ({}); if it should run again: \
+                 openstack compute service set --enable {host} nova-compute",
+                reason.as_deref().unwrap_or("no reason given")
+            ),
+        }
+    }
+
+    /// 0 when the service is (or would be) enabled, 1 when it stays disabled.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RestoreOutcome::Enabled | RestoreOutcome::WouldEnable | RestoreOutcome::AlreadyEnabled => crate::exit::DONE,
+            RestoreOutcome::StillMoving { .. } | RestoreOutcome::DisabledBySomeoneElse { .. } => crate::exit::FAILED,
+        }
+    }
 }
 
 /// Runs evacuations of one host against a compute cloud.

@@ -108,9 +108,10 @@ impl Report {
     pub fn exit_code(&self) -> i32 {
         let shortfall = self.capacity.as_ref().is_some_and(|c| !c.unplaced.is_empty());
         match self.result {
-            RunResult::Succeeded => 0,
-            RunResult::Planned if !shortfall => 0,
-            _ => 1,
+            RunResult::Succeeded => crate::exit::DONE,
+            RunResult::Planned if !shortfall => crate::exit::DONE,
+            RunResult::Interrupted => crate::exit::INTERRUPTED,
+            _ => crate::exit::FAILED,
         }
     }
 

@@ -75,6 +75,8 @@ pub struct Agent<C: Compute + 'static, K: Cluster> {
     operator_view: Option<String>,
     /// The VMs the last failed run found on the host: another set starts the backoff over.
     failed_vms: Option<BTreeSet<String>>,
+    /// The backoff was started over since the drain state was last recorded.
+    backoff_restarted: bool,
     running: Option<Running>,
     /// Why tending the guard fails, and since when.
     guard_failing: Option<(Instant, String)>,
@@ -103,6 +105,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             state_loaded: false,
             operator_view: None,
             failed_vms: None,
+            backoff_restarted: false,
             running: None,
             guard_failing: None,
             guard_reported: None,
@@ -191,6 +194,11 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
     /// Carries out what [`decide`] asks until it asks nothing more (each step
     /// changes what it sees, or sets a time to try again).
     async fn reconcile(&mut self) {
+        if self.backoff_restarted {
+            // Shown on the Node at once: the next try is sooner than it says.
+            self.backoff_restarted = false;
+            self.save(self.situation.recorded.clone()).await;
+        }
         for _ in 0..4 {
             let steps = decide(&self.situation, Instant::now());
             if steps.is_empty() {
@@ -335,6 +343,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         self.situation.retry_at = self.situation.retry_at.map(|at| at.min(soon));
         self.situation.recorded.failures = 0;
         self.situation.recorded.next_retry_at = None;
+        self.backoff_restarted = true;
     }
 
     /// After an uncordon: re-enable the service if it is still ours, record Idle.

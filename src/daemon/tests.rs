@@ -586,6 +586,12 @@ async fn a_vm_that_can_never_move_backs_off_and_a_change_starts_the_backoff_over
         .insert("example.org/retry".into(), "now".into());
     h.send(Input::Node(Some(Box::new(annotated)))).await;
     let asked = Instant::now();
+    h.until("the Node shows the backoff started over", |h| {
+        let record = h.cluster.last_record();
+        record.failures == 0 && record.next_retry_at.is_none()
+    })
+    .await;
+    assert_eq!(runs(&h), 5, "not tried yet");
     h.until("tried again", |h| runs(h) == 6).await;
     assert!(
         asked.elapsed() <= RETRY_AFTER_FAILURE,

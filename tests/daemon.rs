@@ -821,6 +821,53 @@ async fn release_guard_after_the_agent_is_gone_removes_only_ours_and_only_when_e
     assert!(out.contains("no guard of ours"), "{out}");
 }
 
+/// SIGTERM from a rolling update (its DaemonSet stays) keeps the guard for the
+/// next agent; SIGTERM after its DaemonSet was deleted (an uninstall) releases
+/// the guard of the idle node, VMs and all (nothing drains it), so a later
+/// `kubectl drain` returns at once instead of waiting for ever.
+#[tokio::test]
+async fn deleting_the_daemonset_releases_an_idle_guard_and_a_later_drain_returns_at_once() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, cluster) = setup().await;
+    if cluster.is_real() {
+        // The agent runs outside the cluster there: no DaemonSet pod of its own to judge by.
+        eprintln!("skipped on a real cluster: the agent's own DaemonSet pod exists only on the fake");
+        return;
+    }
+    lab.boot(BootSpec::new("dmn-uninstall")).await;
+    let mut agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)).await, Some(0));
+    assert!(guard_in_place(&cluster).await, "a restart keeps the guard");
+
+    let mut agent = Agent::start(&cluster, &lab, "").await;
+    eventually("the agent ready", Duration::from_secs(30), async || {
+        (agent.ready().await == Some(true)).then_some(())
+    })
+    .await;
+    cluster
+        .kubectl()
+        .run(
+            &["-n", NAMESPACE, "delete", "daemonset", "drainer", "--wait=false"],
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("kubectl delete daemonset");
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)).await, Some(0));
+    assert!(cluster.pdb(&cluster.guard()).await.is_none(), "the budget is gone");
+    assert!(guard_finalizers(&cluster).await.is_empty(), "our finalizer is gone");
+
+    cluster.cordon().await;
+    let took = cluster
+        .kubectl()
+        .drain(cluster.node(), &[], Duration::from_secs(60))
+        .await
+        .expect("kubectl drain");
+    assert!(took < Duration::from_secs(30), "drain returned after {took:?}");
+}
+
 /// Keystone and nova-api down when the agent starts: it does not exit, reports
 /// not ready, and acts on a cordon made during the outage once they are back.
 #[tokio::test]

@@ -14,7 +14,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::decide::{Evacuation, NodeSeen, RetryBackoff, Situation, Step, conclude, decide, guard_problem};
+use super::decide::{
+    AtUninstall, Evacuation, NodeSeen, RetryBackoff, Situation, Step, at_uninstall, conclude, decide, guard_problem,
+};
 use crate::evacuation::{
     Action, Compute, Engine, EvacuationError, Event, Observer, Report, RestoreOptions, RestoreOutcome, Settings,
     StopRequest, Target,
@@ -25,6 +27,9 @@ use crate::telemetry::server::Health;
 
 /// How long SIGTERM may take: stop starting migrations, record state, exit.
 const SHUTDOWN_BUDGET: Duration = Duration::from_secs(8);
+/// How long, after that, telling an uninstall from a restart and releasing the
+/// guard may take: within the DaemonSet's 15 s terminationGracePeriodSeconds.
+const UNINSTALL_BUDGET: Duration = Duration::from_secs(5);
 /// Wait before trying a failed restore, or a failed guard call, again.
 const RETRY_SOON: Duration = Duration::from_secs(10);
 
@@ -519,7 +524,9 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
     }
 
     /// SIGTERM: start nothing new, leave in-flight migrations to Nova, record state, exit.
-    /// The guard stays as it is: a drain keeps waiting for the agent's return.
+    /// After a restart or a rolling update the guard stays as it is: a drain keeps
+    /// waiting for the agent's return. When the agent is being uninstalled, see
+    /// [`Agent::leave_guard_if_uninstalled`].
     async fn shutdown(&mut self) -> i32 {
         info!("terminating: starting no more migrations, leaving in-flight ones to Nova");
         if let Some(running) = self.running.take() {
@@ -537,7 +544,63 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                 _ => warn!("the evacuation did not stop in time; it resumes when the agent starts again"),
             }
         }
+        if tokio::time::timeout(UNINSTALL_BUDGET, self.leave_guard_if_uninstalled())
+            .await
+            .is_err()
+        {
+            warn!(
+                "could not finish releasing the guard in time; if the agent is being uninstalled, run `drainer \
+                 release-guard {}`",
+                self.settings.target.node
+            );
+        }
         crate::exit::DONE
+    }
+
+    /// An agent going for good (not restarted) releases the guard of a node
+    /// that nothing drains, so that uninstalling never blocks later drains;
+    /// a cordoned node whose hypervisor is not known empty keeps its guard,
+    /// and an Event says so.
+    async fn leave_guard_if_uninstalled(&mut self) {
+        let why = match self.cluster.uninstalled().await {
+            Ok(Some(why)) => why,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(
+                    error = %e,
+                    "cannot tell whether the agent is being uninstalled; the guard stays (release it with `drainer \
+                     release-guard NODE` if it is)"
+                );
+                return;
+            }
+        };
+        let node = self.settings.target.node.clone();
+        match at_uninstall(&self.situation) {
+            AtUninstall::Nothing => info!(%why, "uninstalled; the guard was already released"),
+            AtUninstall::Release => match self.cluster.release_guard().await {
+                Ok(()) => {
+                    self.situation.released = true;
+                    info!(%why, "uninstalled: the guard is released, drains of this node no longer wait for it");
+                }
+                Err(e) => warn!(
+                    error = %e,
+                    "uninstalled ({why}), but the guard could not be released: run `drainer release-guard {node}`"
+                ),
+            },
+            AtUninstall::Keep => {
+                self.cluster.publish(
+                    Severity::Warning,
+                    "DrainGuardKept",
+                    format!(
+                        "the agent is being uninstalled ({why}) while the node is cordoned and its hypervisor is not \
+                         known to be empty: the guard {} keeps `kubectl drain` waiting; once the hypervisor is empty, \
+                         release it with `drainer release-guard {node}`",
+                        self.cluster.guard_name()
+                    ),
+                );
+                self.cluster.flush_events().await;
+            }
+        }
     }
 }
 

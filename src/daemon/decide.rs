@@ -129,6 +129,32 @@ pub fn decide(situation: &Situation, now: Instant) -> Vec<Step> {
     steps
 }
 
+/// What an agent that is being uninstalled (not restarted) does with its guard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AtUninstall {
+    /// Nobody will tend the guard again: let drains finish (nothing is being drained,
+    /// or the hypervisor is empty).
+    Release,
+    /// The node is cordoned and its hypervisor not known empty: a drain may be
+    /// waiting and VMs may run, so the guard stays and an Event says so.
+    Keep,
+    /// Nothing of the guard is left to release.
+    Nothing,
+}
+
+/// The guard's fate when the agent goes for good (its DaemonSet gone or
+/// being deleted, its namespace terminating, its node no longer selected).
+pub fn at_uninstall(situation: &Situation) -> AtUninstall {
+    if situation.released {
+        return AtUninstall::Nothing;
+    }
+    match situation.node {
+        NodeSeen::Present { cordoned: true } if situation.recorded.phase != Phase::Evacuated => AtUninstall::Keep,
+        NodeSeen::Unknown => AtUninstall::Keep,
+        NodeSeen::Present { .. } | NodeSeen::Deleted => AtUninstall::Release,
+    }
+}
+
 /// How long a node that stays cordoned waits after failed runs: `first`
 /// after one failure, doubling with each further failure in a row, never more
 /// than `max`, so a VM that can never move costs a run (and its Events) every
@@ -507,6 +533,45 @@ mod tests {
             ..ready(node(false), Phase::Idle)
         };
         assert_eq!(at(gone_for_good), vec![], "it goes by itself, then it is made again");
+    }
+
+    #[test]
+    fn at_uninstall_only_a_node_being_drained_keeps_its_guard() {
+        let situation = |node, phase| Situation {
+            node,
+            recorded: in_phase(phase),
+            ..Situation::default()
+        };
+        assert_eq!(at_uninstall(&situation(node(false), Phase::Idle)), AtUninstall::Release);
+        assert_eq!(
+            at_uninstall(&situation(node(false), Phase::Failed)),
+            AtUninstall::Release,
+            "uncordoned: nothing is drained"
+        );
+        assert_eq!(
+            at_uninstall(&situation(node(true), Phase::Evacuated)),
+            AtUninstall::Release
+        );
+        for phase in [Phase::Idle, Phase::Evacuating, Phase::Failed, Phase::TimedOut] {
+            assert_eq!(
+                at_uninstall(&situation(node(true), phase)),
+                AtUninstall::Keep,
+                "{phase:?}"
+            );
+        }
+        assert_eq!(
+            at_uninstall(&situation(NodeSeen::Unknown, Phase::Idle)),
+            AtUninstall::Keep
+        );
+        assert_eq!(
+            at_uninstall(&situation(NodeSeen::Deleted, Phase::Idle)),
+            AtUninstall::Release
+        );
+        let released = Situation {
+            released: true,
+            ..situation(node(true), Phase::Evacuated)
+        };
+        assert_eq!(at_uninstall(&released), AtUninstall::Nothing);
     }
 
     #[tokio::test(start_paused = true)]

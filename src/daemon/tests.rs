@@ -41,6 +41,8 @@ struct ClusterState {
     refuse_guard: Option<String>,
     /// The kubelet runs the guard pod (false: its image cannot be pulled).
     kubelet_runs_guard: bool,
+    /// Why the agent is being uninstalled (`None`: a restart or rolling update).
+    uninstalled: Option<String>,
 }
 
 impl FakeCluster {
@@ -181,6 +183,12 @@ impl Cluster for FakeCluster {
     fn publish(&self, severity: Severity, reason: &'static str, note: String) {
         self.lock().events.push((severity, reason, note));
     }
+
+    async fn flush_events(&self) {}
+
+    async fn uninstalled(&self) -> Result<Option<String>, String> {
+        Ok(self.lock().uninstalled.clone())
+    }
 }
 
 struct Harness {
@@ -239,6 +247,7 @@ impl Harness {
                 events: Vec::new(),
                 refuse_guard: None,
                 kubelet_runs_guard: true,
+                uninstalled: None,
             }),
             watch: inputs.clone(),
             epoch: (Instant::now(), jiff::Timestamp::now()),
@@ -793,6 +802,46 @@ async fn sigterm_in_every_phase_exits_at_once_and_keeps_the_record() {
     let cluster = h.cluster.clone();
     assert_eq!(h.terminate().await, 0);
     assert_eq!(cluster.phase(), Phase::Evacuated);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_uninstalled_agent_releases_an_idle_guard_and_keeps_one_a_drain_waits_on() {
+    // Restarted (a rolling update): the guard stays for the next agent.
+    let h = Harness::start(cloud_with(1)).await;
+    let cluster = h.cluster.clone();
+    assert_eq!(h.terminate().await, 0);
+    assert!(cluster.guard_in_place());
+
+    // Uninstalled while idle, VMs and all: nothing drains the node, so drains must not block later.
+    let h = Harness::start(cloud_with(1)).await;
+    h.cluster.lock().uninstalled = Some("its DaemonSet drainer is gone".into());
+    let cluster = h.cluster.clone();
+    assert_eq!(h.terminate().await, 0);
+    assert!(!cluster.lock().budget, "the budget is deleted");
+    assert!(
+        matches!(cluster.lock().guard, GuardPod::Present { held: false, .. }),
+        "our finalizer is off: {:?}",
+        cluster.lock().guard
+    );
+    assert!(cluster.evict() && cluster.guard_gone(), "a drain now returns at once");
+
+    // Uninstalled mid-evacuation: the drain keeps waiting, and an Event says why.
+    let cloud = stalling_vm();
+    let h = Harness::start(cloud.clone()).await;
+    h.cordon(true).await;
+    h.migrating().await;
+    h.cluster.lock().uninstalled = Some("its namespace nova-drain is being deleted".into());
+    let cluster = h.cluster.clone();
+    assert_eq!(h.terminate().await, 0);
+    assert!(cluster.guard_in_place(), "VMs may still run there");
+    let events = cluster.lock().events.clone();
+    let kept = events.iter().find(|(_, reason, _)| *reason == "DrainGuardKept");
+    assert!(
+        kept.is_some_and(|(severity, _, note)| *severity == Severity::Warning
+            && note.contains("namespace nova-drain is being deleted")
+            && note.contains("drainer release-guard")),
+        "{events:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -2,12 +2,14 @@
 //! agent's logic is tested against a fake cluster, and [`KubeCluster`], the
 //! real one over the Kubernetes API.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use k8s_openapi::api::core::v1::Node;
-use kube::Client;
-use tokio::sync::mpsc;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::{Api, Client};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::guard::{Guard, GuardImage, GuardPod};
@@ -28,6 +30,20 @@ pub trait Cluster: Send + Sync + 'static {
     fn release_guard(&self) -> impl Future<Output = Result<(), String>> + Send;
     /// Publishes an Event about the Node without waiting for the API server.
     fn publish(&self, severity: Severity, reason: &'static str, note: String);
+    /// Waits until the Events published so far have been handed to the API server.
+    fn flush_events(&self) -> impl Future<Output = ()> + Send;
+    /// Why this agent is being uninstalled rather than restarted, if it is:
+    /// its namespace terminating, its DaemonSet gone or being deleted, or no
+    /// longer selecting the node. `Ok(None)`: a restart or a rolling update
+    /// (the DaemonSet stays), or nothing tells.
+    fn uninstalled(&self) -> impl Future<Output = Result<Option<String>, String>> + Send;
+}
+
+/// What the Event publisher is handed.
+enum Notice {
+    Event(Severity, &'static str, String),
+    /// Answered once every Event before it has been written.
+    Flush(oneshot::Sender<()>),
 }
 
 /// [`Cluster`] over the Kubernetes API.
@@ -41,7 +57,9 @@ pub struct KubeCluster {
     own_pod: Option<String>,
     instance: String,
     events: Arc<Mutex<Option<NodeEvents>>>,
-    notices: mpsc::UnboundedSender<(Severity, &'static str, String)>,
+    notices: mpsc::UnboundedSender<Notice>,
+    /// The Node's labels as last seen, to tell whether the DaemonSet still selects it.
+    node_labels: Mutex<BTreeMap<String, String>>,
 }
 
 impl KubeCluster {
@@ -70,6 +88,7 @@ impl KubeCluster {
             instance: instance.to_string(),
             events,
             notices,
+            node_labels: Mutex::default(),
         }
     }
 
@@ -95,6 +114,9 @@ impl Cluster for KubeCluster {
     }
 
     fn node_seen(&self, node: &Node) {
+        if let Ok(mut labels) = self.node_labels.lock() {
+            *labels = node.metadata.labels.clone().unwrap_or_default();
+        }
         if let Ok(mut events) = self.events.lock()
             && events.is_none()
         {
@@ -128,17 +150,87 @@ impl Cluster for KubeCluster {
             Severity::Normal => info!(%reason, %note, "event"),
             Severity::Warning => warn!(%reason, %note, "event"),
         }
-        let _ = self.notices.send((severity, reason, note));
+        let _ = self.notices.send(Notice::Event(severity, reason, note));
+    }
+
+    async fn flush_events(&self) {
+        let (done, written) = oneshot::channel();
+        if self.notices.send(Notice::Flush(done)).is_ok() {
+            let _ = written.await;
+        }
+    }
+
+    async fn uninstalled(&self) -> Result<Option<String>, String> {
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        let namespace = namespaces
+            .get_opt(&self.namespace)
+            .await
+            .map_err(|e| format!("reading namespace {}: {e}", self.namespace))?;
+        match namespace {
+            None => return Ok(Some(format!("its namespace {} is gone", self.namespace))),
+            Some(ns) if ns.metadata.deletion_timestamp.is_some() => {
+                return Ok(Some(format!("its namespace {} is being deleted", self.namespace)));
+            }
+            Some(_) => {}
+        }
+        let Some(own_pod) = &self.own_pod else {
+            return Ok(None);
+        };
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let pod = pods
+            .get_opt(own_pod)
+            .await
+            .map_err(|e| format!("reading the agent's own pod {own_pod}: {e}"))?;
+        let owner = pod
+            .and_then(|p| p.metadata.owner_references)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|o| o.controller == Some(true) && o.kind == "DaemonSet");
+        let Some(owner) = owner else {
+            return Ok(None);
+        };
+        let daemonsets: Api<DaemonSet> = Api::namespaced(self.client.clone(), &self.namespace);
+        let daemonset = daemonsets
+            .get_opt(&owner.name)
+            .await
+            .map_err(|e| format!("reading the agent's DaemonSet {}: {e}", owner.name))?;
+        let Some(daemonset) = daemonset else {
+            return Ok(Some(format!("its DaemonSet {} is gone", owner.name)));
+        };
+        if daemonset.metadata.deletion_timestamp.is_some() {
+            return Ok(Some(format!("its DaemonSet {} is being deleted", owner.name)));
+        }
+        if daemonset.metadata.uid.as_deref() != Some(owner.uid.as_str()) {
+            // Deleted and created again: the new DaemonSet's agent takes over.
+            return Ok(None);
+        }
+        let selector = daemonset
+            .spec
+            .and_then(|s| s.template.spec)
+            .and_then(|s| s.node_selector)
+            .unwrap_or_default();
+        let labels = self.node_labels.lock().map(|l| l.clone()).unwrap_or_default();
+        if selector.iter().any(|(key, value)| labels.get(key) != Some(value)) {
+            return Ok(Some(format!(
+                "its DaemonSet {} no longer selects node {}",
+                owner.name, self.node
+            )));
+        }
+        Ok(None)
     }
 }
 
 /// Creates the Events one after the other, off the agent's loop: an API server
 /// slow to take Events never holds up a decision.
-async fn publish_events(
-    mut notices: mpsc::UnboundedReceiver<(Severity, &'static str, String)>,
-    events: Arc<Mutex<Option<NodeEvents>>>,
-) {
-    while let Some((severity, reason, note)) = notices.recv().await {
+async fn publish_events(mut notices: mpsc::UnboundedReceiver<Notice>, events: Arc<Mutex<Option<NodeEvents>>>) {
+    while let Some(notice) = notices.recv().await {
+        let (severity, reason, note) = match notice {
+            Notice::Event(severity, reason, note) => (severity, reason, note),
+            Notice::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
+        };
         let sink = events.lock().ok().and_then(|e| e.clone());
         if let Some(sink) = sink
             && let Err(e) = sink.publish(severity, reason, "Evacuate", &note).await

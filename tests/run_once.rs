@@ -7,8 +7,9 @@
 
 mod support;
 
-use serde_json::Value;
-use support::openstack::{BootSpec, Lab};
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::openstack::{BootSpec, Lab, RestorePlacement, Undo};
 
 const DRAINER: &str = env!("CARGO_BIN_EXE_drainer");
 /// Quick polling and retries so the lab's second-long migrations keep tests short.
@@ -547,4 +548,340 @@ async fn older_microversions_use_the_legacy_calls() {
     let enable = drainer(&config, &["-enable", "--node", "host1"]).await;
     assert_eq!(enable.code, 0, "{}", enable.stderr);
     assert_eq!(lab.service("host1").await["status"], "enabled");
+}
+
+/// A name no earlier run left behind.
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:x}", rand_suffix())
+}
+
+/// A fresh aggregate uuid (Placement needs no other record of it).
+fn aggregate_uuid() -> String {
+    let hex = format!("{:032x}", rand_suffix());
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// A flavor whose servers Nova allocates no `DISK_GB` for, as for a
+/// volume-backed server or an ephemeral disk on a shared pool
+/// (`resources:DISK_GB=0`, what operators of RBD-backed clouds set): the
+/// lab has no Cinder to boot from a volume, and the scheduler, unlike a
+/// rewritten allocation, leaves such a server's disk out of every move too.
+async fn volume_backed_flavor(lab: &Lab, restore: &RestorePlacement, disk_gb: u64) -> String {
+    let name = unique("drainer-volume-backed");
+    let id = lab
+        .create_flavor(&name, 64, 1, disk_gb, json!({"resources:DISK_GB": "0"}))
+        .await;
+    restore.push(Undo::DeleteFlavor(id));
+    name
+}
+
+/// What Placement holds for a server: resource provider uuid -> class -> amount.
+async fn allocations_of(lab: &Lab, server: &str) -> Value {
+    lab.placement(Method::GET, &format!("/allocations/{server}"), None)
+        .await
+}
+
+fn capacity_need<'a>(report: &'a Value, id: &str) -> &'a Value {
+    report["capacity"]["needs"]
+        .as_array()
+        .and_then(|needs| needs.iter().find(|n| n["id"] == id))
+        .unwrap_or_else(|| panic!("no needs for {id} in {report:#}"))
+}
+
+fn class_balance<'a>(report: &'a Value, class: &str) -> &'a Value {
+    report["capacity"]["classes"]
+        .as_array()
+        .and_then(|classes| classes.iter().find(|c| c["class"] == class))
+        .unwrap_or_else(|| panic!("no {class} balance in {report:#}"))
+}
+
+/// (1) A server Placement holds no `DISK_GB` for needs none on its
+/// destination: it moves although its flavor's disk is larger than any
+/// candidate's free `DISK_GB`, which the flavor-based check refused.
+#[tokio::test]
+async fn a_volume_backed_vm_moves_although_its_flavor_disk_fits_nowhere() {
+    let _exclusive = Lab::exclusive().await;
+    let restore = RestorePlacement::default();
+    let lab = Lab::connect().await;
+    lab.reset().await;
+    // The lab's computes each report 600000 GiB of DISK_GB.
+    let flavor = volume_backed_flavor(&lab, &restore, 700_000).await;
+    let id = lab.boot(BootSpec::new("vol").flavor(&flavor)).await.remove(0);
+    let held = allocations_of(&lab, &id).await;
+    let classes: Vec<&String> = held["allocations"]
+        .as_object()
+        .into_iter()
+        .flat_map(|by_provider| by_provider.values())
+        .flat_map(|a| a["resources"].as_object().into_iter().flat_map(|r| r.keys()))
+        .collect();
+    assert!(
+        !classes.is_empty() && !classes.iter().any(|c| *c == "DISK_GB"),
+        "{held}"
+    );
+
+    let dry = drainer(
+        &lab.drainer_config(),
+        &["--node", "host1", "--dry-run", "--output", "json"],
+    )
+    .await;
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    let report = dry.report();
+    assert_eq!(report["capacity"]["unplaced"], json!([]), "{report:#}");
+    let need = capacity_need(&report, &id);
+    assert_eq!(need["from"], "placement");
+    assert_eq!(need["resources"], json!({"MEMORY_MB": 64, "VCPU": 1}));
+    for candidate in report["capacity"]["candidates"].as_array().expect("candidates") {
+        let disk = candidate["free"]["DISK_GB"].as_u64().unwrap_or(0);
+        assert!(disk < 700_000, "a flavor-based check would have fit: {candidate}");
+    }
+
+    let run = drainer(
+        &format!("{}{FAST}", lab.drainer_config()),
+        &["--node", "host1", "--output", "json"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(vm(&run.report(), &id)["outcome"], "migrated");
+    assert_ne!(host_of(&lab.server(&id).await), "host1");
+}
+
+/// Removes `DISK_GB` from these providers, recording how to put it back once.
+async fn remove_disk(lab: &Lab, restore: &RestorePlacement, providers: &[String], saved: &mut Vec<String>) {
+    for uuid in providers {
+        let path = format!("/resource_providers/{uuid}/inventories/DISK_GB");
+        let (status, inventory) = lab.try_placement(Method::GET, &path, None).await;
+        if status == 404 {
+            continue;
+        }
+        assert_eq!(status, 200, "{inventory}");
+        if !saved.contains(uuid) {
+            restore.push(Undo::PutInventory {
+                provider: uuid.clone(),
+                class: "DISK_GB".into(),
+                inventory,
+            });
+            saved.push(uuid.clone());
+        }
+        lab.placement(Method::DELETE, &path, None).await;
+    }
+}
+
+/// Whether a nova-compute put its `DISK_GB` back (its report does so once
+/// it refreshes its view of Placement, every 300 s by default).
+async fn disk_came_back(lab: &Lab, providers: &[String]) -> bool {
+    for uuid in providers {
+        let path = format!("/resource_providers/{uuid}/inventories/DISK_GB");
+        if lab.try_placement(Method::GET, &path, None).await.0 != 404 {
+            return true;
+        }
+    }
+    false
+}
+
+/// Runs the drainer with `args` on candidates without `DISK_GB`, again if a
+/// compute put its `DISK_GB` back meanwhile.
+async fn run_without_disk(
+    lab: &Lab,
+    restore: &RestorePlacement,
+    providers: &[String],
+    saved: &mut Vec<String>,
+    args: &[&str],
+) -> Run {
+    for _ in 0..3 {
+        remove_disk(lab, restore, providers, saved).await;
+        let run = drainer(&lab.drainer_config(), args).await;
+        if !disk_came_back(lab, providers).await {
+            return run;
+        }
+        eprintln!("a nova-compute reported its DISK_GB again during the run: once more");
+    }
+    panic!("the computes keep putting their DISK_GB back");
+}
+
+/// (2) Computes that report no `DISK_GB` (their disks are on a shared
+/// pool): a volume-backed VM needs none, a VM with a local disk finds none
+/// until a sharing provider of the computes' aggregate offers it.
+#[tokio::test]
+async fn computes_without_disk_inventory_take_disk_from_a_sharing_provider() {
+    let _exclusive = Lab::exclusive().await;
+    let restore = RestorePlacement::default();
+    let lab = Lab::connect().await;
+    lab.reset().await;
+    let flavor = volume_backed_flavor(&lab, &restore, 1).await;
+    let volume = lab.boot(BootSpec::new("shared-vol").flavor(&flavor)).await.remove(0);
+    let local = lab.boot(BootSpec::new("shared-local")).await.remove(0);
+    let mut candidates = Vec::new();
+    for host in ["host2", "host3", "host4"] {
+        candidates.push(lab.provider(host).await);
+    }
+    let mut saved = Vec::new();
+    let dry_json = ["--node", "host1", "--dry-run", "--output", "json"];
+
+    let dry = run_without_disk(&lab, &restore, &candidates, &mut saved, &dry_json).await;
+    assert_eq!(dry.code, 1, "a shortfall: {}", dry.stderr);
+    let report = dry.report();
+    assert_eq!(report["capacity"]["unplaced"], json!([local]), "{report:#}");
+    assert_eq!(
+        report["capacity"]["unplaced_reasons"][&local],
+        "needs 1 DISK_GB, which no candidate holds"
+    );
+    assert_eq!(capacity_need(&report, &volume)["resources"]["DISK_GB"], Value::Null);
+    assert_eq!(class_balance(&report, "DISK_GB")["free"], 0);
+    let refused = run_without_disk(&lab, &restore, &candidates, &mut saved, &["--node", "host1"]).await;
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .contains(&format!("{local} (needs 1 DISK_GB, which no candidate holds)")),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(lab.service("host1").await["status"], "enabled", "nothing changed");
+
+    // A Ceph-like pool: a provider with DISK_GB and MISC_SHARES_VIA_AGGREGATE, in the computes' aggregate.
+    let pool_name = unique("drainer-test-pool");
+    let created = lab
+        .placement(Method::POST, "/resource_providers", Some(json!({"name": pool_name})))
+        .await;
+    let pool = created["uuid"].as_str().expect("pool uuid").to_string();
+    restore.push(Undo::DeleteProvider(pool.clone()));
+    let generation = lab.provider_generation(&pool).await;
+    lab.placement(
+        Method::PUT,
+        &format!("/resource_providers/{pool}/inventories"),
+        Some(json!({"resource_provider_generation": generation, "inventories": {"DISK_GB": {"total": 100}}})),
+    )
+    .await;
+    let generation = lab.provider_generation(&pool).await;
+    lab.placement(
+        Method::PUT,
+        &format!("/resource_providers/{pool}/traits"),
+        Some(json!({"resource_provider_generation": generation, "traits": ["MISC_SHARES_VIA_AGGREGATE"]})),
+    )
+    .await;
+    let aggregate = aggregate_uuid();
+    for provider in candidates.iter().chain([&pool]) {
+        let path = format!("/resource_providers/{provider}/aggregates");
+        let current = lab.placement(Method::GET, &path, None).await;
+        let mut aggregates: Vec<String> = serde_json::from_value(current["aggregates"].clone()).expect("aggregates");
+        if provider != &pool {
+            restore.push(Undo::SetAggregates {
+                provider: provider.clone(),
+                aggregates: aggregates.clone(),
+            });
+        }
+        aggregates.push(aggregate.clone());
+        let generation = current["resource_provider_generation"].as_u64().expect("generation");
+        lab.placement(
+            Method::PUT,
+            &path,
+            Some(json!({"aggregates": aggregates, "resource_provider_generation": generation})),
+        )
+        .await;
+    }
+
+    let dry = run_without_disk(&lab, &restore, &candidates, &mut saved, &dry_json).await;
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    let report = dry.report();
+    assert_eq!(report["capacity"]["unplaced"], json!([]), "{report:#}");
+    for candidate in report["capacity"]["candidates"].as_array().expect("candidates") {
+        assert_eq!(candidate["free"]["DISK_GB"], Value::Null, "{candidate}");
+        assert_eq!(candidate["shared"]["DISK_GB"], pool_name, "{candidate}");
+    }
+    assert_eq!(report["capacity"]["shared"][&pool_name]["DISK_GB"], 100);
+    let disk = class_balance(&report, "DISK_GB");
+    assert_eq!(
+        (disk["needed"].as_u64(), disk["free"].as_u64()),
+        (Some(1), Some(100)),
+        "the pool counted once"
+    );
+    let human = run_without_disk(
+        &lab,
+        &restore,
+        &candidates,
+        &mut saved,
+        &["--node", "host1", "--dry-run"],
+    )
+    .await;
+    assert!(
+        human.stdout.contains("capacity: the 2 VM(s) to move fit on host2")
+            && human.stdout.contains(&format!("DISK_GB from {pool_name}")),
+        "{}",
+        human.stdout
+    );
+}
+
+/// (3) A VM holding a class beyond RAM, vCPU and disk (here a custom one on
+/// a child provider of host1, as a GPU's `VGPU` would be) that no candidate
+/// holds: the run is refused before any change, naming the class.
+#[tokio::test]
+async fn a_vm_holding_a_class_no_candidate_has_is_refused_naming_the_class() {
+    let _exclusive = Lab::exclusive().await;
+    let restore = RestorePlacement::default();
+    let lab = Lab::connect().await;
+    lab.reset().await;
+    let id = lab.boot(BootSpec::new("custom")).await.remove(0);
+    let class = "CUSTOM_DRAINER_TEST";
+    lab.placement(Method::PUT, &format!("/resource_classes/{class}"), None)
+        .await;
+    restore.push(Undo::DeleteResourceClass(class.into()));
+    let host1 = lab.provider("host1").await;
+    let created = lab
+        .placement(
+            Method::POST,
+            "/resource_providers",
+            Some(json!({"name": unique("host1-drainer-test"), "parent_provider_uuid": host1})),
+        )
+        .await;
+    let child = created["uuid"].as_str().expect("child uuid").to_string();
+    restore.push(Undo::DeleteProvider(child.clone()));
+    let generation = lab.provider_generation(&child).await;
+    lab.placement(
+        Method::PUT,
+        &format!("/resource_providers/{child}/inventories"),
+        Some(json!({"resource_provider_generation": generation, "inventories": {class: {"total": 4}}})),
+    )
+    .await;
+    // The server's allocation, rewritten with one unit of the class on host1's child.
+    let mut held = allocations_of(&lab, &id).await;
+    held["allocations"][&child] = json!({"resources": {class: 1}});
+    let body = json!({
+        "allocations": held["allocations"],
+        "consumer_generation": held["consumer_generation"],
+        "project_id": held["project_id"],
+        "user_id": held["user_id"],
+    });
+    lab.placement(Method::PUT, &format!("/allocations/{id}"), Some(body))
+        .await;
+
+    let dry = drainer(
+        &lab.drainer_config(),
+        &["--node", "host1", "--dry-run", "--output", "json"],
+    )
+    .await;
+    assert_eq!(dry.code, 1, "{}", dry.stderr);
+    let report = dry.report();
+    assert_eq!(capacity_need(&report, &id)["resources"][class], 1, "{report:#}");
+    assert_eq!(report["capacity"]["unplaced"], json!([id]));
+    assert_eq!(class_balance(&report, class)["free"], 0);
+
+    let refused = drainer(&lab.drainer_config(), &["--node", "host1"]).await;
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .contains(&format!("{id} (needs 1 {class}, which no candidate holds)")),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(lab.service("host1").await["status"], "enabled", "nothing changed");
+    assert_eq!(host_of(&lab.server(&id).await), "host1");
+    assert!(lab.live_migrations(&id).await.is_empty());
 }

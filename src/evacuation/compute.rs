@@ -1,9 +1,19 @@
 //! The small slice of a compute cloud the engine needs, as a trait, so the
 //! evacuation logic can be read and tested without a network.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 
 use serde::Serialize;
+
+/// Amounts per Placement resource class (`MEMORY_MB`, `VCPU`, `DISK_GB`,
+/// `PCPU`, `VGPU`, `CUSTOM_*`, ...): what a VM holds or a host has free.
+pub type Resources = BTreeMap<String, u64>;
+
+/// The classes a flavor stands for, when Placement shows no allocation.
+pub const MEMORY_MB: &str = "MEMORY_MB";
+pub const VCPU: &str = "VCPU";
+pub const DISK_GB: &str = "DISK_GB";
 
 /// A nova-compute service as the engine sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +51,19 @@ pub struct Flavor {
     pub vcpus: u64,
     /// Root + ephemeral + swap disk, in GiB.
     pub disk_gb: u64,
+}
+
+impl Flavor {
+    /// What Nova would ask Placement for with this flavor alone: the
+    /// stand-in for a server Placement holds nothing for. Classes of zero
+    /// are left out, as Nova leaves them out of its request.
+    pub fn resources(&self) -> Resources {
+        [(MEMORY_MB, self.ram_mb), (VCPU, self.vcpus), (DISK_GB, self.disk_gb)]
+            .into_iter()
+            .filter(|(_, amount)| *amount > 0)
+            .map(|(class, amount)| (class.to_string(), amount))
+            .collect()
+    }
 }
 
 /// A migration record (in flight from `GET /servers/{id}/migrations`, or from history).
@@ -90,9 +113,29 @@ pub struct MigrationChanges {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HostCapacity {
     pub host: String,
-    pub free_ram_mb: u64,
-    pub free_vcpus: u64,
-    pub free_disk_gb: u64,
+    /// Free amount of each class the host holds itself (its compute node
+    /// provider and that provider's children, such as a GPU's), as Placement
+    /// computes it: (total - reserved) x allocation ratio - used.
+    pub free: Resources,
+    /// Classes the host does not hold itself but draws from a sharing
+    /// provider of one of its aggregates (a Ceph pool's `DISK_GB`): class ->
+    /// that provider's name, a key of [`Capacity::shared`].
+    pub shared: BTreeMap<String, String>,
+}
+
+/// What the capacity check weighs: the destinations, the sharing providers
+/// they draw on, and what the VMs hold on the drained host.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Capacity {
+    pub hosts: Vec<HostCapacity>,
+    /// Free amounts of each sharing provider some destination draws on, by
+    /// name: one pool for all its hosts, so what one VM takes, no other gets.
+    pub shared: BTreeMap<String, Resources>,
+    /// What each consumer (a server's id) holds on the drained host's own
+    /// providers: what it needs on its destination. What it holds on a
+    /// sharing provider stays where it is and is not counted. A server
+    /// missing here has no allocation Placement could show.
+    pub allocations: BTreeMap<String, Resources>,
 }
 
 /// What a compute call failed with, in terms the engine can act on.
@@ -178,8 +221,9 @@ pub trait Compute: Send + Sync {
         host: &str,
         since: Option<ChangeMark>,
     ) -> impl Future<Output = ComputeResult<MigrationChanges>> + Send;
-    /// Free resources on each of these compute hosts.
-    fn spare_capacity(&self, hosts: &[String]) -> impl Future<Output = ComputeResult<Vec<HostCapacity>>> + Send;
+    /// Free resources on each of these compute hosts, and what the servers
+    /// of `source` hold there.
+    fn spare_capacity(&self, source: &str, hosts: &[String]) -> impl Future<Output = ComputeResult<Capacity>> + Send;
     /// Whether a live migration Nova holds queued (or preparing) can be
     /// aborted (compute API 2.65): only then may migrations be handed to Nova
     /// ahead of a free slot.

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::compute::{ChangeMark, Compute, ComputeError, ComputeService, HostCapacity, Migration, Server, is_ended};
+use super::compute::{Capacity, ChangeMark, Compute, ComputeError, ComputeService, Migration, Server, is_ended};
 use super::plan::{self, Action, PlannedVm, Shortfall, StatePolicy};
 use super::report::{CapacityCheck, Outcome, Report, RunResult, VmReport};
 
@@ -255,14 +255,15 @@ fn to_move(planned: &[PlannedVm]) -> Vec<&Server> {
 /// asked for). With nothing to move, the look-up's own failure does not matter.
 fn check_fit(
     planned: &[PlannedVm],
-    hosts: Result<Option<Vec<HostCapacity>>, EvacuationError>,
+    capacity: Result<Option<Capacity>, EvacuationError>,
 ) -> Result<(), EvacuationError> {
     let moving = to_move(planned);
     if moving.is_empty() {
         return Ok(());
     }
-    let Some(hosts) = hosts? else { return Ok(()) };
-    plan::check_capacity(&moving, &hosts).map_err(EvacuationError::Capacity)
+    let Some(capacity) = capacity? else { return Ok(()) };
+    let needs = plan::needs(&moving, &capacity.allocations);
+    plan::check_capacity(&needs, &capacity).map_err(EvacuationError::Capacity)
 }
 
 /// Whether a server's `task_state` is a live or cold migration under way.
@@ -592,14 +593,15 @@ impl<'a, C: Compute> Engine<'a, C> {
     pub async fn preview(&self, target: &Target) -> Result<Report, EvacuationError> {
         let started = Instant::now();
         let (service, destinations) = self.survey(target).await?;
-        let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(&destinations));
+        let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(target, &destinations));
         let planned = planned?;
-        let capacity = capacity?.map(|candidates| {
-            let unplaced = match plan::check_capacity(&to_move(&planned), &candidates) {
+        let capacity = capacity?.map(|capacity| {
+            let needs = plan::needs(&to_move(&planned), &capacity.allocations);
+            let unplaced = match plan::check_capacity(&needs, &capacity) {
                 Ok(()) => vec![],
-                Err(shortfall) => shortfall.unplaced.into_iter().map(|s| s.id).collect(),
+                Err(shortfall) => shortfall.unplaced,
             };
-            CapacityCheck { candidates, unplaced }
+            CapacityCheck::new(capacity, needs, unplaced)
         });
         let vms = planned
             .iter()
@@ -641,12 +643,12 @@ impl<'a, C: Compute> Engine<'a, C> {
             // Listed after the disable, so no VM can land unseen: one listing serves both.
             let disabled = self.disable(target, &service).await?;
             listed_at = Instant::now();
-            let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(&destinations));
+            let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(target, &destinations));
             let planned = planned?;
             check_fit(&planned, capacity)?;
             (disabled, planned)
         } else if self.settings.check_capacity {
-            let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(&destinations));
+            let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(target, &destinations));
             let planned = planned?;
             check_fit(&planned, capacity)?;
             listed_at = Instant::now();
@@ -777,13 +779,18 @@ impl<'a, C: Compute> Engine<'a, C> {
             })
     }
 
-    /// The other hosts' free resources, when the settings ask for a capacity check.
-    async fn spare_capacity(&self, destinations: &[String]) -> Result<Option<Vec<HostCapacity>>, EvacuationError> {
+    /// The other hosts' free resources and what the VMs hold on the drained
+    /// one, when the settings ask for a capacity check.
+    async fn spare_capacity(
+        &self,
+        target: &Target,
+        destinations: &[String],
+    ) -> Result<Option<Capacity>, EvacuationError> {
         if !self.settings.check_capacity {
             return Ok(None);
         }
         self.compute
-            .spare_capacity(destinations)
+            .spare_capacity(&target.host, destinations)
             .await
             .map(Some)
             .map_err(step("checking the other hypervisors' capacity"))

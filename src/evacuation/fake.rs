@@ -251,6 +251,11 @@ pub(crate) struct Cloud {
     pub(crate) other_hosts: Vec<HostCapacity>,
     /// The scheduler places round-robin and ignores capacity: capacity is the engine's own pre-check.
     pub(crate) placed: usize,
+    /// Sharing providers' free amounts, by name, as `spare_capacity` reports them.
+    pub(crate) shared: BTreeMap<String, Resources>,
+    /// What Placement shows each server holding on [`SOURCE`]; a server
+    /// missing here has no allocation (its flavor stands in).
+    pub(crate) allocations: BTreeMap<String, Resources>,
     /// Placement is unreachable: `spare_capacity` fails.
     pub(crate) placement_down: bool,
     /// Nova's API is unreachable: every call fails.
@@ -532,6 +537,19 @@ impl Cloud {
     }
 }
 
+/// A destination with `free_ram_mb` and plenty of vCPU and disk.
+pub(crate) fn roomy(host: &str, free_ram_mb: u64) -> HostCapacity {
+    let free = [("MEMORY_MB", free_ram_mb), ("VCPU", 128), ("DISK_GB", 4000)]
+        .into_iter()
+        .map(|(class, amount)| (class.to_string(), amount))
+        .collect();
+    HostCapacity {
+        host: host.into(),
+        free,
+        shared: BTreeMap::new(),
+    }
+}
+
 /// An in-memory Nova with one compute service to drain ([`SOURCE`]) and other hypervisors to move to.
 pub(crate) struct FakeCloud {
     pub(crate) epoch: Instant,
@@ -540,12 +558,7 @@ pub(crate) struct FakeCloud {
 
 impl FakeCloud {
     pub(crate) fn new() -> Self {
-        let big = |host: &str| HostCapacity {
-            host: host.into(),
-            free_ram_mb: 256 * 1024,
-            free_vcpus: 128,
-            free_disk_gb: 4000,
-        };
+        let big = |host: &str| roomy(host, 256 * 1024);
         FakeCloud {
             epoch: Instant::now(),
             state: Mutex::new(Cloud {
@@ -560,6 +573,8 @@ impl FakeCloud {
                 migrations: Vec::new(),
                 other_hosts: vec![big("cmp-dst-1"), big("cmp-dst-2")],
                 placed: 0,
+                shared: BTreeMap::new(),
+                allocations: BTreeMap::new(),
                 placement_down: false,
                 nova_down: false,
                 unusable: BTreeMap::new(),
@@ -633,12 +648,7 @@ impl FakeCloud {
     pub(crate) fn other_hosts(&self, hosts: &[(&str, u64)]) {
         self.lock().other_hosts = hosts
             .iter()
-            .map(|(host, free_ram_mb)| HostCapacity {
-                host: (*host).into(),
-                free_ram_mb: *free_ram_mb,
-                free_vcpus: 128,
-                free_disk_gb: 4000,
-            })
+            .map(|(host, free_ram_mb)| roomy(host, *free_ram_mb))
             .collect();
     }
 
@@ -966,19 +976,24 @@ impl Compute for FakeCloud {
         Ok(std::iter::once(cloud.service.clone()).chain(others).collect())
     }
 
-    async fn spare_capacity(&self, hosts: &[String]) -> ComputeResult<Vec<HostCapacity>> {
+    async fn spare_capacity(&self, source: &str, hosts: &[String]) -> ComputeResult<Capacity> {
         self.reachable()?;
         let cloud = self.lock();
         if cloud.placement_down {
             return Err(ComputeError::Other("placement: connection refused".into()));
         }
+        assert_eq!(source, SOURCE, "the drained host's allocations are asked for");
         assert!(!hosts.iter().any(|h| h == SOURCE), "the drained host is no destination");
-        Ok(cloud
-            .other_hosts
-            .iter()
-            .filter(|h| hosts.contains(&h.host))
-            .cloned()
-            .collect())
+        Ok(Capacity {
+            hosts: cloud
+                .other_hosts
+                .iter()
+                .filter(|h| hosts.contains(&h.host))
+                .cloned()
+                .collect(),
+            shared: cloud.shared.clone(),
+            allocations: cloud.allocations.clone(),
+        })
     }
 
     fn aborts_queued_migrations(&self) -> bool {

@@ -7,8 +7,8 @@ pub mod plan;
 pub mod report;
 
 pub use compute::{
-    ChangeMark, Compute, ComputeError, ComputeResult, ComputeService, Flavor, HostCapacity, Migration,
-    MigrationChanges, Server,
+    Capacity, ChangeMark, Compute, ComputeError, ComputeResult, ComputeService, Flavor, HostCapacity, Migration,
+    MigrationChanges, Resources, Server,
 };
 pub use engine::{
     Budget, BudgetAction, DISABLED_REASON_MARKER, Engine, EvacuationError, Event, Observer, RestoreOptions,

@@ -1,12 +1,13 @@
 //! The evacuation's account of itself: one line per VM saying what happened
 //! and why, so an operator never has to reconstruct it from logs.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::compute::HostCapacity;
-use super::plan::Action;
+use super::compute::{Capacity, HostCapacity, Resources};
+use super::plan::{Action, NeedsFrom, Unplaced, VmNeeds, show};
 
 /// What finally happened to one VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -79,8 +80,59 @@ pub enum RunResult {
 pub struct CapacityCheck {
     /// The enabled, up hypervisors the VMs may go to, with what they have free.
     pub candidates: Vec<HostCapacity>,
+    /// Free amounts of the sharing providers candidates draw on, by name.
+    pub shared: BTreeMap<String, Resources>,
+    /// What each VM to move needs on its destination, and where that was read.
+    pub needs: Vec<VmNeeds>,
+    /// Per resource class some VM needs: the total needed and the total free
+    /// on the candidates (each sharing provider counted once).
+    pub classes: Vec<ClassBalance>,
     /// Ids of the VMs that would not fit (none: they all fit).
     pub unplaced: Vec<String>,
+    /// Why each of those does not fit, naming the classes in the way.
+    pub unplaced_reasons: BTreeMap<String, String>,
+}
+
+/// One resource class's balance in the capacity check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClassBalance {
+    pub class: String,
+    pub needed: u64,
+    pub free: u64,
+}
+
+impl CapacityCheck {
+    pub fn new(capacity: Capacity, needs: Vec<VmNeeds>, unplaced: Vec<Unplaced>) -> CapacityCheck {
+        let mut needed: BTreeMap<&str, u64> = BTreeMap::new();
+        for (class, amount) in needs.iter().flat_map(|n| &n.resources) {
+            *needed.entry(class).or_default() += amount;
+        }
+        let classes = needed
+            .into_iter()
+            .map(|(class, needed)| {
+                let own: u64 = capacity.hosts.iter().filter_map(|h| h.free.get(class)).sum();
+                let pools: std::collections::BTreeSet<&String> =
+                    capacity.hosts.iter().filter_map(|h| h.shared.get(class)).collect();
+                let pooled: u64 = pools
+                    .into_iter()
+                    .filter_map(|pool| capacity.shared.get(pool)?.get(class))
+                    .sum();
+                ClassBalance {
+                    class: class.to_string(),
+                    needed,
+                    free: own + pooled,
+                }
+            })
+            .collect();
+        CapacityCheck {
+            candidates: capacity.hosts,
+            shared: capacity.shared,
+            needs,
+            classes,
+            unplaced: unplaced.iter().map(|u| u.needs.id.clone()).collect(),
+            unplaced_reasons: unplaced.into_iter().map(|u| (u.needs.id, u.reason)).collect(),
+        }
+    }
 }
 
 /// The whole evacuation.
@@ -147,6 +199,29 @@ impl Report {
         let _ = writeln!(out, "service: {service}");
         if let Some(capacity) = &self.capacity {
             let _ = writeln!(out, "capacity: {}", self.capacity_verdict(capacity));
+            for balance in &capacity.classes {
+                let _ = writeln!(
+                    out,
+                    "  {:<20}  needed {:>10}  free {:>10}",
+                    balance.class, balance.needed, balance.free
+                );
+            }
+            let guessed: Vec<&str> = capacity
+                .needs
+                .iter()
+                .filter(|n| n.from == NeedsFrom::Flavor)
+                .map(|n| n.id.as_str())
+                .collect();
+            if !guessed.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  needs read from the flavor (Placement shows no allocation on this host): {}",
+                    guessed.join(", ")
+                );
+            }
+            for (id, reason) in &capacity.unplaced_reasons {
+                let _ = writeln!(out, "  {id} does not fit: {reason}");
+            }
         }
         if self.vms.is_empty() {
             return out;
@@ -192,10 +267,12 @@ impl Report {
         let hosts: Vec<String> = candidates
             .into_iter()
             .map(|h| {
-                format!(
-                    "{} ({} MiB, {} vCPU, {} GiB free)",
-                    h.host, h.free_ram_mb, h.free_vcpus, h.free_disk_gb
-                )
+                let shared: Vec<String> = h
+                    .shared
+                    .iter()
+                    .map(|(class, pool)| format!("; {class} from {pool}"))
+                    .collect();
+                format!("{} ({} free{})", h.host, show(&h.free), shared.concat())
             })
             .collect();
         let hosts = if hosts.is_empty() {

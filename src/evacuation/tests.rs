@@ -547,7 +547,7 @@ async fn capacity_shortfall_refuses_to_start_and_changes_nothing() {
     let Err(EvacuationError::Capacity(shortfall)) = result else {
         panic!("expected a capacity error, got {result:?}");
     };
-    let unplaced: Vec<&str> = shortfall.unplaced.iter().map(|s| s.id.as_str()).collect();
+    let unplaced: Vec<&str> = shortfall.unplaced.iter().map(|s| s.needs.id.as_str()).collect();
     assert_eq!(unplaced, ["huge"]);
     assert_eq!(shortfall.hosts, 1);
     let calls = cloud.calls();
@@ -691,6 +691,130 @@ async fn a_dry_run_shows_the_capacity_verdict_and_changes_nothing() {
     let calls = cloud.calls();
     assert!(calls.disable.is_empty() && calls.starts.is_empty());
     assert!(cloud.service().enabled);
+}
+
+fn classes(pairs: &[(&str, u64)]) -> Resources {
+    pairs
+        .iter()
+        .map(|(class, amount)| (class.to_string(), *amount))
+        .collect()
+}
+
+/// Destinations on shared storage report no `DISK_GB`: a volume-backed VM
+/// (no `DISK_GB` in its allocation) moves, one with a local disk does not,
+/// until a sharing provider offers `DISK_GB` to the destinations.
+#[tokio::test(start_paused = true)]
+async fn capacity_is_weighed_by_placement_allocations_class_by_class() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("volume", "ACTIVE", 512);
+    cloud.add_vm("local", "ACTIVE", 1024);
+    cloud.add_vm("unknown", "ACTIVE", 256);
+    {
+        let mut state = cloud.lock();
+        state
+            .allocations
+            .insert("volume".into(), classes(&[("MEMORY_MB", 512), ("VCPU", 2)]));
+        state.allocations.insert(
+            "local".into(),
+            classes(&[("MEMORY_MB", 1024), ("VCPU", 2), ("DISK_GB", 20)]),
+        );
+        for host in &mut state.other_hosts {
+            host.free.remove("DISK_GB");
+        }
+    }
+    let preview = async || {
+        Engine::new(&cloud, &Settings::default(), &Quiet)
+            .preview(&target())
+            .await
+            .expect("preview")
+    };
+
+    let report = preview().await;
+    let capacity = report.capacity.clone().expect("checked");
+    // `unknown` has no allocation: its flavor (20 GiB disk) stands in, and is refused too.
+    assert_eq!(capacity.unplaced, ["local", "unknown"]);
+    assert_eq!(
+        capacity.unplaced_reasons["local"],
+        "needs 20 DISK_GB, which no candidate holds"
+    );
+    let from: Vec<(&str, plan::NeedsFrom)> = capacity.needs.iter().map(|n| (n.id.as_str(), n.from)).collect();
+    assert!(from.contains(&("volume", plan::NeedsFrom::Placement)), "{from:?}");
+    assert!(from.contains(&("unknown", plan::NeedsFrom::Flavor)), "{from:?}");
+    let disk = capacity
+        .classes
+        .iter()
+        .find(|c| c.class == "DISK_GB")
+        .expect("DISK_GB balance");
+    assert_eq!((disk.needed, disk.free), (40, 0));
+    let human = report.to_human();
+    assert!(human.contains("SHORTFALL: 2 of the 3 VM(s)"), "{human}");
+    assert!(
+        human.contains("local does not fit: needs 20 DISK_GB, which no candidate holds"),
+        "{human}"
+    );
+    assert!(
+        human.contains("needs read from the flavor (Placement shows no allocation on this host): unknown"),
+        "{human}"
+    );
+
+    // A sharing provider of their aggregate offers DISK_GB: one pool of 30 GiB for both hosts.
+    {
+        let mut state = cloud.lock();
+        state.shared.insert("ceph".into(), classes(&[("DISK_GB", 30)]));
+        for host in &mut state.other_hosts {
+            host.shared.insert("DISK_GB".into(), "ceph".into());
+        }
+    }
+    let capacity = preview().await.capacity.expect("checked");
+    assert_eq!(
+        capacity.unplaced,
+        ["unknown"],
+        "20 GiB of 30 left 10 for a 20 GiB flavor"
+    );
+    let disk = capacity
+        .classes
+        .iter()
+        .find(|c| c.class == "DISK_GB")
+        .expect("DISK_GB balance");
+    assert_eq!(
+        (disk.needed, disk.free),
+        (40, 30),
+        "the pool counted once, not per host"
+    );
+
+    cloud
+        .lock()
+        .allocations
+        .insert("unknown".into(), classes(&[("MEMORY_MB", 256), ("VCPU", 1)]));
+    let report = evacuate(&cloud, &Settings::default()).await;
+    assert_eq!(report.result, RunResult::Succeeded);
+    assert_eq!(cloud.calls().starts.len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_class_no_destination_holds_refuses_the_run_and_names_the_class() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("pinned", "ACTIVE", 512);
+    cloud
+        .lock()
+        .allocations
+        .insert("pinned".into(), classes(&[("MEMORY_MB", 512), ("PCPU", 4)]));
+    let (_never_stop, stop) = watch::channel(StopRequest::Continue);
+
+    let result = Engine::new(&cloud, &Settings::default(), &Quiet)
+        .evacuate(&target(), stop)
+        .await;
+
+    let Err(error @ EvacuationError::Capacity(_)) = result else {
+        panic!("expected a capacity error, got {result:?}");
+    };
+    assert!(
+        error
+            .to_string()
+            .contains("pinned (needs 4 PCPU, which no candidate holds)"),
+        "{error}"
+    );
+    assert!(cloud.calls().disable.is_empty() && cloud.calls().starts.is_empty());
 }
 
 #[tokio::test(start_paused = true)]

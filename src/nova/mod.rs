@@ -6,6 +6,7 @@ pub mod microversion;
 mod net;
 mod wire;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -19,7 +20,8 @@ use url::Url;
 
 use crate::config::Credentials;
 use crate::evacuation::{
-    ChangeMark, Compute, ComputeError, ComputeResult, ComputeService, HostCapacity, Migration, MigrationChanges, Server,
+    Capacity, ChangeMark, Compute, ComputeError, ComputeResult, ComputeService, HostCapacity, Migration,
+    MigrationChanges, Resources, Server,
 };
 use microversion::{Microversion, Negotiated};
 
@@ -38,6 +40,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// would send two thousand requests at once to Placement and its database
 /// between a cordon and the first migration, and time out on its own load.
 const PLACEMENT_HOSTS_AT_ONCE: usize = 16;
+/// Placement microversion of every Placement call: 1.14 shows each
+/// provider's tree (`root_provider_uuid`, for a compute node's children such
+/// as GPUs), 1.18 filters providers by trait (`required=`, for sharing
+/// providers). Placement has offered it since Rocky (2018).
+const PLACEMENT_VERSION: &str = "placement 1.18";
+/// The trait of a provider whose inventory the computes of its aggregates
+/// share (a Ceph pool's `DISK_GB`).
+const SHARING_TRAIT: &str = "MISC_SHARES_VIA_AGGREGATE";
 /// How far each look for changed migration records reaches back before the
 /// previous one was sent: Nova keeps `updated_at` in whole seconds, written
 /// by its computes' and conductors' clocks, which may be a little behind ours.
@@ -245,15 +255,56 @@ impl NovaClient {
         self.call(&self.compute_url, method, path, query, body, &headers).await
     }
 
-    async fn placement<T: DeserializeOwned>(&self, path: &[&str]) -> Result<T, NovaError> {
+    async fn placement<T: DeserializeOwned>(&self, path: &[&str], query: &[(&str, String)]) -> Result<T, NovaError> {
         let url = self
             .session
             .client()
             .get_endpoint("placement", self.session.endpoint_filters())
             .await
             .map_err(auth_error)?;
-        let headers = [("OpenStack-API-Version", "placement 1.0".to_string())];
-        self.call(&url, Method::GET, path, &[], None, &headers).await
+        let headers = [("OpenStack-API-Version", PLACEMENT_VERSION.to_string())];
+        self.call(&url, Method::GET, path, query, None, &headers).await
+    }
+
+    /// Free amount per class of one provider (only the classes it has an inventory of).
+    async fn provider_free(&self, uuid: &str) -> Result<Resources, NovaError> {
+        let inventories_path = ["resource_providers", uuid, "inventories"];
+        let usages_path = ["resource_providers", uuid, "usages"];
+        let (inventories, usages) = tokio::try_join!(
+            self.placement::<wire::InventoriesRoot>(&inventories_path, &[]),
+            self.placement::<wire::UsagesRoot>(&usages_path, &[]),
+        )?;
+        Ok(wire::free(&inventories, &usages))
+    }
+
+    /// Free amount per class of a whole provider tree (a compute node and
+    /// its children), summed class by class.
+    async fn tree_free(&self, members: &[String]) -> Result<Resources, NovaError> {
+        let each = futures::future::try_join_all(members.iter().map(|uuid| self.provider_free(uuid))).await?;
+        Ok(sum(each))
+    }
+
+    async fn aggregates(&self, uuid: &str) -> Result<Vec<String>, NovaError> {
+        let root: wire::AggregatesRoot = self.placement(&["resource_providers", uuid, "aggregates"], &[]).await?;
+        Ok(root.aggregates)
+    }
+
+    /// What each consumer holds on these providers (a compute node's tree),
+    /// summed class by class: one request per provider, however many VMs.
+    async fn held_on(&self, members: &[String]) -> Result<BTreeMap<String, Resources>, NovaError> {
+        let each = futures::future::try_join_all(members.iter().map(|uuid| async move {
+            let path = ["resource_providers", uuid.as_str(), "allocations"];
+            self.placement::<wire::ProviderAllocationsRoot>(&path, &[]).await
+        }))
+        .await?;
+        let mut held: BTreeMap<String, Resources> = BTreeMap::new();
+        for (consumer, allocation) in each.into_iter().flat_map(|root| root.allocations) {
+            let mine = held.entry(consumer).or_default();
+            for (class, amount) in allocation.resources {
+                *mine.entry(class).or_default() += amount;
+            }
+        }
+        Ok(held)
     }
 
     /// A Keystone v3 call, at the catalog's identity endpoint (with or
@@ -782,42 +833,124 @@ impl Compute for NovaClient {
         Ok(root.project.name)
     }
 
-    async fn spare_capacity(&self, hosts: &[String]) -> ComputeResult<Vec<HostCapacity>> {
+    async fn spare_capacity(&self, source: &str, hosts: &[String]) -> ComputeResult<Capacity> {
         // Independent look-ups run side by side: this sits between a cordon and the first migration.
-        let (providers, hypervisors) = tokio::try_join!(
-            self.placement::<wire::ResourceProvidersRoot>(&["resource_providers"]),
+        let sharing_query = [("required", SHARING_TRAIT.to_string())];
+        let (providers, sharing, hypervisors) = tokio::try_join!(
+            self.placement::<wire::ResourceProvidersRoot>(&["resource_providers"], &[]),
+            self.placement::<wire::ResourceProvidersRoot>(&["resource_providers"], &sharing_query),
             self.hypervisors(),
         )?;
-        let candidates: Vec<(String, String)> = hypervisors
-            .into_iter()
-            .filter_map(|hypervisor| {
-                let host = hypervisor.service.map(|s| s.host).filter(|h| hosts.contains(h))?;
-                let provider = providers
-                    .resource_providers
-                    .iter()
-                    .find(|p| p.name == hypervisor.hypervisor_hostname)?;
-                Some((host, provider.uuid.clone()))
-            })
-            .collect();
-        let capacity = futures::stream::iter(candidates)
-            .map(|(host, uuid)| async move {
-                let inventories_path = ["resource_providers", uuid.as_str(), "inventories"];
-                let usages_path = ["resource_providers", uuid.as_str(), "usages"];
-                let (inventories, usages) = tokio::try_join!(
-                    self.placement::<wire::InventoriesRoot>(&inventories_path),
-                    self.placement::<wire::UsagesRoot>(&usages_path),
-                )?;
-                Ok::<_, NovaError>(HostCapacity {
+        let providers = providers.resource_providers;
+        let tree = |root: &str| -> Vec<String> {
+            providers
+                .iter()
+                .filter(|p| p.root() == root)
+                .map(|p| p.uuid.clone())
+                .collect()
+        };
+        // Each hypervisor's compute node provider is named after it; its tree is what the host holds.
+        let mut candidates: Vec<(String, String, Vec<String>)> = Vec::new();
+        let mut source_tree: Vec<String> = Vec::new();
+        for hypervisor in hypervisors {
+            let Some(host) = hypervisor.service.map(|s| s.host) else {
+                continue;
+            };
+            let Some(root) = providers
+                .iter()
+                .find(|p| p.name == hypervisor.hypervisor_hostname)
+                .map(|p| p.root().to_string())
+            else {
+                continue;
+            };
+            if host == source {
+                source_tree.extend(tree(&root));
+            } else if hosts.contains(&host) {
+                let members = tree(&root);
+                candidates.push((host, root, members));
+            }
+        }
+        // Aggregates matter only to find sharing providers: none, no look-up.
+        let any_sharing = !sharing.resource_providers.is_empty();
+        let destinations = futures::stream::iter(candidates)
+            .map(|(host, root, members)| async move {
+                let (free, aggregates) = tokio::try_join!(self.tree_free(&members), async {
+                    if any_sharing {
+                        self.aggregates(&root).await
+                    } else {
+                        Ok(Vec::new())
+                    }
+                })?;
+                let host = HostCapacity {
                     host,
-                    free_ram_mb: wire::free(&inventories, &usages, "MEMORY_MB"),
-                    free_vcpus: wire::free(&inventories, &usages, "VCPU"),
-                    free_disk_gb: wire::free(&inventories, &usages, "DISK_GB"),
-                })
+                    free,
+                    shared: BTreeMap::new(),
+                };
+                Ok::<_, NovaError>((host, aggregates))
             })
             .buffer_unordered(PLACEMENT_HOSTS_AT_ONCE)
-            .try_collect()
-            .await?;
-        Ok(capacity)
+            .try_collect::<Vec<_>>();
+        let pools = futures::stream::iter(sharing.resource_providers)
+            .map(|provider| async move {
+                let (free, aggregates) =
+                    tokio::try_join!(self.provider_free(&provider.uuid), self.aggregates(&provider.uuid))?;
+                Ok::<_, NovaError>((provider.name, free, aggregates))
+            })
+            .buffer_unordered(PLACEMENT_HOSTS_AT_ONCE)
+            .try_collect::<Vec<_>>();
+        let (destinations, pools, allocations) = tokio::try_join!(destinations, pools, self.held_on(&source_tree))?;
+        Ok(draw_on_sharing_providers(destinations, pools, allocations))
+    }
+}
+
+/// Class-by-class sum of several providers' amounts.
+fn sum(each: impl IntoIterator<Item = Resources>) -> Resources {
+    let mut total = Resources::new();
+    for (class, amount) in each.into_iter().flatten() {
+        *total.entry(class).or_default() += amount;
+    }
+    total
+}
+
+/// Gives each destination, for every class it does not hold itself, the
+/// sharing provider of one of its aggregates with the most of that class
+/// free, as Placement would let the scheduler draw on it. Pools no
+/// destination draws on are left out.
+fn draw_on_sharing_providers(
+    destinations: Vec<(HostCapacity, Vec<String>)>,
+    pools: Vec<(String, Resources, Vec<String>)>,
+    allocations: BTreeMap<String, Resources>,
+) -> Capacity {
+    let mut shared = BTreeMap::new();
+    let mut hosts = Vec::with_capacity(destinations.len());
+    for (mut host, aggregates) in destinations {
+        for (name, free, pool_aggregates) in &pools {
+            if !pool_aggregates.iter().any(|a| aggregates.contains(a)) {
+                continue;
+            }
+            for (class, amount) in free {
+                if host.free.contains_key(class) {
+                    continue;
+                }
+                let better = host
+                    .shared
+                    .get(class)
+                    .and_then(|current| pools.iter().find(|(n, _, _)| n == current))
+                    .is_none_or(|(_, current, _)| current.get(class).is_some_and(|c| c < amount));
+                if better {
+                    host.shared.insert(class.clone(), name.clone());
+                    shared.insert(name.clone(), free.clone());
+                }
+            }
+        }
+        hosts.push(host);
+    }
+    // A pool replaced by a better one for every host is no longer drawn on.
+    shared.retain(|name, _| hosts.iter().any(|h| h.shared.values().any(|pool| pool == name)));
+    Capacity {
+        hosts,
+        shared,
+        allocations,
     }
 }
 
@@ -882,7 +1015,7 @@ mod tests {
     /// Placement answers each inventory or usage read after 20 ms and
     /// records in `most_at_once` the largest number it was reading at once.
     async fn cloud_with_hosts(hosts: usize, most_at_once: Arc<AtomicUsize>) -> String {
-        use axum::extract::Path;
+        use axum::extract::{Path, RawQuery};
         use axum::routing::get;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("address"));
@@ -924,7 +1057,15 @@ mod tests {
         )
         .route(
             "/placement/resource_providers",
-            get(axum::Json(json!({ "resource_providers": providers }))),
+            get(move |RawQuery(query): RawQuery| async move {
+                // No sharing provider in this cloud.
+                let listed = if query.is_some_and(|q| q.contains("required=")) {
+                    Vec::new()
+                } else {
+                    providers
+                };
+                axum::Json(json!({ "resource_providers": listed }))
+            }),
         )
         .route("/placement/resource_providers/{uuid}/{what}", get(read));
         serve(listener, app).await;
@@ -941,10 +1082,16 @@ mod tests {
             .expect("connect");
         let destinations: Vec<String> = (1..=hosts).map(|n| format!("cmp{n}")).collect();
 
-        let capacity = nova.spare_capacity(&destinations).await.expect("capacity");
+        let capacity = nova.spare_capacity("src", &destinations).await.expect("capacity");
 
-        assert_eq!(capacity.len(), hosts);
-        assert!(capacity.iter().all(|host| host.free_ram_mb == 3072));
+        assert_eq!(capacity.hosts.len(), hosts);
+        assert!(
+            capacity
+                .hosts
+                .iter()
+                .all(|host| host.free.get("MEMORY_MB") == Some(&3072))
+        );
+        assert!(capacity.allocations.is_empty(), "no provider for the source");
         let most = most_at_once.load(Ordering::SeqCst);
         assert!(
             (2..=2 * PLACEMENT_HOSTS_AT_ONCE).contains(&most),
@@ -1045,5 +1192,48 @@ mod tests {
             said.contains(&format!("Nova: connection refused for {compute}")),
             "{said}"
         );
+    }
+
+    #[test]
+    fn destinations_draw_on_the_sharing_provider_of_their_aggregate_for_what_they_lack() {
+        let resources =
+            |pairs: &[(&str, u64)]| -> Resources { pairs.iter().map(|(c, a)| (c.to_string(), *a)).collect() };
+        let host = |name: &str, free: Resources| HostCapacity {
+            host: name.into(),
+            free,
+            shared: BTreeMap::new(),
+        };
+        let destinations = vec![
+            (
+                host("rbd", resources(&[("MEMORY_MB", 1024)])),
+                vec!["agg-ceph".to_string()],
+            ),
+            (
+                host("local", resources(&[("MEMORY_MB", 1024), ("DISK_GB", 10)])),
+                vec!["agg-ceph".to_string()],
+            ),
+            (host("alone", resources(&[("MEMORY_MB", 1024)])), vec![]),
+        ];
+        let pools = vec![
+            (
+                "small".to_string(),
+                resources(&[("DISK_GB", 5)]),
+                vec!["agg-ceph".to_string()],
+            ),
+            (
+                "big".to_string(),
+                resources(&[("DISK_GB", 500)]),
+                vec!["agg-ceph".to_string()],
+            ),
+            (
+                "elsewhere".to_string(),
+                resources(&[("DISK_GB", 900)]),
+                vec!["agg-other".to_string()],
+            ),
+        ];
+        let capacity = draw_on_sharing_providers(destinations, pools, BTreeMap::new());
+        let shared: Vec<Option<&String>> = capacity.hosts.iter().map(|h| h.shared.get("DISK_GB")).collect();
+        assert_eq!(shared, [Some(&"big".to_string()), None, None]);
+        assert_eq!(capacity.shared.keys().collect::<Vec<_>>(), ["big"]);
     }
 }

@@ -344,6 +344,34 @@ pub struct ResourceProvidersRoot {
 pub struct ResourceProvider {
     pub uuid: String,
     pub name: String,
+    /// The root of the provider's tree (Placement 1.14): a compute node's
+    /// children (a GPU's `VGPU`, a NIC's bandwidth) share its root.
+    #[serde(default)]
+    pub root_provider_uuid: Option<String>,
+}
+
+impl ResourceProvider {
+    /// The provider's tree: its root's uuid, itself when it has no parent.
+    pub fn root(&self) -> &str {
+        self.root_provider_uuid.as_deref().unwrap_or(&self.uuid)
+    }
+}
+
+/// `GET /resource_providers/{uuid}/aggregates`.
+#[derive(Deserialize)]
+pub struct AggregatesRoot {
+    pub aggregates: Vec<String>,
+}
+
+/// `GET /resource_providers/{uuid}/allocations`: every consumer's allocation against one provider.
+#[derive(Deserialize)]
+pub struct ProviderAllocationsRoot {
+    pub allocations: BTreeMap<String, ConsumerResources>,
+}
+
+#[derive(Deserialize)]
+pub struct ConsumerResources {
+    pub resources: BTreeMap<String, u64>,
 }
 
 #[derive(Deserialize)]
@@ -369,13 +397,20 @@ pub struct UsagesRoot {
     pub usages: BTreeMap<String, u64>,
 }
 
-/// Free amount of one resource class as Placement computes it: (total - reserved) x ratio - used.
-pub fn free(inventories: &InventoriesRoot, usages: &UsagesRoot, class: &str) -> u64 {
-    let Some(inventory) = inventories.inventories.get(class) else {
-        return 0;
-    };
-    let capacity = (inventory.total.saturating_sub(inventory.reserved) as f64 * inventory.allocation_ratio) as u64;
-    capacity.saturating_sub(usages.usages.get(class).copied().unwrap_or(0))
+/// Free amount of each class the provider has an inventory of, as Placement
+/// computes it: (total - reserved) x ratio - used. A class without inventory
+/// is left out rather than taken as zero: it may be found on a sharing provider.
+pub fn free(inventories: &InventoriesRoot, usages: &UsagesRoot) -> BTreeMap<String, u64> {
+    inventories
+        .inventories
+        .iter()
+        .map(|(class, inventory)| {
+            let capacity =
+                (inventory.total.saturating_sub(inventory.reserved) as f64 * inventory.allocation_ratio) as u64;
+            let used = usages.usages.get(class).copied().unwrap_or(0);
+            (class.clone(), capacity.saturating_sub(used))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -412,9 +447,10 @@ mod tests {
         )
         .unwrap();
         let usages: UsagesRoot = serde_json::from_str(r#"{"usages":{"MEMORY_MB":1024,"VCPU":3}}"#).unwrap();
-        assert_eq!(free(&inventories, &usages, "MEMORY_MB"), 11520 - 1024);
-        assert_eq!(free(&inventories, &usages, "VCPU"), 61);
-        assert_eq!(free(&inventories, &usages, "DISK_GB"), 0);
+        let free = free(&inventories, &usages);
+        assert_eq!(free.get("MEMORY_MB"), Some(&(11520 - 1024)));
+        assert_eq!(free.get("VCPU"), Some(&61));
+        assert_eq!(free.get("DISK_GB"), None, "no inventory: not zero, absent");
     }
 
     #[test]

@@ -47,6 +47,9 @@ use serde_json::{Value, json};
 
 /// Nova microversion used for every compute call.
 pub const MICROVERSION: &str = "2.93";
+/// Placement microversion used for every Placement call: 1.28 writes
+/// allocations with their consumer generation, project and user.
+pub const PLACEMENT_MICROVERSION: &str = "1.28";
 /// Lab admin credentials (also written into [`Lab::drainer_config`]).
 pub const USERNAME: &str = "admin";
 pub const PASSWORD: &str = "admin";
@@ -136,6 +139,7 @@ pub struct Lab {
     keystone: String,
     nova: String,
     glance: String,
+    placement: String,
     tokens: tokio::sync::Mutex<HashMap<String, Token>>,
 }
 
@@ -193,6 +197,8 @@ impl Lab {
             endpoint(&catalog, "compute").unwrap_or_else(|| panic!("no compute endpoint in the catalog: {catalog:?}"));
         let glance =
             endpoint(&catalog, "image").unwrap_or_else(|| panic!("no image endpoint in the catalog: {catalog:?}"));
+        let placement = endpoint(&catalog, "placement")
+            .unwrap_or_else(|| panic!("no placement endpoint in the catalog: {catalog:?}"));
         let mut tokens = HashMap::new();
         tokens.insert("admin".to_string(), token);
         Lab {
@@ -200,6 +206,7 @@ impl Lab {
             keystone,
             nova,
             glance,
+            placement,
             tokens: tokio::sync::Mutex::new(tokens),
         }
     }
@@ -343,6 +350,84 @@ impl Lab {
     /// [`Lab::nova_as`] with project `admin`.
     pub async fn nova(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
         self.nova_as("admin", method, path, body).await
+    }
+
+    /// Placement call as admin: `path` is relative to the Placement endpoint
+    /// (`/resource_providers/...`), sent with [`PLACEMENT_MICROVERSION`].
+    /// Returns `(status, body)`; `Value::Null` when the body is empty.
+    pub async fn try_placement(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("{}{path}", self.placement);
+        let token = self.token("admin").await;
+        let mut req = self
+            .http
+            .request(method.clone(), &url)
+            .header("X-Auth-Token", token)
+            .header("Accept", "application/json")
+            .header("OpenStack-API-Version", format!("placement {PLACEMENT_MICROVERSION}"));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let status = resp.status().as_u16();
+        let text = resp
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url}: body: {e}"));
+        let v = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, v)
+    }
+
+    /// Like [`Lab::try_placement`], panicking on an HTTP error status.
+    pub async fn placement(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let (status, v) = self.try_placement(method.clone(), path, body).await;
+        if status >= 400 {
+            panic!("{method} {}{path} -> {status}: {v}", self.placement);
+        }
+        v
+    }
+
+    /// The uuid of the resource provider named `name` (a compute node's is its hypervisor's name).
+    pub async fn provider(&self, name: &str) -> String {
+        let v = self
+            .placement(reqwest::Method::GET, &format!("/resource_providers?name={name}"), None)
+            .await;
+        v["resource_providers"][0]["uuid"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no resource provider {name}: {v}"))
+            .to_string()
+    }
+
+    /// A provider's current generation, which every write to it must name.
+    pub async fn provider_generation(&self, uuid: &str) -> u64 {
+        let v = self
+            .placement(reqwest::Method::GET, &format!("/resource_providers/{uuid}"), None)
+            .await;
+        v["generation"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("provider {uuid} has no generation: {v}"))
+    }
+
+    /// Creates a flavor (admin, public) with these extra specs and returns its id.
+    pub async fn create_flavor(&self, name: &str, ram_mb: u64, vcpus: u64, disk_gb: u64, extra: Value) -> String {
+        let v = self
+            .nova(
+                reqwest::Method::POST,
+                "/flavors",
+                Some(json!({"flavor": {"name": name, "ram": ram_mb, "vcpus": vcpus, "disk": disk_gb}})),
+            )
+            .await;
+        let id = str_of(&v["flavor"]["id"]).to_string();
+        self.nova(
+            reqwest::Method::POST,
+            &format!("/flavors/{id}/os-extra_specs"),
+            Some(json!({ "extra_specs": extra })),
+        )
+        .await;
+        id
     }
 
     /// Boots `spec.count` servers named `{prefix}-{i}` in `spec.project`,
@@ -845,6 +930,141 @@ pub fn lab_up(env: &[(&str, &str)]) {
         .status()
         .expect("run tests/lab/up.sh");
     assert!(status.success(), "tests/lab/up.sh failed");
+}
+
+/// One change a test made to the lab's Placement or flavors, to be undone.
+#[derive(Debug)]
+pub enum Undo {
+    DeleteFlavor(String),
+    /// Deletes a resource provider the test created.
+    DeleteProvider(String),
+    /// Puts back one class's inventory (total, reserved, ratios...) on a provider.
+    PutInventory {
+        provider: String,
+        class: String,
+        inventory: Value,
+    },
+    /// Sets a provider's aggregates back to these.
+    SetAggregates {
+        provider: String,
+        aggregates: Vec<String>,
+    },
+    /// Deletes a custom resource class the test created.
+    DeleteResourceClass(String),
+}
+
+/// Undoes the test's changes to Placement and flavors when dropped, even if
+/// the test failed: deletes every server first (allocations would keep a
+/// provider or an inventory from going), then undoes the changes newest
+/// first. Declare it after the [`LabGuard`], so it runs while the lab is
+/// still ours. On its own thread and runtime, as [`LabGuard`]'s drop.
+#[derive(Default)]
+pub struct RestorePlacement {
+    undo: std::sync::Mutex<Vec<Undo>>,
+}
+
+impl RestorePlacement {
+    /// Records what puts the lab back after a change (call it before the change).
+    pub fn push(&self, undo: Undo) {
+        self.undo.lock().unwrap_or_else(|e| e.into_inner()).push(undo);
+    }
+}
+
+impl Drop for RestorePlacement {
+    /// Every step is tried, whatever the others do; a step that fails fails
+    /// the test (unless it failed already), naming what is left to repair.
+    fn drop(&mut self) {
+        let undo = std::mem::take(self.undo.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if undo.is_empty() {
+            return;
+        }
+        let restored = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let lab = Lab::connect().await;
+                lab.reset().await;
+                let mut failed = Vec::new();
+                for step in undo.into_iter().rev() {
+                    if let Err(e) = lab.undo(&step).await {
+                        failed.push(format!("{step:?}: {e}"));
+                    }
+                }
+                failed
+            })
+        })
+        .join();
+        let failed = match restored {
+            Ok(failed) => failed,
+            Err(_) => vec!["the lab could not be reset (the panic above says why)".to_string()],
+        };
+        if !failed.is_empty() {
+            eprintln!("the lab's Placement was not restored: {failed:#?}");
+            if !std::thread::panicking() {
+                panic!("the lab's Placement was not restored: {failed:#?}");
+            }
+        }
+    }
+}
+
+impl Lab {
+    async fn undo(&self, step: &Undo) -> Result<(), String> {
+        use reqwest::Method;
+        let done = |(status, v): (u16, Value), what: &str| {
+            if status < 400 {
+                Ok(())
+            } else {
+                Err(format!("{what} -> {status}: {v}"))
+            }
+        };
+        let gone_too = |(status, v): (u16, Value), what: &str| {
+            if status < 400 || status == 404 {
+                Ok(())
+            } else {
+                Err(format!("{what} -> {status}: {v}"))
+            }
+        };
+        match step {
+            Undo::DeleteFlavor(id) => {
+                let path = format!("/flavors/{id}");
+                gone_too(self.try_nova_as("admin", Method::DELETE, &path, None).await, &path)
+            }
+            Undo::DeleteProvider(uuid) => {
+                let path = format!("/resource_providers/{uuid}");
+                gone_too(self.try_placement(Method::DELETE, &path, None).await, &path)
+            }
+            Undo::DeleteResourceClass(class) => {
+                let path = format!("/resource_classes/{class}");
+                gone_too(self.try_placement(Method::DELETE, &path, None).await, &path)
+            }
+            Undo::PutInventory {
+                provider,
+                class,
+                inventory,
+            } => {
+                // A class the provider lacks is added with a POST (a PUT only updates);
+                // its nova-compute may have put it back already.
+                let path = format!("/resource_providers/{provider}/inventories/{class}");
+                let mut body = inventory.clone();
+                body["resource_provider_generation"] = json!(self.provider_generation(provider).await);
+                if self.try_placement(Method::GET, &path, None).await.0 == 404 {
+                    body["resource_class"] = json!(class);
+                    let path = format!("/resource_providers/{provider}/inventories");
+                    done(self.try_placement(Method::POST, &path, Some(body)).await, &path)
+                } else {
+                    done(self.try_placement(Method::PUT, &path, Some(body)).await, &path)
+                }
+            }
+            Undo::SetAggregates { provider, aggregates } => {
+                let generation = self.provider_generation(provider).await;
+                let path = format!("/resource_providers/{provider}/aggregates");
+                let body = json!({"aggregates": aggregates, "resource_provider_generation": generation});
+                done(self.try_placement(Method::PUT, &path, Some(body)).await, &path)
+            }
+        }
+    }
 }
 
 /// Brings the lab back to its defaults when dropped, even if the test failed.

@@ -858,6 +858,17 @@ async fn deleting_the_daemonset_releases_an_idle_guard_and_a_later_drain_returns
     assert_eq!(agent.wait_exit(Duration::from_secs(15)).await, Some(0));
     assert!(cluster.pdb(&cluster.guard()).await.is_none(), "the budget is gone");
     assert!(guard_finalizers(&cluster).await.is_empty(), "our finalizer is gone");
+    // The garbage collector deletes the pods of a deleted DaemonSet; the fake has none.
+    let agent_pod = format!("drainer-{}", cluster.node());
+    cluster
+        .kubectl()
+        .delete_pod(NAMESPACE, &agent_pod, &[])
+        .await
+        .expect("kubectl delete pod");
+    eventually("the agent's pod gone", Duration::from_secs(30), async || {
+        cluster.pod(&agent_pod).await.is_none().then_some(())
+    })
+    .await;
 
     cluster.cordon().await;
     let took = cluster

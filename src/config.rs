@@ -3,6 +3,7 @@
 //! request is made.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -48,10 +49,43 @@ pub struct Credentials {
     pub insecure: bool,
 }
 
+/// Which cloud the credentials name, and where they came from: said at start
+/// and in every report, so that a config file in the working directory or a
+/// stale openrc never acts on a host of another cloud unnoticed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CloudIdentity {
+    pub auth_url: String,
+    pub region: Option<String>,
+    /// Project name (or id), or the application credential's own project.
+    pub project: Option<String>,
+    /// User name (or id), or `application credential ID`.
+    pub user: Option<String>,
+    /// Each source a setting in force came from, in the order they take precedence.
+    pub sources: Vec<String>,
+    /// Settings that both the config file and `OS_*` variables give, differently: the file's win.
+    pub overridden: Vec<String>,
+}
+
+impl fmt::Display for CloudIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        write!(
+            f,
+            "{} region {} project {} user {} (from {})",
+            self.auth_url,
+            or_none(&self.region),
+            or_none(&self.project),
+            or_none(&self.user),
+            self.sources.join(", ")
+        )
+    }
+}
+
 /// Everything the drainer runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub credentials: Credentials,
+    pub cloud: CloudIdentity,
     /// Nova service host template: `{node}` is the Kubernetes node name, `{short}` its first DNS label.
     pub nova_host: String,
     /// Newest compute microversion to use (negotiation never goes above it).
@@ -149,7 +183,7 @@ pub fn load(path: &Path, path_is_explicit: bool, env: &dyn Environment) -> Resul
         Ok(text) => parse(&text).map_err(|e| invalid(format!("{}: {e}", path.display())))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path_is_explicit => {
             // Only the environment can hold the credentials: say so, not "config.yaml: missing ...".
-            return build(FileConfig::default(), env).map_err(|e| {
+            return build(FileConfig::default(), None, env).map_err(|e| {
                 invalid(format!(
                     "{e}: there is no {} (the default config file) and the OS_* variables do not say it either; \
                      pass -config-path FILE (see config.example.yaml) or source an openrc",
@@ -159,12 +193,12 @@ pub fn load(path: &Path, path_is_explicit: bool, env: &dyn Environment) -> Resul
         }
         Err(e) => return Err(invalid(format!("cannot read config file {}: {e}", path.display()))),
     };
-    build(file, env).map_err(|e| invalid(format!("{}: {e}", path.display())))
+    build(file, Some(path), env).map_err(|e| invalid(format!("{}: {e}", path.display())))
 }
 
 /// Parses and validates config text (no file, no clouds.yaml unless `cloud` is set).
 pub fn from_str(text: &str, env: &dyn Environment) -> Result<Config, ConfigError> {
-    build(parse(text)?, env)
+    build(parse(text)?, None, env)
 }
 
 fn parse(text: &str) -> Result<FileConfig, ConfigError> {
@@ -218,12 +252,15 @@ fn key_path_at(text: &str, line: usize) -> Option<String> {
     Some(path.join("."))
 }
 
-fn build(file: FileConfig, env: &dyn Environment) -> Result<Config, ConfigError> {
+fn build(file: FileConfig, path: Option<&Path>, env: &dyn Environment) -> Result<Config, ConfigError> {
     let cloud = match file.cloud.clone().or_else(|| env.var("OS_CLOUD")) {
         Some(name) => clouds::read(&name, env)?,
         None => clouds::Entry::default(),
     };
-    let credentials = credentials(&file, env, &cloud)?;
+    let file_settings = file_layer(&file);
+    let env_settings = env_layer(env);
+    let credentials = credentials(&file_settings, &env_settings, &cloud, env)?;
+    let identity = identify(&credentials, &file_settings, &env_settings, &cloud, path);
     let nova_host = file.nova_host.clone().unwrap_or_else(|| "{node}".to_string());
     validate_template(&nova_host)?;
     let evacuation = settings(&file)?;
@@ -250,6 +287,7 @@ fn build(file: FileConfig, env: &dyn Environment) -> Result<Config, ConfigError>
     };
     Ok(Config {
         credentials,
+        cloud: identity,
         nova_host,
         compute_api_version,
         evacuation,
@@ -541,8 +579,87 @@ fn method(settings: &Layer) -> Result<Method, ConfigError> {
     }
 }
 
-fn credentials(file: &FileConfig, env: &dyn Environment, cloud: &clouds::Entry) -> Result<Credentials, ConfigError> {
-    let settings = merge(&[&file_layer(file), &env_layer(env), &cloud.settings]);
+/// Whom the credentials name, from which sources, and where the config file
+/// overrides different `OS_*` values (the silent case that drains the wrong cloud).
+fn identify(
+    credentials: &Credentials,
+    file: &Layer,
+    env: &Layer,
+    cloud: &clouds::Entry,
+    path: Option<&Path>,
+) -> CloudIdentity {
+    let mut sources = Vec::new();
+    if !file.is_empty() {
+        sources.push(path.map_or_else(|| "config text".to_string(), |p| format!("config file {}", p.display())));
+    }
+    // Only the variables that are in force: the file's settings win over them.
+    let mut from_env: Vec<&str> = env
+        .iter()
+        .filter(|(key, _)| !file.contains_key(*key))
+        .map(|(_, setting)| setting.origin.as_str())
+        .collect();
+    from_env.sort_unstable();
+    if !from_env.is_empty() {
+        sources.push(format!("environment ({})", from_env.join(", ")));
+    }
+    if let Some(source) = cloud.source.as_ref().filter(|_| {
+        cloud
+            .settings
+            .keys()
+            .any(|key| !file.contains_key(key) && !env.contains_key(key))
+    }) {
+        sources.push(source.clone());
+    }
+    let overridden = file
+        .iter()
+        .filter_map(|(key, ours)| {
+            let theirs = env.get(key)?;
+            let differ = match (&ours.value, &theirs.value) {
+                (Value::Text(a), Value::Text(b)) => a != b,
+                (Value::Secret(a), Value::Secret(b)) => a.expose_secret() != b.expose_secret(),
+                (Value::Flag(a), Value::Flag(b)) => a != b,
+                _ => true,
+            };
+            let shown = |value: &Value| match value {
+                Value::Text(text) => format!(" ({text})"),
+                Value::Flag(flag) => format!(" ({flag})"),
+                Value::Secret(_) => String::new(),
+            };
+            differ.then(|| {
+                format!(
+                    "the config file's {key}{} overrides {}{}",
+                    shown(&ours.value),
+                    theirs.origin,
+                    shown(&theirs.value)
+                )
+            })
+        })
+        .collect();
+    let c = credentials;
+    let project = c.project_name.clone().or_else(|| c.project_id.clone());
+    let user = c.username.clone().or_else(|| c.user_id.clone()).or_else(|| {
+        c.application_credential_id
+            .clone()
+            .or_else(|| c.application_credential_name.clone())
+            .map(|id| format!("application credential {id}"))
+    });
+    CloudIdentity {
+        auth_url: c.auth_url.clone(),
+        region: c.region_name.clone(),
+        project,
+        user,
+        sources,
+        overridden,
+    }
+}
+
+fn credentials(
+    file: &Layer,
+    from_env: &Layer,
+    cloud: &clouds::Entry,
+    env: &dyn Environment,
+) -> Result<Credentials, ConfigError> {
+    let settings = merge(&[file, from_env, &cloud.settings]);
     for (key, why) in REFUSED {
         if let Some(setting) = settings.get(key) {
             return Err(invalid(format!("{}: {why}", setting.origin)));
@@ -858,6 +975,46 @@ mod tests {
         assert!(error.to_string().contains("password is empty"), "{error}");
         let error = from_str("IdentityEndpoint: http://k/v3\nUsername: a\nPassword: p\n", &no_env()).unwrap_err();
         assert!(error.to_string().contains("project"), "{error}");
+    }
+
+    #[test]
+    fn the_cloud_acted_on_is_named_with_its_sources_and_the_files_overrides() {
+        let env = FakeEnv(HashMap::from([
+            ("OS_AUTH_URL", "https://other-cloud:5000/v3"),
+            ("OS_PASSWORD", "wrong"),
+            ("OS_REGION_NAME", "RegionTwo"),
+        ]));
+        let path = Path::new("/work/config.yaml");
+        let file = parse(OLD_TOOL).unwrap();
+        let config = build(file, Some(path), &env).unwrap();
+        let cloud = &config.cloud;
+        assert_eq!(cloud.auth_url, "http://keystone:5000/v3");
+        assert_eq!(
+            (cloud.project.as_deref(), cloud.user.as_deref(), cloud.region.as_deref()),
+            (Some("admin"), Some("admin"), Some("RegionTwo"))
+        );
+        assert_eq!(
+            cloud.sources,
+            ["config file /work/config.yaml", "environment (OS_REGION_NAME)"]
+        );
+        assert_eq!(
+            cloud.overridden,
+            [
+                "the config file's auth_url (http://keystone:5000/v3) overrides OS_AUTH_URL (https://other-cloud:5000/v3)",
+                "the config file's password overrides OS_PASSWORD",
+            ]
+        );
+        assert!(!format!("{cloud} {cloud:?}").contains("s3cret") && !format!("{cloud:?}").contains("wrong"));
+        assert_eq!(
+            cloud.to_string(),
+            "http://keystone:5000/v3 region RegionTwo project admin user admin (from config file /work/config.yaml, \
+             environment (OS_REGION_NAME))"
+        );
+
+        let same = FakeEnv(HashMap::from([("OS_AUTH_URL", "http://keystone:5000/v3")]));
+        let config = build(parse(OLD_TOOL).unwrap(), Some(path), &same).unwrap();
+        assert!(config.cloud.overridden.is_empty(), "the same value overrides nothing");
+        assert_eq!(config.cloud.sources, ["config file /work/config.yaml"]);
     }
 
     #[test]

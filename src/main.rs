@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use nova_kubernetes_drain::cli::{Cli, Command, Output};
-use nova_kubernetes_drain::config::{self, Config, ProcessEnvironment};
+use nova_kubernetes_drain::config::{self, CloudIdentity, Config, ProcessEnvironment};
 use nova_kubernetes_drain::daemon::release::{GuardRelease, release_guards};
 use nova_kubernetes_drain::daemon::{DaemonSettings, RetryBackoff};
 use nova_kubernetes_drain::evacuation::{Engine, EvacuationError, Report, RestoreOptions, StopRequest, Target};
@@ -78,9 +78,7 @@ async fn run(cli: Cli) -> i32 {
     if let Some(Command::ReleaseGuard { node, all, force }) = &cli.command {
         return release_guard(&cli, node.as_deref(), *all, *force).await;
     }
-    let explicit = cli.config_path.is_some();
-    let path = cli.config_path.clone().unwrap_or_else(|| PathBuf::from("config.yaml"));
-    let mut config = match config::load(&path, explicit, &ProcessEnvironment) {
+    let mut config = match load_config(&cli) {
         Ok(config) => config,
         Err(e) => return usage(e),
     };
@@ -149,7 +147,7 @@ async fn run(cli: Cli) -> i32 {
     observer.finish();
     match result {
         Ok(report) => {
-            print_report(&report, cli.output);
+            print_report(&report, &config.cloud, cli.output);
             info!(nova_requests = client.requests(), "done");
             report.exit_code()
         }
@@ -167,9 +165,7 @@ async fn release_guard(cli: &Cli, node: Option<&str>, all: bool, force: bool) ->
     let (config, nova) = if force {
         (None, None)
     } else {
-        let explicit = cli.config_path.is_some();
-        let path = cli.config_path.clone().unwrap_or_else(|| PathBuf::from("config.yaml"));
-        let config = match config::load(&path, explicit, &ProcessEnvironment) {
+        let config = match load_config(cli) {
             Ok(config) => config,
             Err(e) => return usage(e),
         };
@@ -273,7 +269,9 @@ fn node_name(cli: &Cli) -> Result<String, String> {
         }
         return Ok(node);
     }
-    hostname().ok_or_else(|| "cannot tell the node name: pass --node or set NODE_NAME".to_string())
+    let node = hostname().ok_or_else(|| "cannot tell the node name: pass --node or set NODE_NAME".to_string())?;
+    warn!("no --node and no NODE_NAME: acting on this machine's own node {node} (its hostname)");
+    Ok(node)
 }
 
 /// This machine's hostname, as the kernel has it.
@@ -284,12 +282,32 @@ fn hostname() -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
-fn print_report(report: &Report, output: Output) {
+/// The config named by the flags (or `./config.yaml`, or the environment
+/// alone), after saying which cloud it names and from where.
+fn load_config(cli: &Cli) -> Result<Config, config::ConfigError> {
+    let explicit = cli.config_path.is_some();
+    let path = cli.config_path.clone().unwrap_or_else(|| PathBuf::from("config.yaml"));
+    let config = config::load(&path, explicit, &ProcessEnvironment)?;
+    info!("cloud: {}", config.cloud);
+    for overridden in &config.cloud.overridden {
+        warn!("{overridden}: the config file wins (leave the key out of the file to use the environment)");
+    }
+    Ok(config)
+}
+
+/// The report, with the cloud it was made on.
+fn print_report(report: &Report, cloud: &CloudIdentity, output: Output) {
     match output {
-        Output::Human => print!("{}", report.to_human()),
-        Output::Json => match serde_json::to_string_pretty(report) {
-            Ok(json) => println!("{json}"),
-            Err(e) => error!("cannot render the report: {e}"),
-        },
+        Output::Human => print!("cloud: {cloud}\n{}", report.to_human()),
+        Output::Json => {
+            let json = serde_json::to_value(report).map(|mut json| {
+                json["cloud"] = serde_json::json!(cloud);
+                json
+            });
+            match json.and_then(|json| serde_json::to_string_pretty(&json)) {
+                Ok(json) => println!("{json}"),
+                Err(e) => error!("cannot render the report: {e}"),
+            }
+        }
     }
 }

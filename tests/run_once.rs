@@ -30,6 +30,11 @@ impl Run {
 
 /// Runs the drainer with `config` (YAML text) and extra arguments.
 async fn drainer(config: &str, args: &[&str]) -> Run {
+    drainer_with_env(config, args, &[]).await
+}
+
+/// [`drainer`] with more environment variables.
+async fn drainer_with_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
     let path = std::env::temp_dir().join(format!("drainer-test-{}-{}.yaml", std::process::id(), rand_suffix()));
     std::fs::write(&path, config).expect("write config");
     let output = tokio::process::Command::new(DRAINER)
@@ -38,6 +43,7 @@ async fn drainer(config: &str, args: &[&str]) -> Run {
         .args(args)
         .env_remove("NODE_NAME")
         .env_remove("OS_CLOUD")
+        .envs(env.iter().copied())
         .output()
         .await
         .expect("run drainer");
@@ -295,14 +301,44 @@ async fn dry_run_changes_nothing() {
     let lab = Lab::connect().await;
     lab.reset().await;
     let ids = lab.boot(BootSpec::new("dry").count(2)).await;
-    let run = drainer(
+    // A sourced openrc of another cloud beside a config file: the file wins, and that is said.
+    let run = drainer_with_env(
         &lab.drainer_config(),
         &["--node", "host1", "--dry-run", "--output", "json"],
+        &[("OS_AUTH_URL", "http://127.0.0.1:1/v3"), ("OS_PASSWORD", "wrong")],
     )
     .await;
     assert_eq!(run.code, 0, "{}", run.stderr);
     let report = run.report();
     assert_eq!(report["result"], "planned");
+    let cloud = &report["cloud"];
+    let auth_url = cloud["auth_url"].as_str().unwrap_or_default().to_string();
+    assert!(
+        lab.drainer_config()
+            .contains(&format!("IdentityEndpoint: {auth_url}\n")),
+        "the file's: {cloud}"
+    );
+    assert_eq!(cloud["project"], "admin");
+    assert!(
+        cloud["sources"][0]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("config file "),
+        "{cloud}"
+    );
+    let overridden = cloud["overridden"].to_string();
+    assert!(
+        overridden.contains("overrides OS_AUTH_URL (http://127.0.0.1:1/v3)")
+            && overridden.contains("overrides OS_PASSWORD"),
+        "{overridden}"
+    );
+    assert!(!overridden.contains("wrong"), "no secret shown");
+    assert!(
+        run.stderr.contains(&format!("cloud: {auth_url} region")),
+        "named at start: {}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("overrides OS_PASSWORD"), "{}", run.stderr);
     for id in &ids {
         let line = vm(&report, id);
         assert_eq!(line["outcome"], "planned");

@@ -23,6 +23,8 @@ pub(super) struct Entry {
     pub(super) compute_api_version: Option<(String, String)>,
     /// The regions the entry lists: a region asked for elsewhere must be one of them, as in openstacksdk.
     pub(super) regions: Vec<String>,
+    /// `clouds.yaml entry NAME (PATH)`, to name where the credentials came from.
+    pub(super) source: Option<String>,
 }
 
 /// Auth keys with their old spellings, oldest first: as openstacksdk's
@@ -172,7 +174,9 @@ pub(super) fn read(name: &str, env: &dyn Environment) -> Result<Entry, ConfigErr
     if let Some(profile) = profile {
         cloud = with_profile(cloud, &profile, env, &at)?;
     }
-    entry_settings(cloud, &at)
+    let mut entry = entry_settings(cloud, &at)?;
+    entry.source = Some(format!("clouds.yaml entry {name} ({})", path.display()));
+    Ok(entry)
 }
 
 /// The entry laid over its `clouds-public.yaml` profile: keys replace the

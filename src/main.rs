@@ -102,6 +102,7 @@ async fn run(cli: Cli) -> i32 {
         run,
     };
     if cli.daemon {
+        info!("cloud: {}", config.cloud);
         // The agent reaches Nova by itself, with backoff: an outage at start-up must not crash-loop it.
         return daemon(&cli, config, target).await;
     }
@@ -109,6 +110,8 @@ async fn run(cli: Cli) -> i32 {
         Ok(client) => client,
         Err(e) => return usage(format!("cannot use the cloud: {e}")),
     };
+    // Said once Keystone took the credentials, before anything changes (bad input stays one line).
+    info!("cloud: {}", config.cloud);
     info!(node = %target.node, host = %target.host, microversion = %client.microversion(), "connected to Nova");
 
     let observer = telemetry::ConsoleObserver::for_stderr();
@@ -170,7 +173,10 @@ async fn release_guard(cli: &Cli, node: Option<&str>, all: bool, force: bool) ->
             Err(e) => return usage(e),
         };
         match NovaClient::connect(&config.credentials, config.compute_api_version).await {
-            Ok(client) => (Some(config), Some(client)),
+            Ok(client) => {
+                info!("cloud: {}", config.cloud);
+                (Some(config), Some(client))
+            }
             Err(e) => return usage(format!("cannot use the cloud (--force releases without it): {e}")),
         }
     };
@@ -283,12 +289,11 @@ fn hostname() -> Option<String> {
 }
 
 /// The config named by the flags (or `./config.yaml`, or the environment
-/// alone), after saying which cloud it names and from where.
+/// alone), after warning of each `OS_*` value the config file overrides.
 fn load_config(cli: &Cli) -> Result<Config, config::ConfigError> {
     let explicit = cli.config_path.is_some();
     let path = cli.config_path.clone().unwrap_or_else(|| PathBuf::from("config.yaml"));
     let config = config::load(&path, explicit, &ProcessEnvironment)?;
-    info!("cloud: {}", config.cloud);
     for overridden in &config.cloud.overridden {
         warn!("{overridden}: the config file wins (leave the key out of the file to use the environment)");
     }

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use super::decide::{
     AtUninstall, Evacuation, NodeSeen, RetryBackoff, Situation, Step, at_uninstall, conclude, decide, guard_problem,
+    rfc3339,
 };
 use crate::evacuation::{
     Action, Compute, Engine, EvacuationError, Event, Observer, Report, RestoreOptions, RestoreOutcome, Settings,
@@ -269,7 +270,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             started_at: previous
                 .started_at
                 .filter(|_| previous.phase != Phase::Idle)
-                .or_else(|| Some(self.wall_now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string())),
+                .or_else(|| Some(rfc3339(self.wall_now(), Duration::ZERO))),
             last_error: None,
             ..previous
         };

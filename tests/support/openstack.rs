@@ -333,18 +333,7 @@ impl Lab {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-        let status = resp.status().as_u16();
-        let text = resp
-            .text()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {url}: body: {e}"));
-        let v = if text.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (status, v)
+        send(req, &method, &url).await
     }
 
     /// [`Lab::nova_as`] with project `admin`.
@@ -367,18 +356,7 @@ impl Lab {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-        let status = resp.status().as_u16();
-        let text = resp
-            .text()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {url}: body: {e}"));
-        let v = if text.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (status, v)
+        send(req, &method, &url).await
     }
 
     /// Like [`Lab::try_placement`], panicking on an HTTP error status.
@@ -1107,4 +1085,21 @@ pub async fn recover() {
     let since = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S").to_string();
     lab_up(&[]);
     Lab::connect().await.wait_computes_up(Some(&since)).await;
+}
+
+/// Sends a lab request: `(status, body)`, `Value::Null` for an empty body,
+/// the text as a string when it is not JSON.
+async fn send(req: reqwest::RequestBuilder, method: &reqwest::Method, url: &str) -> (u16, Value) {
+    let resp = req.send().await.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = resp.status().as_u16();
+    let text = resp
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: body: {e}"));
+    let v = if text.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (status, v)
 }

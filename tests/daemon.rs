@@ -605,6 +605,58 @@ async fn an_agent_restarted_mid_drain_still_holds_it_until_the_hypervisor_is_emp
     );
 }
 
+/// A rolling update of the DaemonSet (its image changed) in the middle of an
+/// evacuation: the old agent gets SIGTERM while its DaemonSet stays, keeps the
+/// guard, and the new agent finishes the evacuation; `kubectl drain` returns
+/// only once the hypervisor is empty.
+#[tokio::test]
+async fn a_rolling_update_mid_evacuation_keeps_the_guard_and_the_new_agent_finishes() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, cluster) = setup().await;
+    lab.boot(BootSpec::new("dmn-rollout").count(3).flavor("m1.small")).await;
+    // One VM at a time, so the update lands mid-evacuation.
+    let mut agent = Agent::start(&cluster, &lab, "  max_parallel: 1\n").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    let drain = async {
+        let drained = cluster
+            .kubectl()
+            .drain(cluster.node(), &[], Duration::from_secs(180))
+            .await;
+        (drained, lab.servers_on(NOVA_HOST).await.len())
+    };
+    let rollout = async {
+        eventually("a VM moved", Duration::from_secs(60), async || {
+            let left = lab.servers_on(NOVA_HOST).await.len();
+            (left < 3).then_some(())
+        })
+        .await;
+        let new_image = r#"{"spec":{"template":{"spec":{"containers":[{"name":"drainer","image":"localhost/nova-kubernetes-drain:next"}]}}}}"#;
+        cluster
+            .kubectl()
+            .run(
+                &["-n", NAMESPACE, "patch", "daemonset", "drainer", "-p", new_image],
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("kubectl patch daemonset");
+        agent.signal("TERM");
+        assert_eq!(agent.wait_exit(Duration::from_secs(15)).await, Some(0));
+        let left = lab.servers_on(NOVA_HOST).await.len();
+        let guard_kept = cluster
+            .pod(&cluster.guard())
+            .await
+            .and_then(|p| p.metadata.finalizers)
+            .is_some_and(|f| f.iter().any(|f| f == FINALIZER));
+        let again = Agent::start(&cluster, &lab, "").await;
+        (left, guard_kept, again)
+    };
+    let ((drained, left_at_return), (left_at_update, guard_kept, _again)) = tokio::join!(drain, rollout);
+    drained.expect("kubectl drain succeeds");
+    assert!(left_at_update > 0, "the update landed mid-evacuation");
+    assert!(guard_kept, "a rolling update keeps the guard");
+    assert_eq!(left_at_return, 0, "drain returned while VMs were still on {NOVA_HOST}");
+}
+
 /// Uncordoned while the guard is being deleted and a VM is still on the
 /// hypervisor: the guard stays (a drain waiting on it must not return) and is
 /// let go, then made anew, once the hypervisor is empty. Nothing stays stuck.
@@ -671,9 +723,23 @@ async fn a_deleted_node_lets_its_guard_go() {
 
 /// `drainer release-guard NODE` with the agent's kubeconfig and the lab's config; exit code and stdout.
 async fn release_guard(cluster: &TestCluster, lab: &Lab, flags: &[&str]) -> (Option<i32>, String) {
+    let mut args = vec![cluster.node()];
+    args.extend_from_slice(flags);
+    run_release_guard(cluster, lab, &args, false).await
+}
+
+/// `drainer release-guard ARGS` with the lab's config, and the agent's
+/// kubeconfig or (`as_admin`) the cluster admin's; exit code and stdout.
+async fn run_release_guard(cluster: &TestCluster, lab: &Lab, args: &[&str], as_admin: bool) -> (Option<i32>, String) {
     let dir = std::env::temp_dir().join(format!("drainer-release-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    cluster.write_agent_kubeconfig(&dir.join("kubeconfig")).await;
+    let kubeconfig = if as_admin {
+        cluster.admin_kubeconfig(&dir)
+    } else {
+        let path = dir.join("kubeconfig");
+        cluster.write_agent_kubeconfig(&path).await;
+        path
+    };
     std::fs::write(
         dir.join("config.yaml"),
         format!("{}{NOVA_HOST_CONFIG}", lab.drainer_config()),
@@ -681,13 +747,12 @@ async fn release_guard(cluster: &TestCluster, lab: &Lab, flags: &[&str]) -> (Opt
     .expect("config");
     let output = Command::new(DRAINER)
         .arg("release-guard")
-        .arg(cluster.node())
+        .args(args)
         .arg("-config-path")
         .arg(dir.join("config.yaml"))
         .arg("--kubeconfig")
-        .arg(dir.join("kubeconfig"))
+        .arg(&kubeconfig)
         .args(["--namespace", NAMESPACE])
-        .args(flags)
         .env_remove("KUBECONFIG")
         .output()
         .await
@@ -877,6 +942,67 @@ async fn deleting_the_daemonset_releases_an_idle_guard_and_a_later_drain_returns
         .await
         .expect("kubectl drain");
     assert!(took < Duration::from_secs(30), "drain returned after {took:?}");
+}
+
+/// `kubectl delete -k deploy/` in one step, the agent running: Kubernetes
+/// refuses the agent's token once its ServiceAccount is deleted, in the same
+/// instant as the DaemonSet, so the agent stopped by the uninstall cannot
+/// release its guard and the namespace stays Terminating (as observed on
+/// kube-apiserver 1.36). `drainer release-guard --all`, run with the
+/// operator's credentials, releases it: the namespace goes within 60 s of the
+/// delete and a later `kubectl drain` returns at once.
+#[tokio::test]
+async fn uninstalling_in_one_step_then_release_guard_all_leaves_nothing_of_ours() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, cluster) = setup().await;
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
+    if !cluster.is_real() {
+        // A real cluster got it at start; the fake serves no OpenAPI document
+        // for kubectl's client-side schema check.
+        cluster
+            .kubectl()
+            .run(&["apply", "-k", deploy, "--validate=false"], Duration::from_secs(60))
+            .await
+            .expect("kubectl apply -k deploy/");
+    }
+    let mut agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+
+    let uninstalled_at = Instant::now();
+    cluster
+        .kubectl()
+        .run(&["delete", "-k", deploy, "--wait=false"], Duration::from_secs(60))
+        .await
+        .expect("kubectl delete -k deploy/");
+    eventually("the agent's ServiceAccount gone", Duration::from_secs(30), async || {
+        cluster.service_account("drainer").await.is_none().then_some(())
+    })
+    .await;
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)).await, Some(0));
+    assert_eq!(
+        guard_finalizers(&cluster).await,
+        [FINALIZER],
+        "the agent could not release the guard without credentials"
+    );
+
+    let (code, out) = run_release_guard(&cluster, &lab, &["--all"], true).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("released"), "{out}");
+    eventually("the namespace gone", Duration::from_secs(60), async || {
+        cluster.namespace_object().await.is_none().then_some(())
+    })
+    .await;
+    let took = uninstalled_at.elapsed();
+    assert!(took < Duration::from_secs(60), "the uninstall took {took:?}");
+
+    cluster.cordon().await;
+    let drained = cluster
+        .kubectl()
+        .drain(cluster.node(), &[], Duration::from_secs(60))
+        .await
+        .expect("kubectl drain");
+    assert!(drained < Duration::from_secs(30), "drain returned after {drained:?}");
 }
 
 /// Keystone and nova-api down when the agent starts: it does not exit, reports

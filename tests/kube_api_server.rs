@@ -1181,3 +1181,93 @@ async fn json_patch_and_stale_resource_versions() {
         "{err}"
     );
 }
+
+/// What an uninstall with `kubectl delete -k deploy/` meets, as on kube-apiserver
+/// 1.36 with its controller manager: the real `kubectl apply -k` and `delete -k`
+/// work on every kind in deploy/; the ServiceAccount's token is refused as soon
+/// as it is deleted; the namespace stays Terminating, refusing new content,
+/// while a pod in it keeps a finalizer, and goes once the finalizer is removed.
+#[tokio::test]
+async fn an_uninstall_deletes_deploy_and_a_finalizer_holds_the_namespace() {
+    let api = KubeApi::start();
+    api.add_node("n1");
+    let kubectl = Kubectl::new(&api);
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
+    kubectl
+        // The fake serves no OpenAPI document for kubectl's client-side schema check.
+        .run(&["apply", "-k", deploy, "--validate=false"], Duration::from_secs(60))
+        .await
+        .expect("kubectl apply -k deploy/");
+    let token = api.service_account_token("nova-drain", "drainer");
+    let agent_config = std::env::temp_dir().join(format!("fake-kube-agent-{}", std::process::id()));
+    api.write_kubeconfig_with_token(&agent_config, &token);
+    // The agent is a kube client (kubectl sends no token over plain HTTP).
+    let agent_config = kube::config::Kubeconfig::read_from(&agent_config).unwrap();
+    let mut agent_config = kube::Config::from_custom_kubeconfig(agent_config, &Default::default())
+        .await
+        .unwrap();
+    agent_config.default_retry = false;
+    let agent: Api<Pod> = Api::namespaced(kube::Client::try_from(agent_config).unwrap(), "nova-drain");
+    agent
+        .list(&ListParams::default())
+        .await
+        .expect("the agent's token is accepted");
+
+    let client = api.kube_client_no_retry();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "nova-drain");
+    let mut guard = node_owned_pod(&api, "guard", "n1", "guard");
+    guard.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    pods.create(&PostParams::default(), &guard).await.unwrap();
+
+    kubectl
+        .run(&["delete", "-k", deploy, "--wait=false"], Duration::from_secs(60))
+        .await
+        .expect("kubectl delete -k deploy/");
+    let refused = agent
+        .get("guard")
+        .await
+        .expect_err("the token of a deleted ServiceAccount is refused");
+    let kube::Error::Api(e) = refused else {
+        panic!("{refused:?}")
+    };
+    assert_eq!((e.code, e.reason.as_str()), (401, "Unauthorized"));
+
+    wait_for("the guard being deleted", || {
+        api.pod("nova-drain", "guard")
+            .is_some_and(|p| p.metadata.deletion_timestamp.is_some())
+    })
+    .await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let terminating = namespaces.get("nova-drain").await.unwrap();
+    assert_eq!(terminating.status.and_then(|s| s.phase).as_deref(), Some("Terminating"));
+    let mut late = pod_json("late", "n1", "late", false);
+    late.metadata.namespace = None;
+    let err = pods.create(&PostParams::default(), &late).await.unwrap_err();
+    let kube::Error::Api(e) = err else { panic!("{err:?}") };
+    assert_eq!((e.code, e.reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        e.message,
+        "pods \"late\" is forbidden: unable to create new content in namespace nova-drain because it is being terminated"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        namespaces.get_opt("nova-drain").await.unwrap().is_some(),
+        "a finalizer in it holds the namespace"
+    );
+
+    api.json_patch_pod(
+        "nova-drain",
+        "guard",
+        json!([{"op": "remove", "path": "/metadata/finalizers"}]),
+    )
+    .unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        if namespaces.get_opt("nova-drain").await.unwrap().is_none() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the namespace goes once nothing holds it");
+}

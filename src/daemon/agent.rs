@@ -569,8 +569,9 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             Err(e) => {
                 warn!(
                     error = %e,
-                    "cannot tell whether the agent is being uninstalled; the guard stays (release it with `drainer \
-                     release-guard NODE` if it is)"
+                    "cannot tell whether the agent is being uninstalled; the guard stays: if it is, run `drainer \
+                     release-guard {} (or --all)` with your own credentials",
+                    self.settings.target.node
                 );
                 return;
             }

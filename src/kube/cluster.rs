@@ -162,10 +162,9 @@ impl Cluster for KubeCluster {
 
     async fn uninstalled(&self) -> Result<Option<String>, String> {
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
-        let namespace = namespaces
-            .get_opt(&self.namespace)
-            .await
-            .map_err(|e| format!("reading namespace {}: {e}", self.namespace))?;
+        let namespace = namespaces.get_opt(&self.namespace).await.map_err(|e| {
+            credentials_refused(&e).unwrap_or_else(|| format!("reading namespace {}: {e}", self.namespace))
+        })?;
         match namespace {
             None => return Ok(Some(format!("its namespace {} is gone", self.namespace))),
             Some(ns) if ns.metadata.deletion_timestamp.is_some() => {
@@ -217,6 +216,21 @@ impl Cluster for KubeCluster {
             )));
         }
         Ok(None)
+    }
+}
+
+/// The cause, said plainly, when the API server refuses the agent's
+/// credentials (401): its ServiceAccount token is no longer valid, which
+/// happens at once when the ServiceAccount is deleted, as `kubectl delete -k
+/// deploy/` does, and then nothing the agent does can reach the API server.
+fn credentials_refused(error: &kube::Error) -> Option<String> {
+    match error {
+        kube::Error::Api(status) if status.code == 401 => Some(
+            "the API server no longer accepts the agent's credentials (its ServiceAccount was deleted, as `kubectl \
+             delete -k deploy/` does)"
+                .to_string(),
+        ),
+        _ => None,
     }
 }
 

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
@@ -290,6 +290,22 @@ impl TestCluster {
             .remove(&format!("nova-kubernetes-drain/{key}"))
     }
 
+    /// ServiceAccount `name` of the agent's namespace, or `None` once it is gone.
+    pub async fn service_account(&self, name: &str) -> Option<ServiceAccount> {
+        Api::<ServiceAccount>::namespaced(self.client(), &self.namespace)
+            .get_opt(name)
+            .await
+            .expect("get the serviceaccount")
+    }
+
+    /// The agent's namespace, or `None` once it is gone.
+    pub async fn namespace_object(&self) -> Option<Namespace> {
+        Api::<Namespace>::all(self.client())
+            .get_opt(&self.namespace)
+            .await
+            .expect("get the namespace")
+    }
+
     pub async fn pod(&self, name: &str) -> Option<Pod> {
         Api::<Pod>::namespaced(self.client(), &self.namespace)
             .get_opt(name)
@@ -365,11 +381,16 @@ impl TestCluster {
             .collect()
     }
 
-    /// Writes the agent's kubeconfig: on a real cluster with a fresh token of
-    /// deploy's ServiceAccount (so its RBAC is what the agent gets).
+    /// Writes the agent's kubeconfig, with a fresh token of deploy's
+    /// ServiceAccount: on a real cluster its RBAC is what the agent gets; on
+    /// the fake (ServiceAccount created if missing) the token is refused once
+    /// the ServiceAccount is deleted, as on a real one.
     pub async fn write_agent_kubeconfig(&self, path: &Path) {
         match &self.backend {
-            Backend::Fake(fake) => fake.write_kubeconfig(path),
+            Backend::Fake(fake) => {
+                let token = fake.service_account_token(&self.namespace, SERVICE_ACCOUNT);
+                fake.write_kubeconfig_with_token(path, &token);
+            }
             Backend::Real {
                 server,
                 ca_data,
@@ -398,6 +419,20 @@ impl TestCluster {
                 );
                 std::fs::write(path, text).expect("write the agent's kubeconfig");
             }
+        }
+    }
+
+    /// A kubeconfig of the cluster's admin (for what an operator runs, such
+    /// as `drainer release-guard` after an uninstall): on a real cluster
+    /// `DRAINER_TEST_KUBECONFIG` itself, on the fake one without a token.
+    pub fn admin_kubeconfig(&self, dir: &Path) -> PathBuf {
+        match &self.backend {
+            Backend::Fake(fake) => {
+                let path = dir.join("admin-kubeconfig");
+                fake.write_kubeconfig(&path);
+                path
+            }
+            Backend::Real { kubeconfig, .. } => kubeconfig.clone(),
         }
     }
 

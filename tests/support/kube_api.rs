@@ -18,7 +18,8 @@
 //!
 //! # Control API (synchronous)
 //! * [`KubeApi::start`], [`KubeApi::url`], [`KubeApi::kube_client`],
-//!   [`KubeApi::write_kubeconfig`].
+//!   [`KubeApi::write_kubeconfig`], [`KubeApi::write_kubeconfig_with_token`],
+//!   [`KubeApi::service_account_token`].
 //! * Objects: [`KubeApi::add_node`], [`KubeApi::add_namespace`],
 //!   [`KubeApi::add_daemonset`], [`KubeApi::set_unschedulable`] (a strategic
 //!   merge PATCH through the same code path as HTTP, so watchers see it),
@@ -49,8 +50,17 @@
 //! over pods they own fails safe with "found no controllers", as the real
 //! controller does when they are missing; controller events are written once
 //! per PDB and reason (no count/series); no admission beyond namespace
-//! existence and default tolerations; no garbage collector (ownerReferences
-//! never delete anything); responses are JSON only.
+//! existence and lifecycle (no new content in a terminating namespace) and
+//! default tolerations; no garbage collector (ownerReferences never delete
+//! anything); authentication only for ServiceAccount tokens of
+//! [`KubeApi::service_account_token`] (refused once their ServiceAccount is
+//! gone, as kube-apiserver's validator does), and no authorization (RBAC
+//! objects are stored, not enforced: a real cluster with
+//! `DRAINER_TEST_KUBECONFIG` checks deploy/'s rules); responses are JSON only.
+//!
+//! A namespace's DELETE leaves it `Terminating`; a namespace controller (every
+//! 50 ms) deletes its content and removes it once empty, so a finalizer on a
+//! pod in it keeps it, as on a real cluster.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -63,13 +73,18 @@ use axum::body::{Body, Bytes};
 use axum::extract::State as AxState;
 use axum::http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event as EventsV1Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ListMeta, Status, StatusCause, StatusDetails};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
+/// Bearer tokens of ServiceAccounts: `fake-sa:NAMESPACE:NAME:UID`.
+const SA_TOKEN_PREFIX: &str = "fake-sa:";
+/// How long a token stays valid after its ServiceAccount's deletion began.
+const SA_TOKEN_LEEWAY_SECONDS: i64 = 60;
 /// Number of watch events kept for resuming watches (etcd/watch-cache history).
 const HISTORY: usize = 2000;
 /// How long an entry stays in a PDB's `status.disruptedPods` (controller DeletionTimeout).
@@ -92,10 +107,19 @@ pub enum Res {
     Event,
     CoreEvent,
     DaemonSet,
+    // What `kubectl apply/delete -k deploy/` sends besides the above: stored
+    // as given (validated by the typed decoder only); RBAC is not enforced.
+    ServiceAccount,
+    Role,
+    RoleBinding,
+    ClusterRole,
+    ClusterRoleBinding,
 }
 
+const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
+
 impl Res {
-    const ALL: [Res; 7] = [
+    const ALL: [Res; 12] = [
         Res::Namespace,
         Res::Node,
         Res::Pod,
@@ -103,6 +127,11 @@ impl Res {
         Res::Event,
         Res::CoreEvent,
         Res::DaemonSet,
+        Res::ServiceAccount,
+        Res::Role,
+        Res::RoleBinding,
+        Res::ClusterRole,
+        Res::ClusterRoleBinding,
     ];
 
     fn lookup(group: &str, version: &str, plural: &str) -> Option<Res> {
@@ -114,6 +143,11 @@ impl Res {
             ("policy", "v1", "poddisruptionbudgets") => Res::Pdb,
             ("events.k8s.io", "v1", "events") => Res::Event,
             ("apps", "v1", "daemonsets") => Res::DaemonSet,
+            ("", "v1", "serviceaccounts") => Res::ServiceAccount,
+            (RBAC_GROUP, "v1", "roles") => Res::Role,
+            (RBAC_GROUP, "v1", "rolebindings") => Res::RoleBinding,
+            (RBAC_GROUP, "v1", "clusterroles") => Res::ClusterRole,
+            (RBAC_GROUP, "v1", "clusterrolebindings") => Res::ClusterRoleBinding,
             _ => return None,
         })
     }
@@ -125,6 +159,11 @@ impl Res {
             Res::Pdb => "poddisruptionbudgets",
             Res::Event | Res::CoreEvent => "events",
             Res::DaemonSet => "daemonsets",
+            Res::ServiceAccount => "serviceaccounts",
+            Res::Role => "roles",
+            Res::RoleBinding => "rolebindings",
+            Res::ClusterRole => "clusterroles",
+            Res::ClusterRoleBinding => "clusterrolebindings",
         }
     }
     fn group(self) -> &'static str {
@@ -132,6 +171,7 @@ impl Res {
             Res::Pdb => "policy",
             Res::Event => "events.k8s.io",
             Res::DaemonSet => "apps",
+            Res::Role | Res::RoleBinding | Res::ClusterRole | Res::ClusterRoleBinding => RBAC_GROUP,
             _ => "",
         }
     }
@@ -140,6 +180,7 @@ impl Res {
             Res::Pdb => "policy/v1",
             Res::Event => "events.k8s.io/v1",
             Res::DaemonSet => "apps/v1",
+            Res::Role | Res::RoleBinding | Res::ClusterRole | Res::ClusterRoleBinding => "rbac.authorization.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -151,10 +192,18 @@ impl Res {
             Res::Pdb => "PodDisruptionBudget",
             Res::Event | Res::CoreEvent => "Event",
             Res::DaemonSet => "DaemonSet",
+            Res::ServiceAccount => "ServiceAccount",
+            Res::Role => "Role",
+            Res::RoleBinding => "RoleBinding",
+            Res::ClusterRole => "ClusterRole",
+            Res::ClusterRoleBinding => "ClusterRoleBinding",
         }
     }
     fn namespaced(self) -> bool {
-        !matches!(self, Res::Namespace | Res::Node)
+        !matches!(
+            self,
+            Res::Namespace | Res::Node | Res::ClusterRole | Res::ClusterRoleBinding
+        )
     }
     /// `pods`, `poddisruptionbudgets.policy`: as in real error messages.
     fn qualified(self) -> String {
@@ -193,6 +242,11 @@ impl Res {
             Res::Event => rt::<EventsV1Event>(v),
             Res::CoreEvent => rt::<CoreEvent>(v),
             Res::DaemonSet => rt::<DaemonSet>(v),
+            Res::ServiceAccount => rt::<ServiceAccount>(v),
+            Res::Role => rt::<Role>(v),
+            Res::RoleBinding => rt::<RoleBinding>(v),
+            Res::ClusterRole => rt::<ClusterRole>(v),
+            Res::ClusterRoleBinding => rt::<ClusterRoleBinding>(v),
         }
     }
     fn list_kind(self) -> String {
@@ -265,6 +319,28 @@ impl ApiError {
             name,
             "the object has been modified; please apply your changes to the latest version and try again",
         )
+    }
+    /// The NamespaceLifecycle admission plugin's refusal.
+    fn namespace_terminating(res: Res, name: &str, ns: &str) -> Self {
+        let mut e = Self::new(
+            403,
+            "Forbidden",
+            format!(
+                "{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                res.qualified()
+            ),
+        );
+        let mut details = Self::details_for(res, name);
+        details.causes = Some(vec![StatusCause {
+            reason: Some("NamespaceTerminating".into()),
+            message: Some(format!("namespace {ns} is being terminated")),
+            field: Some("metadata.namespace".into()),
+        }]);
+        e.details = Some(Box::new(details));
+        e
+    }
+    fn unauthorized() -> Self {
+        Self::new(401, "Unauthorized", "Unauthorized")
     }
     fn bad_request(msg: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", msg)
@@ -1048,6 +1124,25 @@ impl State {
         Ok(map.into_values().flatten().collect())
     }
 
+    /// A bearer token of [`KubeApi::service_account_token`] is accepted while
+    /// its ServiceAccount exists with the same uid, and for 60 s after that
+    /// ServiceAccount's deletion began (the leeway of kube-apiserver's
+    /// `serviceaccount` token validator). Any other token is refused; requests
+    /// without one are the cluster admin's.
+    fn authenticates(&self, token: &str) -> bool {
+        let mut parts = token.strip_prefix(SA_TOKEN_PREFIX).unwrap_or("").split(':');
+        let (Some(ns), Some(name), Some(uid)) = (parts.next(), parts.next(), parts.next()) else {
+            return false;
+        };
+        let Some(account) = self.get(Res::ServiceAccount, ns, name) else {
+            return false;
+        };
+        let deleted_long_ago = meta_str(account, "deletionTimestamp")
+            .and_then(parse_ts)
+            .is_some_and(|at| jiff::Timestamp::now().as_second() - at.as_second() > SA_TOKEN_LEEWAY_SECONDS);
+        meta_str(account, "uid") == Some(uid) && !deleted_long_ago
+    }
+
     fn ensure_namespace(&self, res: Res, ns: &str) -> ApiResult<()> {
         if res.namespaced() && self.get(Res::Namespace, "", ns).is_none() {
             return Err(ApiError::not_found(Res::Namespace, ns));
@@ -1112,6 +1207,13 @@ impl State {
         }
         let ns_key = if res.namespaced() { ns } else { "" };
         self.ensure_namespace(res, ns_key)?;
+        if res.namespaced()
+            && self
+                .get(Res::Namespace, "", ns_key)
+                .is_some_and(|n| meta_str(n, "deletionTimestamp").is_some())
+        {
+            return Err(ApiError::namespace_terminating(res, &name, ns_key));
+        }
         default_and_reset_status(res, &mut obj, None);
         let obj = res.canonical(obj).map_err(ApiError::bad_request)?;
         validate(res, &obj, None)?;
@@ -1389,6 +1491,9 @@ impl State {
             .get("dryRun")
             .and_then(Value::as_array)
             .is_some_and(|a| !a.is_empty());
+        if res == Res::Namespace {
+            return Ok((200, self.delete_namespace(name, obj, dry_run)));
+        }
         let finalizers = has_finalizers(&obj);
         let requested = opts.get("gracePeriodSeconds").and_then(Value::as_i64);
         let now = jiff::Timestamp::now().as_second();
@@ -1469,13 +1574,6 @@ impl State {
             }
             return Ok((200, stored));
         }
-        if res == Res::Namespace {
-            // No namespace controller: delete contents at once.
-            let keys: Vec<Key> = self.objects.keys().filter(|(_, n, _)| n == name).cloned().collect();
-            for (r, n, o) in keys {
-                self.commit(r, &n, &o, None);
-            }
-        }
         let gone = self.remove(res, ns, name);
         // A DELETE answers pods with the deleted pod, everything else with a
         // Status (the stores' ReturnDeletedObject).
@@ -1487,6 +1585,54 @@ impl State {
                 success_status(res, &obj, 200)
             },
         ))
+    }
+
+    /// A namespace is never removed by its DELETE: the `kubernetes` finalizer
+    /// of its spec keeps it, `Terminating`, until the namespace controller
+    /// ([`State::namespace_tick`]) has deleted everything in it; objects whose
+    /// finalizers hold them keep it Terminating for as long (observed on
+    /// kube-apiserver 1.36, reference.md). The answer is the namespace.
+    fn delete_namespace(&mut self, name: &str, obj: Value, dry_run: bool) -> Value {
+        if meta_str(&obj, "deletionTimestamp").is_some() {
+            return obj;
+        }
+        let mut o = obj;
+        set_deletion(&mut o, jiff::Timestamp::now().as_second(), 0);
+        o["status"] = json!({"phase": "Terminating"});
+        if dry_run {
+            return o;
+        }
+        self.commit(Res::Namespace, "", name, Some(o)).expect("stored")
+    }
+
+    /// kube-controller-manager's namespace controller: in each namespace being
+    /// deleted, deletes every object (background propagation; pods gracefully,
+    /// so the kubelet stops them; finalizers hold theirs), and removes the
+    /// namespace once nothing is left in it.
+    fn namespace_tick(&mut self) {
+        let terminating: Vec<String> = self
+            .list_objs(Res::Namespace, None)
+            .iter()
+            .filter(|n| meta_str(n, "deletionTimestamp").is_some())
+            .map(|n| name_of(n).to_string())
+            .collect();
+        for ns in terminating {
+            let content: Vec<(Res, String, bool)> = self
+                .objects
+                .iter()
+                .filter(|((r, n, _), _)| r.namespaced() && *n == ns)
+                .map(|((r, _, name), o)| (*r, name.clone(), meta_str(o, "deletionTimestamp").is_some()))
+                .collect();
+            if content.is_empty() {
+                self.remove(Res::Namespace, "", &ns);
+                continue;
+            }
+            for (res, name, deleting) in content {
+                if !deleting {
+                    let _ = self.delete(res, &ns, &name, &json!({"propagationPolicy": "Background"}));
+                }
+            }
+        }
     }
 
     /// Removes an object from storage: the object as deleted.
@@ -2552,6 +2698,19 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request<Body>) -> Re
         eprintln!("fake kube-apiserver: {method} {pq}");
     }
     shared.lock().requests.push((method.to_string(), pq));
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim_start_matches("Bearer ").to_string());
+    if std::env::var_os("KUBE_API_DEBUG").is_some() {
+        eprintln!("fake kube-apiserver:   token {token:?}");
+    }
+    if let Some(token) = token
+        && !shared.lock().authenticates(&token)
+    {
+        return error_response(&ApiError::unauthorized());
+    }
     let query = Query::parse(req.uri().query());
     let content_type = req
         .headers()
@@ -2808,7 +2967,7 @@ fn discovery(segs: &[&str], url: &str) -> Option<Value> {
             json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": addr}]})
         }
         ["apis"] => {
-            let groups: Vec<Value> = ["policy", "events.k8s.io", "apps"]
+            let groups: Vec<Value> = ["policy", "events.k8s.io", "apps", RBAC_GROUP]
                 .iter()
                 .map(|g| {
                     let gv = format!("{g}/v1");
@@ -2818,7 +2977,9 @@ fn discovery(segs: &[&str], url: &str) -> Option<Value> {
             json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
         }
         ["api", "v1"] => resources("v1"),
-        ["apis", g, "v1"] if ["policy", "events.k8s.io", "apps"].contains(g) => resources(&format!("{g}/v1")),
+        ["apis", g, "v1"] if ["policy", "events.k8s.io", "apps", RBAC_GROUP].contains(g) => {
+            resources(&format!("{g}/v1"))
+        }
         _ => return None,
     })
 }
@@ -3184,6 +3345,7 @@ impl KubeApi {
                 let mut st = bg_shared.lock();
                 st.kubelet_tick();
                 st.disruption_tick();
+                st.namespace_tick();
             }
         });
         KubeApi {
@@ -3224,6 +3386,31 @@ impl KubeApi {
             self.url()
         );
         std::fs::write(path, text).expect("write kubeconfig");
+    }
+
+    /// Writes a kubeconfig that authenticates with `token` (for a separate process).
+    pub fn write_kubeconfig_with_token(&self, path: impl AsRef<std::path::Path>, token: &str) {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: fake\n  user:\n    token: {token}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n",
+            self.url()
+        );
+        std::fs::write(path, text).expect("write kubeconfig");
+    }
+
+    /// A token of ServiceAccount `ns/name` (created if missing), as `kubectl
+    /// create token` gives: refused once the ServiceAccount is gone.
+    pub fn service_account_token(&self, ns: &str, name: &str) -> String {
+        let mut st = self.lock();
+        let account = match st.get(Res::ServiceAccount, ns, name) {
+            Some(a) => a.clone(),
+            None => st
+                .create(Res::ServiceAccount, ns, json!({"metadata": {"name": name}}), false)
+                .expect("create serviceaccount"),
+        };
+        format!(
+            "{SA_TOKEN_PREFIX}{ns}:{name}:{}",
+            meta_str(&account, "uid").unwrap_or("")
+        )
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

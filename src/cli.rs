@@ -1,10 +1,14 @@
 //! The command line, drop-in compatible with the old Go tool: its
 //! single-dash flags (`-config-path`, `-run-once`, `-daemon`, `-time-out`)
-//! work exactly as written, beside the usual `--long` forms.
+//! work exactly as written, beside the usual `--long` forms and the habits
+//! of the tools an operator types beside it: `drainer NODE` as `kubectl
+//! drain NODE`, `--os-cloud` as the `openstack` CLI, and `kubectl drainer`
+//! when installed as the kubectl plugin `kubectl-drainer`.
 
 use std::path::PathBuf;
 
-use clap::{CommandFactory, Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 /// Drains a nova-compute hypervisor: disables its service and moves every VM off it.
 #[derive(Debug, Parser)]
@@ -15,16 +19,27 @@ use clap::{CommandFactory, Parser, ValueEnum};
     long_about = None,
     after_help = "Every long flag also works with one dash, as the old Go tool wrote them: \
                   -config-path, -run-once, -daemon, -time-out, -enable, -node ...\n\n\
+                  As a kubectl plugin (the binary or a symlink named kubectl-drainer on the PATH): \
+                  kubectl drainer NODE ...\n\n\
                   Exit codes: 0 the hypervisor is empty, or the requested change is done (a dry run: \
                   the run would succeed); 1 some VM could not be moved or the time ran out, or -enable / \
                   release-guard left the service or a guard as it was; 2 bad usage, configuration or \
                   credentials (nothing was changed); 130 stopped by Ctrl-C."
 )]
 pub struct Cli {
+    /// The Kubernetes node to act on, as `kubectl drain NODE` takes it (the same as --node).
+    #[arg(value_name = "NODE")]
+    node_arg: Option<String>,
+
     /// Config file (the old tool's keys or the documented ones) [default: ./config.yaml, which may be absent when
     /// OS_* variables hold the credentials].
     #[arg(long = "config-path", value_name = "PATH", global = true)]
     pub config_path: Option<PathBuf>,
+
+    /// The clouds.yaml entry to use, as `openstack --os-cloud` (and OS_CLOUD) selects it; takes the place of
+    /// OS_CLOUD and of the config file's `cloud` key.
+    #[arg(long = "os-cloud", value_name = "NAME", global = true)]
+    pub os_cloud: Option<String>,
 
     /// Evacuate the node's hypervisor once and exit (the default).
     #[arg(long = "run-once", conflicts_with_all = ["daemon", "enable"])]
@@ -48,7 +63,7 @@ pub struct Cli {
     #[arg(long = "time-out", value_name = "DURATION", value_parser = parse_time_out)]
     pub time_out: Option<std::time::Duration>,
 
-    /// Kubernetes node name [default: this machine's hostname].
+    /// Kubernetes node name, or as the first argument: `drainer NODE` [default: this machine's hostname].
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node: Option<String>,
 
@@ -155,12 +170,40 @@ pub enum LogFormat {
     Json,
 }
 
+/// The name kubectl runs a plugin by: `kubectl drainer` executes `kubectl-drainer` from the PATH.
+pub const KUBECTL_PLUGIN: &str = "kubectl-drainer";
+
 impl Cli {
     /// Parses arguments, accepting the old tool's single-dash long flags.
     pub fn parse_compatible<I: IntoIterator<Item = String>>(args: I) -> Result<Cli, clap::Error> {
-        let cli = Cli::try_parse_from(normalize(args))?;
+        let args = normalize(args);
+        let mut command = Cli::command();
+        // Invoked by kubectl as a plugin, usage and errors say what the operator typed.
+        let as_plugin = args
+            .first()
+            .and_then(|arg0| std::path::Path::new(arg0).file_name())
+            .is_some_and(|name| name == KUBECTL_PLUGIN);
+        if as_plugin {
+            command = command.bin_name("kubectl drainer");
+        }
+        let matches = command.try_get_matches_from_mut(args)?;
+        let mut cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
+        if let Some(node) = cli.node_arg.take() {
+            // NODE_NAME (the DaemonSet's) gives way to a node typed on the command line;
+            // two different nodes typed are a mistake not ours to settle.
+            let typed = matches.value_source("node") == Some(ValueSource::CommandLine);
+            match &cli.node {
+                Some(flag) if typed && flag.trim() != node.trim() => {
+                    return Err(command.error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        format!("two nodes given: {node} (argument) and {flag} (--node); give one"),
+                    ));
+                }
+                _ => cli.node = Some(node),
+            }
+        }
         if cli.dry_run && matches!(cli.command, Some(Command::ReleaseGuard { .. })) {
-            return Err(Cli::command().error(
+            return Err(command.error(
                 clap::error::ErrorKind::ArgumentConflict,
                 "release-guard has no --dry-run: list what it would release with \
                  `kubectl get pods,pdb -n NAMESPACE -l app.kubernetes.io/name=nova-drain-guard`",
@@ -168,6 +211,19 @@ impl Cli {
         }
         Ok(cli)
     }
+}
+
+/// A usage error as one line for standard error, as every other bad input
+/// is: clap's message and tips, without its usage block, so scripts and logs
+/// that keep the first line keep the whole story.
+pub fn one_line(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    rendered
+        .split("\n\n")
+        .map(|block| block.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|block| !block.is_empty() && !block.starts_with("Usage:"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Longest `--time-out` taken: a week.
@@ -326,6 +382,71 @@ mod tests {
         let cli = parse(&["-enable", "-node", "n2"]).unwrap();
         assert!(cli.enable);
         assert_eq!(cli.node.as_deref(), Some("n2"));
+    }
+
+    #[test]
+    fn the_node_is_an_argument_as_kubectl_drain_takes_it() {
+        let cli = parse(&["host1", "--dry-run"]).unwrap();
+        assert_eq!((cli.node.as_deref(), cli.dry_run), (Some("host1"), true));
+        let cli = parse(&["-enable", "host2", "-config-path", "c.yaml"]).unwrap();
+        assert_eq!((cli.node.as_deref(), cli.enable), (Some("host2"), true));
+        assert_eq!(
+            parse(&["host1", "-node", "host1"]).unwrap().node.as_deref(),
+            Some("host1")
+        );
+        for args in [
+            ["host1", "--node", "host2"],
+            ["host1", "-node", "host2"],
+            ["--node=host2", "--", "host1"],
+        ] {
+            let error = parse(&args).unwrap_err();
+            assert_eq!(error.kind(), clap::error::ErrorKind::ArgumentConflict, "{args:?}");
+            let line = one_line(&error);
+            assert!(line.contains("host1") && line.contains("host2"), "{line}");
+            assert!(!line.contains('\n'), "{line}");
+        }
+        // The subcommands keep their names; a node called so is given with --node.
+        assert_eq!(parse(&["guard"]).unwrap().command, Some(Command::Guard));
+        assert_eq!(parse(&["--node", "guard"]).unwrap().node.as_deref(), Some("guard"));
+        assert!(parse(&["host1", "host2"]).is_err(), "one node");
+    }
+
+    #[test]
+    fn os_cloud_as_the_openstack_cli_takes_it() {
+        assert_eq!(
+            parse(&["--os-cloud", "prod", "host1"]).unwrap().os_cloud.as_deref(),
+            Some("prod")
+        );
+        assert_eq!(parse(&["-os-cloud=prod"]).unwrap().os_cloud.as_deref(), Some("prod"));
+        let cli = parse(&["release-guard", "--all", "--os-cloud", "prod"]).unwrap();
+        assert_eq!(cli.os_cloud.as_deref(), Some("prod"), "release-guard asks Nova too");
+    }
+
+    #[test]
+    fn as_a_kubectl_plugin_it_parses_alike_and_says_kubectl_drainer() {
+        let plugin = |args: &[&str]| {
+            Cli::parse_compatible(
+                std::iter::once("/usr/local/bin/kubectl-drainer")
+                    .chain(args.iter().copied())
+                    .map(String::from),
+            )
+        };
+        let cli = plugin(&["host1", "-o", "json", "--dry-run"]).unwrap();
+        assert_eq!((cli.node.as_deref(), cli.output), (Some("host1"), Output::Json));
+        let help = plugin(&["--help"]).unwrap_err();
+        assert_eq!(help.kind(), clap::error::ErrorKind::DisplayHelp);
+        assert!(help.to_string().contains("Usage: kubectl drainer"), "{help}");
+        assert!(parse(&["--help"]).unwrap_err().to_string().contains("Usage: drainer"));
+    }
+
+    #[test]
+    fn usage_errors_are_one_line_with_the_tip() {
+        let line = one_line(&parse(&["--nod", "host1"]).unwrap_err());
+        assert!(line.starts_with("error: unexpected argument '--nod'"), "{line}");
+        assert!(line.contains("'--node'"), "the tip stays: {line}");
+        assert!(!line.contains("Usage") && !line.contains('\n'), "{line}");
+        let line = one_line(&parse(&["-daemon", "-run-once"]).unwrap_err());
+        assert!(line.contains("cannot be used with"), "{line}");
     }
 
     #[test]

@@ -19,11 +19,26 @@ mod oracle;
 
 /// A configuration problem: the message names the key and what is wrong.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(String);
+#[error("{message}")]
+pub struct ConfigError {
+    message: String,
+    /// A credential no source gave: only then does the absence of the default config file explain it.
+    missing: bool,
+}
 
 fn invalid(message: impl Into<String>) -> ConfigError {
-    ConfigError(message.into())
+    ConfigError {
+        message: message.into(),
+        missing: false,
+    }
+}
+
+/// A credential that no source gave (see [`ConfigError::missing`]).
+fn missing(message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        message: message.into(),
+        missing: true,
+    }
 }
 
 /// Keystone credentials and how to reach the cloud.
@@ -178,27 +193,37 @@ impl Environment for ProcessEnvironment {
 
 /// Loads the config file (if `path` is given it must exist; the default
 /// `config.yaml` may be absent when the environment holds the credentials).
-pub fn load(path: &Path, path_is_explicit: bool, env: &dyn Environment) -> Result<Config, ConfigError> {
+/// `os_cloud` (`--os-cloud`) names the clouds.yaml entry in place of the
+/// file's `cloud` key and `OS_CLOUD`.
+pub fn load(
+    path: &Path,
+    path_is_explicit: bool,
+    os_cloud: Option<&str>,
+    env: &dyn Environment,
+) -> Result<Config, ConfigError> {
     let file = match std::fs::read_to_string(path) {
         Ok(text) => parse(&text).map_err(|e| invalid(format!("{}: {e}", path.display())))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path_is_explicit => {
             // Only the environment can hold the credentials: say so, not "config.yaml: missing ...".
-            return build(FileConfig::default(), None, env).map_err(|e| {
+            return build(FileConfig::default(), None, os_cloud, env).map_err(|e| {
+                if !e.missing {
+                    return e;
+                }
                 invalid(format!(
                     "{e}: there is no {} (the default config file) and the OS_* variables do not say it either; \
-                     pass -config-path FILE (see config.example.yaml) or source an openrc",
+                     pass -config-path FILE (see config.example.yaml), --os-cloud NAME or source an openrc",
                     path.display()
                 ))
             });
         }
         Err(e) => return Err(invalid(format!("cannot read config file {}: {e}", path.display()))),
     };
-    build(file, Some(path), env).map_err(|e| invalid(format!("{}: {e}", path.display())))
+    build(file, Some(path), os_cloud, env).map_err(|e| invalid(format!("{}: {e}", path.display())))
 }
 
 /// Parses and validates config text (no file, no clouds.yaml unless `cloud` is set).
 pub fn from_str(text: &str, env: &dyn Environment) -> Result<Config, ConfigError> {
-    build(parse(text)?, None, env)
+    build(parse(text)?, None, None, env)
 }
 
 fn parse(text: &str) -> Result<FileConfig, ConfigError> {
@@ -252,9 +277,26 @@ fn key_path_at(text: &str, line: usize) -> Option<String> {
     Some(path.join("."))
 }
 
-fn build(file: FileConfig, path: Option<&Path>, env: &dyn Environment) -> Result<Config, ConfigError> {
-    let cloud = match file.cloud.clone().or_else(|| env.var("OS_CLOUD")) {
-        Some(name) => clouds::read(&name, env)?,
+fn build(
+    file: FileConfig,
+    path: Option<&Path>,
+    os_cloud: Option<&str>,
+    env: &dyn Environment,
+) -> Result<Config, ConfigError> {
+    // Two clouds named on purpose, on the command line and in the file, are a
+    // mistake about which cloud to act on: not ours to settle by precedence.
+    let named = match (os_cloud, &file.cloud) {
+        (Some(flag), Some(theirs)) if flag != theirs => {
+            return Err(invalid(format!(
+                "--os-cloud {flag} and the config file's cloud {theirs} name different clouds: give one"
+            )));
+        }
+        (Some(name), _) => Some((name.to_string(), "--os-cloud")),
+        (None, Some(name)) => Some((name.clone(), "the config file's cloud")),
+        (None, None) => env.var("OS_CLOUD").map(|name| (name, "OS_CLOUD")),
+    };
+    let cloud = match &named {
+        Some((name, named_by)) => clouds::read(name, named_by, env)?,
         None => clouds::Entry::default(),
     };
     let file_settings = file_layer(&file);
@@ -703,7 +745,7 @@ fn credentials(
     let text = |key: &str| text_of(&settings, key);
     let mut c = Credentials {
         auth_url: text("auth_url")?.ok_or_else(|| {
-            invalid("missing auth_url (IdentityEndpoint in the old tool's format; OS_AUTH_URL in the environment)")
+            missing("missing auth_url (IdentityEndpoint in the old tool's format; OS_AUTH_URL in the environment)")
         })?,
         username: text("username")?,
         user_id: text("user_id")?,
@@ -780,7 +822,7 @@ fn credentials(
     match method {
         Method::ApplicationCredential => {
             let Some(secret) = &c.application_credential_secret else {
-                return Err(invalid(
+                return Err(missing(
                     "missing application_credential_secret (OS_APPLICATION_CREDENTIAL_SECRET)",
                 ));
             };
@@ -800,13 +842,13 @@ fn credentials(
         }
         Method::Password => {
             if c.username.is_none() && c.user_id.is_none() {
-                return Err(invalid(
+                return Err(missing(
                     "missing username (Username in the old tool's format; OS_USERNAME)",
                 ));
             }
             match &c.password {
                 None => {
-                    return Err(invalid(
+                    return Err(missing(
                         "missing password (Password in the old tool's format; OS_PASSWORD)",
                     ));
                 }
@@ -814,7 +856,7 @@ fn credentials(
                 Some(_) => {}
             }
             if c.project_name.is_none() && c.project_id.is_none() {
-                return Err(invalid(
+                return Err(missing(
                     "missing project: set project_name (TenantName in the old tool's format) or project_id; listing every project's servers needs an admin project-scoped token",
                 ));
             }
@@ -986,7 +1028,7 @@ mod tests {
         ]));
         let path = Path::new("/work/config.yaml");
         let file = parse(OLD_TOOL).unwrap();
-        let config = build(file, Some(path), &env).unwrap();
+        let config = build(file, Some(path), None, &env).unwrap();
         let cloud = &config.cloud;
         assert_eq!(cloud.auth_url, "http://keystone:5000/v3");
         assert_eq!(
@@ -1012,7 +1054,7 @@ mod tests {
         );
 
         let same = FakeEnv(HashMap::from([("OS_AUTH_URL", "http://keystone:5000/v3")]));
-        let config = build(parse(OLD_TOOL).unwrap(), Some(path), &same).unwrap();
+        let config = build(parse(OLD_TOOL).unwrap(), Some(path), None, &same).unwrap();
         assert!(config.cloud.overridden.is_empty(), "the same value overrides nothing");
         assert_eq!(config.cloud.sources, ["config file /work/config.yaml"]);
     }
@@ -1109,6 +1151,127 @@ mod tests {
         assert!(error.contains("verify must be true or false"), "{error}");
         let insecure = with_cloud("insecure", "    verify: false\n").expect("valid");
         assert!(insecure.credentials.insecure);
+    }
+
+    /// An environment with a home of its own and the variables given.
+    struct HomeEnv {
+        vars: HashMap<&'static str, String>,
+        dir: PathBuf,
+    }
+
+    impl Environment for HomeEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.vars.get(name).cloned()
+        }
+
+        fn current_dir(&self) -> Option<PathBuf> {
+            Some(self.dir.clone())
+        }
+    }
+
+    fn home_env(case: &str, vars: &[(&'static str, &str)]) -> HomeEnv {
+        let dir = std::env::temp_dir().join(format!("drainer-home-{}-{case}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut vars: HashMap<&'static str, String> = vars.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        vars.insert("HOME", dir.join("home").display().to_string());
+        HomeEnv { vars, dir }
+    }
+
+    #[test]
+    fn a_cloud_not_found_says_where_clouds_yaml_was_looked_for_in_openstacksdks_order() {
+        let env = home_env(
+            "nope",
+            &[("OS_CLOUD", "nope"), ("OS_CLIENT_CONFIG_FILE", "/nonexistent/c.yaml")],
+        );
+        let home = env.dir.join("home");
+        let error = load(&env.dir.join("config.yaml"), false, None, &env)
+            .unwrap_err()
+            .to_string();
+        let order = [
+            "OS_CLOUD nope",
+            "OS_CLIENT_CONFIG_FILE /nonexistent/c.yaml (absent)",
+            "clouds.yaml, clouds.yml, clouds.json in",
+            &format!("{}, ", env.dir.display()),
+            &format!("{}/.config/openstack, ", home.display()),
+            "/etc/xdg/openstack, /etc/openstack",
+        ];
+        let mut at = 0;
+        for part in order {
+            let found = error[at..].find(part);
+            assert!(found.is_some(), "{part:?} after byte {at} in {error}");
+            at += found.unwrap_or(0) + part.len();
+        }
+        assert!(
+            !error.contains("default config file"),
+            "no config file is not why: {error}"
+        );
+
+        // --os-cloud says the same, naming itself, and takes the place of OS_CLOUD.
+        let error = load(&env.dir.join("config.yaml"), false, Some("other"), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("--os-cloud other"), "{error}");
+
+        // XDG_CONFIG_HOME comes before ~/.config, as appdirs puts it.
+        let env = home_env("xdg", &[("OS_CLOUD", "nope"), ("XDG_CONFIG_HOME", "/x/config")]);
+        let error = from_str("", &env).unwrap_err().to_string();
+        let home = format!("{}/.config/openstack", env.dir.join("home").display());
+        let (xdg, home) = (error.find("/x/config/openstack"), error.find(&home));
+        assert!(xdg.is_some() && home.is_some() && xdg < home, "{error}");
+    }
+
+    #[test]
+    fn a_cloud_missing_from_the_clouds_yaml_found_names_that_file() {
+        let env = home_env("missing", &[]);
+        let clouds = env.dir.join("clouds.yaml");
+        std::fs::write(&clouds, "clouds:\n  lab:\n    auth:\n      auth_url: http://k/v3\n").expect("clouds.yaml");
+        let error = load(&env.dir.join("config.yaml"), false, Some("prod"), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with(&format!(
+                "--os-cloud prod is not in {} (it has [\"lab\"])",
+                clouds.display()
+            )),
+            "{error}"
+        );
+        assert!(error.contains("openstacksdk reads only that one"), "{error}");
+    }
+
+    #[test]
+    fn os_cloud_picks_the_entry_over_os_cloud_and_refuses_another_in_the_file() {
+        let env = home_env("pick", &[("OS_CLOUD", "lab")]);
+        let entry = |url: &str| {
+            format!(
+                "    auth:\n      auth_url: {url}\n      application_credential_id: a\n      application_credential_secret: s\n"
+            )
+        };
+        let text = format!(
+            "clouds:\n  lab:\n{}  prod:\n{}",
+            entry("http://lab/v3"),
+            entry("http://prod/v3")
+        );
+        std::fs::write(env.dir.join("clouds.yaml"), text).expect("clouds.yaml");
+        let no_file = env.dir.join("config.yaml");
+        let lab = load(&no_file, false, None, &env).expect("OS_CLOUD");
+        assert_eq!(lab.credentials.auth_url, "http://lab/v3");
+        let prod = load(&no_file, false, Some("prod"), &env).expect("--os-cloud");
+        assert_eq!(prod.credentials.auth_url, "http://prod/v3");
+        assert!(
+            prod.cloud.sources[0].starts_with("clouds.yaml entry prod"),
+            "{:?}",
+            prod.cloud.sources
+        );
+
+        let file = env.dir.join("drainer.yaml");
+        std::fs::write(&file, "cloud: lab\n").expect("config");
+        let same = load(&file, true, Some("lab"), &env).expect("the same cloud twice");
+        assert_eq!(same.credentials.auth_url, "http://lab/v3");
+        let error = load(&file, true, Some("prod"), &env).unwrap_err().to_string();
+        assert!(
+            error.contains("--os-cloud prod and the config file's cloud lab name different clouds"),
+            "{error}"
+        );
     }
 
     #[test]

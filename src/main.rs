@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use nova_kubernetes_drain::cli::{Cli, Command, Output};
+use nova_kubernetes_drain::cli::{self, Cli, Command, Output};
 use nova_kubernetes_drain::config::{self, CloudIdentity, Config, ProcessEnvironment};
 use nova_kubernetes_drain::daemon::release::{GuardRelease, release_guards};
 use nova_kubernetes_drain::daemon::{DaemonSettings, RetryBackoff};
@@ -19,9 +19,13 @@ use tracing::{error, info, warn};
 fn main() -> ExitCode {
     let cli = match Cli::parse_compatible(std::env::args()) {
         Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            eprintln!("{}", cli::one_line(&e));
+            return ExitCode::from(exit::USAGE as u8);
+        }
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { exit::USAGE as u8 } else { 0 });
+            return ExitCode::from(0);
         }
     };
     telemetry::init(cli.log_format);
@@ -266,7 +270,7 @@ fn apply_flags(cli: &Cli, config: &mut Config) {
     }
 }
 
-/// `--node` or `NODE_NAME` (set from the downward API in a DaemonSet), else the hostname.
+/// `drainer NODE`, `--node` or `NODE_NAME` (set from the downward API in a DaemonSet), else the hostname.
 fn node_name(cli: &Cli) -> Result<String, String> {
     if let Some(node) = cli.node.clone() {
         let node = node.trim().to_string();
@@ -293,7 +297,7 @@ fn hostname() -> Option<String> {
 fn load_config(cli: &Cli) -> Result<Config, config::ConfigError> {
     let explicit = cli.config_path.is_some();
     let path = cli.config_path.clone().unwrap_or_else(|| PathBuf::from("config.yaml"));
-    let config = config::load(&path, explicit, &ProcessEnvironment)?;
+    let config = config::load(&path, explicit, cli.os_cloud.as_deref(), &ProcessEnvironment)?;
     for overridden in &config.cloud.overridden {
         warn!("{overridden}: the config file wins (leave the key out of the file to use the environment)");
     }

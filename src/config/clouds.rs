@@ -77,23 +77,49 @@ fn refused_beside_auth(key: &str) -> Option<&'static str> {
     }
 }
 
-/// The directories openstacksdk searches, in its order.
+/// The directories openstacksdk (0.101, with appdirs) searches, in its
+/// order, without the repeats: the current directory, `CONFIG_HOME`
+/// (`$XDG_CONFIG_HOME/openstack`, else `~/.config/openstack`),
+/// `UNIX_CONFIG_HOME` (`$SNAP_REAL_HOME/.config/openstack`, else
+/// `~/.config/openstack`), `SITE_CONFIG_HOME` (`/etc/xdg/openstack`, or each
+/// of `$XDG_CONFIG_DIRS` + `/openstack` joined by `:` as one path, as appdirs'
+/// multipath gives it) and `/etc/openstack`.
 fn search_dirs(env: &dyn Environment) -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
-    dirs.extend(env.current_dir());
-    if let Some(config_home) = env.var("XDG_CONFIG_HOME") {
-        dirs.push(Path::new(&config_home).join("openstack"));
+    let home_config = env.var("HOME").map(|home| Path::new(&home).join(".config/openstack"));
+    let config_home = env
+        .var("XDG_CONFIG_HOME")
+        .map(|config_home| Path::new(&config_home).join("openstack"))
+        .or_else(|| home_config.clone());
+    let unix_config_home = env
+        .var("SNAP_REAL_HOME")
+        .map(|real_home| Path::new(&real_home).join(".config/openstack"))
+        .or(home_config);
+    let site_dirs = env.var("XDG_CONFIG_DIRS").unwrap_or_else(|| "/etc/xdg".into());
+    let site_config_home: Vec<String> = site_dirs
+        .split(':')
+        .map(|dir| format!("{}/openstack", dir.trim_end_matches('/')))
+        .collect();
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let all = env
+        .current_dir()
+        .into_iter()
+        .chain(config_home)
+        .chain(unix_config_home)
+        .chain([
+            PathBuf::from(site_config_home.join(":")),
+            PathBuf::from("/etc/openstack"),
+        ]);
+    for dir in all {
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
     }
-    if let Some(home) = env.var("HOME") {
-        dirs.push(Path::new(&home).join(".config/openstack"));
-    }
-    dirs.push(PathBuf::from("/etc/xdg/openstack"));
-    dirs.push(PathBuf::from("/etc/openstack"));
     dirs
 }
 
-/// The first of `stem`.yaml, .yml or .json found (after the file named by `override_var`).
-fn find(env: &dyn Environment, override_var: Option<&str>, stem: &str) -> Option<PathBuf> {
+/// Every file openstacksdk would try for `stem`, in its order: the one
+/// `override_var` names, then `stem`.yaml, .yml and .json in each directory.
+fn candidates(env: &dyn Environment, override_var: Option<&str>, stem: &str) -> Vec<PathBuf> {
     override_var
         .and_then(|var| env.var(var))
         .map(PathBuf::from)
@@ -103,7 +129,25 @@ fn find(env: &dyn Environment, override_var: Option<&str>, stem: &str) -> Option
                 .into_iter()
                 .flat_map(|dir| ["yaml", "yml", "json"].map(|suffix| dir.join(format!("{stem}.{suffix}")))),
         )
+        .collect()
+}
+
+/// The first of `stem`.yaml, .yml or .json found (after the file named by `override_var`).
+fn find(env: &dyn Environment, override_var: Option<&str>, stem: &str) -> Option<PathBuf> {
+    candidates(env, override_var, stem)
+        .into_iter()
         .find(|path| path.is_file())
+}
+
+/// Where clouds.yaml was looked for, in order, for a message: an operator
+/// whose cloud is not found sees at once which file or directory they meant.
+fn searched(env: &dyn Environment) -> String {
+    let dirs: Vec<String> = search_dirs(env).iter().map(|d| d.display().to_string()).collect();
+    let named = env.var("OS_CLIENT_CONFIG_FILE").map_or_else(String::new, |file| {
+        let state = if Path::new(&file).is_file() { "" } else { " (absent)" };
+        format!("OS_CLIENT_CONFIG_FILE {file}{state}, then ")
+    });
+    format!("{named}clouds.yaml, clouds.yml, clouds.json in {}", dirs.join(", "))
 }
 
 fn read_yaml(path: &Path) -> Result<Map<String, Yaml>, ConfigError> {
@@ -152,13 +196,16 @@ fn mapping(value: Option<Yaml>, what: &str) -> Result<Map<String, Yaml>, ConfigE
     }
 }
 
-/// Reads cloud `name` from the first clouds.yaml found, with its secure.yaml
-/// part and its profile.
-pub(super) fn read(name: &str, env: &dyn Environment) -> Result<Entry, ConfigError> {
+/// Reads cloud `name` (`named_by`: `--os-cloud`, `OS_CLOUD` or the config
+/// file's cloud) from the first clouds.yaml found, with its secure.yaml part
+/// and its profile.
+pub(super) fn read(name: &str, named_by: &str, env: &dyn Environment) -> Result<Entry, ConfigError> {
     let at = format!("cloud {name:?}");
     let Some(path) = find(env, Some("OS_CLIENT_CONFIG_FILE"), "clouds") else {
-        let dirs: Vec<String> = search_dirs(env).iter().map(|d| d.display().to_string()).collect();
-        return Err(invalid(format!("{at}: no clouds.yaml in {}", dirs.join(", "))));
+        return Err(invalid(format!(
+            "{named_by} {name}: no clouds.yaml found; looked, in openstacksdk's order, at {}",
+            searched(env)
+        )));
     };
     let mut root = read_yaml(&path)?;
     if let Some(secure) = find(env, Some("OS_CLIENT_SECURE_FILE"), "secure") {
@@ -167,7 +214,11 @@ pub(super) fn read(name: &str, env: &dyn Environment) -> Result<Entry, ConfigErr
     let mut clouds = mapping(root.remove("clouds"), &format!("{}: clouds", path.display()))?;
     let Some(entry) = clouds.remove(name) else {
         let names: Vec<&String> = clouds.keys().collect();
-        return Err(invalid(format!("{at} is not in {} (it has {names:?})", path.display())));
+        return Err(invalid(format!(
+            "{named_by} {name} is not in {} (it has {names:?}), the first found of {}: openstacksdk reads only that one",
+            path.display(),
+            searched(env)
+        )));
     };
     let mut cloud = normalise(mapping(Some(entry), &at)?);
     let profile = cloud.remove("profile").or_else(|| cloud.remove("cloud"));

@@ -1333,6 +1333,71 @@ mod tests {
         assert_eq!(config.nova_host, "{node}");
     }
 
+    /// Records the field names (aliases included) a derived `Deserialize`
+    /// asks for: the keys the parser accepts, straight from the parser.
+    struct FieldNames(&'static [&'static str]);
+
+    impl<'de> serde::Deserializer<'de> for &mut FieldNames {
+        type Error = serde::de::value::Error;
+
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            self.0 = fields;
+            Err(serde::de::Error::custom("fields recorded"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
+            unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+
+    fn accepted_keys<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+        let mut names = FieldNames(&[]);
+        let _ = T::deserialize(&mut names);
+        names.0
+    }
+
+    #[test]
+    fn the_example_config_shows_every_key_the_parser_accepts() {
+        let example = include_str!("../config.example.yaml");
+        // A key is shown where a line, commented out or not, starts with it at its indent.
+        let shown = |key: &str, indent: &str| {
+            example.lines().any(|line| {
+                let text = line.trim_start_matches(' ');
+                let text = text.strip_prefix("# ").unwrap_or(text);
+                let line = format!("{}{text}", &line[..line.len() - line.trim_start_matches(' ').len()]);
+                line.strip_prefix(indent)
+                    .and_then(|rest| rest.strip_prefix(key))
+                    .is_some_and(|rest| rest.starts_with(':'))
+            })
+        };
+        let top = accepted_keys::<FileConfig>();
+        for old in ["IdentityEndpoint", "Username", "UserID", "TenantID", "DomainName"] {
+            assert!(top.contains(&old), "aliases are among the accepted keys: {top:?}");
+        }
+        let missing: Vec<&str> = top.iter().copied().filter(|key| !shown(key, "")).collect();
+        assert!(missing.is_empty(), "config.example.yaml does not show {missing:?}");
+        let migration = accepted_keys::<MigrationSection>();
+        assert!(migration.contains(&"max_parallel"), "{migration:?}");
+        let missing: Vec<&str> = migration.iter().copied().filter(|key| !shown(key, "  ")).collect();
+        assert!(
+            missing.is_empty(),
+            "config.example.yaml's migration does not show {missing:?}"
+        );
+        for status in ["ACTIVE", "PAUSED", "SHUTOFF", "SUSPENDED", "ERROR"] {
+            assert!(shown(status, "  "), "state_policy {status}");
+        }
+    }
+
     #[test]
     fn malformed_yaml_is_a_clear_error() {
         let error = from_str("IdentityEndpoint: [unclosed\n", &no_env())

@@ -221,9 +221,10 @@ pub fn one_line(error: &clap::Error) -> String {
     rendered
         .split("\n\n")
         .map(|block| block.split_whitespace().collect::<Vec<_>>().join(" "))
-        .filter(|block| !block.is_empty() && !block.starts_with("Usage:"))
+        .filter(|block| !block.is_empty() && !block.starts_with("Usage:") && !block.starts_with("For more information"))
         .collect::<Vec<_>>()
         .join("; ")
+        + " (try --help)"
 }
 
 /// Longest `--time-out` taken: a week.

@@ -921,3 +921,59 @@ async fn a_vm_holding_a_class_no_candidate_has_is_refused_naming_the_class() {
     assert_eq!(host_of(&lab.server(&id).await), "host1");
     assert!(lab.live_migrations(&id).await.is_empty());
 }
+
+/// The habits of kubectl and the openstack CLI, end to end on the lab:
+/// `kubectl drainer host1 --os-cloud lab --dry-run -o json` (the kubectl
+/// plugin, the node as an argument, a clouds.yaml entry, kubectl's short
+/// output flag) plans host1 of the lab from that entry and changes nothing.
+#[tokio::test]
+async fn kubectl_drainer_host1_os_cloud_plans_from_clouds_yaml() {
+    let _exclusive = Lab::exclusive().await;
+    let lab = Lab::connect().await;
+    lab.reset().await;
+    let id = lab.boot(BootSpec::new("habits")).await.remove(0);
+
+    let dir = std::env::temp_dir().join(format!("drainer-habits-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(dir.join("bin")).expect("scratch dir");
+    std::os::unix::fs::symlink(DRAINER, dir.join("bin/kubectl-drainer")).expect("plugin symlink");
+    let clouds = format!(
+        "clouds:\n  lab:\n    auth:\n      auth_url: {}\n      username: {}\n      password: {}\n      \
+         project_name: admin\n      user_domain_id: default\n      project_domain_id: default\n",
+        lab.keystone_url(),
+        support::openstack::USERNAME,
+        support::openstack::PASSWORD
+    );
+    std::fs::write(dir.join("clouds.yaml"), clouds).expect("clouds.yaml");
+    let path = format!(
+        "{}:{}",
+        dir.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = tokio::process::Command::new("kubectl")
+        .args(["drainer", "host1", "--os-cloud", "lab", "--dry-run", "-o", "json"])
+        .current_dir(&dir)
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", &dir)
+        .output()
+        .await
+        .expect("run kubectl (tests/lab/up.sh installs it)");
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let report = run.report();
+    assert_eq!(report["result"], "planned", "{report:#}");
+    assert_eq!((&report["node"], &report["host"]), (&json!("host1"), &json!("host1")));
+    assert_eq!(vm(&report, &id)["outcome"], "planned");
+    let source = report["cloud"]["sources"][0].as_str().unwrap_or_default();
+    assert!(source.starts_with("clouds.yaml entry lab ("), "{:#}", report["cloud"]);
+    assert_eq!(report["cloud"]["auth_url"], lab.keystone_url());
+    assert!(!run.stderr.contains("its hostname"), "the node came from the argument");
+    assert_eq!(lab.service("host1").await["status"], "enabled");
+    assert_eq!(host_of(&lab.server(&id).await), "host1");
+    assert!(lab.live_migrations(&id).await.is_empty());
+}

@@ -302,7 +302,15 @@ fn build(
     let file_settings = file_layer(&file);
     let env_settings = env_layer(env);
     let credentials = credentials(&file_settings, &env_settings, &cloud, env)?;
-    let identity = identify(&credentials, &file_settings, &env_settings, &cloud, path);
+    let mut identity = identify(&credentials, &file_settings, &env_settings, &cloud, path);
+    // The file's cloud over a different OS_CLOUD is the same silent case as its other keys.
+    if let (None, Some(ours), Some(theirs)) = (os_cloud, &file.cloud, env.var("OS_CLOUD"))
+        && *ours != theirs
+    {
+        identity.overridden.push(format!(
+            "the config file's cloud ({ours}) overrides OS_CLOUD ({theirs})"
+        ));
+    }
     let nova_host = file.nova_host.clone().unwrap_or_else(|| "{node}".to_string());
     validate_template(&nova_host)?;
     let evacuation = settings(&file)?;
@@ -1267,6 +1275,19 @@ mod tests {
         std::fs::write(&file, "cloud: lab\n").expect("config");
         let same = load(&file, true, Some("lab"), &env).expect("the same cloud twice");
         assert_eq!(same.credentials.auth_url, "http://lab/v3");
+        let same = load(&file, true, None, &env).expect("the file's cloud");
+        assert!(same.cloud.overridden.is_empty(), "OS_CLOUD names the same");
+        let mut other = HomeEnv {
+            vars: env.vars.clone(),
+            dir: env.dir.clone(),
+        };
+        other.vars.insert("OS_CLOUD", "prod".into());
+        let file_wins = load(&file, true, None, &other).expect("the file's cloud");
+        assert_eq!(file_wins.credentials.auth_url, "http://lab/v3");
+        assert_eq!(
+            file_wins.cloud.overridden,
+            ["the config file's cloud (lab) overrides OS_CLOUD (prod)"]
+        );
         let error = load(&file, true, Some("prod"), &env).unwrap_err().to_string();
         assert!(
             error.contains("--os-cloud prod and the config file's cloud lab name different clouds"),

@@ -9,7 +9,7 @@ use nova_kubernetes_drain::cli::{Cli, Command, Output};
 use nova_kubernetes_drain::config::{self, CloudIdentity, Config, ProcessEnvironment};
 use nova_kubernetes_drain::daemon::release::{GuardRelease, release_guards};
 use nova_kubernetes_drain::daemon::{DaemonSettings, RetryBackoff};
-use nova_kubernetes_drain::evacuation::{Engine, EvacuationError, Report, RestoreOptions, StopRequest, Target};
+use nova_kubernetes_drain::evacuation::{Engine, EvacuationError, Report, RestoreOptions, StopRequest, Target, View};
 use nova_kubernetes_drain::kube::Guard;
 use nova_kubernetes_drain::nova::NovaClient;
 use nova_kubernetes_drain::{exit, telemetry};
@@ -150,7 +150,7 @@ async fn run(cli: Cli) -> i32 {
     observer.finish();
     match result {
         Ok(report) => {
-            print_report(&report, &config.cloud, cli.output);
+            print_report(&report, &config.cloud, cli.output, &report_view(&cli));
             info!(nova_requests = client.requests(), "done");
             report.exit_code()
         }
@@ -300,10 +300,23 @@ fn load_config(cli: &Cli) -> Result<Config, config::ConfigError> {
     Ok(config)
 }
 
+/// Where the human report is read: the terminal's width, and the command
+/// its next steps name, with the config file this run used.
+fn report_view(cli: &Cli) -> View {
+    let command = match &cli.config_path {
+        Some(path) => format!("drainer -config-path {}", path.display()),
+        None => "drainer".to_string(),
+    };
+    View {
+        width: telemetry::report_width(),
+        command,
+    }
+}
+
 /// The report, with the cloud it was made on.
-fn print_report(report: &Report, cloud: &CloudIdentity, output: Output) {
+fn print_report(report: &Report, cloud: &CloudIdentity, output: Output, view: &View) {
     match output {
-        Output::Human => print!("cloud: {cloud}\n{}", report.to_human()),
+        Output::Human => print!("cloud: {cloud}\n{}", report.to_human(view)),
         Output::Json => {
             let json = serde_json::to_value(report).map(|mut json| {
                 json["cloud"] = serde_json::json!(cloud);

@@ -9,6 +9,8 @@ use serde::Serialize;
 use super::compute::{Capacity, HostCapacity, Resources};
 use super::plan::{Action, NeedsFrom, Unplaced, VmNeeds, show};
 
+mod table;
+
 /// What finally happened to one VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -35,6 +37,20 @@ impl Outcome {
     /// Whether the VM is no longer a reason for the host to hold VMs.
     pub fn is_success(&self) -> bool {
         matches!(self, Outcome::Migrated | Outcome::Deleted)
+    }
+
+    /// As `--output json` spells it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Migrated => "migrated",
+            Outcome::Deleted => "deleted",
+            Outcome::Skipped => "skipped",
+            Outcome::Failed => "failed",
+            Outcome::Aborted => "aborted",
+            Outcome::InProgress => "in-progress",
+            Outcome::NotStarted => "not-started",
+            Outcome::Planned => "planned",
+        }
     }
 }
 
@@ -152,23 +168,152 @@ pub struct Report {
     /// which stops with an error on a shortfall).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capacity: Option<CapacityCheck>,
+    /// A dry run's forecast of the real run (none in a real run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<Prediction>,
 }
 
-impl Report {
-    /// Process exit code: 0 only when the host is empty, or for a dry run
-    /// whose VMs fit elsewhere (a real run would stop on the shortfall).
-    pub fn exit_code(&self) -> i32 {
-        let shortfall = self.capacity.as_ref().is_some_and(|c| !c.unplaced.is_empty());
-        match self.result {
-            RunResult::Succeeded => crate::exit::DONE,
-            RunResult::Planned if !shortfall => crate::exit::DONE,
-            RunResult::Interrupted => crate::exit::INTERRUPTED,
-            _ => crate::exit::FAILED,
+/// Where the human report is read, which decides its layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct View {
+    /// The columns to fit, a terminal's width; `None` (a pipe, a file) cuts nothing.
+    pub width: Option<usize>,
+    /// How the operator runs the drainer (`drainer -config-path c.yaml`): the
+    /// next steps name commands to paste.
+    pub command: String,
+}
+
+impl Default for View {
+    fn default() -> Self {
+        View {
+            width: None,
+            command: "drainer".into(),
+        }
+    }
+}
+
+/// What the real run would do now, and how it would end, as a dry run
+/// forecasts it: a dry run that exits 0 where the run exits 1 would send an
+/// operator into a maintenance that cannot finish. It assumes every
+/// migration Nova is asked for succeeds; failures no look ahead can see
+/// (a destination that refuses, a migration that never converges) can still
+/// make the run end worse.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Prediction {
+    /// Whether the run would disable the nova-compute service (it is enabled
+    /// and nothing stops the run before).
+    pub disables_service: bool,
+    pub live_migrations: usize,
+    pub cold_migrations: usize,
+    /// Whether the capacity check would stop the run before any migration.
+    pub stopped_by_capacity_check: bool,
+    /// Ids of the VMs the run would leave on the host (the state policy skips them).
+    pub stays: Vec<String>,
+    /// How the run would end: `succeeded` or `failed`.
+    pub result: RunResult,
+    /// The exit code it would end with; the dry run exits with it too.
+    pub exit_code: i32,
+    /// Why it would not succeed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+}
+
+impl Prediction {
+    /// The forecast from a dry run's plan (`vms`) and capacity check, for a
+    /// service now `enabled`; `disable_first` when the run disables the
+    /// service before it checks the capacity (the agent: the node is cordoned already).
+    pub fn new(enabled: bool, disable_first: bool, vms: &[VmReport], capacity: Option<&CapacityCheck>) -> Prediction {
+        let count = |action| vms.iter().filter(|vm| vm.action == action).count();
+        let stays: Vec<&VmReport> = vms.iter().filter(|vm| vm.action == Action::Skip).collect();
+        let shortfall = capacity.map(|c| c.unplaced.len()).filter(|n| *n > 0);
+        let why = if let Some(unplaced) = shortfall {
+            Some(format!(
+                "the capacity check would stop it before any migration: {unplaced} VM(s) do not fit on the other \
+                 hypervisors"
+            ))
+        } else if !stays.is_empty() {
+            let mut states: Vec<&str> = stays.iter().map(|vm| vm.status.as_str()).collect();
+            states.sort_unstable();
+            states.dedup();
+            Some(format!(
+                "{} VM(s) would stay on the host ({}: left in place by the state policy, Nova cannot move them)",
+                stays.len(),
+                states.join(", ")
+            ))
+        } else {
+            None
+        };
+        let (result, exit_code) = match why {
+            None => (RunResult::Succeeded, crate::exit::DONE),
+            Some(_) => (RunResult::Failed, crate::exit::FAILED),
+        };
+        Prediction {
+            disables_service: enabled && (shortfall.is_none() || disable_first),
+            stopped_by_capacity_check: shortfall.is_some(),
+            live_migrations: count(Action::LiveMigrate),
+            cold_migrations: count(Action::ColdMigrate),
+            stays: stays.iter().map(|vm| vm.id.clone()).collect(),
+            result,
+            exit_code,
+            why,
         }
     }
 
-    /// The report as an operator reads it on a terminal.
-    pub fn to_human(&self) -> String {
+    /// The forecast in two lines: what the run would do, and how it would end.
+    pub fn describe(&self, host: &str) -> String {
+        let mut steps = Vec::new();
+        if self.disables_service {
+            steps.push(format!("disable nova-compute on {host}"));
+        }
+        if self.stopped_by_capacity_check {
+            steps.push("stop at the capacity check, before any migration".to_string());
+        } else {
+            if self.live_migrations > 0 {
+                steps.push(format!("live-migrate {} VM(s)", self.live_migrations));
+            }
+            if self.cold_migrations > 0 {
+                steps.push(format!("cold-migrate {} VM(s)", self.cold_migrations));
+            }
+            if !self.stays.is_empty() {
+                steps.push(format!("leave {} VM(s) in place", self.stays.len()));
+            }
+        }
+        let plan = if steps.is_empty() {
+            "change nothing (no VM on the host, the service already disabled)".to_string()
+        } else {
+            steps.join(", ")
+        };
+        let ending = match &self.why {
+            None => format!(
+                "end with the host empty, exit {}, if every migration succeeds",
+                self.exit_code
+            ),
+            Some(why) => format!("end FAILED, exit {}: {why}", self.exit_code),
+        };
+        format!(
+            "a run now would: {plan}\nit would {ending}; this dry run exits {} likewise",
+            self.exit_code
+        )
+    }
+}
+
+impl Report {
+    /// Process exit code: 0 only when the host is empty; a dry run exits as
+    /// the run it plans would end ([`Prediction::exit_code`]).
+    pub fn exit_code(&self) -> i32 {
+        match self.result {
+            RunResult::Succeeded => crate::exit::DONE,
+            RunResult::Planned => match &self.prediction {
+                Some(prediction) => prediction.exit_code,
+                None => crate::exit::DONE,
+            },
+            RunResult::Interrupted => crate::exit::INTERRUPTED,
+            RunResult::Failed | RunResult::TimedOut => crate::exit::FAILED,
+        }
+    }
+
+    /// The report as an operator reads it, laid out for `view`.
+    pub fn to_human(&self, view: &View) -> String {
         let mut out = String::new();
         let verdict = match self.result {
             RunResult::Succeeded => "evacuated: the hypervisor is empty",
@@ -223,41 +368,132 @@ impl Report {
                 let _ = writeln!(out, "  {id} does not fit: {reason}");
             }
         }
-        if self.vms.is_empty() {
-            return out;
+        if !self.vms.is_empty() {
+            out.push_str(&self.table(view.width));
         }
-        let _ = writeln!(
-            out,
-            "{:<36}  {:<20}  {:<32}  {:<9}  {:>7}  {:<12}  {:<14}  {:>3}  {:>7}  {:<11}  reason",
-            "id", "name", "project", "state", "RAM MiB", "action", "destination", "try", "seconds", "outcome"
-        );
-        for vm in &self.vms {
-            let action = match vm.action {
-                Action::LiveMigrate => "live-migrate",
-                Action::ColdMigrate => "cold-migrate",
-                Action::Skip => "skip",
-            };
-            let line = format!(
-                "{:<36}  {:<20}  {:<32}  {:<9}  {:>7}  {:<12}  {:<14}  {:>3}  {:>7.1}  {:<11}  {}",
-                vm.id,
-                truncate(&vm.name, 20),
-                truncate(vm.project.as_deref().unwrap_or(&vm.project_id), 32),
-                vm.status,
-                vm.ram_mb,
-                action,
-                vm.destination.as_deref().unwrap_or("-"),
-                vm.attempts,
-                vm.duration_seconds,
-                serde_json::to_value(&vm.outcome)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
-                vm.reason.as_deref().unwrap_or("")
-            );
-            // No padding left at the end of a line without a reason.
-            let _ = writeln!(out, "{}", line.trim_end());
+        if let Some(prediction) = &self.prediction {
+            let _ = writeln!(out, "{}", prediction.describe(&self.host));
+        }
+        for step in self.next_steps(&view.command) {
+            let _ = writeln!(out, "next: {step}");
         }
         out
+    }
+
+    /// One row per VM, fitted to `width` (see [`table`]).
+    fn table(&self, width: Option<usize>) -> String {
+        use table::{Align, Column, Fit};
+        let column = |header, align, fit| Column { header, align, fit };
+        let columns = [
+            column("id", Align::Left, Fit::Prefix),
+            column("name", Align::Left, Fit::Middle),
+            column("project", Align::Left, Fit::Middle),
+            column("state", Align::Left, Fit::Keep),
+            column("RAM MiB", Align::Right, Fit::Keep),
+            column("action", Align::Left, Fit::Keep),
+            column("to", Align::Left, Fit::Keep),
+            column("try", Align::Right, Fit::Keep),
+            column("seconds", Align::Right, Fit::Keep),
+            column("outcome", Align::Left, Fit::Keep),
+        ];
+        let rows: Vec<Vec<String>> = self
+            .vms
+            .iter()
+            .map(|vm| {
+                vec![
+                    vm.id.clone(),
+                    vm.name.clone(),
+                    vm.project.clone().unwrap_or_else(|| vm.project_id.clone()),
+                    vm.status.clone(),
+                    vm.ram_mb.to_string(),
+                    vm.action.as_str().to_string(),
+                    vm.destination.clone().unwrap_or_else(|| "-".into()),
+                    vm.attempts.to_string(),
+                    format!("{:.1}", vm.duration_seconds),
+                    vm.outcome.as_str().to_string(),
+                ]
+            })
+            .collect();
+        let reasons: Vec<Option<String>> = self.vms.iter().map(|vm| vm.reason.clone()).collect();
+        table::render(&columns, &rows, &reasons, "reason", width)
+    }
+
+    /// What the operator does next, with the commands to type; `command` is
+    /// how they run the drainer (`drainer -config-path c.yaml`).
+    pub fn next_steps(&self, command: &str) -> Vec<String> {
+        let again = format!("`{command} --node {}`", self.node);
+        let enable = format!("`{command} -enable --node {}`", self.node);
+        let by_hand = format!("`openstack compute service set --enable {} nova-compute`", self.host);
+        let still_moving = self.vms.iter().any(|vm| vm.outcome == Outcome::InProgress);
+        match self.result {
+            RunResult::Planned => {
+                let Some(prediction) = &self.prediction else {
+                    return vec![];
+                };
+                if prediction.exit_code == crate::exit::DONE {
+                    vec![format!("{again} evacuates the host")]
+                } else if !prediction.stays.is_empty() {
+                    vec![format!(
+                        "make the VMs that would stay movable (resume a SUSPENDED one, ask its owner about an ERROR one) \
+                         or move them yourself, then {again}; a run now would move the others and exit 1"
+                    )]
+                } else {
+                    vec![format!(
+                        "make room on the other hypervisors (or enable another), then {again}; \
+                         --skip-capacity-check moves the VMs anyway"
+                    )]
+                }
+            }
+            RunResult::Succeeded if self.service_disabled_by_us => vec![format!(
+                "do the maintenance; afterwards {enable} re-enables nova-compute on {}",
+                self.host
+            )],
+            RunResult::Succeeded => match &self.service_disabled_reason {
+                Some(_) => vec![format!(
+                    "do the maintenance; nova-compute on {} stays disabled as someone else left it (-enable \
+                     does not touch it): {by_hand} when it should take VMs again",
+                    self.host
+                )],
+                None => vec![],
+            },
+            RunResult::Failed | RunResult::TimedOut => {
+                let mut steps = vec![format!(
+                    "{} VM(s) are still on {}: act on the reasons above, then {again} carries on with what is left",
+                    self.servers_left_on_host, self.host
+                )];
+                if still_moving {
+                    steps.push("migrations left in progress go on in Nova; a new run follows them".to_string());
+                }
+                steps.push(self.call_off(&enable, &by_hand, still_moving));
+                steps
+            }
+            RunResult::Interrupted => {
+                let mut steps = vec![format!("{again} carries on with what is left")];
+                if still_moving {
+                    steps[0] = format!(
+                        "migrations in flight go on in Nova; {again} carries on with what is left and follows them"
+                    );
+                }
+                steps.push(self.call_off(&enable, &by_hand, still_moving));
+                steps
+            }
+        }
+    }
+
+    /// How to give up the maintenance and let the host take VMs again.
+    fn call_off(&self, enable: &str, by_hand: &str, still_moving: bool) -> String {
+        match (self.service_disabled_by_us, still_moving) {
+            (true, false) => format!("to call the maintenance off instead: {enable}"),
+            (true, true) => format!(
+                "to call the maintenance off instead: {enable} once the migrations in flight have ended \
+                 (--force enables at once)"
+            ),
+            (false, _) if self.service_disabled_reason.is_some() => format!(
+                "nova-compute on {} was disabled by someone else and stays so; {by_hand} enables it",
+                self.host
+            ),
+            (false, _) => format!("nova-compute on {} is enabled", self.host),
+        }
     }
 
     fn capacity_verdict(&self, capacity: &CapacityCheck) -> String {
@@ -289,15 +525,5 @@ impl Report {
                 capacity.unplaced.join(", ")
             )
         }
-    }
-}
-
-fn truncate(text: &str, width: usize) -> String {
-    if text.chars().count() <= width {
-        text.to_string()
-    } else {
-        let mut cut: String = text.chars().take(width - 1).collect();
-        cut.push('~');
-        cut
     }
 }

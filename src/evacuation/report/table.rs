@@ -50,7 +50,8 @@ pub(super) struct Column {
 
 /// The table as text: `rows` hold one cell per column, `notes` one optional
 /// free text per row (the reason), shown last under `note_header`. With a
-/// `width`, lines are kept within it where cutting what may be cut allows;
+/// `width`, lines are kept within it by cutting what may be cut, and `None`
+/// when even that is not enough (the caller lays the rows out otherwise);
 /// without one, nothing is cut.
 pub(super) fn render(
     columns: &[Column],
@@ -58,7 +59,7 @@ pub(super) fn render(
     notes: &[Option<String>],
     note_header: &str,
     width: Option<usize>,
-) -> String {
+) -> Option<String> {
     let mut cells: Vec<Vec<String>> = (0..columns.len())
         .map(|c| rows.iter().map(|row| row.get(c).cloned().unwrap_or_default()).collect())
         .collect();
@@ -89,7 +90,7 @@ pub(super) fn render(
             }
             let target = widths[c].saturating_sub(total - width);
             cells[c] = match fit {
-                Fit::Prefix => shorten_prefix(&cells[c], target),
+                Fit::Prefix => shorten_prefix(&cells[c]),
                 Fit::Middle => shorten_middle(&cells[c], target),
                 Fit::Keep => continue,
             };
@@ -98,6 +99,9 @@ pub(super) fn render(
     }
 
     let fixed = line_width(&widths);
+    if width.is_some_and(|width| fixed > width) {
+        return None;
+    }
     let longest_note = notes.iter().flatten().map(|n| n.width()).max();
     // Where the reasons go: their own column (wrapped in it if need be), or under each row.
     let notes_at = match (longest_note, width) {
@@ -136,7 +140,7 @@ pub(super) fn render(
             _ => push_line(&mut out, columns, &widths, &row, None),
         }
     }
-    out
+    Some(out)
 }
 
 enum Notes {
@@ -174,9 +178,11 @@ fn push_line(out: &mut String, columns: &[Column], widths: &[usize], cells: &[St
     out.push('\n');
 }
 
-/// Cuts each value to its first `target - 1` columns and an ellipsis, or to
-/// as many more as keep distinct values distinct (at least [`PREFIX_FLOOR`]).
-fn shorten_prefix(values: &[String], target: usize) -> Vec<String> {
+/// Cuts each value to the shortest prefix (and an ellipsis) that keeps
+/// distinct values distinct, at least [`PREFIX_FLOOR`] columns. Once a UUID must be cut at all, a longer
+/// prefix tells no more than the shortest distinct one: the columns go to
+/// the reason instead, as git shortens hashes.
+fn shorten_prefix(values: &[String]) -> Vec<String> {
     let natural = values.iter().map(|v| v.width()).max().unwrap_or(0);
     let cut = |keep: usize| -> Vec<String> {
         values
@@ -190,7 +196,7 @@ fn shorten_prefix(values: &[String], target: usize) -> Vec<String> {
             })
             .collect()
     };
-    let mut keep = target.saturating_sub(ELLIPSIS.width()).max(PREFIX_FLOOR);
+    let mut keep = PREFIX_FLOOR;
     while keep + ELLIPSIS.width() < natural {
         let shortened = cut(keep);
         if keeps_apart(values, &shortened) {
@@ -276,20 +282,20 @@ fn tail(text: &str, columns: usize) -> String {
 }
 
 /// `text` in lines of at most `columns`, broken between words (inside a word
-/// only when the word alone is wider).
-fn wrap(text: &str, columns: usize) -> Vec<String> {
+/// only when the word alone is wider). A `quoted command` stays whole, even
+/// if wider: it is there to be pasted.
+pub(super) fn wrap(text: &str, columns: usize) -> Vec<String> {
     let columns = columns.max(1);
     let mut lines = Vec::new();
     let mut line = String::new();
-    for word in text.split_whitespace() {
-        let mut word = word.to_string();
+    for mut word in words(text) {
         loop {
             let needed = if line.is_empty() {
                 word.width()
             } else {
                 line.width() + 1 + word.width()
             };
-            if needed <= columns {
+            if needed <= columns || (line.is_empty() && word.contains('`')) {
                 if !line.is_empty() {
                     line.push(' ');
                 }
@@ -318,6 +324,25 @@ fn wrap(text: &str, columns: usize) -> Vec<String> {
         lines.push(line);
     }
     lines
+}
+
+/// The words of `text`, a `quoted span` counting as one.
+fn words(text: &str) -> Vec<String> {
+    let mut words: Vec<String> = Vec::new();
+    let mut open = false;
+    for word in text.split_whitespace() {
+        match words.last_mut() {
+            Some(last) if open => {
+                last.push(' ');
+                last.push_str(word);
+            }
+            _ => words.push(word.to_string()),
+        }
+        if word.matches('`').count() % 2 == 1 {
+            open = !open;
+        }
+    }
+    words
 }
 
 #[cfg(test)]
@@ -369,14 +394,14 @@ mod tests {
             "6f1d3c2a-1111-4000-8000-000000000002",
             "0b7e9d10-2222-4000-8000-000000000003",
         ]);
-        let short = shorten_prefix(&ids, 1);
+        let short = shorten_prefix(&ids);
         assert_eq!(short, ["6f1d3c2a-0…", "6f1d3c2a-1…", "0b7e9d10-2…"]);
     }
 
     #[test]
     fn a_value_that_cannot_be_told_apart_when_cut_is_kept_whole() {
         let ids = strings(&["abcdefghij1", "abcdefghij2"]);
-        assert_eq!(shorten_prefix(&ids, 4), ids);
+        assert_eq!(shorten_prefix(&ids), ids);
     }
 
     #[test]
@@ -392,5 +417,9 @@ mod tests {
         assert_eq!(wrap("one two three", 7), ["one two", "three"]);
         assert_eq!(wrap("abcdefghij", 4), ["abcd", "efgh", "ij"]);
         assert_eq!(wrap("", 4), [""]);
+        assert_eq!(
+            wrap("then `drainer -enable --node host1`; done", 12),
+            ["then", "`drainer -enable --node host1`;", "done"]
+        );
     }
 }

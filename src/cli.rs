@@ -15,10 +15,11 @@ use clap::{CommandFactory, Parser, ValueEnum};
     long_about = None,
     after_help = "Every long flag also works with one dash, as the old Go tool wrote them: \
                   -config-path, -run-once, -daemon, -time-out, -enable, -node ...\n\n\
-                  Exit codes: 0 the hypervisor is empty, or the requested change is done (a dry run: \
-                  the run would succeed); 1 some VM could not be moved or the time ran out, or -enable / \
-                  release-guard left the service or a guard as it was; 2 bad usage, configuration or \
-                  credentials (nothing was changed); 130 stopped by Ctrl-C."
+                  Exit codes: 0 the hypervisor is empty, or the requested change is done; 1 some VM \
+                  could not be moved or the time ran out, or -enable / release-guard left the service or a \
+                  guard as it was; 2 bad usage, configuration or credentials (nothing was changed); 130 \
+                  stopped by Ctrl-C. A dry run exits as the run would end (1: a VM would stay or would not \
+                  fit)."
 )]
 pub struct Cli {
     /// Config file (the old tool's keys or the documented ones) [default: ./config.yaml, which may be absent when

@@ -174,20 +174,21 @@ pub fn progress_line(total: usize, moved: usize, not_moved: usize, running: usiz
     line
 }
 
-/// The width the human report fits: `COLUMNS` when set (as `ls` and
-/// Python's `shutil` honour it), else the terminal's on standard output;
-/// `None` when standard output is not a terminal, so a report piped to a
-/// file or `grep` keeps every id and name whole.
+/// The width the human report fits when standard output is a terminal:
+/// `COLUMNS` when set (as `ls` and Python's `shutil` honour it), else the
+/// terminal's own. `None` when standard output is not a terminal, even with
+/// `COLUMNS` exported (as CI runners and some shells do): a report piped to
+/// a file or `grep` keeps every id and name whole.
 pub fn report_width() -> Option<usize> {
+    let stdout = std::io::stdout();
+    if !stdout.is_terminal() {
+        return None;
+    }
     let columns = std::env::var("COLUMNS")
         .ok()
         .and_then(|c| c.trim().parse::<usize>().ok());
     if let Some(columns) = columns.filter(|c| *c > 0) {
         return Some(columns);
-    }
-    let stdout = std::io::stdout();
-    if !stdout.is_terminal() {
-        return None;
     }
     match rustix::termios::tcgetwinsize(&stdout) {
         Ok(size) if size.ws_col > 0 => Some(usize::from(size.ws_col)),
@@ -450,5 +451,18 @@ pub mod server {
             Ok(()) => (StatusCode::OK, "ready\n".to_string()),
             Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::progress_line;
+
+    #[test]
+    fn the_progress_line_tells_running_queued_and_not_moved_apart() {
+        // max_parallel 1, queue_ahead 1: one runs, one waits in Nova (it read "2 migrating").
+        assert_eq!(progress_line(4, 0, 0, 1, 1), "[0/4 VMs moved, 1 migrating, 1 queued in Nova]");
+        // After a time-out: one moved, two not (it read "3/3 VMs done").
+        assert_eq!(progress_line(3, 1, 2, 0, 0), "[1/3 VMs moved, 0 migrating, 2 not moved]");
     }
 }

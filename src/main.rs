@@ -9,7 +9,9 @@ use nova_kubernetes_drain::cli::{Cli, Command, Output};
 use nova_kubernetes_drain::config::{self, CloudIdentity, Config, ProcessEnvironment};
 use nova_kubernetes_drain::daemon::release::{GuardRelease, release_guards};
 use nova_kubernetes_drain::daemon::{DaemonSettings, RetryBackoff};
-use nova_kubernetes_drain::evacuation::{Engine, EvacuationError, Report, RestoreOptions, StopRequest, Target, View};
+use nova_kubernetes_drain::evacuation::{
+    Engine, EvacuationError, Report, RestoreOptions, StopRequest, Target, View, report,
+};
 use nova_kubernetes_drain::kube::Guard;
 use nova_kubernetes_drain::nova::NovaClient;
 use nova_kubernetes_drain::{exit, telemetry};
@@ -316,7 +318,11 @@ fn report_view(cli: &Cli) -> View {
 /// The report, with the cloud it was made on.
 fn print_report(report: &Report, cloud: &CloudIdentity, output: Output, view: &View) {
     match output {
-        Output::Human => print!("cloud: {cloud}\n{}", report.to_human(view)),
+        Output::Human => print!(
+            "{}{}",
+            report::fit(&format!("cloud: {cloud}"), view.width),
+            report.to_human(view)
+        ),
         Output::Json => {
             let json = serde_json::to_value(report).map(|mut json| {
                 json["cloud"] = serde_json::json!(cloud);

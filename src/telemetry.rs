@@ -461,8 +461,14 @@ mod tests {
     #[test]
     fn the_progress_line_tells_running_queued_and_not_moved_apart() {
         // max_parallel 1, queue_ahead 1: one runs, one waits in Nova (it read "2 migrating").
-        assert_eq!(progress_line(4, 0, 0, 1, 1), "[0/4 VMs moved, 1 migrating, 1 queued in Nova]");
+        assert_eq!(
+            progress_line(4, 0, 0, 1, 1),
+            "[0/4 VMs moved, 1 migrating, 1 queued in Nova]"
+        );
         // After a time-out: one moved, two not (it read "3/3 VMs done").
-        assert_eq!(progress_line(3, 1, 2, 0, 0), "[1/3 VMs moved, 0 migrating, 2 not moved]");
+        assert_eq!(
+            progress_line(3, 1, 2, 0, 0),
+            "[1/3 VMs moved, 0 migrating, 2 not moved]"
+        );
     }
 }

@@ -14,6 +14,14 @@ mod table;
 /// Hanging indent of a wrapped sentence's further lines.
 const PROSE_INDENT: usize = 2;
 
+/// `text` with each line wrapped at `width` as the report's sentences are
+/// (for what is printed beside the report, such as the cloud's name).
+pub fn fit(text: &str, width: Option<usize>) -> String {
+    let mut out = String::new();
+    prose(&mut out, text, width);
+    out
+}
+
 /// Writes `text` line by line, each wrapped at `width` with a hanging
 /// indent (a `command` is never broken: it is there to be pasted).
 fn prose(out: &mut String, text: &str, width: Option<usize>) {

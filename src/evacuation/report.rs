@@ -465,7 +465,7 @@ impl Report {
             columns.extend([
                 column("to", Align::Left, Fit::Keep),
                 column("try", Align::Right, Fit::Keep),
-                column("seconds", Align::Right, Fit::Keep),
+                column("secs", Align::Right, Fit::Keep),
             ]);
         }
         columns.push(column("outcome", Align::Left, Fit::Keep));

@@ -306,12 +306,22 @@ fn load_config(cli: &Cli) -> Result<Config, config::ConfigError> {
 /// its next steps name, with the config file this run used.
 fn report_view(cli: &Cli) -> View {
     let command = match &cli.config_path {
-        Some(path) => format!("drainer -config-path {}", path.display()),
+        Some(path) => format!("drainer -config-path {}", shell_word(&path.display().to_string())),
         None => "drainer".to_string(),
     };
     View {
         width: telemetry::report_width(),
         command,
+    }
+}
+
+/// `word` as a shell reads it back: quoted when it holds more than plain path characters.
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+:@%,=".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
     }
 }
 

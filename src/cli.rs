@@ -21,10 +21,11 @@ use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
                   -config-path, -run-once, -daemon, -time-out, -enable, -node ...\n\n\
                   As a kubectl plugin (the binary or a symlink named kubectl-drainer on the PATH): \
                   kubectl drainer NODE ...\n\n\
-                  Exit codes: 0 the hypervisor is empty, or the requested change is done (a dry run: \
-                  the run would succeed); 1 some VM could not be moved or the time ran out, or -enable / \
-                  release-guard left the service or a guard as it was; 2 bad usage, configuration or \
-                  credentials (nothing was changed); 130 stopped by Ctrl-C."
+                  Exit codes: 0 the hypervisor is empty, or the requested change is done; 1 some VM \
+                  could not be moved or the time ran out, or -enable / release-guard left the service or a \
+                  guard as it was; 2 bad usage, configuration or credentials (nothing was changed); 130 \
+                  stopped by Ctrl-C. A dry run exits as the run would end (1: a VM would stay or would not \
+                  fit)."
 )]
 pub struct Cli {
     /// The Kubernetes node to act on, as `kubectl drain NODE` takes it (the same as --node).

@@ -9,7 +9,9 @@ use nova_kubernetes_drain::cli::{self, Cli, Command, Output};
 use nova_kubernetes_drain::config::{self, CloudIdentity, Config, ProcessEnvironment};
 use nova_kubernetes_drain::daemon::release::{GuardRelease, release_guards};
 use nova_kubernetes_drain::daemon::{DaemonSettings, RetryBackoff};
-use nova_kubernetes_drain::evacuation::{Engine, EvacuationError, Report, RestoreOptions, StopRequest, Target};
+use nova_kubernetes_drain::evacuation::{
+    Engine, EvacuationError, Report, RestoreOptions, StopRequest, Target, View, report,
+};
 use nova_kubernetes_drain::kube::Guard;
 use nova_kubernetes_drain::nova::NovaClient;
 use nova_kubernetes_drain::{exit, telemetry};
@@ -154,7 +156,7 @@ async fn run(cli: Cli) -> i32 {
     observer.finish();
     match result {
         Ok(report) => {
-            print_report(&report, &config.cloud, cli.output);
+            print_report(&report, &config.cloud, cli.output, &report_view(&cli));
             info!(nova_requests = client.requests(), "done");
             report.exit_code()
         }
@@ -304,10 +306,40 @@ fn load_config(cli: &Cli) -> Result<Config, config::ConfigError> {
     Ok(config)
 }
 
+/// Where the human report is read: the terminal's width, and the command
+/// its next steps name, with the config file this run used.
+fn report_view(cli: &Cli) -> View {
+    let mut command = "drainer".to_string();
+    if let Some(path) = &cli.config_path {
+        command.push_str(&format!(" -config-path {}", shell_word(&path.display().to_string())));
+    }
+    if let Some(cloud) = &cli.os_cloud {
+        command.push_str(&format!(" --os-cloud {}", shell_word(cloud)));
+    }
+    View {
+        width: telemetry::report_width(),
+        command,
+    }
+}
+
+/// `word` as a shell reads it back: quoted when it holds more than plain path characters.
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+:@%,=".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
 /// The report, with the cloud it was made on.
-fn print_report(report: &Report, cloud: &CloudIdentity, output: Output) {
+fn print_report(report: &Report, cloud: &CloudIdentity, output: Output, view: &View) {
     match output {
-        Output::Human => print!("cloud: {cloud}\n{}", report.to_human()),
+        Output::Human => print!(
+            "{}{}",
+            report::fit(&format!("cloud: {cloud}"), view.width),
+            report.to_human(view)
+        ),
         Output::Json => {
             let json = serde_json::to_value(report).map(|mut json| {
                 json["cloud"] = serde_json::json!(cloud);

@@ -144,14 +144,61 @@ impl Observer for ConsoleObserver {
             Event::NotMigratable { server, reason } => {
                 warn!(server = %server.id, name = %server.name, status = %server.status, %reason, "VM not moved")
             }
-            Event::Progress { done, total, in_flight } => {
+            Event::Progress {
+                total,
+                moved,
+                not_moved,
+                running,
+                queued_in_nova,
+            } => {
                 if self.progress_line {
-                    self.draw(format!("[{done}/{total} VMs done, {in_flight} migrating]"));
+                    self.draw(progress_line(*total, *moved, *not_moved, *running, *queued_in_nova));
                 }
             }
         }
     }
 }
+
+/// The progress line's text: what moved, what Nova runs and holds queued
+/// (with `max_parallel: 1` and `queue_ahead: 1` two are in Nova's hands but
+/// one runs), and what will not move, so a time-out never reads as done.
+pub fn progress_line(total: usize, moved: usize, not_moved: usize, running: usize, queued_in_nova: usize) -> String {
+    let mut line = format!("[{moved}/{total} VMs moved, {running} migrating");
+    if queued_in_nova > 0 {
+        line.push_str(&format!(", {queued_in_nova} queued in Nova"));
+    }
+    if not_moved > 0 {
+        line.push_str(&format!(", {not_moved} not moved"));
+    }
+    line.push(']');
+    line
+}
+
+/// The width the human report fits when standard output is a terminal:
+/// `COLUMNS` when set (as `ls` and Python's `shutil` honour it), else the
+/// terminal's own. `None` when standard output is not a terminal, even with
+/// `COLUMNS` exported (as CI runners and some shells do): a report piped to
+/// a file or `grep` keeps every id and name whole.
+pub fn report_width() -> Option<usize> {
+    let stdout = std::io::stdout();
+    if !stdout.is_terminal() {
+        return None;
+    }
+    let columns = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse::<usize>().ok());
+    if let Some(columns) = columns.filter(|c| *c > 0) {
+        return Some(columns);
+    }
+    match rustix::termios::tcgetwinsize(&stdout) {
+        Ok(size) if size.ws_col > 0 => Some(usize::from(size.ws_col)),
+        // A terminal that does not tell its size (a serial console): the classic width.
+        _ => Some(DEFAULT_TERMINAL_WIDTH),
+    }
+}
+
+/// Columns assumed for a terminal that does not tell its size.
+const DEFAULT_TERMINAL_WIDTH: usize = 80;
 
 /// Prometheus metrics of the agent, served on `/metrics`.
 pub mod metrics {
@@ -404,5 +451,24 @@ pub mod server {
             Ok(()) => (StatusCode::OK, "ready\n".to_string()),
             Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::progress_line;
+
+    #[test]
+    fn the_progress_line_tells_running_queued_and_not_moved_apart() {
+        // max_parallel 1, queue_ahead 1: one runs, one waits in Nova (it read "2 migrating").
+        assert_eq!(
+            progress_line(4, 0, 0, 1, 1),
+            "[0/4 VMs moved, 1 migrating, 1 queued in Nova]"
+        );
+        // After a time-out: one moved, two not (it read "3/3 VMs done").
+        assert_eq!(
+            progress_line(3, 1, 2, 0, 0),
+            "[1/3 VMs moved, 0 migrating, 2 not moved]"
+        );
     }
 }

@@ -157,11 +157,34 @@ async fn cold_migrates_shutoff_and_leaves_error_vms_alone() {
     lab.stop(&shutoff).await;
     lab.reset_to_error(&broken).await;
 
-    let run = drainer(
-        &format!("{}{FAST}", lab.drainer_config()),
-        &["--node", "host1", "--output", "json"],
-    )
-    .await;
+    // The dry run foresees it: it exits as the run will, and says why.
+    let config = format!("{}{FAST}", lab.drainer_config());
+    let dry = drainer(&config, &["--node", "host1", "--dry-run", "--output", "json"]).await;
+    assert_eq!(dry.code, 1, "{}", dry.stderr);
+    let prediction = &dry.report()["prediction"];
+    assert_eq!(prediction["exit_code"], 1, "{prediction}");
+    assert_eq!(prediction["result"], "failed");
+    assert_eq!(prediction["disables_service"], true);
+    assert_eq!(prediction["stays"], serde_json::json!([broken]));
+    assert_eq!(
+        (&prediction["live_migrations"], &prediction["cold_migrations"]),
+        (&serde_json::json!(1), &serde_json::json!(1))
+    );
+    let dry = drainer(&config, &["--node", "host1", "--dry-run"]).await;
+    assert_eq!(dry.code, 1, "{}", dry.stderr);
+    assert!(
+        dry.stdout.contains("a run now would: disable nova-compute on host1")
+            && dry.stdout.contains("this dry run exits 1"),
+        "{}",
+        dry.stdout
+    );
+    assert_eq!(
+        lab.service("host1").await["status"],
+        "enabled",
+        "a dry run changes nothing"
+    );
+
+    let run = drainer(&config, &["--node", "host1", "--output", "json"]).await;
     assert_eq!(run.code, 1, "an ERROR VM stays behind, so the host is not empty");
     let report = run.report();
     assert_eq!(report["result"], "failed");
@@ -523,6 +546,11 @@ async fn enable_refuses_while_an_evacuation_runs_and_after_an_operators_disable(
     let report: Value = serde_json::from_slice(&ended.stdout).expect("the report, as JSON");
     assert_eq!(report["result"], "interrupted");
     assert_eq!(vm(&report, &stuck)["outcome"], "in-progress", "left to Nova");
+    assert_eq!(
+        vm(&report, &stuck)["project"],
+        "admin",
+        "named though the run returned at once"
+    );
 
     // The migration left to Nova ends with its server; then the service may come back.
     lab.delete(&stuck).await;

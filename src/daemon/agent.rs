@@ -702,9 +702,10 @@ impl<K: Cluster> Observer for AgentObserver<K> {
                 "VMNotMigratable",
                 format!("{} ({}) stays: {reason}", vm(server), server.status),
             ),
-            Event::Progress { done, total, .. } => {
+            Event::Progress { total, moved, .. } => {
+                // A VM that failed to move is still on the host.
                 let all = self.total.load(Ordering::Relaxed).max(*total);
-                let left = all.saturating_sub(*done);
+                let left = all.saturating_sub(*moved);
                 self.metrics.vms_remaining.set(left as i64);
                 let _ = self.left.send(left);
             }

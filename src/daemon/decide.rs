@@ -597,6 +597,7 @@ mod tests {
             servers_left_on_host: left,
             duration_seconds: 12.0,
             capacity: None,
+            prediction: None,
             vms: vec![VmReport {
                 id: "vm-1".into(),
                 name: "web".into(),

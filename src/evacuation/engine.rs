@@ -1,7 +1,7 @@
 //! The evacuation itself: disable the service, move every VM within the
 //! configured limits, judge each outcome from Nova's own records, report.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use futures::future::{BoxFuture, join_all};
@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::compute::{Capacity, ChangeMark, Compute, ComputeError, ComputeService, Migration, Server, is_ended};
 use super::plan::{self, Action, PlannedVm, Shortfall, StatePolicy};
-use super::report::{CapacityCheck, Outcome, Report, RunResult, VmReport};
+use super::report::{CapacityCheck, Outcome, Prediction, Report, RunResult, VmReport};
 
 /// Prefix of every `disabled_reason` we write; a service whose reason does not
 /// start with it was disabled by someone else and is never enabled by us.
@@ -187,10 +187,19 @@ pub enum Event<'a> {
         server: &'a Server,
         reason: &'a str,
     },
+    /// How the VMs to move stand; each is counted once, skipped ones not at all.
     Progress {
-        done: usize,
+        /// The VMs to move (more when a second listing finds newcomers).
         total: usize,
-        in_flight: usize,
+        /// Moved off the host (or deleted meanwhile).
+        moved: usize,
+        /// That this run will not move: failed, aborted, not started.
+        not_moved: usize,
+        /// Migrations Nova runs from the host (at the end: left to Nova, still running).
+        running: usize,
+        /// Migrations handed to Nova ahead of a free slot, which it holds
+        /// queued behind the running ones (`queue_ahead`).
+        queued_in_nova: usize,
     },
 }
 
@@ -613,7 +622,8 @@ impl<'a, C: Compute> Engine<'a, C> {
                 vm_report(&p.server, p.action, &target.host, 0, 0.0, outcome, reason, None)
             })
             .collect();
-        let vms = self.name_projects(vms).await;
+        let vms = self.name_projects(vms, HashMap::new()).await;
+        let prediction = Prediction::new(service.enabled, self.settings.disable_first, &vms, capacity.as_ref());
         Ok(Report {
             node: target.node.clone(),
             host: target.host.clone(),
@@ -624,6 +634,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             servers_left_on_host: planned.len(),
             vms,
             capacity,
+            prediction: Some(prediction),
         })
     }
 
@@ -663,9 +674,18 @@ impl<'a, C: Compute> Engine<'a, C> {
             (disabled, self.plan(target).await?)
         };
 
-        let (vms, ending) = self
-            .move_all(target, planned, listed_at, relisting, started, &mut stop)
-            .await;
+        // The projects are named while the VMs move, so that a report cut
+        // short (Ctrl-C returns at once) names them too.
+        let project_ids = planned.iter().map(|p| p.server.project_id.clone()).collect();
+        let mut naming = std::pin::pin!(self.project_names(project_ids));
+        let mut moving = std::pin::pin!(self.move_all(target, planned, listed_at, relisting, started, &mut stop));
+        let mut names = None;
+        let (vms, ending) = loop {
+            tokio::select! {
+                moved = &mut moving => break moved,
+                found = &mut naming, if names.is_none() => names = Some(found),
+            }
+        };
 
         // Housekeeping kept off the way to the first migration; not when asked to return at once.
         let leave_at_once = matches!(ending, Some(Ending::Stopped(StopRequest::LeaveInFlight)));
@@ -677,10 +697,17 @@ impl<'a, C: Compute> Engine<'a, C> {
                 }
             },
             async {
+                let names = match names {
+                    Some(names) => names,
+                    // Not waited for when asked to return at once.
+                    None if leave_at_once => HashMap::new(),
+                    None => naming.await,
+                };
                 if leave_at_once {
-                    vms
+                    name(vms, &names)
                 } else {
-                    self.name_projects(vms).await
+                    // VMs a second listing found may belong to other projects.
+                    self.name_projects(vms, names).await
                 }
             }
         );
@@ -707,31 +734,40 @@ impl<'a, C: Compute> Engine<'a, C> {
             servers_left_on_host: left,
             vms,
             capacity: None,
+            prediction: None,
         })
     }
 
-    /// The report's VMs with their projects' names: one Keystone look-up per
-    /// project, side by side. Best effort: a project Keystone does not name
-    /// (deleted, or the account may not read it) keeps only its id.
-    async fn name_projects(&self, mut vms: Vec<VmReport>) -> Vec<VmReport> {
-        let mut ids: Vec<&str> = vms.iter().map(|vm| vm.project_id.as_str()).collect();
+    /// The report's VMs with their projects' names, `known` already (a
+    /// `None`: Keystone was asked and did not name it), the others looked up.
+    async fn name_projects(&self, vms: Vec<VmReport>, mut known: ProjectNames) -> Vec<VmReport> {
+        let unknown = vms
+            .iter()
+            .filter(|vm| !known.contains_key(&vm.project_id))
+            .map(|vm| vm.project_id.clone())
+            .collect();
+        known.extend(self.project_names(unknown).await);
+        name(vms, &known)
+    }
+
+    /// The names of these projects: one Keystone look-up per project, side
+    /// by side. Best effort: a project Keystone does not name (deleted, or
+    /// the account may not read it) maps to `None`, and the report keeps its id.
+    async fn project_names(&self, mut ids: Vec<String>) -> ProjectNames {
         ids.sort_unstable();
         ids.dedup();
-        let names = join_all(ids.into_iter().map(|id| async move {
-            match self.compute.project_name(id).await {
-                Ok(name) => Some((id.to_string(), name)),
+        join_all(ids.into_iter().map(|id| async move {
+            match self.compute.project_name(&id).await {
+                Ok(name) => (id, Some(name)),
                 Err(e) => {
                     debug!(project = id, error = %e, "no project name");
-                    None
+                    (id, None)
                 }
             }
         }))
-        .await;
-        let names: std::collections::HashMap<String, String> = names.into_iter().flatten().collect();
-        for vm in &mut vms {
-            vm.project = names.get(&vm.project_id).cloned();
-        }
-        vms
+        .await
+        .into_iter()
+        .collect()
     }
 
     /// Every server on the host now, with its action, in the order they will move.
@@ -938,11 +974,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             if ending.is_some() && ending_since.elapsed() >= SETTLE_GRACE {
                 break;
             }
-            self.observer.event(&Event::Progress {
-                done: reports.iter().filter(|r| r.action != Action::Skip).count(),
-                total,
-                in_flight: flights.len(),
-            });
+            self.observer.event(&progress(total, &reports, &flights));
 
             let next_poll = flights.iter().filter(|f| !f.waiting_in_nova).map(|f| f.next_poll).min();
             if let Some(listed) = self.pause(stop, next_poll, &mut relisting).await {
@@ -1027,11 +1059,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                 None,
             ));
         }
-        self.observer.event(&Event::Progress {
-            done: total,
-            total,
-            in_flight: 0,
-        });
+        self.observer.event(&progress(total, &reports, &[]));
         (reports, ending)
     }
 
@@ -1845,6 +1873,33 @@ enum Start {
     Done(VmReport),
     Later(Job),
     Failed(Job, String),
+}
+
+/// Project names by id; `None` where Keystone did not name the project.
+type ProjectNames = HashMap<String, Option<String>>;
+
+/// The VMs with the names of their projects where known.
+fn name(mut vms: Vec<VmReport>, names: &ProjectNames) -> Vec<VmReport> {
+    for vm in &mut vms {
+        vm.project = names.get(&vm.project_id).cloned().flatten();
+    }
+    vms
+}
+
+/// Where the moves stand, from the VMs reported and the migrations in flight.
+fn progress(total: usize, reports: &[VmReport], flights: &[Flight]) -> Event<'static> {
+    let moves = || reports.iter().filter(|r| r.action != Action::Skip);
+    let left_to_nova = moves().filter(|r| r.outcome == Outcome::InProgress).count();
+    let queued_in_nova = flights.iter().filter(|f| f.waiting_in_nova).count();
+    Event::Progress {
+        total,
+        moved: moves().filter(|r| r.outcome.is_success()).count(),
+        not_moved: moves()
+            .filter(|r| !r.outcome.is_success() && r.outcome != Outcome::InProgress)
+            .count(),
+        running: flights.len() - queued_in_nova + left_to_nova,
+        queued_in_nova,
+    }
 }
 
 fn skip_reason(server: &Server) -> String {

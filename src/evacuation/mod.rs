@@ -15,7 +15,7 @@ pub use engine::{
     RestoreOutcome, Settings, StopRequest, Target, disabled_reason, is_our_reason,
 };
 pub use plan::{Action, StatePolicy};
-pub use report::{CapacityCheck, Outcome, Report, RunResult, VmReport};
+pub use report::{CapacityCheck, Outcome, Prediction, Report, RunResult, View, VmReport};
 
 #[cfg(test)]
 pub(crate) mod fake;

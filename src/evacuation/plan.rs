@@ -20,6 +20,15 @@ pub enum Action {
 }
 
 impl Action {
+    /// As `--output json` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::LiveMigrate => "live-migrate",
+            Action::ColdMigrate => "cold-migrate",
+            Action::Skip => "skip",
+        }
+    }
+
     /// Whether Nova accepts this action for a VM in `status`.
     pub fn allowed_for(self, status: &str) -> bool {
         match self {

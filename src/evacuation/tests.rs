@@ -673,9 +673,11 @@ async fn a_dry_run_shows_the_capacity_verdict_and_changes_nothing() {
     assert_eq!(capacity.candidates[0].host, "cmp-dst-1");
     assert_eq!(report.exit_code(), 1, "a run would stop on the shortfall");
     assert!(
-        report.to_human().contains("SHORTFALL: 1 of the 2 VM(s)"),
+        report
+            .to_human(&View::default())
+            .contains("SHORTFALL: 1 of the 2 VM(s)"),
         "{}",
-        report.to_human()
+        report.to_human(&View::default())
     );
 
     cloud.other_hosts(&[("cmp-dst-2", 32768)]);
@@ -691,6 +693,131 @@ async fn a_dry_run_shows_the_capacity_verdict_and_changes_nothing() {
     let calls = cloud.calls();
     assert!(calls.disable.is_empty() && calls.starts.is_empty());
     assert!(cloud.service().enabled);
+}
+
+/// A SUSPENDED VM cannot be moved: the real run ends FAILED with exit 1,
+/// and the dry run says so and exits 1 too, instead of promising success.
+#[tokio::test(start_paused = true)]
+async fn a_dry_run_exits_as_the_run_it_plans_would_end() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("up", "ACTIVE", 512);
+    cloud.add_vm("off", "SHUTOFF", 512);
+    cloud.add_vm("asleep", "SUSPENDED", 512);
+
+    let dry = Engine::new(&cloud, &Settings::default(), &Quiet)
+        .preview(&target())
+        .await
+        .expect("preview");
+
+    let prediction = dry.prediction.clone().expect("a dry run forecasts");
+    assert!(prediction.disables_service);
+    assert_eq!((prediction.live_migrations, prediction.cold_migrations), (1, 1));
+    assert_eq!(prediction.stays, ["asleep"]);
+    assert_eq!(prediction.result, RunResult::Failed);
+    let human = dry.to_human(&View::default());
+    assert!(human.contains(&format!("disable nova-compute on {SOURCE}")), "{human}");
+    assert!(human.contains("this dry run exits 1"), "{human}");
+    let json = serde_json::to_value(&dry).expect("json");
+    assert_eq!(json["prediction"]["exit_code"], 1, "{json:#}");
+    assert_eq!(json["prediction"]["stays"][0], "asleep", "{json:#}");
+    assert!(cloud.calls().disable.is_empty() && cloud.service().enabled);
+
+    let real = evacuate(&cloud, &Settings::default()).await;
+    assert_eq!(real.result, RunResult::Failed);
+    assert_eq!(dry.exit_code(), real.exit_code());
+    assert_eq!(real.exit_code(), 1);
+    assert_eq!(real.prediction, None);
+
+    // Once the VM can move, both exit 0; the service is disabled already (by that run).
+    cloud.lock().vms.get_mut("asleep").expect("asleep").server.status = "ACTIVE".into();
+    let dry = Engine::new(&cloud, &Settings::default(), &Quiet)
+        .preview(&target())
+        .await
+        .expect("preview");
+    let prediction = dry.prediction.clone().expect("a dry run forecasts");
+    assert!(!prediction.disables_service, "ours already");
+    assert_eq!((prediction.result, dry.exit_code()), (RunResult::Succeeded, 0));
+    let real = evacuate(&cloud, &Settings::default()).await;
+    assert_eq!(real.exit_code(), dry.exit_code());
+}
+
+/// Remembers the progress the engine tells.
+#[derive(Default)]
+struct ProgressSeen(std::sync::Mutex<Vec<[usize; 5]>>);
+
+impl ProgressSeen {
+    fn all(&self) -> Vec<[usize; 5]> {
+        self.0.lock().expect("not poisoned").clone()
+    }
+}
+
+impl Observer for ProgressSeen {
+    fn event(&self, event: &Event<'_>) {
+        if let Event::Progress {
+            total,
+            moved,
+            not_moved,
+            running,
+            queued_in_nova,
+        } = event
+        {
+            let seen = [*total, *moved, *not_moved, *running, *queued_in_nova];
+            self.0.lock().expect("not poisoned").push(seen);
+        }
+    }
+}
+
+/// With `max_parallel: 1` and one migration handed ahead, Nova runs one
+/// and holds one queued: the progress says so, never "2 migrating".
+#[tokio::test(start_paused = true)]
+async fn progress_tells_the_migration_nova_runs_from_the_one_it_holds_queued() {
+    let cloud = four_on_a_queueing_nova();
+    let seen = ProgressSeen::default();
+    let (_never_stop, stop) = watch::channel(StopRequest::Continue);
+
+    let report = Engine::new(&cloud, &Settings::default(), &seen)
+        .evacuate(&target(), stop)
+        .await
+        .expect("the evacuation runs");
+
+    assert_eq!(report.result, RunResult::Succeeded);
+    let seen = seen.all();
+    assert!(seen.iter().all(|[.., running, _]| *running <= 1), "{seen:?}");
+    assert!(seen.contains(&[4, 0, 0, 1, 1]), "{seen:?}");
+    assert_eq!(seen.last(), Some(&[4, 4, 0, 0, 0]));
+}
+
+/// A time-out ends the run with VMs left: the last progress counts them as
+/// not moved (it used to show every VM done).
+#[tokio::test(start_paused = true)]
+async fn progress_after_a_time_out_counts_what_did_not_move() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("quick", "ACTIVE", 512);
+    cloud.add_vm("stuck", "ACTIVE", 1024);
+    cloud.add_vm("later", "ACTIVE", 2048);
+    cloud.script("quick", &[Script::Complete { after: secs(30) }]);
+    cloud.script("stuck", &[Script::Stall { progress_for: secs(5) }]);
+    let settings = Settings {
+        timeout: Some(secs(60)),
+        budget: Budget::Fixed(secs(600)),
+        stall_after: None,
+        on_budget_exceeded: BudgetAction::Abort,
+        ..Settings::default()
+    };
+    let seen = ProgressSeen::default();
+    let (_never_stop, stop) = watch::channel(StopRequest::Continue);
+
+    let report = Engine::new(&cloud, &settings, &seen)
+        .evacuate(&target(), stop)
+        .await
+        .expect("the evacuation runs");
+
+    assert_eq!(report.result, RunResult::TimedOut);
+    assert_eq!(
+        seen.all().last(),
+        Some(&[3, 1, 2, 0, 0]),
+        "1 moved, stuck aborted, later never started"
+    );
 }
 
 fn classes(pairs: &[(&str, u64)]) -> Resources {
@@ -746,7 +873,7 @@ async fn capacity_is_weighed_by_placement_allocations_class_by_class() {
         .find(|c| c.class == "DISK_GB")
         .expect("DISK_GB balance");
     assert_eq!((disk.needed, disk.free), (40, 0));
-    let human = report.to_human();
+    let human = report.to_human(&View::default());
     assert!(human.contains("SHORTFALL: 2 of the 3 VM(s)"), "{human}");
     assert!(
         human.contains("local does not fit: needs 20 DISK_GB, which no candidate holds"),
@@ -836,7 +963,7 @@ async fn the_report_names_projects_and_keeps_the_id_of_one_keystone_cannot_name(
         (orphan.project.as_deref(), orphan.project_id.as_str()),
         (None, "deleted-project")
     );
-    let table = report.to_human();
+    let table = report.to_human(&View::default());
     assert!(
         table.contains("  demo  ") && table.contains("  deleted-project  "),
         "{table}"
@@ -878,6 +1005,10 @@ async fn stop_leave_in_flight_returns_at_once_and_leaves_the_migration_to_nova()
     assert_eq!(vm(&report, "next").outcome, Outcome::NotStarted);
     assert_eq!(report.result, RunResult::Interrupted);
     assert_eq!(report.exit_code(), 130, "as shells report Ctrl-C");
+    // Named while they moved, so the report cut short names them too.
+    for id in ["long", "next"] {
+        assert_eq!(vm(&report, id).project.as_deref(), Some("demo"), "{report:?}");
+    }
     let calls = cloud.calls();
     assert!(calls.abort.is_empty());
     assert_eq!(calls.starts, ["long"]);

@@ -1476,6 +1476,17 @@ async fn kubectl_applies_a_crd_and_prints_its_custom_resources() {
     assert!(stored.data.get("status").is_none(), "a create sets no status");
     assert_eq!(stored.metadata.generation, Some(1));
 
+    // A second apply is a JSON merge patch (no strategic merge for custom
+    // resources): a spec change is a new generation.
+    w1["spec"]["node"] = json!("n2");
+    let w1_file = write_yaml(&dir, "w1.yaml", &w1);
+    kubectl
+        .run(&["apply", "-f", &w1_file, "--validate=false"], Duration::from_secs(30))
+        .await
+        .expect("kubectl apply -f w1.yaml, again");
+    let stored = widgets.get("w1").await.unwrap();
+    assert_eq!(stored.data["spec"], json!({"node": "n2"}));
+    assert_eq!(stored.metadata.generation, Some(2));
     let printed = kubectl.run(&["get", "widgets"], Duration::from_secs(30)).await.unwrap();
     let header: Vec<&str> = printed.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["NAME", "NODE", "PHASE", "MOVED", "AGE"], "{printed}");
@@ -1490,7 +1501,7 @@ async fn kubectl_applies_a_crd_and_prints_its_custom_resources() {
     for what in ["wd", "testing", "widget.drain-test.example.io/w1"] {
         let printed = kubectl.run(&["get", what], Duration::from_secs(30)).await.unwrap();
         let row: Vec<&str> = printed.lines().nth(1).unwrap().split_whitespace().collect();
-        assert_eq!(&row[..4], ["w1", "n1", "Moving", "3"], "kubectl get {what}: {printed}");
+        assert_eq!(&row[..4], ["w1", "n2", "Moving", "3"], "kubectl get {what}: {printed}");
     }
 
     kubectl
@@ -1687,6 +1698,7 @@ async fn custom_resources_are_validated_and_pruned_against_the_schema() {
         .unwrap();
     assert_eq!(ok.data["spec"]["extra"]["any"]["thing"], json!([1, "two"]));
     assert_eq!(ok.data["spec"]["deadline"], Value::Null);
+    assert_eq!(api.objects(&format!("{TEST_GROUP}/v1"), "widgets").len(), 1);
     widgets
         .patch(
             "w1",
@@ -1727,6 +1739,35 @@ async fn custom_resources_are_validated_and_pruned_against_the_schema() {
         status["message"],
         "Widget in version \"v1\" cannot be handled as a Widget: strict decoding error: unknown field \"spec.colour\""
     );
+
+    // Server-side apply is typed against the schema: unknown fields are an error.
+    let ssa = PatchParams::apply("test").force();
+    let e = api_error(
+        widgets
+            .patch(
+                "w5",
+                &ssa,
+                &Patch::Apply(serde_json::to_value(widget("w5", json!({"node": "n1", "colour": "blue"}))).unwrap()),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (
+            400,
+            "failed to create typed patch object (drain-test.example.io/v1, Kind=Widget): .spec.colour: field not declared in schema"
+        )
+    );
+    let applied = widgets
+        .patch(
+            "w5",
+            &ssa,
+            &Patch::Apply(serde_json::to_value(widget("w5", json!({"node": "n1"}))).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.metadata.generation, Some(1));
 
     // No strategic merge patch for custom resources.
     let (code, _, status) = http_json(
@@ -1864,11 +1905,12 @@ async fn custom_resource_watches_finalizers_and_deletions() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(gone, "the CRD goes once its instances are gone");
+    wait_for("the watch on the removed resource to end", || api.open_watches() == 0).await;
     let e = api_error(widgets.list(&ListParams::default()).await.unwrap_err());
     assert_eq!(e.code, 404);
 
     // Namespaced custom resources go with their namespace.
-    create_crd(&api, gadget_crd()).await;
+    api.add_crd(gadget_crd()).unwrap();
     api.add_namespace("ns1");
     let gadget_resource =
         ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(TEST_GROUP, "v1", "Gadget"), "gadgets");
@@ -1896,4 +1938,5 @@ async fn custom_resource_watches_finalizers_and_deletions() {
     assert!(gone, "the namespace goes once its content is deleted");
     let all_gadgets: Api<DynamicObject> = Api::all_with(client, &gadget_resource);
     assert!(all_gadgets.list(&ListParams::default()).await.unwrap().items.is_empty());
+    assert!(api.objects(&format!("{TEST_GROUP}/v1"), "gadgets").is_empty());
 }

@@ -26,7 +26,9 @@
 //!   [`KubeApi::json_patch_pod`] (likewise, a JSON patch), [`KubeApi::node`],
 //!   [`KubeApi::pod`], [`KubeApi::pdbs`],
 //!   [`KubeApi::set_pod_phase`] (a kubelet status update), [`KubeApi::events`]
-//!   (every Event clients created or patched, both APIs, in order, as stored).
+//!   (every Event clients created or patched, both APIs, in order, as stored),
+//!   [`KubeApi::add_crd`] (a CustomResourceDefinition, served at once),
+//!   [`KubeApi::objects`] (every stored object of a built-in or custom resource).
 //! * Simulated components: [`KubeApi::set_kubelet`] (default on: a pod bound
 //!   to an existing node becomes Running+Ready ~100 ms after creation; a
 //!   terminating pod is stopped after its grace period capped at 1 s, then
@@ -74,8 +76,9 @@
 //! CREATE returns (a real one is Established a few ms later). A DELETE marks
 //! the CRD Terminating with the `customresourcecleanup.apiextensions.k8s.io`
 //! finalizer; a CRD finalizer controller (every 50 ms) deletes its instances
-//! (their finalizers hold them, and it) and then the CRD; creates meanwhile
-//! are refused (405). Until a CRD exists its resource is a 404 and absent
+//! (their finalizers hold them, and it) and then the CRD, ending the open
+//! watches on its resource; creates meanwhile are refused (405); its scope
+//! is immutable. Until a CRD exists its resource is a 404 and absent
 //! from discovery.
 //!
 //! A CRD serves its storage version only, at `/apis/{group}/{version}/{plural}`
@@ -102,7 +105,9 @@
 //! (RFC 3339 only: stricter than strfmt) and `date`. Unknown fields are
 //! dropped with a `Warning: unknown field "spec.x"` header (fieldValidation
 //! Warn, the default), silently (`Ignore`), or refused with the real 400
-//! `strict decoding error` (`Strict`). Not checked (more lenient than real):
+//! `strict decoding error` (`Strict`); a server-side apply patch with unknown
+//! fields is always a 400 (`field not declared in schema`: apply is typed
+//! against the schema). Not checked (more lenient than real):
 //! other formats (uuid, ipv4, ...), pattern, min/maxLength, min/maxItems,
 //! uniqueItems, min/maxProperties, multipleOf, allOf/anyOf/oneOf/not,
 //! list-type/map-keys, CEL `x-kubernetes-validations`, and the embedded
@@ -1155,6 +1160,8 @@ struct State {
     field_validation: String,
     /// Warnings for the current request (`Warning: 299` headers).
     warnings: Vec<String>,
+    /// The current request is a server-side apply patch.
+    applying: bool,
 }
 
 /// What a stored CRD serves: its storage version (the only one served, see
@@ -1230,6 +1237,7 @@ impl State {
             pdb_events: HashSet::new(),
             field_validation: String::new(),
             warnings: vec![],
+            applying: false,
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             s.create(Res::Namespace, "", json!({"metadata": {"name": ns}}), false)
@@ -1477,6 +1485,22 @@ impl State {
     fn admit_custom(&mut self, res: Res, info: &CrdInfo, obj: &mut Value) -> ApiResult<()> {
         let mut check = SchemaCheck::default();
         check_schema(obj, &info.schema, "", true, &mut check);
+        if !check.unknown.is_empty() && self.applying {
+            // Apply patches are typed against the schema: unknown fields are
+            // an error whatever fieldValidation says.
+            let k = custom_kind_of(res).expect("custom kind");
+            let fields: Vec<String> = check
+                .unknown
+                .iter()
+                .map(|f| format!(".{f}: field not declared in schema"))
+                .collect();
+            return Err(ApiError::bad_request(format!(
+                "failed to create typed patch object ({}, Kind={}): {}",
+                k.api_version,
+                k.kind,
+                fields.join("\n")
+            )));
+        }
         if !check.unknown.is_empty() {
             let unknown: Vec<String> = check.unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect();
             match self.field_validation.as_str() {
@@ -1699,6 +1723,7 @@ impl State {
         }
         let dry_run = q.get("dryRun").is_some();
         if is_apply {
+            self.applying = true;
             if q.get("fieldManager").is_none_or(str::is_empty) {
                 return Err(ApiError::invalid(
                     res,
@@ -1965,6 +1990,10 @@ impl State {
                     .collect();
                 if left.is_empty() {
                     self.remove(Res::Crd, "", &name);
+                    // Its storage is gone: open watches on it end.
+                    if let Some(info) = CrdInfo::of(&crd) {
+                        self.watchers.retain(|w| w.res != info.res);
+                    }
                 } else {
                     meta_mut(&mut c).insert("finalizers".into(), Value::Array(left));
                     if let Ok(c) = Res::Crd.canonical(c) {
@@ -2856,7 +2885,19 @@ fn validate(res: Res, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
             }
         }
         Res::Event | Res::CoreEvent => validate_event(res, obj, old, &mut errs),
-        Res::Crd => validate_crd(obj, &mut errs),
+        Res::Crd => {
+            validate_crd(obj, &mut errs);
+            if let Some(old) = old
+                && obj.pointer("/spec/scope") != old.pointer("/spec/scope")
+            {
+                let scope = obj.pointer("/spec/scope").and_then(Value::as_str).unwrap_or("");
+                errs.push((
+                    "spec.scope".into(),
+                    invalid_value(scope, "field is immutable"),
+                    "FieldValueInvalid",
+                ));
+            }
+        }
         _ => {}
     }
     if errs.is_empty() {
@@ -3588,10 +3629,12 @@ impl State {
     fn begin_write(&mut self, q: &Query) {
         self.field_validation = q.get("fieldValidation").unwrap_or("").to_string();
         self.warnings.clear();
+        self.applying = false;
     }
     /// After it: the answer with the warnings it produced.
     fn end_write(&mut self, r: ApiResult<(u16, Value)>) -> ApiResult<Routed> {
         self.field_validation.clear();
+        self.applying = false;
         let warnings = std::mem::take(&mut self.warnings);
         r.map(|(c, v)| Routed::Warned(c, v, warnings))
     }
@@ -3808,8 +3851,13 @@ fn route(
     body: &Bytes,
 ) -> ApiResult<Routed> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let customs = if matches!(segs.as_slice(), ["apis"] | ["apis", _, _]) {
+        shared.lock().crd_infos()
+    } else {
+        vec![]
+    };
     if method == Method::GET
-        && let Some(v) = discovery(&segs, &shared.url, &shared.lock().crd_infos())
+        && let Some(v) = discovery(&segs, &shared.url, &customs)
     {
         return Ok(Routed::Json(200, v));
     }
@@ -4578,6 +4626,23 @@ impl KubeApi {
         self.lock()
             .get(Res::Pod, ns, name)
             .map(|v| serde_json::from_value(v.clone()).expect("pod"))
+    }
+
+    /// Creates a CustomResourceDefinition (e.g. `serde_json::to_value(T::crd())`)
+    /// through the create path: validated, status filled in, served at once.
+    pub fn add_crd(&self, crd: Value) -> Result<Value, ApiError> {
+        self.lock().create(Res::Crd, "", crd, false)
+    }
+
+    /// Every stored object of a resource, built-in or custom
+    /// (`("nova-kubernetes-drain.io/v1alpha1", "evacuations")`), in all
+    /// namespaces, as stored (empty if the resource is not served).
+    pub fn objects(&self, api_version: &str, plural: &str) -> Vec<Value> {
+        let st = self.lock();
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let res =
+            Res::lookup(group, version, plural).or_else(|| st.custom_lookup(group, version, plural).map(|i| i.res));
+        res.map(|r| st.list_objs(r, None)).unwrap_or_default()
     }
 
     pub fn pdbs(&self, ns: &str) -> Vec<PodDisruptionBudget> {

@@ -1194,6 +1194,9 @@ async fn json_patch_and_stale_resource_versions() {
 #[tokio::test]
 async fn an_uninstall_deletes_deploy_and_a_finalizer_holds_the_namespace() {
     let api = KubeApi::start();
+    // As the real namespace controller: kubectl deletes the namespace before
+    // its content, and must not find that content already gone.
+    api.set_namespace_deletion_grace(Duration::from_secs(5));
     api.add_node("n1");
     let kubectl = Kubectl::new(&api);
     let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
@@ -1503,6 +1506,33 @@ async fn kubectl_applies_a_crd_and_prints_its_custom_resources() {
         let row: Vec<&str> = printed.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(&row[..4], ["w1", "n2", "Moving", "3"], "kubectl get {what}: {printed}");
     }
+    // kubectl get -w: the watch's events are Tables too (header once).
+    let kubectl = std::sync::Arc::new(kubectl);
+    let watching = tokio::spawn({
+        let kubectl = kubectl.clone();
+        async move {
+            kubectl
+                .run(
+                    &["get", "widgets", "-w", "--request-timeout=3s"],
+                    Duration::from_secs(30),
+                )
+                .await
+        }
+    });
+    wait_for("kubectl's watch", || api.open_watches() == 1).await;
+    widgets
+        .patch_status(
+            "w1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"moved": 4}})),
+        )
+        .await
+        .unwrap();
+    let printed = watching.await.unwrap().expect("kubectl get -w");
+    let lines: Vec<Vec<&str>> = printed.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(lines.len(), 3, "{printed}");
+    assert_eq!(lines[0][0], "NAME", "{printed}");
+    assert_eq!(&lines[2][..4], ["w1", "n2", "Moving", "4"], "{printed}");
 
     kubectl
         .run(&["delete", "-f", &w1_file], Duration::from_secs(30))

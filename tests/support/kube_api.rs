@@ -62,7 +62,9 @@
 //!
 //! A namespace's DELETE leaves it `Terminating`; a namespace controller (every
 //! 50 ms) deletes its content and removes it once empty, so a finalizer on a
-//! pod in it keeps it, as on a real cluster.
+//! pod in it keeps it, as on a real cluster. It starts at once by default;
+//! the real one waits 5 s (namespaceDeletionGracePeriod) after the DELETE:
+//! [`KubeApi::set_namespace_deletion_grace`].
 //!
 //! # Custom resources
 //! `apiextensions.k8s.io/v1` CustomResourceDefinitions are stored (typed by
@@ -121,8 +123,10 @@
 //! version's additionalPrinterColumns (or Age when it declares none, as the
 //! real server), from simple JSONPaths (`.a.b`, `.a[0].b`; filters give an
 //! empty cell), typed as real (`date` as a human duration); rows carry
-//! PartialObjectMetadata (or `includeObject=Object|None`). Built-in kinds and
-//! watches answer plain JSON, which kubectl prints with its own columns. The
+//! PartialObjectMetadata (or `includeObject=Object|None`); a watch (kubectl
+//! get -w) sends each event's object as a one-row Table, with the column
+//! definitions in the first only. Built-in kinds answer plain JSON, which
+//! kubectl prints with its own columns. The
 //! fake serves no OpenAPI document: kubectl needs `--validate=false`.
 #![allow(dead_code)]
 
@@ -1162,6 +1166,11 @@ struct State {
     warnings: Vec<String>,
     /// The current request is a server-side apply patch.
     applying: bool,
+    /// How long after a namespace's deletion its content is first deleted
+    /// ([`KubeApi::set_namespace_deletion_grace`]).
+    namespace_deletion_grace: Duration,
+    /// When each namespace's DELETE was accepted (by uid).
+    namespace_deleted_at: HashMap<String, Instant>,
 }
 
 /// What a stored CRD serves: its storage version (the only one served, see
@@ -1238,6 +1247,8 @@ impl State {
             field_validation: String::new(),
             warnings: vec![],
             applying: false,
+            namespace_deletion_grace: Duration::ZERO,
+            namespace_deleted_at: HashMap::new(),
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             s.create(Res::Namespace, "", json!({"metadata": {"name": ns}}), false)
@@ -1926,6 +1937,8 @@ impl State {
         if dry_run {
             return o;
         }
+        let uid = meta_str(&o, "uid").unwrap_or("").to_string();
+        self.namespace_deleted_at.insert(uid, Instant::now());
         self.commit(Res::Namespace, "", name, Some(o)).expect("stored")
     }
 
@@ -2028,10 +2041,16 @@ impl State {
     /// so the kubelet stops them; finalizers hold theirs), and removes the
     /// namespace once nothing is left in it.
     fn namespace_tick(&mut self) {
+        let grace = self.namespace_deletion_grace;
         let terminating: Vec<String> = self
             .list_objs(Res::Namespace, None)
             .iter()
             .filter(|n| meta_str(n, "deletionTimestamp").is_some())
+            .filter(|n| {
+                self.namespace_deleted_at
+                    .get(meta_str(n, "uid").unwrap_or(""))
+                    .is_none_or(|at| at.elapsed() >= grace)
+            })
             .map(|n| name_of(n).to_string())
             .collect();
         for ns in terminating {
@@ -3640,6 +3659,10 @@ impl State {
     }
 }
 
+fn include_object(q: &Query) -> &str {
+    q.get("includeObject").unwrap_or("Metadata")
+}
+
 /// `Accept: application/json;as=Table;v=v1;g=meta.k8s.io` (kubectl get).
 fn wants_table(accept: &str) -> bool {
     accept.split(',').any(|part| {
@@ -3716,7 +3739,7 @@ fn human_duration(secs: i64) -> String {
 /// additionalPrinterColumns (Age from creationTimestamp when it declares
 /// none); rows carry PartialObjectMetadata unless `includeObject` says
 /// otherwise.
-fn to_table(info: &CrdInfo, list: &Value, q: &Query) -> Value {
+fn to_table(info: &CrdInfo, list: &Value, include_object: &str) -> Value {
     let mut columns = info.columns.clone();
     if columns.is_empty() {
         columns.push(json!({"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp",
@@ -3756,7 +3779,7 @@ fn to_table(info: &CrdInfo, list: &Value, q: &Query) -> Value {
                 };
                 cells.push(cell);
             }
-            let object = match q.get("includeObject").unwrap_or("Metadata") {
+            let object = match include_object {
                 "None" => Value::Null,
                 "Object" => {
                     let mut full = o.clone();
@@ -3869,12 +3892,13 @@ fn route(
     match (&t.name, method.clone()) {
         (None, Method::GET) => {
             if q.flag("watch") {
-                return watch(shared, &t, q).map(Routed::Watch);
+                let table = table.then(|| shared.lock().crd_info(t.res)).flatten();
+                return watch(shared, &t, q, table).map(Routed::Watch);
             }
             let st = shared.lock();
             let v = list(&st, &t, q)?;
             match st.crd_info(t.res).filter(|_| table) {
-                Some(info) => Ok(Routed::Json(200, to_table(&info, &v, q))),
+                Some(info) => Ok(Routed::Json(200, to_table(&info, &v, include_object(q)))),
                 None => Ok(Routed::Json(200, v)),
             }
         }
@@ -3898,7 +3922,7 @@ fn route(
                         Some(info) => {
                             let list =
                                 json!({"metadata": {"resourceVersion": meta_str(&v, "resourceVersion")}, "items": [v]});
-                            Ok(Routed::Json(200, to_table(&info, &list, q)))
+                            Ok(Routed::Json(200, to_table(&info, &list, include_object(q))))
                         }
                         None => Ok(Routed::Json(200, v)),
                     }
@@ -4294,9 +4318,34 @@ struct WatchStream {
     res: Res,
     end_when_empty: bool,
     done: bool,
+    /// Events as Tables (kubectl get -w): the CRD, includeObject, and
+    /// whether the column definitions went out with a first event already.
+    table: Option<(CrdInfo, String, bool)>,
 }
 
-fn watch(shared: &Arc<Shared>, t: &Target, q: &Query) -> ApiResult<Response<Body>> {
+impl WatchStream {
+    /// The watch encoder's table transform: one row per event, column
+    /// definitions only in the first.
+    fn as_table(&mut self, mut ev: Value) -> Value {
+        let Some((info, include, headers_sent)) = &mut self.table else {
+            return ev;
+        };
+        if !matches!(ev["type"].as_str(), Some("ADDED" | "MODIFIED" | "DELETED")) {
+            return ev;
+        }
+        let obj = ev["object"].take();
+        let list = json!({"metadata": {"resourceVersion": meta_str(&obj, "resourceVersion")}, "items": [obj]});
+        let mut t = to_table(info, &list, include);
+        if *headers_sent {
+            t.as_object_mut().expect("table").remove("columnDefinitions");
+        }
+        *headers_sent = true;
+        ev["object"] = t;
+        ev
+    }
+}
+
+fn watch(shared: &Arc<Shared>, t: &Target, q: &Query, table: Option<CrdInfo>) -> ApiResult<Response<Body>> {
     let fsel = FieldSelector::parse(t.res, q.get("fieldSelector").unwrap_or(""))?;
     let lsel = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))?;
     if q.flag("sendInitialEvents") {
@@ -4367,6 +4416,7 @@ fn watch(shared: &Arc<Shared>, t: &Target, q: &Query) -> ApiResult<Response<Body
         res: t.res,
         end_when_empty,
         done: false,
+        table: table.map(|info| (info, include_object(q).to_string(), false)),
     };
     let stream = futures::stream::unfold(ws, |mut ws| async move {
         loop {
@@ -4374,6 +4424,7 @@ fn watch(shared: &Arc<Shared>, t: &Target, q: &Query) -> ApiResult<Response<Body
                 return None;
             }
             if let Some((v, bookmark)) = ws.pending.pop_front() {
+                let v = if bookmark { v } else { ws.as_table(v) };
                 let counter = if bookmark {
                     &ws.shared.bookmarks_sent
                 } else {
@@ -4678,6 +4729,16 @@ impl KubeApi {
 
     pub fn set_kubelet(&self, auto_running: bool) {
         self.lock().kubelet = auto_running;
+    }
+
+    /// How long the namespace controller waits after a namespace's DELETE
+    /// before deleting its content. Default 0: at its next 50 ms pass. The
+    /// real controller waits `namespaceDeletionGracePeriod`, 5 s, so a
+    /// `kubectl delete -k` that deletes a namespace before its content
+    /// reaches every object before the controller does; with 0 it may get
+    /// a 404 for the last ones.
+    pub fn set_namespace_deletion_grace(&self, grace: Duration) {
+        self.lock().namespace_deletion_grace = grace;
     }
 
     pub fn set_disruption_controller(&self, on: bool) {

@@ -1556,8 +1556,11 @@ async fn custom_resource_status_subresource_and_conflicts() {
     let widgets: Api<DynamicObject> = Api::all_with(api.kube_client_no_retry(), &widget_resource());
     let mut w = widget("w1", json!({"node": "n1"}));
     w.data["status"] = json!({"phase": "Done"});
+    let owner = json!([{"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": "0f0f0f0f-0000-4000-8000-000000000002", "controller": true}]);
+    w.metadata.owner_references = Some(serde_json::from_value(owner.clone()).unwrap());
     let created = widgets.create(&PostParams::default(), &w).await.unwrap();
     assert_eq!(created.metadata.generation, Some(1));
+    assert_eq!(serde_json::to_value(&created.metadata.owner_references).unwrap(), owner);
     assert!(created.data.get("status").is_none());
 
     // The main resource ignores status; metadata changes keep the generation.
@@ -1769,6 +1772,12 @@ async fn custom_resources_are_validated_and_pruned_against_the_schema() {
         status["message"],
         "Widget in version \"v1\" cannot be handled as a Widget: strict decoding error: unknown field \"spec.colour\""
     );
+
+    // Metadata is an ObjectMeta.
+    let mut bad_meta = body.clone();
+    bad_meta["metadata"] = json!({"name": "w6", "labels": {"a": 1}});
+    let (code, _, status) = http_json(reqwest::Method::POST, url.clone(), "application/json", &bad_meta).await;
+    assert_eq!(code, 400, "{status}");
 
     // Server-side apply is typed against the schema: unknown fields are an error.
     let ssa = PatchParams::apply("test").force();

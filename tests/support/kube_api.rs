@@ -96,7 +96,8 @@
 //! object); an update without a resourceVersion is a 422
 //! (AllowUnconditionalUpdate is false), a stale one a 409. Strategic merge
 //! patch is a 415. Field selectors: `metadata.name` and (namespaced)
-//! `metadata.namespace` only. ownerReferences are stored (no garbage collector).
+//! `metadata.namespace` only. Metadata is decoded as an ObjectMeta (a 400
+//! otherwise); ownerReferences are stored (no garbage collector).
 //!
 //! Objects are pruned and validated against the version's `openAPIV3Schema`
 //! with kube-openapi's messages: type (object, array, string, integer (1.0
@@ -145,7 +146,7 @@ use k8s_openapi::api::events::v1::Event as EventsV1Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ListMeta, Status, StatusCause, StatusDetails};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ListMeta, ObjectMeta, Status, StatusCause, StatusDetails};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
@@ -341,8 +342,16 @@ impl Res {
             Res::ClusterRole => rt::<ClusterRole>(v),
             Res::ClusterRoleBinding => rt::<ClusterRoleBinding>(v),
             Res::Crd => rt::<CustomResourceDefinition>(v),
-            // Pruned and validated against the CRD's schema instead.
-            Res::Custom(_) => Ok(v),
+            // The body is pruned and validated against the CRD's schema
+            // instead; metadata is decoded as ObjectMeta, as real.
+            Res::Custom(_) => {
+                let mut v = v;
+                if let Some(m) = v.get("metadata").cloned() {
+                    let meta: ObjectMeta = serde_json::from_value(m).map_err(|e| e.to_string())?;
+                    v["metadata"] = serde_json::to_value(&meta).map_err(|e| e.to_string())?;
+                }
+                Ok(v)
+            }
         }
     }
     fn list_kind(self) -> String {

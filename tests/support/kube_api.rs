@@ -115,9 +115,13 @@
 //! uniqueItems, min/maxProperties, multipleOf, allOf/anyOf/oneOf/not,
 //! list-type/map-keys, CEL `x-kubernetes-validations`, and the embedded
 //! ObjectMeta schema; validation ratcheting (real: unchanged invalid fields
-//! pass on update) is not modelled (stricter). Conversion webhooks, scale
-//! subresources and multi-version serving are not modelled: other served
-//! versions are a 404 (stricter).
+//! pass on update) is not modelled (stricter), nor are the warnings-only
+//! finalizer rules of custom resources (a finalizer without a `/` is refused,
+//! as for built-ins: stricter). Conversion webhooks, scale subresources,
+//! deletecollection (405) and multi-version serving are not modelled: other
+//! served versions are a 404 (stricter), and changing the storage version
+//! hides the objects stored under the previous one (real: every served
+//! version shows them).
 //!
 //! `Accept: application/json;as=Table;v=v1;g=meta.k8s.io` (kubectl get) on a
 //! custom resource answers a meta.k8s.io/v1 Table: a Name column, then the

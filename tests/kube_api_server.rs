@@ -1313,7 +1313,9 @@ fn widget_crd() -> Value {
                             "properties": {
                                 "node": {"type": "string"},
                                 "maxParallel": {"type": "integer", "format": "uint32", "minimum": 0.0, "nullable": true},
-                                "mode": {"type": "string", "enum": ["live", "cold"]},
+                                "mode": {"type": "string", "enum": ["live", "cold", null], "nullable": true},
+                                "dryRun": {"type": "boolean", "default": false},
+                                "labels": {"type": "object", "additionalProperties": {"type": "string"}, "default": {}},
                                 "deadline": {"type": "string", "format": "date-time", "nullable": true},
                                 "budget": {"x-kubernetes-int-or-string": true},
                                 "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
@@ -1321,7 +1323,14 @@ fn widget_crd() -> Value {
                         },
                         "status": {
                             "type": "object", "nullable": true,
-                            "properties": {"phase": {"type": "string"}, "moved": {"type": "integer"}}
+                            "properties": {
+                                "phase": {"type": "string"},
+                                "moved": {"type": "integer"},
+                                "vms": {"type": "array", "items": {
+                                    "type": "object", "required": ["id"],
+                                    "properties": {"id": {"type": "string"}, "ramMib": {"type": "integer", "format": "uint64", "minimum": 0.0}}
+                                }}
+                            }
                         }
                     }
                 }}
@@ -1475,7 +1484,11 @@ async fn kubectl_applies_a_crd_and_prints_its_custom_resources() {
         .expect("kubectl apply -f w1.yaml");
     let widgets: Api<DynamicObject> = Api::all_with(api.kube_client(), &widget_resource());
     let stored = widgets.get("w1").await.unwrap();
-    assert_eq!(stored.data["spec"], json!({"node": "n1"}), "unknown fields are pruned");
+    assert_eq!(
+        stored.data["spec"],
+        json!({"node": "n1", "dryRun": false, "labels": {}}),
+        "unknown fields are pruned, defaults applied"
+    );
     assert!(stored.data.get("status").is_none(), "a create sets no status");
     assert_eq!(stored.metadata.generation, Some(1));
 
@@ -1488,7 +1501,10 @@ async fn kubectl_applies_a_crd_and_prints_its_custom_resources() {
         .await
         .expect("kubectl apply -f w1.yaml, again");
     let stored = widgets.get("w1").await.unwrap();
-    assert_eq!(stored.data["spec"], json!({"node": "n2"}));
+    assert_eq!(
+        stored.data["spec"],
+        json!({"node": "n2", "dryRun": false, "labels": {}})
+    );
     assert_eq!(stored.metadata.generation, Some(2));
     let printed = kubectl.run(&["get", "widgets"], Duration::from_secs(30)).await.unwrap();
     let header: Vec<&str> = printed.lines().next().unwrap().split_whitespace().collect();
@@ -1685,7 +1701,7 @@ async fn custom_resources_are_validated_and_pruned_against_the_schema() {
     );
     assert_eq!(
         invalid(json!({"node": "n1", "mode": "fast"})).await,
-        "Widget.drain-test.example.io \"w\" is invalid: spec.mode: Unsupported value: \"fast\": supported values: \"live\", \"cold\""
+        "Widget.drain-test.example.io \"w\" is invalid: spec.mode: Unsupported value: \"fast\": supported values: \"live\", \"cold\", \"null\""
     );
     assert!(
         invalid(json!({"node": "n1", "deadline": "tomorrow"}))
@@ -1702,6 +1718,11 @@ async fn custom_resources_are_validated_and_pruned_against_the_schema() {
             .await
             .contains("spec.budget in body must be of type integer,string")
     );
+    assert!(
+        invalid(json!({"node": "n1", "labels": {"a": 1}}))
+            .await
+            .contains("spec.labels.a in body must be of type string")
+    );
     let e = api_error(
         widgets
             .create(
@@ -1715,6 +1736,37 @@ async fn custom_resources_are_validated_and_pruned_against_the_schema() {
             .unwrap_err(),
     );
     assert!(e.message.ends_with("spec: Required value"), "{}", e.message);
+
+    // Nested arrays of objects: required fields and bounds, with their paths.
+    widgets.create(&pp, &widget("w0", json!({"node": "n1"}))).await.unwrap();
+    let e = api_error(
+        widgets
+            .patch_status(
+                "w0",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"vms": [{"id": "a", "ramMib": 1}, {"ramMib": -1}]}})),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        e.message,
+        "Widget.drain-test.example.io \"w0\" is invalid: [status.vms[1].ramMib: Invalid value: -1: status.vms[1].ramMib in body should be greater than or equal to 0, status.vms[1].id: Required value]"
+    );
+    widgets.delete("w0", &DeleteParams::default()).await.unwrap();
+
+    // A schema node without a type (what schemars makes of a serde_json::Value)
+    // is not structural: the CRD is refused.
+    let mut untyped = gadget_crd();
+    untyped["metadata"]["name"] = json!(format!("things.{TEST_GROUP}"));
+    untyped["spec"]["names"] = json!({"kind": "Thing", "plural": "things"});
+    untyped["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"] =
+        json!({"type": "object", "properties": {"extra": {}}});
+    let e = api.add_crd(untyped).unwrap_err();
+    assert_eq!(
+        e.message,
+        "CustomResourceDefinition.apiextensions.k8s.io \"things.drain-test.example.io\" is invalid: spec.versions[0].schema.openAPIV3Schema.properties[spec].properties[extra].type: Required value: must not be empty for specified object fields"
+    );
 
     // What the schema allows: nulls where nullable, int-or-string, 1.0 as an
     // integer, anything under preserve-unknown-fields.
@@ -1748,7 +1800,7 @@ async fn custom_resources_are_validated_and_pruned_against_the_schema() {
     let (code, warnings, created) = http_json(reqwest::Method::POST, url.clone(), "application/json", &body).await;
     assert_eq!(code, 201, "{created}");
     assert_eq!(warnings, [r#"299 - "unknown field \"spec.colour\"""#]);
-    assert_eq!(created["spec"], json!({"node": "n1"}));
+    assert_eq!(created["spec"], json!({"node": "n1", "dryRun": false, "labels": {}}));
     let mut body3 = body.clone();
     body3["metadata"]["name"] = json!("w3");
     let (code, warnings, _) = http_json(
@@ -1916,6 +1968,18 @@ async fn custom_resource_watches_finalizers_and_deletions() {
         .unwrap();
     let terminating = crds.get(&format!("widgets.{TEST_GROUP}")).await.unwrap();
     assert!(terminating.metadata.deletion_timestamp.is_some());
+    assert_eq!(
+        terminating.metadata.finalizers.as_deref(),
+        Some(&["customresourcecleanup.apiextensions.k8s.io".to_string()][..])
+    );
+    // A terminating CRD can still be updated (its finalizer is a valid name).
+    crds.patch(
+        &format!("widgets.{TEST_GROUP}"),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"a": "b"}}})),
+    )
+    .await
+    .unwrap();
     let e = api_error(
         widgets
             .create(&PostParams::default(), &widget("w2", json!({"node": "n1"})))

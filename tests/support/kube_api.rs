@@ -115,9 +115,9 @@
 //! uniqueItems, min/maxProperties, multipleOf, allOf/anyOf/oneOf/not,
 //! list-type/map-keys, CEL `x-kubernetes-validations`, and the embedded
 //! ObjectMeta schema; validation ratcheting (real: unchanged invalid fields
-//! pass on update) is not modelled (stricter), nor are the warnings-only
-//! finalizer rules of custom resources (a finalizer without a `/` is refused,
-//! as for built-ins: stricter). Conversion webhooks, scale subresources,
+//! pass on update) is not modelled (stricter). Finalizers of CRDs and custom
+//! resources need only be qualified names (apimachinery's rule; the real one
+//! warns about those without a `/`, not modelled). Conversion webhooks, scale subresources,
 //! deletecollection (405) and multi-version serving are not modelled: other
 //! served versions are a 404 (stricter), and changing the storage version
 //! hides the objects stored under the previous one (real: every served
@@ -2823,7 +2823,10 @@ fn non_metadata(obj: &Value) -> Value {
 fn validate(res: Res, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
     let name = name_of(obj).to_string();
     let mut errs: Vec<(String, String, &'static str)> = vec![];
-    validate_finalizers(obj, old, &mut errs);
+    // apiextensions validates ObjectMeta with apimachinery's rules: any
+    // qualified finalizer name (the domain-less ones only warn).
+    let any_qualified = matches!(res, Res::Crd | Res::Custom(_));
+    validate_finalizers(obj, old, any_qualified, &mut errs);
     let name_ok = match res {
         Res::Namespace => is_dns_label(&name),
         _ => is_dns_subdomain(&name),
@@ -3324,12 +3327,17 @@ fn bump_generation(obj: &mut Value) {
 
 /// ValidateObjectMeta's finalizer rules: each name qualified (or a standard
 /// one), and ValidateNoNewFinalizers once the object is being deleted.
-fn validate_finalizers(obj: &Value, old: Option<&Value>, errs: &mut Vec<(String, String, &'static str)>) {
+fn validate_finalizers(
+    obj: &Value,
+    old: Option<&Value>,
+    any_qualified: bool,
+    errs: &mut Vec<(String, String, &'static str)>,
+) {
     for (i, f) in finalizers(obj).into_iter().enumerate() {
         let field = format!("metadata.finalizers[{i}]");
         if !is_qualified_name(f) {
             errs.push((field, invalid_value(f, "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"), "FieldValueInvalid"));
-        } else if !f.contains('/') && !matches!(f, "kubernetes" | "orphan" | "foregroundDeletion") {
+        } else if !any_qualified && !f.contains('/') && !matches!(f, "kubernetes" | "orphan" | "foregroundDeletion") {
             errs.push((
                 field,
                 invalid_value(f, "name is neither a standard finalizer name nor is it fully qualified"),

@@ -1893,6 +1893,12 @@ async fn custom_resources_are_validated_and_pruned_against_the_schema() {
     .await;
     assert_eq!(code, 422, "{status}");
 
+    // Lists of custom resources are unstructured: items keep apiVersion/kind.
+    let list: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    assert_eq!(list["kind"], "WidgetList");
+    assert_eq!(list["items"][0]["kind"], "Widget");
+    assert_eq!(list["items"][0]["apiVersion"], format!("{TEST_GROUP}/v1"));
+
     // Field selectors: metadata.name only (cluster-scoped).
     let named = widgets
         .list(&ListParams::default().fields("metadata.name=w1"))

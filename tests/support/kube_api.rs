@@ -86,7 +86,7 @@
 //! A CRD serves its storage version only, at `/apis/{group}/{version}/{plural}`
 //! (under `/namespaces/{ns}/` when Namespaced), with discovery (shortNames,
 //! categories), list/get/watch with the same resourceVersion semantics as
-//! the built-in kinds, create/update/merge and JSON patch/server-side apply
+//! the built-in kinds (list items keep apiVersion/kind, as unstructured lists do), create/update/merge and JSON patch/server-side apply
 //! (a merge patch, as for built-ins) and delete (finalizers, deletionTimestamp).
 //! As the real customResourceStrategy: `metadata.generation` starts at 1 and
 //! is bumped by any change outside metadata (status too when there is no
@@ -113,8 +113,8 @@
 //! against the schema). Not checked (more lenient than real):
 //! other formats (uuid, ipv4, ...), pattern, min/maxLength, min/maxItems,
 //! uniqueItems, min/maxProperties, multipleOf, allOf/anyOf/oneOf/not,
-//! list-type/map-keys, CEL `x-kubernetes-validations`, and the embedded
-//! ObjectMeta schema; validation ratcheting (real: unchanged invalid fields
+//! list-type/map-keys, CEL `x-kubernetes-validations`, the embedded
+//! ObjectMeta schema, and (in the CRD) that defaults match their schema; validation ratcheting (real: unchanged invalid fields
 //! pass on update) is not modelled (stricter). Finalizers of CRDs and custom
 //! resources need only be qualified names (apimachinery's rule; the real one
 //! warns about those without a `/`, not modelled). Conversion webhooks, scale subresources,
@@ -4247,10 +4247,13 @@ fn list(st: &State, t: &Target, q: &Query) -> ApiResult<Value> {
     let items: Vec<Value> = page
         .into_iter()
         .map(|(_, mut o)| {
-            // Real list items carry no apiVersion/kind.
-            let m = o.as_object_mut().expect("object");
-            m.remove("apiVersion");
-            m.remove("kind");
+            // Real list items of built-in kinds carry no apiVersion/kind
+            // (typed lists); those of custom resources (unstructured) do.
+            if !matches!(t.res, Res::Custom(_)) {
+                let m = o.as_object_mut().expect("object");
+                m.remove("apiVersion");
+                m.remove("kind");
+            }
             o
         })
         .collect();

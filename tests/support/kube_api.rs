@@ -1839,7 +1839,7 @@ impl State {
         if res == Res::Namespace {
             return Ok((200, self.delete_namespace(name, obj, dry_run)));
         }
-        if res == Res::Crd && meta_str(&obj, "deletionTimestamp").is_none() {
+        if res == Res::Crd {
             return self.delete_crd(name, obj, dry_run).map(|o| (200, o));
         }
         let finalizers = has_finalizers(&obj);
@@ -1955,14 +1955,17 @@ impl State {
         self.commit(Res::Namespace, "", name, Some(o)).expect("stored")
     }
 
-    /// The CRD registry's first DELETE: the CRD is marked, gets the cleanup
-    /// finalizer and a Terminating condition; [`State::crd_tick`] (the CRD
-    /// finalizer controller) deletes its instances, then the CRD.
+    /// The CRD registry's DELETE (its own, not the generic store's): the CRD
+    /// gets a deletionTimestamp (no grace period, no new generation), the
+    /// cleanup finalizer and a Terminating condition, and is answered;
+    /// [`State::crd_tick`] (the CRD finalizer controller) deletes its
+    /// instances, then the CRD.
     fn delete_crd(&mut self, name: &str, obj: Value, dry_run: bool) -> ApiResult<Value> {
-        let mut o = obj;
-        set_deletion(&mut o, jiff::Timestamp::now().as_second(), 0);
-        bump_generation(&mut o);
+        let mut o = obj.clone();
         let m = meta_mut(&mut o);
+        if !m.get("deletionTimestamp").is_some_and(Value::is_string) {
+            m.insert("deletionTimestamp".into(), json!(now_ts()));
+        }
         if !m.get("finalizers").is_some_and(Value::is_array) {
             m.insert("finalizers".into(), json!([]));
         }
@@ -1981,7 +1984,7 @@ impl State {
             "CustomResourceDefinition marked for deletion; CustomResource deletion will begin soon",
         );
         let o = Res::Crd.canonical(o).map_err(ApiError::bad_request)?;
-        if dry_run {
+        if dry_run || o == obj {
             return Ok(o);
         }
         Ok(self.commit(Res::Crd, "", name, Some(o)).expect("stored"))

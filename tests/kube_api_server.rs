@@ -1703,11 +1703,19 @@ async fn custom_resources_are_validated_and_pruned_against_the_schema() {
         invalid(json!({"node": "n1", "mode": "fast"})).await,
         "Widget.drain-test.example.io \"w\" is invalid: spec.mode: Unsupported value: \"fast\": supported values: \"live\", \"cold\", \"null\""
     );
-    assert!(
-        invalid(json!({"node": "n1", "deadline": "tomorrow"}))
-            .await
-            .contains("spec.deadline in body must be of type date-time")
-    );
+    for bad in [
+        "tomorrow",
+        "2026-12-07 03:00:00Z",
+        "2026-12-07T03:00Z",
+        "2026-12-07T03:00:00+0100",
+    ] {
+        assert_eq!(
+            invalid(json!({"node": "n1", "deadline": bad})).await,
+            format!(
+                "Widget.drain-test.example.io \"w\" is invalid: spec.deadline: Invalid value: \"{bad}\": spec.deadline in body must be of type date-time: \"{bad}\""
+            )
+        );
+    }
     assert!(
         invalid(json!({"node": "n1", "maxParallel": -1}))
             .await
@@ -1788,7 +1796,7 @@ async fn custom_resources_are_validated_and_pruned_against_the_schema() {
         .patch(
             "w1",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"deadline": "2026-12-07T03:00:00Z", "budget": 2}})),
+            &Patch::Merge(json!({"spec": {"deadline": "2026-12-07T03:00:00.5+01:00", "budget": 2}})),
         )
         .await
         .unwrap();

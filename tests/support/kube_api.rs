@@ -105,7 +105,7 @@
 //! non-nullable field is dropped), `x-kubernetes-preserve-unknown-fields`,
 //! `x-kubernetes-int-or-string`, `additionalProperties`, `default` (applied on
 //! write only), `minimum`/`maximum` (and exclusive), `format: date-time`
-//! (RFC 3339 only: stricter than strfmt) and `date`. Unknown fields are
+//! (strfmt's IsDateTime: RFC 3339) and `date`. Unknown fields are
 //! dropped with a `Warning: unknown field "spec.x"` header (fieldValidation
 //! Warn, the default), silently (`Ignore`), or refused with the real 400
 //! `strict decoding error` (`Strict`); a server-side apply patch with unknown
@@ -2969,12 +2969,39 @@ fn is_true(s: &Value, k: &str) -> bool {
     s.get(k).and_then(Value::as_bool) == Some(true)
 }
 
-/// strfmt's date-time, as strictly as RFC 3339 (the real one also takes a
-/// few ISO 8601 variants).
+/// kube-openapi strfmt's IsDateTime: a date, `T` (any case), then
+/// `HH:MM:SS`, optional fraction, `Z` or `±HH:MM` (RFC 3339 full-time).
 fn is_date_time(s: &str) -> bool {
-    s.parse::<jiff::Timestamp>().is_ok()
-        && s.len() >= 20
-        && s.as_bytes().get(10).is_some_and(|b| *b == b'T' || *b == b't')
+    let lower = s.to_ascii_lowercase();
+    let Some((date, time)) = lower.split_once('t') else {
+        return false;
+    };
+    if jiff::civil::Date::strptime("%Y-%m-%d", date).is_err() {
+        return false;
+    }
+    let b = time.as_bytes();
+    let two = |i: usize| b.get(i..i + 2).filter(|d| d.iter().all(u8::is_ascii_digit));
+    let (Some(h), Some(m), Some(sec)) = (two(0), two(3), two(6)) else {
+        return false;
+    };
+    if b.get(2) != Some(&b':') || b.get(5) != Some(&b':') || h > &b"23"[..] || m > &b"59"[..] || sec > &b"59"[..] {
+        return false;
+    }
+    let mut rest = &time[8..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return false;
+        }
+        rest = &frac[digits..];
+    }
+    let z = rest.as_bytes();
+    rest == "z"
+        || (z.len() == 6
+            && matches!(z[0], b'+' | b'-')
+            && z[1..3].iter().all(u8::is_ascii_digit)
+            && z[3] == b':'
+            && z[4..6].iter().all(u8::is_ascii_digit))
 }
 
 /// Structural pruning, defaulting and kube-openapi validation of `v` against

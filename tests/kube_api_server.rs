@@ -9,8 +9,12 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Resource;
-use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, EvictParams, GroupVersionKind, ListParams, Patch, PatchParams,
+    PostParams,
+};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event as WEvent};
@@ -1190,6 +1194,9 @@ async fn json_patch_and_stale_resource_versions() {
 #[tokio::test]
 async fn an_uninstall_deletes_deploy_and_a_finalizer_holds_the_namespace() {
     let api = KubeApi::start();
+    // As the real namespace controller: kubectl deletes the namespace before
+    // its content, and must not find that content already gone.
+    api.set_namespace_deletion_grace(Duration::from_secs(5));
     api.add_node("n1");
     let kubectl = Kubectl::new(&api);
     let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
@@ -1270,4 +1277,783 @@ async fn an_uninstall_deletes_deploy_and_a_finalizer_holds_the_namespace() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(gone, "the namespace goes once nothing holds it");
+}
+
+// ---------------------------------------------------------------------------
+// Custom resources
+// ---------------------------------------------------------------------------
+
+const TEST_GROUP: &str = "drain-test.example.io";
+
+/// A small cluster-scoped test CRD (kind Widget, status subresource, printer
+/// columns), in the shape kube's `CustomResourceExt::crd()` produces.
+fn widget_crd() -> Value {
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("widgets.{TEST_GROUP}")},
+        "spec": {
+            "group": TEST_GROUP,
+            "names": {"kind": "Widget", "plural": "widgets", "singular": "widget", "shortNames": ["wd"], "categories": ["testing"]},
+            "scope": "Cluster",
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [
+                    {"name": "Node", "type": "string", "jsonPath": ".spec.node"},
+                    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                    {"name": "Moved", "type": "integer", "jsonPath": ".status.moved"},
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+                ],
+                "schema": {"openAPIV3Schema": {
+                    "type": "object", "required": ["spec"],
+                    "properties": {
+                        "spec": {
+                            "type": "object", "required": ["node"],
+                            "properties": {
+                                "node": {"type": "string"},
+                                "maxParallel": {"type": "integer", "format": "uint32", "minimum": 0.0, "nullable": true},
+                                "mode": {"type": "string", "enum": ["live", "cold", null], "nullable": true},
+                                "dryRun": {"type": "boolean", "default": false},
+                                "labels": {"type": "object", "additionalProperties": {"type": "string"}, "default": {}},
+                                "deadline": {"type": "string", "format": "date-time", "nullable": true},
+                                "budget": {"x-kubernetes-int-or-string": true},
+                                "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
+                            }
+                        },
+                        "status": {
+                            "type": "object", "nullable": true,
+                            "properties": {
+                                "phase": {"type": "string"},
+                                "moved": {"type": "integer"},
+                                "vms": {"type": "array", "items": {
+                                    "type": "object", "required": ["id"],
+                                    "properties": {"id": {"type": "string"}, "ramMib": {"type": "integer", "format": "uint64", "minimum": 0.0}}
+                                }}
+                            }
+                        }
+                    }
+                }}
+            }]
+        }
+    })
+}
+
+/// A namespaced test CRD with no status subresource and no printer columns.
+fn gadget_crd() -> Value {
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("gadgets.{TEST_GROUP}")},
+        "spec": {
+            "group": TEST_GROUP,
+            "names": {"kind": "Gadget", "plural": "gadgets"},
+            "scope": "Namespaced",
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                    "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                    "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
+                }}}
+            }]
+        }
+    })
+}
+
+fn widget_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(TEST_GROUP, "v1", "Widget"), "widgets")
+}
+
+fn widget(name: &str, spec: Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": format!("{TEST_GROUP}/v1"), "kind": "Widget",
+        "metadata": {"name": name}, "spec": spec
+    }))
+    .unwrap()
+}
+
+async fn create_crd(api: &KubeApi, crd: Value) -> CustomResourceDefinition {
+    let crds: Api<CustomResourceDefinition> = Api::all(api.kube_client_no_retry());
+    crds.create(&PostParams::default(), &serde_json::from_value(crd).unwrap())
+        .await
+        .unwrap()
+}
+
+fn api_error(e: kube::Error) -> kube::core::Status {
+    match e {
+        kube::Error::Api(s) => *s,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// An HTTP request with a JSON body: status, Warning headers, body.
+async fn http_json(method: reqwest::Method, url: String, ct: &str, body: &Value) -> (u16, Vec<String>, Value) {
+    let r = reqwest::Client::new()
+        .request(method, url)
+        .header("content-type", ct)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let warnings = r
+        .headers()
+        .get_all("warning")
+        .iter()
+        .map(|h| h.to_str().unwrap().to_string())
+        .collect();
+    (r.status().as_u16(), warnings, r.json().await.unwrap())
+}
+
+fn write_yaml(dir: &std::path::Path, name: &str, v: &Value) -> String {
+    let path = dir.join(name);
+    // JSON is YAML.
+    std::fs::write(&path, v.to_string()).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// Until the CRD exists its resource is a 404 and not discovered; `kubectl
+/// apply` creates it (the server fills in its status), then a custom
+/// resource; `kubectl get` by plural, short name and category prints the
+/// CRD's printer columns from the server's Table; `kubectl delete` removes it.
+#[tokio::test]
+async fn kubectl_applies_a_crd_and_prints_its_custom_resources() {
+    let api = KubeApi::start();
+    let http = reqwest::Client::new();
+    let url = format!("{}/apis/{TEST_GROUP}/v1/widgets", api.url());
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 404);
+    let groups: Value = http
+        .get(format!("{}/apis", api.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!groups.to_string().contains(TEST_GROUP), "{groups}");
+
+    let kubectl = Kubectl::new(&api);
+    let dir = std::env::temp_dir().join(format!("fake-kube-crd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let crd_file = write_yaml(&dir, "crd.yaml", &widget_crd());
+    kubectl
+        .run(&["apply", "-f", &crd_file, "--validate=false"], Duration::from_secs(30))
+        .await
+        .expect("kubectl apply -f crd.yaml");
+    let crds: Api<CustomResourceDefinition> = Api::all(api.kube_client());
+    let crd = crds.get(&format!("widgets.{TEST_GROUP}")).await.unwrap();
+    let status = crd.status.unwrap();
+    let conditions: Vec<(String, String)> = status
+        .conditions
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.type_, c.status))
+        .collect();
+    assert!(
+        conditions.contains(&("Established".into(), "True".into())),
+        "{conditions:?}"
+    );
+    assert!(
+        conditions.contains(&("NamesAccepted".into(), "True".into())),
+        "{conditions:?}"
+    );
+    assert_eq!(status.stored_versions, Some(vec!["v1".to_string()]));
+    assert_eq!(status.accepted_names.unwrap().kind, "Widget");
+    assert_eq!(crd.metadata.generation, Some(1));
+    let discovered: Value = http
+        .get(format!("{}/apis/{TEST_GROUP}/v1", api.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = discovered["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["widgets", "widgets/status"]);
+
+    let mut w1 = serde_json::to_value(widget("w1", json!({"node": "n1", "colour": "blue"}))).unwrap();
+    w1["status"] = json!({"phase": "Done"});
+    let w1_file = write_yaml(&dir, "w1.yaml", &w1);
+    kubectl
+        .run(&["apply", "-f", &w1_file, "--validate=false"], Duration::from_secs(30))
+        .await
+        .expect("kubectl apply -f w1.yaml");
+    let widgets: Api<DynamicObject> = Api::all_with(api.kube_client(), &widget_resource());
+    let stored = widgets.get("w1").await.unwrap();
+    assert_eq!(
+        stored.data["spec"],
+        json!({"node": "n1", "dryRun": false, "labels": {}}),
+        "unknown fields are pruned, defaults applied"
+    );
+    assert!(stored.data.get("status").is_none(), "a create sets no status");
+    assert_eq!(stored.metadata.generation, Some(1));
+
+    // A second apply is a JSON merge patch (no strategic merge for custom
+    // resources): a spec change is a new generation.
+    w1["spec"]["node"] = json!("n2");
+    let w1_file = write_yaml(&dir, "w1.yaml", &w1);
+    kubectl
+        .run(&["apply", "-f", &w1_file, "--validate=false"], Duration::from_secs(30))
+        .await
+        .expect("kubectl apply -f w1.yaml, again");
+    let stored = widgets.get("w1").await.unwrap();
+    assert_eq!(
+        stored.data["spec"],
+        json!({"node": "n2", "dryRun": false, "labels": {}})
+    );
+    assert_eq!(stored.metadata.generation, Some(2));
+    let printed = kubectl.run(&["get", "widgets"], Duration::from_secs(30)).await.unwrap();
+    let header: Vec<&str> = printed.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "NODE", "PHASE", "MOVED", "AGE"], "{printed}");
+    widgets
+        .patch_status(
+            "w1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Moving", "moved": 3}})),
+        )
+        .await
+        .unwrap();
+    for what in ["wd", "testing", "widget.drain-test.example.io/w1"] {
+        let printed = kubectl.run(&["get", what], Duration::from_secs(30)).await.unwrap();
+        let row: Vec<&str> = printed.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(&row[..4], ["w1", "n2", "Moving", "3"], "kubectl get {what}: {printed}");
+    }
+    // kubectl get -w: the watch's events are Tables too (header once).
+    let kubectl = std::sync::Arc::new(kubectl);
+    let watching = tokio::spawn({
+        let kubectl = kubectl.clone();
+        async move {
+            kubectl
+                .run(
+                    &["get", "widgets", "-w", "--request-timeout=3s"],
+                    Duration::from_secs(30),
+                )
+                .await
+        }
+    });
+    wait_for("kubectl's watch", || api.open_watches() == 1).await;
+    widgets
+        .patch_status(
+            "w1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"moved": 4}})),
+        )
+        .await
+        .unwrap();
+    let printed = watching.await.unwrap().expect("kubectl get -w");
+    let lines: Vec<Vec<&str>> = printed.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(lines.len(), 3, "{printed}");
+    assert_eq!(lines[0][0], "NAME", "{printed}");
+    assert_eq!(&lines[2][..4], ["w1", "n2", "Moving", "4"], "{printed}");
+
+    kubectl
+        .run(&["delete", "-f", &w1_file], Duration::from_secs(30))
+        .await
+        .expect("kubectl delete -f w1.yaml");
+    assert!(widgets.get_opt("w1").await.unwrap().is_none());
+    kubectl
+        .run(&["delete", "-f", &crd_file], Duration::from_secs(30))
+        .await
+        .expect("kubectl delete -f crd.yaml");
+    assert!(crds.get_opt(&format!("widgets.{TEST_GROUP}")).await.unwrap().is_none());
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 404);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Status subresource semantics, generation and optimistic concurrency.
+#[tokio::test]
+async fn custom_resource_status_subresource_and_conflicts() {
+    let api = KubeApi::start();
+    create_crd(&api, widget_crd()).await;
+    let widgets: Api<DynamicObject> = Api::all_with(api.kube_client_no_retry(), &widget_resource());
+    let mut w = widget("w1", json!({"node": "n1"}));
+    w.data["status"] = json!({"phase": "Done"});
+    let owner = json!([{"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": "0f0f0f0f-0000-4000-8000-000000000002", "controller": true}]);
+    w.metadata.owner_references = Some(serde_json::from_value(owner.clone()).unwrap());
+    let created = widgets.create(&PostParams::default(), &w).await.unwrap();
+    assert_eq!(created.metadata.generation, Some(1));
+    assert_eq!(serde_json::to_value(&created.metadata.owner_references).unwrap(), owner);
+    assert!(created.data.get("status").is_none());
+
+    // The main resource ignores status; metadata changes keep the generation.
+    let mut edit = created.clone();
+    edit.data["status"] = json!({"phase": "Done"});
+    edit.metadata.labels = Some([("a".to_string(), "b".to_string())].into());
+    let replaced = widgets.replace("w1", &PostParams::default(), &edit).await.unwrap();
+    assert!(replaced.data.get("status").is_none());
+    assert_eq!(replaced.metadata.labels.as_ref().unwrap()["a"], "b");
+    assert_eq!(replaced.metadata.generation, Some(1));
+    let patched = widgets
+        .patch(
+            "w1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"maxParallel": 2}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.metadata.generation, Some(2));
+
+    // /status keeps everything but status, labels included.
+    let after_status = widgets
+        .patch_status(
+            "w1",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"phase": "Moving"}, "spec": {"node": "other"}, "metadata": {"labels": {"c": "d"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(after_status.data["status"]["phase"], "Moving");
+    assert_eq!(after_status.data["spec"]["node"], "n1");
+    assert!(!after_status.metadata.labels.as_ref().unwrap().contains_key("c"));
+    assert_eq!(after_status.metadata.generation, Some(2));
+
+    // A stale resourceVersion is a 409 on both, exactly as for built-ins.
+    let mut stale = created.clone();
+    stale.data["spec"]["node"] = json!("n2");
+    let e = api_error(widgets.replace("w1", &PostParams::default(), &stale).await.unwrap_err());
+    assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
+    assert_eq!(
+        e.message,
+        "Operation cannot be fulfilled on widgets.drain-test.example.io \"w1\": the object has been modified; please apply your changes to the latest version and try again"
+    );
+    let mut stale_status = serde_json::to_value(&created).unwrap();
+    stale_status["status"] = json!({"phase": "Failed"});
+    let e = api_error(
+        widgets
+            .replace_status(
+                "w1",
+                &PostParams::default(),
+                &serde_json::from_value(stale_status).unwrap(),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
+    // An update must name a resourceVersion (AllowUnconditionalUpdate false).
+    let mut unconditional = after_status.clone();
+    unconditional.metadata.resource_version = None;
+    let e = api_error(
+        widgets
+            .replace("w1", &PostParams::default(), &unconditional)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 422);
+    assert!(
+        e.message
+            .ends_with("metadata.resourceVersion: Invalid value: 0x0: must be specified for an update"),
+        "{}",
+        e.message
+    );
+
+    // The status written is validated against the schema too.
+    let e = api_error(
+        widgets
+            .patch_status(
+                "w1",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"moved": "x"}})),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 422);
+    assert_eq!(
+        e.message,
+        "Widget.drain-test.example.io \"w1\" is invalid: status.moved: Invalid value: \"string\": status.moved in body must be of type integer: \"string\""
+    );
+}
+
+/// Schema validation (422 with the real messages), pruning with a warning or
+/// a strict 400, strategic merge patch refused, field selectors limited.
+#[tokio::test]
+async fn custom_resources_are_validated_and_pruned_against_the_schema() {
+    let api = KubeApi::start();
+    create_crd(&api, widget_crd()).await;
+    let widgets: Api<DynamicObject> = Api::all_with(api.kube_client_no_retry(), &widget_resource());
+    let pp = PostParams::default();
+    let invalid = |spec: Value| {
+        let widgets = widgets.clone();
+        async move {
+            let e = api_error(
+                widgets
+                    .create(&PostParams::default(), &widget("w", spec))
+                    .await
+                    .unwrap_err(),
+            );
+            assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"), "{}", e.message);
+            e.message
+        }
+    };
+    assert_eq!(
+        invalid(json!({"node": "n1", "maxParallel": "three"})).await,
+        "Widget.drain-test.example.io \"w\" is invalid: spec.maxParallel: Invalid value: \"string\": spec.maxParallel in body must be of type integer: \"string\""
+    );
+    assert_eq!(
+        invalid(json!({"maxParallel": 1})).await,
+        "Widget.drain-test.example.io \"w\" is invalid: spec.node: Required value"
+    );
+    assert_eq!(
+        invalid(json!({"node": "n1", "mode": "fast"})).await,
+        "Widget.drain-test.example.io \"w\" is invalid: spec.mode: Unsupported value: \"fast\": supported values: \"live\", \"cold\", \"null\""
+    );
+    for bad in [
+        "tomorrow",
+        "2026-12-07 03:00:00Z",
+        "2026-12-07T03:00Z",
+        "2026-12-07T03:00:00+0100",
+    ] {
+        assert_eq!(
+            invalid(json!({"node": "n1", "deadline": bad})).await,
+            format!(
+                "Widget.drain-test.example.io \"w\" is invalid: spec.deadline: Invalid value: \"{bad}\": spec.deadline in body must be of type date-time: \"{bad}\""
+            )
+        );
+    }
+    assert!(
+        invalid(json!({"node": "n1", "maxParallel": -1}))
+            .await
+            .contains("spec.maxParallel in body should be greater than or equal to 0")
+    );
+    assert!(
+        invalid(json!({"node": "n1", "budget": true}))
+            .await
+            .contains("spec.budget in body must be of type integer,string")
+    );
+    assert!(
+        invalid(json!({"node": "n1", "labels": {"a": 1}}))
+            .await
+            .contains("spec.labels.a in body must be of type string")
+    );
+    let e = api_error(
+        widgets
+            .create(
+                &pp,
+                &serde_json::from_value(
+                    json!({"apiVersion": format!("{TEST_GROUP}/v1"), "kind": "Widget", "metadata": {"name": "w"}}),
+                )
+                .unwrap(),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert!(e.message.ends_with("spec: Required value"), "{}", e.message);
+
+    // Nested arrays of objects: required fields and bounds, with their paths.
+    widgets.create(&pp, &widget("w0", json!({"node": "n1"}))).await.unwrap();
+    let e = api_error(
+        widgets
+            .patch_status(
+                "w0",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"vms": [{"id": "a", "ramMib": 1}, {"ramMib": -1}]}})),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        e.message,
+        "Widget.drain-test.example.io \"w0\" is invalid: [status.vms[1].ramMib: Invalid value: -1: status.vms[1].ramMib in body should be greater than or equal to 0, status.vms[1].id: Required value]"
+    );
+    widgets.delete("w0", &DeleteParams::default()).await.unwrap();
+
+    // A schema node without a type (what schemars makes of a serde_json::Value)
+    // is not structural: the CRD is refused.
+    let mut untyped = gadget_crd();
+    untyped["metadata"]["name"] = json!(format!("things.{TEST_GROUP}"));
+    untyped["spec"]["names"] = json!({"kind": "Thing", "plural": "things"});
+    untyped["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"] =
+        json!({"type": "object", "properties": {"extra": {}}});
+    let e = api.add_crd(untyped).unwrap_err();
+    assert_eq!(
+        e.message,
+        "CustomResourceDefinition.apiextensions.k8s.io \"things.drain-test.example.io\" is invalid: spec.versions[0].schema.openAPIV3Schema.properties[spec].properties[extra].type: Required value: must not be empty for specified object fields"
+    );
+
+    // What the schema allows: nulls where nullable, int-or-string, 1.0 as an
+    // integer, anything under preserve-unknown-fields.
+    let ok = widgets
+        .create(
+            &pp,
+            &widget(
+                "w1",
+                json!({"node": "n1", "maxParallel": 1.0, "deadline": null, "budget": "50%", "mode": "live",
+                       "extra": {"any": {"thing": [1, "two"]}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.data["spec"]["extra"]["any"]["thing"], json!([1, "two"]));
+    assert_eq!(ok.data["spec"]["deadline"], Value::Null);
+    assert_eq!(api.objects(&format!("{TEST_GROUP}/v1"), "widgets").len(), 1);
+    widgets
+        .patch(
+            "w1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"deadline": "2026-12-07T03:00:00.5+01:00", "budget": 2}})),
+        )
+        .await
+        .unwrap();
+
+    // Unknown fields: dropped with a warning by default, silently with
+    // Ignore, refused with Strict.
+    let url = format!("{}/apis/{TEST_GROUP}/v1/widgets", api.url());
+    let body = serde_json::to_value(widget("w2", json!({"node": "n1", "colour": "blue"}))).unwrap();
+    let (code, warnings, created) = http_json(reqwest::Method::POST, url.clone(), "application/json", &body).await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(warnings, [r#"299 - "unknown field \"spec.colour\"""#]);
+    assert_eq!(created["spec"], json!({"node": "n1", "dryRun": false, "labels": {}}));
+    let mut body3 = body.clone();
+    body3["metadata"]["name"] = json!("w3");
+    let (code, warnings, _) = http_json(
+        reqwest::Method::POST,
+        format!("{url}?fieldValidation=Ignore"),
+        "application/json",
+        &body3,
+    )
+    .await;
+    assert_eq!((code, warnings.len()), (201, 0));
+    body3["metadata"]["name"] = json!("w4");
+    let (code, _, status) = http_json(
+        reqwest::Method::POST,
+        format!("{url}?fieldValidation=Strict"),
+        "application/json",
+        &body3,
+    )
+    .await;
+    assert_eq!(code, 400, "{status}");
+    assert_eq!(
+        status["message"],
+        "Widget in version \"v1\" cannot be handled as a Widget: strict decoding error: unknown field \"spec.colour\""
+    );
+
+    // Metadata is an ObjectMeta.
+    let mut bad_meta = body.clone();
+    bad_meta["metadata"] = json!({"name": "w6", "labels": {"a": 1}});
+    let (code, _, status) = http_json(reqwest::Method::POST, url.clone(), "application/json", &bad_meta).await;
+    assert_eq!(code, 400, "{status}");
+
+    // Server-side apply is typed against the schema: unknown fields are an error.
+    let ssa = PatchParams::apply("test").force();
+    let e = api_error(
+        widgets
+            .patch(
+                "w5",
+                &ssa,
+                &Patch::Apply(serde_json::to_value(widget("w5", json!({"node": "n1", "colour": "blue"}))).unwrap()),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (
+            400,
+            "failed to create typed patch object (drain-test.example.io/v1, Kind=Widget): .spec.colour: field not declared in schema"
+        )
+    );
+    let applied = widgets
+        .patch(
+            "w5",
+            &ssa,
+            &Patch::Apply(serde_json::to_value(widget("w5", json!({"node": "n1"}))).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.metadata.generation, Some(1));
+
+    // No strategic merge patch for custom resources.
+    let (code, _, status) = http_json(
+        reqwest::Method::PATCH,
+        format!("{url}/w1"),
+        "application/strategic-merge-patch+json",
+        &json!({"spec": {"node": "n2"}}),
+    )
+    .await;
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (415, Some("UnsupportedMediaType")),
+        "{status}"
+    );
+    let e = api_error(
+        widgets
+            .patch(
+                "w1",
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"spec": {"node": "n2"}})),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 415);
+    // JSON patch works, and its result is validated.
+    let (code, status) = json_patch_http(
+        &api,
+        &format!("/apis/{TEST_GROUP}/v1/widgets/w1"),
+        &json!([{"op": "replace", "path": "/spec/node", "value": 5}]),
+    )
+    .await;
+    assert_eq!(code, 422, "{status}");
+
+    // Lists of custom resources are unstructured: items keep apiVersion/kind.
+    let list: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    assert_eq!(list["kind"], "WidgetList");
+    assert_eq!(list["items"][0]["kind"], "Widget");
+    assert_eq!(list["items"][0]["apiVersion"], format!("{TEST_GROUP}/v1"));
+
+    // Field selectors: metadata.name only (cluster-scoped).
+    let named = widgets
+        .list(&ListParams::default().fields("metadata.name=w1"))
+        .await
+        .unwrap();
+    assert_eq!(named.items.len(), 1);
+    let e = api_error(
+        widgets
+            .list(&ListParams::default().fields("spec.node=n1"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (400, "field label not supported: spec.node")
+    );
+    let e = api_error(
+        widgets
+            .list(&ListParams::default().fields("metadata.namespace=default"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 400);
+}
+
+/// A kube watcher sees custom resources come, change and go; a finalizer
+/// holds a deleted one; a CRD's deletion waits for its instances, refuses
+/// new ones meanwhile and then takes the resource away; a namespace's
+/// deletion deletes its namespaced custom resources.
+#[tokio::test]
+async fn custom_resource_watches_finalizers_and_deletions() {
+    let api = KubeApi::start();
+    create_crd(&api, widget_crd()).await;
+    let client = api.kube_client_no_retry();
+    let widgets: Api<DynamicObject> = Api::all_with(client.clone(), &widget_resource());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut stream = watcher::watcher(widgets.clone(), watcher::Config::default()).boxed();
+    tokio::spawn(async move {
+        while let Some(ev) = stream.next().await {
+            if tx.send(ev).is_err() {
+                break;
+            }
+        }
+    });
+    let mut next = async || loop {
+        match tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("watch event in time")
+        {
+            Some(Ok(WEvent::Apply(o))) => return ("apply", o),
+            Some(Ok(WEvent::Delete(o))) => return ("delete", o),
+            Some(_) => continue,
+            None => panic!("watcher ended"),
+        }
+    };
+    wait_for("the watch", || api.open_watches() == 1).await;
+
+    let mut w = widget("w1", json!({"node": "n1"}));
+    w.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    widgets.create(&PostParams::default(), &w).await.unwrap();
+    let (what, o) = next().await;
+    assert_eq!((what, o.metadata.name.as_deref()), ("apply", Some("w1")));
+    widgets.delete("w1", &DeleteParams::default()).await.unwrap();
+    let (what, o) = next().await;
+    assert_eq!(what, "apply");
+    assert!(o.metadata.deletion_timestamp.is_some(), "a finalizer holds it");
+    assert!(widgets.get_opt("w1").await.unwrap().is_some());
+
+    // Deleting the CRD waits for its instances and refuses new ones.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.delete(&format!("widgets.{TEST_GROUP}"), &DeleteParams::default())
+        .await
+        .unwrap();
+    let terminating = crds.get(&format!("widgets.{TEST_GROUP}")).await.unwrap();
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    assert_eq!(
+        terminating.metadata.finalizers.as_deref(),
+        Some(&["customresourcecleanup.apiextensions.k8s.io".to_string()][..])
+    );
+    // A terminating CRD can still be updated (its finalizer is a valid name).
+    crds.patch(
+        &format!("widgets.{TEST_GROUP}"),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"a": "b"}}})),
+    )
+    .await
+    .unwrap();
+    let e = api_error(
+        widgets
+            .create(&PostParams::default(), &widget("w2", json!({"node": "n1"})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 405, "{}", e.message);
+    widgets
+        .patch(
+            "w1",
+            &PatchParams::default(),
+            &Patch::Json::<()>(
+                serde_json::from_value(json!([{"op": "remove", "path": "/metadata/finalizers"}])).unwrap(),
+            ),
+        )
+        .await
+        .unwrap();
+    let (what, o) = next().await;
+    assert_eq!((what, o.metadata.name.as_deref()), ("delete", Some("w1")));
+    let mut gone = false;
+    for _ in 0..100 {
+        if crds.get_opt(&format!("widgets.{TEST_GROUP}")).await.unwrap().is_none() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the CRD goes once its instances are gone");
+    wait_for("the watch on the removed resource to end", || api.open_watches() == 0).await;
+    let e = api_error(widgets.list(&ListParams::default()).await.unwrap_err());
+    assert_eq!(e.code, 404);
+
+    // Namespaced custom resources go with their namespace.
+    api.add_crd(gadget_crd()).unwrap();
+    api.add_namespace("ns1");
+    let gadget_resource =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(TEST_GROUP, "v1", "Gadget"), "gadgets");
+    let gadgets: Api<DynamicObject> = Api::namespaced_with(client.clone(), "ns1", &gadget_resource);
+    let g: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": format!("{TEST_GROUP}/v1"), "kind": "Gadget",
+        "metadata": {"name": "g1"}, "spec": {"anything": 1}, "status": {"set": true}
+    }))
+    .unwrap();
+    let created = gadgets.create(&PostParams::default(), &g).await.unwrap();
+    assert_eq!(
+        created.data["status"]["set"], true,
+        "no status subresource: status is written"
+    );
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    namespaces.delete("ns1", &DeleteParams::default()).await.unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        if namespaces.get_opt("ns1").await.unwrap().is_none() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the namespace goes once its content is deleted");
+    let all_gadgets: Api<DynamicObject> = Api::all_with(client, &gadget_resource);
+    assert!(all_gadgets.list(&ListParams::default()).await.unwrap().items.is_empty());
+    assert!(api.objects(&format!("{TEST_GROUP}/v1"), "gadgets").is_empty());
 }

@@ -26,7 +26,9 @@
 //!   [`KubeApi::json_patch_pod`] (likewise, a JSON patch), [`KubeApi::node`],
 //!   [`KubeApi::pod`], [`KubeApi::pdbs`],
 //!   [`KubeApi::set_pod_phase`] (a kubelet status update), [`KubeApi::events`]
-//!   (every Event clients created or patched, both APIs, in order, as stored).
+//!   (every Event clients created or patched, both APIs, in order, as stored),
+//!   [`KubeApi::add_crd`] (a CustomResourceDefinition, served at once),
+//!   [`KubeApi::objects`] (every stored object of a built-in or custom resource).
 //! * Simulated components: [`KubeApi::set_kubelet`] (default on: a pod bound
 //!   to an existing node becomes Running+Ready ~100 ms after creation; a
 //!   terminating pod is stopped after its grace period capped at 1 s, then
@@ -60,7 +62,77 @@
 //!
 //! A namespace's DELETE leaves it `Terminating`; a namespace controller (every
 //! 50 ms) deletes its content and removes it once empty, so a finalizer on a
-//! pod in it keeps it, as on a real cluster.
+//! pod in it keeps it, as on a real cluster. It starts at once by default;
+//! the real one waits 5 s (namespaceDeletionGracePeriod) after the DELETE:
+//! [`KubeApi::set_namespace_deletion_grace`].
+//!
+//! # Custom resources
+//! `apiextensions.k8s.io/v1` CustomResourceDefinitions are stored (typed by
+//! k8s-openapi) and validated for the essentials (name `<plural>.<group>`, a
+//! group with a dot, names.kind/plural, scope, exactly one storage version, a
+//! structural schema per version: a type on every node but int-or-string and
+//! preserve-unknown-fields ones, printer columns' name/type/jsonPath). A
+//! create fills in what the real naming and establishing controllers write
+//! at once (`NamesAccepted` and `Established` True, `acceptedNames` =
+//! spec.names, `storedVersions`), so the resource is served as soon as the
+//! CREATE returns (a real one is Established a few ms later). A DELETE marks
+//! the CRD Terminating with the `customresourcecleanup.apiextensions.k8s.io`
+//! finalizer; a CRD finalizer controller (every 50 ms) deletes its instances
+//! (their finalizers hold them, and it) and then the CRD, ending the open
+//! watches on its resource; creates meanwhile are refused (405); its scope
+//! is immutable. Until a CRD exists its resource is a 404 and absent
+//! from discovery.
+//!
+//! A CRD serves its storage version only, at `/apis/{group}/{version}/{plural}`
+//! (under `/namespaces/{ns}/` when Namespaced), with discovery (shortNames,
+//! categories), list/get/watch with the same resourceVersion semantics as
+//! the built-in kinds (list items keep apiVersion/kind, as unstructured lists do), create/update/merge and JSON patch/server-side apply
+//! (a merge patch, as for built-ins) and delete (finalizers, deletionTimestamp).
+//! As the real customResourceStrategy: `metadata.generation` starts at 1 and
+//! is bumped by any change outside metadata (status too when there is no
+//! status subresource); with a status subresource, writes to the resource
+//! keep the stored status, writes to `/status` keep everything but `status`
+//! (labels and annotations too: the real statusStrategy copies the old
+//! object); an update without a resourceVersion is a 422
+//! (AllowUnconditionalUpdate is false), a stale one a 409. Strategic merge
+//! patch is a 415. Field selectors: `metadata.name` and (namespaced)
+//! `metadata.namespace` only. Metadata is decoded as an ObjectMeta (a 400
+//! otherwise); ownerReferences are stored (no garbage collector).
+//!
+//! Objects are pruned and validated against the version's `openAPIV3Schema`
+//! with kube-openapi's messages: type (object, array, string, integer (1.0
+//! counts), number, boolean), `required`, `enum`, `nullable` (a null in a
+//! non-nullable field is dropped), `x-kubernetes-preserve-unknown-fields`,
+//! `x-kubernetes-int-or-string`, `additionalProperties`, `default` (applied on
+//! write only), `minimum`/`maximum` (and exclusive), `format: date-time`
+//! (strfmt's IsDateTime: RFC 3339) and `date`. Unknown fields are
+//! dropped with a `Warning: unknown field "spec.x"` header (fieldValidation
+//! Warn, the default), silently (`Ignore`), or refused with the real 400
+//! `strict decoding error` (`Strict`); a server-side apply patch with unknown
+//! fields is always a 400 (`field not declared in schema`: apply is typed
+//! against the schema). Not checked (more lenient than real):
+//! other formats (uuid, ipv4, ...), pattern, min/maxLength, min/maxItems,
+//! uniqueItems, min/maxProperties, multipleOf, allOf/anyOf/oneOf/not,
+//! list-type/map-keys, CEL `x-kubernetes-validations`, the embedded
+//! ObjectMeta schema, and (in the CRD) that defaults match their schema; validation ratcheting (real: unchanged invalid fields
+//! pass on update) is not modelled (stricter). Finalizers of CRDs and custom
+//! resources need only be qualified names (apimachinery's rule; the real one
+//! warns about those without a `/`, not modelled). Conversion webhooks, scale subresources,
+//! deletecollection (405) and multi-version serving are not modelled: other
+//! served versions are a 404 (stricter), and changing the storage version
+//! hides the objects stored under the previous one (real: every served
+//! version shows them).
+//!
+//! `Accept: application/json;as=Table;v=v1;g=meta.k8s.io` (kubectl get) on a
+//! custom resource answers a meta.k8s.io/v1 Table: a Name column, then the
+//! version's additionalPrinterColumns (or Age when it declares none, as the
+//! real server), from simple JSONPaths (`.a.b`, `.a[0].b`; filters give an
+//! empty cell), typed as real (`date` as a human duration); rows carry
+//! PartialObjectMetadata (or `includeObject=Object|None`); a watch (kubectl
+//! get -w) sends each event's object as a one-row Table, with the column
+//! definitions in the first only. Built-in kinds answer plain JSON, which
+//! kubectl prints with its own columns. The
+//! fake serves no OpenAPI document: kubectl needs `--validate=false`.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -77,7 +149,8 @@ use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, Node, Pod, Servi
 use k8s_openapi::api::events::v1::Event as EventsV1Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ListMeta, Status, StatusCause, StatusDetails};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ListMeta, ObjectMeta, Status, StatusCause, StatusDetails};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
@@ -114,12 +187,19 @@ pub enum Res {
     RoleBinding,
     ClusterRole,
     ClusterRoleBinding,
+    /// apiextensions.k8s.io/v1 CustomResourceDefinition.
+    Crd,
+    /// A custom resource served from a stored CRD: an index into
+    /// [`CUSTOM_KINDS`] (its names; the rest is read from the CRD itself).
+    Custom(u32),
 }
 
 const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
+/// The API groups of the built-in kinds, as `/apis` lists them.
+const BUILTIN_GROUPS: [&str; 5] = ["policy", "events.k8s.io", "apps", RBAC_GROUP, CRD_GROUP];
 
 impl Res {
-    const ALL: [Res; 12] = [
+    const ALL: [Res; 13] = [
         Res::Namespace,
         Res::Node,
         Res::Pod,
@@ -132,6 +212,7 @@ impl Res {
         Res::RoleBinding,
         Res::ClusterRole,
         Res::ClusterRoleBinding,
+        Res::Crd,
     ];
 
     fn lookup(group: &str, version: &str, plural: &str) -> Option<Res> {
@@ -148,6 +229,7 @@ impl Res {
             (RBAC_GROUP, "v1", "rolebindings") => Res::RoleBinding,
             (RBAC_GROUP, "v1", "clusterroles") => Res::ClusterRole,
             (RBAC_GROUP, "v1", "clusterrolebindings") => Res::ClusterRoleBinding,
+            (CRD_GROUP, "v1", "customresourcedefinitions") => Res::Crd,
             _ => return None,
         })
     }
@@ -164,10 +246,14 @@ impl Res {
             Res::RoleBinding => "rolebindings",
             Res::ClusterRole => "clusterroles",
             Res::ClusterRoleBinding => "clusterrolebindings",
+            Res::Crd => "customresourcedefinitions",
+            Res::Custom(i) => &custom_kind(i).plural,
         }
     }
     fn group(self) -> &'static str {
         match self {
+            Res::Crd => CRD_GROUP,
+            Res::Custom(i) => &custom_kind(i).group,
             Res::Pdb => "policy",
             Res::Event => "events.k8s.io",
             Res::DaemonSet => "apps",
@@ -181,6 +267,8 @@ impl Res {
             Res::Event => "events.k8s.io/v1",
             Res::DaemonSet => "apps/v1",
             Res::Role | Res::RoleBinding | Res::ClusterRole | Res::ClusterRoleBinding => "rbac.authorization.k8s.io/v1",
+            Res::Crd => "apiextensions.k8s.io/v1",
+            Res::Custom(i) => &custom_kind(i).api_version,
             _ => "v1",
         }
     }
@@ -197,13 +285,18 @@ impl Res {
             Res::RoleBinding => "RoleBinding",
             Res::ClusterRole => "ClusterRole",
             Res::ClusterRoleBinding => "ClusterRoleBinding",
+            Res::Crd => "CustomResourceDefinition",
+            Res::Custom(i) => &custom_kind(i).kind,
         }
     }
     fn namespaced(self) -> bool {
-        !matches!(
-            self,
-            Res::Namespace | Res::Node | Res::ClusterRole | Res::ClusterRoleBinding
-        )
+        match self {
+            Res::Custom(i) => custom_kind(i).namespaced,
+            _ => !matches!(
+                self,
+                Res::Namespace | Res::Node | Res::ClusterRole | Res::ClusterRoleBinding | Res::Crd
+            ),
+        }
     }
     /// `pods`, `poddisruptionbudgets.policy`: as in real error messages.
     fn qualified(self) -> String {
@@ -221,11 +314,16 @@ impl Res {
             format!("{}.{}", self.kind(), self.group())
         }
     }
+    /// Built-in kinds only: whether a custom resource has a status
+    /// subresource depends on its CRD ([`State::has_status`]).
     fn has_status(self) -> bool {
-        matches!(self, Res::Node | Res::Pod | Res::Pdb | Res::DaemonSet | Res::Namespace)
+        matches!(
+            self,
+            Res::Node | Res::Pod | Res::Pdb | Res::DaemonSet | Res::Namespace | Res::Crd
+        )
     }
     fn tracks_generation(self) -> bool {
-        matches!(self, Res::Pod | Res::Pdb | Res::DaemonSet)
+        matches!(self, Res::Pod | Res::Pdb | Res::DaemonSet | Res::Crd | Res::Custom(_))
     }
     /// Round-trips through the k8s-openapi type: rejects what the typed
     /// decoder rejects and yields exactly its serialisation.
@@ -247,11 +345,66 @@ impl Res {
             Res::RoleBinding => rt::<RoleBinding>(v),
             Res::ClusterRole => rt::<ClusterRole>(v),
             Res::ClusterRoleBinding => rt::<ClusterRoleBinding>(v),
+            Res::Crd => rt::<CustomResourceDefinition>(v),
+            // The body is pruned and validated against the CRD's schema
+            // instead; metadata is decoded as ObjectMeta, as real.
+            Res::Custom(_) => {
+                let mut v = v;
+                if let Some(m) = v.get("metadata").cloned() {
+                    let meta: ObjectMeta = serde_json::from_value(m).map_err(|e| e.to_string())?;
+                    v["metadata"] = serde_json::to_value(&meta).map_err(|e| e.to_string())?;
+                }
+                Ok(v)
+            }
         }
     }
     fn list_kind(self) -> String {
-        format!("{}List", self.kind())
+        match self {
+            Res::Custom(i) => custom_kind(i).list_kind.clone(),
+            _ => format!("{}List", self.kind()),
+        }
     }
+}
+
+const CRD_GROUP: &str = "apiextensions.k8s.io";
+/// The finalizer a CRD's deletion adds: its instances are deleted first.
+const CRD_CLEANUP_FINALIZER: &str = "customresourcecleanup.apiextensions.k8s.io";
+
+/// The names of a custom resource, as [`Res::Custom`] serves it: one entry
+/// per (group, version, plural, kind, listKind, scope) ever seen by any
+/// server of this process, leaked so that [`Res`] stays `Copy` and its names
+/// `&'static str`. Servers share the table, never the objects.
+#[derive(PartialEq, Debug)]
+struct CustomKind {
+    group: String,
+    version: String,
+    plural: String,
+    kind: String,
+    list_kind: String,
+    namespaced: bool,
+    api_version: String,
+}
+
+static CUSTOM_KINDS: Mutex<Vec<&'static CustomKind>> = Mutex::new(Vec::new());
+
+fn custom_kind(i: u32) -> &'static CustomKind {
+    CUSTOM_KINDS.lock().unwrap_or_else(|e| e.into_inner())[i as usize]
+}
+
+fn custom_kind_of(res: Res) -> Option<&'static CustomKind> {
+    match res {
+        Res::Custom(i) => Some(custom_kind(i)),
+        _ => None,
+    }
+}
+
+fn intern_custom_kind(k: CustomKind) -> Res {
+    let mut kinds = CUSTOM_KINDS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(i) = kinds.iter().position(|c| **c == k) {
+        return Res::Custom(i as u32);
+    }
+    kinds.push(Box::leak(Box::new(k)));
+    Res::Custom((kinds.len() - 1) as u32)
 }
 
 // ---------------------------------------------------------------------------
@@ -1020,6 +1173,72 @@ struct State {
     pod_side: HashMap<String, PodSide>, // by uid
     /// (PDB uid, reason) of the disruption controller's events so far.
     pdb_events: HashSet<(String, &'static str)>,
+    /// The current request's `fieldValidation` (Ignore, Warn, Strict).
+    field_validation: String,
+    /// Warnings for the current request (`Warning: 299` headers).
+    warnings: Vec<String>,
+    /// The current request is a server-side apply patch.
+    applying: bool,
+    /// How long after a namespace's deletion its content is first deleted
+    /// ([`KubeApi::set_namespace_deletion_grace`]).
+    namespace_deletion_grace: Duration,
+    /// When each namespace's DELETE was accepted (by uid).
+    namespace_deleted_at: HashMap<String, Instant>,
+}
+
+/// What a stored CRD serves: its storage version (the only one served, see
+/// the module doc) and what the handlers need from it.
+#[derive(Clone, Debug)]
+struct CrdInfo {
+    res: Res,
+    singular: String,
+    short_names: Vec<Value>,
+    categories: Vec<Value>,
+    schema: Value,
+    status: bool,
+    columns: Vec<Value>,
+    terminating: bool,
+}
+
+impl CrdInfo {
+    /// The CRD's served storage version, if it has one.
+    fn of(crd: &Value) -> Option<CrdInfo> {
+        let spec = crd.get("spec")?;
+        let names = spec.get("names")?;
+        let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let version = spec.get("versions")?.as_array()?.iter().find(|v| {
+            v.get("storage").and_then(Value::as_bool) == Some(true)
+                && v.get("served").and_then(Value::as_bool) == Some(true)
+        })?;
+        let kind = s(names, "kind");
+        let list_kind = Some(s(names, "listKind"))
+            .filter(|k| !k.is_empty())
+            .unwrap_or_else(|| format!("{kind}List"));
+        let group = s(spec, "group");
+        let vname = s(version, "name");
+        let res = intern_custom_kind(CustomKind {
+            api_version: format!("{group}/{vname}"),
+            group,
+            version: vname,
+            plural: s(names, "plural"),
+            kind: kind.clone(),
+            list_kind,
+            namespaced: s(spec, "scope") == "Namespaced",
+        });
+        let arr = |v: &Value, k: &str| v.get(k).and_then(Value::as_array).cloned().unwrap_or_default();
+        Some(CrdInfo {
+            res,
+            singular: Some(s(names, "singular"))
+                .filter(|k| !k.is_empty())
+                .unwrap_or_else(|| kind.to_lowercase()),
+            short_names: arr(names, "shortNames"),
+            categories: arr(names, "categories"),
+            schema: version.pointer("/schema/openAPIV3Schema").cloned().unwrap_or(json!({})),
+            status: version.pointer("/subresources/status").is_some_and(|v| !v.is_null()),
+            columns: arr(version, "additionalPrinterColumns"),
+            terminating: meta_str(crd, "deletionTimestamp").is_some(),
+        })
+    }
 }
 
 impl State {
@@ -1038,12 +1257,39 @@ impl State {
             bookmark_interval: Duration::from_secs(5),
             pod_side: HashMap::new(),
             pdb_events: HashSet::new(),
+            field_validation: String::new(),
+            warnings: vec![],
+            applying: false,
+            namespace_deletion_grace: Duration::ZERO,
+            namespace_deleted_at: HashMap::new(),
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             s.create(Res::Namespace, "", json!({"metadata": {"name": ns}}), false)
                 .expect("namespace");
         }
         s
+    }
+
+    /// Every stored CRD's served resource.
+    fn crd_infos(&self) -> Vec<CrdInfo> {
+        self.list_objs(Res::Crd, None).iter().filter_map(CrdInfo::of).collect()
+    }
+    fn custom_lookup(&self, group: &str, version: &str, plural: &str) -> Option<CrdInfo> {
+        let crd = self.get(Res::Crd, "", &format!("{plural}.{group}"))?;
+        CrdInfo::of(crd).filter(|i| custom_kind_of(i.res).is_some_and(|k| k.version == version))
+    }
+    /// The CRD serving a custom resource (None for built-in kinds, or once
+    /// the CRD is gone).
+    fn crd_info(&self, res: Res) -> Option<CrdInfo> {
+        let k = custom_kind_of(res)?;
+        self.custom_lookup(&k.group, &k.version, &k.plural)
+            .filter(|i| i.res == res)
+    }
+    fn has_status(&self, res: Res) -> bool {
+        match res {
+            Res::Custom(_) => self.crd_info(res).is_some_and(|i| i.status),
+            _ => res.has_status(),
+        }
     }
 
     fn get(&self, res: Res, ns: &str, name: &str) -> Option<&Value> {
@@ -1214,7 +1460,21 @@ impl State {
         {
             return Err(ApiError::namespace_terminating(res, &name, ns_key));
         }
-        default_and_reset_status(res, &mut obj, None);
+        if let Res::Custom(_) = res {
+            let info = self.crd_info(res).ok_or_else(ApiError::not_found_path)?;
+            if info.terminating {
+                let mut e = ApiError::method_not_allowed();
+                e.message = "create not allowed while custom resource definition is terminating".into();
+                return Err(e);
+            }
+            // customResourceStrategy.PrepareForCreate: create cannot set status.
+            if info.status {
+                obj.as_object_mut().expect("object").remove("status");
+            }
+            self.admit_custom(res, &info, &mut obj)?;
+        } else {
+            default_and_reset_status(res, &mut obj, None);
+        }
         let obj = res.canonical(obj).map_err(ApiError::bad_request)?;
         validate(res, &obj, None)?;
         if self.get(res, ns_key, &name).is_some() {
@@ -1239,6 +1499,52 @@ impl State {
             self.events_log.push(stored.clone());
         }
         Ok(stored)
+    }
+
+    /// The custom resource handler's decoding and the strategy's schema
+    /// validation: unknown fields are pruned (a warning each with
+    /// `fieldValidation=Warn`, the default; a 400 with `Strict`), defaults
+    /// applied, then the object is checked against the version's
+    /// openAPIV3Schema (422 with one cause per error).
+    fn admit_custom(&mut self, res: Res, info: &CrdInfo, obj: &mut Value) -> ApiResult<()> {
+        let mut check = SchemaCheck::default();
+        check_schema(obj, &info.schema, "", true, &mut check);
+        if !check.unknown.is_empty() && self.applying {
+            // Apply patches are typed against the schema: unknown fields are
+            // an error whatever fieldValidation says.
+            let k = custom_kind_of(res).expect("custom kind");
+            let fields: Vec<String> = check
+                .unknown
+                .iter()
+                .map(|f| format!(".{f}: field not declared in schema"))
+                .collect();
+            return Err(ApiError::bad_request(format!(
+                "failed to create typed patch object ({}, Kind={}): {}",
+                k.api_version,
+                k.kind,
+                fields.join("\n")
+            )));
+        }
+        if !check.unknown.is_empty() {
+            let unknown: Vec<String> = check.unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect();
+            match self.field_validation.as_str() {
+                "Strict" => {
+                    let kind = res.kind();
+                    let version = custom_kind_of(res).map_or("", |k| k.version.as_str());
+                    return Err(ApiError::bad_request(format!(
+                        "{kind} in version \"{version}\" cannot be handled as a {kind}: strict decoding error: {}",
+                        unknown.join(", ")
+                    )));
+                }
+                "Ignore" => {}
+                _ => self.warnings.extend(unknown),
+            }
+        }
+        if check.errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::invalid(res, name_of(obj), check.errs))
+        }
     }
 
     // ---------------- update ----------------
@@ -1275,8 +1581,20 @@ impl State {
             meta_mut(&mut obj).insert("namespace".into(), json!(ns));
         }
         // An empty resourceVersion is an unconditional update: allowed for
-        // all our resources (AllowUnconditionalUpdate).
+        // the built-in kinds we store (AllowUnconditionalUpdate), not for
+        // CRDs and custom resources.
         let body_rv = meta_str(&obj, "resourceVersion").filter(|rv| !rv.is_empty());
+        if body_rv.is_none() && matches!(res, Res::Crd | Res::Custom(_)) {
+            return Err(ApiError::invalid(
+                res,
+                name,
+                vec![(
+                    "metadata.resourceVersion".into(),
+                    "Invalid value: 0x0: must be specified for an update".into(),
+                    "FieldValueInvalid",
+                )],
+            ));
+        }
         if body_rv.is_some() && body_rv != meta_str(&old, "resourceVersion") {
             return Err(ApiError::stale(res, name));
         }
@@ -1297,7 +1615,7 @@ impl State {
                 };
             }
         }
-        if res.has_status() {
+        if self.has_status(res) {
             if status_sub {
                 // Status strategy: only status changes.
                 let status = obj.get("status").cloned();
@@ -1314,7 +1632,20 @@ impl State {
                 default_and_reset_status(res, &mut obj, Some(&old));
             }
         }
-        if res.tracks_generation() && obj.get("spec") != old.get("spec") {
+        let info = self.crd_info(res);
+        if let Some(info) = &info {
+            self.admit_custom(res, info, &mut obj)?;
+        }
+        if res == Res::Crd && !status_sub {
+            crd_accept_names(&mut obj);
+        }
+        // customResourceStrategy.PrepareForUpdate: anything but metadata
+        // (status too, without a status subresource) is a new generation.
+        let spec_changed = match res {
+            Res::Custom(_) => !status_sub && non_metadata(&obj) != non_metadata(&old),
+            _ => obj.get("spec") != old.get("spec"),
+        };
+        if res.tracks_generation() && spec_changed {
             let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0) + 1;
             meta_mut(&mut obj).insert("generation".into(), json!(g));
         }
@@ -1372,6 +1703,19 @@ impl State {
                 )],
             ));
         }
+        if let Res::Custom(_) = res
+            && !matches!(ct, "application/json-patch+json" | "application/merge-patch+json")
+            && !is_apply
+        {
+            // Custom resources have no Go struct, hence no strategic merge patch.
+            return Err(ApiError::new(
+                415,
+                "UnsupportedMediaType",
+                format!(
+                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {ct:?})"
+                ),
+            ));
+        }
         if !matches!(
             ct,
             "application/json-patch+json" | "application/merge-patch+json" | "application/strategic-merge-patch+json"
@@ -1403,6 +1747,7 @@ impl State {
         }
         let dry_run = q.get("dryRun").is_some();
         if is_apply {
+            self.applying = true;
             if q.get("fieldManager").is_none_or(str::is_empty) {
                 return Err(ApiError::invalid(
                     res,
@@ -1493,6 +1838,9 @@ impl State {
             .is_some_and(|a| !a.is_empty());
         if res == Res::Namespace {
             return Ok((200, self.delete_namespace(name, obj, dry_run)));
+        }
+        if res == Res::Crd {
+            return self.delete_crd(name, obj, dry_run).map(|o| (200, o));
         }
         let finalizers = has_finalizers(&obj);
         let requested = opts.get("gracePeriodSeconds").and_then(Value::as_i64);
@@ -1602,7 +1950,106 @@ impl State {
         if dry_run {
             return o;
         }
+        let uid = meta_str(&o, "uid").unwrap_or("").to_string();
+        self.namespace_deleted_at.insert(uid, Instant::now());
         self.commit(Res::Namespace, "", name, Some(o)).expect("stored")
+    }
+
+    /// The CRD registry's DELETE (its own, not the generic store's): the CRD
+    /// gets a deletionTimestamp (no grace period, no new generation), the
+    /// cleanup finalizer and a Terminating condition, and is answered;
+    /// [`State::crd_tick`] (the CRD finalizer controller) deletes its
+    /// instances, then the CRD.
+    fn delete_crd(&mut self, name: &str, obj: Value, dry_run: bool) -> ApiResult<Value> {
+        let mut o = obj.clone();
+        let m = meta_mut(&mut o);
+        if !m.get("deletionTimestamp").is_some_and(Value::is_string) {
+            m.insert("deletionTimestamp".into(), json!(now_ts()));
+        }
+        if !m.get("finalizers").is_some_and(Value::is_array) {
+            m.insert("finalizers".into(), json!([]));
+        }
+        let fins = m
+            .get_mut("finalizers")
+            .and_then(Value::as_array_mut)
+            .expect("finalizers");
+        if !fins.iter().any(|f| f == CRD_CLEANUP_FINALIZER) {
+            fins.push(json!(CRD_CLEANUP_FINALIZER));
+        }
+        set_crd_condition(
+            &mut o,
+            "Terminating",
+            "True",
+            "InstanceDeletionPending",
+            "CustomResourceDefinition marked for deletion; CustomResource deletion will begin soon",
+        );
+        let o = Res::Crd.canonical(o).map_err(ApiError::bad_request)?;
+        if dry_run || o == obj {
+            return Ok(o);
+        }
+        Ok(self.commit(Res::Crd, "", name, Some(o)).expect("stored"))
+    }
+
+    /// The CRD finalizer controller: deletes every instance of a CRD being
+    /// deleted (their finalizers hold them), then drops its finalizer, and
+    /// the CRD goes once no finalizer is left.
+    fn crd_tick(&mut self) {
+        let deleting: Vec<Value> = self
+            .list_objs(Res::Crd, None)
+            .into_iter()
+            .filter(|c| meta_str(c, "deletionTimestamp").is_some() && finalizers(c).contains(&CRD_CLEANUP_FINALIZER))
+            .collect();
+        for crd in deleting {
+            let name = name_of(&crd).to_string();
+            let instances: Vec<(Res, String, String, bool)> = match CrdInfo::of(&crd) {
+                Some(info) => self
+                    .objects
+                    .iter()
+                    .filter(|((r, _, _), _)| *r == info.res)
+                    .map(|((r, ns, n), o)| (*r, ns.clone(), n.clone(), meta_str(o, "deletionTimestamp").is_some()))
+                    .collect(),
+                None => vec![],
+            };
+            if instances.is_empty() {
+                let mut c = crd.clone();
+                let left: Vec<Value> = finalizers(&crd)
+                    .into_iter()
+                    .filter(|f| *f != CRD_CLEANUP_FINALIZER)
+                    .map(|f| json!(f))
+                    .collect();
+                if left.is_empty() {
+                    self.remove(Res::Crd, "", &name);
+                    // Its storage is gone: open watches on it end.
+                    if let Some(info) = CrdInfo::of(&crd) {
+                        self.watchers.retain(|w| w.res != info.res);
+                    }
+                } else {
+                    meta_mut(&mut c).insert("finalizers".into(), Value::Array(left));
+                    if let Ok(c) = Res::Crd.canonical(c) {
+                        self.commit(Res::Crd, "", &name, Some(c));
+                    }
+                }
+                continue;
+            }
+            let mut c = crd.clone();
+            set_crd_condition(
+                &mut c,
+                "Terminating",
+                "True",
+                "InstanceDeletionInProgress",
+                "CustomResource deletion is in progress",
+            );
+            if let Ok(c) = Res::Crd.canonical(c)
+                && c != crd
+            {
+                self.commit(Res::Crd, "", &name, Some(c));
+            }
+            for (res, ns, n, deleting) in instances {
+                if !deleting {
+                    let _ = self.delete(res, &ns, &n, &json!({}));
+                }
+            }
+        }
     }
 
     /// kube-controller-manager's namespace controller: in each namespace being
@@ -1610,10 +2057,16 @@ impl State {
     /// so the kubelet stops them; finalizers hold theirs), and removes the
     /// namespace once nothing is left in it.
     fn namespace_tick(&mut self) {
+        let grace = self.namespace_deletion_grace;
         let terminating: Vec<String> = self
             .list_objs(Res::Namespace, None)
             .iter()
             .filter(|n| meta_str(n, "deletionTimestamp").is_some())
+            .filter(|n| {
+                self.namespace_deleted_at
+                    .get(meta_str(n, "uid").unwrap_or(""))
+                    .is_none_or(|at| at.elapsed() >= grace)
+            })
             .map(|n| name_of(n).to_string())
             .collect();
         for ns in terminating {
@@ -1904,6 +2357,25 @@ impl State {
         if let Ok(event) = Res::CoreEvent.canonical(event) {
             self.commit(Res::CoreEvent, &ns, &event_name, Some(event));
         }
+    }
+}
+
+/// SetCRDCondition: the transition time moves only with the status.
+fn set_crd_condition(crd: &mut Value, typ: &str, status: &str, reason: &str, message: &str) {
+    if !crd["status"]["conditions"].is_array() {
+        crd["status"]["conditions"] = json!([]);
+    }
+    let conds = crd["status"]["conditions"].as_array_mut().expect("array");
+    let mut c =
+        json!({"type": typ, "status": status, "reason": reason, "message": message, "lastTransitionTime": now_ts()});
+    match conds.iter_mut().find(|x| x["type"] == typ) {
+        Some(x) => {
+            if x["status"] == status {
+                c["lastTransitionTime"] = x["lastTransitionTime"].clone();
+            }
+            *x = c;
+        }
+        None => conds.push(c),
     }
 }
 
@@ -2204,15 +2676,14 @@ fn prepare_body(res: Res, mut body: Value) -> ApiResult<Value> {
 }
 
 /// Defaulting on create (old == None) and the "status is ignored on the main
-/// resource" rule on update.
+/// resource" rule on update (only called for kinds with a status subresource).
 fn default_and_reset_status(res: Res, obj: &mut Value, old: Option<&Value>) {
     if let Some(old) = old {
-        if res.has_status() {
-            match old.get("status") {
-                Some(s) => obj["status"] = s.clone(),
-                None => {
-                    obj.as_object_mut().expect("object").remove("status");
-                }
+        // Only called for kinds with a status subresource.
+        match old.get("status") {
+            Some(s) => obj["status"] = s.clone(),
+            None => {
+                obj.as_object_mut().expect("object").remove("status");
             }
         }
         return;
@@ -2283,14 +2754,82 @@ fn default_and_reset_status(res: Res, obj: &mut Value, old: Option<&Value>) {
         Res::Node if obj.get("status").is_none() => {
             obj["status"] = json!({});
         }
+        Res::Crd => {
+            // SetDefaults_CustomResourceDefinitionSpec, then what the naming
+            // and establishing controllers write at once on a real server.
+            let spec = &mut obj["spec"];
+            if spec.is_object() {
+                if let Some(names) = spec.get_mut("names").filter(|n| n.is_object()) {
+                    let kind = names.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
+                    if names.get("singular").and_then(Value::as_str).unwrap_or("").is_empty() {
+                        names["singular"] = json!(kind.to_lowercase());
+                    }
+                    if names.get("listKind").and_then(Value::as_str).unwrap_or("").is_empty() && !kind.is_empty() {
+                        names["listKind"] = json!(format!("{kind}List"));
+                    }
+                }
+                if spec.get("conversion").is_none_or(Value::is_null) {
+                    spec["conversion"] = json!({"strategy": "None"});
+                }
+            }
+            let now = now_ts();
+            obj["status"] = json!({
+                "conditions": [
+                    {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": now},
+                    {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": now},
+                ],
+                "acceptedNames": {},
+                "storedVersions": [],
+            });
+            crd_accept_names(obj);
+        }
         _ => {}
     }
+}
+
+/// The naming controller's `acceptedNames` (the spec's names: no conflict
+/// checks) and the storage version added to `storedVersions`.
+fn crd_accept_names(crd: &mut Value) {
+    let names = crd.pointer("/spec/names").cloned().unwrap_or(json!({}));
+    if !crd["status"].is_object() {
+        crd["status"] = json!({});
+    }
+    crd["status"]["acceptedNames"] = names;
+    let storage = crd
+        .pointer("/spec/versions")
+        .and_then(Value::as_array)
+        .and_then(|vs| {
+            vs.iter()
+                .find(|v| v.get("storage").and_then(Value::as_bool) == Some(true))
+        })
+        .and_then(|v| v.get("name").cloned());
+    if let Some(storage) = storage {
+        if !crd["status"]["storedVersions"].is_array() {
+            crd["status"]["storedVersions"] = json!([]);
+        }
+        let stored = crd["status"]["storedVersions"].as_array_mut().expect("array");
+        if !stored.contains(&storage) {
+            stored.push(storage);
+        }
+    }
+}
+
+/// An object without its metadata (copyNonMetadata).
+fn non_metadata(obj: &Value) -> Value {
+    let mut o = obj.clone();
+    if let Some(m) = o.as_object_mut() {
+        m.remove("metadata");
+    }
+    o
 }
 
 fn validate(res: Res, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
     let name = name_of(obj).to_string();
     let mut errs: Vec<(String, String, &'static str)> = vec![];
-    validate_finalizers(obj, old, &mut errs);
+    // apiextensions validates ObjectMeta with apimachinery's rules: any
+    // qualified finalizer name (the domain-less ones only warn).
+    let any_qualified = matches!(res, Res::Crd | Res::Custom(_));
+    validate_finalizers(obj, old, any_qualified, &mut errs);
     let name_ok = match res {
         Res::Namespace => is_dns_label(&name),
         _ => is_dns_subdomain(&name),
@@ -2384,12 +2923,407 @@ fn validate(res: Res, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
             }
         }
         Res::Event | Res::CoreEvent => validate_event(res, obj, old, &mut errs),
+        Res::Crd => {
+            validate_crd(obj, &mut errs);
+            if let Some(old) = old
+                && obj.pointer("/spec/scope") != old.pointer("/spec/scope")
+            {
+                let scope = obj.pointer("/spec/scope").and_then(Value::as_str).unwrap_or("");
+                errs.push((
+                    "spec.scope".into(),
+                    invalid_value(scope, "field is immutable"),
+                    "FieldValueInvalid",
+                ));
+            }
+        }
         _ => {}
     }
     if errs.is_empty() {
         Ok(())
     } else {
         Err(ApiError::invalid(res, &name, errs))
+    }
+}
+
+#[derive(Default)]
+struct SchemaCheck {
+    errs: Vec<(String, String, &'static str)>,
+    /// Paths of pruned fields (`spec.foo`).
+    unknown: Vec<String>,
+}
+
+/// The JSON type name kube-openapi reports for a value.
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_f64() => "number",
+        Value::Number(_) => "integer",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn is_true(s: &Value, k: &str) -> bool {
+    s.get(k).and_then(Value::as_bool) == Some(true)
+}
+
+/// kube-openapi strfmt's IsDateTime: a date, `T` (any case), then
+/// `HH:MM:SS`, optional fraction, `Z` or `±HH:MM` (RFC 3339 full-time).
+fn is_date_time(s: &str) -> bool {
+    let lower = s.to_ascii_lowercase();
+    let Some((date, time)) = lower.split_once('t') else {
+        return false;
+    };
+    if jiff::civil::Date::strptime("%Y-%m-%d", date).is_err() {
+        return false;
+    }
+    let b = time.as_bytes();
+    let two = |i: usize| b.get(i..i + 2).filter(|d| d.iter().all(u8::is_ascii_digit));
+    let (Some(h), Some(m), Some(sec)) = (two(0), two(3), two(6)) else {
+        return false;
+    };
+    if b.get(2) != Some(&b':') || b.get(5) != Some(&b':') || h > &b"23"[..] || m > &b"59"[..] || sec > &b"59"[..] {
+        return false;
+    }
+    let mut rest = &time[8..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return false;
+        }
+        rest = &frac[digits..];
+    }
+    let z = rest.as_bytes();
+    rest == "z"
+        || (z.len() == 6
+            && matches!(z[0], b'+' | b'-')
+            && z[1..3].iter().all(u8::is_ascii_digit)
+            && z[3] == b':'
+            && z[4..6].iter().all(u8::is_ascii_digit))
+}
+
+/// Structural pruning, defaulting and kube-openapi validation of `v` against
+/// schema `s` at `path` (`spec.maxParallel`, `spec.items[0]`).
+fn check_schema(v: &mut Value, s: &Value, path: &str, root: bool, out: &mut SchemaCheck) {
+    let child = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    if v.is_null() && is_true(s, "nullable") {
+        return;
+    }
+    let typ = s.get("type").and_then(Value::as_str).unwrap_or("");
+    let actual = json_type(v);
+    let type_ok = if is_true(s, "x-kubernetes-int-or-string") {
+        matches!(actual, "integer" | "string") || (actual == "number" && v.as_f64().is_some_and(|f| f.fract() == 0.0))
+    } else {
+        match typ {
+            "" => true,
+            "number" => matches!(actual, "integer" | "number"),
+            // IsFloat64AJSONInteger: 1.0 is an integer.
+            "integer" => actual == "integer" || (actual == "number" && v.as_f64().is_some_and(|f| f.fract() == 0.0)),
+            t => actual == t,
+        }
+    };
+    if !type_ok {
+        let want = if is_true(s, "x-kubernetes-int-or-string") {
+            "integer,string"
+        } else {
+            typ
+        };
+        out.errs.push((
+            path.to_string(),
+            format!("Invalid value: \"{actual}\": {path} in body must be of type {want}: \"{actual}\""),
+            "FieldValueTypeInvalid",
+        ));
+        return;
+    }
+    if let Some(allowed) = s.get("enum").and_then(Value::as_array)
+        && !allowed.contains(v)
+    {
+        let values: Vec<String> = allowed
+            .iter()
+            .map(|a| match a {
+                Value::String(x) => format!("{x:?}"),
+                other => format!("{:?}", other.to_string()),
+            })
+            .collect();
+        out.errs.push((
+            path.to_string(),
+            format!("Unsupported value: {v}: supported values: {}", values.join(", ")),
+            "FieldValueNotSupported",
+        ));
+    }
+    match v {
+        Value::String(x) => {
+            let bad_format = match s.get("format").and_then(Value::as_str) {
+                Some("date-time") => !is_date_time(x),
+                Some("date") => jiff::civil::Date::strptime("%Y-%m-%d", x).is_err(),
+                _ => false,
+            };
+            if bad_format {
+                let f = s["format"].as_str().unwrap_or("");
+                out.errs.push((
+                    path.to_string(),
+                    format!("Invalid value: {v}: {path} in body must be of type {f}: {v}"),
+                    "FieldValueTypeInvalid",
+                ));
+            }
+        }
+        Value::Number(n) => {
+            let x = n.as_f64().unwrap_or(0.0);
+            let num = |k: &str| s.get(k).and_then(Value::as_f64);
+            let show = |f: f64| {
+                if f.fract() == 0.0 {
+                    format!("{}", f as i64)
+                } else {
+                    f.to_string()
+                }
+            };
+            if let Some(min) = num("minimum") {
+                let excl = is_true(s, "exclusiveMinimum");
+                if x < min || (excl && x == min) {
+                    let how = if excl {
+                        "greater than"
+                    } else {
+                        "greater than or equal to"
+                    };
+                    out.errs.push((
+                        path.to_string(),
+                        format!("Invalid value: {n}: {path} in body should be {how} {}", show(min)),
+                        "FieldValueInvalid",
+                    ));
+                }
+            }
+            if let Some(max) = num("maximum") {
+                let excl = is_true(s, "exclusiveMaximum");
+                if x > max || (excl && x == max) {
+                    let how = if excl { "less than" } else { "less than or equal to" };
+                    out.errs.push((
+                        path.to_string(),
+                        format!("Invalid value: {n}: {path} in body should be {how} {}", show(max)),
+                        "FieldValueInvalid",
+                    ));
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item_schema) = s.get("items").filter(|i| i.is_object()) {
+                for (i, item) in items.iter_mut().enumerate() {
+                    check_schema(item, item_schema, &format!("{path}[{i}]"), false, out);
+                }
+            }
+        }
+        Value::Object(m) => {
+            let props = s.get("properties").and_then(Value::as_object);
+            let additional = s.get("additionalProperties");
+            let preserve = is_true(s, "x-kubernetes-preserve-unknown-fields");
+            let keys: Vec<String> = m.keys().cloned().collect();
+            for k in keys {
+                if root && matches!(k.as_str(), "apiVersion" | "kind" | "metadata") {
+                    continue;
+                }
+                let sub = props.and_then(|p| p.get(&k)).or(additional.filter(|a| a.is_object()));
+                let Some(sub) = sub else {
+                    if !preserve && additional != Some(&Value::Bool(true)) {
+                        m.remove(&k);
+                        out.unknown.push(child(&k));
+                    }
+                    continue;
+                };
+                let value = m.get_mut(&k).expect("key");
+                if value.is_null() && !is_true(sub, "nullable") {
+                    // PruneNonNullableNullsWithoutDefaults (or the default, below).
+                    m.remove(&k);
+                    continue;
+                }
+                check_schema(value, sub, &child(&k), false, out);
+            }
+            for (k, sub) in props.into_iter().flatten() {
+                if !m.contains_key(k)
+                    && let Some(d) = sub.get("default")
+                {
+                    m.insert(k.clone(), d.clone());
+                }
+            }
+            for req in s.get("required").and_then(Value::as_array).into_iter().flatten() {
+                if let Some(req) = req.as_str()
+                    && !m.contains_key(req)
+                {
+                    out.errs
+                        .push((child(req), "Required value".into(), "FieldValueRequired"));
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The essentials of ValidateCustomResourceDefinition.
+fn validate_crd(crd: &Value, errs: &mut Vec<(String, String, &'static str)>) {
+    let spec = crd.get("spec").cloned().unwrap_or(json!({}));
+    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let names = spec.get("names").cloned().unwrap_or(json!({}));
+    let (group, plural, kind) = (s(&spec, "group"), s(&names, "plural"), s(&names, "kind"));
+    let name = name_of(crd);
+    if name != format!("{plural}.{group}") {
+        errs.push((
+            "metadata.name".into(),
+            invalid_value(name, "must be spec.names.plural+\".\"+spec.group"),
+            "FieldValueInvalid",
+        ));
+    }
+    if group.is_empty() {
+        errs.push(("spec.group".into(), "Required value".into(), "FieldValueRequired"));
+    } else if !group.contains('.') {
+        errs.push((
+            "spec.group".into(),
+            invalid_value(&group, "should be a domain with at least one dot"),
+            "FieldValueInvalid",
+        ));
+    } else if !is_dns_subdomain(&group) {
+        errs.push((
+            "spec.group".into(),
+            invalid_value(&group, "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"),
+            "FieldValueInvalid",
+        ));
+    }
+    for (field, value) in [("plural", &plural), ("kind", &kind)] {
+        if value.is_empty() {
+            errs.push((
+                format!("spec.names.{field}"),
+                "Required value".into(),
+                "FieldValueRequired",
+            ));
+        }
+    }
+    if !plural.is_empty() && !is_dns_label(&plural) {
+        errs.push((
+            "spec.names.plural".into(),
+            invalid_value(
+                &plural,
+                "a DNS-1035 label must consist of lower case alphanumeric characters or '-'",
+            ),
+            "FieldValueInvalid",
+        ));
+    }
+    match s(&spec, "scope").as_str() {
+        "Cluster" | "Namespaced" => {}
+        "" => errs.push(("spec.scope".into(), "Required value".into(), "FieldValueRequired")),
+        other => errs.push((
+            "spec.scope".into(),
+            format!("Unsupported value: {other:?}: supported values: \"Cluster\", \"Namespaced\""),
+            "FieldValueNotSupported",
+        )),
+    }
+    let versions = spec
+        .get("versions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if versions.is_empty() {
+        errs.push((
+            "spec.versions".into(),
+            "Invalid value: \"null\": must have exactly one version marked as storage version".into(),
+            "FieldValueInvalid",
+        ));
+    } else if versions.iter().filter(|v| is_true(v, "storage")).count() != 1 {
+        errs.push((
+            "spec.versions".into(),
+            "Invalid value: \"[...]\": must have exactly one version marked as storage version".into(),
+            "FieldValueInvalid",
+        ));
+    }
+    for (i, v) in versions.iter().enumerate() {
+        let vpath = format!("spec.versions[{i}]");
+        let vname = s(v, "name");
+        if !is_dns_label(&vname) {
+            errs.push((
+                format!("{vpath}.name"),
+                invalid_value(
+                    &vname,
+                    "a DNS-1035 label must consist of lower case alphanumeric characters or '-'",
+                ),
+                "FieldValueInvalid",
+            ));
+        }
+        match v.pointer("/schema/openAPIV3Schema").filter(|s| s.is_object()) {
+            None => errs.push((
+                format!("{vpath}.schema.openAPIV3Schema"),
+                "Required value: schemas are required".into(),
+                "FieldValueRequired",
+            )),
+            Some(schema) => structural(schema, &format!("{vpath}.schema.openAPIV3Schema"), true, errs),
+        }
+        for (j, c) in v
+            .get("additionalPrinterColumns")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let cpath = format!("{vpath}.additionalPrinterColumns[{j}]");
+            if s(c, "name").is_empty() {
+                errs.push((format!("{cpath}.name"), "Required value".into(), "FieldValueRequired"));
+            }
+            let t = s(c, "type");
+            if !matches!(t.as_str(), "integer" | "number" | "string" | "boolean" | "date") {
+                errs.push((
+                    format!("{cpath}.type"),
+                    format!("Unsupported value: {t:?}: supported values: \"boolean\", \"date\", \"integer\", \"number\", \"string\""),
+                    "FieldValueNotSupported",
+                ));
+            }
+            if s(c, "jsonPath").is_empty() {
+                errs.push((
+                    format!("{cpath}.jsonPath"),
+                    "Required value".into(),
+                    "FieldValueRequired",
+                ));
+            }
+        }
+    }
+}
+
+/// The structural schema rules we check: every node has a type unless it
+/// is int-or-string or preserves unknown fields; the root is an object.
+fn structural(s: &Value, path: &str, root: bool, errs: &mut Vec<(String, String, &'static str)>) {
+    let typ = s.get("type").and_then(Value::as_str).unwrap_or("");
+    let exempt = is_true(s, "x-kubernetes-int-or-string") || is_true(s, "x-kubernetes-preserve-unknown-fields");
+    if root && typ != "object" {
+        if typ.is_empty() {
+            errs.push((
+                format!("{path}.type"),
+                "Required value: must not be empty at the root".into(),
+                "FieldValueRequired",
+            ));
+        } else {
+            errs.push((
+                format!("{path}.type"),
+                format!("Unsupported value: {typ:?}: supported values: \"object\""),
+                "FieldValueNotSupported",
+            ));
+        }
+    } else if typ.is_empty() && !exempt {
+        errs.push((
+            format!("{path}.type"),
+            "Required value: must not be empty for specified object fields".into(),
+            "FieldValueRequired",
+        ));
+    }
+    for (k, sub) in s.get("properties").and_then(Value::as_object).into_iter().flatten() {
+        structural(sub, &format!("{path}.properties[{k}]"), false, errs);
+    }
+    if let Some(items) = s.get("items").filter(|i| i.is_object()) {
+        structural(items, &format!("{path}.items"), false, errs);
+    }
+    if let Some(a) = s.get("additionalProperties").filter(|a| a.is_object()) {
+        structural(a, &format!("{path}.additionalProperties"), false, errs);
     }
 }
 
@@ -2423,12 +3357,17 @@ fn bump_generation(obj: &mut Value) {
 
 /// ValidateObjectMeta's finalizer rules: each name qualified (or a standard
 /// one), and ValidateNoNewFinalizers once the object is being deleted.
-fn validate_finalizers(obj: &Value, old: Option<&Value>, errs: &mut Vec<(String, String, &'static str)>) {
+fn validate_finalizers(
+    obj: &Value,
+    old: Option<&Value>,
+    any_qualified: bool,
+    errs: &mut Vec<(String, String, &'static str)>,
+) {
     for (i, f) in finalizers(obj).into_iter().enumerate() {
         let field = format!("metadata.finalizers[{i}]");
         if !is_qualified_name(f) {
             errs.push((field, invalid_value(f, "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"), "FieldValueInvalid"));
-        } else if !f.contains('/') && !matches!(f, "kubernetes" | "orphan" | "foregroundDeletion") {
+        } else if !any_qualified && !f.contains('/') && !matches!(f, "kubernetes" | "orphan" | "foregroundDeletion") {
             errs.push((
                 field,
                 invalid_value(f, "name is neither a standard finalizer name nor is it fully qualified"),
@@ -2712,6 +3651,12 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request<Body>) -> Re
         return error_response(&ApiError::unauthorized());
     }
     let query = Query::parse(req.uri().query());
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -2725,8 +3670,18 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request<Body>) -> Re
     if std::env::var_os("KUBE_API_DEBUG").is_some() && !body.is_empty() {
         eprintln!("fake kube-apiserver:   {content_type}: {body:?}");
     }
-    match route(&shared, &method, &path, &query, &content_type, &body) {
+    match route(&shared, &method, &path, &query, &content_type, &accept, &body) {
         Ok(Routed::Json(code, v)) => json_response(code, &v),
+        Ok(Routed::Warned(code, v, warnings)) => {
+            let mut r = json_response(code, &v);
+            for w in warnings {
+                let text = format!("299 - {:?}", w);
+                if let Ok(h) = HeaderValue::from_str(&text) {
+                    r.headers_mut().append("warning", h);
+                }
+            }
+            r
+        }
         Ok(Routed::Watch(resp)) => resp,
         Err(e) => error_response(&e),
     }
@@ -2734,7 +3689,167 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request<Body>) -> Re
 
 enum Routed {
     Json(u16, Value),
+    /// With `Warning` headers.
+    Warned(u16, Value, Vec<String>),
     Watch(Response<Body>),
+}
+
+impl State {
+    /// Before a create/update/patch: its `fieldValidation`, no warnings yet.
+    fn begin_write(&mut self, q: &Query) {
+        self.field_validation = q.get("fieldValidation").unwrap_or("").to_string();
+        self.warnings.clear();
+        self.applying = false;
+    }
+    /// After it: the answer with the warnings it produced.
+    fn end_write(&mut self, r: ApiResult<(u16, Value)>) -> ApiResult<Routed> {
+        self.field_validation.clear();
+        self.applying = false;
+        let warnings = std::mem::take(&mut self.warnings);
+        r.map(|(c, v)| Routed::Warned(c, v, warnings))
+    }
+}
+
+fn include_object(q: &Query) -> &str {
+    q.get("includeObject").unwrap_or("Metadata")
+}
+
+/// `Accept: application/json;as=Table;v=v1;g=meta.k8s.io` (kubectl get).
+fn wants_table(accept: &str) -> bool {
+    accept.split(',').any(|part| {
+        let params: Vec<&str> = part.split(';').map(str::trim).collect();
+        params.contains(&"as=Table") && params.contains(&"g=meta.k8s.io") && params.contains(&"v=v1")
+    })
+}
+
+/// A simple JSONPath (`.a.b`, `.a[0].b`) of a printer column.
+fn json_path<'a>(obj: &'a Value, path: &str) -> Option<&'a Value> {
+    let path = path.trim().trim_start_matches('{').trim_end_matches('}');
+    let mut cur = obj;
+    for seg in path.split('.').filter(|s| !s.is_empty()) {
+        let (key, idx) = match seg.split_once('[') {
+            Some((k, rest)) => (k, Some(rest.trim_end_matches(']').parse::<usize>().ok()?)),
+            None => (seg, None),
+        };
+        if !key.is_empty() {
+            cur = cur.get(key)?;
+        }
+        if let Some(i) = idx {
+            cur = cur.get(i)?;
+        }
+    }
+    Some(cur)
+}
+
+/// duration.HumanDuration.
+fn human_duration(secs: i64) -> String {
+    if secs < -1 {
+        return "<invalid>".into();
+    }
+    let s = secs.max(0);
+    let (m, h, d) = (s / 60, s / 3600, s / 86400);
+    if s < 120 {
+        format!("{s}s")
+    } else if m < 10 {
+        if s % 60 == 0 {
+            format!("{m}m")
+        } else {
+            format!("{m}m{}s", s % 60)
+        }
+    } else if h < 3 {
+        format!("{m}m")
+    } else if h < 8 {
+        if m % 60 == 0 {
+            format!("{h}h")
+        } else {
+            format!("{h}h{}m", m % 60)
+        }
+    } else if h < 48 {
+        format!("{h}h")
+    } else if h < 24 * 8 {
+        if h % 24 == 0 {
+            format!("{d}d")
+        } else {
+            format!("{d}d{}h", h % 24)
+        }
+    } else if d < 365 * 2 {
+        format!("{d}d")
+    } else if d < 365 * 8 {
+        let y = d / 365;
+        if d % 365 == 0 {
+            format!("{y}y")
+        } else {
+            format!("{y}y{}d", d % 365)
+        }
+    } else {
+        format!("{}y", d / 365)
+    }
+}
+
+/// The CRD table convertor: a Name column, then the version's
+/// additionalPrinterColumns (Age from creationTimestamp when it declares
+/// none); rows carry PartialObjectMetadata unless `includeObject` says
+/// otherwise.
+fn to_table(info: &CrdInfo, list: &Value, include_object: &str) -> Value {
+    let mut columns = info.columns.clone();
+    if columns.is_empty() {
+        columns.push(json!({"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp",
+            "description": "CreationTimestamp is a timestamp representing the server time when this object was created. It is not guaranteed to be set in happens-before order across separate operations. Clients may not set this value. It is represented in RFC3339 form and is in UTC.\n\nPopulated by the system. Read-only. Null for lists. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#metadata"}));
+    }
+    let mut defs = vec![
+        json!({"name": "Name", "type": "string", "format": "name", "description": "Name must be unique within a namespace. Is required when creating resources, although some resources may allow a client to request the generation of an appropriate name automatically. Name is primarily intended for creation idempotence and configuration definition. Cannot be updated. More info: https://kubernetes.io/docs/concepts/overview/working-with-objects/names#names", "priority": 0}),
+    ];
+    for c in &columns {
+        defs.push(json!({
+            "name": c["name"], "type": c["type"], "format": c.get("format").cloned().unwrap_or(json!("")),
+            "description": c.get("description").cloned().unwrap_or(json!("")),
+            "priority": c.get("priority").cloned().unwrap_or(json!(0)),
+        }));
+    }
+    let now = jiff::Timestamp::now().as_second();
+    let rows: Vec<Value> = list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|o| {
+            let mut cells = vec![json!(name_of(o))];
+            for c in &columns {
+                let v = json_path(o, c["jsonPath"].as_str().unwrap_or(""));
+                let cell = match (c["type"].as_str().unwrap_or(""), v) {
+                    (_, None) => Value::Null,
+                    ("string", Some(Value::String(x))) => json!(x),
+                    ("string", Some(x)) => json!(x.to_string()),
+                    ("integer", Some(x)) if x.is_i64() || x.is_u64() => x.clone(),
+                    ("number", Some(x)) if x.is_number() => x.clone(),
+                    ("boolean", Some(x)) if x.is_boolean() => x.clone(),
+                    ("date", Some(Value::String(x))) => match parse_ts(x) {
+                        Some(t) => json!(human_duration(now - t.as_second())),
+                        None => json!("<invalid>"),
+                    },
+                    _ => Value::Null,
+                };
+                cells.push(cell);
+            }
+            let object = match include_object {
+                "None" => Value::Null,
+                "Object" => {
+                    let mut full = o.clone();
+                    full["apiVersion"] = json!(info.res.api_version());
+                    full["kind"] = json!(info.res.kind());
+                    full
+                }
+                _ => {
+                    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": o["metadata"]})
+                }
+            };
+            let mut row = json!({"cells": cells});
+            if !object.is_null() {
+                row["object"] = object;
+            }
+            row
+        })
+        .collect();
+    json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": list["metadata"], "columnDefinitions": defs, "rows": rows})
 }
 
 struct Target {
@@ -2744,7 +3859,7 @@ struct Target {
     sub: Option<String>,
 }
 
-fn parse_target(segs: &[&str]) -> ApiResult<Target> {
+fn parse_target(segs: &[&str], st: &State) -> ApiResult<Target> {
     let (group, version, rest) = match segs {
         ["api", v, rest @ ..] => ("", *v, rest),
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
@@ -2761,7 +3876,14 @@ fn parse_target(segs: &[&str]) -> ApiResult<Target> {
     let Some((plural, rest)) = rest.split_first() else {
         return Err(ApiError::not_found_path());
     };
-    let res = Res::lookup(group, version, plural).ok_or_else(ApiError::not_found_path)?;
+    let custom = Res::lookup(group, version, plural)
+        .is_none()
+        .then(|| st.custom_lookup(group, version, plural))
+        .flatten();
+    let res = match &custom {
+        Some(info) => info.res,
+        None => Res::lookup(group, version, plural).ok_or_else(ApiError::not_found_path)?,
+    };
     if ns.is_some() && !res.namespaced() {
         return Err(ApiError::not_found_path());
     }
@@ -2774,6 +3896,7 @@ fn parse_target(segs: &[&str]) -> ApiResult<Target> {
     if let Some(s) = &sub {
         let ok = match (res, s.as_str()) {
             (Res::Pod, "eviction") => true,
+            (Res::Custom(_), "status") => custom.as_ref().is_some_and(|i| i.status),
             (r, "status") => r.has_status(),
             _ => false,
         };
@@ -2791,30 +3914,44 @@ fn parse_json(body: &[u8]) -> ApiResult<Value> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding body: {e}")))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn route(
     shared: &Arc<Shared>,
     method: &Method,
     path: &str,
     q: &Query,
     content_type: &str,
+    accept: &str,
     body: &Bytes,
 ) -> ApiResult<Routed> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let customs = if matches!(segs.as_slice(), ["apis"] | ["apis", _, _]) {
+        shared.lock().crd_infos()
+    } else {
+        vec![]
+    };
     if method == Method::GET
-        && let Some(v) = discovery(&segs, &shared.url)
+        && let Some(v) = discovery(&segs, &shared.url, &customs)
     {
         return Ok(Routed::Json(200, v));
     }
-    let t = parse_target(&segs)?;
+    let t = parse_target(&segs, &shared.lock())?;
     let ns = t.ns.clone().unwrap_or_default();
     let dry_run = q.get("dryRun").is_some();
+    // Server-side printing (kubectl get) for custom resources.
+    let table = matches!(t.res, Res::Custom(_)) && wants_table(accept);
     match (&t.name, method.clone()) {
         (None, Method::GET) => {
             if q.flag("watch") {
-                return watch(shared, &t, q).map(Routed::Watch);
+                let table = table.then(|| shared.lock().crd_info(t.res)).flatten();
+                return watch(shared, &t, q, table).map(Routed::Watch);
             }
             let st = shared.lock();
-            list(&st, &t, q).map(|v| Routed::Json(200, v))
+            let v = list(&st, &t, q)?;
+            match st.crd_info(t.res).filter(|_| table) {
+                Some(info) => Ok(Routed::Json(200, to_table(&info, &v, include_object(q)))),
+                None => Ok(Routed::Json(200, v)),
+            }
         }
         (None, Method::POST) => {
             if t.ns.is_none() && t.res.namespaced() {
@@ -2822,21 +3959,36 @@ fn route(
             }
             let obj = parse_json(body)?;
             let mut st = shared.lock();
-            st.create(t.res, &ns, obj, dry_run).map(|v| Routed::Json(201, v))
+            st.begin_write(q);
+            let r = st.create(t.res, &ns, obj, dry_run);
+            st.end_write(r.map(|v| (201, v)))
         }
         (None, _) => Err(ApiError::method_not_allowed()),
         (Some(name), m) => {
             let mut st = shared.lock();
             match (t.sub.as_deref(), m) {
-                (None | Some("status"), Method::GET) => st.get_or_404(t.res, &ns, name).map(|v| Routed::Json(200, v)),
+                (None | Some("status"), Method::GET) => {
+                    let v = st.get_or_404(t.res, &ns, name)?;
+                    match st.crd_info(t.res).filter(|_| table) {
+                        Some(info) => {
+                            let list =
+                                json!({"metadata": {"resourceVersion": meta_str(&v, "resourceVersion")}, "items": [v]});
+                            Ok(Routed::Json(200, to_table(&info, &list, include_object(q))))
+                        }
+                        None => Ok(Routed::Json(200, v)),
+                    }
+                }
                 (None | Some("status"), Method::PUT) => {
                     let obj = parse_json(body)?;
-                    st.update(t.res, &ns, name, obj, t.sub.is_some(), dry_run)
-                        .map(|v| Routed::Json(200, v))
+                    st.begin_write(q);
+                    let r = st.update(t.res, &ns, name, obj, t.sub.is_some(), dry_run);
+                    st.end_write(r.map(|v| (200, v)))
                 }
-                (None | Some("status"), Method::PATCH) => st
-                    .patch(t.res, &ns, name, content_type, body, q, t.sub.is_some())
-                    .map(|(c, v)| Routed::Json(c, v)),
+                (None | Some("status"), Method::PATCH) => {
+                    st.begin_write(q);
+                    let r = st.patch(t.res, &ns, name, content_type, body, q, t.sub.is_some());
+                    st.end_write(r)
+                }
                 (None, Method::DELETE) => {
                     let mut opts = if body.is_empty() {
                         json!({})
@@ -2936,7 +4088,7 @@ fn delete_options_from_protobuf(body: &[u8]) -> ApiResult<Value> {
     Ok(opts)
 }
 
-fn discovery(segs: &[&str], url: &str) -> Option<Value> {
+fn discovery(segs: &[&str], url: &str, customs: &[CrdInfo]) -> Option<Value> {
     let addr = url.trim_start_matches("http://");
     let resources = |gv: &str| -> Value {
         let rs: Vec<Value> = Res::ALL
@@ -2947,6 +4099,10 @@ fn discovery(segs: &[&str], url: &str) -> Option<Value> {
                     "name": r.plural(), "singularName": r.kind().to_lowercase(), "namespaced": r.namespaced(),
                     "kind": r.kind(), "verbs": ["create","delete","get","list","patch","update","watch"],
                 })];
+                if *r == Res::Crd {
+                    v[0]["shortNames"] = json!(["crd", "crds"]);
+                    v[0]["categories"] = json!(["api-extensions"]);
+                }
                 if r.has_status() {
                     v.push(json!({"name": format!("{}/status", r.plural()), "singularName": "", "namespaced": r.namespaced(), "kind": r.kind(), "verbs": ["get","patch","update"]}));
                 }
@@ -2967,18 +4123,64 @@ fn discovery(segs: &[&str], url: &str) -> Option<Value> {
             json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": addr}]})
         }
         ["apis"] => {
-            let groups: Vec<Value> = ["policy", "events.k8s.io", "apps", RBAC_GROUP]
+            let mut groups: Vec<Value> = BUILTIN_GROUPS
                 .iter()
                 .map(|g| {
                     let gv = format!("{g}/v1");
                     json!({"name": g, "versions": [{"groupVersion": gv, "version": "v1"}], "preferredVersion": {"groupVersion": gv, "version": "v1"}})
                 })
                 .collect();
+            // One group per CRD group (each CRD serves its storage version).
+            let mut seen: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            for info in customs {
+                let k = custom_kind(match info.res {
+                    Res::Custom(i) => i,
+                    _ => continue,
+                });
+                let versions = seen.entry(&k.group).or_default();
+                if !versions.contains(&k.version.as_str()) {
+                    versions.push(&k.version);
+                }
+            }
+            for (g, versions) in seen {
+                let vs: Vec<Value> = versions
+                    .iter()
+                    .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+                    .collect();
+                groups.push(json!({"name": g, "versions": vs, "preferredVersion": vs[0]}));
+            }
             json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
         }
         ["api", "v1"] => resources("v1"),
-        ["apis", g, "v1"] if ["policy", "events.k8s.io", "apps", RBAC_GROUP].contains(g) => {
-            resources(&format!("{g}/v1"))
+        ["apis", g, "v1"] if BUILTIN_GROUPS.contains(g) => resources(&format!("{g}/v1")),
+        ["apis", g, v] => {
+            let gv = format!("{g}/{v}");
+            let rs: Vec<Value> = customs
+                .iter()
+                .filter(|i| i.res.api_version() == gv)
+                .flat_map(|i| {
+                    let r = i.res;
+                    let mut main = json!({
+                        "name": r.plural(), "singularName": i.singular, "namespaced": r.namespaced(),
+                        "kind": r.kind(), "verbs": ["delete","get","list","patch","create","update","watch"],
+                    });
+                    if !i.short_names.is_empty() {
+                        main["shortNames"] = json!(i.short_names);
+                    }
+                    if !i.categories.is_empty() {
+                        main["categories"] = json!(i.categories);
+                    }
+                    let mut v = vec![main];
+                    if i.status {
+                        v.push(json!({"name": format!("{}/status", r.plural()), "singularName": "", "namespaced": r.namespaced(), "kind": r.kind(), "verbs": ["get","patch","update"]}));
+                    }
+                    v
+                })
+                .collect();
+            if rs.is_empty() {
+                return None;
+            }
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": rs})
         }
         _ => return None,
     })
@@ -3075,10 +4277,13 @@ fn list(st: &State, t: &Target, q: &Query) -> ApiResult<Value> {
     let items: Vec<Value> = page
         .into_iter()
         .map(|(_, mut o)| {
-            // Real list items carry no apiVersion/kind.
-            let m = o.as_object_mut().expect("object");
-            m.remove("apiVersion");
-            m.remove("kind");
+            // Real list items of built-in kinds carry no apiVersion/kind
+            // (typed lists); those of custom resources (unstructured) do.
+            if !matches!(t.res, Res::Custom(_)) {
+                let m = o.as_object_mut().expect("object");
+                m.remove("apiVersion");
+                m.remove("kind");
+            }
             o
         })
         .collect();
@@ -3167,9 +4372,34 @@ struct WatchStream {
     res: Res,
     end_when_empty: bool,
     done: bool,
+    /// Events as Tables (kubectl get -w): the CRD, includeObject, and
+    /// whether the column definitions went out with a first event already.
+    table: Option<(CrdInfo, String, bool)>,
 }
 
-fn watch(shared: &Arc<Shared>, t: &Target, q: &Query) -> ApiResult<Response<Body>> {
+impl WatchStream {
+    /// The watch encoder's table transform: one row per event, column
+    /// definitions only in the first.
+    fn as_table(&mut self, mut ev: Value) -> Value {
+        let Some((info, include, headers_sent)) = &mut self.table else {
+            return ev;
+        };
+        if !matches!(ev["type"].as_str(), Some("ADDED" | "MODIFIED" | "DELETED")) {
+            return ev;
+        }
+        let obj = ev["object"].take();
+        let list = json!({"metadata": {"resourceVersion": meta_str(&obj, "resourceVersion")}, "items": [obj]});
+        let mut t = to_table(info, &list, include);
+        if *headers_sent {
+            t.as_object_mut().expect("table").remove("columnDefinitions");
+        }
+        *headers_sent = true;
+        ev["object"] = t;
+        ev
+    }
+}
+
+fn watch(shared: &Arc<Shared>, t: &Target, q: &Query, table: Option<CrdInfo>) -> ApiResult<Response<Body>> {
     let fsel = FieldSelector::parse(t.res, q.get("fieldSelector").unwrap_or(""))?;
     let lsel = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))?;
     if q.flag("sendInitialEvents") {
@@ -3240,6 +4470,7 @@ fn watch(shared: &Arc<Shared>, t: &Target, q: &Query) -> ApiResult<Response<Body
         res: t.res,
         end_when_empty,
         done: false,
+        table: table.map(|info| (info, include_object(q).to_string(), false)),
     };
     let stream = futures::stream::unfold(ws, |mut ws| async move {
         loop {
@@ -3247,6 +4478,7 @@ fn watch(shared: &Arc<Shared>, t: &Target, q: &Query) -> ApiResult<Response<Body
                 return None;
             }
             if let Some((v, bookmark)) = ws.pending.pop_front() {
+                let v = if bookmark { v } else { ws.as_table(v) };
                 let counter = if bookmark {
                     &ws.shared.bookmarks_sent
                 } else {
@@ -3346,6 +4578,7 @@ impl KubeApi {
                 st.kubelet_tick();
                 st.disruption_tick();
                 st.namespace_tick();
+                st.crd_tick();
             }
         });
         KubeApi {
@@ -3500,6 +4733,23 @@ impl KubeApi {
             .map(|v| serde_json::from_value(v.clone()).expect("pod"))
     }
 
+    /// Creates a CustomResourceDefinition (e.g. `serde_json::to_value(T::crd())`)
+    /// through the create path: validated, status filled in, served at once.
+    pub fn add_crd(&self, crd: Value) -> Result<Value, ApiError> {
+        self.lock().create(Res::Crd, "", crd, false)
+    }
+
+    /// Every stored object of a resource, built-in or custom
+    /// (`("nova-kubernetes-drain.io/v1alpha1", "evacuations")`), in all
+    /// namespaces, as stored (empty if the resource is not served).
+    pub fn objects(&self, api_version: &str, plural: &str) -> Vec<Value> {
+        let st = self.lock();
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let res =
+            Res::lookup(group, version, plural).or_else(|| st.custom_lookup(group, version, plural).map(|i| i.res));
+        res.map(|r| st.list_objs(r, None)).unwrap_or_default()
+    }
+
     pub fn pdbs(&self, ns: &str) -> Vec<PodDisruptionBudget> {
         self.lock()
             .list_objs(Res::Pdb, Some(ns))
@@ -3533,6 +4783,16 @@ impl KubeApi {
 
     pub fn set_kubelet(&self, auto_running: bool) {
         self.lock().kubelet = auto_running;
+    }
+
+    /// How long the namespace controller waits after a namespace's DELETE
+    /// before deleting its content. Default 0: at its next 50 ms pass. The
+    /// real controller waits `namespaceDeletionGracePeriod`, 5 s, so a
+    /// `kubectl delete -k` that deletes a namespace before its content
+    /// reaches every object before the controller does; with 0 it may get
+    /// a 404 for the last ones.
+    pub fn set_namespace_deletion_grace(&self, grace: Duration) {
+        self.lock().namespace_deletion_grace = grace;
     }
 
     pub fn set_disruption_controller(&self, on: bool) {

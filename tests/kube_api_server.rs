@@ -1194,9 +1194,6 @@ async fn json_patch_and_stale_resource_versions() {
 #[tokio::test]
 async fn an_uninstall_deletes_deploy_and_a_finalizer_holds_the_namespace() {
     let api = KubeApi::start();
-    // As the real namespace controller: kubectl deletes the namespace before
-    // its content, and must not find that content already gone.
-    api.set_namespace_deletion_grace(Duration::from_secs(5));
     api.add_node("n1");
     let kubectl = Kubectl::new(&api);
     let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");

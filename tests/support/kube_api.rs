@@ -62,9 +62,9 @@
 //!
 //! A namespace's DELETE leaves it `Terminating`; a namespace controller (every
 //! 50 ms) deletes its content and removes it once empty, so a finalizer on a
-//! pod in it keeps it, as on a real cluster. It starts at once by default;
-//! the real one waits 5 s (namespaceDeletionGracePeriod) after the DELETE:
-//! [`KubeApi::set_namespace_deletion_grace`].
+//! pod in it keeps it, as on a real cluster. Like the real one it starts 5 s
+//! (namespaceDeletionGracePeriod) after the DELETE:
+//! [`KubeApi::set_namespace_deletion_grace`] changes that.
 //!
 //! # Custom resources
 //! `apiextensions.k8s.io/v1` CustomResourceDefinitions are stored (typed by
@@ -154,6 +154,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ListMeta, ObjectMeta, Statu
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
+/// The namespace controller's wait after a namespace's DELETE (kube-controller-manager's
+/// `namespaceDeletionGracePeriod`).
+const NAMESPACE_DELETION_GRACE: Duration = Duration::from_secs(5);
 /// Bearer tokens of ServiceAccounts: `fake-sa:NAMESPACE:NAME:UID`.
 const SA_TOKEN_PREFIX: &str = "fake-sa:";
 /// How long a token stays valid after its ServiceAccount's deletion began.
@@ -1260,7 +1263,7 @@ impl State {
             field_validation: String::new(),
             warnings: vec![],
             applying: false,
-            namespace_deletion_grace: Duration::ZERO,
+            namespace_deletion_grace: NAMESPACE_DELETION_GRACE,
             namespace_deleted_at: HashMap::new(),
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
@@ -4786,11 +4789,10 @@ impl KubeApi {
     }
 
     /// How long the namespace controller waits after a namespace's DELETE
-    /// before deleting its content. Default 0: at its next 50 ms pass. The
-    /// real controller waits `namespaceDeletionGracePeriod`, 5 s, so a
-    /// `kubectl delete -k` that deletes a namespace before its content
-    /// reaches every object before the controller does; with 0 it may get
-    /// a 404 for the last ones.
+    /// before deleting its content. Default 5 s, as the real controller's
+    /// `namespaceDeletionGracePeriod`, so a `kubectl delete -k` that deletes a
+    /// namespace before its content reaches every object before the
+    /// controller does; with 0 it may get a 404 for the last ones.
     pub fn set_namespace_deletion_grace(&self, grace: Duration) {
         self.lock().namespace_deletion_grace = grace;
     }

@@ -155,6 +155,8 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print the CustomResourceDefinition of the Evacuation resource (as deploy/crd.yaml holds it).
+    Crd,
 }
 
 /// Report format.

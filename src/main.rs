@@ -34,6 +34,18 @@ fn main() -> ExitCode {
     if matches!(cli.command, Some(Command::Guard)) {
         return ExitCode::from(guard() as u8);
     }
+    if matches!(cli.command, Some(Command::Crd)) {
+        return match nova_kubernetes_drain::kube::evacuation::crd_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                error!("{e}");
+                ExitCode::from(exit::FAILED as u8)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -463,7 +463,7 @@ pub fn guard_name(node: &str) -> String {
 }
 
 /// A label value (at most 63 characters) naming the node.
-fn label_value(node: &str) -> String {
+pub(super) fn label_value(node: &str) -> String {
     if node.len() <= 63 {
         node.to_string()
     } else {
@@ -472,7 +472,7 @@ fn label_value(node: &str) -> String {
     }
 }
 
-fn fnv(text: &str) -> u32 {
+pub(super) fn fnv(text: &str) -> u32 {
     text.bytes().fold(0x811c9dc5u32, |hash, byte| {
         (hash ^ u32::from(byte)).wrapping_mul(0x01000193)
     })

@@ -3,6 +3,7 @@
 
 pub mod annotations;
 pub mod cluster;
+pub mod evacuation;
 pub mod guard;
 
 use std::sync::{Arc, Mutex};

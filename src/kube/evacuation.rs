@@ -1,0 +1,300 @@
+//! The `Evacuation` custom resource: one hypervisor evacuation as a
+//! Kubernetes object, so that operators see it with `kubectl get evacuations`
+//! (node, phase, VMs left, failures, age) and read, per VM, what happened and
+//! why, after the run as well as during it.
+//!
+//! The agent creates one when its node is cordoned, owned by the Node, and is
+//! the only writer of its status (through the status subresource, with
+//! optimistic concurrency). The CRD's YAML is generated from these types
+//! (`drainer crd`) and kept in `deploy/crd.yaml`; a test holds the two equal.
+//!
+//! Only what the agent honours is in the spec: the node. Approval (`paused`),
+//! per-evacuation overrides and hand-made Evacuations come with their
+//! behaviour, not before.
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, Client, CustomResource, CustomResourceExt, Resource, ResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Label on every Evacuation: the node it evacuates (its history is listed by it).
+pub const NODE_LABEL: &str = "nova-kubernetes-drain/node";
+/// Finished Evacuations kept per node; older ones are deleted.
+pub const HISTORY_PER_NODE: usize = 10;
+/// How often a status write that met a conflict is re-read and tried again.
+const CONFLICT_RETRIES: usize = 5;
+
+/// One evacuation of the hypervisor behind a Kubernetes node.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "nova-kubernetes-drain.io",
+    version = "v1alpha1",
+    kind = "Evacuation",
+    plural = "evacuations",
+    shortname = "evac",
+    category = "nova",
+    status = "EvacuationStatus",
+    doc = "One evacuation of the hypervisor behind a Kubernetes node by nova-kubernetes-drain.",
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Left","type":"integer","jsonPath":".status.counts.left"}"#,
+    printcolumn = r#"{"name":"Total","type":"integer","jsonPath":".status.counts.total"}"#,
+    printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.counts.failed"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EvacuationSpec {
+    /// The Kubernetes node whose hypervisor is evacuated (the Nova host is
+    /// derived from it by the agent's `nova_host` setting).
+    pub node_name: String,
+}
+
+/// Where an evacuation stands.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum EvacuationPhase {
+    /// Created; the agent has not started it yet.
+    Pending,
+    /// VMs are being moved.
+    Running,
+    /// The hypervisor is empty (or holds only VMs left alone by policy).
+    Succeeded,
+    /// Some VM could not be moved, or the time-out ended the run.
+    Failed,
+    /// Stopped before the end (uncordon, agent stopped): in-flight moves were
+    /// aborted or left to Nova; see each VM's outcome.
+    Cancelled,
+}
+
+impl EvacuationPhase {
+    /// Whether the evacuation is over (kept as history).
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            EvacuationPhase::Succeeded | EvacuationPhase::Failed | EvacuationPhase::Cancelled
+        )
+    }
+}
+
+/// What the agent knows of the evacuation; written by the agent only.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EvacuationStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<EvacuationPhase>,
+    /// The nova-compute host evacuated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nova_host: Option<String>,
+    /// Whether this evacuation disabled the nova-compute service (so it
+    /// re-enables it after the uncordon); false when an operator had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_disabled_by_us: Option<bool>,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// RFC 3339; set once finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<VmCounts>,
+    /// One entry per VM found on the hypervisor.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vms: Vec<VmStatus>,
+    /// Why the run failed or could not start, in one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// How many VMs are where.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmCounts {
+    /// VMs on the hypervisor when the run started.
+    pub total: u32,
+    /// Moved to another host (or deleted by their owner meanwhile).
+    pub moved: u32,
+    /// Left alone by policy.
+    pub skipped: u32,
+    /// Could not be moved.
+    pub failed: u32,
+    /// Still on the hypervisor.
+    pub left: u32,
+}
+
+/// One VM: what was decided for it and what became of it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatus {
+    /// Nova server id.
+    pub id: String,
+    pub name: String,
+    /// The project's name, or its id when Keystone did not tell the name.
+    pub project: String,
+    /// Nova status when the run found it (ACTIVE, SHUTOFF...).
+    pub state: String,
+    /// `live-migrate`, `cold-migrate` or `skip`.
+    pub action: String,
+    pub attempts: u32,
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    /// When its first move started, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// How long its moves took, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+    /// `pending`, `moving`, then one of `migrated`, `deleted`, `skipped`,
+    /// `failed`, `aborted`, `in-progress` (left to Nova), `not-started`.
+    pub outcome: String,
+    /// Why, for every outcome but a plain success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The CRD as YAML, exactly as `deploy/crd.yaml` holds it.
+pub fn crd_yaml() -> Result<String, String> {
+    let crd: CustomResourceDefinition = Evacuation::crd();
+    let body = serde_saphyr::to_string(&crd).map_err(|e| format!("writing the CRD as YAML: {e}"))?;
+    Ok(format!(
+        "# Generated by `drainer crd` from src/kube/evacuation.rs; do not edit by hand.\n---\n{body}"
+    ))
+}
+
+/// The name of a new Evacuation of `node` started at `at`: the node's name
+/// and the start time, shortened (with a hash of the whole) to stay a valid
+/// object name for any node name.
+pub fn evacuation_name(node: &str, at: Timestamp) -> String {
+    let stamp = at.strftime("%Y%m%d-%H%M%S").to_string();
+    let full = format!("{node}-{stamp}");
+    if full.len() <= 253 {
+        return full;
+    }
+    let hash = format!("{:08x}", super::guard::fnv(node));
+    let keep = 253 - stamp.len() - hash.len() - 2;
+    let prefix: String = node.chars().take(keep).collect();
+    format!("{}-{hash}-{stamp}", prefix.trim_end_matches(['.', '-']))
+}
+
+/// The agent's Evacuation objects for its node.
+#[derive(Clone)]
+pub struct Evacuations {
+    api: Api<Evacuation>,
+    node: String,
+}
+
+impl Evacuations {
+    pub fn new(client: Client, node: &str) -> Evacuations {
+        Evacuations {
+            api: Api::all(client),
+            node: node.to_string(),
+        }
+    }
+
+    /// Creates the Evacuation of a run starting now, owned by the Node (so it
+    /// goes with the Node), and trims the node's history of finished ones.
+    pub async fn create(&self, node: &Node, at: Timestamp) -> Result<String, kube::Error> {
+        let name = evacuation_name(&self.node, at);
+        let owner = OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: node.name_any(),
+            uid: node.meta().uid.clone().unwrap_or_default(),
+            controller: Some(false),
+            block_owner_deletion: None,
+        };
+        let evacuation = Evacuation {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some([(NODE_LABEL.to_string(), super::guard::label_value(&self.node))].into()),
+                owner_references: Some(vec![owner]),
+                ..ObjectMeta::default()
+            },
+            spec: EvacuationSpec {
+                node_name: self.node.clone(),
+            },
+            status: None,
+        };
+        match self.api.create(&PostParams::default(), &evacuation).await {
+            Ok(_) => {}
+            // Created by an earlier attempt whose answer was lost.
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e),
+        }
+        self.trim_history(&name).await;
+        Ok(name)
+    }
+
+    /// Writes `status` through the status subresource, with the
+    /// resourceVersion just read: a write that meets a conflict is read again
+    /// and tried again, never forced.
+    pub async fn write_status(&self, name: &str, status: &EvacuationStatus) -> Result<(), kube::Error> {
+        let mut conflicts = 0;
+        loop {
+            let mut current = self.api.get_status(name).await?;
+            current.status = Some(status.clone());
+            match self.api.replace_status(name, &PostParams::default(), &current).await {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 && conflicts < CONFLICT_RETRIES => conflicts += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Deletes the oldest finished Evacuations of the node beyond
+    /// [`HISTORY_PER_NODE`]; failures only cost tidiness.
+    async fn trim_history(&self, current: &str) {
+        let selector = format!("{NODE_LABEL}={}", super::guard::label_value(&self.node));
+        let Ok(list) = self.api.list(&ListParams::default().labels(&selector)).await else {
+            return;
+        };
+        let mut finished: Vec<Evacuation> = list
+            .items
+            .into_iter()
+            .filter(|e| e.spec.node_name == self.node && e.name_any() != current)
+            .filter(|e| {
+                e.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(EvacuationPhase::is_finished)
+            })
+            .collect();
+        if finished.len() <= HISTORY_PER_NODE {
+            return;
+        }
+        finished.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
+        let excess = finished.len() - HISTORY_PER_NODE;
+        for old in finished.into_iter().take(excess) {
+            let _ = self.api.delete(&old.name_any(), &DeleteParams::default()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_committed_crd_is_the_generated_one() {
+        let committed = include_str!("../../deploy/crd.yaml");
+        let generated = crd_yaml().expect("the CRD serialises");
+        assert!(
+            committed == generated,
+            "deploy/crd.yaml is stale: run `cargo run -- crd > deploy/crd.yaml`"
+        );
+    }
+
+    #[test]
+    fn names_stay_valid_for_every_node_name() {
+        let at: Timestamp = "2026-12-07T03:04:05Z".parse().expect("time");
+        assert_eq!(evacuation_name("host1", at), "host1-20261207-030405");
+        let long = "a".repeat(250);
+        let name = evacuation_name(&long, at);
+        assert!(name.len() <= 253, "{}", name.len());
+        assert!(name.ends_with("-20261207-030405"));
+        assert_ne!(name, evacuation_name(&"a".repeat(251), at));
+    }
+}

@@ -18,10 +18,12 @@ use super::decide::{
     AtUninstall, Evacuation, NodeSeen, RetryBackoff, Situation, Step, at_uninstall, conclude, decide, guard_problem,
     rfc3339,
 };
+use super::record::{self, Progress};
 use crate::evacuation::{
     Action, Compute, Engine, EvacuationError, Event, Observer, Report, RestoreOptions, RestoreOutcome, Settings,
     StopRequest, Target,
 };
+use crate::kube::evacuation::EvacuationStatus;
 use crate::kube::{Cluster, DrainState, GuardPod, Phase, Severity, operator_view};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::server::Health;
@@ -93,13 +95,16 @@ pub struct Agent<C: Compute + 'static, K: Cluster> {
     /// Wall-clock time at `epoch`: guard pods carry wall-clock creation times,
     /// the agent's timers run on tokio's clock (paused in tests).
     epoch: (Instant, jiff::Timestamp),
-    left: mpsc::UnboundedSender<usize>,
-    left_rx: Option<mpsc::UnboundedReceiver<usize>>,
+    progress: mpsc::UnboundedSender<Progress>,
+    progress_rx: Option<mpsc::UnboundedReceiver<Progress>>,
+    /// The Evacuation recording the current run and its status as last written
+    /// (`None`: none could be created, e.g. the CRD is not installed).
+    record: Option<(String, EvacuationStatus)>,
 }
 
 impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
     pub fn new(settings: AgentSettings, cluster: Arc<K>, metrics: Arc<Metrics>, health: Health) -> Self {
-        let (left, left_rx) = mpsc::unbounded_channel();
+        let (progress, progress_rx) = mpsc::unbounded_channel();
         let agent = Agent {
             settings,
             compute: None,
@@ -117,8 +122,9 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             guard_reported: None,
             guard_check_at: None,
             epoch: (Instant::now(), jiff::Timestamp::now()),
-            left,
-            left_rx: Some(left_rx),
+            progress,
+            progress_rx: Some(progress_rx),
+            record: None,
         };
         agent.set_phase_metric(Phase::Idle);
         agent
@@ -126,7 +132,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
 
     /// Runs until told to terminate (or every input is gone); returns the exit code.
     pub async fn run(mut self, mut inputs: mpsc::Receiver<Input<C>>) -> i32 {
-        let Some(mut left_rx) = self.left_rx.take() else {
+        let Some(mut progress_rx) = self.progress_rx.take() else {
             return crate::exit::FAILED;
         };
         loop {
@@ -145,7 +151,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                     Some(Input::Terminate) | None => return self.shutdown().await,
                     Some(input) => self.take(input),
                 },
-                Some(left) = left_rx.recv() => self.record_left(left).await,
+                Some(progress) = progress_rx.recv() => self.on_progress(progress).await,
                 finished = async { (&mut running.as_mut().expect("guarded by the select condition").handle).await }, if evacuating => {
                     self.finished(finished).await;
                 }
@@ -265,13 +271,17 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
     async fn evacuate(&mut self) {
         let Some(compute) = self.compute.clone() else { return };
         let previous = self.situation.recorded.clone();
+        let started_at = previous
+            .started_at
+            .clone()
+            .filter(|_| previous.phase != Phase::Idle)
+            .unwrap_or_else(|| rfc3339(self.wall_now(), Duration::ZERO));
+        let evacuation = self.open_record(&previous, &started_at).await;
         let state = DrainState {
             phase: Phase::Evacuating,
-            started_at: previous
-                .started_at
-                .filter(|_| previous.phase != Phase::Idle)
-                .or_else(|| Some(rfc3339(self.wall_now(), Duration::ZERO))),
+            started_at: Some(started_at),
             last_error: None,
+            evacuation,
             ..previous
         };
         // Recorded before anything changes in Nova, so a crash after the disable is never forgotten.
@@ -328,6 +338,14 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         );
         if let (Some(delay), Some(at)) = (conclusion.retry_in, &conclusion.state.next_retry_at) {
             info!(failures = conclusion.state.failures, retry_in_seconds = delay.as_secs(), retry_at = %at, "will evacuate again while the node stays cordoned");
+        }
+        if let Some((name, status)) = self.record.take() {
+            let at = rfc3339(self.wall_now(), Duration::ZERO);
+            let last = match &result {
+                Ok(report) => record::finished(&status, report, cancelled, &at),
+                Err(e) => record::could_not_run(&status, e, cancelled, &at),
+            };
+            self.write_record(&name, &last).await;
         }
         let (severity, reason, note) = conclusion.event;
         self.cluster.publish(severity, reason, note);
@@ -501,23 +519,76 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         self.situation.recorded = state;
     }
 
-    /// Progress of the running evacuation. Only the agent writes the annotations,
-    /// so a count that arrives after the run ended is stale and dropped.
-    async fn record_left(&mut self, left: usize) {
-        if self.running.is_none() || self.situation.recorded.vms_left == Some(left) {
+    /// Progress of the running evacuation. Only the agent writes the
+    /// annotations and the Evacuation's status, so progress that arrives after
+    /// the run ended is stale and dropped. The Evacuation is written when the
+    /// run has counted its VMs and when a VM's move ends; other progress
+    /// waits for the next of those writes.
+    async fn on_progress(&mut self, progress: Progress) {
+        if self.running.is_none() {
             return;
         }
-        let state = DrainState {
-            vms_left: Some(left),
-            ..self.situation.recorded.clone()
+        let worth_writing = match &progress {
+            Progress::Left(_) => false,
+            Progress::Found { .. } => true,
+            Progress::Vm(vm) => vm.outcome != "moving",
         };
-        self.save(state).await;
+        if let Progress::Left(left) = progress
+            && self.situation.recorded.vms_left != Some(left)
+        {
+            let state = DrainState {
+                vms_left: Some(left),
+                ..self.situation.recorded.clone()
+            };
+            self.save(state).await;
+        }
+        if let Some((name, status)) = &mut self.record {
+            record::apply(status, progress);
+            if worth_writing {
+                let (name, status) = (name.clone(), status.clone());
+                self.write_record(&name, &status).await;
+            }
+        }
+    }
+
+    async fn write_record(&self, name: &str, status: &EvacuationStatus) {
+        if let Err(e) = self.cluster.write_evacuation(name, status).await {
+            warn!(error = %e, "could not record the evacuation's progress");
+        }
+    }
+
+    /// The Evacuation recording this run: the one the Node names when the
+    /// agent resumes a run it was stopped in, else a new one. A cluster without
+    /// the CRD (or the right to create it) only loses the record: the run goes on.
+    async fn open_record(&mut self, previous: &DrainState, started_at: &str) -> Option<String> {
+        let resumed = previous
+            .evacuation
+            .clone()
+            .filter(|_| previous.phase == Phase::Evacuating);
+        let name = match resumed {
+            Some(name) => name,
+            None => {
+                let node = self.node.clone()?;
+                match self.cluster.open_evacuation(&node, self.wall_now()).await {
+                    Ok(name) => name,
+                    Err(e) => {
+                        warn!(error = %e, "the run goes on without an Evacuation object");
+                        self.record = None;
+                        return None;
+                    }
+                }
+            }
+        };
+        let status = record::started(&self.settings.target.host, started_at);
+        self.write_record(&name, &status).await;
+        self.record = Some((name.clone(), status));
+        Some(name)
     }
 
     fn observer(&self, cancelling: Arc<AtomicBool>) -> AgentObserver<K> {
         AgentObserver {
             cluster: self.cluster.clone(),
-            left: self.left.clone(),
+            progress: self.progress.clone(),
             metrics: self.metrics.clone(),
             total: AtomicUsize::new(0),
             cancelling,
@@ -609,7 +680,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
 /// Turns the engine's events into Kubernetes Events and progress.
 struct AgentObserver<K> {
     cluster: Arc<K>,
-    left: mpsc::UnboundedSender<usize>,
+    progress: mpsc::UnboundedSender<Progress>,
     metrics: Arc<Metrics>,
     total: AtomicUsize,
     /// Set once an uncordon asked the engine to abort: what stays is cancelled, not failed.
@@ -622,6 +693,9 @@ fn vm(server: &crate::evacuation::Server) -> String {
 
 impl<K: Cluster> Observer for AgentObserver<K> {
     fn event(&self, event: &Event<'_>) {
+        if let Some(progress) = record::progress_of(event, &rfc3339(jiff::Timestamp::now(), Duration::ZERO)) {
+            let _ = self.progress.send(progress);
+        }
         let publish = |severity, reason, note| self.cluster.publish(severity, reason, note);
         let cold = |action: &Action| *action == Action::ColdMigrate;
         match event {
@@ -707,7 +781,7 @@ impl<K: Cluster> Observer for AgentObserver<K> {
                 let all = self.total.load(Ordering::Relaxed).max(*total);
                 let left = all.saturating_sub(*moved);
                 self.metrics.vms_remaining.set(left as i64);
-                let _ = self.left.send(left);
+                let _ = self.progress.send(Progress::Left(left));
             }
         }
     }

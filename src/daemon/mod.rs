@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod decide;
+pub mod record;
 pub mod release;
 #[cfg(test)]
 mod tests;

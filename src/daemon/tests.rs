@@ -16,6 +16,7 @@ use super::agent::{Agent, AgentSettings, Input};
 use super::decide::RetryBackoff;
 use crate::evacuation::fake::{FakeCloud, NODE, SOURCE, Script, target};
 use crate::evacuation::{Settings, is_our_reason};
+use crate::kube::evacuation::{EvacuationPhase, EvacuationStatus};
 use crate::kube::{Cluster, DrainState, GuardPod, Phase, Severity};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::server::Health;
@@ -43,6 +44,10 @@ struct ClusterState {
     kubelet_runs_guard: bool,
     /// Why the agent is being uninstalled (`None`: a restart or rolling update).
     uninstalled: Option<String>,
+    /// Evacuation objects by name, with every status written to each, oldest first.
+    evacuations: Vec<(String, Vec<EvacuationStatus>)>,
+    /// The Evacuation CRD is installed.
+    crd_installed: bool,
 }
 
 impl FakeCluster {
@@ -189,6 +194,27 @@ impl Cluster for FakeCluster {
     async fn uninstalled(&self) -> Result<Option<String>, String> {
         Ok(self.lock().uninstalled.clone())
     }
+
+    async fn open_evacuation(&self, _node: &Node, at: jiff::Timestamp) -> Result<String, String> {
+        let mut state = self.lock();
+        if !state.crd_installed {
+            return Err("the server could not find the requested resource".into());
+        }
+        let name = crate::kube::evacuation::evacuation_name(NODE, at);
+        if !state.evacuations.iter().any(|(n, _)| *n == name) {
+            state.evacuations.push((name.clone(), Vec::new()));
+        }
+        Ok(name)
+    }
+
+    async fn write_evacuation(&self, name: &str, status: &EvacuationStatus) -> Result<(), String> {
+        let mut state = self.lock();
+        let Some((_, written)) = state.evacuations.iter_mut().find(|(n, _)| n == name) else {
+            return Err(format!("evacuations \"{name}\" not found"));
+        };
+        written.push(status.clone());
+        Ok(())
+    }
 }
 
 struct Harness {
@@ -248,6 +274,8 @@ impl Harness {
                 refuse_guard: None,
                 kubelet_runs_guard: true,
                 uninstalled: None,
+                evacuations: Vec::new(),
+                crd_installed: true,
             }),
             watch: inputs.clone(),
             epoch: (Instant::now(), jiff::Timestamp::now()),
@@ -859,5 +887,129 @@ async fn progress_is_recorded_by_the_agent_alone_and_never_after_the_end() {
     assert_eq!(records[end].vms_left, Some(0));
     let lefts: Vec<usize> = records.iter().filter_map(|s| s.vms_left).collect();
     assert!(lefts.windows(2).all(|w| w[0] >= w[1]), "counts only go down: {lefts:?}");
+    assert_eq!(h.terminate().await, 0);
+}
+
+impl FakeCluster {
+    /// The statuses written to each Evacuation, oldest first.
+    fn evacuations(&self) -> Vec<(String, Vec<EvacuationStatus>)> {
+        self.lock().evacuations.clone()
+    }
+}
+
+/// A cordon opens an Evacuation named in the Node's annotations, written when
+/// the VMs are counted and as each move ends, and finished from the report:
+/// phase, counts, one entry per VM with its destination and start time.
+#[tokio::test(start_paused = true)]
+async fn a_cordon_records_its_run_in_an_evacuation() {
+    let h = Harness::start(cloud_with(3)).await;
+    h.cordon(true).await;
+    h.drain().await;
+    h.until("evacuated", |h| h.cluster.phase() == Phase::Evacuated).await;
+    let evacuations = h.cluster.evacuations();
+    assert_eq!(evacuations.len(), 1, "{evacuations:?}");
+    let (name, written) = &evacuations[0];
+    assert_eq!(h.cluster.last_record().evacuation.as_deref(), Some(name.as_str()));
+    assert_eq!(written[0].phase, Some(EvacuationPhase::Running));
+    assert!(
+        written.len() >= 5,
+        "started, counted, three moves ended, finished: {written:?}"
+    );
+    let during = &written[written.len() - 2];
+    assert_eq!(during.phase, Some(EvacuationPhase::Running));
+    assert_eq!(during.counts.map(|c| c.total), Some(3));
+    let last = written.last().expect("a final status");
+    assert_eq!(last.phase, Some(EvacuationPhase::Succeeded));
+    assert_eq!(last.nova_host.as_deref(), Some(SOURCE));
+    assert_eq!(last.service_disabled_by_us, Some(true));
+    assert!(last.completion_time.is_some() && last.start_time.is_some());
+    let counts = last.counts.expect("counts");
+    assert_eq!((counts.total, counts.moved, counts.failed, counts.left), (3, 3, 0, 0));
+    assert_eq!(last.vms.len(), 3);
+    for vm in &last.vms {
+        assert_eq!((vm.outcome.as_str(), vm.action.as_str()), ("migrated", "live-migrate"));
+        assert!(vm.destination.is_some() && vm.start_time.is_some(), "{vm:?}");
+        assert_eq!(vm.source, SOURCE);
+    }
+    assert_eq!(last.last_error, None);
+    assert_eq!(h.terminate().await, 0);
+}
+
+/// An uncordon mid-run ends the Evacuation `Cancelled`, the VM's move aborted;
+/// a failed run ends it `Failed` with the VM's reason, and the retry opens a new one.
+#[tokio::test(start_paused = true)]
+async fn cancelled_and_failed_runs_are_recorded_as_such() {
+    let h = Harness::start(stalling_vm()).await;
+    h.cordon(true).await;
+    h.migrating().await;
+    h.cordon(false).await;
+    h.until("idle", |h| h.cluster.phase() == Phase::Idle).await;
+    let evacuations = h.cluster.evacuations();
+    let last = evacuations[0].1.last().expect("a final status");
+    assert_eq!(last.phase, Some(EvacuationPhase::Cancelled));
+    assert_eq!(last.vms[0].outcome, "aborted");
+    assert_eq!(h.terminate().await, 0);
+
+    let cloud = FakeCloud::new();
+    cloud.add_vm("vm-1", "SUSPENDED", 2048);
+    let h = Harness::start(Arc::new(cloud)).await;
+    h.cordon(true).await;
+    h.until("failed", |h| h.cluster.phase() == Phase::Failed).await;
+    let failed = h.cluster.evacuations()[0].1.last().cloned().expect("a final status");
+    assert_eq!(failed.phase, Some(EvacuationPhase::Failed));
+    assert_eq!(failed.counts.map(|c| (c.skipped, c.left)), Some((1, 1)), "{failed:?}");
+    assert!(
+        failed.last_error.as_deref().is_some_and(|e| e.contains("vm-1")),
+        "{failed:?}"
+    );
+    tokio::time::advance(RETRY_AFTER_FAILURE).await;
+    h.until("a second run", |h| h.cluster.evacuations().len() == 2).await;
+    assert_eq!(h.terminate().await, 0);
+}
+
+/// Without the CRD the run goes on, recorded in the Node's annotations only.
+#[tokio::test(start_paused = true)]
+async fn without_the_crd_the_evacuation_still_runs() {
+    let h = Harness::start(cloud_with(2)).await;
+    h.cluster.lock().crd_installed = false;
+    h.cordon(true).await;
+    h.drain().await;
+    assert_eq!(h.on_source(), 0);
+    assert!(h.cluster.evacuations().is_empty());
+    assert_eq!(h.cluster.last_record().evacuation, None);
+    assert_eq!(h.terminate().await, 0);
+}
+
+/// An agent restarted mid-run goes on writing the Evacuation the Node names.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_agent_goes_on_with_the_same_evacuation() {
+    let cloud = cloud_with(2);
+    cloud.disable_by_operator("nova-kubernetes-drain: evacuating for Kubernetes node node-a since earlier");
+    let recorded = DrainState {
+        phase: Phase::Evacuating,
+        started_at: Some("2026-12-01T00:00:00Z".into()),
+        disabled_by_us: true,
+        evacuation: Some("node-a-20261201-000000".into()),
+        ..DrainState::default()
+    };
+    let h = Harness::start_with(
+        cloud,
+        true,
+        Some(recorded),
+        GuardPod::Terminating { held: true },
+        true,
+        false,
+    )
+    .await;
+    h.cluster
+        .lock()
+        .evacuations
+        .push(("node-a-20261201-000000".into(), Vec::new()));
+    h.until("drain returns", |h| h.cluster.guard_gone()).await;
+    let evacuations = h.cluster.evacuations();
+    assert_eq!(evacuations.len(), 1, "no new Evacuation: {evacuations:?}");
+    let last = evacuations[0].1.last().cloned().expect("written");
+    assert_eq!(last.phase, Some(EvacuationPhase::Succeeded));
+    assert_eq!(last.start_time.as_deref(), Some("2026-12-01T00:00:00Z"));
     assert_eq!(h.terminate().await, 0);
 }

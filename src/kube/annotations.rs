@@ -69,6 +69,8 @@ pub struct DrainState {
     pub failures: u32,
     /// RFC 3339 time of the next try after a failure, where an operator looks for it.
     pub next_retry_at: Option<String>,
+    /// The Evacuation object recording the current (or last) run, if one was created.
+    pub evacuation: Option<String>,
 }
 
 fn key(name: &str) -> String {
@@ -90,6 +92,7 @@ impl DrainState {
             last_error: get("last-error"),
             failures: get("failures").and_then(|v| v.parse().ok()).unwrap_or(0),
             next_retry_at: get("next-retry-at"),
+            evacuation: get("evacuation"),
         }
     }
 
@@ -112,6 +115,7 @@ impl DrainState {
                     key("last-error"): text(&last_error),
                     key("failures"): if self.failures > 0 { json!(self.failures.to_string()) } else { Value::Null },
                     key("next-retry-at"): text(&self.next_retry_at),
+                    key("evacuation"): text(&self.evacuation),
                 }
             }
         })
@@ -154,6 +158,7 @@ mod tests {
             last_error: None,
             failures: 2,
             next_retry_at: Some("2026-11-21T10:04:00Z".into()),
+            evacuation: Some("host1-20261121-100000".into()),
         };
         let patch = state.to_merge_patch();
         let annotations: BTreeMap<String, String> = patch["metadata"]["annotations"]

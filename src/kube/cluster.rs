@@ -12,6 +12,7 @@ use kube::{Api, Client};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use super::evacuation::{EvacuationStatus, Evacuations};
 use super::guard::{Guard, GuardImage, GuardPod};
 use super::{DrainState, NodeEvents, Severity, record_state};
 
@@ -37,6 +38,14 @@ pub trait Cluster: Send + Sync + 'static {
     /// longer selecting the node. `Ok(None)`: a restart or a rolling update
     /// (the DaemonSet stays), or nothing tells.
     fn uninstalled(&self) -> impl Future<Output = Result<Option<String>, String>> + Send;
+    /// Creates the Evacuation recording a run that starts at `at` on `node`; its name.
+    fn open_evacuation(&self, node: &Node, at: jiff::Timestamp) -> impl Future<Output = Result<String, String>> + Send;
+    /// Writes the status of Evacuation `name`.
+    fn write_evacuation(
+        &self,
+        name: &str,
+        status: &EvacuationStatus,
+    ) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 /// What the Event publisher is handed.
@@ -60,6 +69,7 @@ pub struct KubeCluster {
     notices: mpsc::UnboundedSender<Notice>,
     /// The Node's labels as last seen, to tell whether the DaemonSet still selects it.
     node_labels: Mutex<BTreeMap<String, String>>,
+    evacuations: Evacuations,
 }
 
 impl KubeCluster {
@@ -77,6 +87,7 @@ impl KubeCluster {
         tokio::spawn(publish_events(receiver, events.clone()));
         KubeCluster {
             guard: Guard::new(client.clone(), namespace, node),
+            evacuations: Evacuations::new(client.clone(), node),
             client,
             node: node.to_string(),
             namespace: namespace.to_string(),
@@ -216,6 +227,20 @@ impl Cluster for KubeCluster {
             )));
         }
         Ok(None)
+    }
+
+    async fn open_evacuation(&self, node: &Node, at: jiff::Timestamp) -> Result<String, String> {
+        self.evacuations
+            .create(node, at)
+            .await
+            .map_err(|e| format!("creating the Evacuation of node {}: {e}", self.node))
+    }
+
+    async fn write_evacuation(&self, name: &str, status: &EvacuationStatus) -> Result<(), String> {
+        self.evacuations
+            .write_status(name, status)
+            .await
+            .map_err(|e| format!("writing the status of Evacuation {name}: {e}"))
     }
 }
 

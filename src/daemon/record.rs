@@ -1,0 +1,282 @@
+//! The Evacuation's status as the agent writes it: built from the engine's
+//! events while a run goes on, and from its report when it ends. Plain
+//! functions, so that what an operator reads with `kubectl get evacuation -o
+//! yaml` is tested without a cluster.
+
+use crate::evacuation::{Action, Event, Outcome, Report, RunResult, Server, VmReport};
+use crate::kube::evacuation::{EvacuationPhase, EvacuationStatus, VmCounts, VmStatus};
+
+/// What the engine's observer hands the agent while a run goes on.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Progress {
+    /// VMs still on the hypervisor.
+    Left(usize),
+    /// The run found `total` VMs.
+    Found { total: usize },
+    /// What became of one VM so far.
+    Vm(Box<VmStatus>),
+}
+
+/// The status of a run that starts now on `host`.
+pub fn started(host: &str, at: &str) -> EvacuationStatus {
+    EvacuationStatus {
+        phase: Some(EvacuationPhase::Running),
+        nova_host: Some(host.to_string()),
+        start_time: Some(at.to_string()),
+        ..EvacuationStatus::default()
+    }
+}
+
+fn action_name(action: Action) -> &'static str {
+    match action {
+        Action::LiveMigrate => "live-migrate",
+        Action::ColdMigrate => "cold-migrate",
+        Action::Skip => "skip",
+    }
+}
+
+fn outcome_name(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Migrated => "migrated",
+        Outcome::Deleted => "deleted",
+        Outcome::Skipped => "skipped",
+        Outcome::Failed => "failed",
+        Outcome::Aborted => "aborted",
+        Outcome::InProgress => "in-progress",
+        Outcome::NotStarted => "not-started",
+        Outcome::Planned => "planned",
+    }
+}
+
+fn entry(server: &Server, action: Option<Action>) -> VmStatus {
+    VmStatus {
+        id: server.id.clone(),
+        name: server.name.clone(),
+        project: server.project_id.clone(),
+        state: server.status.clone(),
+        action: action.map_or("", action_name).to_string(),
+        source: server.host.clone().unwrap_or_default(),
+        outcome: "pending".into(),
+        ..VmStatus::default()
+    }
+}
+
+/// What an engine event tells about the run, if anything worth recording
+/// (`now`: RFC 3339, for a VM's start time).
+pub fn progress_of(event: &Event<'_>, now: &str) -> Option<Progress> {
+    Some(match event {
+        Event::EvacuationStarted { to_move, to_skip } => Progress::Found {
+            total: to_move + to_skip,
+        },
+        Event::MigrationStarted {
+            server,
+            action,
+            attempt,
+        } => Progress::Vm(Box::new(VmStatus {
+            attempts: *attempt,
+            start_time: Some(now.to_string()),
+            outcome: "moving".into(),
+            ..entry(server, Some(*action))
+        })),
+        Event::MigrationSucceeded {
+            server,
+            action,
+            destination,
+            seconds,
+        } => Progress::Vm(Box::new(VmStatus {
+            destination: Some(destination.to_string()),
+            seconds: Some(*seconds),
+            outcome: "migrated".into(),
+            ..entry(server, Some(*action))
+        })),
+        Event::MigrationFailed {
+            server,
+            action,
+            reason,
+            retry_in,
+        } => Progress::Vm(Box::new(VmStatus {
+            outcome: if retry_in.is_some() { "moving" } else { "failed" }.into(),
+            reason: Some(reason.to_string()),
+            ..entry(server, Some(*action))
+        })),
+        Event::NotMigratable { server, reason } => Progress::Vm(Box::new(VmStatus {
+            outcome: "failed".into(),
+            reason: Some(reason.to_string()),
+            ..entry(server, None)
+        })),
+        _ => return None,
+    })
+}
+
+/// Folds one piece of progress into the status: a VM's entry keeps what an
+/// earlier event told (its start, attempts, action) unless this one tells more.
+pub fn apply(status: &mut EvacuationStatus, progress: Progress) {
+    match progress {
+        Progress::Left(left) => {
+            let counts = status.counts.get_or_insert_with(VmCounts::default);
+            counts.left = u32::try_from(left).unwrap_or(u32::MAX);
+        }
+        Progress::Found { total } => {
+            let total = u32::try_from(total).unwrap_or(u32::MAX);
+            status.counts = Some(VmCounts {
+                total,
+                left: total,
+                ..VmCounts::default()
+            });
+        }
+        Progress::Vm(update) => {
+            match status.vms.iter_mut().find(|vm| vm.id == update.id) {
+                Some(known) => {
+                    let earlier = std::mem::replace(known, *update);
+                    known.start_time = known.start_time.take().or(earlier.start_time);
+                    known.attempts = known.attempts.max(earlier.attempts);
+                    if known.action.is_empty() {
+                        known.action = earlier.action;
+                    }
+                }
+                None => status.vms.push(*update),
+            }
+            let outcome = |o: &str| status.vms.iter().filter(|vm| vm.outcome == o).count();
+            let (moved, failed) = (outcome("migrated"), outcome("failed"));
+            let counts = status.counts.get_or_insert_with(VmCounts::default);
+            counts.moved = u32::try_from(moved).unwrap_or(u32::MAX);
+            counts.failed = u32::try_from(failed).unwrap_or(u32::MAX);
+        }
+    }
+}
+
+fn vm_of(vm: &VmReport, earlier: Option<&VmStatus>) -> VmStatus {
+    VmStatus {
+        id: vm.id.clone(),
+        name: vm.name.clone(),
+        project: vm.project.clone().unwrap_or_else(|| vm.project_id.clone()),
+        state: vm.status.clone(),
+        action: action_name(vm.action).to_string(),
+        attempts: vm.attempts,
+        source: vm.source.clone(),
+        destination: vm.destination.clone(),
+        start_time: earlier.and_then(|e| e.start_time.clone()),
+        seconds: (vm.duration_seconds > 0.0).then_some(vm.duration_seconds),
+        outcome: outcome_name(&vm.outcome).to_string(),
+        reason: vm.reason.clone(),
+    }
+}
+
+/// The status of a finished run from its report; `cancelled`: an uncordon
+/// stopped it. Start times of the VMs come from what was recorded during the run.
+pub fn finished(status: &EvacuationStatus, report: &Report, cancelled: bool, at: &str) -> EvacuationStatus {
+    let vms: Vec<VmStatus> = report
+        .vms
+        .iter()
+        .map(|vm| vm_of(vm, status.vms.iter().find(|e| e.id == vm.id)))
+        .collect();
+    let count = |f: fn(&Outcome) -> bool| {
+        u32::try_from(report.vms.iter().filter(|vm| f(&vm.outcome)).count()).unwrap_or(u32::MAX)
+    };
+    let phase = match report.result {
+        RunResult::Succeeded => EvacuationPhase::Succeeded,
+        RunResult::Interrupted => EvacuationPhase::Cancelled,
+        _ if cancelled => EvacuationPhase::Cancelled,
+        RunResult::Failed | RunResult::TimedOut | RunResult::Planned => EvacuationPhase::Failed,
+    };
+    // The VMs that keep the host from being empty: those that failed, else
+    // (a run failed only by what policy left in place) those left alone.
+    let describe = |vm: &&VmReport| {
+        format!(
+            "{} ({}): {}",
+            vm.name,
+            vm.id,
+            vm.reason.as_deref().unwrap_or("not moved")
+        )
+    };
+    let mut failures: Vec<String> = report
+        .vms
+        .iter()
+        .filter(|vm| !vm.outcome.is_success() && vm.outcome != Outcome::Skipped)
+        .map(|vm| describe(&vm))
+        .collect();
+    if failures.is_empty() {
+        failures = report
+            .vms
+            .iter()
+            .filter(|vm| !vm.outcome.is_success())
+            .map(|vm| describe(&vm))
+            .collect();
+    }
+    let last_error = match (phase, report.result) {
+        (EvacuationPhase::Succeeded, _) => None,
+        (_, RunResult::TimedOut) => Some(format!(
+            "the time-out ended the run with {} VM(s) on the hypervisor",
+            report.servers_left_on_host
+        )),
+        _ if failures.is_empty() => None,
+        _ => Some(failures.join("; ")),
+    };
+    EvacuationStatus {
+        phase: Some(phase),
+        nova_host: Some(report.host.clone()),
+        service_disabled_by_us: Some(report.service_disabled_by_us),
+        start_time: status.start_time.clone(),
+        completion_time: Some(at.to_string()),
+        counts: Some(VmCounts {
+            total: u32::try_from(report.vms.len()).unwrap_or(u32::MAX),
+            moved: count(Outcome::is_success),
+            skipped: count(|o| *o == Outcome::Skipped),
+            failed: count(|o| !o.is_success() && *o != Outcome::Skipped),
+            left: u32::try_from(report.servers_left_on_host).unwrap_or(u32::MAX),
+        }),
+        vms,
+        last_error,
+    }
+}
+
+/// The status of a run that could not start or whose task failed.
+pub fn could_not_run(status: &EvacuationStatus, error: &str, cancelled: bool, at: &str) -> EvacuationStatus {
+    EvacuationStatus {
+        phase: Some(if cancelled {
+            EvacuationPhase::Cancelled
+        } else {
+            EvacuationPhase::Failed
+        }),
+        completion_time: Some(at.to_string()),
+        last_error: Some(error.to_string()),
+        ..status.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(outcome: &str, action: &str, start: Option<&str>, attempts: u32) -> Progress {
+        Progress::Vm(Box::new(VmStatus {
+            id: "vm-1".into(),
+            action: action.into(),
+            start_time: start.map(str::to_string),
+            attempts,
+            outcome: outcome.into(),
+            ..VmStatus::default()
+        }))
+    }
+
+    #[test]
+    fn a_vm_entry_keeps_what_earlier_events_told_and_counts_follow() {
+        let mut status = started("host1", "2026-12-07T00:00:00Z");
+        apply(&mut status, Progress::Found { total: 2 });
+        apply(
+            &mut status,
+            vm("moving", "live-migrate", Some("2026-12-07T00:00:01Z"), 2),
+        );
+        apply(&mut status, vm("failed", "", None, 0));
+        apply(&mut status, Progress::Left(1));
+        assert_eq!(status.vms.len(), 1);
+        let entry = &status.vms[0];
+        assert_eq!(entry.outcome, "failed");
+        assert_eq!(entry.action, "live-migrate", "the action an earlier event told");
+        assert_eq!(entry.start_time.as_deref(), Some("2026-12-07T00:00:01Z"));
+        assert_eq!(entry.attempts, 2);
+        let counts = status.counts.expect("counts");
+        assert_eq!((counts.total, counts.failed, counts.moved, counts.left), (2, 1, 0, 1));
+        assert_eq!(status.phase, Some(EvacuationPhase::Running));
+    }
+}

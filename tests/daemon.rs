@@ -229,6 +229,59 @@ async fn kubectl_drain_waits_for_the_vms_and_uncordon_restores_everything() {
     assert!(cluster.reasons().await.iter().any(|r| r == "NovaComputeEnabled"));
 }
 
+/// The drain is recorded in an Evacuation object: named in the Node's
+/// annotations, owned by the Node, listed by `kubectl get evacuations` with its
+/// printer columns, `Succeeded` with one entry per VM and where it went.
+#[tokio::test]
+async fn a_drain_is_recorded_in_an_evacuation_object() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, cluster) = setup().await;
+    let ids: Vec<String> = lab.boot(BootSpec::new("dmn-record").count(2)).await;
+    let _agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    cluster.cordon().await;
+    cluster.drain_until_empty(&lab, NOVA_HOST, &[]).await;
+    let name = cluster.annotation("evacuation").await.expect("the Node names its Evacuation");
+    let evacuation = eventually("the Evacuation Succeeded", Duration::from_secs(30), async || {
+        let text = cluster
+            .kubectl()
+            .run(&["get", "evacuation", &name, "-o", "json"], Duration::from_secs(30))
+            .await
+            .ok()?;
+        let evacuation: Value = serde_json::from_str(&text).ok()?;
+        (evacuation["status"]["phase"] == "Succeeded").then_some(evacuation)
+    })
+    .await;
+    assert_eq!(evacuation["spec"]["nodeName"], cluster.node());
+    assert_eq!(evacuation["metadata"]["ownerReferences"][0]["kind"], "Node");
+    let status = &evacuation["status"];
+    assert_eq!(status["novaHost"], NOVA_HOST);
+    assert_eq!(status["serviceDisabledByUs"], true);
+    assert_eq!(status["counts"]["total"], 2);
+    assert_eq!(status["counts"]["moved"], 2);
+    assert_eq!(status["counts"]["left"], 0);
+    let vms = status["vms"].as_array().expect("one entry per VM");
+    let mut recorded: Vec<String> = vms.iter().map(|vm| vm["id"].as_str().unwrap_or_default().to_string()).collect();
+    recorded.sort();
+    let mut booted = ids.clone();
+    booted.sort();
+    assert_eq!(recorded, booted);
+    for vm in vms {
+        assert_eq!(vm["outcome"], "migrated", "{vm}");
+        assert_eq!(vm["source"], NOVA_HOST, "{vm}");
+        assert!(vm["destination"].as_str().is_some_and(|d| d != NOVA_HOST), "{vm}");
+        assert!(vm["startTime"].is_string(), "{vm}");
+    }
+    let listed = cluster
+        .kubectl()
+        .run(&["get", "evac", &name], Duration::from_secs(30))
+        .await
+        .expect("kubectl get evac");
+    let header: Vec<&str> = listed.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "NODE", "PHASE", "LEFT", "TOTAL", "FAILED", "AGE"], "{listed}");
+    assert!(listed.contains("Succeeded"), "{listed}");
+}
+
 #[tokio::test]
 async fn a_node_cordoned_before_start_up_is_evacuated() {
     let _exclusive = Lab::exclusive().await;
@@ -991,6 +1044,18 @@ async fn uninstalling_in_one_step_then_release_guard_all_leaves_nothing_of_ours(
     assert!(out.contains("released"), "{out}");
     eventually("the namespace gone", Duration::from_secs(60), async || {
         cluster.namespace_object().await.is_none().then_some(())
+    })
+    .await;
+    eventually("the Evacuation CRD gone", Duration::from_secs(60), async || {
+        let crd = cluster
+            .kubectl()
+            .run(
+                &["get", "crd", "evacuations.nova-kubernetes-drain.io", "--ignore-not-found", "-o", "name"],
+                Duration::from_secs(30),
+            )
+            .await
+            .ok()?;
+        crd.trim().is_empty().then_some(())
     })
     .await;
     let took = uninstalled_at.elapsed();

@@ -116,6 +116,14 @@ impl TestCluster {
                 fake.set_kubelet(false);
                 fake.add_namespace(namespace);
                 let kubectl = Kubectl::new(&fake);
+                // What `kubectl apply -k deploy/` installs on a real cluster
+                // and the agent writes to (the fake serves no OpenAPI document
+                // for kubectl's client-side schema check).
+                let crd = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/crd.yaml");
+                kubectl
+                    .run(&["apply", "-f", &crd.to_string_lossy(), "--validate=false"], KUBECTL_TIMEOUT)
+                    .await
+                    .expect("kubectl apply -f deploy/crd.yaml");
                 (Backend::Fake(fake), kubectl)
             }
             Some(path) => {

@@ -121,7 +121,10 @@ impl TestCluster {
                 // for kubectl's client-side schema check).
                 let crd = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/crd.yaml");
                 kubectl
-                    .run(&["apply", "-f", &crd.to_string_lossy(), "--validate=false"], KUBECTL_TIMEOUT)
+                    .run(
+                        &["apply", "-f", &crd.to_string_lossy(), "--validate=false"],
+                        KUBECTL_TIMEOUT,
+                    )
                     .await
                     .expect("kubectl apply -f deploy/crd.yaml");
                 (Backend::Fake(fake), kubectl)

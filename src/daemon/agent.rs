@@ -558,19 +558,30 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
     }
 
     /// The Evacuation recording this run: the one the Node names when the
-    /// agent resumes a run it was stopped in, else a new one. A cluster without
+    /// agent resumes a run it was stopped in (what the earlier agent wrote
+    /// kept), else a new one. A cluster without
     /// the CRD (or the right to create it) only loses the record: the run goes on.
     async fn open_record(&mut self, previous: &DrainState, started_at: &str) -> Option<String> {
         let resumed = previous
             .evacuation
             .clone()
             .filter(|_| previous.phase == Phase::Evacuating);
-        let name = match resumed {
-            Some(name) => name,
+        let (name, status) = match resumed {
+            Some(name) => {
+                let written = match self.cluster.read_evacuation(&name).await {
+                    Ok(written) => written.unwrap_or_default(),
+                    Err(e) => {
+                        warn!(error = %e, "the resumed run's Evacuation is written anew");
+                        EvacuationStatus::default()
+                    }
+                };
+                let status = record::resumed(written, &self.settings.target.host, started_at);
+                (name, status)
+            }
             None => {
                 let node = self.node.clone()?;
                 match self.cluster.open_evacuation(&node, self.wall_now()).await {
-                    Ok(name) => name,
+                    Ok(name) => (name, record::started(&self.settings.target.host, started_at)),
                     Err(e) => {
                         warn!(error = %e, "the run goes on without an Evacuation object");
                         self.record = None;
@@ -579,7 +590,6 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                 }
             }
         };
-        let status = record::started(&self.settings.target.host, started_at);
         self.write_record(&name, &status).await;
         self.record = Some((name.clone(), status));
         Some(name)

@@ -27,6 +27,28 @@ pub fn started(host: &str, at: &str) -> EvacuationStatus {
     }
 }
 
+/// The status of a run an agent resumes after a restart: what the earlier
+/// agent wrote (its VMs, times), running again.
+pub fn resumed(written: EvacuationStatus, host: &str, at: &str) -> EvacuationStatus {
+    EvacuationStatus {
+        phase: Some(EvacuationPhase::Running),
+        nova_host: Some(host.to_string()),
+        start_time: written.start_time.clone().or_else(|| Some(at.to_string())),
+        completion_time: None,
+        last_error: None,
+        ..written
+    }
+}
+
+/// Outcomes of a VM that is off the hypervisor.
+fn is_off_host(outcome: &str) -> bool {
+    matches!(outcome, "migrated" | "deleted" | NOT_ON_HOST)
+}
+
+/// The outcome of a VM an earlier agent was moving, found gone from the
+/// hypervisor by the agent that resumed the run.
+const NOT_ON_HOST: &str = "not-on-host";
+
 fn action_name(action: Action) -> &'static str {
     match action {
         Action::LiveMigrate => "live-migrate",
@@ -117,10 +139,14 @@ pub fn apply(status: &mut EvacuationStatus, progress: Progress) {
             counts.left = u32::try_from(left).unwrap_or(u32::MAX);
         }
         Progress::Found { total } => {
-            let total = u32::try_from(total).unwrap_or(u32::MAX);
+            // A resumed run finds only what is still on the hypervisor; the
+            // VMs the earlier agent moved off count too.
+            let moved = status.vms.iter().filter(|vm| is_off_host(&vm.outcome)).count();
+            let found = u32::try_from(total).unwrap_or(u32::MAX);
             status.counts = Some(VmCounts {
-                total,
-                left: total,
+                total: found.saturating_add(u32::try_from(moved).unwrap_or(u32::MAX)),
+                moved: u32::try_from(moved).unwrap_or(u32::MAX),
+                left: found,
                 ..VmCounts::default()
             });
         }
@@ -136,8 +162,8 @@ pub fn apply(status: &mut EvacuationStatus, progress: Progress) {
                 }
                 None => status.vms.push(*update),
             }
-            let outcome = |o: &str| status.vms.iter().filter(|vm| vm.outcome == o).count();
-            let (moved, failed) = (outcome("migrated"), outcome("failed"));
+            let moved = status.vms.iter().filter(|vm| is_off_host(&vm.outcome)).count();
+            let failed = status.vms.iter().filter(|vm| vm.outcome == "failed").count();
             let counts = status.counts.get_or_insert_with(VmCounts::default);
             counts.moved = u32::try_from(moved).unwrap_or(u32::MAX);
             counts.failed = u32::try_from(failed).unwrap_or(u32::MAX);
@@ -163,16 +189,30 @@ fn vm_of(vm: &VmReport, earlier: Option<&VmStatus>) -> VmStatus {
 }
 
 /// The status of a finished run from its report; `cancelled`: an uncordon
-/// stopped it. Start times of the VMs come from what was recorded during the run.
+/// stopped it. Start times of the VMs come from what was recorded during the
+/// run; VMs recorded earlier that the report does not list (moved off before
+/// an agent restart) are kept, a move left unfinished then as `not-on-host`.
 pub fn finished(status: &EvacuationStatus, report: &Report, cancelled: bool, at: &str) -> EvacuationStatus {
-    let vms: Vec<VmStatus> = report
+    let mut vms: Vec<VmStatus> = report
         .vms
         .iter()
         .map(|vm| vm_of(vm, status.vms.iter().find(|e| e.id == vm.id)))
         .collect();
-    let count = |f: fn(&Outcome) -> bool| {
-        u32::try_from(report.vms.iter().filter(|vm| f(&vm.outcome)).count()).unwrap_or(u32::MAX)
-    };
+    let earlier = status
+        .vms
+        .iter()
+        .filter(|e| !report.vms.iter().any(|vm| vm.id == e.id))
+        .map(|e| match e.outcome.as_str() {
+            "pending" | "moving" => VmStatus {
+                outcome: NOT_ON_HOST.into(),
+                reason: Some("no longer on the hypervisor when the agent resumed the run".into()),
+                ..e.clone()
+            },
+            _ => e.clone(),
+        });
+    vms.extend(earlier);
+    let count =
+        |f: &dyn Fn(&str) -> bool| u32::try_from(vms.iter().filter(|vm| f(&vm.outcome)).count()).unwrap_or(u32::MAX);
     let phase = match report.result {
         RunResult::Succeeded => EvacuationPhase::Succeeded,
         RunResult::Interrupted => EvacuationPhase::Cancelled,
@@ -219,10 +259,10 @@ pub fn finished(status: &EvacuationStatus, report: &Report, cancelled: bool, at:
         start_time: status.start_time.clone(),
         completion_time: Some(at.to_string()),
         counts: Some(VmCounts {
-            total: u32::try_from(report.vms.len()).unwrap_or(u32::MAX),
-            moved: count(Outcome::is_success),
-            skipped: count(|o| *o == Outcome::Skipped),
-            failed: count(|o| !o.is_success() && *o != Outcome::Skipped),
+            total: u32::try_from(vms.len()).unwrap_or(u32::MAX),
+            moved: count(&is_off_host),
+            skipped: count(&|o| o == "skipped"),
+            failed: count(&|o| !is_off_host(o) && o != "skipped"),
             left: u32::try_from(report.servers_left_on_host).unwrap_or(u32::MAX),
         }),
         vms,

@@ -16,7 +16,7 @@ use super::agent::{Agent, AgentSettings, Input};
 use super::decide::RetryBackoff;
 use crate::evacuation::fake::{FakeCloud, NODE, SOURCE, Script, target};
 use crate::evacuation::{Settings, is_our_reason};
-use crate::kube::evacuation::{EvacuationPhase, EvacuationStatus};
+use crate::kube::evacuation::{EvacuationPhase, EvacuationStatus, VmStatus};
 use crate::kube::{Cluster, DrainState, GuardPod, Phase, Severity};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::server::Health;
@@ -207,6 +207,14 @@ impl Cluster for FakeCluster {
         Ok(name)
     }
 
+    async fn read_evacuation(&self, name: &str) -> Result<Option<EvacuationStatus>, String> {
+        let state = self.lock();
+        let Some((_, written)) = state.evacuations.iter().find(|(n, _)| n == name) else {
+            return Err(format!("evacuations \"{name}\" not found"));
+        };
+        Ok(written.last().cloned())
+    }
+
     async fn write_evacuation(&self, name: &str, status: &EvacuationStatus) -> Result<(), String> {
         let mut state = self.lock();
         let Some((_, written)) = state.evacuations.iter_mut().find(|(n, _)| n == name) else {
@@ -264,6 +272,28 @@ impl Harness {
         nova_reachable: bool,
         release_guard_on_failure: bool,
     ) -> Harness {
+        Harness::start_seeded(
+            cloud,
+            cordoned,
+            recorded,
+            guard,
+            nova_reachable,
+            release_guard_on_failure,
+            Vec::new(),
+        )
+        .await
+    }
+
+    /// [`Harness::start_with`] with Evacuations already in the cluster, as an earlier agent left them.
+    async fn start_seeded(
+        cloud: Arc<FakeCloud>,
+        cordoned: bool,
+        recorded: Option<DrainState>,
+        guard: GuardPod,
+        nova_reachable: bool,
+        release_guard_on_failure: bool,
+        evacuations: Vec<(String, Vec<EvacuationStatus>)>,
+    ) -> Harness {
         let (inputs, receiver) = mpsc::channel(64);
         let cluster = Arc::new(FakeCluster {
             state: Mutex::new(ClusterState {
@@ -274,7 +304,7 @@ impl Harness {
                 refuse_guard: None,
                 kubelet_runs_guard: true,
                 uninstalled: None,
-                evacuations: Vec::new(),
+                evacuations,
                 crd_installed: true,
             }),
             watch: inputs.clone(),
@@ -992,24 +1022,44 @@ async fn a_restarted_agent_goes_on_with_the_same_evacuation() {
         evacuation: Some("node-a-20261201-000000".into()),
         ..DrainState::default()
     };
-    let h = Harness::start_with(
+    // What the earlier agent wrote: one VM moved off, one move under way.
+    let earlier = |id: &str, outcome: &str| VmStatus {
+        id: id.into(),
+        outcome: outcome.into(),
+        action: "live-migrate".into(),
+        ..VmStatus::default()
+    };
+    let written = EvacuationStatus {
+        phase: Some(EvacuationPhase::Running),
+        start_time: Some("2026-12-01T00:00:00Z".into()),
+        vms: vec![earlier("vm-0", "migrated"), earlier("vm-9", "moving")],
+        ..EvacuationStatus::default()
+    };
+    let h = Harness::start_seeded(
         cloud,
         true,
         Some(recorded),
         GuardPod::Terminating { held: true },
         true,
         false,
+        vec![("node-a-20261201-000000".into(), vec![written])],
     )
     .await;
-    h.cluster
-        .lock()
-        .evacuations
-        .push(("node-a-20261201-000000".into(), Vec::new()));
     h.until("drain returns", |h| h.cluster.guard_gone()).await;
     let evacuations = h.cluster.evacuations();
     assert_eq!(evacuations.len(), 1, "no new Evacuation: {evacuations:?}");
     let last = evacuations[0].1.last().cloned().expect("written");
     assert_eq!(last.phase, Some(EvacuationPhase::Succeeded));
     assert_eq!(last.start_time.as_deref(), Some("2026-12-01T00:00:00Z"));
+    let ids: Vec<&str> = last.vms.iter().map(|vm| vm.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["vm-1", "vm-2", "vm-0", "vm-9"],
+        "the earlier agent's VMs are kept"
+    );
+    assert_eq!(last.vms[2].outcome, "migrated");
+    assert_eq!(last.vms[3].outcome, "not-on-host");
+    let counts = last.counts.expect("counts");
+    assert_eq!((counts.total, counts.moved, counts.failed, counts.left), (4, 4, 0, 0));
     assert_eq!(h.terminate().await, 0);
 }

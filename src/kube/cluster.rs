@@ -40,6 +40,8 @@ pub trait Cluster: Send + Sync + 'static {
     fn uninstalled(&self) -> impl Future<Output = Result<Option<String>, String>> + Send;
     /// Creates the Evacuation recording a run that starts at `at` on `node`; its name.
     fn open_evacuation(&self, node: &Node, at: jiff::Timestamp) -> impl Future<Output = Result<String, String>> + Send;
+    /// The status of Evacuation `name` as last written.
+    fn read_evacuation(&self, name: &str) -> impl Future<Output = Result<Option<EvacuationStatus>, String>> + Send;
     /// Writes the status of Evacuation `name`.
     fn write_evacuation(
         &self,
@@ -234,6 +236,13 @@ impl Cluster for KubeCluster {
             .create(node, at)
             .await
             .map_err(|e| format!("creating the Evacuation of node {}: {e}", self.node))
+    }
+
+    async fn read_evacuation(&self, name: &str) -> Result<Option<EvacuationStatus>, String> {
+        self.evacuations
+            .read_status(name)
+            .await
+            .map_err(|e| format!("reading the status of Evacuation {name}: {e}"))
     }
 
     async fn write_evacuation(&self, name: &str, status: &EvacuationStatus) -> Result<(), String> {

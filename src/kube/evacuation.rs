@@ -148,7 +148,9 @@ pub struct VmStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
     /// `pending`, `moving`, then one of `migrated`, `deleted`, `skipped`,
-    /// `failed`, `aborted`, `in-progress` (left to Nova), `not-started`.
+    /// `failed`, `aborted`, `in-progress` (left to Nova), `not-started`, or
+    /// `not-on-host` (its move was under way when the agent stopped, and it
+    /// was gone from the hypervisor when the agent resumed the run).
     pub outcome: String,
     /// Why, for every outcome but a plain success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -226,6 +228,11 @@ impl Evacuations {
         }
         self.trim_history(&name).await;
         Ok(name)
+    }
+
+    /// The status of Evacuation `name` as last written (`None`: none yet).
+    pub async fn read_status(&self, name: &str) -> Result<Option<EvacuationStatus>, kube::Error> {
+        Ok(self.api.get_status(name).await?.status)
     }
 
     /// Writes `status` through the status subresource, with the

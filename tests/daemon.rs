@@ -290,6 +290,41 @@ async fn a_drain_is_recorded_in_an_evacuation_object() {
         "{listed}"
     );
     assert!(listed.contains("Succeeded"), "{listed}");
+    // The run's Events are about the Evacuation too, by its kind, name and uid.
+    let selector = format!(
+        "regarding.kind=Evacuation,regarding.name={name},regarding.uid={}",
+        evacuation["metadata"]["uid"].as_str().unwrap_or_default()
+    );
+    let reasons = eventually("the Evacuation's Events", Duration::from_secs(30), async || {
+        let text = cluster
+            .kubectl()
+            .run(
+                &[
+                    "get",
+                    "events.events.k8s.io",
+                    "-n",
+                    "default",
+                    "--field-selector",
+                    &selector,
+                    "-o",
+                    "json",
+                ],
+                Duration::from_secs(30),
+            )
+            .await
+            .ok()?;
+        let events: Value = serde_json::from_str(&text).ok()?;
+        let reasons: Vec<String> = events["items"]
+            .as_array()?
+            .iter()
+            .filter_map(|e| e["reason"].as_str().map(str::to_string))
+            .collect();
+        reasons.iter().any(|r| r == "EvacuationSucceeded").then_some(reasons)
+    })
+    .await;
+    for reason in ["NovaComputeDisabled", "EvacuationStarted", "LiveMigrationSucceeded"] {
+        assert!(reasons.iter().any(|r| r == reason), "{reason} in {reasons:?}");
+    }
 }
 
 #[tokio::test]

@@ -693,10 +693,10 @@ async fn recorder_publishes_node_events() {
 
 #[tokio::test]
 async fn repeated_node_events_are_counted_in_one_series() {
-    use nova_kubernetes_drain::kube::{NodeEvents, Severity};
+    use nova_kubernetes_drain::kube::{ObjectEvents, Severity};
     let api = KubeApi::start();
     let node = api.add_node("n1");
-    let events = NodeEvents::new(api.kube_client(), &node, "drainer-n1");
+    let events = ObjectEvents::for_node(api.kube_client(), &node, "drainer-n1");
     let stuck = "1 server(s) left on n1: vm (id-1): SUSPENDED";
     for _ in 0..3 {
         events

@@ -349,6 +349,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         }
         let (severity, reason, note) = conclusion.event;
         self.cluster.publish(severity, reason, note);
+        self.cluster.follow_evacuation(None);
         self.save(conclusion.state).await;
         self.situation.retry_at = conclusion.retry_in.map(|delay| Instant::now() + delay);
         if conclusion.release_guard {
@@ -591,6 +592,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             }
         };
         self.write_record(&name, &status).await;
+        self.cluster.follow_evacuation(Some(&name));
         self.record = Some((name.clone(), status));
         Some(name)
     }

@@ -48,6 +48,10 @@ struct ClusterState {
     evacuations: Vec<(String, Vec<EvacuationStatus>)>,
     /// The Evacuation CRD is installed.
     crd_installed: bool,
+    /// The Evacuation the Events are also about.
+    following: Option<String>,
+    /// The reasons of the Events about each Evacuation, in order.
+    evacuation_events: Vec<(String, &'static str)>,
 }
 
 impl FakeCluster {
@@ -186,7 +190,15 @@ impl Cluster for FakeCluster {
     }
 
     fn publish(&self, severity: Severity, reason: &'static str, note: String) {
-        self.lock().events.push((severity, reason, note));
+        let mut state = self.lock();
+        if let Some(evacuation) = state.following.clone() {
+            state.evacuation_events.push((evacuation, reason));
+        }
+        state.events.push((severity, reason, note));
+    }
+
+    fn follow_evacuation(&self, name: Option<&str>) {
+        self.lock().following = name.map(str::to_string);
     }
 
     async fn flush_events(&self) {}
@@ -306,6 +318,8 @@ impl Harness {
                 uninstalled: None,
                 evacuations,
                 crd_installed: true,
+                following: None,
+                evacuation_events: Vec::new(),
             }),
             watch: inputs.clone(),
             epoch: (Instant::now(), jiff::Timestamp::now()),
@@ -962,6 +976,23 @@ async fn a_cordon_records_its_run_in_an_evacuation() {
         assert_eq!(vm.source, SOURCE);
     }
     assert_eq!(last.last_error, None);
+    // The run's Events are about the Evacuation too, up to its conclusion.
+    let about: Vec<&str> = h
+        .cluster
+        .lock()
+        .evacuation_events
+        .iter()
+        .filter(|(evacuation, _)| evacuation == name)
+        .map(|(_, reason)| *reason)
+        .collect();
+    assert_eq!(about.first(), Some(&"NovaComputeDisabled"), "{about:?}");
+    assert_eq!(
+        about.iter().filter(|r| **r == "LiveMigrationSucceeded").count(),
+        3,
+        "{about:?}"
+    );
+    assert_eq!(about.last(), Some(&"EvacuationSucceeded"), "{about:?}");
+    assert_eq!(h.cluster.lock().following, None, "no longer followed once concluded");
     assert_eq!(h.terminate().await, 0);
 }
 

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::evacuation::{EvacuationStatus, Evacuations};
 use super::guard::{Guard, GuardImage, GuardPod};
-use super::{DrainState, NodeEvents, Severity, record_state};
+use super::{DrainState, ObjectEvents, Severity, record_state};
 
 /// The agent's writes to its cluster. Reads come in through the watches.
 pub trait Cluster: Send + Sync + 'static {
@@ -29,8 +29,12 @@ pub trait Cluster: Send + Sync + 'static {
     fn put_guard(&self, node: &Node, current: &GuardPod) -> impl Future<Output = Result<(), String>> + Send;
     /// Deletes the budget and takes our finalizer off the pod: drain may finish.
     fn release_guard(&self) -> impl Future<Output = Result<(), String>> + Send;
-    /// Publishes an Event about the Node without waiting for the API server.
+    /// Publishes an Event about the Node without waiting for the API server,
+    /// and about the Evacuation being followed, if any.
     fn publish(&self, severity: Severity, reason: &'static str, note: String);
+    /// From now on (in the order of the Events published), Events are also
+    /// about Evacuation `name`; `None`: no longer.
+    fn follow_evacuation(&self, name: Option<&str>);
     /// Waits until the Events published so far have been handed to the API server.
     fn flush_events(&self) -> impl Future<Output = ()> + Send;
     /// Why this agent is being uninstalled rather than restarted, if it is:
@@ -53,6 +57,8 @@ pub trait Cluster: Send + Sync + 'static {
 /// What the Event publisher is handed.
 enum Notice {
     Event(Severity, &'static str, String),
+    /// The Evacuation the next Events are also about.
+    Follow(Option<String>),
     /// Answered once every Event before it has been written.
     Flush(oneshot::Sender<()>),
 }
@@ -67,7 +73,7 @@ pub struct KubeCluster {
     guard_image: tokio::sync::Mutex<Option<GuardImage>>,
     own_pod: Option<String>,
     instance: String,
-    events: Arc<Mutex<Option<NodeEvents>>>,
+    events: Arc<Mutex<Option<ObjectEvents>>>,
     notices: mpsc::UnboundedSender<Notice>,
     /// The Node's labels as last seen, to tell whether the DaemonSet still selects it.
     node_labels: Mutex<BTreeMap<String, String>>,
@@ -84,9 +90,14 @@ impl KubeCluster {
         own_pod: Option<String>,
         instance: &str,
     ) -> KubeCluster {
-        let events: Arc<Mutex<Option<NodeEvents>>> = Arc::default();
+        let events: Arc<Mutex<Option<ObjectEvents>>> = Arc::default();
         let (notices, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(publish_events(receiver, events.clone()));
+        tokio::spawn(publish_events(
+            receiver,
+            events.clone(),
+            client.clone(),
+            instance.to_string(),
+        ));
         KubeCluster {
             guard: Guard::new(client.clone(), namespace, node),
             evacuations: Evacuations::new(client.clone(), node),
@@ -133,7 +144,7 @@ impl Cluster for KubeCluster {
         if let Ok(mut events) = self.events.lock()
             && events.is_none()
         {
-            *events = Some(NodeEvents::new(self.client.clone(), node, &self.instance));
+            *events = Some(ObjectEvents::for_node(self.client.clone(), node, &self.instance));
         }
     }
 
@@ -164,6 +175,10 @@ impl Cluster for KubeCluster {
             Severity::Warning => warn!(%reason, %note, "event"),
         }
         let _ = self.notices.send(Notice::Event(severity, reason, note));
+    }
+
+    fn follow_evacuation(&self, name: Option<&str>) {
+        let _ = self.notices.send(Notice::Follow(name.map(str::to_string)));
     }
 
     async fn flush_events(&self) {
@@ -270,7 +285,13 @@ fn credentials_refused(error: &kube::Error) -> Option<String> {
 
 /// Creates the Events one after the other, off the agent's loop: an API server
 /// slow to take Events never holds up a decision.
-async fn publish_events(mut notices: mpsc::UnboundedReceiver<Notice>, events: Arc<Mutex<Option<NodeEvents>>>) {
+async fn publish_events(
+    mut notices: mpsc::UnboundedReceiver<Notice>,
+    events: Arc<Mutex<Option<ObjectEvents>>>,
+    client: Client,
+    instance: String,
+) {
+    let mut following: Option<ObjectEvents> = None;
     while let Some(notice) = notices.recv().await {
         let (severity, reason, note) = match notice {
             Notice::Event(severity, reason, note) => (severity, reason, note),
@@ -278,12 +299,26 @@ async fn publish_events(mut notices: mpsc::UnboundedReceiver<Notice>, events: Ar
                 let _ = done.send(());
                 continue;
             }
+            Notice::Follow(None) => {
+                following = None;
+                continue;
+            }
+            Notice::Follow(Some(name)) => {
+                following = match Evacuations::reference(client.clone(), &name).await {
+                    Ok(regarding) => Some(ObjectEvents::for_object(client.clone(), regarding, &instance)),
+                    Err(e) => {
+                        warn!(error = %e, evacuation = %name, "its Events go to the Node only");
+                        None
+                    }
+                };
+                continue;
+            }
         };
-        let sink = events.lock().ok().and_then(|e| e.clone());
-        if let Some(sink) = sink
-            && let Err(e) = sink.publish(severity, reason, "Evacuate", &note).await
-        {
-            warn!(error = %e, %reason, "could not publish an Event");
+        let node = events.lock().ok().and_then(|e| e.clone());
+        for sink in node.iter().chain(following.iter()) {
+            if let Err(e) = sink.publish(severity, reason, "Evacuate", &note).await {
+                warn!(error = %e, %reason, "could not publish an Event");
+            }
         }
     }
 }

@@ -13,7 +13,7 @@
 //! behaviour, not before.
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, ListParams, PostParams};
@@ -228,6 +228,20 @@ impl Evacuations {
         }
         self.trim_history(&name).await;
         Ok(name)
+    }
+
+    /// A reference to Evacuation `name` (with its uid), for Events about it.
+    /// Read through the status subresource, which the agent may read.
+    pub async fn reference(client: Client, name: &str) -> Result<ObjectReference, kube::Error> {
+        let api: Api<Evacuation> = Api::all(client);
+        let evacuation = api.get_status(name).await?;
+        Ok(ObjectReference {
+            api_version: Some(Evacuation::api_version(&()).into_owned()),
+            kind: Some(Evacuation::kind(&()).into_owned()),
+            name: Some(name.to_string()),
+            uid: evacuation.metadata.uid,
+            ..ObjectReference::default()
+        })
     }
 
     /// The status of Evacuation `name` as last written (`None`: none yet).

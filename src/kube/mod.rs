@@ -62,8 +62,9 @@ pub enum Severity {
     Warning,
 }
 
-/// Publishes events.k8s.io/v1 Events about one Node, in namespace `default`
-/// as the API server requires for cluster-scoped objects.
+/// Publishes events.k8s.io/v1 Events about one cluster-scoped object (the
+/// agent's Node, or the Evacuation of its current run), in namespace
+/// `default` as the API server requires for cluster-scoped objects.
 ///
 /// An Event that repeats an earlier one exactly (type, reason and note) is
 /// counted in that Event's `series`, as Kubernetes' own recorders do, instead
@@ -72,7 +73,7 @@ pub enum Severity {
 /// same reason into one series that keeps the first note, and our notes name
 /// the VMs.
 #[derive(Clone)]
-pub struct NodeEvents {
+pub struct ObjectEvents {
     api: Api<KubeEvent>,
     regarding: ObjectReference,
     instance: String,
@@ -106,17 +107,28 @@ impl EventSeries {
     }
 }
 
-impl NodeEvents {
-    pub fn new(client: Client, node: &Node, instance: &str) -> NodeEvents {
-        NodeEvents {
-            api: Api::namespaced(client, "default"),
-            regarding: ObjectReference {
+impl ObjectEvents {
+    /// Events about a Node.
+    pub fn for_node(client: Client, node: &Node, instance: &str) -> ObjectEvents {
+        ObjectEvents::for_object(
+            client,
+            ObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Node".into()),
                 name: node.metadata.name.clone(),
                 uid: node.metadata.uid.clone(),
                 ..ObjectReference::default()
             },
+            instance,
+        )
+    }
+
+    /// Events about any cluster-scoped object (`kubectl describe` finds
+    /// them by its kind, name and uid).
+    pub fn for_object(client: Client, regarding: ObjectReference, instance: &str) -> ObjectEvents {
+        ObjectEvents {
+            api: Api::namespaced(client, "default"),
+            regarding,
             instance: instance.to_string(),
             series: Arc::default(),
         }
@@ -126,7 +138,7 @@ impl NodeEvents {
     /// `reason` is PascalCase, `note` says what happened to which VM.
     pub async fn publish(&self, severity: Severity, reason: &str, action: &str, note: &str) -> Result<(), kube::Error> {
         let now = jiff::Timestamp::now();
-        let node = self.regarding.name.clone().unwrap_or_default();
+        let object = self.regarding.name.clone().unwrap_or_default();
         let note: String = note.chars().take(1000).collect();
         let type_ = match severity {
             Severity::Normal => "Normal",
@@ -154,7 +166,7 @@ impl NodeEvents {
                 Err(e) => return Err(e),
             }
         }
-        let name = format!("{node}.{:x}", now.as_nanosecond());
+        let name = format!("{object}.{:x}", now.as_nanosecond());
         let event = KubeEvent {
             metadata: ObjectMeta {
                 name: Some(name.clone()),

@@ -2054,3 +2054,50 @@ async fn custom_resource_watches_finalizers_and_deletions() {
     assert!(all_gadgets.list(&ListParams::default()).await.unwrap().items.is_empty());
     assert!(api.objects(&format!("{TEST_GROUP}/v1"), "gadgets").is_empty());
 }
+
+/// The agent's Evacuations against the fake with deploy/crd.yaml: a status
+/// write goes through the status subresource, and creating a run's Evacuation
+/// keeps the ten most recent finished ones of the node, whatever else exists.
+#[tokio::test]
+async fn evacuation_history_is_trimmed_to_the_ten_most_recent_finished() {
+    use nova_kubernetes_drain::kube::evacuation::{EvacuationPhase, EvacuationStatus, Evacuations};
+    let api = KubeApi::start();
+    let node = api.add_node("n1");
+    let crd: Value = serde_saphyr::from_str(include_str!("../deploy/crd.yaml")).unwrap();
+    api.add_crd(crd).unwrap();
+    let evacuations = Evacuations::new(api.kube_client(), "n1");
+    let finished = EvacuationStatus {
+        phase: Some(EvacuationPhase::Failed),
+        ..EvacuationStatus::default()
+    };
+    let start: jiff::Timestamp = "2026-12-07T00:00:00Z".parse().unwrap();
+    let mut names = Vec::new();
+    for minute in 0..12 {
+        let at = start + jiff::SignedDuration::from_mins(minute);
+        let name = evacuations.create(&node, at).await.unwrap();
+        evacuations.write_status(&name, &finished).await.unwrap();
+        names.push(name);
+    }
+    let running = evacuations
+        .create(&node, start + jiff::SignedDuration::from_hours(1))
+        .await
+        .unwrap();
+    let left: Vec<String> = api
+        .objects("nova-kubernetes-drain.io/v1alpha1", "evacuations")
+        .iter()
+        .map(|e| e["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left.len(), 11, "{left:?}");
+    assert!(left.contains(&running));
+    for gone in &names[..2] {
+        assert!(!left.contains(gone), "the oldest finished {gone} is deleted: {left:?}");
+    }
+    let stored = api.objects("nova-kubernetes-drain.io/v1alpha1", "evacuations");
+    let last = stored
+        .iter()
+        .find(|e| e["metadata"]["name"] == names[11].as_str())
+        .unwrap();
+    assert_eq!(last["status"]["phase"], "Failed");
+    assert_eq!(last["metadata"]["ownerReferences"][0]["kind"], "Node");
+    assert_eq!(last["metadata"]["labels"]["nova-kubernetes-drain/node"], "n1");
+}

@@ -286,7 +286,9 @@ impl Evacuations {
         if finished.len() <= HISTORY_PER_NODE {
             return;
         }
-        finished.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
+        // Oldest first; within a second (creation times are whole seconds),
+        // by name, which carries the run's start time.
+        finished.sort_by_key(|e| (e.metadata.creation_timestamp.clone().map(|t| t.0), e.name_any()));
         let excess = finished.len() - HISTORY_PER_NODE;
         for old in finished.into_iter().take(excess) {
             let _ = self.api.delete(&old.name_any(), &DeleteParams::default()).await;

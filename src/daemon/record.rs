@@ -262,7 +262,10 @@ pub fn finished(status: &EvacuationStatus, report: &Report, cancelled: bool, at:
             total: u32::try_from(vms.len()).unwrap_or(u32::MAX),
             moved: count(&is_off_host),
             skipped: count(&|o| o == "skipped"),
-            failed: count(&|o| !is_off_host(o) && o != "skipped"),
+            // Not moved for a reason of its own; what the run's end or an
+            // uncordon stopped (not started, left to Nova, aborted by the
+            // cancel) is only left.
+            failed: count(&|o| o == "failed" || (o == "aborted" && phase != EvacuationPhase::Cancelled)),
             left: u32::try_from(report.servers_left_on_host).unwrap_or(u32::MAX),
         }),
         vms,

@@ -1009,6 +1009,11 @@ async fn cancelled_and_failed_runs_are_recorded_as_such() {
     let last = evacuations[0].1.last().expect("a final status");
     assert_eq!(last.phase, Some(EvacuationPhase::Cancelled));
     assert_eq!(last.vms[0].outcome, "aborted");
+    assert_eq!(
+        last.counts.map(|c| (c.failed, c.left)),
+        Some((0, 1)),
+        "a cancelled move is not a failure"
+    );
     assert_eq!(h.terminate().await, 0);
 
     let cloud = FakeCloud::new();

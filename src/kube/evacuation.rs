@@ -56,8 +56,6 @@ pub struct EvacuationSpec {
 /// Where an evacuation stands.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum EvacuationPhase {
-    /// Created; the agent has not started it yet.
-    Pending,
     /// VMs are being moved.
     Running,
     /// The hypervisor is empty (or holds only VMs left alone by policy).

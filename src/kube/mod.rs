@@ -1,5 +1,7 @@
 //! The Kubernetes side: the agent's own Node (watch, annotations), Events
-//! about it, and the guard pod that keeps `kubectl drain` waiting (watched too).
+//! about it, the guard pod that keeps `kubectl drain` waiting (watched too),
+//! and the Evacuation objects that record each run. It knows nothing of
+//! OpenStack.
 
 pub mod annotations;
 pub mod cluster;

@@ -49,34 +49,13 @@ fn is_off_host(outcome: &str) -> bool {
 /// hypervisor by the agent that resumed the run.
 const NOT_ON_HOST: &str = "not-on-host";
 
-fn action_name(action: Action) -> &'static str {
-    match action {
-        Action::LiveMigrate => "live-migrate",
-        Action::ColdMigrate => "cold-migrate",
-        Action::Skip => "skip",
-    }
-}
-
-fn outcome_name(outcome: &Outcome) -> &'static str {
-    match outcome {
-        Outcome::Migrated => "migrated",
-        Outcome::Deleted => "deleted",
-        Outcome::Skipped => "skipped",
-        Outcome::Failed => "failed",
-        Outcome::Aborted => "aborted",
-        Outcome::InProgress => "in-progress",
-        Outcome::NotStarted => "not-started",
-        Outcome::Planned => "planned",
-    }
-}
-
 fn entry(server: &Server, action: Option<Action>) -> VmStatus {
     VmStatus {
         id: server.id.clone(),
         name: server.name.clone(),
         project: server.project_id.clone(),
         state: server.status.clone(),
-        action: action.map_or("", action_name).to_string(),
+        action: action.map_or("", Action::as_str).to_string(),
         source: server.host.clone().unwrap_or_default(),
         outcome: "pending".into(),
         ..VmStatus::default()
@@ -177,13 +156,13 @@ fn vm_of(vm: &VmReport, earlier: Option<&VmStatus>) -> VmStatus {
         name: vm.name.clone(),
         project: vm.project.clone().unwrap_or_else(|| vm.project_id.clone()),
         state: vm.status.clone(),
-        action: action_name(vm.action).to_string(),
+        action: vm.action.as_str().to_string(),
         attempts: vm.attempts,
         source: vm.source.clone(),
         destination: vm.destination.clone(),
         start_time: earlier.and_then(|e| e.start_time.clone()),
         seconds: (vm.duration_seconds > 0.0).then_some(vm.duration_seconds),
-        outcome: outcome_name(&vm.outcome).to_string(),
+        outcome: vm.outcome.as_str().to_string(),
         reason: vm.reason.clone(),
     }
 }

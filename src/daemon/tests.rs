@@ -750,16 +750,24 @@ async fn nova_down_at_start_up_is_waited_for_not_fatal() {
     assert_eq!(h.terminate().await, 0);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_restarted_agent_resumes_and_a_drain_waiting_on_the_terminating_guard_returns() {
+/// Two VMs on a host an earlier agent disabled with our marker, and the drain
+/// state it left on the Node mid-run (naming `evacuation`, if any).
+fn stopped_mid_run(evacuation: Option<&str>) -> (Arc<FakeCloud>, DrainState) {
     let cloud = cloud_with(2);
     cloud.disable_by_operator("nova-kubernetes-drain: evacuating for Kubernetes node node-a since earlier");
     let recorded = DrainState {
         phase: Phase::Evacuating,
         started_at: Some("2026-12-01T00:00:00Z".into()),
         disabled_by_us: true,
+        evacuation: evacuation.map(str::to_string),
         ..DrainState::default()
     };
+    (cloud, recorded)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_agent_resumes_and_a_drain_waiting_on_the_terminating_guard_returns() {
+    let (cloud, recorded) = stopped_mid_run(None);
     // The old agent died after drain had already deleted the guard.
     let h = Harness::start_with(
         cloud,
@@ -1049,15 +1057,7 @@ async fn without_the_crd_the_evacuation_still_runs() {
 /// An agent restarted mid-run goes on writing the Evacuation the Node names.
 #[tokio::test(start_paused = true)]
 async fn a_restarted_agent_goes_on_with_the_same_evacuation() {
-    let cloud = cloud_with(2);
-    cloud.disable_by_operator("nova-kubernetes-drain: evacuating for Kubernetes node node-a since earlier");
-    let recorded = DrainState {
-        phase: Phase::Evacuating,
-        started_at: Some("2026-12-01T00:00:00Z".into()),
-        disabled_by_us: true,
-        evacuation: Some("node-a-20261201-000000".into()),
-        ..DrainState::default()
-    };
+    let (cloud, recorded) = stopped_mid_run(Some("node-a-20261201-000000"));
     // What the earlier agent wrote: one VM moved off, one move under way.
     let earlier = |id: &str, outcome: &str| VmStatus {
         id: id.into(),

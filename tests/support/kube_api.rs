@@ -4617,17 +4617,18 @@ impl KubeApi {
 
     /// Writes a kubeconfig pointing at the server (for a separate process).
     pub fn write_kubeconfig(&self, path: impl AsRef<std::path::Path>) {
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n",
-            self.url()
-        );
-        std::fs::write(path, text).expect("write kubeconfig");
+        self.write_kubeconfig_as(path, "{}");
     }
 
     /// Writes a kubeconfig that authenticates with `token` (for a separate process).
     pub fn write_kubeconfig_with_token(&self, path: impl AsRef<std::path::Path>, token: &str) {
+        self.write_kubeconfig_as(path, &format!("\n    token: {token}"));
+    }
+
+    /// A kubeconfig whose one user is `user` (YAML after `user:`).
+    fn write_kubeconfig_as(&self, path: impl AsRef<std::path::Path>, user: &str) {
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: fake\n  user:\n    token: {token}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: fake\n  user: {user}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n",
             self.url()
         );
         std::fs::write(path, text).expect("write kubeconfig");

@@ -115,6 +115,11 @@ pub struct Cli {
     #[arg(long)]
     pub release_guard_on_failure: bool,
 
+    /// Daemon: the Evacuation a cordon creates starts paused: its plan is written and nothing
+    /// changes in Nova until a person sets its spec.paused to false.
+    #[arg(long)]
+    pub start_paused: bool,
+
     /// Daemon: seconds to wait before evacuating again after a failed run while still cordoned;
     /// doubled after each further failure in a row, up to --max-retry-after-failure.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]

@@ -256,6 +256,7 @@ async fn daemon(cli: &Cli, config: Config, target: Target) -> i32 {
         guard_grace: Duration::from_secs(cli.guard_grace),
         listen: cli.listen,
         release_guard_on_failure: cli.release_guard_on_failure,
+        start_paused: cli.start_paused,
         retry: RetryBackoff {
             first: Duration::from_secs(cli.retry_after_failure.max(1)),
             max: Duration::from_secs(cli.max_retry_after_failure.max(1)),

@@ -15,15 +15,15 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::decide::{
-    AtUninstall, Evacuation, NodeSeen, RetryBackoff, Situation, Step, at_uninstall, conclude, decide, guard_problem,
-    rfc3339,
+    AtUninstall, CancelCause, Evacuation, NodeSeen, RecordFor, RetryBackoff, Situation, Step, at_uninstall,
+    cancelled_note, conclude, decide, guard_problem, rfc3339,
 };
 use super::record::{self, Progress};
 use crate::evacuation::{
     Action, Compute, Engine, EvacuationError, Event, Observer, Report, RestoreOptions, RestoreOutcome, Settings,
     StopRequest, Target,
 };
-use crate::kube::evacuation::EvacuationStatus;
+use crate::kube::evacuation::{EvacuationPhase, EvacuationSeen, EvacuationStatus};
 use crate::kube::{Cluster, DrainState, GuardPod, Phase, Severity, operator_view};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::server::Health;
@@ -44,6 +44,9 @@ pub enum Input<C> {
     NodeListed,
     /// The guard pod as it is now.
     Guard(GuardPod),
+    /// The node's Evacuations as they are now (those deleted since start-up
+    /// kept as being deleted); an empty list when the CRD is not installed.
+    Evacuations(Vec<EvacuationSeen>),
     /// Nova answered: the evacuation engine can run.
     ComputeReady(Arc<C>),
     /// SIGTERM or SIGINT.
@@ -58,12 +61,16 @@ pub struct AgentSettings {
     pub release_guard_on_failure: bool,
     pub retry: RetryBackoff,
     pub guard_grace: Duration,
+    /// Evacuations created at a cordon start paused: a person approves each.
+    pub start_paused: bool,
 }
 
 struct Running {
     handle: JoinHandle<Result<Report, EvacuationError>>,
     stop: watch::Sender<StopRequest>,
+    /// Set once the run is cancelled, for the observer: what stays is cancelled, not failed.
     cancelling: Arc<AtomicBool>,
+    cancelled: Option<CancelCause>,
 }
 
 pub struct Agent<C: Compute + 'static, K: Cluster> {
@@ -105,13 +112,17 @@ pub struct Agent<C: Compute + 'static, K: Cluster> {
 impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
     pub fn new(settings: AgentSettings, cluster: Arc<K>, metrics: Arc<Metrics>, health: Health) -> Self {
         let (progress, progress_rx) = mpsc::unbounded_channel();
+        let situation = Situation {
+            start_paused: settings.start_paused,
+            ..Situation::default()
+        };
         let agent = Agent {
             settings,
             compute: None,
             cluster,
             metrics,
             health,
-            situation: Situation::default(),
+            situation,
             node: None,
             state_loaded: false,
             operator_view: None,
@@ -139,6 +150,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             let wake = [
                 self.situation.retry_at,
                 self.situation.guard_retry_at,
+                self.situation.finalizer_retry_at,
                 self.guard_check_at,
             ]
             .into_iter()
@@ -194,6 +206,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             }
             Input::NodeListed => self.health.set_node_listed(),
             Input::Guard(pod) => self.situation.guard = Some(pod),
+            Input::Evacuations(seen) => self.situation.evacuations = Some(seen),
             Input::ComputeReady(compute) => {
                 self.compute = Some(compute);
                 self.situation.compute_ready = true;
@@ -226,14 +239,39 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
     async fn carry_out(&mut self, step: Step) {
         match step {
             Step::Evacuate => self.evacuate().await,
-            Step::Cancel => {
-                if let Some(running) = &self.running {
-                    info!("node uncordoned: cancelling the evacuation");
+            Step::Plan => self.plan().await,
+            Step::Cancel(cause) => {
+                if let Some(running) = &mut self.running {
+                    match cause {
+                        CancelCause::Uncordoned => info!("node uncordoned: cancelling the evacuation"),
+                        CancelCause::Deleted => info!("the Evacuation was deleted: cancelling the evacuation"),
+                    }
                     running.cancelling.store(true, Ordering::Relaxed);
+                    running.cancelled = Some(cause);
                     let _ = running.stop.send(StopRequest::AbortInFlight);
                 }
                 self.situation.evacuation = Evacuation::Cancelling;
             }
+            Step::MarkCancelled => self.mark_cancelled().await,
+            Step::HoldEvacuation(name) => {
+                match self.cluster.hold_evacuation(&name).await {
+                    Ok(()) => self.mark_seen(&name, |seen| seen.held = true),
+                    Err(e) => {
+                        warn!(error = %e, "cannot put our finalizer on the Evacuation made by hand; trying again");
+                        self.situation.finalizer_retry_at = Some(Instant::now() + RETRY_SOON);
+                    }
+                }
+            }
+            Step::LetEvacuationGo(name) => match self.cluster.let_evacuation_go(&name).await {
+                Ok(()) => {
+                    info!(evacuation = %name, "the deleted Evacuation's maintenance has ended: it may go");
+                    self.mark_seen(&name, |seen| seen.held = false);
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot let the deleted Evacuation go; trying again");
+                    self.situation.finalizer_retry_at = Some(Instant::now() + RETRY_SOON);
+                }
+            },
             Step::Restore => self.restore().await,
             Step::PutGuard => {
                 let (Some(node), Some(current)) = (self.node.clone(), self.situation.guard.clone()) else {
@@ -274,9 +312,12 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         let started_at = previous
             .started_at
             .clone()
-            .filter(|_| previous.phase != Phase::Idle)
+            .filter(|_| !matches!(previous.phase, Phase::Idle | Phase::Paused | Phase::Cancelled))
             .unwrap_or_else(|| rfc3339(self.wall_now(), Duration::ZERO));
-        let evacuation = self.open_record(&previous, &started_at).await;
+        let evacuation = self.open_record(RecordFor::of(&self.situation), &started_at).await;
+        if let Some((name, status)) = &self.record {
+            self.write_record(name, status).await;
+        }
         let state = DrainState {
             phase: Phase::Evacuating,
             started_at: Some(started_at),
@@ -300,16 +341,14 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             handle,
             stop,
             cancelling,
+            cancelled: None,
         });
         self.situation.evacuation = Evacuation::Running;
         self.situation.retry_at = None;
     }
 
     async fn finished(&mut self, result: Result<Result<Report, EvacuationError>, tokio::task::JoinError>) {
-        let cancelled = self
-            .running
-            .take()
-            .is_some_and(|r| r.cancelling.load(Ordering::Relaxed));
+        let cancelled = self.running.take().and_then(|r| r.cancelled);
         self.situation.evacuation = Evacuation::None;
         let result = match result {
             Ok(Ok(report)) => Ok(report),
@@ -342,8 +381,8 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         if let Some((name, status)) = self.record.take() {
             let at = rfc3339(self.wall_now(), Duration::ZERO);
             let last = match &result {
-                Ok(report) => record::finished(&status, report, cancelled, &at),
-                Err(e) => record::could_not_run(&status, e, cancelled, &at),
+                Ok(report) => record::finished(&status, report, cancelled.is_some(), &at),
+                Err(e) => record::could_not_run(&status, e, cancelled.is_some(), &at),
             };
             self.write_record(&name, &last).await;
         }
@@ -408,6 +447,10 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                 self.situation.retry_at = Some(Instant::now() + RETRY_SOON);
                 return;
             }
+        }
+        if let (Phase::Paused, Some(name)) = (self.situation.recorded.phase, &self.situation.recorded.evacuation) {
+            let why = "nothing asks for the maintenance any more (the node was uncordoned) before it was approved";
+            self.close_record(name, EvacuationPhase::Cancelled, why).await;
         }
         self.situation.retry_at = None;
         self.situation.released = false;
@@ -558,31 +601,32 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         }
     }
 
-    /// The Evacuation recording this run: the one the Node names when the
-    /// agent resumes a run it was stopped in (what the earlier agent wrote
-    /// kept), else a new one. A cluster without
-    /// the CRD (or the right to create it) only loses the record: the run goes on.
-    async fn open_record(&mut self, previous: &DrainState, started_at: &str) -> Option<String> {
-        let resumed = previous
-            .evacuation
-            .clone()
-            .filter(|_| previous.phase == Phase::Evacuating);
-        let (name, status) = match resumed {
-            Some(name) => {
+    /// Opens the Evacuation recording the next run or plan (see
+    /// [`RecordFor`]): the one the Node names when the agent resumes a run it
+    /// was stopped in or a paused plan (what was written kept), a hand-made
+    /// one, or a new one. A cluster without the CRD (or the right to create
+    /// it) only loses the record: the run goes on.
+    async fn open_record(&mut self, next: RecordFor, started_at: &str) -> Option<String> {
+        let host = self.settings.target.host.clone();
+        let (name, status) = match next {
+            RecordFor::Resume(name) | RecordFor::Asked(name) => {
                 let written = match self.cluster.read_evacuation(&name).await {
                     Ok(written) => written.unwrap_or_default(),
                     Err(e) => {
-                        warn!(error = %e, "the resumed run's Evacuation is written anew");
+                        warn!(error = %e, "the Evacuation's status is written anew");
                         EvacuationStatus::default()
                     }
                 };
-                let status = record::resumed(written, &self.settings.target.host, started_at);
+                let status = match written.phase {
+                    None | Some(EvacuationPhase::Paused) => record::from_plan(written, &host, started_at),
+                    Some(_) => record::resumed(written, &host, started_at),
+                };
                 (name, status)
             }
-            None => {
+            RecordFor::Create { paused } => {
                 let node = self.node.clone()?;
-                match self.cluster.open_evacuation(&node, self.wall_now()).await {
-                    Ok(name) => (name, record::started(&self.settings.target.host, started_at)),
+                match self.cluster.open_evacuation(&node, self.wall_now(), paused).await {
+                    Ok(name) => (name, record::started(&host, started_at)),
                     Err(e) => {
                         warn!(error = %e, "the run goes on without an Evacuation object");
                         self.record = None;
@@ -591,10 +635,98 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                 }
             }
         };
-        self.write_record(&name, &status).await;
         self.cluster.follow_evacuation(Some(&name));
         self.record = Some((name.clone(), status));
         Some(name)
+    }
+
+    /// A paused Evacuation: its plan (each VM's action, the capacity
+    /// verdict) written to its status, the phase Paused recorded on the Node;
+    /// nothing changes in Nova until it is unpaused.
+    async fn plan(&mut self) {
+        let Some(compute) = self.compute.clone() else { return };
+        let observer = self.observer(Arc::default());
+        let engine = Engine::new(&*compute, &self.settings.evacuation, &observer);
+        let report = match engine.preview(&self.settings.target).await {
+            Ok(report) => report,
+            Err(e) => {
+                warn!(error = %e, "cannot plan the paused evacuation; trying again");
+                self.situation.retry_at = Some(Instant::now() + RETRY_SOON);
+                return;
+            }
+        };
+        let started_at = rfc3339(self.wall_now(), Duration::ZERO);
+        let Some(name) = self.open_record(RecordFor::of(&self.situation), &started_at).await else {
+            warn!("a paused evacuation needs its Evacuation object; trying again");
+            self.situation.retry_at = Some(Instant::now() + RETRY_SOON);
+            return;
+        };
+        let status = record::planned(&self.settings.target.host, &report);
+        self.write_record(&name, &status).await;
+        let verdict = status.plan.as_ref().map_or_else(String::new, |plan| {
+            format!(
+                "{} live and {} cold migration(s), {} VM(s) stay; expected to end {}{}",
+                plan.live_migrations,
+                plan.cold_migrations,
+                plan.stays,
+                plan.expected_result,
+                plan.why.as_deref().map(|why| format!(" ({why})")).unwrap_or_default()
+            )
+        });
+        self.cluster.publish(
+            Severity::Normal,
+            "EvacuationPaused",
+            format!("the plan is in Evacuation {name}: {verdict}; set spec.paused to false to start it"),
+        );
+        self.cluster.follow_evacuation(None);
+        self.record = None;
+        let state = DrainState {
+            phase: Phase::Paused,
+            evacuation: Some(name),
+            vms_total: Some(report.vms.len()),
+            vms_left: Some(report.servers_left_on_host),
+            last_error: None,
+            ..self.situation.recorded.clone()
+        };
+        self.save(state).await;
+    }
+
+    /// The Evacuation of a run not under way was deleted: recorded
+    /// Cancelled on the Node (and in the Evacuation while it is still held).
+    async fn mark_cancelled(&mut self) {
+        let name = self.situation.recorded.evacuation.clone().unwrap_or_default();
+        self.close_record(&name, EvacuationPhase::Cancelled, "the Evacuation was deleted").await;
+        let why = cancelled_note(&name);
+        self.cluster.publish(Severity::Normal, "EvacuationCancelled", why.clone());
+        let state = DrainState {
+            phase: Phase::Cancelled,
+            last_error: Some(why),
+            failures: 0,
+            next_retry_at: None,
+            ..self.situation.recorded.clone()
+        };
+        self.situation.retry_at = None;
+        self.save(state).await;
+    }
+
+    /// Ends the status of an Evacuation whose run is not under way (a paused
+    /// plan, a run left by a stopped agent) with `phase`, unless it is over already.
+    async fn close_record(&self, name: &str, phase: EvacuationPhase, why: &str) {
+        let Ok(Some(status)) = self.cluster.read_evacuation(name).await else {
+            return;
+        };
+        if status.phase.is_some_and(EvacuationPhase::is_finished) {
+            return;
+        }
+        let at = rfc3339(self.wall_now(), Duration::ZERO);
+        let last = record::could_not_run(&status, why, phase == EvacuationPhase::Cancelled, &at);
+        self.write_record(name, &last).await;
+    }
+
+    fn mark_seen(&mut self, name: &str, change: impl FnOnce(&mut EvacuationSeen)) {
+        if let Some(seen) = self.situation.evacuations.iter_mut().flatten().find(|e| e.name == name) {
+            change(seen);
+        }
     }
 
     fn observer(&self, cancelling: Arc<AtomicBool>) -> AgentObserver<K> {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::evacuation::{Report, RunResult};
+use crate::kube::evacuation::EvacuationSeen;
 use crate::kube::guard::GuardPod;
 use crate::kube::{DrainState, Phase, Severity};
 
@@ -53,15 +54,114 @@ pub struct Situation {
     pub compute_ready: bool,
     /// The guard could not be tended; not tried again before this.
     pub guard_retry_at: Option<Instant>,
+    /// The node's Evacuation objects as last seen, those deleted since the
+    /// agent started kept as `deleting`; `None` until listed (an empty list
+    /// when the CRD is not installed).
+    pub evacuations: Option<Vec<EvacuationSeen>>,
+    /// Evacuations created at a cordon start paused: a person approves each.
+    pub start_paused: bool,
+    /// An Evacuation's finalizer could not be put on or taken off; not tried again before this.
+    pub finalizer_retry_at: Option<Instant>,
+}
+
+impl Situation {
+    /// The hand-made Evacuation asking for maintenance: the oldest not being deleted.
+    fn asked(&self) -> Option<&EvacuationSeen> {
+        self.evacuations
+            .iter()
+            .flatten()
+            .filter(|e| e.by_hand && !e.deleting)
+            .min_by(|a, b| a.created.cmp(&b.created))
+    }
+
+    fn seen(&self, name: &str) -> Option<&EvacuationSeen> {
+        self.evacuations.iter().flatten().find(|e| e.name == name)
+    }
+
+    /// Whether the Evacuation recording the current run was deleted. A run
+    /// that goes on only counts a deletion seen (its object may be too new
+    /// for the watch to have shown it); a run to resume also one that is no
+    /// longer listed (deleted while no agent ran).
+    fn record_deleted(&self) -> bool {
+        let Some(name) = &self.recorded.evacuation else {
+            return false;
+        };
+        match self.seen(name) {
+            Some(seen) => seen.deleting,
+            None => self.evacuation == Evacuation::None && self.evacuations.is_some(),
+        }
+    }
+
+    /// Whether anything asks for the hypervisor's maintenance: a cordon, or a hand-made Evacuation.
+    fn wanted(&self) -> bool {
+        self.node == (NodeSeen::Present { cordoned: true }) || self.asked().is_some()
+    }
+}
+
+/// Which Evacuation records the next run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordFor {
+    /// The one a stopped agent, or a paused plan, left (the Node names it).
+    Resume(String),
+    /// A hand-made one asking for maintenance.
+    Asked(String),
+    /// A new one, owned by the Node; `paused` when the site approves each.
+    Create { paused: bool },
+}
+
+impl RecordFor {
+    /// Where the next run is recorded: the run the Node names if it was under
+    /// way or paused, else the Evacuation made by hand, else a new one.
+    pub fn of(situation: &Situation) -> RecordFor {
+        let recorded = &situation.recorded;
+        if let Some(name) = &recorded.evacuation
+            && matches!(recorded.phase, Phase::Evacuating | Phase::Paused)
+            && !situation.record_deleted()
+        {
+            return RecordFor::Resume(name.clone());
+        }
+        match situation.asked() {
+            Some(asked) => RecordFor::Asked(asked.name.clone()),
+            // A retry after a failure was approved with the first run.
+            None => RecordFor::Create {
+                paused: situation.start_paused && recorded.phase == Phase::Idle,
+            },
+        }
+    }
+
+    /// Whether the run waits for approval (a run under way is never paused).
+    fn paused(&self, situation: &Situation) -> bool {
+        match self {
+            RecordFor::Resume(name) => {
+                situation.recorded.phase == Phase::Paused && situation.seen(name).is_none_or(|seen| seen.paused)
+            }
+            RecordFor::Asked(name) => situation.seen(name).is_some_and(|seen| seen.paused),
+            RecordFor::Create { paused } => *paused,
+        }
+    }
+}
+
+/// Why a running evacuation is cancelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CancelCause {
+    /// Nothing asks for the maintenance any more (the uncordon).
+    Uncordoned,
+    /// The Evacuation recording it was deleted: no new run follows.
+    Deleted,
 }
 
 /// What the agent does next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
     /// Record the phase Evacuating, then start the engine.
     Evacuate,
+    /// Write the plan to the (paused) Evacuation and record the phase Paused; nothing changes in Nova.
+    Plan,
     /// Ask the running engine to abort its in-flight migrations.
-    Cancel,
+    Cancel(CancelCause),
+    /// The Evacuation of a run not under way (paused, failed, or left by a
+    /// stopped agent) was deleted: record the phase Cancelled.
+    MarkCancelled,
     /// Re-enable the service if it is still ours, then record Idle.
     Restore,
     /// Create the guard pod and budget, or put our finalizer back on the pod.
@@ -71,9 +171,13 @@ pub enum Step {
     /// The guard is being deleted while nothing is to be guarded: release it
     /// if Nova lists no VM on the host (a drain may still be waiting on it).
     LetGuardGoIfEmpty,
+    /// Put our finalizer on a hand-made Evacuation.
+    HoldEvacuation(String),
+    /// Take our finalizer off a deleted Evacuation whose maintenance has ended.
+    LetEvacuationGo(String),
 }
 
-/// The steps that bring the world in line with the Node as it is now.
+/// The steps that bring the world in line with the Node and its Evacuations as they are now.
 pub fn decide(situation: &Situation, now: Instant) -> Vec<Step> {
     let due = |at: Option<Instant>| at.is_none_or(|at| at <= now);
     let phase = situation.recorded.phase;
@@ -87,19 +191,34 @@ pub fn decide(situation: &Situation, now: Instant) -> Vec<Step> {
             }
             return steps;
         }
-        NodeSeen::Present { cordoned: true } => match (situation.evacuation, phase) {
-            (Evacuation::Running | Evacuation::Cancelling, _) => {}
-            (Evacuation::None, Phase::Evacuated) => {
-                if !situation.released && due(situation.guard_retry_at) {
-                    steps.push(Step::ReleaseGuard);
-                }
+        NodeSeen::Present { cordoned } => match situation.evacuation {
+            Evacuation::Running if situation.record_deleted() => steps.push(Step::Cancel(CancelCause::Deleted)),
+            Evacuation::Running if !situation.wanted() => steps.push(Step::Cancel(CancelCause::Uncordoned)),
+            Evacuation::Running | Evacuation::Cancelling => {}
+            Evacuation::None
+                if situation.record_deleted()
+                    && matches!(phase, Phase::Evacuating | Phase::Paused | Phase::Failed | Phase::TimedOut) =>
+            {
+                steps.push(Step::MarkCancelled)
             }
-            (Evacuation::None, _) if situation.compute_ready && due(situation.retry_at) => steps.push(Step::Evacuate),
-            (Evacuation::None, _) => {}
-        },
-        NodeSeen::Present { cordoned: false } => match situation.evacuation {
-            Evacuation::Running => steps.push(Step::Cancel),
-            Evacuation::Cancelling => {}
+            Evacuation::None if situation.wanted() => match phase {
+                Phase::Evacuated => {
+                    if cordoned && !situation.released && due(situation.guard_retry_at) {
+                        steps.push(Step::ReleaseGuard);
+                    }
+                }
+                // Cancelled stays until the uncordon, or a new hand-made Evacuation.
+                Phase::Cancelled if situation.asked().is_none_or(|a| situation.recorded.evacuation.as_ref() == Some(&a.name)) => {}
+                _ if situation.compute_ready && due(situation.retry_at) && situation.evacuations.is_some() => {
+                    let next = RecordFor::of(situation);
+                    match (next.paused(situation), phase) {
+                        (true, Phase::Paused) => {}
+                        (true, _) => steps.push(Step::Plan),
+                        (false, _) => steps.push(Step::Evacuate),
+                    }
+                }
+                _ => {}
+            },
             Evacuation::None if phase != Phase::Idle => {
                 if situation.compute_ready && due(situation.retry_at) {
                     steps.push(Step::Restore);
@@ -107,6 +226,9 @@ pub fn decide(situation: &Situation, now: Instant) -> Vec<Step> {
             }
             Evacuation::None => {}
         },
+    }
+    if due(situation.finalizer_retry_at) {
+        steps.extend(evacuation_finalizers(situation));
     }
     if let Some(guard) = &situation.guard
         && due(situation.guard_retry_at)
@@ -127,6 +249,30 @@ pub fn decide(situation: &Situation, now: Instant) -> Vec<Step> {
         }
     }
     steps
+}
+
+/// Our finalizer goes on every hand-made Evacuation, and comes off one being
+/// deleted once what it asked for has ended: its run is neither going on nor
+/// still to be recorded as cancelled, and the service is restored (or
+/// something else, a cordon or another Evacuation, keeps the maintenance going).
+fn evacuation_finalizers(situation: &Situation) -> Vec<Step> {
+    let phase = situation.recorded.phase;
+    let unsettled = |name: &str| {
+        let records_it = situation.recorded.evacuation.as_deref() == Some(name);
+        let its_run_open = situation.evacuation != Evacuation::None
+            || matches!(phase, Phase::Evacuating | Phase::Paused | Phase::Failed | Phase::TimedOut);
+        (records_it && its_run_open) || (!situation.wanted() && phase != Phase::Idle)
+    };
+    situation
+        .evacuations
+        .iter()
+        .flatten()
+        .filter_map(|seen| match (seen.by_hand, seen.deleting, seen.held) {
+            (true, false, false) => Some(Step::HoldEvacuation(seen.name.clone())),
+            (_, true, true) if !unsettled(&seen.name) => Some(Step::LetEvacuationGo(seen.name.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// What an agent that is being uninstalled (not restarted) does with its guard.
@@ -202,7 +348,7 @@ pub struct Conclusion {
 pub fn conclude(
     recorded: &DrainState,
     result: Result<&Report, String>,
-    cancelled: bool,
+    cancelled: Option<CancelCause>,
     release_guard_on_failure: bool,
     backoff: RetryBackoff,
     wall_now: jiff::Timestamp,
@@ -213,6 +359,10 @@ pub fn conclude(
         next_retry_at: None,
         ..recorded.clone()
     };
+    if cancelled == Some(CancelCause::Deleted) {
+        return deleted(state, result);
+    }
+    let cancelled = cancelled.is_some();
     let failed = |state: DrainState, reason: &'static str, why: String| {
         let failures = recorded.failures.saturating_add(1);
         let retry_in = (!cancelled).then(|| backoff.after(failures));
@@ -280,6 +430,51 @@ pub fn conclude(
             failed(state, "EvacuationFailed", left_behind(report))
         }
     }
+}
+
+/// The end of a run whose Evacuation was deleted: recorded Cancelled (no new
+/// run while the node stays cordoned), unless it had just emptied the host.
+fn deleted(mut state: DrainState, result: Result<&Report, String>) -> Conclusion {
+    let name = state.evacuation.clone().unwrap_or_default();
+    let left = match result {
+        Ok(report) => {
+            state.disabled_by_us = report.service_disabled_by_us;
+            state.vms_total = Some(report.vms.len());
+            state.vms_left = Some(report.servers_left_on_host);
+            if report.result == RunResult::Succeeded {
+                state.phase = Phase::Evacuated;
+                return Conclusion {
+                    state,
+                    release_guard: true,
+                    retry_in: None,
+                    event: (
+                        Severity::Normal,
+                        "EvacuationSucceeded",
+                        format!("the hypervisor {} is empty (its Evacuation {name} was deleted at the end)", report.host),
+                    ),
+                };
+            }
+            format!("{} VM(s) stay on {}", report.servers_left_on_host, report.host)
+        }
+        Err(why) => why,
+    };
+    let why = cancelled_note(&name);
+    state.phase = Phase::Cancelled;
+    state.last_error = Some(why.clone());
+    Conclusion {
+        state,
+        release_guard: false,
+        retry_in: None,
+        event: (Severity::Normal, "EvacuationCancelled", format!("{why}: {left}")),
+    }
+}
+
+/// What a deleted Evacuation means, for the Node's record and the Event.
+pub fn cancelled_note(name: &str) -> String {
+    format!(
+        "the Evacuation {name} was deleted: no new run while the node stays cordoned (uncordon it, or create an \
+         Evacuation, to go on)"
+    )
 }
 
 /// Why a guard cannot keep drains waiting, if it cannot: not Running `grace`
@@ -376,6 +571,7 @@ mod tests {
             recorded: in_phase(phase),
             guard: running_guard(),
             compute_ready: true,
+            evacuations: Some(vec![]),
             ..Situation::default()
         }
     }
@@ -413,7 +609,7 @@ mod tests {
             node: node(false),
             ..running
         };
-        assert_eq!(at(uncordoned.clone()), vec![Step::Cancel]);
+        assert_eq!(at(uncordoned.clone()), vec![Step::Cancel(CancelCause::Uncordoned)]);
         let cancelling = Situation {
             evacuation: Evacuation::Cancelling,
             ..uncordoned
@@ -630,7 +826,7 @@ mod tests {
         conclude(
             recorded,
             result,
-            cancelled,
+            cancelled.then_some(CancelCause::Uncordoned),
             release_guard_on_failure,
             RETRY,
             jiff::Timestamp::UNIX_EPOCH,

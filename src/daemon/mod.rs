@@ -17,6 +17,7 @@ pub mod release;
 #[cfg(test)]
 mod tests;
 
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, Credentials};
 use crate::evacuation::Target;
+use crate::kube::evacuation::{Evacuation, EvacuationSeen};
 use crate::kube::{GuardPod, KubeCluster, watch_guard, watch_node};
 use crate::nova::NovaClient;
 use crate::nova::microversion::Microversion;
@@ -52,6 +54,8 @@ pub struct DaemonSettings {
     pub listen: SocketAddr,
     /// Let `kubectl drain` finish even when VMs could not be moved (after the time-out or failure).
     pub release_guard_on_failure: bool,
+    /// The Evacuation a cordon creates starts paused (a person approves each).
+    pub start_paused: bool,
     /// Waits before evacuating again after failed runs while the node stays cordoned.
     pub retry: RetryBackoff,
     /// Identifies this agent in Events (its pod name).
@@ -86,10 +90,14 @@ pub async fn run(settings: DaemonSettings, mut config: Config, kube: kube::Clien
     ));
     tokio::spawn(forward_guard(
         watch_guard(
-            kube,
+            kube.clone(),
             &settings.namespace,
             &crate::kube::guard::guard_name(&settings.target.node),
         ),
+        inputs.clone(),
+    ));
+    tokio::spawn(forward_evacuations(
+        crate::kube::evacuation::watch_evacuations(kube.clone(), &settings.target.node),
         inputs.clone(),
     ));
     tokio::spawn(connect(
@@ -113,6 +121,7 @@ pub async fn run(settings: DaemonSettings, mut config: Config, kube: kube::Clien
             target: settings.target,
             evacuation: config.evacuation,
             release_guard_on_failure: settings.release_guard_on_failure,
+            start_paused: settings.start_paused,
             retry: settings.retry,
             guard_grace: settings.guard_grace,
         },
@@ -227,6 +236,89 @@ async fn forward_guard(
             }
         };
         if inputs.send(Input::Guard(pod)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Evacuations deleted since start-up remembered, at most, so that the
+/// deletion of the one recording the run is seen even after it is gone.
+const DELETED_REMEMBERED: usize = 32;
+
+/// The Evacuation watch, as inputs: the node's Evacuations as a whole after
+/// each change, those deleted kept as being deleted. Without the CRD the
+/// list is empty (and said once): cordons work without it.
+async fn forward_evacuations(
+    stream: impl Stream<Item = Result<watcher::Event<Evacuation>, watcher::Error>>,
+    inputs: mpsc::Sender<Input<NovaClient>>,
+) {
+    futures::pin_mut!(stream);
+    let mut seen: BTreeMap<String, EvacuationSeen> = BTreeMap::new();
+    let mut listing: BTreeMap<String, EvacuationSeen> = BTreeMap::new();
+    let mut deleted: VecDeque<String> = VecDeque::new();
+    let mut told_missing = false;
+    while let Some(item) = stream.next().await {
+        let mut gone = |seen: &mut BTreeMap<String, EvacuationSeen>, name: String| {
+            if let Some(entry) = seen.get_mut(&name) {
+                entry.deleting = true;
+                entry.held = false;
+                deleted.push_back(name);
+            }
+            while deleted.len() > DELETED_REMEMBERED {
+                if let Some(oldest) = deleted.pop_front() {
+                    seen.remove(&oldest);
+                }
+            }
+        };
+        match item {
+            Ok(watcher::Event::Init) => {
+                listing.clear();
+                continue;
+            }
+            Ok(watcher::Event::InitApply(evacuation)) => {
+                let entry = EvacuationSeen::of(&evacuation);
+                listing.insert(entry.name.clone(), entry);
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => {
+                let vanished: Vec<String> = seen
+                    .iter()
+                    .filter(|(name, entry)| !entry.deleting && !listing.contains_key(*name))
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for name in vanished {
+                    gone(&mut seen, name);
+                }
+                seen.retain(|name, entry| entry.deleting || listing.contains_key(name));
+                seen.extend(std::mem::take(&mut listing));
+            }
+            Ok(watcher::Event::Apply(evacuation)) => {
+                let entry = EvacuationSeen::of(&evacuation);
+                seen.insert(entry.name.clone(), entry);
+            }
+            Ok(watcher::Event::Delete(evacuation)) => {
+                let entry = EvacuationSeen::of(&evacuation);
+                let name = entry.name.clone();
+                seen.insert(name.clone(), entry);
+                gone(&mut seen, name);
+            }
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 404 => {
+                if !told_missing {
+                    warn!("the Evacuation CRD is not installed: cordons are evacuated without Evacuation objects");
+                    told_missing = true;
+                }
+                listing.clear();
+                if inputs.send(Input::Evacuations(Vec::new())).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "Evacuation watch failed; retrying");
+                continue;
+            }
+        }
+        if inputs.send(Input::Evacuations(seen.values().cloned().collect())).await.is_err() {
             return;
         }
     }

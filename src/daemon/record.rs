@@ -4,7 +4,7 @@
 //! yaml` is tested without a cluster.
 
 use crate::evacuation::{Action, Event, Outcome, Report, RunResult, Server, VmReport};
-use crate::kube::evacuation::{EvacuationPhase, EvacuationStatus, VmCounts, VmStatus};
+use crate::kube::evacuation::{EvacuationPhase, EvacuationStatus, PlanVerdict, VmCounts, VmStatus};
 
 /// What the engine's observer hands the agent while a run goes on.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,6 +25,67 @@ pub fn started(host: &str, at: &str) -> EvacuationStatus {
         start_time: Some(at.to_string()),
         ..EvacuationStatus::default()
     }
+}
+
+/// The status of a run that starts from an approved plan: the plan kept
+/// beside the run, whose VMs are recorded anew as they move.
+pub fn from_plan(written: EvacuationStatus, host: &str, at: &str) -> EvacuationStatus {
+    EvacuationStatus {
+        plan: written.plan,
+        ..started(host, at)
+    }
+}
+
+/// The status of a paused evacuation: each VM with the action the run
+/// would take (`planned`, or `skipped` by policy; a VM the capacity check
+/// cannot place says why), and the verdict a person approves by.
+pub fn planned(host: &str, report: &Report) -> EvacuationStatus {
+    let unplaced = report.capacity.as_ref().map(|c| &c.unplaced_reasons);
+    let vms: Vec<VmStatus> = report
+        .vms
+        .iter()
+        .map(|vm| VmStatus {
+            reason: vm
+                .reason
+                .clone()
+                .or_else(|| unplaced.and_then(|u| u.get(&vm.id)).map(|why| format!("does not fit: {why}"))),
+            ..vm_of(vm, None)
+        })
+        .collect();
+    let count = |outcome: &str| u32::try_from(vms.iter().filter(|vm| vm.outcome == outcome).count()).unwrap_or(u32::MAX);
+    let prediction = report.prediction.as_ref();
+    let plan = PlanVerdict {
+        live_migrations: count_of(prediction.map(|p| p.live_migrations)),
+        cold_migrations: count_of(prediction.map(|p| p.cold_migrations)),
+        stays: count_of(prediction.map(|p| p.stays.len())),
+        capacity_fits: report.capacity.as_ref().map(|c| c.unplaced.is_empty()),
+        destinations: report
+            .capacity
+            .iter()
+            .flat_map(|c| &c.candidates)
+            .map(|candidate| format!("{} (free: {})", candidate.host, crate::evacuation::plan::show(&candidate.free)))
+            .collect(),
+        expected_result: prediction.map_or("unknown", |p| p.result.as_str()).to_string(),
+        why: prediction.and_then(|p| p.why.clone()),
+    };
+    EvacuationStatus {
+        phase: Some(EvacuationPhase::Paused),
+        nova_host: Some(host.to_string()),
+        service_disabled_by_us: Some(report.service_disabled_by_us),
+        counts: Some(VmCounts {
+            total: u32::try_from(vms.len()).unwrap_or(u32::MAX),
+            skipped: count("skipped"),
+            left: u32::try_from(report.servers_left_on_host).unwrap_or(u32::MAX),
+            ..VmCounts::default()
+        }),
+        vms,
+        plan: Some(plan),
+        ..EvacuationStatus::default()
+    }
+}
+
+fn count_of(n: Option<usize>) -> u32 {
+    n.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
 }
 
 /// The status of a run an agent resumes after a restart: what the earlier
@@ -248,6 +309,7 @@ pub fn finished(status: &EvacuationStatus, report: &Report, cancelled: bool, at:
             left: u32::try_from(report.servers_left_on_host).unwrap_or(u32::MAX),
         }),
         vms,
+        plan: status.plan.clone(),
         last_error,
     }
 }

@@ -16,7 +16,7 @@ use super::agent::{Agent, AgentSettings, Input};
 use super::decide::RetryBackoff;
 use crate::evacuation::fake::{FakeCloud, NODE, SOURCE, Script, target};
 use crate::evacuation::{Settings, is_our_reason};
-use crate::kube::evacuation::{EvacuationPhase, EvacuationStatus, VmStatus};
+use crate::kube::evacuation::{EvacuationPhase, EvacuationSeen, EvacuationStatus, VmStatus};
 use crate::kube::{Cluster, DrainState, GuardPod, Phase, Severity};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::server::Health;
@@ -46,6 +46,9 @@ struct ClusterState {
     uninstalled: Option<String>,
     /// Evacuation objects by name, with every status written to each, oldest first.
     evacuations: Vec<(String, Vec<EvacuationStatus>)>,
+    /// The Evacuations as the agent's watch shows them (deleted ones kept as
+    /// being deleted, as the agent's watch keeps them).
+    objects: Vec<EvacuationSeen>,
     /// The Evacuation CRD is installed.
     crd_installed: bool,
     /// The Evacuation the Events are also about.
@@ -62,6 +65,65 @@ impl FakeCluster {
     fn set_guard(&self, state: &mut ClusterState, guard: GuardPod) {
         state.guard = guard.clone();
         let _ = self.watch.try_send(Input::Guard(guard));
+    }
+
+    /// Plays the Evacuations back to the agent, as its watch does after each change.
+    fn show_evacuations(&self, state: &ClusterState) {
+        let _ = self.watch.try_send(Input::Evacuations(state.objects.clone()));
+    }
+
+    /// `kubectl apply` of an Evacuation of the node made by hand.
+    fn make_evacuation(&self, name: &str, paused: bool) {
+        let mut state = self.lock();
+        state.evacuations.push((name.to_string(), Vec::new()));
+        state.objects.push(EvacuationSeen {
+            name: name.to_string(),
+            by_hand: true,
+            paused,
+            deleting: false,
+            held: false,
+            finished: false,
+            created: (self.now().to_string(), name.to_string()),
+        });
+        self.show_evacuations(&state);
+    }
+
+    /// `kubectl patch evacuation NAME -p '{"spec":{"paused":false}}'`.
+    fn unpause(&self, name: &str) {
+        let mut state = self.lock();
+        if let Some(seen) = state.objects.iter_mut().find(|e| e.name == name) {
+            seen.paused = false;
+        }
+        self.show_evacuations(&state);
+    }
+
+    /// `kubectl delete evacuation NAME`: held by our finalizer, or gone at once.
+    fn delete_evacuation(&self, name: &str) {
+        let mut state = self.lock();
+        let Some(seen) = state.objects.iter_mut().find(|e| e.name == name) else {
+            return;
+        };
+        seen.deleting = true;
+        if !seen.held {
+            state.evacuations.retain(|(n, _)| n != name);
+        }
+        self.show_evacuations(&state);
+    }
+
+    /// Whether Evacuation `name` still exists (not gone after its deletion).
+    fn evacuation_exists(&self, name: &str) -> bool {
+        self.lock().evacuations.iter().any(|(n, _)| n == name)
+    }
+
+    fn held(&self, name: &str) -> bool {
+        self.lock().objects.iter().any(|e| e.name == name && e.held)
+    }
+
+    /// The last status written to Evacuation `name`.
+    fn status_of(&self, name: &str) -> Option<EvacuationStatus> {
+        let state = self.lock();
+        let (_, written) = state.evacuations.iter().find(|(n, _)| n == name)?;
+        written.last().cloned()
     }
 
     fn now(&self) -> jiff::Timestamp {
@@ -207,7 +269,7 @@ impl Cluster for FakeCluster {
         Ok(self.lock().uninstalled.clone())
     }
 
-    async fn open_evacuation(&self, _node: &Node, at: jiff::Timestamp) -> Result<String, String> {
+    async fn open_evacuation(&self, _node: &Node, at: jiff::Timestamp, paused: bool) -> Result<String, String> {
         let mut state = self.lock();
         if !state.crd_installed {
             return Err("the server could not find the requested resource".into());
@@ -215,6 +277,16 @@ impl Cluster for FakeCluster {
         let name = crate::kube::evacuation::evacuation_name(NODE, at);
         if !state.evacuations.iter().any(|(n, _)| *n == name) {
             state.evacuations.push((name.clone(), Vec::new()));
+            state.objects.push(EvacuationSeen {
+                name: name.clone(),
+                by_hand: false,
+                paused,
+                deleting: false,
+                held: false,
+                finished: false,
+                created: (at.to_string(), name.clone()),
+            });
+            self.show_evacuations(&state);
         }
         Ok(name)
     }
@@ -235,6 +307,36 @@ impl Cluster for FakeCluster {
         written.push(status.clone());
         Ok(())
     }
+
+    async fn hold_evacuation(&self, name: &str) -> Result<(), String> {
+        let mut state = self.lock();
+        let Some(seen) = state.objects.iter_mut().find(|e| e.name == name && !e.deleting) else {
+            return Ok(());
+        };
+        seen.held = true;
+        self.show_evacuations(&state);
+        Ok(())
+    }
+
+    async fn let_evacuation_go(&self, name: &str) -> Result<(), String> {
+        let mut state = self.lock();
+        let Some(seen) = state.objects.iter_mut().find(|e| e.name == name) else {
+            return Ok(());
+        };
+        seen.held = false;
+        if seen.deleting {
+            state.evacuations.retain(|(n, _)| n != name);
+        }
+        self.show_evacuations(&state);
+        Ok(())
+    }
+}
+
+/// The agent's flags a test sets.
+#[derive(Clone, Copy, Default)]
+struct Flags {
+    release_guard_on_failure: bool,
+    start_paused: bool,
 }
 
 struct Harness {
@@ -290,7 +392,10 @@ impl Harness {
             recorded,
             guard,
             nova_reachable,
-            release_guard_on_failure,
+            Flags {
+                release_guard_on_failure,
+                ..Flags::default()
+            },
             Vec::new(),
         )
         .await
@@ -303,7 +408,7 @@ impl Harness {
         recorded: Option<DrainState>,
         guard: GuardPod,
         nova_reachable: bool,
-        release_guard_on_failure: bool,
+        flags: Flags,
         evacuations: Vec<(String, Vec<EvacuationStatus>)>,
     ) -> Harness {
         let (inputs, receiver) = mpsc::channel(64);
@@ -316,6 +421,18 @@ impl Harness {
                 refuse_guard: None,
                 kubelet_runs_guard: true,
                 uninstalled: None,
+                objects: evacuations
+                    .iter()
+                    .map(|(name, _)| EvacuationSeen {
+                        name: name.clone(),
+                        by_hand: false,
+                        paused: false,
+                        deleting: false,
+                        held: false,
+                        finished: false,
+                        created: (String::new(), name.clone()),
+                    })
+                    .collect(),
                 evacuations,
                 crd_installed: true,
                 following: None,
@@ -332,12 +449,13 @@ impl Harness {
                 disable_first: true,
                 ..Settings::default()
             },
-            release_guard_on_failure,
+            release_guard_on_failure: flags.release_guard_on_failure,
             retry: RetryBackoff {
                 first: RETRY_AFTER_FAILURE,
                 max: MAX_RETRY_AFTER_FAILURE,
             },
             guard_grace: GUARD_GRACE,
+            start_paused: flags.start_paused,
         };
         let agent = Agent::new(settings, cluster.clone(), metrics.clone(), health.clone());
         let agent = tokio::spawn(agent.run(receiver));
@@ -350,6 +468,8 @@ impl Harness {
             metrics,
         };
         harness.send(Input::Guard(guard)).await;
+        let listed = harness.cluster.lock().objects.clone();
+        harness.send(Input::Evacuations(listed)).await;
         harness
             .send(Input::Node(Some(Box::new(node(cordoned, recorded.as_ref())))))
             .await;
@@ -1077,7 +1197,7 @@ async fn a_restarted_agent_goes_on_with_the_same_evacuation() {
         Some(recorded),
         GuardPod::Terminating { held: true },
         true,
-        false,
+        Flags::default(),
         vec![("node-a-20261201-000000".into(), vec![written])],
     )
     .await;

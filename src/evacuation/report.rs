@@ -149,6 +149,19 @@ pub enum RunResult {
     Planned,
 }
 
+impl RunResult {
+    /// As `--output json` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunResult::Succeeded => "succeeded",
+            RunResult::Failed => "failed",
+            RunResult::TimedOut => "timed-out",
+            RunResult::Interrupted => "interrupted",
+            RunResult::Planned => "planned",
+        }
+    }
+}
+
 /// The capacity check's verdict, as a dry run shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct CapacityCheck {

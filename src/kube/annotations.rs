@@ -21,6 +21,11 @@ pub enum Phase {
     /// The last run left VMs behind; it is tried again later while cordoned.
     Failed,
     TimedOut,
+    /// The Evacuation driving it is paused: its plan is written, nothing changed in Nova.
+    Paused,
+    /// The Evacuation driving it was deleted: no new run while the node stays
+    /// cordoned (uncordon, or make an Evacuation by hand, to go on).
+    Cancelled,
 }
 
 impl Phase {
@@ -31,6 +36,8 @@ impl Phase {
             Phase::Evacuated => "Evacuated",
             Phase::Failed => "Failed",
             Phase::TimedOut => "TimedOut",
+            Phase::Paused => "Paused",
+            Phase::Cancelled => "Cancelled",
         }
     }
 
@@ -40,17 +47,21 @@ impl Phase {
             "Evacuated" => Phase::Evacuated,
             "Failed" => Phase::Failed,
             "TimedOut" => Phase::TimedOut,
+            "Paused" => Phase::Paused,
+            "Cancelled" => Phase::Cancelled,
             _ => Phase::Idle,
         }
     }
 
     /// Every phase, for metrics that show one of them as 1.
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; 7] = [
         Phase::Idle,
         Phase::Evacuating,
         Phase::Evacuated,
         Phase::Failed,
         Phase::TimedOut,
+        Phase::Paused,
+        Phase::Cancelled,
     ];
 }
 

@@ -42,8 +42,14 @@ pub trait Cluster: Send + Sync + 'static {
     /// longer selecting the node. `Ok(None)`: a restart or a rolling update
     /// (the DaemonSet stays), or nothing tells.
     fn uninstalled(&self) -> impl Future<Output = Result<Option<String>, String>> + Send;
-    /// Creates the Evacuation recording a run that starts at `at` on `node`; its name.
-    fn open_evacuation(&self, node: &Node, at: jiff::Timestamp) -> impl Future<Output = Result<String, String>> + Send;
+    /// Creates the Evacuation recording a run that starts at `at` on `node`
+    /// (`paused`: waiting for approval); its name.
+    fn open_evacuation(
+        &self,
+        node: &Node,
+        at: jiff::Timestamp,
+        paused: bool,
+    ) -> impl Future<Output = Result<String, String>> + Send;
     /// The status of Evacuation `name` as last written.
     fn read_evacuation(&self, name: &str) -> impl Future<Output = Result<Option<EvacuationStatus>, String>> + Send;
     /// Writes the status of Evacuation `name`.
@@ -52,6 +58,10 @@ pub trait Cluster: Send + Sync + 'static {
         name: &str,
         status: &EvacuationStatus,
     ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Puts our finalizer on a hand-made Evacuation, so its deletion waits for the agent.
+    fn hold_evacuation(&self, name: &str) -> impl Future<Output = Result<(), String>> + Send;
+    /// Takes our finalizer off an Evacuation being deleted: it may go.
+    fn let_evacuation_go(&self, name: &str) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 /// What the Event publisher is handed.
@@ -246,9 +256,9 @@ impl Cluster for KubeCluster {
         Ok(None)
     }
 
-    async fn open_evacuation(&self, node: &Node, at: jiff::Timestamp) -> Result<String, String> {
+    async fn open_evacuation(&self, node: &Node, at: jiff::Timestamp, paused: bool) -> Result<String, String> {
         self.evacuations
-            .create(node, at)
+            .create(node, at, paused)
             .await
             .map_err(|e| format!("creating the Evacuation of node {}: {e}", self.node))
     }
@@ -265,6 +275,20 @@ impl Cluster for KubeCluster {
             .write_status(name, status)
             .await
             .map_err(|e| format!("writing the status of Evacuation {name}: {e}"))
+    }
+
+    async fn hold_evacuation(&self, name: &str) -> Result<(), String> {
+        self.evacuations
+            .hold(name)
+            .await
+            .map_err(|e| format!("putting our finalizer on Evacuation {name}: {e}"))
+    }
+
+    async fn let_evacuation_go(&self, name: &str) -> Result<(), String> {
+        self.evacuations
+            .let_go(name)
+            .await
+            .map_err(|e| format!("taking our finalizer off Evacuation {name}: {e}"))
     }
 }
 

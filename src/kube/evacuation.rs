@@ -8,23 +8,31 @@
 //! optimistic concurrency). The CRD's YAML is generated from these types
 //! (`drainer crd`) and kept in `deploy/crd.yaml`; a test holds the two equal.
 //!
-//! Only what the agent honours is in the spec: the node. Approval (`paused`),
-//! per-evacuation overrides and hand-made Evacuations come with their
-//! behaviour, not before.
+//! An Evacuation made by hand (`kubectl apply`) asks for hypervisor-only
+//! maintenance: the agent of `spec.nodeName` evacuates the hypervisor without
+//! the node being cordoned, keeps the service disabled while the object
+//! exists, and re-enables it once the object is deleted (a finalizer of ours
+//! holds the deletion until then). `spec.paused` asks for the plan only.
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, CustomResource, CustomResourceExt, Resource, ResourceExt};
 use schemars::JsonSchema;
+
+use super::finalizer::FinalizerError;
 use serde::{Deserialize, Serialize};
 
 /// Label on every Evacuation: the node it evacuates (its history is listed by it).
 pub const NODE_LABEL: &str = "nova-kubernetes-drain/node";
 /// Finished Evacuations kept per node; older ones are deleted.
 pub const HISTORY_PER_NODE: usize = 10;
+/// Our finalizer on an Evacuation made by hand: its deletion ends the
+/// maintenance, and the service must be re-enabled (and a run cancelled) first.
+pub const FINALIZER: &str = "nova-kubernetes-drain.io/maintenance";
 /// How often a status write that met a conflict is re-read and tried again.
 const CONFLICT_RETRIES: usize = 5;
 
@@ -44,26 +52,35 @@ const CONFLICT_RETRIES: usize = 5;
     printcolumn = r#"{"name":"Left","type":"integer","jsonPath":".status.counts.left"}"#,
     printcolumn = r#"{"name":"Total","type":"integer","jsonPath":".status.counts.total"}"#,
     printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.counts.failed"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    selectable = ".spec.nodeName"
 )]
 #[serde(rename_all = "camelCase")]
 pub struct EvacuationSpec {
     /// The Kubernetes node whose hypervisor is evacuated (the Nova host is
     /// derived from it by the agent's `nova_host` setting).
     pub node_name: String,
+    /// Plan only: the agent writes what it would do (each VM's action, the
+    /// capacity verdict) to the status and changes nothing in Nova until this
+    /// is set to false. Read before the run starts; a running evacuation
+    /// is not paused by it (delete the Evacuation to cancel one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 /// Where an evacuation stands.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum EvacuationPhase {
+    /// `spec.paused`: the plan is in the status; nothing changed in Nova.
+    Paused,
     /// VMs are being moved.
     Running,
     /// The hypervisor is empty (or holds only VMs left alone by policy).
     Succeeded,
     /// Some VM could not be moved, or the time-out ended the run.
     Failed,
-    /// Stopped before the end (uncordon, agent stopped): in-flight moves were
-    /// aborted or left to Nova; see each VM's outcome.
+    /// Stopped before the end (uncordon, the Evacuation deleted): in-flight
+    /// moves were aborted where Nova can; see each VM's outcome.
     Cancelled,
 }
 
@@ -101,9 +118,34 @@ pub struct EvacuationStatus {
     /// One entry per VM found on the hypervisor.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vms: Vec<VmStatus>,
+    /// What a paused evacuation would do (kept once it runs, as the plan it ran from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanVerdict>,
     /// Why the run failed or could not start, in one line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+}
+
+/// The verdict of a paused evacuation's plan, for the person who approves it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanVerdict {
+    pub live_migrations: u32,
+    pub cold_migrations: u32,
+    /// VMs the run would leave on the hypervisor.
+    pub stays: u32,
+    /// Whether the VMs to move fit on the other hypervisors; absent when the
+    /// capacity check is turned off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_fits: Option<bool>,
+    /// The hypervisors the VMs may go to, each with what it has free.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<String>,
+    /// How the run would end: `succeeded` or `failed`.
+    pub expected_result: String,
+    /// Why it would not succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
 }
 
 /// How many VMs are where.
@@ -145,7 +187,7 @@ pub struct VmStatus {
     /// How long its moves took, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
-    /// `pending`, `moving`, then one of `migrated`, `deleted`, `skipped`,
+    /// `planned` (paused), `pending`, `moving`, then one of `migrated`, `deleted`, `skipped`,
     /// `failed`, `aborted`, `in-progress` (left to Nova), `not-started`, or
     /// `not-on-host` (its move was under way when the agent stopped, and it
     /// was gone from the hypervisor when the agent resumed the run).
@@ -153,6 +195,60 @@ pub struct VmStatus {
     /// Why, for every outcome but a plain success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// What the agent's decisions need of one Evacuation of its node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EvacuationSeen {
+    pub name: String,
+    /// Made by hand, not by the agent at a cordon (no Node owns it): it asks
+    /// for the hypervisor's maintenance by itself, for as long as it exists.
+    pub by_hand: bool,
+    pub paused: bool,
+    /// Being deleted (a finalizer holds it), or already gone.
+    pub deleting: bool,
+    /// Carries our [`FINALIZER`].
+    pub held: bool,
+    /// Its phase says it is over.
+    pub finished: bool,
+    /// Creation time (RFC 3339, whole seconds) then name: the oldest asks first.
+    pub created: (String, String),
+}
+
+impl EvacuationSeen {
+    pub fn of(evacuation: &Evacuation) -> EvacuationSeen {
+        let meta = &evacuation.metadata;
+        let name = evacuation.name_any();
+        let created = meta
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default();
+        EvacuationSeen {
+            by_hand: !meta.owner_references.iter().flatten().any(|o| o.kind == "Node"),
+            paused: evacuation.spec.paused,
+            deleting: meta.deletion_timestamp.is_some(),
+            held: meta.finalizers.iter().flatten().any(|f| f == FINALIZER),
+            finished: evacuation
+                .status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(EvacuationPhase::is_finished),
+            created: (created, name.clone()),
+            name,
+        }
+    }
+}
+
+/// Watches the Evacuations of `node` (field selector on `spec.nodeName`, a
+/// selectable field of the CRD), starting from a list.
+pub fn watch_evacuations(
+    client: Client,
+    node: &str,
+) -> impl futures::Stream<Item = Result<watcher::Event<Evacuation>, watcher::Error>> + Send + use<> {
+    let api: Api<Evacuation> = Api::all(client);
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    watcher(api, config).default_backoff()
 }
 
 /// The CRD as YAML, exactly as `deploy/crd.yaml` holds it.
@@ -196,7 +292,8 @@ impl Evacuations {
 
     /// Creates the Evacuation of a run starting now, owned by the Node (so it
     /// goes with the Node), and trims the node's history of finished ones.
-    pub async fn create(&self, node: &Node, at: Timestamp) -> Result<String, kube::Error> {
+    /// `paused`: it waits for a person's approval.
+    pub async fn create(&self, node: &Node, at: Timestamp, paused: bool) -> Result<String, kube::Error> {
         let name = evacuation_name(&self.node, at);
         let owner = OwnerReference {
             api_version: "v1".into(),
@@ -215,6 +312,7 @@ impl Evacuations {
             },
             spec: EvacuationSpec {
                 node_name: self.node.clone(),
+                paused,
             },
             status: None,
         };
@@ -261,6 +359,17 @@ impl Evacuations {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Puts our finalizer on a hand-made Evacuation: its deletion then waits
+    /// until the agent has ended the maintenance it asked for.
+    pub async fn hold(&self, name: &str) -> Result<(), FinalizerError> {
+        super::finalizer::add(&self.api, name, FINALIZER).await.map(drop)
+    }
+
+    /// Takes our finalizer off: the Evacuation may go.
+    pub async fn let_go(&self, name: &str) -> Result<(), FinalizerError> {
+        super::finalizer::remove(&self.api, name, FINALIZER).await.map(drop)
     }
 
     /// Deletes the oldest finished Evacuations of the node beyond

@@ -114,8 +114,8 @@ impl GuardPod {
 pub enum GuardError {
     #[error(transparent)]
     Api(#[from] kube::Error),
-    #[error("the finalizers of pod {0} kept changing while ours was being removed")]
-    Contended(String),
+    #[error(transparent)]
+    Finalizer(#[from] super::finalizer::FinalizerError),
 }
 
 /// The guard pod and budget of one node, in the agent's namespace.
@@ -266,61 +266,15 @@ impl Guard {
         self.remove_finalizer().await
     }
 
-    /// Removes [`FINALIZER`] from the pod, leaving any other finalizer: a JSON patch
-    /// that first tests the list it read, so a concurrent change makes it fail and retry.
     async fn remove_finalizer(&self) -> Result<(), GuardError> {
-        // A few rounds settle any race; an API that keeps refusing is reported by the caller.
-        for _ in 0..4 {
-            let Some(pod) = self.pods.get_opt(&self.name).await? else {
-                return Ok(());
-            };
-            let finalizers = pod.metadata.finalizers.unwrap_or_default();
-            if !finalizers.iter().any(|f| f == FINALIZER) {
-                return Ok(());
-            }
-            let kept: Vec<&String> = finalizers.iter().filter(|f| *f != FINALIZER).collect();
-            let patch: json_patch::Patch = match serde_json::from_value(json!([
-                {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
-                {"op": "replace", "path": "/metadata/finalizers", "value": kept},
-            ])) {
-                Ok(patch) => patch,
-                Err(e) => return Err(kube::Error::SerdeError(e).into()),
-            };
-            match self
-                .pods
-                .patch(&self.name, &PatchParams::default(), &Patch::<()>::Json(patch))
-                .await
-            {
-                Ok(_) => {
-                    info!(pod = %self.name, "guard pod's finalizer removed");
-                    return Ok(());
-                }
-                Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
-                // The list changed under us (422 from the failed test, 409 on a conflict): read again.
-                Err(kube::Error::Api(status)) if matches!(status.code, 409 | 422) => continue,
-                Err(e) => return Err(e.into()),
-            }
+        if super::finalizer::remove(&self.pods, &self.name, FINALIZER).await? {
+            info!(pod = %self.name, "guard pod's finalizer removed");
         }
-        Err(GuardError::Contended(self.name.clone()))
+        Ok(())
     }
 
     async fn add_finalizer(&self) -> Result<(), GuardError> {
-        let Some(pod) = self.pods.get_opt(&self.name).await? else {
-            return Ok(());
-        };
-        let mut finalizers = pod.metadata.finalizers.unwrap_or_default();
-        if finalizers.iter().any(|f| f == FINALIZER) {
-            return Ok(());
-        }
-        finalizers.push(FINALIZER.to_string());
-        // The resourceVersion makes it a conditional update: lost races answer 409.
-        let patch = json!({"metadata": {
-            "finalizers": finalizers,
-            "resourceVersion": pod.metadata.resource_version,
-        }});
-        self.pods
-            .patch(&self.name, &PatchParams::default(), &Patch::Merge(patch))
-            .await?;
+        super::finalizer::add(&self.pods, &self.name, FINALIZER).await?;
         Ok(())
     }
 

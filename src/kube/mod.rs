@@ -6,6 +6,7 @@
 pub mod annotations;
 pub mod cluster;
 pub mod evacuation;
+mod finalizer;
 pub mod guard;
 
 use std::sync::{Arc, Mutex};

@@ -206,7 +206,14 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             }
             Input::NodeListed => self.health.set_node_listed(),
             Input::Guard(pod) => self.situation.guard = Some(pod),
-            Input::Evacuations(seen) => self.situation.evacuations = Some(seen),
+            Input::Evacuations(seen) => {
+                if let Some(created) = &self.situation.created_unseen
+                    && seen.iter().any(|e| e.name == *created)
+                {
+                    self.situation.created_unseen = None;
+                }
+                self.situation.evacuations = Some(seen);
+            }
             Input::ComputeReady(compute) => {
                 self.compute = Some(compute);
                 self.situation.compute_ready = true;
@@ -253,15 +260,13 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                 self.situation.evacuation = Evacuation::Cancelling;
             }
             Step::MarkCancelled => self.mark_cancelled().await,
-            Step::HoldEvacuation(name) => {
-                match self.cluster.hold_evacuation(&name).await {
-                    Ok(()) => self.mark_seen(&name, |seen| seen.held = true),
-                    Err(e) => {
-                        warn!(error = %e, "cannot put our finalizer on the Evacuation made by hand; trying again");
-                        self.situation.finalizer_retry_at = Some(Instant::now() + RETRY_SOON);
-                    }
+            Step::HoldEvacuation(name) => match self.cluster.hold_evacuation(&name).await {
+                Ok(()) => self.mark_seen(&name, |seen| seen.held = true),
+                Err(e) => {
+                    warn!(error = %e, "cannot put our finalizer on the Evacuation made by hand; trying again");
+                    self.situation.finalizer_retry_at = Some(Instant::now() + RETRY_SOON);
                 }
-            }
+            },
             Step::LetEvacuationGo(name) => match self.cluster.let_evacuation_go(&name).await {
                 Ok(()) => {
                     info!(evacuation = %name, "the deleted Evacuation's maintenance has ended: it may go");
@@ -626,7 +631,10 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             RecordFor::Create { paused } => {
                 let node = self.node.clone()?;
                 match self.cluster.open_evacuation(&node, self.wall_now(), paused).await {
-                    Ok(name) => (name, record::started(&host, started_at)),
+                    Ok(name) => {
+                        self.situation.created_unseen = Some(name.clone());
+                        (name, record::started(&host, started_at))
+                    }
                     Err(e) => {
                         warn!(error = %e, "the run goes on without an Evacuation object");
                         self.record = None;
@@ -695,9 +703,11 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
     /// Cancelled on the Node (and in the Evacuation while it is still held).
     async fn mark_cancelled(&mut self) {
         let name = self.situation.recorded.evacuation.clone().unwrap_or_default();
-        self.close_record(&name, EvacuationPhase::Cancelled, "the Evacuation was deleted").await;
+        self.close_record(&name, EvacuationPhase::Cancelled, "the Evacuation was deleted")
+            .await;
         let why = cancelled_note(&name);
-        self.cluster.publish(Severity::Normal, "EvacuationCancelled", why.clone());
+        self.cluster
+            .publish(Severity::Normal, "EvacuationCancelled", why.clone());
         let state = DrainState {
             phase: Phase::Cancelled,
             last_error: Some(why),

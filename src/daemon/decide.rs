@@ -62,6 +62,9 @@ pub struct Situation {
     pub start_paused: bool,
     /// An Evacuation's finalizer could not be put on or taken off; not tried again before this.
     pub finalizer_retry_at: Option<Instant>,
+    /// The Evacuation the agent created that its watch has not shown yet:
+    /// missing from the list, it is new, not deleted.
+    pub created_unseen: Option<String>,
 }
 
 impl Situation {
@@ -78,17 +81,20 @@ impl Situation {
         self.evacuations.iter().flatten().find(|e| e.name == name)
     }
 
-    /// Whether the Evacuation recording the current run was deleted. A run
-    /// that goes on only counts a deletion seen (its object may be too new
-    /// for the watch to have shown it); a run to resume also one that is no
-    /// longer listed (deleted while no agent ran).
+    /// Whether the Evacuation recording the current run was deleted: its
+    /// deletion seen, or, for a run not under way, no longer listed (deleted
+    /// while no agent ran), unless the watch has not shown it yet.
     fn record_deleted(&self) -> bool {
         let Some(name) = &self.recorded.evacuation else {
             return false;
         };
         match self.seen(name) {
             Some(seen) => seen.deleting,
-            None => self.evacuation == Evacuation::None && self.evacuations.is_some(),
+            None => {
+                self.evacuation == Evacuation::None
+                    && self.evacuations.is_some()
+                    && self.created_unseen.as_ref() != Some(name)
+            }
         }
     }
 
@@ -197,7 +203,10 @@ pub fn decide(situation: &Situation, now: Instant) -> Vec<Step> {
             Evacuation::Running | Evacuation::Cancelling => {}
             Evacuation::None
                 if situation.record_deleted()
-                    && matches!(phase, Phase::Evacuating | Phase::Paused | Phase::Failed | Phase::TimedOut) =>
+                    && matches!(
+                        phase,
+                        Phase::Evacuating | Phase::Paused | Phase::Failed | Phase::TimedOut
+                    ) =>
             {
                 steps.push(Step::MarkCancelled)
             }
@@ -208,7 +217,10 @@ pub fn decide(situation: &Situation, now: Instant) -> Vec<Step> {
                     }
                 }
                 // Cancelled stays until the uncordon, or a new hand-made Evacuation.
-                Phase::Cancelled if situation.asked().is_none_or(|a| situation.recorded.evacuation.as_ref() == Some(&a.name)) => {}
+                Phase::Cancelled
+                    if situation
+                        .asked()
+                        .is_none_or(|a| situation.recorded.evacuation.as_ref() == Some(&a.name)) => {}
                 _ if situation.compute_ready && due(situation.retry_at) && situation.evacuations.is_some() => {
                     let next = RecordFor::of(situation);
                     match (next.paused(situation), phase) {
@@ -260,7 +272,10 @@ fn evacuation_finalizers(situation: &Situation) -> Vec<Step> {
     let unsettled = |name: &str| {
         let records_it = situation.recorded.evacuation.as_deref() == Some(name);
         let its_run_open = situation.evacuation != Evacuation::None
-            || matches!(phase, Phase::Evacuating | Phase::Paused | Phase::Failed | Phase::TimedOut);
+            || matches!(
+                phase,
+                Phase::Evacuating | Phase::Paused | Phase::Failed | Phase::TimedOut
+            );
         (records_it && its_run_open) || (!situation.wanted() && phase != Phase::Idle)
     };
     situation
@@ -450,7 +465,10 @@ fn deleted(mut state: DrainState, result: Result<&Report, String>) -> Conclusion
                     event: (
                         Severity::Normal,
                         "EvacuationSucceeded",
-                        format!("the hypervisor {} is empty (its Evacuation {name} was deleted at the end)", report.host),
+                        format!(
+                            "the hypervisor {} is empty (its Evacuation {name} was deleted at the end)",
+                            report.host
+                        ),
                     ),
                 };
             }

@@ -318,7 +318,11 @@ async fn forward_evacuations(
                 continue;
             }
         }
-        if inputs.send(Input::Evacuations(seen.values().cloned().collect())).await.is_err() {
+        if inputs
+            .send(Input::Evacuations(seen.values().cloned().collect()))
+            .await
+            .is_err()
+        {
             return;
         }
     }

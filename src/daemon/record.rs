@@ -45,14 +45,16 @@ pub fn planned(host: &str, report: &Report) -> EvacuationStatus {
         .vms
         .iter()
         .map(|vm| VmStatus {
-            reason: vm
-                .reason
-                .clone()
-                .or_else(|| unplaced.and_then(|u| u.get(&vm.id)).map(|why| format!("does not fit: {why}"))),
+            reason: vm.reason.clone().or_else(|| {
+                unplaced
+                    .and_then(|u| u.get(&vm.id))
+                    .map(|why| format!("does not fit: {why}"))
+            }),
             ..vm_of(vm, None)
         })
         .collect();
-    let count = |outcome: &str| u32::try_from(vms.iter().filter(|vm| vm.outcome == outcome).count()).unwrap_or(u32::MAX);
+    let count =
+        |outcome: &str| u32::try_from(vms.iter().filter(|vm| vm.outcome == outcome).count()).unwrap_or(u32::MAX);
     let prediction = report.prediction.as_ref();
     let plan = PlanVerdict {
         live_migrations: count_of(prediction.map(|p| p.live_migrations)),
@@ -63,7 +65,13 @@ pub fn planned(host: &str, report: &Report) -> EvacuationStatus {
             .capacity
             .iter()
             .flat_map(|c| &c.candidates)
-            .map(|candidate| format!("{} (free: {})", candidate.host, crate::evacuation::plan::show(&candidate.free)))
+            .map(|candidate| {
+                format!(
+                    "{} (free: {})",
+                    candidate.host,
+                    crate::evacuation::plan::show(&candidate.free)
+                )
+            })
             .collect(),
         expected_result: prediction.map_or("unknown", |p| p.result.as_str()).to_string(),
         why: prediction.and_then(|p| p.why.clone()),

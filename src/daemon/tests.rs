@@ -1219,3 +1219,137 @@ async fn a_restarted_agent_goes_on_with_the_same_evacuation() {
     assert_eq!((counts.total, counts.moved, counts.failed, counts.left), (4, 4, 0, 0));
     assert_eq!(h.terminate().await, 0);
 }
+
+/// A hand-made Evacuation of a node that stays schedulable: the hypervisor is
+/// evacuated (hypervisor-only maintenance), recorded in that object, and the
+/// service stays disabled while it exists; deleting it re-enables the service,
+/// then our finalizer lets it go.
+#[tokio::test(start_paused = true)]
+async fn a_hand_made_evacuation_evacuates_without_a_cordon_and_its_deletion_re_enables() {
+    let h = Harness::start(cloud_with(3)).await;
+    h.cluster.make_evacuation("maintenance-1", false);
+    h.until("held by our finalizer", |h| h.cluster.held("maintenance-1"))
+        .await;
+    h.until("evacuated", |h| h.cluster.phase() == Phase::Evacuated).await;
+    assert_eq!(h.on_source(), 0);
+    assert!(!h.cloud.service().enabled, "disabled while the Evacuation exists");
+    assert_eq!(h.cluster.last_record().evacuation.as_deref(), Some("maintenance-1"));
+    let done = h.cluster.status_of("maintenance-1").expect("status");
+    assert_eq!(done.phase, Some(EvacuationPhase::Succeeded));
+    assert_eq!(done.counts.map(|c| (c.total, c.moved)), Some((3, 3)));
+    assert_eq!(h.cluster.evacuations().len(), 1, "no other Evacuation was created");
+
+    h.cluster.delete_evacuation("maintenance-1");
+    h.until("the service re-enabled", |h| h.cloud.service().enabled).await;
+    h.until("idle", |h| h.cluster.phase() == Phase::Idle).await;
+    h.until("the Evacuation gone", |h| !h.cluster.evacuation_exists("maintenance-1"))
+        .await;
+    h.until("the guard back", |h| h.cluster.guard_in_place()).await;
+    assert_eq!(h.terminate().await, 0);
+}
+
+/// A paused Evacuation gets the plan in its status and nothing changes in
+/// Nova; unpaused, it runs, recorded in the same object with the plan kept.
+#[tokio::test(start_paused = true)]
+async fn a_paused_evacuation_shows_the_plan_and_changes_nothing_until_unpaused() {
+    let cloud = cloud_with(2);
+    cloud.add_vm("vm-3", "SUSPENDED", 1024);
+    let h = Harness::start(cloud).await;
+    h.cluster.make_evacuation("approve-me", true);
+    h.until("paused", |h| h.cluster.phase() == Phase::Paused).await;
+    let plan = h.cluster.status_of("approve-me").expect("the plan");
+    assert_eq!(plan.phase, Some(EvacuationPhase::Paused));
+    let verdict = plan.plan.clone().expect("a verdict");
+    assert_eq!((verdict.live_migrations, verdict.stays), (2, 1), "{verdict:?}");
+    assert_eq!(verdict.expected_result, "failed", "the SUSPENDED VM stays: {verdict:?}");
+    let outcomes: Vec<(&str, &str)> = plan
+        .vms
+        .iter()
+        .map(|vm| (vm.outcome.as_str(), vm.action.as_str()))
+        .collect();
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == ("planned", "live-migrate")).count(),
+        2,
+        "{outcomes:?}"
+    );
+    // A good while later, still nothing in Nova.
+    tokio::time::advance(Duration::from_secs(600)).await;
+    h.until("a quiet moment", |_| true).await;
+    assert!(h.cloud.service().enabled);
+    assert_eq!(h.on_source(), 3);
+    assert!(h.cloud.migration_statuses("vm-1").is_empty());
+    assert!(h.cluster.reasons().contains(&"EvacuationPaused"));
+
+    h.cluster.unpause("approve-me");
+    h.until("the two movable VMs moved", |h| h.on_source() == 1).await;
+    h.until("the run over", |h| h.cluster.phase() == Phase::Failed).await;
+    let ran = h.cluster.status_of("approve-me").expect("status");
+    assert_eq!(ran.phase, Some(EvacuationPhase::Failed), "the SUSPENDED VM stays");
+    assert_eq!(ran.plan, Some(verdict), "the plan it ran from is kept");
+    assert_eq!(ran.counts.map(|c| (c.moved, c.skipped)), Some((2, 1)));
+    assert_eq!(h.terminate().await, 0);
+}
+
+/// `--start-paused`: a cordon creates a paused Evacuation and `kubectl drain`
+/// waits until a person unpauses it and the hypervisor is empty.
+#[tokio::test(start_paused = true)]
+async fn with_start_paused_a_cordon_waits_for_approval() {
+    let h = Harness::start_seeded(
+        cloud_with(2),
+        false,
+        None,
+        GuardPod::Missing,
+        true,
+        Flags {
+            start_paused: true,
+            ..Flags::default()
+        },
+        Vec::new(),
+    )
+    .await;
+    h.until("the guard in place", |h| h.cluster.guard_in_place()).await;
+    h.cordon(true).await;
+    h.until("paused", |h| h.cluster.phase() == Phase::Paused).await;
+    let name = h.cluster.last_record().evacuation.expect("an Evacuation");
+    tokio::time::advance(Duration::from_secs(300)).await;
+    assert!(!h.cluster.evict(), "drain keeps waiting while paused");
+    assert!(h.cloud.service().enabled, "nothing changed in Nova");
+    h.cluster.unpause(&name);
+    h.drain().await;
+    assert_eq!(h.on_source(), 0);
+    assert_eq!(h.cluster.evacuations().len(), 1, "the approved one ran");
+    assert_eq!(
+        h.cluster.status_of(&name).and_then(|s| s.phase),
+        Some(EvacuationPhase::Succeeded)
+    );
+    assert_eq!(h.terminate().await, 0);
+}
+
+/// Deleting the Evacuation of a running cordon-started run cancels it (the
+/// move aborted), and no new run starts while the node stays cordoned; the
+/// uncordon then re-enables the service.
+#[tokio::test(start_paused = true)]
+async fn deleting_the_running_evacuation_cancels_it_and_no_new_run_starts() {
+    let h = Harness::start(stalling_vm()).await;
+    h.cordon(true).await;
+    h.migrating().await;
+    let name = h.cluster.last_record().evacuation.expect("an Evacuation");
+    h.cluster.delete_evacuation(&name);
+    h.until("cancelled", |h| h.cluster.phase() == Phase::Cancelled).await;
+    assert_eq!(h.on_source(), 1, "the VM stays");
+    assert!(
+        h.cloud.migration_statuses("vm-1").contains(&"cancelled"),
+        "{:?}",
+        h.cloud.migration_statuses("vm-1")
+    );
+    assert!(h.cluster.reasons().contains(&"EvacuationCancelled"));
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    h.until("a quiet moment", |_| true).await;
+    assert_eq!(h.cluster.phase(), Phase::Cancelled, "no new run while cordoned");
+    assert!(h.cluster.evacuations().is_empty(), "{:?}", h.cluster.evacuations());
+    assert!(h.cluster.guard_in_place(), "drain keeps waiting: VMs are on the host");
+    h.cordon(false).await;
+    h.until("the service re-enabled", |h| h.cloud.service().enabled).await;
+    h.until("idle", |h| h.cluster.phase() == Phase::Idle).await;
+    assert_eq!(h.terminate().await, 0);
+}

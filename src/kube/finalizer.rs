@@ -64,7 +64,10 @@ where
             {"op": "replace", "path": "/metadata/finalizers", "value": kept},
         ]))
         .map_err(kube::Error::SerdeError)?;
-        match api.patch(name, &PatchParams::default(), &Patch::<()>::Json(patch)).await {
+        match api
+            .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await
+        {
             Ok(_) => return Ok(true),
             Err(kube::Error::Api(status)) if status.code == 404 => return Ok(false),
             // The list changed under us (422 from the failed test, 409 on a conflict): read again.

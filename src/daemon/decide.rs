@@ -211,11 +211,10 @@ pub fn decide(situation: &Situation, now: Instant) -> Vec<Step> {
                 steps.push(Step::MarkCancelled)
             }
             Evacuation::None if situation.wanted() => match phase {
-                Phase::Evacuated => {
-                    if cordoned && !situation.released && due(situation.guard_retry_at) {
-                        steps.push(Step::ReleaseGuard);
-                    }
+                Phase::Evacuated if cordoned && !situation.released && due(situation.guard_retry_at) => {
+                    steps.push(Step::ReleaseGuard)
                 }
+                Phase::Evacuated => {}
                 // Cancelled stays until the uncordon, or a new hand-made Evacuation.
                 Phase::Cancelled
                     if situation

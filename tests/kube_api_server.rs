@@ -2074,12 +2074,12 @@ async fn evacuation_history_is_trimmed_to_the_ten_most_recent_finished() {
     let mut names = Vec::new();
     for minute in 0..12 {
         let at = start + jiff::SignedDuration::from_mins(minute);
-        let name = evacuations.create(&node, at).await.unwrap();
+        let name = evacuations.create(&node, at, false).await.unwrap();
         evacuations.write_status(&name, &finished).await.unwrap();
         names.push(name);
     }
     let running = evacuations
-        .create(&node, start + jiff::SignedDuration::from_hours(1))
+        .create(&node, start + jiff::SignedDuration::from_hours(1), false)
         .await
         .unwrap();
     let left: Vec<String> = api
@@ -2100,4 +2100,64 @@ async fn evacuation_history_is_trimmed_to_the_ten_most_recent_finished() {
     assert_eq!(last["status"]["phase"], "Failed");
     assert_eq!(last["metadata"]["ownerReferences"][0]["kind"], "Node");
     assert_eq!(last["metadata"]["labels"]["nova-kubernetes-drain/node"], "n1");
+}
+
+/// The agent's watch of its node's Evacuations selects by `spec.nodeName`,
+/// which the CRD declares selectable (a field it does not declare is refused,
+/// as the real server refuses it); our finalizer holds a deleted Evacuation
+/// until the agent lets it go, and leaves anyone else's in place.
+#[tokio::test]
+async fn evacuations_are_selected_by_node_and_held_by_our_finalizer() {
+    use nova_kubernetes_drain::kube::evacuation::{Evacuation, EvacuationSeen, Evacuations, FINALIZER};
+    let api = KubeApi::start();
+    let crd: Value = serde_saphyr::from_str(include_str!("../deploy/crd.yaml")).unwrap();
+    api.add_crd(crd).unwrap();
+    let client = api.kube_client();
+    let all: Api<Evacuation> = Api::all(client.clone());
+    for (name, node) in [("mine", "n1"), ("other", "n2")] {
+        let evacuation: Evacuation = serde_json::from_value(json!({
+            "apiVersion": "nova-kubernetes-drain.io/v1alpha1", "kind": "Evacuation",
+            "metadata": {"name": name, "finalizers": ["example.com/keep"]},
+            "spec": {"nodeName": node, "paused": true},
+        }))
+        .unwrap();
+        all.create(&PostParams::default(), &evacuation).await.unwrap();
+    }
+    let selected = all
+        .list(&ListParams::default().fields("spec.nodeName=n1"))
+        .await
+        .unwrap();
+    let names: Vec<String> = selected.items.iter().map(|e| e.metadata.name.clone().unwrap()).collect();
+    assert_eq!(names, ["mine"]);
+    let e = api_error(
+        all.list(&ListParams::default().fields("spec.paused=true"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 400, "{}", e.message);
+    let seen = EvacuationSeen::of(&selected.items[0]);
+    assert!(seen.by_hand && seen.paused && !seen.held && !seen.deleting, "{seen:?}");
+
+    let evacuations = Evacuations::new(client, "n1");
+    evacuations.hold("mine").await.unwrap();
+    evacuations.hold("mine").await.unwrap();
+    all.delete("mine", &DeleteParams::default()).await.unwrap();
+    let held = all.get("mine").await.unwrap();
+    assert_eq!(
+        held.metadata.finalizers.clone().unwrap_or_default(),
+        ["example.com/keep", FINALIZER],
+        "put on once, after the others"
+    );
+    assert!(EvacuationSeen::of(&held).deleting);
+    evacuations.let_go("mine").await.unwrap();
+    let after = all.get("mine").await.unwrap();
+    assert_eq!(after.metadata.finalizers.unwrap_or_default(), ["example.com/keep"]);
+    all.patch(
+        "mine",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    assert!(all.get_opt("mine").await.unwrap().is_none(), "gone once no finalizer holds it");
 }

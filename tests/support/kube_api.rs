@@ -577,7 +577,9 @@ type ApiResult<T> = Result<T, ApiError>;
 struct FieldSelector(Vec<(String, bool, String)>); // (field, equal?, value)
 
 impl FieldSelector {
-    fn parse(res: Res, s: &str) -> ApiResult<Self> {
+    /// `selectable`: a custom resource's `selectableFields` (without the
+    /// leading dot), the only fields besides metadata's it may be selected by.
+    fn parse(res: Res, s: &str, selectable: &[String]) -> ApiResult<Self> {
         let mut out = vec![];
         for term in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
             let (k, eq, v) = if let Some((k, v)) = term.split_once("!=") {
@@ -592,7 +594,7 @@ impl FieldSelector {
                 )));
             };
             let k = k.trim().to_string();
-            if !field_supported(res, &k) {
+            if !field_supported(res, &k) && !selectable.contains(&k) {
                 return Err(ApiError::bad_request(format!("field label not supported: {k}")));
             }
             out.push((k, eq, v.trim().to_string()));
@@ -1200,6 +1202,8 @@ struct CrdInfo {
     schema: Value,
     status: bool,
     columns: Vec<Value>,
+    /// `selectableFields`' paths without the leading dot (`spec.nodeName`).
+    selectable: Vec<String>,
     terminating: bool,
 }
 
@@ -1239,6 +1243,11 @@ impl CrdInfo {
             schema: version.pointer("/schema/openAPIV3Schema").cloned().unwrap_or(json!({})),
             status: version.pointer("/subresources/status").is_some_and(|v| !v.is_null()),
             columns: arr(version, "additionalPrinterColumns"),
+            selectable: arr(version, "selectableFields")
+                .iter()
+                .filter_map(|f| f.get("jsonPath")?.as_str())
+                .map(|path| path.trim_start_matches('.').to_string())
+                .collect(),
             terminating: meta_str(crd, "deletionTimestamp").is_some(),
         })
     }
@@ -4190,7 +4199,8 @@ fn discovery(segs: &[&str], url: &str, customs: &[CrdInfo]) -> Option<Value> {
 }
 
 fn list(st: &State, t: &Target, q: &Query) -> ApiResult<Value> {
-    let fsel = FieldSelector::parse(t.res, q.get("fieldSelector").unwrap_or(""))?;
+    let selectable = st.crd_info(t.res).map(|i| i.selectable).unwrap_or_default();
+    let fsel = FieldSelector::parse(t.res, q.get("fieldSelector").unwrap_or(""), &selectable)?;
     let lsel = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))?;
     let rv_param = q.get("resourceVersion").unwrap_or("");
     let rv_match = q.get("resourceVersionMatch").unwrap_or("");
@@ -4403,7 +4413,8 @@ impl WatchStream {
 }
 
 fn watch(shared: &Arc<Shared>, t: &Target, q: &Query, table: Option<CrdInfo>) -> ApiResult<Response<Body>> {
-    let fsel = FieldSelector::parse(t.res, q.get("fieldSelector").unwrap_or(""))?;
+    let selectable = shared.lock().crd_info(t.res).map(|i| i.selectable).unwrap_or_default();
+    let fsel = FieldSelector::parse(t.res, q.get("fieldSelector").unwrap_or(""), &selectable)?;
     let lsel = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))?;
     if q.flag("sendInitialEvents") {
         // WatchList feature gate off: the real server rejects the parameter.

@@ -451,9 +451,16 @@ impl NovaClient {
 
     async fn to_server(&self, server: wire::Server) -> Result<Server, NovaError> {
         let flavor = self.flavor_of(&server).await?;
-        server
+        let mut server = server
             .into_server(flavor)
-            .ok_or_else(|| NovaError::Auth("servers show no host: the credentials lack the admin role".to_string()))
+            .ok_or_else(|| NovaError::Auth("servers show no host: the credentials lack the admin role".to_string()))?;
+        // From 2.26 Nova always shows `tags`; below it, they are unknown, not absent.
+        server.tags = if self.version.supports(microversion::SERVER_TAGS) {
+            Some(server.tags.unwrap_or_default())
+        } else {
+            None
+        };
+        Ok(server)
     }
 
     async fn services(&self, host: Option<&str>) -> Result<Vec<wire::Service>, NovaError> {
@@ -785,6 +792,39 @@ impl Compute for NovaClient {
             )
             .await?;
         Ok(())
+    }
+
+    fn reads_server_tags(&self) -> bool {
+        self.version.supports(microversion::SERVER_TAGS)
+    }
+
+    async fn add_tag(&self, server_id: &str, tag: &str) -> ComputeResult<()> {
+        self.require(microversion::SERVER_TAGS, "tagging a server")?;
+        let _: Value = self
+            .compute(Method::PUT, &["servers", server_id, "tags", tag], &[], None)
+            .await?;
+        Ok(())
+    }
+
+    async fn remove_tag(&self, server_id: &str, tag: &str) -> ComputeResult<()> {
+        self.require(microversion::SERVER_TAGS, "removing a server tag")?;
+        match self
+            .compute::<Value>(Method::DELETE, &["servers", server_id, "tags", tag], &[], None)
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Already gone: what was asked for holds.
+            Err(NovaError::Http { status, .. }) if status == StatusCode::NOT_FOUND => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn stop_server(&self, server_id: &str) -> ComputeResult<()> {
+        Ok(self.server_action(server_id, json!({ "os-stop": null })).await?)
+    }
+
+    async fn start_server(&self, server_id: &str) -> ComputeResult<()> {
+        Ok(self.server_action(server_id, json!({ "os-start": null })).await?)
     }
 
     async fn compute_services(&self) -> ComputeResult<Vec<ComputeService>> {

@@ -782,6 +782,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             .map(|p| {
                 let (outcome, reason) = match p.action {
                     Action::Skip => left_as_planned(p),
+                    Action::Stop if !self.compute.reads_server_tags() => (Outcome::Failed, Some(NO_MARKER.into())),
                     _ => (Outcome::Planned, None),
                 };
                 planned_report(p, &target.host, outcome, reason)
@@ -846,6 +847,7 @@ impl<'a, C: Compute> Engine<'a, C> {
         let warnings = self.tag_warnings();
         let deadline = self.settings.timeout.map(|t| started + t);
         let (planned, stopped) = self.stop_planned(target, planned, deadline, &stop).await;
+        let relisting = relisting.map(|listing| without(listing, &stopped));
         let mut naming = std::pin::pin!(self.project_names(project_ids));
         let mut moving = std::pin::pin!(self.move_all(target, planned, listed_at, relisting, started, &mut stop));
         let mut names = None;
@@ -1089,9 +1091,7 @@ impl<'a, C: Compute> Engine<'a, C> {
         mut stop: watch::Receiver<StopRequest>,
     ) -> (Outcome, String) {
         if !self.compute.reads_server_tags() {
-            let why =
-                "not stopped: stopping needs compute API 2.26 (server tags) for the marker that has it started again";
-            return (Outcome::Failed, why.into());
+            return (Outcome::Failed, NO_MARKER.into());
         }
         if let Err(e) = self.compute.add_tag(&server.id, STOPPED_BY_US_TAG).await {
             return (
@@ -1116,7 +1116,8 @@ impl<'a, C: Compute> Engine<'a, C> {
         loop {
             tokio::select! {
                 () = tokio::time::sleep(self.settings.poll_interval) => {}
-                _ = stop.changed() => {}
+                // A sender gone (nobody can ask to stop any more) just leaves the sleep.
+                Ok(()) = stop.changed() => {}
             }
             match self.compute.server(&server.id).await {
                 Ok(Some(now)) if now.status == "SHUTOFF" && now.task_state.is_none() => {
@@ -2223,6 +2224,23 @@ fn progress(total: usize, reports: &[VmReport], flights: &[Flight]) -> Event<'st
         queued_in_nova,
     }
 }
+
+/// A second listing less the VMs already reported (stopped): they are
+/// not newcomers.
+fn without<'f>(
+    listing: BoxFuture<'f, Result<Vec<PlannedVm>, EvacuationError>>,
+    reported: &[VmReport],
+) -> BoxFuture<'f, Result<Vec<PlannedVm>, EvacuationError>> {
+    let known: std::collections::HashSet<String> = reported.iter().map(|r| r.id.clone()).collect();
+    Box::pin(async move {
+        let planned = listing.await?;
+        Ok(planned.into_iter().filter(|p| !known.contains(&p.server.id)).collect())
+    })
+}
+
+/// Why a VM to stop is not stopped below compute API 2.26.
+const NO_MARKER: &str =
+    "not stopped: stopping needs compute API 2.26 (server tags) for the marker that has it started again";
 
 /// A VM of the plan, reported as it stands before anything is done to it.
 fn planned_report(planned: &PlannedVm, source: &str, outcome: Outcome, reason: Option<String>) -> VmReport {

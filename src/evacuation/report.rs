@@ -446,6 +446,9 @@ impl Report {
             (None, _) => "enabled".to_string(),
         };
         prose(&mut out, &format!("service: {service}"));
+        for warning in &self.warnings {
+            prose(&mut out, &format!("warning: {warning}"));
+        }
         if let Some(capacity) = &self.capacity {
             prose(&mut out, &format!("capacity: {}", self.capacity_verdict(capacity)));
             for balance in &capacity.classes {
@@ -574,10 +577,18 @@ impl Report {
                     )]
                 }
             }
-            RunResult::Succeeded if self.service_disabled_by_us => vec![format!(
-                "do the maintenance; afterwards {enable} re-enables nova-compute on {}",
-                self.host
-            )],
+            RunResult::Succeeded if self.service_disabled_by_us => {
+                let stopped = self.vms.iter().filter(|vm| vm.outcome == Outcome::Stopped).count();
+                let starts = if stopped > 0 {
+                    format!(" and starts the {stopped} VM(s) it stopped")
+                } else {
+                    String::new()
+                };
+                vec![format!(
+                    "do the maintenance; afterwards {enable} re-enables nova-compute on {}{starts}",
+                    self.host
+                )]
+            }
             RunResult::Succeeded => match &self.service_disabled_reason {
                 Some(_) => vec![format!(
                     "do the maintenance; nova-compute on {} stays disabled as someone else left it (-enable \
@@ -627,7 +638,11 @@ impl Report {
     }
 
     fn capacity_verdict(&self, capacity: &CapacityCheck) -> String {
-        let moving = self.vms.iter().filter(|vm| vm.outcome == Outcome::Planned).count();
+        let moving = self
+            .vms
+            .iter()
+            .filter(|vm| vm.outcome == Outcome::Planned && vm.action != Action::Stop)
+            .count();
         let mut candidates: Vec<&HostCapacity> = capacity.candidates.iter().collect();
         candidates.sort_by(|a, b| a.host.cmp(&b.host));
         let hosts: Vec<String> = candidates

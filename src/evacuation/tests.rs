@@ -1625,6 +1625,11 @@ async fn stop_marks_first_then_stops_and_restore_starts_only_our_vms() {
             .any(|t| t == marker)
     );
     assert_eq!(vm(&report, "web").outcome, Outcome::Migrated);
+    assert_eq!(
+        report.vms.len(),
+        3,
+        "each VM once, the stopped one not again from the second listing"
+    );
     assert_eq!(report.result, RunResult::Succeeded, "{report:?}");
     assert_eq!(report.exit_code(), 0);
     let json = serde_json::to_value(&report).expect("json");
@@ -1635,6 +1640,15 @@ async fn stop_marks_first_then_stops_and_restore_starts_only_our_vms() {
             .iter()
             .any(|vm| vm["outcome"] == "stopped")
     );
+    let human = report.to_human(&View {
+        width: Some(100),
+        ..View::default()
+    });
+    let header = human.lines().find(|l| l.starts_with("id")).unwrap_or_default();
+    assert!(header.contains("action  by"), "{human}");
+    assert!(human.lines().all(|l| l.chars().count() <= 100), "{human}");
+    assert!(human.contains("stop    tag") && human.contains("stopped"), "{human}");
+    assert!(human.contains("starts the 1 VM(s) it stopped"), "{human}");
 
     let engine = Engine::new(&cloud, &settings, &Quiet);
     let dry = RestoreOptions {
@@ -1731,6 +1745,11 @@ async fn below_microversion_2_26_tags_are_not_read_and_nothing_is_stopped() {
 
     assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
     assert!(report.warnings[0].contains("2.26"));
+    assert!(
+        report
+            .to_human(&View::default())
+            .contains("warning: the compute API version in use is below 2.26")
+    );
     for id in ["a", "b"] {
         let vm = vm(&report, id);
         assert_eq!(

@@ -1187,10 +1187,11 @@ mod tests {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
-            calls
-                .lock()
-                .expect("calls")
-                .push(format!("{method} {} {version} {body}", uri.path()).trim_end().to_string());
+            calls.lock().expect("calls").push(
+                format!("{method} {} {version} {body}", uri.path())
+                    .trim_end()
+                    .to_string(),
+            );
             let server = server.clone();
             async move {
                 if uri.path().ends_with("/servers/detail") {
@@ -1216,13 +1217,20 @@ mod tests {
             .expect("connect");
 
         let servers = nova.servers_on_host("cmp1").await.expect("servers");
-        nova.add_tag("vm-1", "nova-drain:stopped-by-drainer").await.expect("tag");
+        nova.add_tag("vm-1", "nova-drain:stopped-by-drainer")
+            .await
+            .expect("tag");
         nova.stop_server("vm-1").await.expect("stop");
         nova.start_server("vm-1").await.expect("start");
-        nova.remove_tag("vm-1", "nova-drain:stopped-by-drainer").await.expect("untag");
+        nova.remove_tag("vm-1", "nova-drain:stopped-by-drainer")
+            .await
+            .expect("untag");
 
         assert!(nova.reads_server_tags());
-        assert_eq!(servers[0].tags, Some(vec!["nova-drain:stop".to_string(), "prod".to_string()]));
+        assert_eq!(
+            servers[0].tags,
+            Some(vec!["nova-drain:stop".to_string(), "prod".to_string()])
+        );
         let calls = calls.lock().expect("calls").clone();
         assert_eq!(
             calls[1..],

@@ -324,6 +324,18 @@ mod tests {
     }
 
     #[test]
+    fn vm_action_takes_the_tag_vocabulary() {
+        use crate::evacuation::VmPolicy;
+        let cli = parse(&["--vm-action", "stop", "-node", "compute-1"]).unwrap();
+        assert_eq!(cli.vm_action, Some(VmPolicy::Stop));
+        let error = parse(&["--vm-action", "migrate"]).unwrap_err().to_string();
+        assert!(
+            error.contains("expected live-migrate, cold-migrate, stop or leave"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn guard_subcommand_needs_nothing_else() {
         let cli = parse(&["guard"]).unwrap();
         assert_eq!(cli.command, Some(Command::Guard));

@@ -1430,6 +1430,20 @@ mod tests {
     }
 
     #[test]
+    fn node_default_action_is_one_of_the_tag_words() {
+        let config = from_str(&format!("{OLD_TOOL}node_default_action: leave\n"), &no_env()).unwrap();
+        assert_eq!(config.evacuation.node_default, Some(VmPolicy::Leave));
+        let bad = from_str(&format!("{OLD_TOOL}node_default_action: park\n"), &no_env())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(bad.contains("node_default_action: unknown VM action \"park\""), "{bad}");
+        assert!(!bad.contains('\n'), "one line: {bad}");
+        let stop_by_state = from_str(&format!("{OLD_TOOL}state_policy:\n  ACTIVE: stop\n"), &no_env());
+        assert!(stop_by_state.is_err(), "stop is chosen per VM or per node");
+    }
+
+    #[test]
     fn malformed_yaml_is_a_clear_error() {
         let error = from_str("IdentityEndpoint: [unclosed\n", &no_env())
             .unwrap_err()

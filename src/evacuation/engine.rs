@@ -9,7 +9,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::compute::{Capacity, ChangeMark, Compute, ComputeError, ComputeService, Migration, Server, is_ended};
+use super::compute::{
+    Capacity, ChangeMark, Compute, ComputeError, ComputeResult, ComputeService, Migration, Server, is_ended,
+};
 use super::plan::{
     self, Action, ActionFrom, ActionSource, PlannedVm, STOPPED_BY_US_TAG, Shortfall, StatePolicy, VmPolicy,
 };
@@ -883,35 +885,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                 }
             }
         );
-        // VMs stopped or left as their tags or the node ask stay, and the run still succeeds.
-        let kept: std::collections::HashSet<&str> = vms
-            .iter()
-            .filter(|vm| vm.outcome.is_kept_by_choice())
-            .map(|vm| vm.id.as_str())
-            .collect();
-        let (left, unwanted) = match left {
-            Ok(servers) => {
-                let unwanted = servers.iter().filter(|s| !kept.contains(s.id.as_str())).count();
-                (servers.len(), unwanted)
-            }
-            Err(e) => {
-                warn!(error = %e, "could not count the servers left on the host");
-                let unwanted = vms
-                    .iter()
-                    .filter(|vm| !vm.outcome.is_success() && !kept.contains(vm.id.as_str()))
-                    .count();
-                (unwanted + kept.len(), unwanted)
-            }
-        };
-        let all_done = vms
-            .iter()
-            .all(|vm| vm.outcome.is_success() || vm.outcome.is_kept_by_choice());
-        let result = match ending {
-            Some(Ending::TimedOut) => RunResult::TimedOut,
-            Some(Ending::Stopped(_)) => RunResult::Interrupted,
-            None if unwanted == 0 && all_done => RunResult::Succeeded,
-            None => RunResult::Failed,
-        };
+        let (left, result) = verdict(left, &vms, ending.as_ref());
         Ok(Report {
             node: target.node.clone(),
             host: target.host.clone(),
@@ -1517,22 +1491,10 @@ impl<'a, C: Compute> Engine<'a, C> {
             job.not_before = now + self.settings.poll_interval;
             return Start::Later(job);
         }
-        if !job.action.allowed_for(&current.status) {
-            if let Some(tag) = job.from.tag.clone().filter(|_| job.from.source == ActionSource::Tag) {
-                // The owner's word is followed or reported, never replaced.
-                let why = format!(
-                    "tag {tag}: Nova cannot {} a {} server",
-                    job.action.as_str(),
-                    current.status
-                );
-                return Start::Done(self.job_report(target, &job, Outcome::Failed, Some(why), None));
-            }
-            job.from = ActionFrom::default();
-            job.action = self.settings.state_policy.action_for(&current.status);
-            if job.action == Action::Skip {
-                let reason = skip_reason(&current);
-                return Start::Done(self.job_report(target, &job, Outcome::Skipped, Some(reason), None));
-            }
+        if !job.action.allowed_for(&current.status)
+            && let Some(report) = self.replan(target, &mut job, &current)
+        {
+            return Start::Done(report);
         }
         if ahead && job.action != Action::LiveMigrate {
             // Now a cold migration: Nova would run it at once, so it waits for a slot of its own.
@@ -1570,6 +1532,28 @@ impl<'a, C: Compute> Engine<'a, C> {
             }
             Err(e) => Start::Failed(job, format!("Nova refused the migration: {e}")),
         }
+    }
+
+    /// A VM whose state changed since it was planned, so that Nova cannot
+    /// take its action now: a tag's action is reported failed (the owner's
+    /// word is followed or reported, never replaced); otherwise the state
+    /// policy decides again. `Some` when the VM is done with.
+    fn replan(&self, target: &Target, job: &mut Job, current: &Server) -> Option<VmReport> {
+        if let Some(tag) = job.from.tag.clone().filter(|_| job.from.source == ActionSource::Tag) {
+            let why = format!(
+                "tag {tag}: Nova cannot {} a {} server",
+                job.action.as_str(),
+                current.status
+            );
+            return Some(self.job_report(target, job, Outcome::Failed, Some(why), None));
+        }
+        job.from = ActionFrom::default();
+        job.action = self.settings.state_policy.action_for(&current.status);
+        if job.action == Action::Skip {
+            let reason = skip_reason(current);
+            return Some(self.job_report(target, job, Outcome::Skipped, Some(reason), None));
+        }
+        None
     }
 
     fn flight(&self, job: Job, now: Instant, waiting_in_nova: bool) -> Flight {
@@ -2223,6 +2207,41 @@ fn progress(total: usize, reports: &[VmReport], flights: &[Flight]) -> Event<'st
         running: flights.len() - queued_in_nova + left_to_nova,
         queued_in_nova,
     }
+}
+
+/// How many servers are left on the host and how the run ended. VMs
+/// stopped or left as their tags or the node ask stay, and the run still
+/// succeeds; any other server left fails it.
+fn verdict(left: ComputeResult<Vec<Server>>, vms: &[VmReport], ending: Option<&Ending>) -> (usize, RunResult) {
+    let kept: std::collections::HashSet<&str> = vms
+        .iter()
+        .filter(|vm| vm.outcome.is_kept_by_choice())
+        .map(|vm| vm.id.as_str())
+        .collect();
+    let (left, unwanted) = match left {
+        Ok(servers) => {
+            let unwanted = servers.iter().filter(|s| !kept.contains(s.id.as_str())).count();
+            (servers.len(), unwanted)
+        }
+        Err(e) => {
+            warn!(error = %e, "could not count the servers left on the host");
+            let unwanted = vms
+                .iter()
+                .filter(|vm| !vm.outcome.is_success() && !kept.contains(vm.id.as_str()))
+                .count();
+            (unwanted + kept.len(), unwanted)
+        }
+    };
+    let all_done = vms
+        .iter()
+        .all(|vm| vm.outcome.is_success() || vm.outcome.is_kept_by_choice());
+    let result = match ending {
+        Some(Ending::TimedOut) => RunResult::TimedOut,
+        Some(Ending::Stopped(_)) => RunResult::Interrupted,
+        None if unwanted == 0 && all_done => RunResult::Succeeded,
+        None => RunResult::Failed,
+    };
+    (left, result)
 }
 
 /// A second listing less the VMs already reported (stopped): they are

@@ -77,6 +77,11 @@ pub struct Cli {
     #[arg(long)]
     pub skip_capacity_check: bool,
 
+    /// The node's default for each VM without a nova-drain: server tag: live-migrate, cold-migrate, stop or
+    /// leave (the config's node_default_action). A VM's own tag comes first, the state policy last.
+    #[arg(long = "vm-action", value_name = "ACTION", value_parser = parse_vm_action)]
+    pub vm_action: Option<crate::evacuation::VmPolicy>,
+
     /// Format of the final report on standard output (-o json, as kubectl; -f json, as openstack).
     #[arg(short = 'o', short_alias = 'f', long, value_enum, default_value_t = Output::Human, global = true)]
     pub output: Output,
@@ -239,6 +244,11 @@ pub fn one_line(error: &clap::Error) -> String {
 const LONGEST_TIME_OUT: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// `--time-out`: a bare number of minutes, as the old tool took it, or a duration (`90s`, `5m`, `1h30m`).
+/// `--vm-action`: one of the words a `nova-drain:` tag takes.
+fn parse_vm_action(text: &str) -> Result<crate::evacuation::VmPolicy, String> {
+    text.parse()
+}
+
 fn parse_time_out(text: &str) -> Result<std::time::Duration, String> {
     let duration = match text.trim().parse::<f64>() {
         Ok(minutes) if minutes.is_finite() && minutes > 0.0 => {
@@ -315,6 +325,18 @@ mod tests {
         assert_eq!(
             (known.node.as_deref(), known.time_out),
             (Some("compute-1"), Some(Duration::from_secs(300)))
+        );
+    }
+
+    #[test]
+    fn vm_action_takes_the_tag_vocabulary() {
+        use crate::evacuation::VmPolicy;
+        let cli = parse(&["--vm-action", "stop", "-node", "compute-1"]).unwrap();
+        assert_eq!(cli.vm_action, Some(VmPolicy::Stop));
+        let error = parse(&["--vm-action", "migrate"]).unwrap_err().to_string();
+        assert!(
+            error.contains("expected live-migrate, cold-migrate, stop or leave"),
+            "{error}"
         );
     }
 

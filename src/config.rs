@@ -10,7 +10,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::evacuation::{Action, Budget, BudgetAction, Settings, StatePolicy};
+use crate::evacuation::{Action, Budget, BudgetAction, Settings, StatePolicy, VmPolicy};
 use crate::nova::microversion::{self, Microversion};
 
 mod clouds;
@@ -155,6 +155,9 @@ struct FileConfig {
     migration: MigrationSection,
     #[serde(default)]
     state_policy: BTreeMap<String, Action>,
+    /// The node's default VM action (live-migrate, cold-migrate, stop, leave):
+    /// below a VM's own `nova-drain:` tag, above the state policy.
+    node_default_action: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -927,6 +930,12 @@ fn settings(file: &FileConfig) -> Result<Settings, ConfigError> {
             .set(status, *action)
             .map_err(|e| invalid(format!("state_policy.{status}: {e}")))?;
     }
+    let node_default = file
+        .node_default_action
+        .as_deref()
+        .map(str::parse::<VmPolicy>)
+        .transpose()
+        .map_err(|e| invalid(format!("node_default_action: {e}")))?;
     Ok(Settings {
         max_parallel: max_parallel as usize,
         queue_ahead: queue_ahead as usize,
@@ -938,6 +947,7 @@ fn settings(file: &FileConfig) -> Result<Settings, ConfigError> {
         poll_interval: seconds("migration.poll_interval_seconds", m.poll_interval_seconds, 0.5, 0.1)?,
         timeout,
         state_policy,
+        node_default,
         check_capacity: true,
         disable_first: false,
     })
@@ -1417,6 +1427,20 @@ mod tests {
         for status in ["ACTIVE", "PAUSED", "SHUTOFF", "SUSPENDED", "ERROR"] {
             assert!(shown(status, "  "), "state_policy {status}");
         }
+    }
+
+    #[test]
+    fn node_default_action_is_one_of_the_tag_words() {
+        let config = from_str(&format!("{OLD_TOOL}node_default_action: leave\n"), &no_env()).unwrap();
+        assert_eq!(config.evacuation.node_default, Some(VmPolicy::Leave));
+        let bad = from_str(&format!("{OLD_TOOL}node_default_action: park\n"), &no_env())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(bad.contains("node_default_action: unknown VM action \"park\""), "{bad}");
+        assert!(!bad.contains('\n'), "one line: {bad}");
+        let stop_by_state = from_str(&format!("{OLD_TOOL}state_policy:\n  ACTIVE: stop\n"), &no_env());
+        assert!(stop_by_state.is_err(), "stop is chosen per VM or per node");
     }
 
     #[test]

@@ -139,16 +139,21 @@ async fn run(cli: Cli) -> i32 {
             even_while_moving: cli.force,
             dry_run: cli.dry_run,
         };
-        return match engine.restore(&target, options).await {
-            Ok(outcome) => {
+        return match engine.restore_and_start(&target, options).await {
+            Ok(restored) => {
                 match cli.output {
                     Output::Json => {
-                        let json = serde_json::json!({"host": target.host, "node": target.node, "restore": outcome});
+                        let json = serde_json::json!({
+                            "host": target.host,
+                            "node": target.node,
+                            "restore": restored.outcome,
+                            "started": restored.restarts,
+                        });
                         println!("{json:#}");
                     }
-                    Output::Human => println!("{}", outcome.describe(&target.host)),
+                    Output::Human => println!("{}", restored.describe(&target.host)),
                 }
-                outcome.exit_code()
+                restored.exit_code()
             }
             Err(e) => fail(e),
         };
@@ -282,6 +287,9 @@ fn apply_flags(cli: &Cli, config: &mut Config) {
     }
     if cli.skip_capacity_check {
         config.evacuation.check_capacity = false;
+    }
+    if let Some(action) = cli.vm_action {
+        config.evacuation.node_default = Some(action);
     }
 }
 

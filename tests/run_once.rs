@@ -207,6 +207,86 @@ async fn cold_migrates_shutoff_and_leaves_error_vms_alone() {
     assert!(lab.live_migrations(&broken).await.is_empty(), "no migration was tried");
 }
 
+/// Nova server tags choose per VM: the one tagged live-migrate moves, the
+/// one tagged stop is stopped on the host with our marker, the one tagged
+/// leave is not touched; the run succeeds with those two on the host. Then
+/// `-enable` starts the stopped one and removes the marker.
+#[tokio::test]
+async fn server_tags_choose_per_vm_and_enable_starts_what_we_stopped() {
+    let _exclusive = Lab::exclusive().await;
+    let lab = Lab::connect().await;
+    lab.reset().await;
+    let ids = lab.boot(BootSpec::new("tagged").count(3)).await;
+    let (live, stopped, left) = (&ids[0], &ids[1], &ids[2]);
+    for (id, tag) in [
+        (live, "nova-drain:live-migrate"),
+        (stopped, "nova-drain:stop"),
+        (left, "nova-drain:leave"),
+    ] {
+        lab.nova(Method::PUT, &format!("/servers/{id}/tags/{tag}"), None).await;
+    }
+    let marker = "nova-drain:stopped-by-drainer";
+    let tags = |server: &Value| -> Vec<String> {
+        server["tags"]
+            .as_array()
+            .map(|t| t.iter().filter_map(|t| t.as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    };
+
+    let config = format!("{}{FAST}", lab.drainer_config());
+    let run = drainer(&config, &["--node", "host1", "--output", "json"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let report = run.report();
+    assert_eq!(report["result"], "succeeded", "{report:#}");
+    assert_eq!(report["servers_left_on_host"], 2);
+    for (id, action, outcome, tag) in [
+        (live, "live-migrate", "migrated", "nova-drain:live-migrate"),
+        (stopped, "stop", "stopped", "nova-drain:stop"),
+        (left, "skip", "left", "nova-drain:leave"),
+    ] {
+        let line = vm(&report, id);
+        assert_eq!(
+            (&line["action"], &line["outcome"], &line["action_source"], &line["tag"]),
+            (&json!(action), &json!(outcome), &json!("tag"), &json!(tag)),
+            "{line}"
+        );
+    }
+    let server = lab.server(live).await;
+    assert_eq!(server["status"], "ACTIVE");
+    assert_ne!(host_of(&server), "host1");
+    let server = lab.server(stopped).await;
+    assert_eq!((&server["status"], host_of(&server)), (&json!("SHUTOFF"), "host1"));
+    assert!(tags(&server).contains(&marker.to_string()), "{server}");
+    let server = lab.server(left).await;
+    assert_eq!((&server["status"], host_of(&server)), (&json!("ACTIVE"), "host1"));
+    assert_eq!(tags(&server), ["nova-drain:leave"]);
+    assert!(lab.live_migrations(left).await.is_empty(), "never touched");
+
+    let enable = drainer(
+        &lab.drainer_config(),
+        &["-enable", "--node", "host1", "--output", "json"],
+    )
+    .await;
+    assert_eq!(enable.code, 0, "{}", enable.stderr);
+    let restored: Value = serde_json::from_str(&enable.stdout).expect("JSON");
+    assert_eq!(restored["restore"]["outcome"], "enabled", "{restored:#}");
+    assert_eq!(
+        restored["started"],
+        json!([{"id": stopped, "name": "tagged-1", "outcome": "started"}])
+    );
+    let server = lab
+        .wait_server(stopped, "ACTIVE", |s| {
+            s["status"] == "ACTIVE" && s["OS-EXT-STS:task_state"].is_null()
+        })
+        .await;
+    assert_eq!(
+        tags(&server),
+        ["nova-drain:stop"],
+        "the marker is gone, the owner's tag stays"
+    );
+    assert_eq!(lab.service("host1").await["status"], "enabled");
+}
+
 /// An interrupted run can leave finished cold migrations unconfirmed. With the
 /// lab's two-item pages, three such records span two pages of `/os-migrations`:
 /// a client that read only the first page would leave one VM in VERIFY_RESIZE.

@@ -811,6 +811,7 @@ mod tests {
             duration_seconds: 12.0,
             capacity: None,
             prediction: None,
+            warnings: Vec::new(),
             vms: vec![VmReport {
                 id: "vm-1".into(),
                 name: "web".into(),
@@ -819,6 +820,7 @@ mod tests {
                 status: "ACTIVE".into(),
                 ram_mb: 512,
                 action: Action::LiveMigrate,
+                from: Default::default(),
                 source: "cmp-a".into(),
                 destination: None,
                 attempts: 3,

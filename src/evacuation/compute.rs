@@ -41,6 +41,9 @@ pub struct Server {
     pub host: Option<String>,
     /// `OS-EXT-STS:power_state` is RUNNING: the guest runs, whatever `status` says.
     pub running: bool,
+    /// Its Nova server tags (`nova-drain:stop` ...); `None` where the
+    /// compute API is older than 2.26, which does not show them.
+    pub tags: Option<Vec<String>>,
     pub flavor: Flavor,
 }
 
@@ -228,6 +231,16 @@ pub trait Compute: Send + Sync {
     /// aborted (compute API 2.65): only then may migrations be handed to Nova
     /// ahead of a free slot.
     fn aborts_queued_migrations(&self) -> bool;
+    /// Whether servers show their tags and tags can be set (compute API 2.26).
+    fn reads_server_tags(&self) -> bool;
+    /// Adds a tag to a server (`PUT /servers/{id}/tags/{tag}`, 2.26).
+    fn add_tag(&self, server_id: &str, tag: &str) -> impl Future<Output = ComputeResult<()>> + Send;
+    /// Removes a tag from a server; one already gone is no error.
+    fn remove_tag(&self, server_id: &str, tag: &str) -> impl Future<Output = ComputeResult<()>> + Send;
+    /// Asks Nova to stop (power off) an ACTIVE server (`os-stop`).
+    fn stop_server(&self, server_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
+    /// Asks Nova to start a SHUTOFF server (`os-start`).
+    fn start_server(&self, server_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
     /// The name of the project with this id (from Keystone), for the report.
     fn project_name(&self, project_id: &str) -> impl Future<Output = ComputeResult<String>> + Send;
 }

@@ -9,8 +9,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::compute::{Capacity, ChangeMark, Compute, ComputeError, ComputeService, Migration, Server, is_ended};
-use super::plan::{self, Action, PlannedVm, Shortfall, StatePolicy};
+use super::compute::{
+    Capacity, ChangeMark, Compute, ComputeError, ComputeResult, ComputeService, Migration, Server, is_ended,
+};
+use super::plan::{
+    self, Action, ActionFrom, ActionSource, PlannedVm, STOPPED_BY_US_TAG, Shortfall, StatePolicy, VmPolicy,
+};
 use super::report::{CapacityCheck, Outcome, Prediction, Report, RunResult, VmReport};
 
 /// Prefix of every `disabled_reason` we write; a service whose reason does not
@@ -95,6 +99,11 @@ pub struct Settings {
     /// Ends the whole evacuation: no new migrations, in-flight ones handled per `on_budget_exceeded`.
     pub timeout: Option<Duration>,
     pub state_policy: StatePolicy,
+    /// The node's default action for VMs without a `nova-drain:` tag of
+    /// their own (a Node annotation, the Evacuation spec, or run-once's
+    /// `node_default_action`); the state policy decides where it is `None`
+    /// or Nova cannot follow it in a VM's state.
+    pub node_default: Option<VmPolicy>,
     /// Refuse to start when the other hosts cannot hold the VMs.
     pub check_capacity: bool,
     /// Disable the service before the capacity check rather than after it: an
@@ -119,6 +128,7 @@ impl Default for Settings {
             poll_interval: Duration::from_millis(500),
             timeout: Some(Duration::from_secs(30 * 60)),
             state_policy: StatePolicy::default(),
+            node_default: None,
             check_capacity: true,
             disable_first: false,
         }
@@ -255,7 +265,7 @@ pub fn disabled_reason(target: &Target, now: jiff::Timestamp) -> String {
 fn to_move(planned: &[PlannedVm]) -> Vec<&Server> {
     planned
         .iter()
-        .filter(|p| p.action != Action::Skip)
+        .filter(|p| matches!(p.action, Action::LiveMigrate | Action::ColdMigrate))
         .map(|p| &p.server)
         .collect()
 }
@@ -346,6 +356,70 @@ impl RestoreOutcome {
     }
 }
 
+/// What the restore did with one VM that carries our marker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartOutcome {
+    /// Started (`os-start` accepted) and the marker removed.
+    Started,
+    /// No longer SHUTOFF (its owner started it): the marker was removed.
+    Unmarked,
+    /// A dry run: would be started.
+    WouldStart,
+    /// A dry run: would lose the marker.
+    WouldUnmark,
+    /// Not started; the marker stays, so the next restore tries again.
+    Failed,
+}
+
+/// One VM the restore started (or looked at) again.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Restart {
+    pub id: String,
+    pub name: String,
+    pub outcome: RestartOutcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The end of a maintenance: the service, and the VMs we had stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restored {
+    pub outcome: RestoreOutcome,
+    /// The servers with our marker, and what became of each.
+    pub restarts: Vec<Restart>,
+}
+
+impl Restored {
+    /// The service's line, then one per VM we had stopped.
+    pub fn describe(&self, host: &str) -> String {
+        let mut text = self.outcome.describe(host);
+        for r in &self.restarts {
+            let what = match r.outcome {
+                RestartOutcome::Started => "started again (we had stopped it)",
+                RestartOutcome::Unmarked => "already running: our marker removed",
+                RestartOutcome::WouldStart => "would be started again (we had stopped it)",
+                RestartOutcome::WouldUnmark => "already running: would lose our marker",
+                RestartOutcome::Failed => "NOT started",
+            };
+            text.push_str(&format!("\nVM {} ({}): {what}", r.name, r.id));
+            if let Some(reason) = &r.reason {
+                text.push_str(&format!(": {reason}"));
+            }
+        }
+        text
+    }
+
+    /// The service's exit code, or 1 when a VM we stopped was not started.
+    pub fn exit_code(&self) -> i32 {
+        if self.restarts.iter().any(|r| r.outcome == RestartOutcome::Failed) {
+            crate::exit::FAILED
+        } else {
+            self.outcome.exit_code()
+        }
+    }
+}
+
 /// Runs evacuations of one host against a compute cloud.
 pub struct Engine<'a, C: Compute> {
     compute: &'a C,
@@ -356,6 +430,7 @@ pub struct Engine<'a, C: Compute> {
 struct Job {
     server: Server,
     action: Action,
+    from: ActionFrom,
     attempts: u32,
     first_started: Option<Instant>,
     not_before: Instant,
@@ -558,11 +633,103 @@ impl<'a, C: Compute> Engine<'a, C> {
         }
     }
 
+    /// Ends the maintenance: [`Engine::restore_and_start`], telling only
+    /// what became of the service (the VMs started are logged).
+    pub async fn restore(&self, target: &Target, options: RestoreOptions) -> Result<RestoreOutcome, EvacuationError> {
+        Ok(self.restore_and_start(target, options).await?.outcome)
+    }
+
+    /// Re-enables the service (see `enable_if_ours`) and then starts again
+    /// the VMs we stopped for the maintenance (those carrying our marker
+    /// tag), whether this process or an earlier one stopped them. Once the
+    /// service is enabled (or already was); never while it stays disabled,
+    /// the maintenance not over. A dry run only tells what it would do.
+    pub async fn restore_and_start(
+        &self,
+        target: &Target,
+        options: RestoreOptions,
+    ) -> Result<Restored, EvacuationError> {
+        let outcome = self.enable_if_ours(target, options).await?;
+        let restarts = match outcome {
+            RestoreOutcome::Enabled | RestoreOutcome::AlreadyEnabled | RestoreOutcome::WouldEnable => {
+                self.start_ours(target, options.dry_run).await?
+            }
+            RestoreOutcome::DisabledBySomeoneElse { .. } | RestoreOutcome::StillMoving { .. } => Vec::new(),
+        };
+        Ok(Restored { outcome, restarts })
+    }
+
+    /// Starts every server on the host that carries our marker and removes
+    /// the marker; one no longer SHUTOFF (its owner started it) just loses
+    /// the marker. One still powering off keeps it, for the next restore.
+    async fn start_ours(&self, target: &Target, dry_run: bool) -> Result<Vec<Restart>, EvacuationError> {
+        if !self.compute.reads_server_tags() {
+            // Nothing can carry the marker: we never stop a VM without it.
+            return Ok(Vec::new());
+        }
+        let servers = self
+            .compute
+            .servers_on_host(&target.host)
+            .await
+            .map_err(step("listing the servers on the host"))?;
+        let marked = servers
+            .into_iter()
+            .filter(|s| s.tags.iter().flatten().any(|t| t == STOPPED_BY_US_TAG));
+        Ok(join_all(marked.map(|server| self.start_one(server, dry_run))).await)
+    }
+
+    async fn start_one(&self, server: Server, dry_run: bool) -> Restart {
+        let restart = |outcome, reason: Option<String>| Restart {
+            id: server.id.clone(),
+            name: server.name.clone(),
+            outcome,
+            reason,
+        };
+        if server.task_state.is_some() {
+            let task = server.task_state.as_deref().unwrap_or_default();
+            let why = format!("Nova is busy with it ({task}); the marker stays and the next restore starts it");
+            return restart(RestartOutcome::Failed, Some(why));
+        }
+        let stopped = server.status == "SHUTOFF";
+        if dry_run {
+            let outcome = if stopped {
+                RestartOutcome::WouldStart
+            } else {
+                RestartOutcome::WouldUnmark
+            };
+            return restart(outcome, None);
+        }
+        if stopped {
+            if let Err(e) = self.compute.start_server(&server.id).await {
+                warn!(server = %server.id, error = %e, "could not start a VM we stopped");
+                return restart(RestartOutcome::Failed, Some(format!("Nova refused to start it: {e}")));
+            }
+            info!(server = %server.id, name = %server.name, "started the VM we stopped for the maintenance");
+        }
+        let outcome = if stopped {
+            RestartOutcome::Started
+        } else {
+            RestartOutcome::Unmarked
+        };
+        match self.compute.remove_tag(&server.id, STOPPED_BY_US_TAG).await {
+            Ok(()) => restart(outcome, None),
+            Err(e) => {
+                warn!(server = %server.id, error = %e, "could not remove our marker tag");
+                let why = format!("our marker tag could not be removed: {e}");
+                restart(outcome, Some(why))
+            }
+        }
+    }
+
     /// Re-enables the host's service, but only if our marker is still its
     /// reason (Nova clears the reason when an operator disables the service
     /// again, so an operator's later disable is respected too), and, unless
     /// `even_while_moving`, only while no server is being moved off the host.
-    pub async fn restore(&self, target: &Target, options: RestoreOptions) -> Result<RestoreOutcome, EvacuationError> {
+    async fn enable_if_ours(
+        &self,
+        target: &Target,
+        options: RestoreOptions,
+    ) -> Result<RestoreOutcome, EvacuationError> {
         let service = self.service(target).await?;
         if service.enabled {
             return Ok(RestoreOutcome::AlreadyEnabled);
@@ -616,10 +783,11 @@ impl<'a, C: Compute> Engine<'a, C> {
             .iter()
             .map(|p| {
                 let (outcome, reason) = match p.action {
-                    Action::Skip => (Outcome::Skipped, Some(skip_reason(&p.server))),
+                    Action::Skip => left_as_planned(p),
+                    Action::Stop if !self.compute.reads_server_tags() => (Outcome::Failed, Some(NO_MARKER.into())),
                     _ => (Outcome::Planned, None),
                 };
-                vm_report(&p.server, p.action, &target.host, 0, 0.0, outcome, reason, None)
+                planned_report(p, &target.host, outcome, reason)
             })
             .collect();
         let vms = self.name_projects(vms, HashMap::new()).await;
@@ -635,6 +803,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             vms,
             capacity,
             prediction: Some(prediction),
+            warnings: self.tag_warnings(),
         })
     }
 
@@ -677,15 +846,20 @@ impl<'a, C: Compute> Engine<'a, C> {
         // The projects are named while the VMs move, so that a report cut
         // short (Ctrl-C returns at once) names them too.
         let project_ids = planned.iter().map(|p| p.server.project_id.clone()).collect();
+        let warnings = self.tag_warnings();
+        let deadline = self.settings.timeout.map(|t| started + t);
+        let (planned, stopped) = self.stop_planned(target, planned, deadline, &stop).await;
+        let relisting = relisting.map(|listing| without(listing, &stopped));
         let mut naming = std::pin::pin!(self.project_names(project_ids));
         let mut moving = std::pin::pin!(self.move_all(target, planned, listed_at, relisting, started, &mut stop));
         let mut names = None;
-        let (vms, ending) = loop {
+        let (moved, ending) = loop {
             tokio::select! {
                 moved = &mut moving => break moved,
                 found = &mut naming, if names.is_none() => names = Some(found),
             }
         };
+        let vms: Vec<VmReport> = stopped.into_iter().chain(moved).collect();
 
         // Housekeeping kept off the way to the first migration; not when asked to return at once.
         let leave_at_once = matches!(ending, Some(Ending::Stopped(StopRequest::LeaveInFlight)));
@@ -711,19 +885,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                 }
             }
         );
-        let left = match left {
-            Ok(servers) => servers.len(),
-            Err(e) => {
-                warn!(error = %e, "could not count the servers left on the host");
-                vms.iter().filter(|vm| !vm.outcome.is_success()).count()
-            }
-        };
-        let result = match ending {
-            Some(Ending::TimedOut) => RunResult::TimedOut,
-            Some(Ending::Stopped(_)) => RunResult::Interrupted,
-            None if left == 0 && vms.iter().all(|vm| vm.outcome.is_success()) => RunResult::Succeeded,
-            None => RunResult::Failed,
-        };
+        let (left, result) = verdict(left, &vms, ending.as_ref());
         Ok(Report {
             node: target.node.clone(),
             host: target.host.clone(),
@@ -735,6 +897,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             vms,
             capacity: None,
             prediction: None,
+            warnings,
         })
     }
 
@@ -777,7 +940,11 @@ impl<'a, C: Compute> Engine<'a, C> {
             .servers_on_host(&target.host)
             .await
             .map_err(step("listing servers"))?;
-        Ok(plan::plan(servers, &self.settings.state_policy))
+        Ok(plan::plan(
+            servers,
+            &self.settings.state_policy,
+            self.settings.node_default,
+        ))
     }
 
     /// The host's own service and the hosts its VMs may go to (enabled and up), in one look-up.
@@ -849,6 +1016,105 @@ impl<'a, C: Compute> Engine<'a, C> {
             .map_err(step("disabling the nova-compute service"))?;
         self.observer.event(&Event::ServiceDisabled { reason: &reason });
         Ok((true, reason))
+    }
+
+    /// What the run cannot do as asked, said once: below compute API 2.26
+    /// no server shows its tags, so the VMs are planned without them.
+    fn tag_warnings(&self) -> Vec<String> {
+        if self.compute.reads_server_tags() {
+            return Vec::new();
+        }
+        let warning = "the compute API version in use is below 2.26, which shows no server tags: nova-drain: tags \
+                       are not read, the VMs are planned by the node's default and the state policy, and none is \
+                       stopped (stopping needs our marker tag)";
+        warn!("{warning}");
+        vec![warning.to_string()]
+    }
+
+    /// Stops, side by side, the VMs the plan stops: after the disable and
+    /// before any migration, so a stopped VM is never moved. Returns the
+    /// rest of the plan and the stopped VMs' reports.
+    async fn stop_planned(
+        &self,
+        target: &Target,
+        planned: Vec<PlannedVm>,
+        deadline: Option<Instant>,
+        stop: &watch::Receiver<StopRequest>,
+    ) -> (Vec<PlannedVm>, Vec<VmReport>) {
+        let (stopping, rest): (Vec<PlannedVm>, Vec<PlannedVm>) =
+            planned.into_iter().partition(|p| p.action == Action::Stop);
+        let stops = stopping.iter().map(|p| async move {
+            let started = Instant::now();
+            let (outcome, reason) = self.stop_one(&p.server, deadline, stop.clone()).await;
+            VmReport {
+                attempts: 1,
+                duration_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                ..planned_report(p, &target.host, outcome, Some(reason))
+            }
+        });
+        (rest, join_all(stops).await)
+    }
+
+    /// Stops one ACTIVE VM: our marker first (no marker, no stop: a VM we
+    /// stopped unmarked would never be started again), then `os-stop`, then
+    /// waits for SHUTOFF within its budget and the run's deadline.
+    async fn stop_one(
+        &self,
+        server: &Server,
+        deadline: Option<Instant>,
+        mut stop: watch::Receiver<StopRequest>,
+    ) -> (Outcome, String) {
+        if !self.compute.reads_server_tags() {
+            return (Outcome::Failed, NO_MARKER.into());
+        }
+        if let Err(e) = self.compute.add_tag(&server.id, STOPPED_BY_US_TAG).await {
+            return (
+                Outcome::Failed,
+                format!("not stopped: could not set our marker tag {STOPPED_BY_US_TAG}: {e}"),
+            );
+        }
+        match self.compute.stop_server(&server.id).await {
+            Ok(()) => info!(server = %server.id, name = %server.name, "stopping the VM, as asked, for the maintenance"),
+            Err(ComputeError::Conflict(message)) => {
+                // Refused for certain (its state changed): it must not keep a marker that would start it later.
+                if let Err(e) = self.compute.remove_tag(&server.id, STOPPED_BY_US_TAG).await {
+                    warn!(server = %server.id, error = %e, "could not remove our marker from a VM we did not stop");
+                }
+                return (Outcome::Failed, format!("Nova refused to stop it: {message}"));
+            }
+            // It may have reached Nova: the marker stays (a VM still running just loses it at the restore).
+            Err(e) => return (Outcome::Failed, format!("the stop request failed: {e}")),
+        }
+        let budget = self.settings.budget.for_ram(server.flavor.ram_mb);
+        let until = deadline.map_or(Instant::now() + budget, |d| d.min(Instant::now() + budget));
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(self.settings.poll_interval) => {}
+                // A sender gone (nobody can ask to stop any more) just leaves the sleep.
+                Ok(()) = stop.changed() => {}
+            }
+            match self.compute.server(&server.id).await {
+                Ok(Some(now)) if now.status == "SHUTOFF" && now.task_state.is_none() => {
+                    let why =
+                        format!("stopped and left on the host, marked {STOPPED_BY_US_TAG}: -enable starts it again");
+                    return (Outcome::Stopped, why);
+                }
+                Ok(None) => return (Outcome::Deleted, "deleted while it was being stopped".into()),
+                Ok(Some(_)) => {}
+                Err(e) => debug!(server = %server.id, error = %e, "could not read the server; will look again"),
+            }
+            if *stop.borrow() != StopRequest::Continue {
+                let why = "the run was stopped while Nova stopped the VM; the marker stays for the restore";
+                return (Outcome::InProgress, why.into());
+            }
+            if Instant::now() >= until {
+                let why = format!(
+                    "not SHUTOFF after {} s; Nova goes on stopping it, and the marker stays for the restore",
+                    budget.as_secs()
+                );
+                return (Outcome::Failed, why);
+            }
+        }
     }
 
     /// A cold migration whose confirmation an earlier, interrupted run never sent.
@@ -1104,33 +1370,43 @@ impl<'a, C: Compute> Engine<'a, C> {
         reports: &mut Vec<VmReport>,
     ) -> usize {
         let mut queued = 0;
-        for PlannedVm { server, action } in planned {
-            if action == Action::Skip {
-                let reason = skip_reason(&server);
-                self.observer.event(&Event::NotMigratable {
-                    server: &server,
-                    reason: &reason,
-                });
-                reports.push(vm_report(
-                    &server,
-                    action,
-                    &target.host,
-                    0,
-                    0.0,
-                    Outcome::Skipped,
-                    Some(reason),
-                    None,
-                ));
-            } else {
-                queued += 1;
-                queue.push_back(Job {
-                    server,
-                    action,
-                    attempts: 0,
-                    first_started: None,
-                    not_before: listed_at,
-                    listed_at: Some(listed_at),
-                });
+        for planned in planned {
+            match planned.action {
+                Action::LiveMigrate | Action::ColdMigrate => {
+                    queued += 1;
+                    queue.push_back(Job {
+                        server: planned.server,
+                        action: planned.action,
+                        from: planned.from,
+                        attempts: 0,
+                        first_started: None,
+                        not_before: listed_at,
+                        listed_at: Some(listed_at),
+                    });
+                }
+                Action::Stop => {
+                    // Only a VM found by the second listing: the stops are over by then.
+                    let why = "landed on the host after the VMs to stop were stopped; a new run stops it";
+                    reports.push(planned_report(
+                        &planned,
+                        &target.host,
+                        Outcome::Failed,
+                        Some(why.into()),
+                    ));
+                }
+                Action::Skip => {
+                    let (outcome, reason) = left_as_planned(&planned);
+                    let reason = reason.unwrap_or_default();
+                    if outcome == Outcome::Left {
+                        info!(server = %planned.server.id, %reason, "left on the host as asked");
+                    } else {
+                        self.observer.event(&Event::NotMigratable {
+                            server: &planned.server,
+                            reason: &reason,
+                        });
+                    }
+                    reports.push(planned_report(&planned, &target.host, outcome, Some(reason)));
+                }
             }
         }
         queued
@@ -1215,12 +1491,10 @@ impl<'a, C: Compute> Engine<'a, C> {
             job.not_before = now + self.settings.poll_interval;
             return Start::Later(job);
         }
-        if !job.action.allowed_for(&current.status) {
-            job.action = self.settings.state_policy.action_for(&current.status);
-            if job.action == Action::Skip {
-                let reason = skip_reason(&current);
-                return Start::Done(self.job_report(target, &job, Outcome::Skipped, Some(reason), None));
-            }
+        if !job.action.allowed_for(&current.status)
+            && let Some(report) = self.replan(target, &mut job, &current)
+        {
+            return Start::Done(report);
         }
         if ahead && job.action != Action::LiveMigrate {
             // Now a cold migration: Nova would run it at once, so it waits for a slot of its own.
@@ -1258,6 +1532,28 @@ impl<'a, C: Compute> Engine<'a, C> {
             }
             Err(e) => Start::Failed(job, format!("Nova refused the migration: {e}")),
         }
+    }
+
+    /// A VM whose state changed since it was planned, so that Nova cannot
+    /// take its action now: a tag's action is reported failed (the owner's
+    /// word is followed or reported, never replaced); otherwise the state
+    /// policy decides again. `Some` when the VM is done with.
+    fn replan(&self, target: &Target, job: &mut Job, current: &Server) -> Option<VmReport> {
+        if let Some(tag) = job.from.tag.clone().filter(|_| job.from.source == ActionSource::Tag) {
+            let why = format!(
+                "tag {tag}: Nova cannot {} a {} server",
+                job.action.as_str(),
+                current.status
+            );
+            return Some(self.job_report(target, job, Outcome::Failed, Some(why), None));
+        }
+        job.from = ActionFrom::default();
+        job.action = self.settings.state_policy.action_for(&current.status);
+        if job.action == Action::Skip {
+            let reason = skip_reason(current);
+            return Some(self.job_report(target, job, Outcome::Skipped, Some(reason), None));
+        }
+        None
     }
 
     fn flight(&self, job: Job, now: Instant, waiting_in_nova: bool) -> Flight {
@@ -1482,7 +1778,8 @@ impl<'a, C: Compute> Engine<'a, C> {
         }
         let on_source = server.host.as_deref() == Some(target.host.as_str());
         match flight.job.action {
-            Action::LiveMigrate | Action::Skip => {
+            // A stop never flies; a skipped VM neither.
+            Action::LiveMigrate | Action::Stop | Action::Skip => {
                 if server.task_state.is_none() {
                     if !on_source {
                         return Step::Done(self.finish(target, flight, Outcome::Migrated, None, server.host));
@@ -1570,6 +1867,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             return Step::Requeue(Job {
                 server: flight.job.server.clone(),
                 action: flight.job.action,
+                from: flight.job.from.clone(),
                 attempts: flight.job.attempts.saturating_sub(1),
                 first_started: flight.job.first_started,
                 not_before: Instant::now(),
@@ -1608,6 +1906,7 @@ impl<'a, C: Compute> Engine<'a, C> {
         let job = Job {
             server: flight.job.server.clone(),
             action: flight.job.action,
+            from: flight.job.from.clone(),
             attempts: flight.job.attempts,
             first_started: flight.job.first_started,
             not_before: Instant::now(),
@@ -1855,7 +2154,7 @@ impl<'a, C: Compute> Engine<'a, C> {
         destination: Option<String>,
     ) -> VmReport {
         let seconds = job.first_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        vm_report(
+        let report = vm_report(
             &job.server,
             job.action,
             &target.host,
@@ -1864,7 +2163,11 @@ impl<'a, C: Compute> Engine<'a, C> {
             outcome,
             reason,
             destination,
-        )
+        );
+        VmReport {
+            from: job.from.clone(),
+            ..report
+        }
     }
 }
 
@@ -1888,7 +2191,11 @@ fn name(mut vms: Vec<VmReport>, names: &ProjectNames) -> Vec<VmReport> {
 
 /// Where the moves stand, from the VMs reported and the migrations in flight.
 fn progress(total: usize, reports: &[VmReport], flights: &[Flight]) -> Event<'static> {
-    let moves = || reports.iter().filter(|r| r.action != Action::Skip);
+    let moves = || {
+        reports
+            .iter()
+            .filter(|r| matches!(r.action, Action::LiveMigrate | Action::ColdMigrate))
+    };
     let left_to_nova = moves().filter(|r| r.outcome == Outcome::InProgress).count();
     let queued_in_nova = flights.iter().filter(|f| f.waiting_in_nova).count();
     Event::Progress {
@@ -1900,6 +2207,91 @@ fn progress(total: usize, reports: &[VmReport], flights: &[Flight]) -> Event<'st
         running: flights.len() - queued_in_nova + left_to_nova,
         queued_in_nova,
     }
+}
+
+/// How many servers are left on the host and how the run ended. VMs
+/// stopped or left as their tags or the node ask stay, and the run still
+/// succeeds; any other server left fails it.
+fn verdict(left: ComputeResult<Vec<Server>>, vms: &[VmReport], ending: Option<&Ending>) -> (usize, RunResult) {
+    let kept: std::collections::HashSet<&str> = vms
+        .iter()
+        .filter(|vm| vm.outcome.is_kept_by_choice())
+        .map(|vm| vm.id.as_str())
+        .collect();
+    let (left, unwanted) = match left {
+        Ok(servers) => {
+            let unwanted = servers.iter().filter(|s| !kept.contains(s.id.as_str())).count();
+            (servers.len(), unwanted)
+        }
+        Err(e) => {
+            warn!(error = %e, "could not count the servers left on the host");
+            let unwanted = vms
+                .iter()
+                .filter(|vm| !vm.outcome.is_success() && !kept.contains(vm.id.as_str()))
+                .count();
+            (unwanted + kept.len(), unwanted)
+        }
+    };
+    let all_done = vms
+        .iter()
+        .all(|vm| vm.outcome.is_success() || vm.outcome.is_kept_by_choice());
+    let result = match ending {
+        Some(Ending::TimedOut) => RunResult::TimedOut,
+        Some(Ending::Stopped(_)) => RunResult::Interrupted,
+        None if unwanted == 0 && all_done => RunResult::Succeeded,
+        None => RunResult::Failed,
+    };
+    (left, result)
+}
+
+/// A second listing less the VMs already reported (stopped): they are
+/// not newcomers.
+fn without<'f>(
+    listing: BoxFuture<'f, Result<Vec<PlannedVm>, EvacuationError>>,
+    reported: &[VmReport],
+) -> BoxFuture<'f, Result<Vec<PlannedVm>, EvacuationError>> {
+    let known: std::collections::HashSet<String> = reported.iter().map(|r| r.id.clone()).collect();
+    Box::pin(async move {
+        let planned = listing.await?;
+        Ok(planned.into_iter().filter(|p| !known.contains(&p.server.id)).collect())
+    })
+}
+
+/// Why a VM to stop is not stopped below compute API 2.26.
+const NO_MARKER: &str =
+    "not stopped: stopping needs compute API 2.26 (server tags) for the marker that has it started again";
+
+/// A VM of the plan, reported as it stands before anything is done to it.
+fn planned_report(planned: &PlannedVm, source: &str, outcome: Outcome, reason: Option<String>) -> VmReport {
+    VmReport {
+        from: planned.from.clone(),
+        ..vm_report(&planned.server, planned.action, source, 0, 0.0, outcome, reason, None)
+    }
+}
+
+/// How a VM the plan leaves on the host is reported: failed when its tags
+/// cannot be followed, left when its tag or the node asked for it, else
+/// skipped by the state policy.
+fn left_as_planned(planned: &PlannedVm) -> (Outcome, Option<String>) {
+    if let Some(why) = &planned.refused {
+        return (Outcome::Failed, Some(format!("not touched: {why}")));
+    }
+    if !planned.kept_by_choice() {
+        return (Outcome::Skipped, Some(skip_reason(&planned.server)));
+    }
+    let by = match &planned.from.tag {
+        Some(tag) => format!("its tag {tag}"),
+        None => format!(
+            "the node's default ({})",
+            planned.asked.map_or("leave", VmPolicy::as_str)
+        ),
+    };
+    let why = if planned.asked == Some(VmPolicy::Stop) {
+        format!("already SHUTOFF (stopped by its owner), {by} asks for stop: left as it is, never started by us")
+    } else {
+        format!("left in place as {by} asks")
+    };
+    (Outcome::Left, Some(why))
 }
 
 fn skip_reason(server: &Server) -> String {
@@ -1925,6 +2317,7 @@ fn vm_report(
         status: server.status.clone(),
         ram_mb: server.flavor.ram_mb,
         action,
+        from: ActionFrom::default(),
         source: source.to_string(),
         destination,
         attempts,

@@ -82,6 +82,8 @@ pub(crate) struct FakeVm {
     pub(crate) progress: Progress,
     /// Its newest instance action is a `resetState`, not a migration.
     pub(crate) reset_since_migration: bool,
+    /// An `os-stop` is under way (`powering-off`) and ends at this instant.
+    pub(crate) powering_off_until: Option<Instant>,
 }
 
 impl FakeVm {
@@ -219,6 +221,8 @@ pub(crate) struct Calls {
     pub(crate) max_in_flight: usize,
     /// The most live migrations Nova held queued at once.
     pub(crate) max_queued: usize,
+    /// Tag and power calls in order: `tag ID TAG`, `untag ID TAG`, `stop ID`, `start ID`.
+    pub(crate) lifecycle: Vec<String>,
 }
 
 impl Calls {
@@ -280,6 +284,12 @@ pub(crate) struct Cloud {
     pub(crate) abort_lost: Vec<String>,
     /// The API is older than 2.59: no `changes-since` on `GET /os-migrations`.
     pub(crate) no_changes_since: bool,
+    /// The API shows and sets server tags (2.26 and later).
+    pub(crate) tags_supported: bool,
+    /// How long an `os-stop` takes (the guest's shutdown).
+    pub(crate) stop_takes: Duration,
+    /// Tag writes fail (`add_tag` answers 500).
+    pub(crate) tag_writes_fail: bool,
     pub(crate) calls: Calls,
 }
 
@@ -319,6 +329,7 @@ impl Cloud {
             }
         }
         self.conductor_sets_errored_servers(now);
+        self.power_off_due(now);
         for i in 0..self.migrations.len() {
             let migration = &self.migrations[i];
             // Queued ones are not moving: they start in `start_queued`.
@@ -346,6 +357,31 @@ impl Cloud {
                 _ => {}
             }
         }
+    }
+
+    /// Ends the `os-stop`s whose time has come: the server is SHUTOFF.
+    fn power_off_due(&mut self, now: Instant) {
+        for vm in self.vms.values_mut() {
+            if vm.powering_off_until.is_some_and(|until| until <= now) {
+                vm.powering_off_until = None;
+                vm.server.status = "SHUTOFF".into();
+                vm.server.task_state = None;
+                vm.server.running = false;
+            }
+        }
+    }
+
+    /// The server, with its tags readable (compute API 2.26), for a tag call.
+    fn taggable(&mut self, server_id: &str) -> ComputeResult<&mut Server> {
+        if !self.tags_supported {
+            return Err(ComputeError::Unsupported(
+                "tagging a server needs compute API 2.26; this cloud offers up to 2.25".into(),
+            ));
+        }
+        self.vms
+            .get_mut(server_id)
+            .map(|vm| &mut vm.server)
+            .ok_or_else(|| ComputeError::Other(format!("server {server_id}: HTTP 404")))
     }
 
     /// Live migrations from `source` running now (not queued, not ended).
@@ -584,6 +620,9 @@ impl FakeCloud {
                 scheduling: Duration::ZERO,
                 abort_lost: Vec::new(),
                 no_changes_since: false,
+                tags_supported: true,
+                stop_takes: Duration::from_secs(3),
+                tag_writes_fail: false,
                 calls: Calls::default(),
             }),
         }
@@ -620,6 +659,7 @@ impl FakeCloud {
             task_state: None,
             host: Some(SOURCE.into()),
             running: status == "ACTIVE",
+            tags: Some(vec![]),
             flavor: Flavor {
                 ram_mb,
                 vcpus: 2,
@@ -631,8 +671,39 @@ impl FakeCloud {
             scripts: VecDeque::new(),
             progress: Progress::Reported,
             reset_since_migration: false,
+            powering_off_until: None,
         };
         self.lock().vms.insert(id.into(), vm);
+    }
+
+    /// The VM's owner sets a server tag.
+    pub(crate) fn tag(&self, id: &str, tag: &str) {
+        let mut cloud = self.lock();
+        let tags = cloud
+            .vms
+            .get_mut(id)
+            .expect("known VM")
+            .server
+            .tags
+            .get_or_insert_with(Vec::new);
+        tags.push(tag.into());
+    }
+
+    /// The compute API is older than 2.26: servers show no tags, none can be set.
+    pub(crate) fn without_tags(&self) {
+        let mut cloud = self.lock();
+        cloud.tags_supported = false;
+        for vm in cloud.vms.values_mut() {
+            vm.server.tags = None;
+        }
+    }
+
+    /// The VM's owner stops it (or starts it again, `running`).
+    pub(crate) fn power_by_owner(&self, id: &str, running: bool) {
+        let mut cloud = self.lock();
+        let server = &mut cloud.vms.get_mut(id).expect("known VM").server;
+        server.status = if running { "ACTIVE" } else { "SHUTOFF" }.into();
+        server.running = running;
     }
 
     /// How the server's successive migrations go; the last script repeats.
@@ -998,6 +1069,77 @@ impl Compute for FakeCloud {
 
     fn aborts_queued_migrations(&self) -> bool {
         self.lock().aborts_queued
+    }
+
+    fn reads_server_tags(&self) -> bool {
+        self.lock().tags_supported
+    }
+
+    async fn add_tag(&self, server_id: &str, tag: &str) -> ComputeResult<()> {
+        self.reachable()?;
+        let mut cloud = self.lock();
+        cloud.calls.lifecycle.push(format!("tag {server_id} {tag}"));
+        if cloud.tag_writes_fail {
+            return Err(ComputeError::Other(format!(
+                "PUT /servers/{server_id}/tags/{tag}: HTTP 500"
+            )));
+        }
+        let tags = cloud.taggable(server_id)?.tags.get_or_insert_with(Vec::new);
+        if !tags.iter().any(|t| t == tag) {
+            tags.push(tag.into());
+        }
+        Ok(())
+    }
+
+    async fn remove_tag(&self, server_id: &str, tag: &str) -> ComputeResult<()> {
+        self.reachable()?;
+        let mut cloud = self.lock();
+        cloud.calls.lifecycle.push(format!("untag {server_id} {tag}"));
+        if let Some(tags) = cloud.taggable(server_id)?.tags.as_mut() {
+            tags.retain(|t| t != tag);
+        }
+        Ok(())
+    }
+
+    /// As Nova: only an ACTIVE server with no task; it powers off over `stop_takes`.
+    async fn stop_server(&self, server_id: &str) -> ComputeResult<()> {
+        self.reachable()?;
+        let mut cloud = self.lock();
+        cloud.calls.lifecycle.push(format!("stop {server_id}"));
+        let until = Instant::now() + cloud.stop_takes;
+        let vm = cloud
+            .vms
+            .get_mut(server_id)
+            .ok_or_else(|| ComputeError::Other(format!("server {server_id}: HTTP 404")))?;
+        if vm.server.status != "ACTIVE" || vm.server.task_state.is_some() {
+            return Err(ComputeError::Conflict(format!(
+                "Cannot 'stop' instance {server_id} while it is in vm_state {}",
+                vm.server.status.to_lowercase()
+            )));
+        }
+        vm.server.task_state = Some("powering-off".into());
+        vm.powering_off_until = Some(until);
+        Ok(())
+    }
+
+    /// As Nova: only a SHUTOFF server with no task; it runs at once here.
+    async fn start_server(&self, server_id: &str) -> ComputeResult<()> {
+        self.reachable()?;
+        let mut cloud = self.lock();
+        cloud.calls.lifecycle.push(format!("start {server_id}"));
+        let vm = cloud
+            .vms
+            .get_mut(server_id)
+            .ok_or_else(|| ComputeError::Other(format!("server {server_id}: HTTP 404")))?;
+        if vm.server.status != "SHUTOFF" || vm.server.task_state.is_some() {
+            return Err(ComputeError::Conflict(format!(
+                "Cannot 'start' instance {server_id} while it is in vm_state {}",
+                vm.server.status.to_lowercase()
+            )));
+        }
+        vm.server.status = "ACTIVE".into();
+        vm.server.running = true;
+        Ok(())
     }
 
     fn lists_migration_changes(&self) -> bool {

@@ -11,10 +11,10 @@ pub use compute::{
     MigrationChanges, Resources, Server,
 };
 pub use engine::{
-    Budget, BudgetAction, DISABLED_REASON_MARKER, Engine, EvacuationError, Event, Observer, RestoreOptions,
-    RestoreOutcome, Settings, StopRequest, Target, disabled_reason, is_our_reason,
+    Budget, BudgetAction, DISABLED_REASON_MARKER, Engine, EvacuationError, Event, Observer, Restart, RestartOutcome,
+    RestoreOptions, RestoreOutcome, Restored, Settings, StopRequest, Target, disabled_reason, is_our_reason,
 };
-pub use plan::{Action, StatePolicy};
+pub use plan::{Action, ActionFrom, ActionSource, STOPPED_BY_US_TAG, StatePolicy, TAG_PREFIX, VmPolicy};
 pub use report::{CapacityCheck, Outcome, Prediction, Report, RunResult, View, VmReport};
 
 #[cfg(test)]

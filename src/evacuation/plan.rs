@@ -15,6 +15,9 @@ pub enum Action {
     LiveMigrate,
     /// Moves a stopped VM and confirms the move (SHUTOFF; ACTIVE VMs are stopped by Nova while moving).
     ColdMigrate,
+    /// Stops a running VM before the migrations and leaves it on the host,
+    /// marked so that the restore after the maintenance starts it again.
+    Stop,
     /// Leaves the VM where it is and reports it.
     Skip,
 }
@@ -25,6 +28,7 @@ impl Action {
         match self {
             Action::LiveMigrate => "live-migrate",
             Action::ColdMigrate => "cold-migrate",
+            Action::Stop => "stop",
             Action::Skip => "skip",
         }
     }
@@ -34,6 +38,8 @@ impl Action {
         match self {
             Action::LiveMigrate => matches!(status, "ACTIVE" | "PAUSED"),
             Action::ColdMigrate => matches!(status, "ACTIVE" | "SHUTOFF"),
+            // Nova's `os-stop` takes ACTIVE (and ERROR, which needs an operator, not us).
+            Action::Stop => status == "ACTIVE",
             Action::Skip => true,
         }
     }
@@ -67,14 +73,11 @@ impl StatePolicy {
     /// Overrides the action for `status` (upper-case Nova status), refusing one Nova would reject.
     pub fn set(&mut self, status: &str, action: Action) -> Result<(), String> {
         let status = status.to_ascii_uppercase();
+        if action == Action::Stop {
+            return Err("stop is chosen per VM (tag nova-drain:stop) or per node (node_default_action)".into());
+        }
         if !action.allowed_for(&status) {
-            return Err(format!(
-                "Nova cannot {} a {status} server",
-                match action {
-                    Action::LiveMigrate => "live-migrate",
-                    _ => "cold-migrate",
-                }
-            ));
+            return Err(format!("Nova cannot {} a {status} server", action.as_str()));
         }
         self.by_status.insert(status, action);
         Ok(())
@@ -86,27 +89,256 @@ impl StatePolicy {
     }
 }
 
+/// What a VM's owner (a Nova server tag) or the node (a default) asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmPolicy {
+    LiveMigrate,
+    ColdMigrate,
+    /// Stop it before the maintenance and start it again afterwards.
+    Stop,
+    /// Report it, do not touch it.
+    Leave,
+}
+
+impl VmPolicy {
+    pub const ALL: [VmPolicy; 4] = [
+        VmPolicy::LiveMigrate,
+        VmPolicy::ColdMigrate,
+        VmPolicy::Stop,
+        VmPolicy::Leave,
+    ];
+
+    /// As the tag, the annotation and the config spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmPolicy::LiveMigrate => "live-migrate",
+            VmPolicy::ColdMigrate => "cold-migrate",
+            VmPolicy::Stop => "stop",
+            VmPolicy::Leave => "leave",
+        }
+    }
+
+    /// The Nova server tag that asks for it (`nova-drain:stop`).
+    pub fn tag(self) -> String {
+        format!("{TAG_PREFIX}{}", self.as_str())
+    }
+
+    pub fn action(self) -> Action {
+        match self {
+            VmPolicy::LiveMigrate => Action::LiveMigrate,
+            VmPolicy::ColdMigrate => Action::ColdMigrate,
+            VmPolicy::Stop => Action::Stop,
+            VmPolicy::Leave => Action::Skip,
+        }
+    }
+}
+
+impl std::str::FromStr for VmPolicy {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        VmPolicy::ALL
+            .into_iter()
+            .find(|p| p.as_str() == text.trim())
+            .ok_or_else(|| format!("unknown VM action {text:?}: expected live-migrate, cold-migrate, stop or leave"))
+    }
+}
+
+impl std::fmt::Display for VmPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Every Nova server tag of ours starts with this; one that does and is not
+/// in our vocabulary is reported, never guessed at.
+pub const TAG_PREFIX: &str = "nova-drain:";
+/// Our own tag on a VM we stopped: the restore starts exactly these again
+/// (never a VM its owner stopped). Kept in Nova, so a restarted agent knows.
+pub const STOPPED_BY_US_TAG: &str = "nova-drain:stopped-by-drainer";
+
+/// Which level decided a VM's action.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActionSource {
+    /// A `nova-drain:` server tag set by the VM's owner.
+    Tag,
+    /// The node's default (Node annotation, Evacuation spec, `node_default_action`).
+    NodeDefault,
+    /// The per-state policy of the configuration.
+    #[default]
+    StatePolicy,
+    /// A migration already under way, which is followed.
+    InProgress,
+}
+
+impl ActionSource {
+    /// The table's short word.
+    pub fn short(self) -> &'static str {
+        match self {
+            ActionSource::Tag => "tag",
+            ActionSource::NodeDefault => "node",
+            ActionSource::StatePolicy => "state",
+            ActionSource::InProgress => "moving",
+        }
+    }
+}
+
+/// Where a VM's action came from, as the report shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ActionFrom {
+    #[serde(rename = "action_source")]
+    pub source: ActionSource,
+    /// The tag that chose it, when one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// What a server's tags ask for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TagChoice {
+    /// No tag of ours (or tags unreadable below compute API 2.26).
+    None,
+    One(VmPolicy),
+    /// Two different actions, or an unknown `nova-drain:` tag: never guessed.
+    Invalid(String),
+}
+
+/// Reads our vocabulary from a server's tags; our own marker is no choice.
+pub fn tag_choice(tags: &[String]) -> TagChoice {
+    let ours: Vec<&String> = tags
+        .iter()
+        .filter(|t| t.starts_with(TAG_PREFIX) && t.as_str() != STOPPED_BY_US_TAG)
+        .collect();
+    let unknown: Vec<&str> = ours
+        .iter()
+        .filter(|t| !VmPolicy::ALL.iter().any(|p| p.tag() == t.as_str()))
+        .map(|t| t.as_str())
+        .collect();
+    if !unknown.is_empty() {
+        return TagChoice::Invalid(format!(
+            "unknown tag(s) {}: expected one of {}",
+            unknown.join(", "),
+            VmPolicy::ALL.map(VmPolicy::tag).join(", ")
+        ));
+    }
+    match ours.as_slice() {
+        [] => TagChoice::None,
+        [one] => VmPolicy::ALL
+            .into_iter()
+            .find(|p| p.tag() == one.as_str())
+            .map_or(TagChoice::None, TagChoice::One),
+        many => TagChoice::Invalid(format!(
+            "conflicting tags {}: set only one",
+            many.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
 /// One VM and what will be done with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlannedVm {
     pub server: Server,
     pub action: Action,
+    pub from: ActionFrom,
+    /// What its tag or the node's default asked for, when one decided.
+    pub asked: Option<VmPolicy>,
+    /// Why the VM is not touched and counts as failed (a tag that cannot be
+    /// followed); its action is then `Skip`.
+    pub refused: Option<String>,
+}
+
+impl PlannedVm {
+    /// Left on the host because its owner or the node asked for it (a
+    /// `leave`, or a `stop` of a VM already stopped): no reason for the run to fail.
+    pub fn kept_by_choice(&self) -> bool {
+        self.action == Action::Skip && self.refused.is_none() && self.from.source != ActionSource::StatePolicy
+    }
+}
+
+/// The action for one server that is not already moving: its tag, then the
+/// node's default, then the state policy. A tag Nova cannot follow in the
+/// server's state is refused; a node default that Nova cannot follow gives
+/// way to the state policy (it is a default, not the owner's word). A `stop`
+/// of a VM already SHUTOFF leaves it as its owner stopped it.
+fn choose(server: &Server, policy: &StatePolicy, node_default: Option<VmPolicy>) -> PlannedVm {
+    let status = server.status.as_str();
+    let (asked, source, tag) = match tag_choice(server.tags.as_deref().unwrap_or_default()) {
+        TagChoice::Invalid(why) => return planned(server, Action::Skip, ActionFrom::tag(None), None, Some(why)),
+        TagChoice::One(choice) => (choice, ActionSource::Tag, Some(choice.tag())),
+        TagChoice::None => match node_default {
+            Some(choice) => (choice, ActionSource::NodeDefault, None),
+            None => return planned(server, policy.action_for(status), ActionFrom::default(), None, None),
+        },
+    };
+    let from = ActionFrom { source, tag };
+    let action = asked.action();
+    match (asked, status) {
+        (VmPolicy::Stop, "SHUTOFF") => planned(server, Action::Skip, from, Some(asked), None),
+        _ if action.allowed_for(status) => planned(server, action, from, Some(asked), None),
+        _ if source == ActionSource::NodeDefault => {
+            planned(server, policy.action_for(status), ActionFrom::default(), None, None)
+        }
+        _ => {
+            let why = format!("tag {}: Nova cannot {asked} a {status} server", asked.tag());
+            planned(server, Action::Skip, from, Some(asked), Some(why))
+        }
+    }
+}
+
+fn planned(
+    server: &Server,
+    action: Action,
+    from: ActionFrom,
+    asked: Option<VmPolicy>,
+    refused: Option<String>,
+) -> PlannedVm {
+    PlannedVm {
+        server: server.clone(),
+        action,
+        from,
+        asked,
+        refused,
+    }
+}
+
+impl ActionFrom {
+    fn tag(tag: Option<String>) -> ActionFrom {
+        ActionFrom {
+            source: ActionSource::Tag,
+            tag,
+        }
+    }
 }
 
 /// Decides an action per server and orders the moves: live migrations first,
 /// then cold ones, each smallest RAM first so the host empties of as many VMs
-/// as early as possible; skipped VMs last. Ties break on id for a stable order.
-pub fn plan(servers: Vec<Server>, policy: &StatePolicy) -> Vec<PlannedVm> {
+/// as early as possible; stops and skipped VMs last. Ties break on id for a
+/// stable order. A server already moving keeps that move, whatever its tags.
+pub fn plan(servers: Vec<Server>, policy: &StatePolicy, node_default: Option<VmPolicy>) -> Vec<PlannedVm> {
     let mut planned: Vec<PlannedVm> = servers
         .into_iter()
         .map(|server| {
-            let action = match server.task_state.as_deref() {
+            let moving = match server.task_state.as_deref() {
                 // Already moving (an earlier run, or someone else): follow that move.
-                Some("migrating") => Action::LiveMigrate,
-                Some(task) if task.starts_with("resize") => Action::ColdMigrate,
-                _ => policy.action_for(&server.status),
+                Some("migrating") => Some(Action::LiveMigrate),
+                Some(task) if task.starts_with("resize") => Some(Action::ColdMigrate),
+                _ => None,
             };
-            PlannedVm { server, action }
+            match moving {
+                Some(action) => PlannedVm {
+                    server,
+                    action,
+                    from: ActionFrom {
+                        source: ActionSource::InProgress,
+                        tag: None,
+                    },
+                    asked: None,
+                    refused: None,
+                },
+                None => choose(&server, policy, node_default),
+            }
         })
         .collect();
     planned.sort_by(|a, b| {
@@ -303,6 +535,7 @@ mod tests {
             task_state: None,
             host: Some("src".into()),
             running: true,
+            tags: Some(vec![]),
             flavor: Flavor {
                 ram_mb,
                 vcpus: 1,
@@ -370,6 +603,7 @@ mod tests {
                 migrating,
             ],
             &StatePolicy::default(),
+            None,
         );
         let order: Vec<(&str, Action)> = planned.iter().map(|p| (p.server.id.as_str(), p.action)).collect();
         assert_eq!(
@@ -382,6 +616,60 @@ mod tests {
                 ("a", Action::Skip),
             ]
         );
+    }
+
+    #[test]
+    fn tags_are_read_strictly_and_the_marker_is_no_choice() {
+        let tags = |list: &[&str]| list.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        assert_eq!(tag_choice(&tags(&[])), TagChoice::None);
+        assert_eq!(tag_choice(&tags(&["prod", STOPPED_BY_US_TAG])), TagChoice::None);
+        assert_eq!(
+            tag_choice(&tags(&["prod", "nova-drain:stop", STOPPED_BY_US_TAG])),
+            TagChoice::One(VmPolicy::Stop)
+        );
+        let TagChoice::Invalid(why) = tag_choice(&tags(&["nova-drain:leave", "nova-drain:stop"])) else {
+            panic!("two actions are a conflict");
+        };
+        assert_eq!(why, "conflicting tags nova-drain:leave, nova-drain:stop: set only one");
+        let TagChoice::Invalid(why) = tag_choice(&tags(&["nova-drain:Stop"])) else {
+            panic!("an unknown tag of ours is reported");
+        };
+        assert!(
+            why.starts_with("unknown tag(s) nova-drain:Stop: expected one of nova-drain:live-migrate"),
+            "{why}"
+        );
+        for policy in VmPolicy::ALL {
+            let tag = policy.tag();
+            assert!(
+                tag.len() <= 60 && !tag.contains('/') && !tag.contains(','),
+                "a valid Nova tag: {tag}"
+            );
+            assert_eq!(policy.as_str().parse::<VmPolicy>(), Ok(policy));
+        }
+        assert!(STOPPED_BY_US_TAG.len() <= 60);
+        let error = "migrate".parse::<VmPolicy>().unwrap_err();
+        assert_eq!(
+            error,
+            "unknown VM action \"migrate\": expected live-migrate, cold-migrate, stop or leave"
+        );
+    }
+
+    #[test]
+    fn a_moving_vm_keeps_its_move_whatever_its_tags() {
+        let mut moving = server("m", "ACTIVE", 512);
+        moving.task_state = Some("migrating".into());
+        moving.tags = Some(vec!["nova-drain:stop".into()]);
+        let mut off = server("off", "SHUTOFF", 512);
+        off.tags = None; // below 2.26
+        let planned = plan(vec![moving, off], &StatePolicy::default(), Some(VmPolicy::Stop));
+        assert_eq!(planned[0].action, Action::LiveMigrate);
+        assert_eq!(planned[0].from.source, ActionSource::InProgress);
+        // A stop default for a VM already stopped leaves it, as its owner stopped it.
+        assert_eq!(
+            (planned[1].action, planned[1].asked),
+            (Action::Skip, Some(VmPolicy::Stop))
+        );
+        assert!(planned[1].kept_by_choice());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::compute::{Capacity, HostCapacity, Resources};
-use super::plan::{Action, NeedsFrom, Unplaced, VmNeeds, show};
+use super::plan::{Action, ActionFrom, NeedsFrom, Unplaced, VmNeeds, show};
 
 mod table;
 
@@ -49,6 +49,11 @@ pub enum Outcome {
     Deleted,
     /// Left alone by the state policy.
     Skipped,
+    /// Stopped by us and left on the host (its tag or the node asked for
+    /// `stop`); marked so that the restore starts it again.
+    Stopped,
+    /// Left on the host untouched, as its tag or the node's default asks.
+    Left,
     /// Every attempt failed, or the VM is in a state that forbids moving it.
     Failed,
     /// Its migration was aborted (budget, stall or time-out) and it stayed on the source.
@@ -67,12 +72,20 @@ impl Outcome {
         matches!(self, Outcome::Migrated | Outcome::Deleted)
     }
 
+    /// Whether the VM stays on the host as asked for (stopped or left by
+    /// its tag or the node's default): no reason for the run to fail.
+    pub fn is_kept_by_choice(&self) -> bool {
+        matches!(self, Outcome::Stopped | Outcome::Left)
+    }
+
     /// As `--output json` spells it.
     pub fn as_str(&self) -> &'static str {
         match self {
             Outcome::Migrated => "migrated",
             Outcome::Deleted => "deleted",
             Outcome::Skipped => "skipped",
+            Outcome::Stopped => "stopped",
+            Outcome::Left => "left",
             Outcome::Failed => "failed",
             Outcome::Aborted => "aborted",
             Outcome::InProgress => "in-progress",
@@ -94,6 +107,9 @@ pub struct VmReport {
     pub status: String,
     pub ram_mb: u64,
     pub action: Action,
+    /// Which level chose the action (`action_source`), and the tag if one did (`tag`).
+    #[serde(flatten)]
+    pub from: ActionFrom,
     pub source: String,
     pub destination: Option<String>,
     pub attempts: u32,
@@ -109,7 +125,7 @@ impl VmReport {
     fn record(&self) -> String {
         let mut text = format!("{} ({})\n  {}", self.name, self.id, self.outcome.as_str());
         if self.action != Action::Skip {
-            text.push_str(&format!(": {}", self.action.as_str()));
+            text.push_str(&format!(": {} ({})", self.action.as_str(), self.from.source.short()));
             if let Some(destination) = &self.destination {
                 text.push_str(&format!(" to {destination}"));
             }
@@ -242,6 +258,10 @@ pub struct Report {
     /// A dry run's forecast of the real run (none in a real run).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prediction: Option<Prediction>,
+    /// What the run could not do as asked, said once (server tags unreadable
+    /// below compute API 2.26).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Where the human report is read, which decides its layout.
@@ -276,9 +296,13 @@ pub struct Prediction {
     pub disables_service: bool,
     pub live_migrations: usize,
     pub cold_migrations: usize,
+    /// VMs it would stop and leave on the host (tag or node default `stop`).
+    pub stops: usize,
     /// Whether the capacity check would stop the run before any migration.
     pub stopped_by_capacity_check: bool,
-    /// Ids of the VMs the run would leave on the host (the state policy skips them).
+    /// Ids of the VMs the run would leave on the host and fail for (the
+    /// state policy skips them, or their tags cannot be followed); VMs left
+    /// by their tag or the node's default are not among them.
     pub stays: Vec<String>,
     /// How the run would end: `succeeded` or `failed`.
     pub result: RunResult,
@@ -295,7 +319,10 @@ impl Prediction {
     /// service before it checks the capacity (the agent: the node is cordoned already).
     pub fn new(enabled: bool, disable_first: bool, vms: &[VmReport], capacity: Option<&CapacityCheck>) -> Prediction {
         let count = |action| vms.iter().filter(|vm| vm.action == action).count();
-        let stays: Vec<&VmReport> = vms.iter().filter(|vm| vm.action == Action::Skip).collect();
+        let stays: Vec<&VmReport> = vms
+            .iter()
+            .filter(|vm| vm.action == Action::Skip && !vm.outcome.is_kept_by_choice())
+            .collect();
         let shortfall = capacity.map(|c| c.unplaced.len()).filter(|n| *n > 0);
         let why = if let Some(unplaced) = shortfall {
             Some(format!(
@@ -306,11 +333,20 @@ impl Prediction {
             let mut states: Vec<&str> = stays.iter().map(|vm| vm.status.as_str()).collect();
             states.sort_unstable();
             states.dedup();
-            Some(format!(
-                "{} VM(s) would stay on the host ({}: left in place by the state policy, Nova cannot move them)",
-                stays.len(),
-                states.join(", ")
-            ))
+            let refused = stays.iter().filter(|vm| vm.outcome == Outcome::Failed).count();
+            Some(if refused > 0 {
+                format!(
+                    "{} VM(s) would stay on the host ({refused} of them with nova-drain: tags that cannot be \
+                     followed, see their reasons)",
+                    stays.len()
+                )
+            } else {
+                format!(
+                    "{} VM(s) would stay on the host ({}: left in place by the state policy, Nova cannot move them)",
+                    stays.len(),
+                    states.join(", ")
+                )
+            })
         } else {
             None
         };
@@ -323,6 +359,7 @@ impl Prediction {
             stopped_by_capacity_check: shortfall.is_some(),
             live_migrations: count(Action::LiveMigrate),
             cold_migrations: count(Action::ColdMigrate),
+            stops: count(Action::Stop),
             stays: stays.iter().map(|vm| vm.id.clone()).collect(),
             result,
             exit_code,
@@ -344,6 +381,9 @@ impl Prediction {
             }
             if self.cold_migrations > 0 {
                 steps.push(format!("cold-migrate {} VM(s)", self.cold_migrations));
+            }
+            if self.stops > 0 {
+                steps.push(format!("stop {} VM(s) and leave them on the host", self.stops));
             }
             if !self.stays.is_empty() {
                 steps.push(format!("leave {} VM(s) in place", self.stays.len()));
@@ -387,6 +427,9 @@ impl Report {
     pub fn to_human(&self, view: &View) -> String {
         let mut out = String::new();
         let verdict = match self.result {
+            RunResult::Succeeded if self.servers_left_on_host > 0 => {
+                "evacuated: only VMs stopped or left as their tags or the node ask are on the hypervisor"
+            }
             RunResult::Succeeded => "evacuated: the hypervisor is empty",
             RunResult::Failed => "FAILED: VMs are left on the hypervisor",
             RunResult::TimedOut => "TIMED OUT: VMs are left on the hypervisor",
@@ -416,6 +459,9 @@ impl Report {
             (None, _) => "enabled".to_string(),
         };
         prose(&mut out, &format!("service: {service}"));
+        for warning in &self.warnings {
+            prose(&mut out, &format!("warning: {warning}"));
+        }
         if let Some(capacity) = &self.capacity {
             prose(&mut out, &format!("capacity: {}", self.capacity_verdict(capacity)));
             for balance in &capacity.classes {
@@ -473,6 +519,7 @@ impl Report {
             column("state", Align::Left, Fit::Keep),
             column("RAM MiB", Align::Right, Fit::Keep),
             column("action", Align::Left, Fit::Keep),
+            column("by", Align::Left, Fit::Keep),
         ];
         if moved {
             columns.extend([
@@ -496,9 +543,11 @@ impl Report {
                     match vm.action {
                         Action::LiveMigrate => "live",
                         Action::ColdMigrate => "cold",
+                        Action::Stop => "stop",
                         Action::Skip => "skip",
                     }
                     .to_string(),
+                    vm.from.source.short().to_string(),
                 ];
                 if moved {
                     row.extend([
@@ -541,10 +590,18 @@ impl Report {
                     )]
                 }
             }
-            RunResult::Succeeded if self.service_disabled_by_us => vec![format!(
-                "do the maintenance; afterwards {enable} re-enables nova-compute on {}",
-                self.host
-            )],
+            RunResult::Succeeded if self.service_disabled_by_us => {
+                let stopped = self.vms.iter().filter(|vm| vm.outcome == Outcome::Stopped).count();
+                let starts = if stopped > 0 {
+                    format!(" and starts the {stopped} VM(s) it stopped")
+                } else {
+                    String::new()
+                };
+                vec![format!(
+                    "do the maintenance; afterwards {enable} re-enables nova-compute on {}{starts}",
+                    self.host
+                )]
+            }
             RunResult::Succeeded => match &self.service_disabled_reason {
                 Some(_) => vec![format!(
                     "do the maintenance; nova-compute on {} stays disabled as someone else left it (-enable \
@@ -594,7 +651,11 @@ impl Report {
     }
 
     fn capacity_verdict(&self, capacity: &CapacityCheck) -> String {
-        let moving = self.vms.iter().filter(|vm| vm.outcome == Outcome::Planned).count();
+        let moving = self
+            .vms
+            .iter()
+            .filter(|vm| vm.outcome == Outcome::Planned && vm.action != Action::Stop)
+            .count();
         let mut candidates: Vec<&HostCapacity> = capacity.candidates.iter().collect();
         candidates.sort_by(|a, b| a.host.cmp(&b.host));
         let hosts: Vec<String> = candidates
@@ -652,6 +713,7 @@ mod tests {
                 status: "ACTIVE".into(),
                 ram_mb: 512,
                 action: Action::LiveMigrate,
+                from: Default::default(),
                 source: "host1".into(),
                 destination: (i < 2).then(|| "host2".into()),
                 attempts: 1,
@@ -672,6 +734,7 @@ mod tests {
             vms,
             capacity: None,
             prediction: None,
+            warnings: Vec::new(),
         }
     }
 

@@ -1436,3 +1436,335 @@ async fn failures_are_told_apart_when_followed_by_one_look_per_tick() {
     assert!(calls.abort.is_empty(), "{:?}", calls.abort);
     assert_eq!(report.result, RunResult::Failed);
 }
+
+// ---------------------------------------------------------------------------
+// Per-VM policy from Nova server tags
+// ---------------------------------------------------------------------------
+
+/// The owner's tag comes first, then the node's default, then the state
+/// policy; a node default Nova cannot follow in a VM's state gives way to
+/// the state policy.
+#[tokio::test(start_paused = true)]
+async fn a_tag_outranks_the_node_default_which_outranks_the_state_policy() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("tagged-live", "ACTIVE", 512);
+    cloud.tag("tagged-live", "nova-drain:live-migrate");
+    cloud.add_vm("defaulted", "ACTIVE", 512);
+    cloud.add_vm("off", "SHUTOFF", 512);
+    cloud.add_vm("tagged-cold", "ACTIVE", 256);
+    cloud.tag("tagged-cold", "nova-drain:cold-migrate");
+    cloud.tag("tagged-cold", "owner-label"); // not ours: ignored
+    let settings = Settings {
+        node_default: Some(VmPolicy::Leave),
+        ..Settings::default()
+    };
+
+    let report = evacuate(&cloud, &settings).await;
+
+    let by = |id| {
+        let vm = vm(&report, id);
+        (vm.action, vm.from.source, vm.from.tag.clone(), vm.outcome.clone())
+    };
+    let tag = |t: &str| Some(t.to_string());
+    assert_eq!(
+        by("tagged-live"),
+        (
+            Action::LiveMigrate,
+            ActionSource::Tag,
+            tag("nova-drain:live-migrate"),
+            Outcome::Migrated
+        )
+    );
+    assert_eq!(
+        by("tagged-cold"),
+        (
+            Action::ColdMigrate,
+            ActionSource::Tag,
+            tag("nova-drain:cold-migrate"),
+            Outcome::Migrated
+        )
+    );
+    assert_eq!(
+        by("defaulted"),
+        (Action::Skip, ActionSource::NodeDefault, None, Outcome::Left)
+    );
+    // `leave` is possible in every state: the node's default decides for the SHUTOFF VM too.
+    assert_eq!(
+        by("off"),
+        (Action::Skip, ActionSource::NodeDefault, None, Outcome::Left)
+    );
+    assert_eq!(cloud.vm("defaulted").host.as_deref(), Some(SOURCE));
+    assert_eq!(
+        report.result,
+        RunResult::Succeeded,
+        "VMs left as asked do not fail the run: {report:?}"
+    );
+    assert_eq!(report.servers_left_on_host, 2);
+
+    let json = serde_json::to_value(vm(&report, "tagged-live")).expect("json");
+    assert_eq!(json["action_source"], "tag");
+    assert_eq!(json["tag"], "nova-drain:live-migrate");
+    let json = serde_json::to_value(vm(&report, "defaulted")).expect("json");
+    assert_eq!(
+        (&json["action_source"], &json["outcome"]),
+        (&"node-default".into(), &"left".into())
+    );
+
+    // A node default of live-migrate cannot apply to a SHUTOFF VM: the state policy cold-migrates it.
+    let cloud = FakeCloud::new();
+    cloud.add_vm("off", "SHUTOFF", 512);
+    let settings = Settings {
+        node_default: Some(VmPolicy::LiveMigrate),
+        ..Settings::default()
+    };
+    let report = evacuate(&cloud, &settings).await;
+    let off = vm(&report, "off");
+    assert_eq!(
+        (off.action, off.from.source),
+        (Action::ColdMigrate, ActionSource::StatePolicy)
+    );
+    assert_eq!(report.result, RunResult::Succeeded);
+}
+
+/// Two of our tags, an unknown `nova-drain:` tag, or a tag Nova cannot
+/// follow in the VM's state: the VM is not touched, counts as failed, and
+/// the reason names the tags. Nothing is guessed.
+#[tokio::test(start_paused = true)]
+async fn conflicting_unknown_or_impossible_tags_are_reported_failed_and_the_vm_untouched() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("both", "ACTIVE", 512);
+    cloud.tag("both", "nova-drain:live-migrate");
+    cloud.tag("both", "nova-drain:stop");
+    cloud.add_vm("typo", "ACTIVE", 512);
+    cloud.tag("typo", "nova-drain:live-migrat");
+    cloud.add_vm("off", "SHUTOFF", 512);
+    cloud.tag("off", "nova-drain:live-migrate");
+    cloud.add_vm("plain", "ACTIVE", 512);
+
+    let report = evacuate(&cloud, &Settings::default()).await;
+
+    for (id, words) in [
+        (
+            "both",
+            &["conflicting", "nova-drain:live-migrate", "nova-drain:stop"][..],
+        ),
+        ("typo", &["unknown", "nova-drain:live-migrat"][..]),
+        ("off", &["nova-drain:live-migrate", "SHUTOFF"][..]),
+    ] {
+        let vm = vm(&report, id);
+        assert_eq!((vm.action, &vm.outcome), (Action::Skip, &Outcome::Failed), "{vm:?}");
+        assert_eq!(vm.from.source, ActionSource::Tag);
+        for word in words {
+            assert!(reason(&report, id).contains(word), "{id}: {}", reason(&report, id));
+        }
+        assert_eq!(cloud.vm(id).host.as_deref(), Some(SOURCE));
+    }
+    let calls = cloud.calls();
+    assert_eq!(calls.starts, ["plain"]);
+    assert!(calls.lifecycle.is_empty(), "{:?}", calls.lifecycle);
+    assert_eq!(report.result, RunResult::Failed);
+
+    // The dry run foresees it.
+    let cloud = FakeCloud::new();
+    cloud.add_vm("both", "ACTIVE", 512);
+    cloud.tag("both", "nova-drain:leave");
+    cloud.tag("both", "nova-drain:cold-migrate");
+    let preview = Engine::new(&cloud, &Settings::default(), &Quiet)
+        .preview(&target())
+        .await
+        .expect("preview");
+    let prediction = preview.prediction.expect("a prediction");
+    assert_eq!((prediction.result, prediction.exit_code), (RunResult::Failed, 1));
+    assert!(prediction.why.unwrap_or_default().contains("nova-drain: tags"));
+}
+
+/// A VM tagged stop is stopped before any migration, our marker written
+/// before the stop request; one its owner stopped already is left as it is
+/// without a marker. The run succeeds with only those on the host; the
+/// restore starts exactly the VM we stopped and removes the marker.
+#[tokio::test(start_paused = true)]
+async fn stop_marks_first_then_stops_and_restore_starts_only_our_vms() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("db", "ACTIVE", 2048);
+    cloud.tag("db", "nova-drain:stop");
+    cloud.add_vm("owner-off", "SHUTOFF", 512);
+    cloud.tag("owner-off", "nova-drain:stop");
+    cloud.add_vm("web", "ACTIVE", 512);
+    let settings = Settings::default();
+
+    let report = evacuate(&cloud, &settings).await;
+
+    let marker = STOPPED_BY_US_TAG;
+    let calls = cloud.calls();
+    assert_eq!(calls.lifecycle, [format!("tag db {marker}"), "stop db".to_string()]);
+    let stopped_at = cloud.now();
+    assert!(
+        calls.live_migrate_times("web")[0] >= secs(3),
+        "the stop (3 s) comes first: {:?}",
+        calls.live_migrate
+    );
+    assert!(stopped_at >= secs(3));
+    let db = vm(&report, "db");
+    assert_eq!((db.action, &db.outcome), (Action::Stop, &Outcome::Stopped), "{db:?}");
+    assert_eq!(db.from.tag.as_deref(), Some("nova-drain:stop"));
+    let server = cloud.vm("db");
+    assert_eq!(
+        (server.status.as_str(), server.host.as_deref()),
+        ("SHUTOFF", Some(SOURCE))
+    );
+    assert!(server.tags.unwrap_or_default().iter().any(|t| t == marker));
+    let owner_off = vm(&report, "owner-off");
+    assert_eq!(owner_off.outcome, Outcome::Left);
+    assert!(reason(&report, "owner-off").contains("stopped by its owner"));
+    assert!(
+        !cloud
+            .vm("owner-off")
+            .tags
+            .unwrap_or_default()
+            .iter()
+            .any(|t| t == marker)
+    );
+    assert_eq!(vm(&report, "web").outcome, Outcome::Migrated);
+    assert_eq!(
+        report.vms.len(),
+        3,
+        "each VM once, the stopped one not again from the second listing"
+    );
+    assert_eq!(report.result, RunResult::Succeeded, "{report:?}");
+    assert_eq!(report.exit_code(), 0);
+    let json = serde_json::to_value(&report).expect("json");
+    assert!(
+        json["vms"]
+            .as_array()
+            .expect("vms")
+            .iter()
+            .any(|vm| vm["outcome"] == "stopped")
+    );
+    let human = report.to_human(&View {
+        width: Some(100),
+        ..View::default()
+    });
+    let header = human.lines().find(|l| l.starts_with("id")).unwrap_or_default();
+    assert!(header.contains("action  by"), "{human}");
+    assert!(human.lines().all(|l| l.chars().count() <= 100), "{human}");
+    assert!(human.contains("stop    tag") && human.contains("stopped"), "{human}");
+    assert!(human.contains("starts the 1 VM(s) it stopped"), "{human}");
+
+    let engine = Engine::new(&cloud, &settings, &Quiet);
+    let dry = RestoreOptions {
+        dry_run: true,
+        ..RestoreOptions::default()
+    };
+    let would = engine.restore_and_start(&target(), dry).await.expect("dry restore");
+    assert_eq!(would.restarts.len(), 1);
+    assert_eq!(would.restarts[0].outcome, RestartOutcome::WouldStart);
+    assert_eq!(cloud.vm("db").status, "SHUTOFF", "a dry run changes nothing");
+
+    let restored = engine
+        .restore_and_start(&target(), RestoreOptions::default())
+        .await
+        .expect("restore");
+    assert_eq!(restored.outcome, RestoreOutcome::Enabled);
+    let started: Vec<(&str, RestartOutcome)> = restored.restarts.iter().map(|r| (r.id.as_str(), r.outcome)).collect();
+    assert_eq!(started, [("db", RestartOutcome::Started)]);
+    assert_eq!(cloud.vm("db").status, "ACTIVE");
+    assert!(!cloud.vm("db").tags.unwrap_or_default().iter().any(|t| t == marker));
+    assert_eq!(cloud.vm("owner-off").status, "SHUTOFF", "never started by us");
+    assert!(restored.describe(SOURCE).contains("vm-db (db): started again"));
+    assert_eq!(restored.exit_code(), 0);
+}
+
+/// The marker is what survives a restart: a later process (the restore of a
+/// new agent) starts the VM from it alone; a marked VM its owner started
+/// meanwhile only loses the marker.
+#[tokio::test(start_paused = true)]
+async fn the_marker_alone_tells_a_later_restore_what_to_start() {
+    let cloud = FakeCloud::new();
+    for id in ["ours", "restarted-by-owner"] {
+        cloud.add_vm(id, "SHUTOFF", 512);
+        cloud.tag(id, STOPPED_BY_US_TAG);
+    }
+    cloud.power_by_owner("restarted-by-owner", true);
+    cloud.add_vm("owners", "SHUTOFF", 512);
+    cloud.disable_by_operator(&disabled_reason(&target(), jiff::Timestamp::now()));
+
+    let restored = Engine::new(&cloud, &Settings::default(), &Quiet)
+        .restore_and_start(&target(), RestoreOptions::default())
+        .await
+        .expect("restore");
+
+    let mut outcomes: Vec<(&str, RestartOutcome)> =
+        restored.restarts.iter().map(|r| (r.id.as_str(), r.outcome)).collect();
+    outcomes.sort_unstable_by_key(|(id, _)| *id);
+    assert_eq!(
+        outcomes,
+        [
+            ("ours", RestartOutcome::Started),
+            ("restarted-by-owner", RestartOutcome::Unmarked)
+        ]
+    );
+    assert_eq!(cloud.vm("owners").status, "SHUTOFF");
+    let lifecycle = cloud.calls().lifecycle;
+    assert!(!lifecycle.iter().any(|c| c.contains("owners")), "{lifecycle:?}");
+    assert!(!lifecycle.contains(&"start restarted-by-owner".to_string()));
+}
+
+/// No marker, no stop: a VM whose marker cannot be written keeps running,
+/// and the run reports it failed.
+#[tokio::test(start_paused = true)]
+async fn a_vm_whose_marker_cannot_be_written_is_not_stopped() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("db", "ACTIVE", 512);
+    cloud.tag("db", "nova-drain:stop");
+    cloud.lock().tag_writes_fail = true;
+
+    let report = evacuate(&cloud, &Settings::default()).await;
+
+    assert_eq!(vm(&report, "db").outcome, Outcome::Failed);
+    assert!(reason(&report, "db").contains("marker"), "{}", reason(&report, "db"));
+    assert_eq!(cloud.vm("db").status, "ACTIVE");
+    assert!(!cloud.calls().lifecycle.iter().any(|c| c.starts_with("stop")));
+    assert_eq!(report.result, RunResult::Failed);
+}
+
+/// Below compute API 2.26 no tag is read: a warning says so once, the VMs
+/// are planned by the other levels, and a node default of stop is not
+/// carried out (the marker cannot be written).
+#[tokio::test(start_paused = true)]
+async fn below_microversion_2_26_tags_are_not_read_and_nothing_is_stopped() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("a", "ACTIVE", 512);
+    cloud.add_vm("b", "ACTIVE", 512);
+    cloud.without_tags();
+    let settings = Settings {
+        node_default: Some(VmPolicy::Stop),
+        ..Settings::default()
+    };
+
+    let report = evacuate(&cloud, &settings).await;
+
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    assert!(report.warnings[0].contains("2.26"));
+    assert!(
+        report
+            .to_human(&View::default())
+            .contains("warning: the compute API version in use is below 2.26")
+    );
+    for id in ["a", "b"] {
+        let vm = vm(&report, id);
+        assert_eq!(
+            (vm.action, vm.from.source, &vm.outcome),
+            (Action::Stop, ActionSource::NodeDefault, &Outcome::Failed)
+        );
+        assert!(reason(&report, id).contains("2.26"));
+        assert_eq!(cloud.vm(id).status, "ACTIVE");
+    }
+    assert!(cloud.calls().lifecycle.is_empty());
+    assert_eq!(report.result, RunResult::Failed);
+
+    let restored = Engine::new(&cloud, &settings, &Quiet)
+        .restore_and_start(&target(), RestoreOptions::default())
+        .await
+        .expect("restore");
+    assert!(restored.restarts.is_empty());
+}

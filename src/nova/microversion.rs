@@ -42,6 +42,8 @@ pub const SERVER_MIGRATIONS: Microversion = Microversion(2, 23);
 pub const ABORT_RUNNING: Microversion = Microversion(2, 24);
 /// `block_migration: "auto"` and no `disk_over_commit` in `os-migrateLive`.
 pub const BLOCK_MIGRATION_AUTO: Microversion = Microversion(2, 25);
+/// Server tags: `tags` in server details, `PUT`/`DELETE /servers/{id}/tags/{tag}`.
+pub const SERVER_TAGS: Microversion = Microversion(2, 26);
 /// Hypervisor listing is paged (`limit`/`marker`).
 pub const HYPERVISOR_PAGING: Microversion = Microversion(2, 33);
 /// Services are addressed by UUID: `PUT /os-services/{uuid}`.

@@ -451,9 +451,16 @@ impl NovaClient {
 
     async fn to_server(&self, server: wire::Server) -> Result<Server, NovaError> {
         let flavor = self.flavor_of(&server).await?;
-        server
+        let mut server = server
             .into_server(flavor)
-            .ok_or_else(|| NovaError::Auth("servers show no host: the credentials lack the admin role".to_string()))
+            .ok_or_else(|| NovaError::Auth("servers show no host: the credentials lack the admin role".to_string()))?;
+        // From 2.26 Nova always shows `tags`; below it, they are unknown, not absent.
+        server.tags = if self.version.supports(microversion::SERVER_TAGS) {
+            Some(server.tags.unwrap_or_default())
+        } else {
+            None
+        };
+        Ok(server)
     }
 
     async fn services(&self, host: Option<&str>) -> Result<Vec<wire::Service>, NovaError> {
@@ -785,6 +792,39 @@ impl Compute for NovaClient {
             )
             .await?;
         Ok(())
+    }
+
+    fn reads_server_tags(&self) -> bool {
+        self.version.supports(microversion::SERVER_TAGS)
+    }
+
+    async fn add_tag(&self, server_id: &str, tag: &str) -> ComputeResult<()> {
+        self.require(microversion::SERVER_TAGS, "tagging a server")?;
+        let _: Value = self
+            .compute(Method::PUT, &["servers", server_id, "tags", tag], &[], None)
+            .await?;
+        Ok(())
+    }
+
+    async fn remove_tag(&self, server_id: &str, tag: &str) -> ComputeResult<()> {
+        self.require(microversion::SERVER_TAGS, "removing a server tag")?;
+        match self
+            .compute::<Value>(Method::DELETE, &["servers", server_id, "tags", tag], &[], None)
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Already gone: what was asked for holds.
+            Err(NovaError::Http { status, .. }) if status == StatusCode::NOT_FOUND => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn stop_server(&self, server_id: &str) -> ComputeResult<()> {
+        Ok(self.server_action(server_id, json!({ "os-stop": null })).await?)
+    }
+
+    async fn start_server(&self, server_id: &str) -> ComputeResult<()> {
+        Ok(self.server_action(server_id, json!({ "os-start": null })).await?)
     }
 
     async fn compute_services(&self) -> ComputeResult<Vec<ComputeService>> {
@@ -1122,6 +1162,98 @@ mod tests {
             .route("/compute/v2.1/os-migrations", get(list));
         serve(listener, app).await;
         format!("{base}/v3")
+    }
+
+    /// Keystone and a Nova offering up to `newest` that lists one tagged
+    /// server on `cmp1` and answers every other call 202 (an empty body),
+    /// keeping `METHOD path version body` of each.
+    async fn nova_recording(newest: &'static str, calls: Arc<std::sync::Mutex<Vec<String>>>) -> String {
+        use axum::response::IntoResponse;
+        use axum::routing::get;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let compute = format!("{base}/compute/v2.1");
+        let version = json!({ "version": {
+            "id": "v2.1", "status": "CURRENT", "version": newest, "min_version": "2.1",
+            "links": [{ "rel": "self", "href": format!("{compute}/") }],
+        }});
+        let server = json!({ "id": "vm-1", "name": "db", "tenant_id": "p", "status": "ACTIVE",
+            "OS-EXT-SRV-ATTR:host": "cmp1", "OS-EXT-STS:power_state": 1,
+            "tags": ["nova-drain:stop", "prod"],
+            "flavor": { "ram": 512, "vcpus": 1, "disk": 1, "ephemeral": 0, "swap": 0 } });
+        let record = move |method: Method, uri: axum::http::Uri, headers: axum::http::HeaderMap, body: String| {
+            let version = headers
+                .get("OpenStack-API-Version")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            calls.lock().expect("calls").push(
+                format!("{method} {} {version} {body}", uri.path())
+                    .trim_end()
+                    .to_string(),
+            );
+            let server = server.clone();
+            async move {
+                if uri.path().ends_with("/servers/detail") {
+                    (StatusCode::OK, axum::Json(json!({ "servers": [server] }))).into_response()
+                } else {
+                    StatusCode::ACCEPTED.into_response()
+                }
+            }
+        };
+        let app = keystone_route(vec![("compute", compute)])
+            .route("/compute/v2.1", get(axum::Json(version.clone())))
+            .route("/compute/v2.1/", get(axum::Json(version)))
+            .fallback(record);
+        serve(listener, app).await;
+        format!("{base}/v3")
+    }
+
+    #[tokio::test]
+    async fn tags_are_read_and_written_and_servers_stopped_and_started_with_the_microversion() {
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let nova = NovaClient::connect(&credentials(nova_recording("2.93", calls.clone()).await), None)
+            .await
+            .expect("connect");
+
+        let servers = nova.servers_on_host("cmp1").await.expect("servers");
+        nova.add_tag("vm-1", "nova-drain:stopped-by-drainer")
+            .await
+            .expect("tag");
+        nova.stop_server("vm-1").await.expect("stop");
+        nova.start_server("vm-1").await.expect("start");
+        nova.remove_tag("vm-1", "nova-drain:stopped-by-drainer")
+            .await
+            .expect("untag");
+
+        assert!(nova.reads_server_tags());
+        assert_eq!(
+            servers[0].tags,
+            Some(vec!["nova-drain:stop".to_string(), "prod".to_string()])
+        );
+        let calls = calls.lock().expect("calls").clone();
+        assert_eq!(
+            calls[1..],
+            [
+                "PUT /compute/v2.1/servers/vm-1/tags/nova-drain:stopped-by-drainer compute 2.93",
+                r#"POST /compute/v2.1/servers/vm-1/action compute 2.93 {"os-stop":null}"#,
+                r#"POST /compute/v2.1/servers/vm-1/action compute 2.93 {"os-start":null}"#,
+                "DELETE /compute/v2.1/servers/vm-1/tags/nova-drain:stopped-by-drainer compute 2.93",
+            ]
+        );
+
+        // Below 2.26 tags are unknown, not absent, and none is written.
+        let old = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let nova = NovaClient::connect(&credentials(nova_recording("2.25", old.clone()).await), None)
+            .await
+            .expect("connect");
+        let servers = nova.servers_on_host("cmp1").await.expect("servers");
+        assert_eq!(servers[0].tags, None);
+        assert!(!nova.reads_server_tags());
+        let refused = nova.add_tag("vm-1", "nova-drain:stopped-by-drainer").await.unwrap_err();
+        assert!(matches!(refused, ComputeError::Unsupported(_)), "{refused}");
+        assert!(refused.to_string().contains("2.26"), "{refused}");
+        assert_eq!(old.lock().expect("calls").len(), 1, "only the listing was sent");
     }
 
     #[tokio::test]

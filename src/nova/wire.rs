@@ -118,6 +118,9 @@ pub struct Server {
     /// 1 is RUNNING (nova.compute.power_state).
     #[serde(rename = "OS-EXT-STS:power_state", default)]
     pub power_state: Option<u8>,
+    /// From compute API 2.26.
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
     pub flavor: ServerFlavor,
 }
 
@@ -136,6 +139,7 @@ impl Server {
             task_state: self.task_state,
             host,
             running: self.power_state == Some(POWER_STATE_RUNNING),
+            tags: self.tags,
             flavor,
         })
     }

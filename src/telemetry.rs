@@ -144,6 +144,9 @@ impl Observer for ConsoleObserver {
             Event::NotMigratable { server, reason } => {
                 warn!(server = %server.id, name = %server.name, status = %server.status, %reason, "VM not moved")
             }
+            Event::Stopped { server } => {
+                info!(server = %server.id, name = %server.name, "VM stopped for the maintenance; -enable starts it again")
+            }
             Event::Progress {
                 total,
                 moved,

@@ -2127,7 +2127,11 @@ async fn evacuations_are_selected_by_node_and_held_by_our_finalizer() {
         .list(&ListParams::default().fields("spec.nodeName=n1"))
         .await
         .unwrap();
-    let names: Vec<String> = selected.items.iter().map(|e| e.metadata.name.clone().unwrap()).collect();
+    let names: Vec<String> = selected
+        .items
+        .iter()
+        .map(|e| e.metadata.name.clone().unwrap())
+        .collect();
     assert_eq!(names, ["mine"]);
     let e = api_error(
         all.list(&ListParams::default().fields("spec.paused=true"))
@@ -2159,5 +2163,8 @@ async fn evacuations_are_selected_by_node_and_held_by_our_finalizer() {
     )
     .await
     .unwrap();
-    assert!(all.get_opt("mine").await.unwrap().is_none(), "gone once no finalizer holds it");
+    assert!(
+        all.get_opt("mine").await.unwrap().is_none(),
+        "gone once no finalizer holds it"
+    );
 }

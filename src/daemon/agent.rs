@@ -20,8 +20,8 @@ use super::decide::{
 };
 use super::record::{self, Progress};
 use crate::evacuation::{
-    Action, Compute, Engine, EvacuationError, Event, Observer, Report, RestoreOptions, RestoreOutcome, Settings,
-    StopRequest, Target,
+    Action, Compute, Engine, EvacuationError, Event, Observer, Report, Restart, RestartOutcome, RestoreOptions,
+    RestoreOutcome, Settings, StopRequest, Target, VmPolicy,
 };
 use crate::kube::evacuation::{EvacuationPhase, EvacuationSeen, EvacuationStatus};
 use crate::kube::{Cluster, DrainState, GuardPod, Phase, Severity, operator_view};
@@ -336,9 +336,11 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         let (stop, stop_rx) = watch::channel(StopRequest::Continue);
         let cancelling = Arc::new(AtomicBool::new(false));
         let observer = self.observer(cancelling.clone());
-        let settings = self.settings.evacuation.clone();
+        let mut settings = self.settings.evacuation.clone();
         let target = self.settings.target.clone();
+        let node_default = self.node_default();
         let handle = tokio::spawn(async move {
+            settings.node_default = node_default?.or(settings.node_default);
             let engine = Engine::new(&*compute, &settings, &observer);
             engine.evacuate(&target, stop_rx).await
         });
@@ -401,6 +403,17 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         }
     }
 
+    /// The node's default for VMs no tag of their own decides, from its
+    /// annotation; one that cannot be read fails the run, never guessed at.
+    fn node_default(&self) -> Result<Option<VmPolicy>, EvacuationError> {
+        let Some(text) = self.node.as_ref().and_then(crate::kube::vm_action) else {
+            return Ok(None);
+        };
+        text.parse().map(Some).map_err(|e: String| {
+            EvacuationError::Refused(format!("the Node's annotation {}: {e}", crate::kube::VM_ACTION))
+        })
+    }
+
     /// An operator changed the Node while failed runs back off: the next try
     /// comes after the first wait at the latest, and the doubling starts over.
     fn restart_backoff(&mut self) {
@@ -427,7 +440,9 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             even_while_moving: true,
             dry_run: false,
         };
-        match engine.restore(&self.settings.target, options).await {
+        let restored = engine.restore_and_start(&self.settings.target, options).await;
+        let restarts = restored.as_ref().map(|r| r.restarts.clone()).unwrap_or_default();
+        match restored.map(|r| r.outcome) {
             Ok(RestoreOutcome::Enabled) => self.cluster.publish(
                 Severity::Normal,
                 "NovaComputeEnabled",
@@ -453,6 +468,10 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                 return;
             }
         }
+        if !self.restarted(&restarts) {
+            self.situation.retry_at = Some(Instant::now() + RETRY_SOON);
+            return;
+        }
         if let (Phase::Paused, Some(name)) = (self.situation.recorded.phase, &self.situation.recorded.evacuation) {
             let why = "nothing asks for the maintenance any more (the node was uncordoned) before it was approved";
             self.close_record(name, EvacuationPhase::Cancelled, why).await;
@@ -461,6 +480,35 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         self.situation.released = false;
         self.metrics.vms_remaining.set(0);
         self.save(DrainState::default()).await;
+    }
+
+    /// Tells, VM by VM, what became of those we stopped for the maintenance;
+    /// `false`: one could not be started (its marker stays, the restore is tried again).
+    fn restarted(&self, restarts: &[Restart]) -> bool {
+        let mut all = true;
+        for restart in restarts {
+            let vm = format!("{} ({})", restart.name, restart.id);
+            match restart.outcome {
+                RestartOutcome::Started => self.cluster.publish(
+                    Severity::Normal,
+                    "VMStarted",
+                    format!("{vm} started again: we had stopped it"),
+                ),
+                RestartOutcome::Unmarked | RestartOutcome::WouldStart | RestartOutcome::WouldUnmark => {}
+                RestartOutcome::Failed => {
+                    all = false;
+                    self.cluster.publish(
+                        Severity::Warning,
+                        "VMStartFailed",
+                        format!(
+                            "{vm}, which we had stopped, could not be started: {}; trying again",
+                            restart.reason.as_deref().unwrap_or("no reason given")
+                        ),
+                    )
+                }
+            }
+        }
+        all
     }
 
     /// A guard being deleted while nothing is guarded is let go, but only once
@@ -929,6 +977,14 @@ impl<K: Cluster> Observer for AgentObserver<K> {
                 Severity::Warning,
                 "VMNotMigratable",
                 format!("{} ({}) stays: {reason}", vm(server), server.status),
+            ),
+            Event::Stopped { server } => publish(
+                Severity::Normal,
+                "VMStopped",
+                format!(
+                    "{} stopped for the maintenance, as asked; it is started again when the maintenance ends",
+                    vm(server)
+                ),
             ),
             Event::Progress { total, moved, .. } => {
                 // A VM that failed to move is still on the host.

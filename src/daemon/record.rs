@@ -169,6 +169,10 @@ pub fn progress_of(event: &Event<'_>, now: &str) -> Option<Progress> {
             reason: Some(reason.to_string()),
             ..entry(server, Some(*action))
         })),
+        Event::Stopped { server } => Progress::Vm(Box::new(VmStatus {
+            outcome: "stopped".into(),
+            ..entry(server, Some(Action::Stop))
+        })),
         Event::NotMigratable { server, reason } => Progress::Vm(Box::new(VmStatus {
             outcome: "failed".into(),
             reason: Some(reason.to_string()),
@@ -280,7 +284,7 @@ pub fn finished(status: &EvacuationStatus, report: &Report, cancelled: bool, at:
     let mut failures: Vec<String> = report
         .vms
         .iter()
-        .filter(|vm| !vm.outcome.is_success() && vm.outcome != Outcome::Skipped)
+        .filter(|vm| !vm.outcome.is_success() && !vm.outcome.is_kept_by_choice() && vm.outcome != Outcome::Skipped)
         .map(|vm| describe(&vm))
         .collect();
     if failures.is_empty() {
@@ -310,6 +314,7 @@ pub fn finished(status: &EvacuationStatus, report: &Report, cancelled: bool, at:
             total: u32::try_from(vms.len()).unwrap_or(u32::MAX),
             moved: count(&is_off_host),
             skipped: count(&|o| o == "skipped"),
+            stopped: count(&|o| o == "stopped"),
             // Not moved for a reason of its own; what the run's end or an
             // uncordon stopped (not started, left to Nova, aborted by the
             // cancel) is only left.

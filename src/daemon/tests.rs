@@ -1353,3 +1353,87 @@ async fn deleting_the_running_evacuation_cancels_it_and_no_new_run_starts() {
     h.until("idle", |h| h.cluster.phase() == Phase::Idle).await;
     assert_eq!(h.terminate().await, 0);
 }
+
+/// Tags choose per VM: `stop` is stopped (marked) and stays, `leave` stays
+/// untouched, the node's annotation sends the others the way it says; the
+/// run succeeds and drain returns. After an agent restart, the uncordon
+/// starts the stopped VM again and removes our marker.
+#[tokio::test(start_paused = true)]
+async fn tags_choose_per_vm_and_stopped_vms_are_started_again_after_a_restart() {
+    let cloud = cloud_with(3);
+    cloud.tag("vm-1", "nova-drain:stop");
+    cloud.tag("vm-2", "nova-drain:leave");
+    let h = Harness::start(cloud.clone()).await;
+    let mut annotated = node(true, None);
+    annotated
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(crate::kube::VM_ACTION.into(), "cold-migrate".into());
+    h.send(Input::Node(Some(Box::new(annotated)))).await;
+    h.drain().await;
+    assert_eq!(h.cluster.phase(), Phase::Evacuated);
+    let vm1 = cloud.vm("vm-1");
+    assert_eq!((vm1.status.as_str(), vm1.host.as_deref()), ("SHUTOFF", Some(SOURCE)));
+    assert!(
+        vm1.tags
+            .iter()
+            .flatten()
+            .any(|t| t == crate::evacuation::STOPPED_BY_US_TAG)
+    );
+    let vm2 = cloud.vm("vm-2");
+    assert_eq!((vm2.status.as_str(), vm2.host.as_deref()), ("ACTIVE", Some(SOURCE)));
+    assert_ne!(cloud.vm("vm-3").host.as_deref(), Some(SOURCE));
+    assert_eq!(cloud.migration_statuses("vm-3").len(), 1);
+    assert!(h.cluster.reasons().contains(&"VMStopped"));
+    let (_, written) = h.cluster.evacuations().pop().expect("an Evacuation");
+    let last = written.last().expect("a final status");
+    assert_eq!(last.phase, Some(EvacuationPhase::Succeeded));
+    let counts = last.counts.expect("counts");
+    assert_eq!((counts.moved, counts.stopped, counts.failed), (1, 1, 0), "{counts:?}");
+    let actions: Vec<(&str, &str)> = last.vms.iter().map(|vm| (vm.id.as_str(), vm.action.as_str())).collect();
+    assert!(actions.contains(&("vm-3", "cold-migrate")), "{actions:?}");
+    let recorded = h.cluster.last_record();
+    assert_eq!(h.terminate().await, 0);
+
+    // Another agent, after the restart, sees the uncordon.
+    let h = Harness::start_with(cloud.clone(), false, Some(recorded), GuardPod::Missing, true, false).await;
+    h.until("restored", |h| {
+        h.cloud.service().enabled
+            && h.cluster.last_record() == DrainState::default()
+            && !h.cluster.lock().records.is_empty()
+    })
+    .await;
+    let vm1 = cloud.vm("vm-1");
+    assert_eq!(vm1.status, "ACTIVE", "started again");
+    assert!(
+        !vm1.tags
+            .iter()
+            .flatten()
+            .any(|t| t == crate::evacuation::STOPPED_BY_US_TAG)
+    );
+    assert!(h.cluster.reasons().contains(&"VMStarted"));
+    assert_eq!(h.terminate().await, 0);
+}
+
+/// A node default the agent cannot read fails the run and changes nothing.
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_vm_action_annotation_fails_the_run_untouched() {
+    let h = Harness::start(cloud_with(1)).await;
+    let mut annotated = node(true, None);
+    annotated
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(crate::kube::VM_ACTION.into(), "evacuate".into());
+    h.send(Input::Node(Some(Box::new(annotated)))).await;
+    h.until("failed", |h| h.cluster.phase() == Phase::Failed).await;
+    assert!(h.cloud.service().enabled, "nothing changed in Nova");
+    let error = h.cluster.last_record().last_error.unwrap_or_default();
+    assert!(
+        error.contains("nova-kubernetes-drain/vm-action") && error.contains("evacuate"),
+        "{error}"
+    );
+    assert_eq!(h.on_source(), 1);
+    assert_eq!(h.terminate().await, 0);
+}

@@ -197,6 +197,10 @@ pub enum Event<'a> {
         server: &'a Server,
         reason: &'a str,
     },
+    /// Stopped for the maintenance, as its tag or the node's default asked (marked to be started again).
+    Stopped {
+        server: &'a Server,
+    },
     /// How the VMs to move stand; each is counted once, skipped ones not at all.
     Progress {
         /// The VMs to move (more when a second listing finds newcomers).
@@ -225,6 +229,9 @@ pub enum EvacuationError {
     ServiceNotFound { node: String, host: String },
     #[error("capacity check failed: {0}; nothing was changed (--skip-capacity-check overrides)")]
     Capacity(Shortfall),
+    /// What the operator asked for cannot be followed (never guessed at).
+    #[error("{0}; nothing was changed")]
+    Refused(String),
     #[error("{step}: {source}")]
     Compute {
         step: &'static str,
@@ -1046,6 +1053,9 @@ impl<'a, C: Compute> Engine<'a, C> {
         let stops = stopping.iter().map(|p| async move {
             let started = Instant::now();
             let (outcome, reason) = self.stop_one(&p.server, deadline, stop.clone()).await;
+            if outcome == Outcome::Stopped {
+                self.observer.event(&Event::Stopped { server: &p.server });
+            }
             VmReport {
                 attempts: 1,
                 duration_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,

@@ -8,6 +8,15 @@ use serde_json::{Value, json};
 
 /// Prefix of every annotation we write.
 pub const PREFIX: &str = "nova-kubernetes-drain/";
+/// The operator's annotation (not ours to write) that sets what happens to
+/// the node's VMs that no tag of their own decides: `live-migrate`,
+/// `cold-migrate`, `stop` or `leave`.
+pub const VM_ACTION: &str = "nova-kubernetes-drain/vm-action";
+
+/// The node's [`VM_ACTION`], as written.
+pub fn vm_action(node: &Node) -> Option<&str> {
+    node.metadata.annotations.as_ref()?.get(VM_ACTION).map(String::as_str)
+}
 
 /// Where the evacuation of a node stands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -144,7 +153,7 @@ pub fn operator_view(node: &Node) -> String {
         .annotations
         .iter()
         .flatten()
-        .filter(|(key, _)| !key.starts_with(PREFIX))
+        .filter(|(key, _)| !key.starts_with(PREFIX) || key.as_str() == VM_ACTION)
         .collect();
     json!({
         "labels": node.metadata.labels,

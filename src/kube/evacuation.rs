@@ -158,6 +158,10 @@ pub struct VmCounts {
     pub moved: u32,
     /// Left alone by policy.
     pub skipped: u32,
+    /// Stopped for the maintenance, as their `nova-drain:stop` tag or the
+    /// node's default asked; started again when it ends.
+    #[serde(default)]
+    pub stopped: u32,
     /// Could not be moved.
     pub failed: u32,
     /// Still on the hypervisor.

@@ -20,7 +20,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use serde_json::json;
 
-pub use annotations::{DrainState, Phase, operator_view};
+pub use annotations::{DrainState, Phase, VM_ACTION, operator_view, vm_action};
 pub use cluster::{Cluster, KubeCluster};
 pub use guard::{Guard, GuardPod};
 

@@ -1225,3 +1225,126 @@ async fn the_guard_process_waits_for_sigterm() {
         .expect("status");
     assert_eq!(status.code(), Some(0));
 }
+
+/// Hypervisor-only maintenance, as an operator does it with kubectl: a
+/// hand-written Evacuation with `paused: true` gets the plan and nothing
+/// changes in Nova; unpaused, the hypervisor is emptied while the node stays
+/// schedulable; `kubectl delete` (which waits for our finalizer) re-enables
+/// the service before the object goes.
+#[tokio::test]
+async fn a_hand_made_evacuation_is_planned_approved_run_and_deleted() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, cluster) = setup().await;
+    let ids: Vec<String> = lab.boot(BootSpec::new("dmn-hand").count(2)).await;
+    let _agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    let name = format!(
+        "maintenance-{}-{}",
+        cluster.node(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default()
+    );
+    let manifest = std::env::temp_dir().join(format!("{name}.yaml"));
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: nova-kubernetes-drain.io/v1alpha1\nkind: Evacuation\nmetadata:\n  name: {name}\nspec:\n  \
+             nodeName: {}\n  paused: true\n",
+            cluster.node()
+        ),
+    )
+    .expect("write the manifest");
+    let kubectl = cluster.kubectl();
+    let path = manifest.to_string_lossy().to_string();
+    kubectl
+        .run(&["apply", "--validate=false", "-f", &path], Duration::from_secs(30))
+        .await
+        .expect("kubectl apply");
+    let get = async || -> Option<Value> {
+        let text = kubectl
+            .run(&["get", "evacuation", &name, "-o", "json"], Duration::from_secs(30))
+            .await
+            .ok()?;
+        serde_json::from_str(&text).ok()
+    };
+    let planned = eventually("the plan", Duration::from_secs(60), async || {
+        get().await.filter(|e| e["status"]["phase"] == "Paused")
+    })
+    .await;
+    let vms = planned["status"]["vms"].as_array().cloned().unwrap_or_default();
+    assert_eq!(vms.len(), 2, "{planned}");
+    for vm in &vms {
+        assert_eq!(
+            (vm["outcome"].as_str(), vm["action"].as_str()),
+            (Some("planned"), Some("live-migrate")),
+            "{vm}"
+        );
+    }
+    assert_eq!(planned["status"]["plan"]["liveMigrations"], 2, "{planned}");
+    assert_eq!(planned["status"]["plan"]["expectedResult"], "succeeded", "{planned}");
+    assert!(
+        planned["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f == "nova-kubernetes-drain.io/maintenance")),
+        "{planned}"
+    );
+    assert_eq!(
+        lab.service(NOVA_HOST).await["status"],
+        "enabled",
+        "nothing changed in Nova"
+    );
+    assert_eq!(lab.servers_on(NOVA_HOST).await.len(), 2);
+
+    kubectl
+        .run(
+            &[
+                "patch",
+                "evacuation",
+                &name,
+                "--type",
+                "merge",
+                "-p",
+                r#"{"spec":{"paused":false}}"#,
+            ],
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("kubectl patch");
+    let done = eventually("the hypervisor evacuated", Duration::from_secs(240), async || {
+        get().await.filter(|e| e["status"]["phase"] == "Succeeded")
+    })
+    .await;
+    assert_eq!(done["status"]["counts"]["moved"], 2, "{done}");
+    assert!(lab.servers_on(NOVA_HOST).await.is_empty());
+    assert_eq!(
+        lab.service(NOVA_HOST).await["status"],
+        "disabled",
+        "disabled while the Evacuation exists"
+    );
+    for id in &ids {
+        assert_eq!(lab.server(id).await["status"], "ACTIVE");
+    }
+    let node = kubectl
+        .run(&["get", "node", cluster.node(), "-o", "json"], Duration::from_secs(30))
+        .await
+        .expect("kubectl get node");
+    let node: Value = serde_json::from_str(&node).expect("a Node");
+    assert_ne!(node["spec"]["unschedulable"], true, "the node was never cordoned");
+
+    kubectl
+        .run(
+            &["delete", "evacuation", &name, "--timeout=90s"],
+            Duration::from_secs(120),
+        )
+        .await
+        .expect("kubectl delete returns once our finalizer is off");
+    assert_eq!(
+        lab.service(NOVA_HOST).await["status"],
+        "enabled",
+        "re-enabled before the object went"
+    );
+    assert!(get().await.is_none());
+    let _ = std::fs::remove_file(manifest);
+}

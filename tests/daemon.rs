@@ -1348,3 +1348,110 @@ async fn a_hand_made_evacuation_is_planned_approved_run_and_deleted() {
     assert!(get().await.is_none());
     let _ = std::fs::remove_file(manifest);
 }
+
+/// Per-VM policy on a cordon: `nova-drain:stop` is stopped (and marked),
+/// `nova-drain:leave` on a VM its owner stopped stays untouched, the Node's
+/// `vm-action` annotation cold-migrates the untagged one; drain returns. A
+/// new agent (the first one killed) sees the uncordon and starts the VM we
+/// stopped, never the one its owner stopped.
+#[tokio::test]
+async fn tags_and_the_node_default_decide_per_vm_and_stopped_vms_start_after_the_uncordon() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, cluster) = setup().await;
+    let ids: Vec<String> = lab.boot(BootSpec::new("dmn-tags").count(3)).await;
+    let (to_stop, owners, untagged) = (&ids[0], &ids[1], &ids[2]);
+    lab.nova(
+        reqwest::Method::POST,
+        &format!("/servers/{owners}/action"),
+        Some(serde_json::json!({"os-stop": null})),
+    )
+    .await;
+    lab.wait_server(owners, "SHUTOFF", |s| {
+        s["status"] == "SHUTOFF" && s["OS-EXT-STS:task_state"].is_null()
+    })
+    .await;
+    for (id, tag) in [(to_stop, "nova-drain:stop"), (owners, "nova-drain:leave")] {
+        lab.nova(reqwest::Method::PUT, &format!("/servers/{id}/tags/{tag}"), None)
+            .await;
+    }
+    let kubectl = cluster.kubectl();
+    kubectl
+        .run(
+            &[
+                "annotate",
+                "node",
+                cluster.node(),
+                "nova-kubernetes-drain/vm-action=cold-migrate",
+            ],
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("kubectl annotate");
+    let agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    kubectl
+        .drain(cluster.node(), &[], Duration::from_secs(180))
+        .await
+        .expect("kubectl drain returns");
+    let tags = |server: &Value| -> Vec<String> {
+        server["tags"]
+            .as_array()
+            .map(|t| t.iter().filter_map(|t| t.as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    };
+    let stopped = lab.server(to_stop).await;
+    assert_eq!(
+        (&stopped["status"], host_of(&stopped)),
+        (&Value::from("SHUTOFF"), NOVA_HOST.to_string())
+    );
+    assert!(
+        tags(&stopped).contains(&"nova-drain:stopped-by-drainer".to_string()),
+        "{stopped}"
+    );
+    let left = lab.server(owners).await;
+    assert_eq!(
+        (&left["status"], host_of(&left)),
+        (&Value::from("SHUTOFF"), NOVA_HOST.to_string())
+    );
+    assert_eq!(tags(&left), ["nova-drain:leave"]);
+    let moved = lab.server(untagged).await;
+    assert_ne!(host_of(&moved), NOVA_HOST);
+    assert!(
+        lab.live_migrations(untagged).await.is_empty(),
+        "cold, as the node's default says"
+    );
+    let on_host: Vec<String> = lab
+        .servers_on(NOVA_HOST)
+        .await
+        .iter()
+        .map(|s| s["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(on_host.len(), 2, "only the stopped and the left one: {on_host:?}");
+
+    drop(agent);
+    let _agent = Agent::start(&cluster, &lab, "").await;
+    cluster.uncordon().await;
+    eventually(
+        "the VM we stopped started again",
+        Duration::from_secs(120),
+        async || {
+            let server = lab.server(to_stop).await;
+            (server["status"] == "ACTIVE" && !tags(&server).contains(&"nova-drain:stopped-by-drainer".to_string()))
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(lab.service(NOVA_HOST).await["status"], "enabled");
+    assert_eq!(
+        lab.server(owners).await["status"],
+        "SHUTOFF",
+        "its owner stopped it: never started by us"
+    );
+    kubectl
+        .run(
+            &["annotate", "node", cluster.node(), "nova-kubernetes-drain/vm-action-"],
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("kubectl annotate");
+}

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use super::decide::{
     AtUninstall, CancelCause, Evacuation, NodeSeen, RecordFor, RetryBackoff, Situation, Step, at_uninstall,
-    cancelled_note, conclude, decide, guard_problem, rfc3339,
+    cancelled_note, conclude, decide, guard_problem, hold_for_running_vms, rfc3339,
 };
 use super::record::{self, Progress};
 use crate::evacuation::{
@@ -358,7 +358,10 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         let cancelled = self.running.take().and_then(|r| r.cancelled);
         self.situation.evacuation = Evacuation::None;
         let result = match result {
-            Ok(Ok(report)) => Ok(report),
+            Ok(Ok(mut report)) => {
+                hold_for_running_vms(&mut report);
+                Ok(report)
+            }
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(format!("the evacuation task failed: {e}")),
         };

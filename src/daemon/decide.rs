@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::evacuation::{Report, RunResult};
+use crate::evacuation::{Outcome, Report, RunResult};
 use crate::kube::evacuation::EvacuationSeen;
 use crate::kube::guard::GuardPod;
 use crate::kube::{DrainState, Phase, Severity};
@@ -443,6 +443,34 @@ pub fn conclude(
             state.phase = Phase::Failed;
             failed(state, "EvacuationFailed", left_behind(report))
         }
+    }
+}
+
+/// A run that left VMs running on the host because their owner's tag (or the
+/// node's default) said `leave` did what was asked, but the node must not be
+/// drained yet: its next step is a reboot. Such a run counts as failed
+/// (drain keeps waiting, the run is tried again later, and succeeds once
+/// the owner has stopped or moved the VM); each VM says why.
+pub fn hold_for_running_vms(report: &mut Report) {
+    if report.result != RunResult::Succeeded {
+        return;
+    }
+    let mut held = false;
+    for vm in &mut report.vms {
+        if vm.outcome == Outcome::Left && vm.status != "SHUTOFF" {
+            held = true;
+            vm.reason = Some(format!(
+                "left {} as asked ({}), so the node is not drained: kubectl drain waits until it is stopped or \
+                 moved",
+                vm.status,
+                vm.reason
+                    .as_deref()
+                    .unwrap_or("its tag or the node's default says leave")
+            ));
+        }
+    }
+    if held {
+        report.result = RunResult::Failed;
     }
 }
 

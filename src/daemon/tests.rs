@@ -1354,13 +1354,17 @@ async fn deleting_the_running_evacuation_cancels_it_and_no_new_run_starts() {
     assert_eq!(h.terminate().await, 0);
 }
 
-/// Tags choose per VM: `stop` is stopped (marked) and stays, `leave` stays
-/// untouched, the node's annotation sends the others the way it says; the
+/// Tags choose per VM: `stop` is stopped (marked) and stays, `leave` (a
+/// stopped VM) stays untouched, the node's annotation sends the others the way it says; the
 /// run succeeds and drain returns. After an agent restart, the uncordon
 /// starts the stopped VM again and removes our marker.
 #[tokio::test(start_paused = true)]
 async fn tags_choose_per_vm_and_stopped_vms_are_started_again_after_a_restart() {
-    let cloud = cloud_with(3);
+    let cloud = FakeCloud::new();
+    cloud.add_vm("vm-1", "ACTIVE", 2048);
+    cloud.add_vm("vm-2", "SHUTOFF", 2048);
+    cloud.add_vm("vm-3", "ACTIVE", 2048);
+    let cloud = Arc::new(cloud);
     cloud.tag("vm-1", "nova-drain:stop");
     cloud.tag("vm-2", "nova-drain:leave");
     let h = Harness::start(cloud.clone()).await;
@@ -1382,7 +1386,8 @@ async fn tags_choose_per_vm_and_stopped_vms_are_started_again_after_a_restart() 
             .any(|t| t == crate::evacuation::STOPPED_BY_US_TAG)
     );
     let vm2 = cloud.vm("vm-2");
-    assert_eq!((vm2.status.as_str(), vm2.host.as_deref()), ("ACTIVE", Some(SOURCE)));
+    assert_eq!((vm2.status.as_str(), vm2.host.as_deref()), ("SHUTOFF", Some(SOURCE)));
+    assert!(cloud.migration_statuses("vm-2").is_empty(), "left untouched");
     assert_ne!(cloud.vm("vm-3").host.as_deref(), Some(SOURCE));
     assert_eq!(cloud.migration_statuses("vm-3").len(), 1);
     assert!(h.cluster.reasons().contains(&"VMStopped"));
@@ -1435,5 +1440,26 @@ async fn an_unreadable_vm_action_annotation_fails_the_run_untouched() {
         "{error}"
     );
     assert_eq!(h.on_source(), 1);
+    assert_eq!(h.terminate().await, 0);
+}
+
+/// A VM its owner's tag leaves running keeps `kubectl drain` waiting (the
+/// node is rebooted next): the run counts as failed and says why.
+#[tokio::test(start_paused = true)]
+async fn a_vm_left_running_by_its_tag_keeps_drain_waiting() {
+    let cloud = cloud_with(2);
+    cloud.tag("vm-1", "nova-drain:leave");
+    let h = Harness::start(cloud.clone()).await;
+    h.cordon(true).await;
+    h.until("failed", |h| h.cluster.phase() == Phase::Failed).await;
+    assert_eq!(cloud.vm("vm-1").host.as_deref(), Some(SOURCE), "never touched");
+    assert!(cloud.migration_statuses("vm-1").is_empty());
+    assert_ne!(cloud.vm("vm-2").host.as_deref(), Some(SOURCE));
+    assert!(!h.cluster.evict(), "drain keeps waiting");
+    let error = h.cluster.last_record().last_error.unwrap_or_default();
+    assert!(
+        error.contains("vm-1") && error.contains("kubectl drain waits"),
+        "{error}"
+    );
     assert_eq!(h.terminate().await, 0);
 }

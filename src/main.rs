@@ -203,9 +203,10 @@ async fn release_guard(cli: &Cli, node: Option<&str>, all: bool, force: bool) ->
             Err(e) => return usage(format!("cannot use the cloud (--force releases without it): {e}")),
         }
     };
-    let guards = match node {
-        Some(node) if !all => vec![Guard::new(kube, &cli.namespace, node)],
-        _ => match Guard::all_in(kube, &cli.namespace).await {
+    let only = node.filter(|_| !all);
+    let guards = match only {
+        Some(node) => vec![Guard::new(kube.clone(), &cli.namespace, node)],
+        None => match Guard::all_in(kube.clone(), &cli.namespace).await {
             Ok(guards) => guards,
             Err(e) => {
                 error!("cannot list the guards in namespace {}: {e}", cli.namespace);
@@ -218,7 +219,20 @@ async fn release_guard(cli: &Cli, node: Option<&str>, all: bool, force: bool) ->
             .as_ref()
             .map_or_else(|| node.to_string(), |c| c.nova_host_for(node))
     };
-    let outcomes = release_guards(guards, nova.as_ref(), host_of).await;
+    let mut outcomes = release_guards(guards, nova.as_ref(), host_of).await;
+    match nova_kubernetes_drain::kube::evacuation::let_go_all(kube, only).await {
+        Ok(let_go) => outcomes.extend(
+            let_go
+                .into_iter()
+                .map(|(evacuation, node)| GuardRelease::EvacuationLetGo { node, evacuation }),
+        ),
+        // Without the CRD there is nothing to let go.
+        Err(nova_kubernetes_drain::kube::FinalizerError::Api(kube::Error::Api(status))) if status.code == 404 => {}
+        Err(e) => outcomes.push(GuardRelease::Failed {
+            node: only.unwrap_or("*").to_string(),
+            error: format!("taking our finalizer off Evacuations: {e}"),
+        }),
+    }
     match cli.output {
         Output::Json => match serde_json::to_string_pretty(&outcomes) {
             Ok(json) => println!("{json}"),

@@ -1072,6 +1072,39 @@ async fn uninstalling_in_one_step_then_release_guard_all_leaves_nothing_of_ours(
     }
     let mut agent = Agent::start(&cluster, &lab, "").await;
     wait_guard(&cluster, Duration::from_secs(20)).await;
+    // A hand-made Evacuation the agent holds with its finalizer.
+    let manifest = std::env::temp_dir().join(format!("uninstall-{}.yaml", std::process::id()));
+    let held = format!("uninstall-{}", cluster.node());
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: nova-kubernetes-drain.io/v1alpha1\nkind: Evacuation\nmetadata:\n  name: {held}\nspec:\n  \
+             nodeName: {}\n  paused: true\n",
+            cluster.node()
+        ),
+    )
+    .expect("write the manifest");
+    let path = manifest.to_string_lossy().to_string();
+    cluster
+        .kubectl()
+        .run(&["apply", "--validate=false", "-f", &path], Duration::from_secs(30))
+        .await
+        .expect("kubectl apply");
+    eventually("the Evacuation held", Duration::from_secs(30), async || {
+        let finalizers = cluster
+            .kubectl()
+            .run(
+                &["get", "evacuation", &held, "-o", "jsonpath={.metadata.finalizers}"],
+                Duration::from_secs(30),
+            )
+            .await
+            .ok()?;
+        finalizers
+            .contains("nova-kubernetes-drain.io/maintenance")
+            .then_some(())
+    })
+    .await;
+    let _ = std::fs::remove_file(manifest);
 
     let uninstalled_at = Instant::now();
     cluster
@@ -1094,6 +1127,7 @@ async fn uninstalling_in_one_step_then_release_guard_all_leaves_nothing_of_ours(
     let (code, out) = run_release_guard(&cluster, &lab, &["--all"], true).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("released"), "{out}");
+    assert!(out.contains(&format!("Evacuation {held} let go")), "{out}");
     eventually("the namespace gone", Duration::from_secs(60), async || {
         cluster.namespace_object().await.is_none().then_some(())
     })

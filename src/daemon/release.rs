@@ -35,6 +35,9 @@ pub enum GuardRelease {
     NoGuard { node: String },
     /// The Kubernetes or Nova call failed; nothing was released.
     Failed { node: String, error: String },
+    /// A hand-made Evacuation no agent is left to act on: our finalizer taken
+    /// off, so its deletion ends at once. The service stays as it is.
+    EvacuationLetGo { node: String, evacuation: String },
 }
 
 impl GuardRelease {
@@ -60,12 +63,19 @@ impl GuardRelease {
             ),
             GuardRelease::NoGuard { node } => format!("{node}: no guard of ours holds this node"),
             GuardRelease::Failed { node, error } => format!("{node}: not released: {error}"),
+            GuardRelease::EvacuationLetGo { node, evacuation } => format!(
+                "{node}: Evacuation {evacuation} let go (our finalizer taken off); nova-compute stays as it is \
+                 (`drainer -enable --node {node}` re-enables it if we disabled it)"
+            ),
         }
     }
 
     /// Whether the operator's request was met (released, or nothing to release).
     pub fn done(&self) -> bool {
-        matches!(self, GuardRelease::Released { .. } | GuardRelease::NoGuard { .. })
+        matches!(
+            self,
+            GuardRelease::Released { .. } | GuardRelease::NoGuard { .. } | GuardRelease::EvacuationLetGo { .. }
+        )
     }
 }
 

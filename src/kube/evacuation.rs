@@ -255,6 +255,27 @@ pub fn watch_evacuations(
     watcher(api, config).default_backoff()
 }
 
+/// Takes our finalizer off every Evacuation (of `node`, or of every node),
+/// for `drainer release-guard` once the agents are gone: no agent is left to
+/// act on a deletion, which would otherwise never end (and hold the CRD's own
+/// deletion at an uninstall, whether or not it has reached the Evacuation
+/// yet). An agent that comes back puts it on again. Returns (name, node) of each.
+pub async fn let_go_all(client: Client, node: Option<&str>) -> Result<Vec<(String, String)>, FinalizerError> {
+    let api: Api<Evacuation> = Api::all(client);
+    let params = match node {
+        Some(node) => ListParams::default().fields(&format!("spec.nodeName={node}")),
+        None => ListParams::default(),
+    };
+    let mut released = Vec::new();
+    for evacuation in api.list(&params).await?.items {
+        let seen = EvacuationSeen::of(&evacuation);
+        if seen.held && super::finalizer::remove(&api, &seen.name, FINALIZER).await? {
+            released.push((seen.name, evacuation.spec.node_name));
+        }
+    }
+    Ok(released)
+}
+
 /// The CRD as YAML, exactly as `deploy/crd.yaml` holds it.
 pub fn crd_yaml() -> Result<String, String> {
     let crd: CustomResourceDefinition = Evacuation::crd();

@@ -22,6 +22,7 @@ use serde_json::json;
 
 pub use annotations::{DrainState, Phase, VM_ACTION, operator_view, vm_action};
 pub use cluster::{Cluster, KubeCluster};
+pub use finalizer::FinalizerError;
 pub use guard::{Guard, GuardPod};
 
 /// Name under which Events are reported.

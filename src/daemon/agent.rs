@@ -16,12 +16,12 @@ use tracing::{info, warn};
 
 use super::decide::{
     AtUninstall, CancelCause, Evacuation, NodeSeen, RecordFor, RetryBackoff, Situation, Step, at_uninstall,
-    cancelled_note, conclude, decide, guard_problem, hold_for_running_vms, rfc3339,
+    cancelled_note, conclude, decide, guard_problem, hold_for_running_vms, rfc3339, run_settings,
 };
 use super::record::{self, Progress};
 use crate::evacuation::{
     Action, Compute, Engine, EvacuationError, Event, Observer, Report, Restart, RestartOutcome, RestoreOptions,
-    RestoreOutcome, Settings, StopRequest, Target, VmPolicy,
+    RestoreOutcome, Settings, StopRequest, Target,
 };
 use crate::kube::evacuation::{EvacuationPhase, EvacuationSeen, EvacuationStatus};
 use crate::kube::{Cluster, DrainState, GuardPod, Phase, Severity, operator_view};
@@ -336,11 +336,10 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         let (stop, stop_rx) = watch::channel(StopRequest::Continue);
         let cancelling = Arc::new(AtomicBool::new(false));
         let observer = self.observer(cancelling.clone());
-        let mut settings = self.settings.evacuation.clone();
+        let settings = self.run_settings(self.record.as_ref().map(|(name, _)| name.as_str()));
         let target = self.settings.target.clone();
-        let node_default = self.node_default();
         let handle = tokio::spawn(async move {
-            settings.node_default = node_default?.or(settings.node_default);
+            let settings = settings?;
             let engine = Engine::new(&*compute, &settings, &observer);
             engine.evacuate(&target, stop_rx).await
         });
@@ -406,15 +405,15 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         }
     }
 
-    /// The node's default for VMs no tag of their own decides, from its
-    /// annotation; one that cannot be read fails the run, never guessed at.
-    fn node_default(&self) -> Result<Option<VmPolicy>, EvacuationError> {
-        let Some(text) = self.node.as_ref().and_then(crate::kube::vm_action) else {
-            return Ok(None);
-        };
-        text.parse().map(Some).map_err(|e: String| {
-            EvacuationError::Refused(format!("the Node's annotation {}: {e}", crate::kube::VM_ACTION))
-        })
+    /// The settings of a run (or plan) recorded in Evacuation `record`: the
+    /// agent's, with what the Node's annotation and that Evacuation ask.
+    fn run_settings(&self, record: Option<&str>) -> Result<Settings, EvacuationError> {
+        let spec = record.and_then(|name| {
+            let seen = self.situation.evacuations.iter().flatten().find(|e| e.name == name)?;
+            Some(&seen.spec)
+        });
+        let annotation = self.node.as_ref().and_then(crate::kube::vm_action);
+        run_settings(&self.settings.evacuation, spec, annotation).map_err(EvacuationError::Refused)
     }
 
     /// An operator changed the Node while failed runs back off: the next try
@@ -705,8 +704,19 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
     async fn plan(&mut self) {
         let Some(compute) = self.compute.clone() else { return };
         let observer = self.observer(Arc::default());
-        let engine = Engine::new(&*compute, &self.settings.evacuation, &observer);
-        let report = match engine.preview(&self.settings.target).await {
+        let next = RecordFor::of(&self.situation);
+        let named = match &next {
+            RecordFor::Resume(name) | RecordFor::Asked(name) => Some(name.as_str()),
+            RecordFor::Create { .. } => None,
+        };
+        let previewed = match self.run_settings(named) {
+            Ok(settings) => Engine::new(&*compute, &settings, &observer)
+                .preview(&self.settings.target)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let report = match previewed {
             Ok(report) => report,
             Err(e) => {
                 warn!(error = %e, "cannot plan the paused evacuation; trying again");
@@ -715,7 +725,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             }
         };
         let started_at = rfc3339(self.wall_now(), Duration::ZERO);
-        let Some(name) = self.open_record(RecordFor::of(&self.situation), &started_at).await else {
+        let Some(name) = self.open_record(next, &started_at).await else {
             warn!("a paused evacuation needs its Evacuation object; trying again");
             self.situation.retry_at = Some(Instant::now() + RETRY_SOON);
             return;

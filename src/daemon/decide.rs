@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::evacuation::{Outcome, Report, RunResult};
-use crate::kube::evacuation::EvacuationSeen;
+use crate::evacuation::{BudgetAction, Outcome, Report, RunResult, Settings, VmPolicy};
+use crate::kube::evacuation::{BudgetChoice, EvacuationMode, EvacuationSeen, EvacuationSpec, VmAction};
 use crate::kube::guard::GuardPod;
 use crate::kube::{DrainState, Phase, Severity};
 
@@ -446,6 +446,48 @@ pub fn conclude(
     }
 }
 
+/// The settings of one run: the agent's, overridden by what the Node's
+/// `vm-action` annotation and then the Evacuation recording the run ask. An
+/// annotation that cannot be read is refused, never guessed at.
+pub fn run_settings(
+    base: &Settings,
+    spec: Option<&EvacuationSpec>,
+    annotation: Option<&str>,
+) -> Result<Settings, String> {
+    let mut settings = base.clone();
+    if let Some(text) = annotation {
+        let policy: VmPolicy = text
+            .parse()
+            .map_err(|e: String| format!("the Node's annotation {}: {e}", crate::kube::VM_ACTION))?;
+        settings.node_default = Some(policy);
+    }
+    let Some(spec) = spec else { return Ok(settings) };
+    if let Some(action) = spec.vm_action {
+        settings.node_default = Some(match action {
+            VmAction::LiveMigrate => VmPolicy::LiveMigrate,
+            VmAction::ColdMigrate => VmPolicy::ColdMigrate,
+            VmAction::Stop => VmPolicy::Stop,
+            VmAction::Leave => VmPolicy::Leave,
+        });
+    }
+    if let Some(mode) = spec.mode {
+        settings.check_capacity = mode == EvacuationMode::CheckCapacity;
+    }
+    if let Some(max) = spec.max_parallel {
+        settings.max_parallel = usize::try_from(max.max(1)).unwrap_or(1);
+    }
+    if let Some(minutes) = spec.timeout_minutes {
+        settings.timeout = Some(Duration::from_secs(u64::from(minutes.max(1)) * 60));
+    }
+    if let Some(choice) = spec.on_budget_exceeded {
+        settings.on_budget_exceeded = match choice {
+            BudgetChoice::Abort => BudgetAction::Abort,
+            BudgetChoice::ForceComplete => BudgetAction::ForceComplete,
+        };
+    }
+    Ok(settings)
+}
+
 /// A run that left VMs running on the host because their owner's tag (or the
 /// node's default) said `leave` did what was asked, but the node must not be
 /// drained yet: its next step is a reboot. Such a run counts as failed
@@ -826,6 +868,32 @@ mod tests {
             ..ready(NodeSeen::Deleted, Phase::Evacuating)
         };
         assert_eq!(at(released), vec![]);
+    }
+
+    #[test]
+    fn an_evacuations_spec_outranks_the_node_annotation_which_outranks_the_config() {
+        let base = Settings::default();
+        let by_annotation = run_settings(&base, None, Some("stop")).expect("readable");
+        assert_eq!(by_annotation.node_default, Some(VmPolicy::Stop));
+        let spec = EvacuationSpec {
+            vm_action: Some(VmAction::Leave),
+            mode: Some(EvacuationMode::Direct),
+            max_parallel: Some(4),
+            timeout_minutes: Some(30),
+            on_budget_exceeded: Some(BudgetChoice::ForceComplete),
+            ..EvacuationSpec::default()
+        };
+        let run = run_settings(&base, Some(&spec), Some("stop")).expect("readable");
+        assert_eq!(run.node_default, Some(VmPolicy::Leave));
+        assert!(!run.check_capacity);
+        assert_eq!(run.max_parallel, 4);
+        assert_eq!(run.timeout, Some(Duration::from_secs(1800)));
+        assert_eq!(run.on_budget_exceeded, BudgetAction::ForceComplete);
+        let unchanged = run_settings(&base, Some(&EvacuationSpec::default()), None).expect("readable");
+        assert_eq!(unchanged.max_parallel, base.max_parallel);
+        assert_eq!(unchanged.check_capacity, base.check_capacity);
+        let error = run_settings(&base, None, Some("evacuate")).expect_err("unreadable");
+        assert!(error.contains("nova-kubernetes-drain/vm-action"), "{error}");
     }
 
     fn report(result: RunResult, left: usize) -> Report {

@@ -16,7 +16,7 @@ use super::agent::{Agent, AgentSettings, Input};
 use super::decide::RetryBackoff;
 use crate::evacuation::fake::{FakeCloud, NODE, SOURCE, Script, target};
 use crate::evacuation::{Settings, is_our_reason};
-use crate::kube::evacuation::{EvacuationPhase, EvacuationSeen, EvacuationStatus, VmStatus};
+use crate::kube::evacuation::{EvacuationPhase, EvacuationSeen, EvacuationSpec, EvacuationStatus, VmStatus};
 use crate::kube::{Cluster, DrainState, GuardPod, Phase, Severity};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::server::Health;
@@ -74,12 +74,25 @@ impl FakeCluster {
 
     /// `kubectl apply` of an Evacuation of the node made by hand.
     fn make_evacuation(&self, name: &str, paused: bool) {
+        self.make_evacuation_with(
+            name,
+            EvacuationSpec {
+                node_name: NODE.into(),
+                paused,
+                ..EvacuationSpec::default()
+            },
+        );
+    }
+
+    /// [`FakeCluster::make_evacuation`] with a whole spec.
+    fn make_evacuation_with(&self, name: &str, spec: EvacuationSpec) {
         let mut state = self.lock();
         state.evacuations.push((name.to_string(), Vec::new()));
         state.objects.push(EvacuationSeen {
             name: name.to_string(),
             by_hand: true,
-            paused,
+            paused: spec.paused,
+            spec,
             deleting: false,
             held: false,
             finished: false,
@@ -281,6 +294,11 @@ impl Cluster for FakeCluster {
                 name: name.clone(),
                 by_hand: false,
                 paused,
+                spec: EvacuationSpec {
+                    node_name: NODE.into(),
+                    paused,
+                    ..EvacuationSpec::default()
+                },
                 deleting: false,
                 held: false,
                 finished: false,
@@ -427,6 +445,7 @@ impl Harness {
                         name: name.clone(),
                         by_hand: false,
                         paused: false,
+                        spec: EvacuationSpec::default(),
                         deleting: false,
                         held: false,
                         finished: false,
@@ -1461,5 +1480,37 @@ async fn a_vm_left_running_by_its_tag_keeps_drain_waiting() {
         error.contains("vm-1") && error.contains("kubectl drain waits"),
         "{error}"
     );
+    assert_eq!(h.terminate().await, 0);
+}
+
+/// A hand-made Evacuation's spec overrides the agent's settings for its run:
+/// `vmAction` sends the untagged VMs the way it says (over the Node's
+/// annotation), `maxParallel` bounds what runs at once.
+#[tokio::test(start_paused = true)]
+async fn an_evacuations_spec_overrides_the_agents_settings_for_its_run() {
+    let h = Harness::start(cloud_with(3)).await;
+    let mut annotated = node(false, None);
+    annotated
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(crate::kube::VM_ACTION.into(), "leave".into());
+    h.send(Input::Node(Some(Box::new(annotated)))).await;
+    h.cluster.make_evacuation_with(
+        "cold-one-at-a-time",
+        EvacuationSpec {
+            node_name: NODE.into(),
+            vm_action: Some(crate::kube::evacuation::VmAction::ColdMigrate),
+            max_parallel: Some(1),
+            ..EvacuationSpec::default()
+        },
+    );
+    h.until("evacuated", |h| h.cluster.phase() == Phase::Evacuated).await;
+    assert_eq!(h.on_source(), 0);
+    let done = h.cluster.status_of("cold-one-at-a-time").expect("status");
+    assert!(done.vms.iter().all(|vm| vm.action == "cold-migrate"), "{:?}", done.vms);
+    for vm in ["vm-1", "vm-2", "vm-3"] {
+        assert!(h.cloud.calls().live_migrate_times(vm).is_empty(), "{vm} moved cold");
+    }
     assert_eq!(h.terminate().await, 0);
 }

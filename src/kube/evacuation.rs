@@ -37,7 +37,7 @@ pub const FINALIZER: &str = "nova-kubernetes-drain.io/maintenance";
 const CONFLICT_RETRIES: usize = 5;
 
 /// One evacuation of the hypervisor behind a Kubernetes node.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[kube(
     group = "nova-kubernetes-drain.io",
     version = "v1alpha1",
@@ -66,6 +66,71 @@ pub struct EvacuationSpec {
     /// is not paused by it (delete the Evacuation to cancel one).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// What happens to VMs no `nova-drain:` tag of their own decides
+    /// (outranks the Node's `nova-kubernetes-drain/vm-action` annotation and
+    /// the agent's configuration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_action: Option<VmAction>,
+    /// `CheckCapacity` (the default): refuse to start when the other
+    /// hypervisors cannot hold the VMs; `Direct`: move without that check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<EvacuationMode>,
+    /// Migrations at once from this hypervisor, instead of the agent's setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_parallel: Option<u32>,
+    /// Minutes after which the whole run ends (in-flight moves handled as
+    /// `onBudgetExceeded` says), instead of the agent's setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub timeout_minutes: Option<u32>,
+    /// What is done with a live migration over its budget, instead of the agent's setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_budget_exceeded: Option<BudgetChoice>,
+}
+
+/// What happens to a VM no tag of its own decides.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmAction {
+    /// Moved without stopping it.
+    LiveMigrate,
+    /// Moved stopped, the move confirmed.
+    ColdMigrate,
+    /// Stopped for the maintenance, started again when it ends.
+    Stop,
+    /// Reported, not touched.
+    Leave,
+}
+
+impl VmAction {
+    /// As the tag and the annotation spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmAction::LiveMigrate => "live-migrate",
+            VmAction::ColdMigrate => "cold-migrate",
+            VmAction::Stop => "stop",
+            VmAction::Leave => "leave",
+        }
+    }
+}
+
+/// Whether the capacity check comes first.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum EvacuationMode {
+    /// Refuse to start when the other hypervisors cannot hold the VMs.
+    CheckCapacity,
+    /// Move without the capacity check.
+    Direct,
+}
+
+/// What is done with a live migration over its budget.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum BudgetChoice {
+    /// Cancel it; the VM keeps running where it was.
+    Abort,
+    /// Let it finish now (the VM is paused for the final copy).
+    ForceComplete,
 }
 
 /// Where an evacuation stands.
@@ -209,6 +274,8 @@ pub struct EvacuationSeen {
     /// for the hypervisor's maintenance by itself, for as long as it exists.
     pub by_hand: bool,
     pub paused: bool,
+    /// What it asks of the run beside the node (overrides of the agent's settings).
+    pub spec: EvacuationSpec,
     /// Being deleted (a finalizer holds it), or already gone.
     pub deleting: bool,
     /// Carries our [`FINALIZER`].
@@ -231,6 +298,7 @@ impl EvacuationSeen {
         EvacuationSeen {
             by_hand: !meta.owner_references.iter().flatten().any(|o| o.kind == "Node"),
             paused: evacuation.spec.paused,
+            spec: evacuation.spec.clone(),
             deleting: meta.deletion_timestamp.is_some(),
             held: meta.finalizers.iter().flatten().any(|f| f == FINALIZER),
             finished: evacuation
@@ -338,6 +406,7 @@ impl Evacuations {
             spec: EvacuationSpec {
                 node_name: self.node.clone(),
                 paused,
+                ..EvacuationSpec::default()
             },
             status: None,
         };

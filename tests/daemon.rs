@@ -1318,6 +1318,15 @@ async fn a_hand_made_evacuation_is_planned_approved_run_and_deleted() {
     }
     assert_eq!(planned["status"]["plan"]["liveMigrations"], 2, "{planned}");
     assert_eq!(planned["status"]["plan"]["expectedResult"], "succeeded", "{planned}");
+    let approved = planned["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Approved").cloned())
+        .unwrap_or_default();
+    assert_eq!(
+        (&approved["status"], &approved["reason"]),
+        (&Value::from("False"), &Value::from("Paused")),
+        "{planned}"
+    );
     assert!(
         planned["metadata"]["finalizers"]
             .as_array()
@@ -1346,7 +1355,19 @@ async fn a_hand_made_evacuation_is_planned_approved_run_and_deleted() {
         )
         .await
         .expect("kubectl patch");
-    let done = eventually("the hypervisor evacuated", Duration::from_secs(240), async || {
+    kubectl
+        .run(
+            &[
+                "wait",
+                "--for=condition=HypervisorEmpty",
+                &format!("evacuation/{name}"),
+                "--timeout=240s",
+            ],
+            Duration::from_secs(250),
+        )
+        .await
+        .expect("kubectl wait for the hypervisor empty");
+    let done = eventually("the run recorded Succeeded", Duration::from_secs(30), async || {
         get().await.filter(|e| e["status"]["phase"] == "Succeeded")
     })
     .await;

@@ -320,8 +320,8 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             .filter(|_| !matches!(previous.phase, Phase::Idle | Phase::Paused | Phase::Cancelled))
             .unwrap_or_else(|| rfc3339(self.wall_now(), Duration::ZERO));
         let evacuation = self.open_record(RecordFor::of(&self.situation), &started_at).await;
-        if let Some((name, status)) = &self.record {
-            self.write_record(name, status).await;
+        if let Some((name, status)) = self.record.clone() {
+            self.write_record(&name, &status).await;
         }
         let state = DrainState {
             phase: Phase::Evacuating,
@@ -474,9 +474,12 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             self.situation.retry_at = Some(Instant::now() + RETRY_SOON);
             return;
         }
-        if let (Phase::Paused, Some(name)) = (self.situation.recorded.phase, &self.situation.recorded.evacuation) {
+        if let (Phase::Paused, Some(name)) = (
+            self.situation.recorded.phase,
+            self.situation.recorded.evacuation.clone(),
+        ) {
             let why = "nothing asks for the maintenance any more (the node was uncordoned) before it was approved";
-            self.close_record(name, EvacuationPhase::Cancelled, why).await;
+            self.close_record(&name, EvacuationPhase::Cancelled, why).await;
         }
         self.situation.retry_at = None;
         self.situation.released = false;
@@ -650,8 +653,17 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         }
     }
 
-    async fn write_record(&self, name: &str, status: &EvacuationStatus) {
-        if let Err(e) = self.cluster.write_evacuation(name, status).await {
+    /// Writes an Evacuation's status with its conditions brought up to date
+    /// (kept in the run's own record too, so their transition times hold).
+    async fn write_record(&mut self, name: &str, status: &EvacuationStatus) {
+        let mut status = status.clone();
+        record::set_conditions(&mut status, &rfc3339(self.wall_now(), Duration::ZERO));
+        if let Some((recorded, kept)) = &mut self.record
+            && recorded == name
+        {
+            kept.conditions = status.conditions.clone();
+        }
+        if let Err(e) = self.cluster.write_evacuation(name, &status).await {
             warn!(error = %e, "could not record the evacuation's progress");
         }
     }
@@ -782,7 +794,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
 
     /// Ends the status of an Evacuation whose run is not under way (a paused
     /// plan, a run left by a stopped agent) with `phase`, unless it is over already.
-    async fn close_record(&self, name: &str, phase: EvacuationPhase, why: &str) {
+    async fn close_record(&mut self, name: &str, phase: EvacuationPhase, why: &str) {
         let Ok(Some(status)) = self.cluster.read_evacuation(name).await else {
             return;
         };

@@ -4,7 +4,9 @@
 //! yaml` is tested without a cluster.
 
 use crate::evacuation::{Action, Event, Outcome, Report, RunResult, Server, VmReport};
-use crate::kube::evacuation::{EvacuationPhase, EvacuationStatus, PlanVerdict, VmCounts, VmStatus};
+use crate::kube::evacuation::{
+    EvacuationCondition, EvacuationPhase, EvacuationStatus, PlanVerdict, VmCounts, VmStatus,
+};
 
 /// What the engine's observer hands the agent while a run goes on.
 #[derive(Clone, Debug, PartialEq)]
@@ -323,8 +325,83 @@ pub fn finished(status: &EvacuationStatus, report: &Report, cancelled: bool, at:
         }),
         vms,
         plan: status.plan.clone(),
+        conditions: status.conditions.clone(),
         last_error,
     }
+}
+
+/// Sets the status's conditions from its phase and counts; one whose status
+/// does not change keeps its transition time (`now`, RFC 3339, otherwise).
+pub fn set_conditions(status: &mut EvacuationStatus, now: &str) {
+    let phase = status.phase;
+    let left = status.counts.map(|c| c.left);
+    let phase_word = phase.map_or("Pending", |p| match p {
+        EvacuationPhase::Paused => "Paused",
+        EvacuationPhase::Running => "Running",
+        EvacuationPhase::Succeeded => "Succeeded",
+        EvacuationPhase::Failed => "Failed",
+        EvacuationPhase::Cancelled => "Cancelled",
+    });
+    let wanted = [
+        match phase {
+            Some(EvacuationPhase::Paused) => (
+                "Approved",
+                "False",
+                "Paused",
+                "spec.paused is true: the plan is in the status; set it to false to start".to_string(),
+            ),
+            _ => ("Approved", "True", "NotPaused", "the run may change Nova".to_string()),
+        },
+        match phase {
+            Some(EvacuationPhase::Running) => ("Progressing", "True", "Running", "VMs are being moved".to_string()),
+            _ => (
+                "Progressing",
+                "False",
+                phase_word,
+                status
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "no run going on".to_string()),
+            ),
+        },
+        match left {
+            Some(0) => (
+                "HypervisorEmpty",
+                "True",
+                "Empty",
+                "no VM left on the hypervisor".to_string(),
+            ),
+            Some(n) => (
+                "HypervisorEmpty",
+                "False",
+                "VMsLeft",
+                format!("{n} VM(s) on the hypervisor"),
+            ),
+            None => (
+                "HypervisorEmpty",
+                "Unknown",
+                "NotCounted",
+                "the VMs are not counted yet".to_string(),
+            ),
+        },
+    ];
+    let before = std::mem::take(&mut status.conditions);
+    status.conditions = wanted
+        .into_iter()
+        .map(|(kind, state, reason, message)| {
+            let since = before
+                .iter()
+                .find(|c| c.type_ == kind && c.status == state)
+                .map_or_else(|| now.to_string(), |c| c.last_transition_time.clone());
+            EvacuationCondition {
+                type_: kind.to_string(),
+                status: state.to_string(),
+                last_transition_time: since,
+                reason: reason.to_string(),
+                message,
+            }
+        })
+        .collect();
 }
 
 /// The status of a run that could not start or whose task failed.
@@ -354,6 +431,52 @@ mod tests {
             outcome: outcome.into(),
             ..VmStatus::default()
         }))
+    }
+
+    #[test]
+    fn conditions_follow_the_phase_and_keep_their_transition_time_while_unchanged() {
+        let mut status = EvacuationStatus {
+            phase: Some(EvacuationPhase::Paused),
+            ..EvacuationStatus::default()
+        };
+        set_conditions(&mut status, "t1");
+        let of = |status: &EvacuationStatus, kind: &str| {
+            let c = status.conditions.iter().find(|c| c.type_ == kind).cloned().expect(kind);
+            (c.status, c.reason, c.last_transition_time)
+        };
+        assert_eq!(of(&status, "Approved"), ("False".into(), "Paused".into(), "t1".into()));
+        assert_eq!(of(&status, "HypervisorEmpty").0, "Unknown");
+        status.phase = Some(EvacuationPhase::Running);
+        status.counts = Some(VmCounts {
+            total: 2,
+            left: 2,
+            ..VmCounts::default()
+        });
+        set_conditions(&mut status, "t2");
+        assert_eq!(
+            of(&status, "Approved"),
+            ("True".into(), "NotPaused".into(), "t2".into())
+        );
+        assert_eq!(
+            of(&status, "Progressing"),
+            ("True".into(), "Running".into(), "t2".into())
+        );
+        status.counts = Some(VmCounts {
+            total: 2,
+            left: 0,
+            ..VmCounts::default()
+        });
+        status.phase = Some(EvacuationPhase::Succeeded);
+        set_conditions(&mut status, "t3");
+        assert_eq!(of(&status, "Approved").2, "t2", "unchanged since t2");
+        assert_eq!(
+            of(&status, "Progressing"),
+            ("False".into(), "Succeeded".into(), "t3".into())
+        );
+        assert_eq!(
+            of(&status, "HypervisorEmpty"),
+            ("True".into(), "Empty".into(), "t3".into())
+        );
     }
 
     #[test]

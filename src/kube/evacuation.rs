@@ -183,12 +183,32 @@ pub struct EvacuationStatus {
     /// One entry per VM found on the hypervisor.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vms: Vec<VmStatus>,
+    /// `Approved` (False while paused), `Progressing` (True while VMs are
+    /// moved), `HypervisorEmpty`, in the form of Kubernetes conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<EvacuationCondition>,
     /// What a paused evacuation would do (kept once it runs, as the plan it ran from).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<PlanVerdict>,
     /// Why the run failed or could not start, in one line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+}
+
+/// One condition, as Kubernetes objects carry them (`kubectl wait
+/// --for=condition=HypervisorEmpty evac/NAME`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EvacuationCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// RFC 3339: when `status` last changed.
+    pub last_transition_time: String,
+    /// One CamelCase word.
+    pub reason: String,
+    pub message: String,
 }
 
 /// The verdict of a paused evacuation's plan, for the person who approves it.

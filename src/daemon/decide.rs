@@ -230,8 +230,9 @@ pub fn decide(situation: &Situation, now: Instant) -> Vec<Step> {
                 }
                 _ => {}
             },
+            // Only once the Evacuations are listed: a hand-made one may still ask for the maintenance.
             Evacuation::None if phase != Phase::Idle => {
-                if situation.compute_ready && due(situation.retry_at) {
+                if situation.compute_ready && due(situation.retry_at) && situation.evacuations.is_some() {
                     steps.push(Step::Restore);
                 }
             }
@@ -752,6 +753,124 @@ mod tests {
         assert_eq!(at(nova_down.clone()), vec![]);
         assert_eq!(decide(&nova_down, later), vec![Step::Restore]);
         assert_eq!(at(ready(node(false), Phase::Idle)), vec![]);
+    }
+
+    fn by_hand(name: &str, paused: bool, deleting: bool, held: bool) -> EvacuationSeen {
+        EvacuationSeen {
+            name: name.into(),
+            by_hand: true,
+            paused,
+            spec: EvacuationSpec::default(),
+            deleting,
+            held,
+            finished: false,
+            created: ("2026-12-07T00:00:00Z".into(), name.into()),
+        }
+    }
+
+    fn recording(phase: Phase, name: &str) -> DrainState {
+        DrainState {
+            phase,
+            evacuation: Some(name.into()),
+            ..DrainState::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hand_made_evacuation_asks_for_the_maintenance_by_itself() {
+        // Held first, then evacuated, without a cordon.
+        let asked = Situation {
+            evacuations: Some(vec![by_hand("m1", false, false, false)]),
+            ..ready(node(false), Phase::Idle)
+        };
+        assert_eq!(at(asked), vec![Step::Evacuate, Step::HoldEvacuation("m1".into())]);
+        // Paused: the plan, once; nothing more while it stays paused.
+        let paused = Situation {
+            evacuations: Some(vec![by_hand("m1", true, false, true)]),
+            ..ready(node(false), Phase::Idle)
+        };
+        assert_eq!(at(paused.clone()), vec![Step::Plan]);
+        let planned = Situation {
+            recorded: recording(Phase::Paused, "m1"),
+            ..paused
+        };
+        assert_eq!(at(planned.clone()), vec![]);
+        let approved = Situation {
+            evacuations: Some(vec![by_hand("m1", false, false, true)]),
+            ..planned
+        };
+        assert_eq!(at(approved), vec![Step::Evacuate]);
+        // While it exists, the evacuated hypervisor stays so: no restore.
+        let evacuated = Situation {
+            recorded: recording(Phase::Evacuated, "m1"),
+            released: true,
+            evacuations: Some(vec![by_hand("m1", false, false, true)]),
+            ..ready(node(false), Phase::Idle)
+        };
+        assert_eq!(at(evacuated.clone()), vec![]);
+        // Not listed yet (an agent just restarted): neither restored nor evacuated.
+        let unlisted = Situation {
+            evacuations: None,
+            ..evacuated.clone()
+        };
+        assert_eq!(at(unlisted), vec![]);
+        // Deleted: restored first, then let go.
+        let deleted = Situation {
+            evacuations: Some(vec![by_hand("m1", false, true, true)]),
+            ..evacuated
+        };
+        assert_eq!(at(deleted.clone()), vec![Step::Restore]);
+        let restored = Situation {
+            recorded: DrainState::default(),
+            released: false,
+            ..deleted
+        };
+        assert_eq!(at(restored), vec![Step::LetEvacuationGo("m1".into())]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deleting_the_evacuation_of_a_run_cancels_it_and_a_cordon_does_not_start_another() {
+        let deleted = Some(vec![EvacuationSeen {
+            by_hand: false,
+            ..by_hand("node-a-1", false, true, false)
+        }]);
+        let running = Situation {
+            evacuation: Evacuation::Running,
+            recorded: recording(Phase::Evacuating, "node-a-1"),
+            evacuations: deleted.clone(),
+            ..ready(node(true), Phase::Idle)
+        };
+        assert_eq!(at(running), vec![Step::Cancel(CancelCause::Deleted)]);
+        let failed = Situation {
+            recorded: recording(Phase::Failed, "node-a-1"),
+            evacuations: deleted.clone(),
+            ..ready(node(true), Phase::Idle)
+        };
+        assert_eq!(at(failed), vec![Step::MarkCancelled]);
+        let cancelled = Situation {
+            recorded: recording(Phase::Cancelled, "node-a-1"),
+            evacuations: deleted,
+            ..ready(node(true), Phase::Idle)
+        };
+        assert_eq!(at(cancelled.clone()), vec![], "no new run while cordoned");
+        let asked_again = Situation {
+            evacuations: Some(vec![by_hand("m2", false, false, true)]),
+            ..cancelled.clone()
+        };
+        assert_eq!(at(asked_again), vec![Step::Evacuate]);
+        let uncordoned = Situation {
+            node: node(false),
+            ..cancelled
+        };
+        assert_eq!(at(uncordoned), vec![Step::Restore]);
+        // One just created, not shown by the watch yet, is not taken for deleted.
+        let fresh = Situation {
+            recorded: recording(Phase::Paused, "node-a-2"),
+            created_unseen: Some("node-a-2".into()),
+            start_paused: true,
+            ..ready(node(true), Phase::Idle)
+        };
+        assert_eq!(at(fresh), vec![]);
     }
 
     #[tokio::test(start_paused = true)]

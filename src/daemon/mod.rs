@@ -302,9 +302,14 @@ async fn forward_evacuations(
                 seen.insert(name.clone(), entry);
                 gone(&mut seen, name);
             }
-            Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 404 => {
+            // Without the CRD, or the right to watch it, cordons are still acted on.
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if matches!(status.code, 403 | 404) => {
                 if !told_missing {
-                    warn!("the Evacuation CRD is not installed: cordons are evacuated without Evacuation objects");
+                    warn!(
+                        code = status.code,
+                        "cannot list the Evacuations (the CRD is not installed, or the agent may not watch it): \
+                         cordons are evacuated, Evacuations made by hand are not acted on"
+                    );
                     told_missing = true;
                 }
                 listing.clear();

@@ -408,10 +408,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
     /// The settings of a run (or plan) recorded in Evacuation `record`: the
     /// agent's, with what the Node's annotation and that Evacuation ask.
     fn run_settings(&self, record: Option<&str>) -> Result<Settings, EvacuationError> {
-        let spec = record.and_then(|name| {
-            let seen = self.situation.evacuations.iter().flatten().find(|e| e.name == name)?;
-            Some(&seen.spec)
-        });
+        let spec = record.and_then(|name| Some(&self.seen(name)?.spec));
         let annotation = self.node.as_ref().and_then(crate::kube::vm_action);
         run_settings(&self.settings.evacuation, spec, annotation).map_err(EvacuationError::Refused)
     }
@@ -742,7 +739,9 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             self.situation.retry_at = Some(Instant::now() + RETRY_SOON);
             return;
         };
-        let status = record::planned(&self.settings.target.host, &report);
+        let mut status = record::planned(&self.settings.target.host, &report);
+        // The spec it was planned from; a new object starts at generation 1.
+        status.observed_generation = self.seen(&name).map_or(Some(1), |seen| seen.generation);
         self.write_record(&name, &status).await;
         let verdict = status.plan.as_ref().map_or_else(String::new, |plan| {
             format!(
@@ -804,6 +803,10 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         let at = rfc3339(self.wall_now(), Duration::ZERO);
         let last = record::could_not_run(&status, why, phase == EvacuationPhase::Cancelled, &at);
         self.write_record(name, &last).await;
+    }
+
+    fn seen(&self, name: &str) -> Option<&EvacuationSeen> {
+        self.situation.evacuations.iter().flatten().find(|e| e.name == name)
     }
 
     fn mark_seen(&mut self, name: &str, change: impl FnOnce(&mut EvacuationSeen)) {

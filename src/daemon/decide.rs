@@ -223,7 +223,14 @@ pub fn decide(situation: &Situation, now: Instant) -> Vec<Step> {
                 _ if situation.compute_ready && due(situation.retry_at) && situation.evacuations.is_some() => {
                     let next = RecordFor::of(situation);
                     match (next.paused(situation), phase) {
-                        (true, Phase::Paused) => {}
+                        // Planned again when its spec changed meanwhile.
+                        (true, Phase::Paused) => {
+                            if let RecordFor::Resume(name) = &next
+                                && situation.seen(name).is_some_and(|seen| seen.plan_outdated)
+                            {
+                                steps.push(Step::Plan)
+                            }
+                        }
                         (true, _) => steps.push(Step::Plan),
                         (false, _) => steps.push(Step::Evacuate),
                     }
@@ -764,6 +771,8 @@ mod tests {
             deleting,
             held,
             finished: false,
+            plan_outdated: false,
+            generation: Some(1),
             created: ("2026-12-07T00:00:00Z".into(), name.into()),
         }
     }

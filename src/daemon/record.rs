@@ -326,6 +326,7 @@ pub fn finished(status: &EvacuationStatus, report: &Report, cancelled: bool, at:
         vms,
         plan: status.plan.clone(),
         conditions: status.conditions.clone(),
+        observed_generation: status.observed_generation,
         last_error,
     }
 }

@@ -67,9 +67,31 @@ impl FakeCluster {
         let _ = self.watch.try_send(Input::Guard(guard));
     }
 
-    /// Plays the Evacuations back to the agent, as its watch does after each change.
+    /// Plays the Evacuations back to the agent, as its watch does after each
+    /// change (a paused one whose spec changed since its plan is outdated).
     fn show_evacuations(&self, state: &ClusterState) {
-        let _ = self.watch.try_send(Input::Evacuations(state.objects.clone()));
+        let mut shown = state.objects.clone();
+        for seen in &mut shown {
+            let last = state
+                .evacuations
+                .iter()
+                .find(|(n, _)| *n == seen.name)
+                .and_then(|(_, written)| written.last());
+            seen.plan_outdated = last.is_some_and(|status| {
+                status.phase == Some(EvacuationPhase::Paused) && status.observed_generation != seen.generation
+            });
+        }
+        let _ = self.watch.try_send(Input::Evacuations(shown));
+    }
+
+    /// `kubectl patch` of a paused Evacuation's spec: a new generation.
+    fn change_spec(&self, name: &str, change: impl FnOnce(&mut EvacuationSpec)) {
+        let mut state = self.lock();
+        if let Some(seen) = state.objects.iter_mut().find(|e| e.name == name) {
+            change(&mut seen.spec);
+            seen.generation = seen.generation.map(|g| g + 1);
+        }
+        self.show_evacuations(&state);
     }
 
     /// `kubectl apply` of an Evacuation of the node made by hand.
@@ -96,6 +118,8 @@ impl FakeCluster {
             deleting: false,
             held: false,
             finished: false,
+            plan_outdated: false,
+            generation: Some(1),
             created: (self.now().to_string(), name.to_string()),
         });
         self.show_evacuations(&state);
@@ -106,6 +130,8 @@ impl FakeCluster {
         let mut state = self.lock();
         if let Some(seen) = state.objects.iter_mut().find(|e| e.name == name) {
             seen.paused = false;
+            seen.spec.paused = false;
+            seen.generation = seen.generation.map(|g| g + 1);
         }
         self.show_evacuations(&state);
     }
@@ -302,6 +328,8 @@ impl Cluster for FakeCluster {
                 deleting: false,
                 held: false,
                 finished: false,
+                plan_outdated: false,
+                generation: Some(1),
                 created: (at.to_string(), name.clone()),
             });
             self.show_evacuations(&state);
@@ -449,6 +477,8 @@ impl Harness {
                         deleting: false,
                         held: false,
                         finished: false,
+                        plan_outdated: false,
+                        generation: Some(1),
                         created: (String::new(), name.clone()),
                     })
                     .collect(),
@@ -1298,6 +1328,25 @@ async fn a_paused_evacuation_shows_the_plan_and_changes_nothing_until_unpaused()
     assert_eq!(h.on_source(), 3);
     assert!(h.cloud.migration_statuses("vm-1").is_empty());
     assert!(h.cluster.reasons().contains(&"EvacuationPaused"));
+
+    // Its spec changed while paused: planned again from the new one.
+    h.cluster.change_spec("approve-me", |spec| {
+        spec.vm_action = Some(crate::kube::evacuation::VmAction::ColdMigrate)
+    });
+    h.until("planned again", |h| {
+        h.cluster
+            .status_of("approve-me")
+            .is_some_and(|s| s.observed_generation == Some(2))
+    })
+    .await;
+    let replanned = h.cluster.status_of("approve-me").expect("the plan");
+    let verdict = replanned.plan.clone().expect("a verdict");
+    assert_eq!(
+        (verdict.live_migrations, verdict.cold_migrations),
+        (0, 2),
+        "{verdict:?}"
+    );
+    assert!(h.cloud.service().enabled, "still nothing in Nova");
 
     h.cluster.unpause("approve-me");
     h.until("the two movable VMs moved", |h| h.on_source() == 1).await;

@@ -187,6 +187,9 @@ pub struct EvacuationStatus {
     /// moved), `HypervisorEmpty`, in the form of Kubernetes conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<EvacuationCondition>,
+    /// The `metadata.generation` (the spec's version) the plan was made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
     /// What a paused evacuation would do (kept once it runs, as the plan it ran from).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<PlanVerdict>,
@@ -302,6 +305,10 @@ pub struct EvacuationSeen {
     pub held: bool,
     /// Its phase says it is over.
     pub finished: bool,
+    /// Whether its spec changed since its plan was written (a paused one is planned again).
+    pub plan_outdated: bool,
+    /// `metadata.generation`: the version of its spec.
+    pub generation: Option<i64>,
     /// Creation time (RFC 3339, whole seconds) then name: the oldest asks first.
     pub created: (String, String),
 }
@@ -326,6 +333,11 @@ impl EvacuationSeen {
                 .as_ref()
                 .and_then(|s| s.phase)
                 .is_some_and(EvacuationPhase::is_finished),
+            plan_outdated: evacuation
+                .status
+                .as_ref()
+                .is_some_and(|s| s.phase == Some(EvacuationPhase::Paused) && s.observed_generation != meta.generation),
+            generation: meta.generation,
             created: (created, name.clone()),
             name,
         }

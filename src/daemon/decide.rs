@@ -139,9 +139,9 @@ impl RecordFor {
     fn paused(&self, situation: &Situation) -> bool {
         match self {
             RecordFor::Resume(name) => {
-                situation.recorded.phase == Phase::Paused && situation.seen(name).is_none_or(|seen| seen.paused)
+                situation.recorded.phase == Phase::Paused && situation.seen(name).is_none_or(|seen| seen.spec.paused)
             }
-            RecordFor::Asked(name) => situation.seen(name).is_some_and(|seen| seen.paused),
+            RecordFor::Asked(name) => situation.seen(name).is_some_and(|seen| seen.spec.paused),
             RecordFor::Create { paused } => *paused,
         }
     }
@@ -766,8 +766,10 @@ mod tests {
         EvacuationSeen {
             name: name.into(),
             by_hand: true,
-            paused,
-            spec: EvacuationSpec::default(),
+            spec: EvacuationSpec {
+                paused,
+                ..EvacuationSpec::default()
+            },
             deleting,
             held,
             finished: false,

@@ -113,7 +113,6 @@ impl FakeCluster {
         state.objects.push(EvacuationSeen {
             name: name.to_string(),
             by_hand: true,
-            paused: spec.paused,
             spec,
             deleting: false,
             held: false,
@@ -129,7 +128,6 @@ impl FakeCluster {
     fn unpause(&self, name: &str) {
         let mut state = self.lock();
         if let Some(seen) = state.objects.iter_mut().find(|e| e.name == name) {
-            seen.paused = false;
             seen.spec.paused = false;
             seen.generation = seen.generation.map(|g| g + 1);
         }
@@ -319,7 +317,6 @@ impl Cluster for FakeCluster {
             state.objects.push(EvacuationSeen {
                 name: name.clone(),
                 by_hand: false,
-                paused,
                 spec: EvacuationSpec {
                     node_name: NODE.into(),
                     paused,
@@ -472,7 +469,6 @@ impl Harness {
                     .map(|(name, _)| EvacuationSeen {
                         name: name.clone(),
                         by_hand: false,
-                        paused: false,
                         spec: EvacuationSpec::default(),
                         deleting: false,
                         held: false,

@@ -296,7 +296,6 @@ pub struct EvacuationSeen {
     /// Made by hand, not by the agent at a cordon (no Node owns it): it asks
     /// for the hypervisor's maintenance by itself, for as long as it exists.
     pub by_hand: bool,
-    pub paused: bool,
     /// What it asks of the run beside the node (overrides of the agent's settings).
     pub spec: EvacuationSpec,
     /// Being deleted (a finalizer holds it), or already gone.
@@ -324,7 +323,6 @@ impl EvacuationSeen {
             .unwrap_or_default();
         EvacuationSeen {
             by_hand: !meta.owner_references.iter().flatten().any(|o| o.kind == "Node"),
-            paused: evacuation.spec.paused,
             spec: evacuation.spec.clone(),
             deleting: meta.deletion_timestamp.is_some(),
             held: meta.finalizers.iter().flatten().any(|f| f == FINALIZER),

@@ -2140,7 +2140,10 @@ async fn evacuations_are_selected_by_node_and_held_by_our_finalizer() {
     );
     assert_eq!(e.code, 400, "{}", e.message);
     let seen = EvacuationSeen::of(&selected.items[0]);
-    assert!(seen.by_hand && seen.spec.paused && !seen.held && !seen.deleting, "{seen:?}");
+    assert!(
+        seen.by_hand && seen.spec.paused && !seen.held && !seen.deleting,
+        "{seen:?}"
+    );
 
     let evacuations = Evacuations::new(client, "n1");
     evacuations.hold("mine").await.unwrap();

@@ -261,7 +261,16 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             }
             Step::MarkCancelled => self.mark_cancelled().await,
             Step::HoldEvacuation(name) => match self.cluster.hold_evacuation(&name).await {
-                Ok(()) => self.mark_seen(&name, |seen| seen.held = true),
+                Ok(()) => {
+                    self.mark_seen(&name, |seen| seen.held = true);
+                    // Shown as taken on at once, unless a run of it wrote more already.
+                    if let Ok(Some(EvacuationStatus { phase: None, .. }) | None) =
+                        self.cluster.read_evacuation(&name).await
+                    {
+                        self.write_record(&name, &record::pending(&self.settings.target.host))
+                            .await;
+                    }
+                }
                 Err(e) => {
                     warn!(error = %e, "cannot put our finalizer on the Evacuation made by hand; trying again");
                     self.situation.finalizer_retry_at = Some(Instant::now() + RETRY_SOON);
@@ -682,7 +691,9 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                     }
                 };
                 let status = match written.phase {
-                    None | Some(EvacuationPhase::Paused) => record::from_plan(written, &host, started_at),
+                    None | Some(EvacuationPhase::Pending | EvacuationPhase::Paused) => {
+                        record::from_plan(written, &host, started_at)
+                    }
                     Some(_) => record::resumed(written, &host, started_at),
                 };
                 (name, status)

@@ -29,6 +29,15 @@ pub fn started(host: &str, at: &str) -> EvacuationStatus {
     }
 }
 
+/// The status of a hand-made Evacuation the agent has taken on, before its run.
+pub fn pending(host: &str) -> EvacuationStatus {
+    EvacuationStatus {
+        phase: Some(EvacuationPhase::Pending),
+        nova_host: Some(host.to_string()),
+        ..EvacuationStatus::default()
+    }
+}
+
 /// The status of a run that starts from an approved plan: the plan kept
 /// beside the run, whose VMs are recorded anew as they move.
 pub fn from_plan(written: EvacuationStatus, host: &str, at: &str) -> EvacuationStatus {
@@ -337,6 +346,7 @@ pub fn set_conditions(status: &mut EvacuationStatus, now: &str) {
     let phase = status.phase;
     let left = status.counts.map(|c| c.left);
     let phase_word = phase.map_or("Pending", |p| match p {
+        EvacuationPhase::Pending => "Pending",
         EvacuationPhase::Paused => "Paused",
         EvacuationPhase::Running => "Running",
         EvacuationPhase::Succeeded => "Succeeded",

@@ -1559,3 +1559,26 @@ async fn an_evacuations_spec_overrides_the_agents_settings_for_its_run() {
     }
     assert_eq!(h.terminate().await, 0);
 }
+
+/// A hand-made Evacuation taken on while Nova cannot be reached shows
+/// `Pending` (held by our finalizer), and runs once Nova answers.
+#[tokio::test(start_paused = true)]
+async fn a_hand_made_evacuation_is_pending_until_nova_answers() {
+    let h = Harness::start_with(cloud_with(1), false, None, GuardPod::Missing, false, false).await;
+    h.cluster.make_evacuation("waiting", false);
+    h.until("held", |h| h.cluster.held("waiting")).await;
+    h.until("pending", |h| {
+        h.cluster.status_of("waiting").and_then(|s| s.phase) == Some(EvacuationPhase::Pending)
+    })
+    .await;
+    let pending = h.cluster.status_of("waiting").expect("status");
+    let progressing = pending.conditions.iter().find(|c| c.type_ == "Progressing").cloned();
+    assert_eq!(progressing.map(|c| c.reason), Some("Pending".to_string()));
+    h.nova_reachable().await;
+    h.until("evacuated", |h| h.cluster.phase() == Phase::Evacuated).await;
+    assert_eq!(
+        h.cluster.status_of("waiting").and_then(|s| s.phase),
+        Some(EvacuationPhase::Succeeded)
+    );
+    assert_eq!(h.terminate().await, 0);
+}

@@ -136,6 +136,9 @@ pub enum BudgetChoice {
 /// Where an evacuation stands.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum EvacuationPhase {
+    /// Made by hand and taken on by the node's agent; its run has not started
+    /// yet (Nova not reached yet, or another run of the node going on).
+    Pending,
     /// `spec.paused`: the plan is in the status; nothing changed in Nova.
     Paused,
     /// VMs are being moved.

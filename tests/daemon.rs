@@ -1073,23 +1073,8 @@ async fn uninstalling_in_one_step_then_release_guard_all_leaves_nothing_of_ours(
     let mut agent = Agent::start(&cluster, &lab, "").await;
     wait_guard(&cluster, Duration::from_secs(20)).await;
     // A hand-made Evacuation the agent holds with its finalizer.
-    let manifest = std::env::temp_dir().join(format!("uninstall-{}.yaml", std::process::id()));
     let held = format!("uninstall-{}", cluster.node());
-    std::fs::write(
-        &manifest,
-        format!(
-            "apiVersion: nova-kubernetes-drain.io/v1alpha1\nkind: Evacuation\nmetadata:\n  name: {held}\nspec:\n  \
-             nodeName: {}\n  paused: true\n",
-            cluster.node()
-        ),
-    )
-    .expect("write the manifest");
-    let path = manifest.to_string_lossy().to_string();
-    cluster
-        .kubectl()
-        .run(&["apply", "--validate=false", "-f", &path], Duration::from_secs(30))
-        .await
-        .expect("kubectl apply");
+    apply_evacuation(&cluster, &held, true).await;
     eventually("the Evacuation held", Duration::from_secs(30), async || {
         let finalizers = cluster
             .kubectl()
@@ -1104,7 +1089,6 @@ async fn uninstalling_in_one_step_then_release_guard_all_leaves_nothing_of_ours(
             .then_some(())
     })
     .await;
-    let _ = std::fs::remove_file(manifest);
 
     let uninstalled_at = Instant::now();
     cluster
@@ -1260,6 +1244,36 @@ async fn the_guard_process_waits_for_sigterm() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// `kubectl apply` of a hand-written Evacuation of the test's node.
+async fn apply_evacuation(cluster: &TestCluster, name: &str, paused: bool) {
+    let manifest = std::env::temp_dir().join(format!("{name}-{}.yaml", std::process::id()));
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: nova-kubernetes-drain.io/v1alpha1\nkind: Evacuation\nmetadata:\n  name: {name}\nspec:\n  \
+             nodeName: {}\n  paused: {paused}\n",
+            cluster.node()
+        ),
+    )
+    .expect("write the manifest");
+    let path = manifest.to_string_lossy().to_string();
+    cluster
+        .kubectl()
+        .run(&["apply", "--validate=false", "-f", &path], Duration::from_secs(30))
+        .await
+        .expect("kubectl apply");
+    let _ = std::fs::remove_file(manifest);
+}
+
+/// A unique name for an Evacuation made by a test (a real cluster keeps earlier ones).
+fn unique_evacuation_name(prefix: &str, cluster: &TestCluster) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    format!("{prefix}-{}-{now}", cluster.node())
+}
+
 /// Hypervisor-only maintenance, as an operator does it with kubectl: a
 /// hand-written Evacuation with `paused: true` gets the plan and nothing
 /// changes in Nova; unpaused, the hypervisor is emptied while the node stays
@@ -1272,30 +1286,9 @@ async fn a_hand_made_evacuation_is_planned_approved_run_and_deleted() {
     let ids: Vec<String> = lab.boot(BootSpec::new("dmn-hand").count(2)).await;
     let _agent = Agent::start(&cluster, &lab, "").await;
     wait_guard(&cluster, Duration::from_secs(20)).await;
-    let name = format!(
-        "maintenance-{}-{}",
-        cluster.node(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default()
-    );
-    let manifest = std::env::temp_dir().join(format!("{name}.yaml"));
-    std::fs::write(
-        &manifest,
-        format!(
-            "apiVersion: nova-kubernetes-drain.io/v1alpha1\nkind: Evacuation\nmetadata:\n  name: {name}\nspec:\n  \
-             nodeName: {}\n  paused: true\n",
-            cluster.node()
-        ),
-    )
-    .expect("write the manifest");
+    let name = unique_evacuation_name("maintenance", &cluster);
+    apply_evacuation(&cluster, &name, true).await;
     let kubectl = cluster.kubectl();
-    let path = manifest.to_string_lossy().to_string();
-    kubectl
-        .run(&["apply", "--validate=false", "-f", &path], Duration::from_secs(30))
-        .await
-        .expect("kubectl apply");
     let get = async || -> Option<Value> {
         let text = kubectl
             .run(&["get", "evacuation", &name, "-o", "json"], Duration::from_secs(30))
@@ -1401,7 +1394,6 @@ async fn a_hand_made_evacuation_is_planned_approved_run_and_deleted() {
         "re-enabled before the object went"
     );
     assert!(get().await.is_none());
-    let _ = std::fs::remove_file(manifest);
 }
 
 /// Per-VM policy on a cordon: `nova-drain:stop` is stopped (and marked),
@@ -1509,4 +1501,51 @@ async fn tags_and_the_node_default_decide_per_vm_and_stopped_vms_start_after_the
         )
         .await
         .expect("kubectl annotate");
+}
+
+/// `kubectl delete` of a hand-made Evacuation mid-run: the in-flight
+/// migration is aborted, the VM stays (ACTIVE) on the hypervisor, and the
+/// service is re-enabled before the object goes.
+#[tokio::test]
+async fn deleting_a_running_hand_made_evacuation_cancels_it_and_re_enables() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, cluster) = setup().await;
+    let stuck = lab.boot(BootSpec::new("dmn-hand-held").stall()).await.remove(0);
+    let _agent = Agent::start(&cluster, &lab, "").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    let name = unique_evacuation_name("cancel-me", &cluster);
+    apply_evacuation(&cluster, &name, false).await;
+    eventually("the live migration running", Duration::from_secs(60), async || {
+        lab.server_migrations(&stuck)
+            .await
+            .first()
+            .filter(|m| m["status"] == "running")
+            .map(drop)
+    })
+    .await;
+    assert_eq!(lab.service(NOVA_HOST).await["status"], "disabled");
+    cluster
+        .kubectl()
+        .run(
+            &["delete", "evacuation", &name, "--timeout=90s"],
+            Duration::from_secs(120),
+        )
+        .await
+        .expect("kubectl delete returns once the maintenance has ended");
+    assert_eq!(
+        lab.service(NOVA_HOST).await["status"],
+        "enabled",
+        "re-enabled before the object went"
+    );
+    let server = lab.server(&stuck).await;
+    assert_eq!(
+        (host_of(&server), &server["status"]),
+        (NOVA_HOST.to_string(), &Value::from("ACTIVE"))
+    );
+    let migration = lab.server_migrations(&stuck).await;
+    assert!(
+        migration.first().is_some_and(|m| m["status"] != "running"),
+        "the move was aborted: {migration:?}"
+    );
+    lab.delete(&stuck).await;
 }

@@ -45,8 +45,11 @@ pub enum Input<C> {
     /// The guard pod as it is now.
     Guard(GuardPod),
     /// The node's Evacuations as they are now (those deleted since start-up
-    /// kept as being deleted); an empty list when the CRD is not installed.
+    /// kept as being deleted).
     Evacuations(Vec<EvacuationSeen>),
+    /// They cannot be listed (no CRD, not allowed): none is acted on, and
+    /// none missing is taken for deleted.
+    EvacuationsUnknown,
     /// Nova answered: the evacuation engine can run.
     ComputeReady(Arc<C>),
     /// SIGTERM or SIGINT.
@@ -156,6 +159,8 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             .into_iter()
             .flatten()
             .min();
+            // Times already past were acted on by the last reconcile (or are stale).
+            let wake = wake.filter(|at| *at > Instant::now());
             let evacuating = self.running.is_some();
             let running = &mut self.running;
             tokio::select! {
@@ -213,6 +218,11 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                     self.situation.created_unseen = None;
                 }
                 self.situation.evacuations = Some(seen);
+                self.situation.evacuations_listed = true;
+            }
+            Input::EvacuationsUnknown => {
+                self.situation.evacuations = Some(Vec::new());
+                self.situation.evacuations_listed = false;
             }
             Input::ComputeReady(compute) => {
                 self.compute = Some(compute);
@@ -250,7 +260,9 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             Step::Cancel(cause) => {
                 if let Some(running) = &mut self.running {
                     match cause {
-                        CancelCause::Uncordoned => info!("node uncordoned: cancelling the evacuation"),
+                        CancelCause::Unasked => {
+                            info!("nothing asks for the maintenance any more: cancelling the evacuation")
+                        }
                         CancelCause::Deleted => info!("the Evacuation was deleted: cancelling the evacuation"),
                     }
                     running.cancelling.store(true, Ordering::Relaxed);
@@ -259,9 +271,11 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                 }
                 self.situation.evacuation = Evacuation::Cancelling;
             }
-            Step::MarkCancelled => self.mark_cancelled().await,
+            Step::MarkCancelled(cause) => self.mark_cancelled(cause).await,
+            Step::ReleaseGuardIfNoneRuns => self.release_guard_if_none_runs().await,
             Step::HoldEvacuation(name) => match self.cluster.hold_evacuation(&name).await {
                 Ok(()) => {
+                    self.situation.finalizer_retry_at = None;
                     self.mark_seen(&name, |seen| seen.held = true);
                     // Shown as taken on at once, unless a run of it wrote more already.
                     if let Ok(Some(EvacuationStatus { phase: None, .. }) | None) =
@@ -278,6 +292,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             },
             Step::LetEvacuationGo(name) => match self.cluster.let_evacuation_go(&name).await {
                 Ok(()) => {
+                    self.situation.finalizer_retry_at = None;
                     info!(evacuation = %name, "the deleted Evacuation's maintenance has ended: it may go");
                     self.mark_seen(&name, |seen| seen.held = false);
                 }
@@ -305,18 +320,23 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                     Err(e) => self.guard_failed(e),
                 }
             }
-            Step::ReleaseGuard => match self.cluster.release_guard().await {
-                Ok(()) => {
-                    self.situation.released = true;
-                    let gone = match self.situation.guard {
-                        Some(GuardPod::Terminating { .. }) => Some(GuardPod::Terminating { held: false }),
-                        ref other => other.clone(),
-                    };
-                    self.guard_done(gone);
-                }
-                Err(e) => self.guard_failed(e),
-            },
+            Step::ReleaseGuard => self.release_guard().await,
             Step::LetGuardGoIfEmpty => self.let_guard_go_if_empty().await,
+        }
+    }
+
+    /// Deletes the budget and takes our finalizer off the guard: drain may finish.
+    async fn release_guard(&mut self) {
+        match self.cluster.release_guard().await {
+            Ok(()) => {
+                self.situation.released = true;
+                let gone = match self.situation.guard {
+                    Some(GuardPod::Terminating { .. }) => Some(GuardPod::Terminating { held: false }),
+                    ref other => other.clone(),
+                };
+                self.guard_done(gone);
+            }
+            Err(e) => self.guard_failed(e),
         }
     }
 
@@ -341,7 +361,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         };
         // Recorded before anything changes in Nova, so a crash after the disable is never forgotten.
         self.save(state).await;
-        info!("node cordoned: evacuating the hypervisor");
+        info!("evacuating the hypervisor");
         let (stop, stop_rx) = watch::channel(StopRequest::Continue);
         let cancelling = Arc::new(AtomicBool::new(false));
         let observer = self.observer(cancelling.clone());
@@ -409,8 +429,10 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         self.cluster.follow_evacuation(None);
         self.save(conclusion.state).await;
         self.situation.retry_at = conclusion.retry_in.map(|delay| Instant::now() + delay);
-        if conclusion.release_guard {
-            self.carry_out(Step::ReleaseGuard).await;
+        // Only a drain can be waiting, and only on a cordoned node: a hand-made
+        // run on a schedulable node keeps the guard (checked again at a cordon).
+        if conclusion.release_guard && self.situation.node == (NodeSeen::Present { cordoned: true }) {
+            self.release_guard().await;
         }
     }
 
@@ -436,7 +458,9 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         self.backoff_restarted = true;
     }
 
-    /// After an uncordon: re-enable the service if it is still ours, record Idle.
+    /// When nothing asks for the maintenance any more (the uncordon, the last
+    /// hand-made Evacuation deleted): re-enable the service if it is still
+    /// ours, start the VMs we stopped, record Idle.
     async fn restore(&mut self) {
         let Some(compute) = self.compute.clone() else { return };
         let observer = self.observer(Arc::default());
@@ -461,8 +485,11 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                 Severity::Normal,
                 "NovaComputeLeftDisabled",
                 format!(
-                    "nova-compute stays disabled: someone else disabled it ({})",
-                    reason.unwrap_or_default()
+                    "nova-compute stays disabled: someone else disabled it ({}); VMs we stopped for the maintenance \
+                     (tag {}) stay stopped until it is enabled and `drainer -enable --node {}` runs",
+                    reason.unwrap_or_default(),
+                    crate::evacuation::STOPPED_BY_US_TAG,
+                    self.settings.target.node
                 ),
             ),
             Ok(RestoreOutcome::StillMoving { servers }) => {
@@ -484,7 +511,8 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             self.situation.recorded.phase,
             self.situation.recorded.evacuation.clone(),
         ) {
-            let why = "nothing asks for the maintenance any more (the node was uncordoned) before it was approved";
+            let why = "nothing asked for the maintenance any more (the uncordon, or the Evacuation deleted) before \
+                       the plan was approved";
             self.close_record(&name, EvacuationPhase::Cancelled, why).await;
         }
         self.situation.retry_at = None;
@@ -520,6 +548,25 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             }
         }
         all
+    }
+
+    /// A cordoned node recorded as evacuated (by a hand-made run, or before a
+    /// restart): the guard goes only if Nova shows no VM running on the host
+    /// (stopped ones may stay); otherwise the hypervisor is evacuated again.
+    async fn release_guard_if_none_runs(&mut self) {
+        let Some(compute) = self.compute.clone() else { return };
+        let host = self.settings.target.host.clone();
+        match compute.servers_on_host(&host).await {
+            Ok(servers) if servers.iter().all(|s| !s.running && s.status == "SHUTOFF") => self.release_guard().await,
+            Ok(servers) => {
+                info!(
+                    running = servers.len(),
+                    "VMs run on the hypervisor recorded as evacuated: evacuating again"
+                );
+                self.evacuate().await;
+            }
+            Err(e) => self.guard_failed(format!("listing the servers on {host}: {e}")),
+        }
     }
 
     /// A guard being deleted while nothing is guarded is let go, but only once
@@ -771,6 +818,8 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         );
         self.cluster.follow_evacuation(None);
         self.record = None;
+        self.situation.retry_at = None;
+        self.mark_seen(&name, |seen| seen.plan_outdated = false);
         let state = DrainState {
             phase: Phase::Paused,
             evacuation: Some(name),
@@ -782,10 +831,19 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         self.save(state).await;
     }
 
-    /// The Evacuation of a run not under way was deleted: recorded
-    /// Cancelled on the Node (and in the Evacuation while it is still held).
-    async fn mark_cancelled(&mut self) {
+    /// A run not under way ends. Its Evacuation deleted: recorded Cancelled
+    /// on the Node (and in the Evacuation while it is still held). A plan a
+    /// cordon asked for, the node uncordoned before its approval while a
+    /// hand-made Evacuation asks: the plan closed, the Node Idle (nothing
+    /// changed in Nova), so that the hand-made one goes on.
+    async fn mark_cancelled(&mut self, cause: CancelCause) {
         let name = self.situation.recorded.evacuation.clone().unwrap_or_default();
+        if cause == CancelCause::Unasked {
+            let why = "the node was uncordoned before the plan was approved";
+            self.close_record(&name, EvacuationPhase::Cancelled, why).await;
+            self.save(DrainState::default()).await;
+            return;
+        }
         self.close_record(&name, EvacuationPhase::Cancelled, "the Evacuation was deleted")
             .await;
         let why = cancelled_note(&name);

@@ -33,7 +33,7 @@ pub enum Evacuation {
     #[default]
     None,
     Running,
-    /// Asked to abort its in-flight migrations because the node was uncordoned.
+    /// Asked to abort its in-flight migrations (the uncordon, its Evacuation deleted).
     Cancelling,
 }
 
@@ -56,8 +56,10 @@ pub struct Situation {
     pub guard_retry_at: Option<Instant>,
     /// The node's Evacuation objects as last seen, those deleted since the
     /// agent started kept as `deleting`; `None` until listed (an empty list
-    /// when the CRD is not installed).
+    /// when they cannot be listed: see `evacuations_listed`).
     pub evacuations: Option<Vec<EvacuationSeen>>,
+    /// The list came from the API server: an Evacuation missing from it is gone.
+    pub evacuations_listed: bool,
     /// Evacuations created at a cordon start paused: a person approves each.
     pub start_paused: bool,
     /// An Evacuation's finalizer could not be put on or taken off; not tried again before this.
@@ -92,7 +94,7 @@ impl Situation {
             Some(seen) => seen.deleting,
             None => {
                 self.evacuation == Evacuation::None
-                    && self.evacuations.is_some()
+                    && self.evacuations_listed
                     && self.created_unseen.as_ref() != Some(name)
             }
         }
@@ -147,11 +149,12 @@ impl RecordFor {
     }
 }
 
-/// Why a running evacuation is cancelled.
+/// Why a running evacuation (or a paused plan) is cancelled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CancelCause {
-    /// Nothing asks for the maintenance any more (the uncordon).
-    Uncordoned,
+    /// Nothing asks for it any more: the uncordon, or (for a plan a cordon
+    /// asked for) the uncordon while a hand-made Evacuation asks.
+    Unasked,
     /// The Evacuation recording it was deleted: no new run follows.
     Deleted,
 }
@@ -165,9 +168,13 @@ pub enum Step {
     Plan,
     /// Ask the running engine to abort its in-flight migrations.
     Cancel(CancelCause),
-    /// The Evacuation of a run not under way (paused, failed, or left by a
-    /// stopped agent) was deleted: record the phase Cancelled.
-    MarkCancelled,
+    /// A run not under way (paused, failed, or left by a stopped agent) ends:
+    /// its Evacuation deleted (the phase Cancelled recorded), or its plan
+    /// no longer asked for (Idle recorded).
+    MarkCancelled(CancelCause),
+    /// The hypervisor was emptied before: release the guard if Nova shows no
+    /// VM running on it, else evacuate again.
+    ReleaseGuardIfNoneRuns,
     /// Re-enable the service if it is still ours, then record Idle.
     Restore,
     /// Create the guard pod and budget, or put our finalizer back on the pod.
@@ -197,54 +204,7 @@ pub fn decide(situation: &Situation, now: Instant) -> Vec<Step> {
             }
             return steps;
         }
-        NodeSeen::Present { cordoned } => match situation.evacuation {
-            Evacuation::Running if situation.record_deleted() => steps.push(Step::Cancel(CancelCause::Deleted)),
-            Evacuation::Running if !situation.wanted() => steps.push(Step::Cancel(CancelCause::Uncordoned)),
-            Evacuation::Running | Evacuation::Cancelling => {}
-            Evacuation::None
-                if situation.record_deleted()
-                    && matches!(
-                        phase,
-                        Phase::Evacuating | Phase::Paused | Phase::Failed | Phase::TimedOut
-                    ) =>
-            {
-                steps.push(Step::MarkCancelled)
-            }
-            Evacuation::None if situation.wanted() => match phase {
-                Phase::Evacuated if cordoned && !situation.released && due(situation.guard_retry_at) => {
-                    steps.push(Step::ReleaseGuard)
-                }
-                Phase::Evacuated => {}
-                // Cancelled stays until the uncordon, or a new hand-made Evacuation.
-                Phase::Cancelled
-                    if situation
-                        .asked()
-                        .is_none_or(|a| situation.recorded.evacuation.as_ref() == Some(&a.name)) => {}
-                _ if situation.compute_ready && due(situation.retry_at) && situation.evacuations.is_some() => {
-                    let next = RecordFor::of(situation);
-                    match (next.paused(situation), phase) {
-                        // Planned again when its spec changed meanwhile.
-                        (true, Phase::Paused) => {
-                            if let RecordFor::Resume(name) = &next
-                                && situation.seen(name).is_some_and(|seen| seen.plan_outdated)
-                            {
-                                steps.push(Step::Plan)
-                            }
-                        }
-                        (true, _) => steps.push(Step::Plan),
-                        (false, _) => steps.push(Step::Evacuate),
-                    }
-                }
-                _ => {}
-            },
-            // Only once the Evacuations are listed: a hand-made one may still ask for the maintenance.
-            Evacuation::None if phase != Phase::Idle => {
-                if situation.compute_ready && due(situation.retry_at) && situation.evacuations.is_some() {
-                    steps.push(Step::Restore);
-                }
-            }
-            Evacuation::None => {}
-        },
+        NodeSeen::Present { cordoned } => steps.extend(maintenance(situation, cordoned, due)),
     }
     if due(situation.finalizer_retry_at) {
         steps.extend(evacuation_finalizers(situation));
@@ -268,6 +228,78 @@ pub fn decide(situation: &Situation, now: Instant) -> Vec<Step> {
         }
     }
     steps
+}
+
+/// The step the maintenance asks for: a cordon or a hand-made Evacuation
+/// asks for the hypervisor to be evacuated (or planned, when paused);
+/// neither, for it to be restored; a deleted Evacuation cancels its run.
+fn maintenance(situation: &Situation, cordoned: bool, due: impl Fn(Option<Instant>) -> bool) -> Option<Step> {
+    let phase = situation.recorded.phase;
+    let recorded = situation.recorded.evacuation.as_deref();
+    // A hand-made Evacuation that no run has recorded yet.
+    let asked_anew = situation.asked().filter(|a| recorded != Some(a.name.as_str()));
+    let ready = situation.compute_ready && due(situation.retry_at) && situation.evacuations.is_some();
+    match situation.evacuation {
+        Evacuation::Running if situation.record_deleted() => Some(Step::Cancel(CancelCause::Deleted)),
+        Evacuation::Running if !situation.wanted() => Some(Step::Cancel(CancelCause::Unasked)),
+        Evacuation::Running | Evacuation::Cancelling => None,
+        Evacuation::None
+            if situation.record_deleted()
+                && matches!(
+                    phase,
+                    Phase::Evacuating | Phase::Paused | Phase::Failed | Phase::TimedOut
+                ) =>
+        {
+            Some(Step::MarkCancelled(CancelCause::Deleted))
+        }
+        // The plan a cordon asked for, not approved before the uncordon, while a hand-made one asks.
+        Evacuation::None
+            if phase == Phase::Paused
+                && !cordoned
+                && situation.wanted()
+                && recorded
+                    .and_then(|name| situation.seen(name))
+                    .is_some_and(|seen| !seen.by_hand) =>
+        {
+            Some(Step::MarkCancelled(CancelCause::Unasked))
+        }
+        Evacuation::None if situation.wanted() => match phase {
+            // Emptied before: released only once Nova shows no VM running there
+            // (the run may have been a hand-made one's, days ago, or the agent restarted).
+            Phase::Evacuated if asked_anew.is_none() => {
+                (cordoned && !situation.released && situation.compute_ready && due(situation.guard_retry_at))
+                    .then_some(Step::ReleaseGuardIfNoneRuns)
+            }
+            // Cancelled stays until the uncordon, or a hand-made Evacuation (the
+            // cancelled one was deleted: one asking now is new, whatever its name).
+            Phase::Cancelled if situation.asked().is_none() => None,
+            _ if ready => next_run(situation),
+            _ => None,
+        },
+        // Only once the Evacuations are listed: a hand-made one may still ask for the maintenance.
+        Evacuation::None if phase != Phase::Idle && ready => Some(Step::Restore),
+        Evacuation::None => None,
+    }
+}
+
+/// Runs, or plans when paused; a hand-made Evacuation only once our
+/// finalizer holds it (its deletion must wait for the restore).
+fn next_run(situation: &Situation) -> Option<Step> {
+    let next = RecordFor::of(situation);
+    if let RecordFor::Asked(name) = &next
+        && !situation.seen(name).is_some_and(|seen| seen.held)
+    {
+        return None;
+    }
+    match (next.paused(situation), situation.recorded.phase) {
+        // Planned again when its spec changed meanwhile.
+        (true, Phase::Paused) => match &next {
+            RecordFor::Resume(name) if situation.seen(name).is_some_and(|seen| seen.plan_outdated) => Some(Step::Plan),
+            _ => None,
+        },
+        (true, _) => Some(Step::Plan),
+        (false, _) => Some(Step::Evacuate),
+    }
 }
 
 /// Our finalizer goes on every hand-made Evacuation, and comes off one being
@@ -438,7 +470,7 @@ pub fn conclude(
                 Severity::Normal,
                 "EvacuationCancelled",
                 format!(
-                    "the node was uncordoned: {} VM(s) stay on {}",
+                    "nothing asks for the maintenance any more (the uncordon): {} VM(s) stay on {}",
                     report.servers_left_on_host, report.host
                 ),
             ),
@@ -667,6 +699,7 @@ mod tests {
             guard: running_guard(),
             compute_ready: true,
             evacuations: Some(vec![]),
+            evacuations_listed: true,
             ..Situation::default()
         }
     }
@@ -704,7 +737,7 @@ mod tests {
             node: node(false),
             ..running
         };
-        assert_eq!(at(uncordoned.clone()), vec![Step::Cancel(CancelCause::Uncordoned)]);
+        assert_eq!(at(uncordoned.clone()), vec![Step::Cancel(CancelCause::Unasked)]);
         let cancelling = Situation {
             evacuation: Evacuation::Cancelling,
             ..uncordoned
@@ -722,7 +755,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_empty_hypervisor_releases_the_guard_once() {
-        assert_eq!(at(ready(node(true), Phase::Evacuated)), vec![Step::ReleaseGuard]);
+        // Recorded as evacuated, not released (a restart, or a hand-made run
+        // before the cordon): released once Nova shows nothing running there.
+        assert_eq!(
+            at(ready(node(true), Phase::Evacuated)),
+            vec![Step::ReleaseGuardIfNoneRuns]
+        );
         let released = Situation {
             released: true,
             guard: Some(GuardPod::Missing),
@@ -794,7 +832,16 @@ mod tests {
             evacuations: Some(vec![by_hand("m1", false, false, false)]),
             ..ready(node(false), Phase::Idle)
         };
-        assert_eq!(at(asked), vec![Step::Evacuate, Step::HoldEvacuation("m1".into())]);
+        assert_eq!(
+            at(asked),
+            vec![Step::HoldEvacuation("m1".into())],
+            "held before it runs"
+        );
+        let held = Situation {
+            evacuations: Some(vec![by_hand("m1", false, false, true)]),
+            ..ready(node(false), Phase::Idle)
+        };
+        assert_eq!(at(held), vec![Step::Evacuate]);
         // Paused: the plan, once; nothing more while it stays paused.
         let paused = Situation {
             evacuations: Some(vec![by_hand("m1", true, false, true)]),
@@ -819,6 +866,36 @@ mod tests {
             ..ready(node(false), Phase::Idle)
         };
         assert_eq!(at(evacuated.clone()), vec![]);
+        // Another made by hand while the hypervisor is evacuated: a run of its own records it.
+        let another = Situation {
+            evacuations: Some(vec![
+                by_hand("m1", false, false, true),
+                EvacuationSeen {
+                    created: ("2026-12-08T00:00:00Z".into(), "m2".into()),
+                    ..by_hand("m2", false, false, true)
+                },
+            ]),
+            ..evacuated.clone()
+        };
+        assert_eq!(at(another), vec![], "the oldest (m1) drives");
+        let newer_only = Situation {
+            evacuations: Some(vec![by_hand("m2", false, false, true)]),
+            ..evacuated.clone()
+        };
+        assert_eq!(at(newer_only), vec![Step::Evacuate]);
+        // A cordon's plan not approved before the uncordon gives way to a hand-made one.
+        let cordon_plan = Situation {
+            recorded: recording(Phase::Paused, "node-a-1"),
+            evacuations: Some(vec![
+                EvacuationSeen {
+                    by_hand: false,
+                    ..by_hand("node-a-1", true, false, false)
+                },
+                by_hand("m3", false, false, true),
+            ]),
+            ..ready(node(false), Phase::Idle)
+        };
+        assert_eq!(at(cordon_plan), vec![Step::MarkCancelled(CancelCause::Unasked)]);
         // Not listed yet (an agent just restarted): neither restored nor evacuated.
         let unlisted = Situation {
             evacuations: None,
@@ -857,7 +934,7 @@ mod tests {
             evacuations: deleted.clone(),
             ..ready(node(true), Phase::Idle)
         };
-        assert_eq!(at(failed), vec![Step::MarkCancelled]);
+        assert_eq!(at(failed), vec![Step::MarkCancelled(CancelCause::Deleted)]);
         let cancelled = Situation {
             recorded: recording(Phase::Cancelled, "node-a-1"),
             evacuations: deleted,
@@ -869,6 +946,17 @@ mod tests {
             ..cancelled.clone()
         };
         assert_eq!(at(asked_again), vec![Step::Evacuate]);
+        // Made again under the name of the deleted one: a new one, evacuated.
+        let same_name = Situation {
+            evacuations: Some(vec![EvacuationSeen {
+                by_hand: true,
+                held: true,
+                deleting: false,
+                ..by_hand("node-a-1", false, false, true)
+            }]),
+            ..cancelled.clone()
+        };
+        assert_eq!(at(same_name), vec![Step::Evacuate]);
         let uncordoned = Situation {
             node: node(false),
             ..cancelled
@@ -1071,7 +1159,7 @@ mod tests {
         conclude(
             recorded,
             result,
-            cancelled.then_some(CancelCause::Uncordoned),
+            cancelled.then_some(CancelCause::Unasked),
             release_guard_on_failure,
             RETRY,
             jiff::Timestamp::UNIX_EPOCH,

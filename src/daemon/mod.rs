@@ -245,89 +245,118 @@ async fn forward_guard(
 /// deletion of the one recording the run is seen even after it is gone.
 const DELETED_REMEMBERED: usize = 32;
 
+/// The node's Evacuations as the agent's decisions see them: those that
+/// exist, and those deleted since start-up (kept as being deleted, unless
+/// one of the same name exists again).
+#[derive(Default)]
+struct EvacuationView {
+    live: BTreeMap<String, EvacuationSeen>,
+    /// A (re-)list under way.
+    listing: BTreeMap<String, EvacuationSeen>,
+    /// Deleted, oldest first.
+    gone: VecDeque<EvacuationSeen>,
+    /// A list has come from the API server once.
+    listed: bool,
+}
+
+impl EvacuationView {
+    /// Folds one watch event in; `true`: the view is complete and changed.
+    fn apply(&mut self, event: watcher::Event<Evacuation>) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.listing.clear();
+                false
+            }
+            watcher::Event::InitApply(evacuation) => {
+                let seen = EvacuationSeen::of(&evacuation);
+                self.listing.insert(seen.name.clone(), seen);
+                false
+            }
+            watcher::Event::InitDone => {
+                let listing = std::mem::take(&mut self.listing);
+                let vanished: Vec<EvacuationSeen> = std::mem::take(&mut self.live)
+                    .into_values()
+                    .filter(|seen| !listing.contains_key(&seen.name))
+                    .collect();
+                vanished.into_iter().for_each(|seen| self.bury(seen));
+                self.live = listing;
+                self.listed = true;
+                true
+            }
+            watcher::Event::Apply(evacuation) => {
+                let seen = EvacuationSeen::of(&evacuation);
+                self.live.insert(seen.name.clone(), seen);
+                self.listed
+            }
+            watcher::Event::Delete(evacuation) => {
+                let seen = EvacuationSeen::of(&evacuation);
+                self.live.remove(&seen.name);
+                self.bury(seen);
+                self.listed
+            }
+        }
+    }
+
+    fn bury(&mut self, mut seen: EvacuationSeen) {
+        seen.deleting = true;
+        seen.held = false;
+        self.gone.retain(|g| g.name != seen.name);
+        self.gone.push_back(seen);
+        while self.gone.len() > DELETED_REMEMBERED {
+            self.gone.pop_front();
+        }
+    }
+
+    fn snapshot(&self) -> Vec<EvacuationSeen> {
+        let gone = self.gone.iter().filter(|g| !self.live.contains_key(&g.name));
+        self.live.values().chain(gone).cloned().collect()
+    }
+}
+
 /// The Evacuation watch, as inputs: the node's Evacuations as a whole after
-/// each change, those deleted kept as being deleted. Without the CRD the
-/// list is empty (and said once): cordons work without it.
+/// each change. Without the CRD, or the right to list it by node (an API
+/// server before selectable fields), the agent is told they cannot be
+/// known: cordons work without them. A failed re-list keeps the last view.
 async fn forward_evacuations(
     stream: impl Stream<Item = Result<watcher::Event<Evacuation>, watcher::Error>>,
     inputs: mpsc::Sender<Input<NovaClient>>,
 ) {
     futures::pin_mut!(stream);
-    let mut seen: BTreeMap<String, EvacuationSeen> = BTreeMap::new();
-    let mut listing: BTreeMap<String, EvacuationSeen> = BTreeMap::new();
-    let mut deleted: VecDeque<String> = VecDeque::new();
-    let mut told_missing = false;
+    let mut view = EvacuationView::default();
+    let mut told_unavailable = false;
     while let Some(item) = stream.next().await {
-        let mut gone = |seen: &mut BTreeMap<String, EvacuationSeen>, name: String| {
-            if let Some(entry) = seen.get_mut(&name) {
-                entry.deleting = true;
-                entry.held = false;
-                deleted.push_back(name);
-            }
-            while deleted.len() > DELETED_REMEMBERED {
-                if let Some(oldest) = deleted.pop_front() {
-                    seen.remove(&oldest);
+        let input = match item {
+            Ok(event) => {
+                if !view.apply(event) {
+                    continue;
                 }
+                Input::Evacuations(view.snapshot())
             }
-        };
-        match item {
-            Ok(watcher::Event::Init) => {
-                listing.clear();
-                continue;
-            }
-            Ok(watcher::Event::InitApply(evacuation)) => {
-                let entry = EvacuationSeen::of(&evacuation);
-                listing.insert(entry.name.clone(), entry);
-                continue;
-            }
-            Ok(watcher::Event::InitDone) => {
-                let vanished: Vec<String> = seen
-                    .iter()
-                    .filter(|(name, entry)| !entry.deleting && !listing.contains_key(*name))
-                    .map(|(name, _)| name.clone())
-                    .collect();
-                for name in vanished {
-                    gone(&mut seen, name);
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if matches!(status.code, 400 | 403 | 404) =>
+            {
+                if told_unavailable {
+                    continue;
                 }
-                seen.retain(|name, entry| entry.deleting || listing.contains_key(name));
-                seen.extend(std::mem::take(&mut listing));
-            }
-            Ok(watcher::Event::Apply(evacuation)) => {
-                let entry = EvacuationSeen::of(&evacuation);
-                seen.insert(entry.name.clone(), entry);
-            }
-            Ok(watcher::Event::Delete(evacuation)) => {
-                let entry = EvacuationSeen::of(&evacuation);
-                let name = entry.name.clone();
-                seen.insert(name.clone(), entry);
-                gone(&mut seen, name);
-            }
-            // Without the CRD, or the right to watch it, cordons are still acted on.
-            Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if matches!(status.code, 403 | 404) => {
-                if !told_missing {
-                    warn!(
-                        code = status.code,
-                        "cannot list the Evacuations (the CRD is not installed, or the agent may not watch it): \
-                         cordons are evacuated, Evacuations made by hand are not acted on"
-                    );
-                    told_missing = true;
+                told_unavailable = true;
+                warn!(
+                    code = status.code,
+                    reason = %status.message,
+                    "cannot list this node's Evacuations (the CRD not installed, the agent not allowed, or an API \
+                     server without selectable fields): cordons are evacuated, Evacuations made by hand are not \
+                     acted on"
+                );
+                if view.listed {
+                    continue;
                 }
-                listing.clear();
-                if inputs.send(Input::Evacuations(Vec::new())).await.is_err() {
-                    return;
-                }
-                continue;
+                Input::EvacuationsUnknown
             }
             Err(e) => {
                 warn!(error = %e, "Evacuation watch failed; retrying");
                 continue;
             }
-        }
-        if inputs
-            .send(Input::Evacuations(seen.values().cloned().collect()))
-            .await
-            .is_err()
-        {
+        };
+        if inputs.send(input).await.is_err() {
             return;
         }
     }
@@ -342,4 +371,53 @@ fn forward_signals(inputs: mpsc::Sender<Input<NovaClient>>) -> std::io::Result<t
         }
         let _ = inputs.send(Input::Terminate).await;
     }))
+}
+
+#[cfg(test)]
+mod view_tests {
+    use super::*;
+    use crate::kube::evacuation::EvacuationSpec;
+
+    fn evacuation(name: &str) -> Evacuation {
+        Evacuation::new(
+            name,
+            EvacuationSpec {
+                node_name: "node-a".into(),
+                ..EvacuationSpec::default()
+            },
+        )
+    }
+
+    fn names(view: &EvacuationView) -> Vec<(String, bool)> {
+        view.snapshot().into_iter().map(|s| (s.name, s.deleting)).collect()
+    }
+
+    #[test]
+    fn deleted_evacuations_are_remembered_as_being_deleted_and_a_new_one_of_the_same_name_shadows_them() {
+        let mut view = EvacuationView::default();
+        assert!(!view.apply(watcher::Event::Init));
+        assert!(!view.apply(watcher::Event::InitApply(evacuation("a"))));
+        assert!(!view.apply(watcher::Event::InitApply(evacuation("b"))));
+        assert!(view.apply(watcher::Event::InitDone), "complete once listed");
+        assert!(view.apply(watcher::Event::Delete(evacuation("a"))));
+        assert_eq!(names(&view), [("b".into(), false), ("a".into(), true)]);
+        assert!(view.apply(watcher::Event::Apply(evacuation("a"))));
+        assert_eq!(names(&view), [("a".into(), false), ("b".into(), false)], "made again");
+        // A re-list that misses one (its deletion lost with the watch) buries it.
+        view.apply(watcher::Event::Init);
+        view.apply(watcher::Event::InitApply(evacuation("a")));
+        view.apply(watcher::Event::InitDone);
+        assert_eq!(names(&view), [("a".into(), false), ("b".into(), true)]);
+        // Many deletions forget the oldest tombstones, never a live one.
+        for i in 0..DELETED_REMEMBERED + 5 {
+            view.apply(watcher::Event::Delete(evacuation(&format!("old-{i}"))));
+        }
+        let snapshot = names(&view);
+        assert!(snapshot.contains(&("a".into(), false)));
+        assert!(
+            !snapshot.contains(&("b".into(), true)),
+            "the oldest tombstone forgotten"
+        );
+        assert_eq!(snapshot.len(), 1 + DELETED_REMEMBERED);
+    }
 }

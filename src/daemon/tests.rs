@@ -1278,6 +1278,10 @@ async fn a_hand_made_evacuation_evacuates_without_a_cordon_and_its_deletion_re_e
     h.until("evacuated", |h| h.cluster.phase() == Phase::Evacuated).await;
     assert_eq!(h.on_source(), 0);
     assert!(!h.cloud.service().enabled, "disabled while the Evacuation exists");
+    assert!(
+        h.cluster.guard_in_place(),
+        "not cordoned, no drain waits: the guard stays until a cordon checks Nova again"
+    );
     assert_eq!(h.cluster.last_record().evacuation.as_deref(), Some("maintenance-1"));
     let done = h.cluster.status_of("maintenance-1").expect("status");
     assert_eq!(done.phase, Some(EvacuationPhase::Succeeded));

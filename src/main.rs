@@ -220,7 +220,15 @@ async fn release_guard(cli: &Cli, node: Option<&str>, all: bool, force: bool) ->
             .map_or_else(|| node.to_string(), |c| c.nova_host_for(node))
     };
     let mut outcomes = release_guards(guards, nova.as_ref(), host_of).await;
-    match nova_kubernetes_drain::kube::evacuation::let_go_all(kube, only).await {
+    // A node whose guard stays (VMs still run there, or it could not be
+    // released) keeps its Evacuations held too: its maintenance is not over.
+    let kept: Vec<String> = outcomes
+        .iter()
+        .filter(|o| !o.done())
+        .map(|o| o.node().to_string())
+        .collect();
+    let keep = |node: &str| kept.iter().any(|k| k == node);
+    match nova_kubernetes_drain::kube::evacuation::let_go_all(kube, only, keep).await {
         Ok(let_go) => outcomes.extend(
             let_go
                 .into_iter()

@@ -2144,6 +2144,30 @@ async fn evacuations_are_selected_by_node_and_held_by_our_finalizer() {
         seen.by_hand && seen.spec.paused && !seen.held && !seen.deleting,
         "{seen:?}"
     );
+    let moved = api_error(
+        all.patch(
+            "mine",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"nodeName": "n2"}})),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(
+        (moved.code, moved.message.as_str()),
+        (
+            422,
+            "Evacuation.nova-kubernetes-drain.io \"mine\" is invalid: spec.nodeName: Invalid value: \"string\": \
+             nodeName is immutable"
+        )
+    );
+    all.patch(
+        "mine",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"paused": false}})),
+    )
+    .await
+    .expect("the rest of the spec may change");
 
     let evacuations = Evacuations::new(client, "n1");
     evacuations.hold("mine").await.unwrap();

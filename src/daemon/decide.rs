@@ -1,9 +1,10 @@
 //! The agent's decisions, as plain functions of what it knows: no I/O, no
 //! clock of their own, so every transition is unit-tested below.
 //!
-//! [`decide`] looks at the Node, the recorded drain state, the running
-//! evacuation and the guard pod, and names the steps that bring the world in
-//! line; [`conclude`] says what a finished evacuation means for the record,
+//! [`decide`] looks at the Node, the recorded drain state, the node's
+//! Evacuation objects (hand-made ones ask for a run, a deleted one cancels
+//! it, a paused one asks for a plan only), the running evacuation and the
+//! guard pod, and names the steps that bring the world in line; [`conclude`] says what a finished evacuation means for the record,
 //! the guard and the next try.
 
 use std::time::Duration;
@@ -599,8 +600,8 @@ fn deleted(mut state: DrainState, result: Result<&Report, String>) -> Conclusion
 /// What a deleted Evacuation means, for the Node's record and the Event.
 pub fn cancelled_note(name: &str) -> String {
     format!(
-        "the Evacuation {name} was deleted: no new run while the node stays cordoned (uncordon it, or create an \
-         Evacuation, to go on)"
+        "the Evacuation {name} was deleted: nothing more moves until another Evacuation, or a new cordon, asks \
+         for it"
     )
 }
 
@@ -810,7 +811,6 @@ mod tests {
             },
             deleting,
             held,
-            finished: false,
             plan_outdated: false,
             generation: Some(1),
             created: ("2026-12-07T00:00:00Z".into(), name.into()),

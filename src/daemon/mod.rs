@@ -1,6 +1,7 @@
 //! Daemon mode: the agent of one node. Level-triggered: every decision looks
-//! at the Node and the guard pod as they are now (cordoned or not, the drain
-//! state in the Node's annotations, the guard pod's finalizer and phase),
+//! at the Node, the guard pod and the node's Evacuation objects as they are
+//! now (cordoned or not, the drain state in the Node's annotations, the
+//! guard pod's finalizer and phase, which Evacuations ask for a run),
 //! never at which events were seen, so a node already cordoned at start-up or
 //! after a restart is handled the same way as a fresh cordon.
 //!

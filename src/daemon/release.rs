@@ -70,6 +70,17 @@ impl GuardRelease {
         }
     }
 
+    /// The node it is about.
+    pub fn node(&self) -> &str {
+        match self {
+            GuardRelease::Released { node, .. }
+            | GuardRelease::Kept { node, .. }
+            | GuardRelease::NoGuard { node }
+            | GuardRelease::Failed { node, .. }
+            | GuardRelease::EvacuationLetGo { node, .. } => node,
+        }
+    }
+
     /// Whether the operator's request was met (released, or nothing to release).
     pub fn done(&self) -> bool {
         matches!(

@@ -20,7 +20,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, CustomResource, CustomResourceExt, Resource, ResourceExt};
+use kube::{Api, Client, CustomResource, CustomResourceExt, KubeSchema, Resource, ResourceExt};
 use schemars::JsonSchema;
 
 use super::finalizer::FinalizerError;
@@ -37,7 +37,7 @@ pub const FINALIZER: &str = "nova-kubernetes-drain.io/maintenance";
 const CONFLICT_RETRIES: usize = 5;
 
 /// One evacuation of the hypervisor behind a Kubernetes node.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[kube(
     group = "nova-kubernetes-drain.io",
     version = "v1alpha1",
@@ -58,7 +58,9 @@ const CONFLICT_RETRIES: usize = 5;
 #[serde(rename_all = "camelCase")]
 pub struct EvacuationSpec {
     /// The Kubernetes node whose hypervisor is evacuated (the Nova host is
-    /// derived from it by the agent's `nova_host` setting).
+    /// derived from it by the agent's `nova_host` setting). Immutable: an
+    /// Evacuation belongs to one node's agent.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("nodeName is immutable"))]
     pub node_name: String,
     /// Plan only: the agent writes what it would do (each VM's action, the
     /// capacity verdict) to the status and changes nothing in Nova until this
@@ -270,7 +272,9 @@ pub struct VmStatus {
     pub project: String,
     /// Nova status when the run found it (ACTIVE, SHUTOFF...).
     pub state: String,
-    /// `live-migrate`, `cold-migrate` or `skip`.
+    /// `live-migrate`, `cold-migrate`, `stop` (stopped for the maintenance,
+    /// started again when the hypervisor is re-enabled) or `skip` (left in
+    /// place, by policy or by its tag).
     pub action: String,
     pub attempts: u32,
     pub source: String,
@@ -283,7 +287,8 @@ pub struct VmStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
     /// `planned` (paused), `pending`, `moving`, then one of `migrated`, `deleted`, `skipped`,
-    /// `failed`, `aborted`, `in-progress` (left to Nova), `not-started`, or
+    /// `stopped` (by us, to be started again), `left` (running, as its tag or
+    /// the node's default asked), `failed`, `aborted`, `in-progress` (left to Nova), `not-started`, or
     /// `not-on-host` (its move was under way when the agent stopped, and it
     /// was gone from the hypervisor when the agent resumed the run).
     pub outcome: String,
@@ -305,8 +310,6 @@ pub struct EvacuationSeen {
     pub deleting: bool,
     /// Carries our [`FINALIZER`].
     pub held: bool,
-    /// Its phase says it is over.
-    pub finished: bool,
     /// Whether its spec changed since its plan was written (a paused one is planned again).
     pub plan_outdated: bool,
     /// `metadata.generation`: the version of its spec.
@@ -329,11 +332,6 @@ impl EvacuationSeen {
             spec: evacuation.spec.clone(),
             deleting: meta.deletion_timestamp.is_some(),
             held: meta.finalizers.iter().flatten().any(|f| f == FINALIZER),
-            finished: evacuation
-                .status
-                .as_ref()
-                .and_then(|s| s.phase)
-                .is_some_and(EvacuationPhase::is_finished),
             plan_outdated: evacuation
                 .status
                 .as_ref()
@@ -360,8 +358,14 @@ pub fn watch_evacuations(
 /// for `drainer release-guard` once the agents are gone: no agent is left to
 /// act on a deletion, which would otherwise never end (and hold the CRD's own
 /// deletion at an uninstall, whether or not it has reached the Evacuation
-/// yet). An agent that comes back puts it on again. Returns (name, node) of each.
-pub async fn let_go_all(client: Client, node: Option<&str>) -> Result<Vec<(String, String)>, FinalizerError> {
+/// yet). Evacuations of a node for which `keep` says yes are left held (its
+/// guard was kept: VMs still run there). An agent that comes back puts it on
+/// again. Returns (name, node) of each let go.
+pub async fn let_go_all(
+    client: Client,
+    node: Option<&str>,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, String)>, FinalizerError> {
     let api: Api<Evacuation> = Api::all(client);
     let params = match node {
         Some(node) => ListParams::default().fields(&format!("spec.nodeName={node}")),
@@ -370,7 +374,7 @@ pub async fn let_go_all(client: Client, node: Option<&str>) -> Result<Vec<(Strin
     let mut released = Vec::new();
     for evacuation in api.list(&params).await?.items {
         let seen = EvacuationSeen::of(&evacuation);
-        if seen.held && super::finalizer::remove(&api, &seen.name, FINALIZER).await? {
+        if seen.held && !keep(&seen.spec.node_name) && super::finalizer::remove(&api, &seen.name, FINALIZER).await? {
             released.push((seen.name, evacuation.spec.node_name));
         }
     }

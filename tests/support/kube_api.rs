@@ -113,7 +113,9 @@
 //! against the schema). Not checked (more lenient than real):
 //! other formats (uuid, ipv4, ...), pattern, min/maxLength, min/maxItems,
 //! uniqueItems, min/maxProperties, multipleOf, allOf/anyOf/oneOf/not,
-//! list-type/map-keys, CEL `x-kubernetes-validations`, the embedded
+//! list-type/map-keys, CEL `x-kubernetes-validations` other than the
+//! transition rule `self == oldSelf` (evaluated on update; a CRD with any
+//! other rule is refused, stricter), the embedded
 //! ObjectMeta schema, and (in the CRD) that defaults match their schema; validation ratcheting (real: unchanged invalid fields
 //! pass on update) is not modelled (stricter). Finalizers of CRDs and custom
 //! resources need only be qualified names (apimachinery's rule; the real one
@@ -1647,6 +1649,11 @@ impl State {
         let info = self.crd_info(res);
         if let Some(info) = &info {
             self.admit_custom(res, info, &mut obj)?;
+            let mut errs = Vec::new();
+            transition_rules(&obj, &old, &info.schema, "", &mut errs);
+            if !errs.is_empty() {
+                return Err(ApiError::invalid(res, name_of(&obj), errs));
+            }
         }
         if res == Res::Crd && !status_sub {
             crd_accept_names(&mut obj);
@@ -3328,6 +3335,23 @@ fn structural(s: &Value, path: &str, root: bool, errs: &mut Vec<(String, String,
             "FieldValueRequired",
         ));
     }
+    for (j, rule) in s
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        // Only the immutability rule is evaluated here; a CRD with any
+        // other CEL rule is refused, so that no rule is silently ignored.
+        if rule.get("rule").and_then(Value::as_str) != Some(IMMUTABLE_RULE) {
+            errs.push((
+                format!("{path}.x-kubernetes-validations[{j}].rule"),
+                format!("Forbidden: this test server evaluates only `{IMMUTABLE_RULE}`"),
+                "FieldValueForbidden",
+            ));
+        }
+    }
     for (k, sub) in s.get("properties").and_then(Value::as_object).into_iter().flatten() {
         structural(sub, &format!("{path}.properties[{k}]"), false, errs);
     }
@@ -3336,6 +3360,44 @@ fn structural(s: &Value, path: &str, root: bool, errs: &mut Vec<(String, String,
     }
     if let Some(a) = s.get("additionalProperties").filter(|a| a.is_object()) {
         structural(a, &format!("{path}.additionalProperties"), false, errs);
+    }
+}
+
+/// The one CEL rule this server evaluates: a transition rule that keeps a
+/// field as it was once set.
+const IMMUTABLE_RULE: &str = "self == oldSelf";
+
+/// The schema's `self == oldSelf` rules on an update: like the real server,
+/// a field present in both the old and the new object must keep its value
+/// (an error with the rule's message, or the real default message).
+fn transition_rules(new: &Value, old: &Value, s: &Value, path: &str, errs: &mut Vec<(String, String, &'static str)>) {
+    for rule in s
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if rule.get("rule").and_then(Value::as_str) == Some(IMMUTABLE_RULE) && new != old {
+            let message = rule
+                .get("message")
+                .and_then(Value::as_str)
+                .map_or_else(|| format!("failed rule: {IMMUTABLE_RULE}"), str::to_string);
+            errs.push((
+                path.to_string(),
+                invalid_value(json_type(new), &message),
+                "FieldValueInvalid",
+            ));
+        }
+    }
+    for (k, sub) in s.get("properties").and_then(Value::as_object).into_iter().flatten() {
+        if let (Some(n), Some(o)) = (new.get(k), old.get(k)) {
+            let child = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            transition_rules(n, o, sub, &child, errs);
+        }
     }
 }
 

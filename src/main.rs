@@ -135,28 +135,7 @@ async fn run(cli: Cli) -> i32 {
     let observer = telemetry::ConsoleObserver::for_stderr();
     let engine = Engine::new(&client, &config.evacuation, &observer);
     if cli.enable {
-        let options = RestoreOptions {
-            even_while_moving: cli.force,
-            dry_run: cli.dry_run,
-        };
-        return match engine.restore_and_start(&target, options).await {
-            Ok(restored) => {
-                match cli.output {
-                    Output::Json => {
-                        let json = serde_json::json!({
-                            "host": target.host,
-                            "node": target.node,
-                            "restore": restored.outcome,
-                            "started": restored.restarts,
-                        });
-                        println!("{json:#}");
-                    }
-                    Output::Human => println!("{}", restored.describe(&target.host)),
-                }
-                restored.exit_code()
-            }
-            Err(e) => fail(e),
-        };
+        return enable(&cli, &engine, &target).await;
     }
     let result = if cli.dry_run {
         engine.preview(&target).await
@@ -176,6 +155,33 @@ async fn run(cli: Cli) -> i32 {
             print_report(&report, &config.cloud, cli.output, &report_view(&cli));
             info!(nova_requests = client.requests(), "done");
             report.exit_code()
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `drainer -enable`: re-enables the service if our marker is its reason
+/// and starts the VMs we stopped for the maintenance.
+async fn enable(cli: &Cli, engine: &Engine<'_, NovaClient>, target: &Target) -> i32 {
+    let options = RestoreOptions {
+        even_while_moving: cli.force,
+        dry_run: cli.dry_run,
+    };
+    match engine.restore_and_start(target, options).await {
+        Ok(restored) => {
+            match cli.output {
+                Output::Json => {
+                    let json = serde_json::json!({
+                        "host": target.host,
+                        "node": target.node,
+                        "restore": restored.outcome,
+                        "started": restored.restarts,
+                    });
+                    println!("{json:#}");
+                }
+                Output::Human => println!("{}", restored.describe(&target.host)),
+            }
+            restored.exit_code()
         }
         Err(e) => fail(e),
     }

@@ -995,94 +995,11 @@ impl<K: Cluster> Observer for AgentObserver<K> {
         if let Some(progress) = record::progress_of(event, &rfc3339(jiff::Timestamp::now(), Duration::ZERO)) {
             let _ = self.progress.send(progress);
         }
-        let publish = |severity, reason, note| self.cluster.publish(severity, reason, note);
-        let cold = |action: &Action| *action == Action::ColdMigrate;
         match event {
-            Event::ServiceDisabled { reason } => publish(
-                Severity::Normal,
-                "NovaComputeDisabled",
-                format!("nova-compute disabled: {reason}"),
-            ),
-            Event::ServiceAlreadyDisabled { .. } => {}
             Event::EvacuationStarted { to_move, to_skip } => {
                 self.total.store(to_move + to_skip, Ordering::Relaxed);
                 self.metrics.vms_remaining.set((to_move + to_skip) as i64);
-                publish(
-                    Severity::Normal,
-                    "EvacuationStarted",
-                    format!("moving {to_move} VM(s) off the hypervisor; {to_skip} left in place by policy"),
-                )
             }
-            Event::MigrationStarted {
-                server,
-                action,
-                attempt,
-            } => publish(
-                Severity::Normal,
-                if cold(action) {
-                    "ColdMigrationStarted"
-                } else {
-                    "LiveMigrationStarted"
-                },
-                format!("{} attempt {attempt}", vm(server)),
-            ),
-            Event::MigrationSucceeded {
-                server,
-                action,
-                destination,
-                seconds,
-            } => publish(
-                Severity::Normal,
-                if cold(action) {
-                    "ColdMigrationSucceeded"
-                } else {
-                    "LiveMigrationSucceeded"
-                },
-                format!("{} now on {destination} after {seconds:.1} s", vm(server)),
-            ),
-            Event::MigrationFailed {
-                server,
-                action,
-                reason,
-                retry_in,
-            } => {
-                let next = match retry_in {
-                    Some(delay) => format!("retrying in {} s", delay.as_secs()),
-                    None => "no attempts left".to_string(),
-                };
-                publish(
-                    Severity::Warning,
-                    if cold(action) {
-                        "ColdMigrationFailed"
-                    } else {
-                        "LiveMigrationFailed"
-                    },
-                    format!("{}: {reason}; {next}", vm(server)),
-                )
-            }
-            Event::Intervened { server, what, reason } => publish(
-                Severity::Warning,
-                "LiveMigrationIntervened",
-                format!("{what} {}: {reason}", vm(server)),
-            ),
-            Event::NotMigratable { server, reason } if self.cancelling.load(Ordering::Relaxed) => publish(
-                Severity::Normal,
-                "MigrationCancelled",
-                format!("{} stays: the uncordon cancelled the evacuation ({reason})", vm(server)),
-            ),
-            Event::NotMigratable { server, reason } => publish(
-                Severity::Warning,
-                "VMNotMigratable",
-                format!("{} ({}) stays: {reason}", vm(server), server.status),
-            ),
-            Event::Stopped { server } => publish(
-                Severity::Normal,
-                "VMStopped",
-                format!(
-                    "{} stopped for the maintenance, as asked; it is started again when the maintenance ends",
-                    vm(server)
-                ),
-            ),
             Event::Progress { total, moved, .. } => {
                 // A VM that failed to move is still on the host.
                 let all = self.total.load(Ordering::Relaxed).max(*total);
@@ -1090,6 +1007,87 @@ impl<K: Cluster> Observer for AgentObserver<K> {
                 self.metrics.vms_remaining.set(left as i64);
                 let _ = self.progress.send(Progress::Left(left));
             }
+            _ => {}
+        }
+        if let Some((severity, reason, note)) = event_note(event, self.cancelling.load(Ordering::Relaxed)) {
+            self.cluster.publish(severity, reason, note);
         }
     }
+}
+
+/// The Kubernetes Event that tells an engine event, if any (`cancelling`:
+/// the run is being cancelled, so a VM that stays is no failure).
+fn event_note(event: &Event<'_>, cancelling: bool) -> Option<(Severity, &'static str, String)> {
+    let by_action = |action: &Action, cold, live| if *action == Action::ColdMigrate { cold } else { live };
+    Some(match event {
+        Event::ServiceDisabled { reason } => (
+            Severity::Normal,
+            "NovaComputeDisabled",
+            format!("nova-compute disabled: {reason}"),
+        ),
+        Event::EvacuationStarted { to_move, to_skip } => (
+            Severity::Normal,
+            "EvacuationStarted",
+            format!("moving {to_move} VM(s) off the hypervisor; {to_skip} left in place by policy"),
+        ),
+        Event::MigrationStarted {
+            server,
+            action,
+            attempt,
+        } => (
+            Severity::Normal,
+            by_action(action, "ColdMigrationStarted", "LiveMigrationStarted"),
+            format!("{} attempt {attempt}", vm(server)),
+        ),
+        Event::MigrationSucceeded {
+            server,
+            action,
+            destination,
+            seconds,
+        } => (
+            Severity::Normal,
+            by_action(action, "ColdMigrationSucceeded", "LiveMigrationSucceeded"),
+            format!("{} now on {destination} after {seconds:.1} s", vm(server)),
+        ),
+        Event::MigrationFailed {
+            server,
+            action,
+            reason,
+            retry_in,
+        } => {
+            let next = match retry_in {
+                Some(delay) => format!("retrying in {} s", delay.as_secs()),
+                None => "no attempts left".to_string(),
+            };
+            (
+                Severity::Warning,
+                by_action(action, "ColdMigrationFailed", "LiveMigrationFailed"),
+                format!("{}: {reason}; {next}", vm(server)),
+            )
+        }
+        Event::Intervened { server, what, reason } => (
+            Severity::Warning,
+            "LiveMigrationIntervened",
+            format!("{what} {}: {reason}", vm(server)),
+        ),
+        Event::NotMigratable { server, reason } if cancelling => (
+            Severity::Normal,
+            "MigrationCancelled",
+            format!("{} stays: the evacuation was cancelled ({reason})", vm(server)),
+        ),
+        Event::NotMigratable { server, reason } => (
+            Severity::Warning,
+            "VMNotMigratable",
+            format!("{} ({}) stays: {reason}", vm(server), server.status),
+        ),
+        Event::Stopped { server } => (
+            Severity::Normal,
+            "VMStopped",
+            format!(
+                "{} stopped for the maintenance, as asked; it is started again when the maintenance ends",
+                vm(server)
+            ),
+        ),
+        Event::ServiceAlreadyDisabled { .. } | Event::Progress { .. } => return None,
+    })
 }

@@ -444,24 +444,15 @@ pub fn conclude(
     state.vms_total = Some(report.vms.len());
     state.vms_left = Some(report.servers_left_on_host);
     match report.result {
-        RunResult::Succeeded => {
-            state.phase = Phase::Evacuated;
-            Conclusion {
-                state,
-                release_guard: true,
-                retry_in: None,
-                event: (
-                    Severity::Normal,
-                    "EvacuationSucceeded",
-                    format!(
-                        "the hypervisor {} is empty ({} VM(s) moved in {:.0} s)",
-                        report.host,
-                        report.vms.len(),
-                        report.duration_seconds
-                    ),
-                ),
-            }
-        }
+        RunResult::Succeeded => emptied(
+            state,
+            format!(
+                "the hypervisor {} is empty ({} VM(s) moved in {:.0} s)",
+                report.host,
+                report.vms.len(),
+                report.duration_seconds
+            ),
+        ),
         RunResult::Interrupted if cancelled => Conclusion {
             // The phase stays as it was: the restore that follows records Idle.
             state,
@@ -484,6 +475,17 @@ pub fn conclude(
             state.phase = Phase::Failed;
             failed(state, "EvacuationFailed", left_behind(report))
         }
+    }
+}
+
+/// A run that emptied the hypervisor: recorded Evacuated, the guard let go.
+fn emptied(mut state: DrainState, note: String) -> Conclusion {
+    state.phase = Phase::Evacuated;
+    Conclusion {
+        state,
+        release_guard: true,
+        retry_in: None,
+        event: (Severity::Normal, "EvacuationSucceeded", note),
     }
 }
 
@@ -567,20 +569,11 @@ fn deleted(mut state: DrainState, result: Result<&Report, String>) -> Conclusion
             state.vms_total = Some(report.vms.len());
             state.vms_left = Some(report.servers_left_on_host);
             if report.result == RunResult::Succeeded {
-                state.phase = Phase::Evacuated;
-                return Conclusion {
-                    state,
-                    release_guard: true,
-                    retry_in: None,
-                    event: (
-                        Severity::Normal,
-                        "EvacuationSucceeded",
-                        format!(
-                            "the hypervisor {} is empty (its Evacuation {name} was deleted at the end)",
-                            report.host
-                        ),
-                    ),
-                };
+                let note = format!(
+                    "the hypervisor {} is empty (its Evacuation {name} was deleted at the end)",
+                    report.host
+                );
+                return emptied(state, note);
             }
             format!("{} VM(s) stay on {}", report.servers_left_on_host, report.host)
         }

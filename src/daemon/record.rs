@@ -282,39 +282,7 @@ pub fn finished(status: &EvacuationStatus, report: &Report, cancelled: bool, at:
         _ if cancelled => EvacuationPhase::Cancelled,
         RunResult::Failed | RunResult::TimedOut | RunResult::Planned => EvacuationPhase::Failed,
     };
-    // The VMs that keep the host from being empty: those that failed, else
-    // (a run failed only by what policy left in place) those left alone.
-    let describe = |vm: &&VmReport| {
-        format!(
-            "{} ({}): {}",
-            vm.name,
-            vm.id,
-            vm.reason.as_deref().unwrap_or("not moved")
-        )
-    };
-    let mut failures: Vec<String> = report
-        .vms
-        .iter()
-        .filter(|vm| !vm.outcome.is_success() && !vm.outcome.is_kept_by_choice() && vm.outcome != Outcome::Skipped)
-        .map(|vm| describe(&vm))
-        .collect();
-    if failures.is_empty() {
-        failures = report
-            .vms
-            .iter()
-            .filter(|vm| !vm.outcome.is_success())
-            .map(|vm| describe(&vm))
-            .collect();
-    }
-    let last_error = match (phase, report.result) {
-        (EvacuationPhase::Succeeded, _) => None,
-        (_, RunResult::TimedOut) => Some(format!(
-            "the time-out ended the run with {} VM(s) on the hypervisor",
-            report.servers_left_on_host
-        )),
-        _ if failures.is_empty() => None,
-        _ => Some(failures.join("; ")),
-    };
+    let last_error = last_error(report, phase);
     EvacuationStatus {
         phase: Some(phase),
         nova_host: Some(report.host.clone()),
@@ -337,6 +305,43 @@ pub fn finished(status: &EvacuationStatus, report: &Report, cancelled: bool, at:
         conditions: status.conditions.clone(),
         observed_generation: status.observed_generation,
         last_error,
+    }
+}
+
+/// What kept the run from emptying the host, unless it did: the time-out,
+/// or the VMs that failed, else (a run failed only by what policy left in
+/// place) those left alone.
+fn last_error(report: &Report, phase: EvacuationPhase) -> Option<String> {
+    let describe = |vm: &&VmReport| {
+        format!(
+            "{} ({}): {}",
+            vm.name,
+            vm.id,
+            vm.reason.as_deref().unwrap_or("not moved")
+        )
+    };
+    let mut failures: Vec<String> = report
+        .vms
+        .iter()
+        .filter(|vm| !vm.outcome.is_success() && !vm.outcome.is_kept_by_choice() && vm.outcome != Outcome::Skipped)
+        .map(|vm| describe(&vm))
+        .collect();
+    if failures.is_empty() {
+        failures = report
+            .vms
+            .iter()
+            .filter(|vm| !vm.outcome.is_success())
+            .map(|vm| describe(&vm))
+            .collect();
+    }
+    match (phase, report.result) {
+        (EvacuationPhase::Succeeded, _) => None,
+        (_, RunResult::TimedOut) => Some(format!(
+            "the time-out ended the run with {} VM(s) on the hypervisor",
+            report.servers_left_on_host
+        )),
+        _ if failures.is_empty() => None,
+        _ => Some(failures.join("; ")),
     }
 }
 

@@ -11,6 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::evacuation::{Action, Budget, BudgetAction, Settings, StatePolicy, VmPolicy};
+use crate::nova::Credentials;
 use crate::nova::microversion::{self, Microversion};
 
 mod clouds;
@@ -39,29 +40,6 @@ fn missing(message: impl Into<String>) -> ConfigError {
         message: message.into(),
         missing: true,
     }
-}
-
-/// Keystone credentials and how to reach the cloud.
-#[derive(Clone, Debug, Default)]
-pub struct Credentials {
-    pub auth_url: String,
-    pub username: Option<String>,
-    pub user_id: Option<String>,
-    pub password: Option<SecretString>,
-    pub user_domain_id: Option<String>,
-    pub user_domain_name: Option<String>,
-    pub project_id: Option<String>,
-    pub project_name: Option<String>,
-    pub project_domain_id: Option<String>,
-    pub project_domain_name: Option<String>,
-    pub application_credential_id: Option<String>,
-    pub application_credential_name: Option<String>,
-    pub application_credential_secret: Option<SecretString>,
-    pub region_name: Option<String>,
-    /// Catalog interface: public, internal or admin.
-    pub interface: String,
-    pub cacert: Option<PathBuf>,
-    pub insecure: bool,
 }
 
 /// Which cloud the credentials name, and where they came from: said at start

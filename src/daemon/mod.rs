@@ -28,12 +28,12 @@ use kube::runtime::watcher;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, Credentials};
+use crate::config::Config;
 use crate::evacuation::Target;
 use crate::kube::evacuation::{Evacuation, EvacuationSeen};
 use crate::kube::{GuardPod, KubeCluster, watch_guard, watch_node};
-use crate::nova::NovaClient;
 use crate::nova::microversion::Microversion;
+use crate::nova::{Credentials, NovaClient};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::server::{Health, NovaSlot};
 use agent::{Agent, AgentSettings, Input};

@@ -19,7 +19,7 @@ use tracing::warn;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::Credentials;
+use super::Credentials;
 
 /// Renew the token when it has less than this left (or half its lifetime, if shorter).
 /// Nova keeps using the caller's token for the rest of an operation (the

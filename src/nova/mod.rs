@@ -1,6 +1,7 @@
 //! A small typed Nova client over an osauth session: the handful of calls an
 //! evacuation needs, each sent with an explicit compute microversion.
 
+mod credentials;
 mod keystone;
 pub mod microversion;
 mod net;
@@ -18,13 +19,13 @@ use serde_json::{Value, json};
 use tracing::{debug, warn};
 use url::Url;
 
-use crate::config::Credentials;
 use crate::evacuation::{
     Capacity, ChangeMark, Compute, ComputeError, ComputeResult, ComputeService, HostCapacity, Migration,
     MigrationChanges, Resources, Server,
 };
 use microversion::{Microversion, Negotiated};
 
+pub use credentials::Credentials;
 pub use keystone::KeystoneAuth;
 
 /// Page size asked for; Nova caps it at its `[api] max_limit`.

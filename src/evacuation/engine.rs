@@ -1,5 +1,7 @@
 //! The evacuation itself: disable the service, move every VM within the
 //! configured limits, judge each outcome from Nova's own records, report.
+//! The steps around the moves (disable, stop, re-enable, start again) are in
+//! `maintenance`; the knobs in `settings`; what is told in `event`.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -12,14 +14,12 @@ use tracing::{debug, info, warn};
 use super::compute::{
     Capacity, ChangeMark, Compute, ComputeError, ComputeResult, ComputeService, Migration, Server, is_ended,
 };
-use super::plan::{
-    self, Action, ActionFrom, ActionSource, PlannedVm, STOPPED_BY_US_TAG, Shortfall, StatePolicy, VmPolicy,
-};
+use super::error::{EvacuationError, step};
+use super::event::{Event, Observer};
+use super::maintenance::{NO_MARKER, is_our_reason};
+use super::plan::{self, Action, ActionFrom, ActionSource, PlannedVm, VmPolicy};
 use super::report::{CapacityCheck, Outcome, Prediction, Report, RunResult, VmReport};
-
-/// Prefix of every `disabled_reason` we write; a service whose reason does not
-/// start with it was disabled by someone else and is never enabled by us.
-pub const DISABLED_REASON_MARKER: &str = "nova-kubernetes-drain:";
+use super::settings::{BudgetAction, Settings, StopRequest, Target};
 
 /// How often in-flight migrations' progress numbers are read.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
@@ -47,227 +47,6 @@ const FRESH_LISTING: Duration = Duration::from_secs(1);
 /// Retry delays never grow beyond this.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
-/// What to do with a live migration that ran past its budget or stalled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BudgetAction {
-    /// Cancel it; the VM keeps running on the source and is reported.
-    Abort,
-    /// Let it finish now (the hypervisor pauses the VM for the final copy).
-    ForceComplete,
-}
-
-/// How long one VM's live migration may take.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Budget {
-    /// The same for every VM.
-    Fixed(Duration),
-    /// `max(minimum, per_gib x flavor RAM in GiB)`, as KubeVirt and Nova scale it.
-    Scaled { minimum: Duration, per_gib: Duration },
-}
-
-impl Budget {
-    /// The budget for a VM with `ram_mb` of memory.
-    pub fn for_ram(self, ram_mb: u64) -> Duration {
-        match self {
-            Budget::Fixed(budget) => budget,
-            Budget::Scaled { minimum, per_gib } => minimum.max(per_gib.mul_f64(ram_mb as f64 / 1024.0)),
-        }
-    }
-}
-
-/// Every knob of an evacuation; built from the configuration.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Settings {
-    /// Migrations running at once from this host (Nova's own default is 1).
-    pub max_parallel: usize,
-    /// Live migrations handed to Nova beyond `max_parallel`, for Nova to hold
-    /// queued and start itself the moment a running one ends: their
-    /// scheduling and preparation overlap the running ones. Only where a
-    /// queued migration can be aborted (compute API 2.65).
-    pub queue_ahead: usize,
-    pub budget: Budget,
-    /// A migration whose `memory_remaining_bytes` has not dropped for this long is stalled.
-    pub stall_after: Option<Duration>,
-    pub on_budget_exceeded: BudgetAction,
-    /// Further attempts after a failed migration (the scheduler may pick another host).
-    pub retries: u32,
-    /// Delay before the first retry, doubled for each further one.
-    pub retry_backoff: Duration,
-    /// How often in-flight VMs are looked at.
-    pub poll_interval: Duration,
-    /// Ends the whole evacuation: no new migrations, in-flight ones handled per `on_budget_exceeded`.
-    pub timeout: Option<Duration>,
-    pub state_policy: StatePolicy,
-    /// The node's default action for VMs without a `nova-drain:` tag of
-    /// their own (a Node annotation, the Evacuation spec, or run-once's
-    /// `node_default_action`); the state policy decides where it is `None`
-    /// or Nova cannot follow it in a VM's state.
-    pub node_default: Option<VmPolicy>,
-    /// Refuse to start when the other hosts cannot hold the VMs.
-    pub check_capacity: bool,
-    /// Disable the service before the capacity check rather than after it: an
-    /// agent reacting to a cordon stops new VMs landing at once; a one-off run
-    /// that finds no room changes nothing.
-    pub disable_first: bool,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            max_parallel: 1,
-            queue_ahead: 1,
-            budget: Budget::Scaled {
-                minimum: Duration::from_secs(150),
-                per_gib: Duration::from_secs(150),
-            },
-            stall_after: Some(Duration::from_secs(150)),
-            on_budget_exceeded: BudgetAction::Abort,
-            retries: 3,
-            retry_backoff: Duration::from_secs(10),
-            poll_interval: Duration::from_millis(500),
-            timeout: Some(Duration::from_secs(30 * 60)),
-            state_policy: StatePolicy::default(),
-            node_default: None,
-            check_capacity: true,
-            disable_first: false,
-        }
-    }
-}
-
-/// Asked of a running evacuation from outside (signals, an uncordon).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StopRequest {
-    /// Keep going.
-    Continue,
-    /// Start nothing new; leave in-flight migrations to Nova and return at once.
-    LeaveInFlight,
-    /// Start nothing new; abort in-flight live migrations, wait for them to roll back.
-    AbortInFlight,
-}
-
-/// The node being drained, its nova-compute service host, and who drains it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
-    pub node: String,
-    pub host: String,
-    /// Who runs the evacuation (`agent POD`, `run-once on HOST pid N`): named
-    /// in the `disabled_reason`, so an operator reading the service knows
-    /// whom to ask.
-    pub run: String,
-}
-
-/// Progress worth telling an operator about, as it happens.
-#[derive(Debug)]
-pub enum Event<'a> {
-    ServiceDisabled {
-        reason: &'a str,
-    },
-    ServiceAlreadyDisabled {
-        reason: Option<&'a str>,
-        ours: bool,
-    },
-    EvacuationStarted {
-        to_move: usize,
-        to_skip: usize,
-    },
-    MigrationStarted {
-        server: &'a Server,
-        action: Action,
-        attempt: u32,
-    },
-    MigrationSucceeded {
-        server: &'a Server,
-        action: Action,
-        destination: &'a str,
-        seconds: f64,
-    },
-    MigrationFailed {
-        server: &'a Server,
-        action: Action,
-        reason: &'a str,
-        retry_in: Option<Duration>,
-    },
-    Intervened {
-        server: &'a Server,
-        what: &'a str,
-        reason: &'a str,
-    },
-    NotMigratable {
-        server: &'a Server,
-        reason: &'a str,
-    },
-    /// Stopped for the maintenance, as its tag or the node's default asked (marked to be started again).
-    Stopped {
-        server: &'a Server,
-    },
-    /// How the VMs to move stand; each is counted once, skipped ones not at all.
-    Progress {
-        /// The VMs to move (more when a second listing finds newcomers).
-        total: usize,
-        /// Moved off the host (or deleted meanwhile).
-        moved: usize,
-        /// That this run will not move: failed, aborted, not started.
-        not_moved: usize,
-        /// Migrations Nova runs from the host (at the end: left to Nova, still running).
-        running: usize,
-        /// Migrations handed to Nova ahead of a free slot, which it holds
-        /// queued behind the running ones (`queue_ahead`).
-        queued_in_nova: usize,
-    },
-}
-
-/// Receives the engine's events (logs, progress line, Kubernetes Events, metrics).
-pub trait Observer: Send + Sync {
-    fn event(&self, event: &Event<'_>);
-}
-
-/// Why an evacuation could not run at all.
-#[derive(Debug, thiserror::Error)]
-pub enum EvacuationError {
-    #[error("no nova-compute service on host {host:?} (node {node:?}); check --node and nova_host")]
-    ServiceNotFound { node: String, host: String },
-    #[error("capacity check failed: {0}; nothing was changed (--skip-capacity-check overrides)")]
-    Capacity(Shortfall),
-    /// What the operator asked for cannot be followed (never guessed at).
-    #[error("{0}; nothing was changed")]
-    Refused(String),
-    #[error("{step}: {source}")]
-    Compute {
-        step: &'static str,
-        #[source]
-        source: ComputeError,
-    },
-}
-
-impl EvacuationError {
-    /// Whether the cause is the user's input (unknown node, bad credentials) rather than the evacuation.
-    pub fn is_usage(&self) -> bool {
-        matches!(
-            self,
-            EvacuationError::ServiceNotFound { .. }
-                | EvacuationError::Compute {
-                    source: ComputeError::Auth(_),
-                    ..
-                }
-        )
-    }
-}
-
-fn step(step: &'static str) -> impl FnOnce(ComputeError) -> EvacuationError {
-    move |source| EvacuationError::Compute { step, source }
-}
-
-/// The `disabled_reason` we write: marker, node, run and time, within Nova's 255 characters.
-pub fn disabled_reason(target: &Target, now: jiff::Timestamp) -> String {
-    let node: String = target.node.chars().take(110).collect();
-    let run: String = target.run.chars().take(70).collect();
-    format!(
-        "{DISABLED_REASON_MARKER} evacuating for Kubernetes node {node} by {run} since {}",
-        now.strftime("%Y-%m-%dT%H:%M:%SZ")
-    )
-}
-
 /// The servers of a plan that will move (the capacity check's subject).
 fn to_move(planned: &[PlannedVm]) -> Vec<&Server> {
     planned
@@ -292,146 +71,11 @@ fn check_fit(
     plan::check_capacity(&needs, &capacity).map_err(EvacuationError::Capacity)
 }
 
-/// Whether a server's `task_state` is a live or cold migration under way.
-fn is_a_move(task_state: &str) -> bool {
-    task_state == "migrating" || task_state.starts_with("resize")
-}
-
-/// Whether `reason` was written by us.
-pub fn is_our_reason(reason: Option<&str>) -> bool {
-    reason.is_some_and(|r| r.starts_with(DISABLED_REASON_MARKER))
-}
-
-/// How [`Engine::restore`] may act.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RestoreOptions {
-    /// Enable even while servers are being moved off the host (the agent
-    /// after cancelling its own run; `-enable --force`).
-    pub even_while_moving: bool,
-    /// Decide, change nothing (`-enable --dry-run`).
-    pub dry_run: bool,
-}
-
-/// What re-enabling a service after maintenance did.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(tag = "outcome", rename_all = "snake_case")]
-pub enum RestoreOutcome {
-    Enabled,
-    /// A dry run: the service would be enabled; nothing changed.
-    WouldEnable,
-    AlreadyEnabled,
-    /// Disabled with a reason that is not ours: an operator's decision, left alone.
-    DisabledBySomeoneElse {
-        reason: Option<String>,
-    },
-    /// Left disabled: these servers are being moved off the host (an
-    /// evacuation runs), and an enabled service would let the scheduler place
-    /// new VMs on the host being emptied.
-    StillMoving {
-        servers: Vec<String>,
-    },
-}
-
-impl RestoreOutcome {
-    /// The line an operator reads, with the next step where one is needed.
-    pub fn describe(&self, host: &str) -> String {
-        match self {
-            RestoreOutcome::Enabled => format!("nova-compute on {host} enabled"),
-            RestoreOutcome::WouldEnable => format!("would enable nova-compute on {host} (dry run: nothing changed)"),
-            RestoreOutcome::AlreadyEnabled => format!("nova-compute on {host} is already enabled"),
-            RestoreOutcome::StillMoving { servers } => format!(
-                "nova-compute on {host} stays disabled: an evacuation runs ({} being moved off it: {}); enabling it \
-                 now would let the scheduler place new VMs on the host being emptied. Uncordon the node (agent) or \
-                 stop the run first; --force enables it anyway",
-                servers.len(),
-                servers.join(", ")
-            ),
-            RestoreOutcome::DisabledBySomeoneElse { reason } => format!(
-                "nova-compute on {host} stays disabled: someone else disabled it ({}); if it should run again: \
-                 openstack compute service set --enable {host} nova-compute",
-                reason.as_deref().unwrap_or("no reason given")
-            ),
-        }
-    }
-
-    /// 0 when the service is (or would be) enabled, 1 when it stays disabled.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            RestoreOutcome::Enabled | RestoreOutcome::WouldEnable | RestoreOutcome::AlreadyEnabled => crate::exit::DONE,
-            RestoreOutcome::StillMoving { .. } | RestoreOutcome::DisabledBySomeoneElse { .. } => crate::exit::FAILED,
-        }
-    }
-}
-
-/// What the restore did with one VM that carries our marker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RestartOutcome {
-    /// Started (`os-start` accepted) and the marker removed.
-    Started,
-    /// No longer SHUTOFF (its owner started it): the marker was removed.
-    Unmarked,
-    /// A dry run: would be started.
-    WouldStart,
-    /// A dry run: would lose the marker.
-    WouldUnmark,
-    /// Not started; the marker stays, so the next restore tries again.
-    Failed,
-}
-
-/// One VM the restore started (or looked at) again.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Restart {
-    pub id: String,
-    pub name: String,
-    pub outcome: RestartOutcome,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-/// The end of a maintenance: the service, and the VMs we had stopped.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Restored {
-    pub outcome: RestoreOutcome,
-    /// The servers with our marker, and what became of each.
-    pub restarts: Vec<Restart>,
-}
-
-impl Restored {
-    /// The service's line, then one per VM we had stopped.
-    pub fn describe(&self, host: &str) -> String {
-        let mut text = self.outcome.describe(host);
-        for r in &self.restarts {
-            let what = match r.outcome {
-                RestartOutcome::Started => "started again (we had stopped it)",
-                RestartOutcome::Unmarked => "already running: our marker removed",
-                RestartOutcome::WouldStart => "would be started again (we had stopped it)",
-                RestartOutcome::WouldUnmark => "already running: would lose our marker",
-                RestartOutcome::Failed => "NOT started",
-            };
-            text.push_str(&format!("\nVM {} ({}): {what}", r.name, r.id));
-            if let Some(reason) = &r.reason {
-                text.push_str(&format!(": {reason}"));
-            }
-        }
-        text
-    }
-
-    /// The service's exit code, or 1 when a VM we stopped was not started.
-    pub fn exit_code(&self) -> i32 {
-        if self.restarts.iter().any(|r| r.outcome == RestartOutcome::Failed) {
-            crate::exit::FAILED
-        } else {
-            self.outcome.exit_code()
-        }
-    }
-}
-
 /// Runs evacuations of one host against a compute cloud.
 pub struct Engine<'a, C: Compute> {
-    compute: &'a C,
-    settings: &'a Settings,
-    observer: &'a dyn Observer,
+    pub(super) compute: &'a C,
+    pub(super) settings: &'a Settings,
+    pub(super) observer: &'a dyn Observer,
 }
 
 struct Job {
@@ -638,137 +282,6 @@ impl<'a, C: Compute> Engine<'a, C> {
             settings,
             observer,
         }
-    }
-
-    /// Ends the maintenance: [`Engine::restore_and_start`], telling only
-    /// what became of the service (the VMs started are logged).
-    pub async fn restore(&self, target: &Target, options: RestoreOptions) -> Result<RestoreOutcome, EvacuationError> {
-        Ok(self.restore_and_start(target, options).await?.outcome)
-    }
-
-    /// Re-enables the service (see `enable_if_ours`) and then starts again
-    /// the VMs we stopped for the maintenance (those carrying our marker
-    /// tag), whether this process or an earlier one stopped them. Once the
-    /// service is enabled (or already was); never while it stays disabled,
-    /// the maintenance not over. A dry run only tells what it would do.
-    pub async fn restore_and_start(
-        &self,
-        target: &Target,
-        options: RestoreOptions,
-    ) -> Result<Restored, EvacuationError> {
-        let outcome = self.enable_if_ours(target, options).await?;
-        let restarts = match outcome {
-            RestoreOutcome::Enabled | RestoreOutcome::AlreadyEnabled | RestoreOutcome::WouldEnable => {
-                self.start_ours(target, options.dry_run).await?
-            }
-            RestoreOutcome::DisabledBySomeoneElse { .. } | RestoreOutcome::StillMoving { .. } => Vec::new(),
-        };
-        Ok(Restored { outcome, restarts })
-    }
-
-    /// Starts every server on the host that carries our marker and removes
-    /// the marker; one no longer SHUTOFF (its owner started it) just loses
-    /// the marker. One still powering off keeps it, for the next restore.
-    async fn start_ours(&self, target: &Target, dry_run: bool) -> Result<Vec<Restart>, EvacuationError> {
-        if !self.compute.reads_server_tags() {
-            // Nothing can carry the marker: we never stop a VM without it.
-            return Ok(Vec::new());
-        }
-        let servers = self
-            .compute
-            .servers_on_host(&target.host)
-            .await
-            .map_err(step("listing the servers on the host"))?;
-        let marked = servers
-            .into_iter()
-            .filter(|s| s.tags.iter().flatten().any(|t| t == STOPPED_BY_US_TAG));
-        Ok(join_all(marked.map(|server| self.start_one(server, dry_run))).await)
-    }
-
-    async fn start_one(&self, server: Server, dry_run: bool) -> Restart {
-        let restart = |outcome, reason: Option<String>| Restart {
-            id: server.id.clone(),
-            name: server.name.clone(),
-            outcome,
-            reason,
-        };
-        if server.task_state.is_some() {
-            let task = server.task_state.as_deref().unwrap_or_default();
-            let why = format!("Nova is busy with it ({task}); the marker stays and the next restore starts it");
-            return restart(RestartOutcome::Failed, Some(why));
-        }
-        let stopped = server.status == "SHUTOFF";
-        if dry_run {
-            let outcome = if stopped {
-                RestartOutcome::WouldStart
-            } else {
-                RestartOutcome::WouldUnmark
-            };
-            return restart(outcome, None);
-        }
-        if stopped {
-            if let Err(e) = self.compute.start_server(&server.id).await {
-                warn!(server = %server.id, error = %e, "could not start a VM we stopped");
-                return restart(RestartOutcome::Failed, Some(format!("Nova refused to start it: {e}")));
-            }
-            info!(server = %server.id, name = %server.name, "started the VM we stopped for the maintenance");
-        }
-        let outcome = if stopped {
-            RestartOutcome::Started
-        } else {
-            RestartOutcome::Unmarked
-        };
-        match self.compute.remove_tag(&server.id, STOPPED_BY_US_TAG).await {
-            Ok(()) => restart(outcome, None),
-            Err(e) => {
-                warn!(server = %server.id, error = %e, "could not remove our marker tag");
-                let why = format!("our marker tag could not be removed: {e}");
-                restart(outcome, Some(why))
-            }
-        }
-    }
-
-    /// Re-enables the host's service, but only if our marker is still its
-    /// reason (Nova clears the reason when an operator disables the service
-    /// again, so an operator's later disable is respected too), and, unless
-    /// `even_while_moving`, only while no server is being moved off the host.
-    async fn enable_if_ours(
-        &self,
-        target: &Target,
-        options: RestoreOptions,
-    ) -> Result<RestoreOutcome, EvacuationError> {
-        let service = self.service(target).await?;
-        if service.enabled {
-            return Ok(RestoreOutcome::AlreadyEnabled);
-        }
-        if !is_our_reason(service.disabled_reason.as_deref()) {
-            return Ok(RestoreOutcome::DisabledBySomeoneElse {
-                reason: service.disabled_reason,
-            });
-        }
-        if !options.even_while_moving {
-            let servers = self
-                .compute
-                .servers_on_host(&target.host)
-                .await
-                .map_err(step("listing the servers on the host"))?;
-            let moving: Vec<String> = servers
-                .into_iter()
-                .filter(|s| s.task_state.as_deref().is_some_and(is_a_move))
-                .map(|s| format!("{} ({})", s.name, s.id))
-                .collect();
-            if !moving.is_empty() {
-                return Ok(RestoreOutcome::StillMoving { servers: moving });
-            }
-        }
-        if options.dry_run {
-            return Ok(RestoreOutcome::WouldEnable);
-        }
-        self.compute
-            .enable_service(&service)
-            .await
-            .map_err(step("enabling the nova-compute service"))?;
-        Ok(RestoreOutcome::Enabled)
     }
 
     /// What an evacuation would do, changing nothing: the plan and the
@@ -978,7 +491,7 @@ impl<'a, C: Compute> Engine<'a, C> {
         Ok((service, destinations))
     }
 
-    async fn service(&self, target: &Target) -> Result<ComputeService, EvacuationError> {
+    pub(super) async fn service(&self, target: &Target) -> Result<ComputeService, EvacuationError> {
         self.compute
             .find_service(&target.host)
             .await
@@ -1006,25 +519,6 @@ impl<'a, C: Compute> Engine<'a, C> {
             .map_err(step("checking the other hypervisors' capacity"))
     }
 
-    /// Disables the service unless it already is; tells whether the disabling is ours.
-    async fn disable(&self, target: &Target, service: &ComputeService) -> Result<(bool, String), EvacuationError> {
-        if !service.enabled {
-            let ours = is_our_reason(service.disabled_reason.as_deref());
-            self.observer.event(&Event::ServiceAlreadyDisabled {
-                reason: service.disabled_reason.as_deref(),
-                ours,
-            });
-            return Ok((ours, service.disabled_reason.clone().unwrap_or_default()));
-        }
-        let reason = disabled_reason(target, jiff::Timestamp::now());
-        self.compute
-            .disable_service(service, &reason)
-            .await
-            .map_err(step("disabling the nova-compute service"))?;
-        self.observer.event(&Event::ServiceDisabled { reason: &reason });
-        Ok((true, reason))
-    }
-
     /// What the run cannot do as asked, said once: below compute API 2.26
     /// no server shows its tags, so the VMs are planned without them.
     fn tag_warnings(&self) -> Vec<String> {
@@ -1036,95 +530,6 @@ impl<'a, C: Compute> Engine<'a, C> {
                        stopped (stopping needs our marker tag)";
         warn!("{warning}");
         vec![warning.to_string()]
-    }
-
-    /// Stops, side by side, the VMs the plan stops: after the disable and
-    /// before any migration, so a stopped VM is never moved. Returns the
-    /// rest of the plan and the stopped VMs' reports.
-    async fn stop_planned(
-        &self,
-        target: &Target,
-        planned: Vec<PlannedVm>,
-        deadline: Option<Instant>,
-        stop: &watch::Receiver<StopRequest>,
-    ) -> (Vec<PlannedVm>, Vec<VmReport>) {
-        let (stopping, rest): (Vec<PlannedVm>, Vec<PlannedVm>) =
-            planned.into_iter().partition(|p| p.action == Action::Stop);
-        let stops = stopping.iter().map(|p| async move {
-            let started = Instant::now();
-            let (outcome, reason) = self.stop_one(&p.server, deadline, stop.clone()).await;
-            if outcome == Outcome::Stopped {
-                self.observer.event(&Event::Stopped { server: &p.server });
-            }
-            VmReport {
-                attempts: 1,
-                duration_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-                ..planned_report(p, &target.host, outcome, Some(reason))
-            }
-        });
-        (rest, join_all(stops).await)
-    }
-
-    /// Stops one ACTIVE VM: our marker first (no marker, no stop: a VM we
-    /// stopped unmarked would never be started again), then `os-stop`, then
-    /// waits for SHUTOFF within its budget and the run's deadline.
-    async fn stop_one(
-        &self,
-        server: &Server,
-        deadline: Option<Instant>,
-        mut stop: watch::Receiver<StopRequest>,
-    ) -> (Outcome, String) {
-        if !self.compute.reads_server_tags() {
-            return (Outcome::Failed, NO_MARKER.into());
-        }
-        if let Err(e) = self.compute.add_tag(&server.id, STOPPED_BY_US_TAG).await {
-            return (
-                Outcome::Failed,
-                format!("not stopped: could not set our marker tag {STOPPED_BY_US_TAG}: {e}"),
-            );
-        }
-        match self.compute.stop_server(&server.id).await {
-            Ok(()) => info!(server = %server.id, name = %server.name, "stopping the VM, as asked, for the maintenance"),
-            Err(ComputeError::Conflict(message)) => {
-                // Refused for certain (its state changed): it must not keep a marker that would start it later.
-                if let Err(e) = self.compute.remove_tag(&server.id, STOPPED_BY_US_TAG).await {
-                    warn!(server = %server.id, error = %e, "could not remove our marker from a VM we did not stop");
-                }
-                return (Outcome::Failed, format!("Nova refused to stop it: {message}"));
-            }
-            // It may have reached Nova: the marker stays (a VM still running just loses it at the restore).
-            Err(e) => return (Outcome::Failed, format!("the stop request failed: {e}")),
-        }
-        let budget = self.settings.budget.for_ram(server.flavor.ram_mb);
-        let until = deadline.map_or(Instant::now() + budget, |d| d.min(Instant::now() + budget));
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(self.settings.poll_interval) => {}
-                // A sender gone (nobody can ask to stop any more) just leaves the sleep.
-                Ok(()) = stop.changed() => {}
-            }
-            match self.compute.server(&server.id).await {
-                Ok(Some(now)) if now.status == "SHUTOFF" && now.task_state.is_none() => {
-                    let why =
-                        format!("stopped and left on the host, marked {STOPPED_BY_US_TAG}: -enable starts it again");
-                    return (Outcome::Stopped, why);
-                }
-                Ok(None) => return (Outcome::Deleted, "deleted while it was being stopped".into()),
-                Ok(Some(_)) => {}
-                Err(e) => debug!(server = %server.id, error = %e, "could not read the server; will look again"),
-            }
-            if *stop.borrow() != StopRequest::Continue {
-                let why = "the run was stopped while Nova stopped the VM; the marker stays for the restore";
-                return (Outcome::InProgress, why.into());
-            }
-            if Instant::now() >= until {
-                let why = format!(
-                    "not SHUTOFF after {} s; Nova goes on stopping it, and the marker stays for the restore",
-                    budget.as_secs()
-                );
-                return (Outcome::Failed, why);
-            }
-        }
     }
 
     /// A cold migration whose confirmation an earlier, interrupted run never sent.
@@ -2267,12 +1672,8 @@ fn without<'f>(
     })
 }
 
-/// Why a VM to stop is not stopped below compute API 2.26.
-const NO_MARKER: &str =
-    "not stopped: stopping needs compute API 2.26 (server tags) for the marker that has it started again";
-
 /// A VM of the plan, reported as it stands before anything is done to it.
-fn planned_report(planned: &PlannedVm, source: &str, outcome: Outcome, reason: Option<String>) -> VmReport {
+pub(super) fn planned_report(planned: &PlannedVm, source: &str, outcome: Outcome, reason: Option<String>) -> VmReport {
     VmReport {
         from: planned.from.clone(),
         ..vm_report(&planned.server, planned.action, source, 0, 0.0, outcome, reason, None)

@@ -679,12 +679,22 @@ impl<'a, C: Compute> Engine<'a, C> {
             }
             let batched = changed.is_some();
             let alone = flights.iter().filter(|f| !f.waiting_in_nova).count() <= 1;
-            let steps = join_all(
+            let judgement = next_judgement(&flights, self.settings.stall_after, Instant::now());
+            let polls = join_all(
                 flights
                     .iter_mut()
                     .map(|flight| self.poll(target, flight, batched, alone)),
-            )
-            .await;
+            );
+            // A read stuck in Nova (30 s x 3 tries) must not hold back a stop,
+            // the time-out or another flight's budget or stall check: the
+            // polls are dropped (each leaves its flight as a failed read
+            // would) and the next tick acts at once.
+            let steps = tokio::select! {
+                steps = polls => steps,
+                Ok(()) = stop.changed() => continue,
+                () = sleep_until_some(deadline), if ending.is_none() => continue,
+                () = sleep_until_some(judgement) => continue,
+            };
             let mut still = Vec::with_capacity(flights.len());
             // Nova starts what it holds queued once a running migration ends:
             // not before the ended ones were last seen still moving.
@@ -1362,12 +1372,12 @@ impl<'a, C: Compute> Engine<'a, C> {
                 let elapsed = now - flight.attempt_started;
                 if let Some((what, reason)) = flight.requested.clone() {
                     self.intervene(flight, what, &reason).await;
-                } else if elapsed > flight.budget {
+                } else if elapsed >= flight.budget {
                     let reason = format!("it exceeded its budget of {} s", flight.budget.as_secs());
                     self.intervene(flight, self.settings.on_budget_exceeded, &reason).await;
                 } else if let Some(stall) = self.settings.stall_after
                     && flight.remaining.is_some()
-                    && now - flight.last_progress > stall
+                    && now - flight.last_progress >= stall
                 {
                     let reason = format!("no progress for {} s", stall.as_secs());
                     self.intervene(flight, self.settings.on_budget_exceeded, &reason).await;
@@ -1591,6 +1601,31 @@ enum Start {
     Done(VmReport),
     Later(Job),
     Failed(Job, String),
+}
+
+/// The next moment a live migration in flight is to be judged by its
+/// budget or its stall check, if one is still ahead of `now`.
+fn next_judgement(flights: &[Flight], stall_after: Option<Duration>, now: Instant) -> Option<Instant> {
+    flights
+        .iter()
+        .filter(|f| f.job.action == Action::LiveMigrate && f.phase == Phase::Moving && !f.waiting_in_nova)
+        .flat_map(|f| {
+            let stall = stall_after
+                .filter(|_| f.remaining.is_some())
+                .map(|s| f.last_progress + s);
+            [Some(f.attempt_started + f.budget), stall]
+        })
+        .flatten()
+        .filter(|at| *at > now)
+        .min()
+}
+
+/// Sleeps until `at`; never wakes without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Project names by id; `None` where Keystone did not name the project.

@@ -290,6 +290,9 @@ pub(crate) struct Cloud {
     pub(crate) stop_takes: Duration,
     /// Tag writes fail (`add_tag` answers 500).
     pub(crate) tag_writes_fail: bool,
+    /// Servers whose reads take this long to answer (a Nova call stuck in
+    /// its time-outs and retries).
+    pub(crate) slow_reads: BTreeMap<String, Duration>,
     pub(crate) calls: Calls,
 }
 
@@ -623,6 +626,7 @@ impl FakeCloud {
                 tags_supported: true,
                 stop_takes: Duration::from_secs(3),
                 tag_writes_fail: false,
+                slow_reads: BTreeMap::new(),
                 calls: Calls::default(),
             }),
         }
@@ -729,6 +733,11 @@ impl FakeCloud {
         let mut cloud = self.lock();
         cloud.nova_live_limit = limit;
         cloud.aborts_queued = true;
+    }
+
+    /// Every read of `server` takes `takes` to answer.
+    pub(crate) fn server_reads_take(&self, server: &str, takes: Duration) {
+        self.lock().slow_reads.insert(server.into(), takes);
     }
 
     /// Nova's conductor takes `scheduling` to schedule each live migration
@@ -875,6 +884,10 @@ impl Compute for FakeCloud {
 
     async fn server(&self, id: &str) -> ComputeResult<Option<Server>> {
         self.reachable()?;
+        let slow = self.lock().slow_reads.get(id).copied();
+        if let Some(takes) = slow {
+            sleep(takes).await;
+        }
         let mut cloud = self.lock();
         cloud.calls.server_reads.push(id.into());
         Ok(cloud.vms.get(id).map(|vm| vm.server.clone()))

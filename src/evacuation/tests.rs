@@ -1044,6 +1044,67 @@ async fn stop_abort_in_flight_aborts_the_live_migration() {
     assert_eq!((long.host.as_deref(), long.task_state), (Some(SOURCE), None));
 }
 
+/// A read of one VM stuck in Nova (90 s: a call's time-outs and retries)
+/// does not hold back the cancellation of the others: they are aborted as
+/// soon as it is asked for.
+#[tokio::test(start_paused = true)]
+async fn a_stuck_read_does_not_delay_the_abort_of_the_others() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("stuck", "ACTIVE", 512);
+    cloud.add_vm("long", "ACTIVE", 512);
+    for id in ["stuck", "long"] {
+        cloud.script(id, &[Script::Complete { after: secs(200) }]);
+    }
+    cloud.server_reads_take("stuck", secs(90));
+    let settings = Settings {
+        max_parallel: 2,
+        ..Settings::default()
+    };
+
+    let report = evacuate_stopped(&cloud, &settings, secs(10), StopRequest::AbortInFlight).await;
+
+    let aborts = cloud.calls().abort_times("long");
+    assert!(!aborts.is_empty(), "{report:?}");
+    assert_within(aborts[0], secs(10), secs(11));
+    assert_within(cloud.calls().abort_times("stuck")[0], secs(10), secs(11));
+    assert_eq!(vm(&report, "long").outcome, Outcome::Aborted);
+    assert_eq!(report.result, RunResult::Interrupted);
+}
+
+/// A read of one VM stuck in Nova does not hold back another's budget: it is
+/// aborted when its budget runs out, not when the stuck read returns.
+#[tokio::test(start_paused = true)]
+async fn a_stuck_read_does_not_delay_another_flights_budget() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("stuck", "ACTIVE", 512);
+    cloud.add_vm("long", "ACTIVE", 512);
+    cloud.script("stuck", &[Script::Complete { after: secs(200) }]);
+    cloud.script("long", &[Script::Complete { after: secs(200) }]);
+    let settings = Settings {
+        max_parallel: 2,
+        retries: 0,
+        budget: Budget::Fixed(secs(20)),
+        stall_after: None,
+        ..Settings::default()
+    };
+    let engine = Engine::new(&cloud, &settings, &Quiet);
+    let (stop, stop_rx) = watch::channel(StopRequest::Continue);
+    let target = target();
+    let (report, ()) = tokio::join!(engine.evacuate(&target, stop_rx), async {
+        // Stuck once both migrations run.
+        sleep(secs(2)).await;
+        cloud.server_reads_take("stuck", secs(90));
+        sleep(secs(300)).await;
+        drop(stop);
+    });
+    let report = report.expect("the evacuation runs");
+
+    let aborts = cloud.calls().abort_times("long");
+    assert!(!aborts.is_empty(), "{report:?}");
+    assert_within(aborts[0], secs(20), secs(22));
+    assert_eq!(vm(&report, "long").outcome, Outcome::Aborted);
+}
+
 /// Live migrations of 10.2 s: ends fall between two polls.
 const TEN_S: Duration = Duration::from_millis(10_200);
 

@@ -186,6 +186,19 @@ impl Flight {
         }
     }
 
+    /// When its live migration is to be judged: the end of its budget, and
+    /// the moment it counts as stalled unless it progresses meanwhile.
+    fn judgement_moments(&self, stall_after: Option<Duration>) -> impl Iterator<Item = Instant> {
+        let judged = self.job.action == Action::LiveMigrate && self.phase == Phase::Moving && !self.waiting_in_nova;
+        let stall = stall_after
+            .filter(|_| self.remaining.is_some())
+            .map(|s| self.last_progress + s);
+        [Some(self.attempt_started + self.budget), stall]
+            .into_iter()
+            .flatten()
+            .filter(move |_| judged)
+    }
+
     /// Whether, by this run's quickest comparable move, its live migration
     /// cannot have ended by `now`: only an early failure is to be seen.
     fn quiet(&self, now: Instant) -> bool {
@@ -679,7 +692,12 @@ impl<'a, C: Compute> Engine<'a, C> {
             }
             let batched = changed.is_some();
             let alone = flights.iter().filter(|f| !f.waiting_in_nova).count() <= 1;
-            let judgement = next_judgement(&flights, self.settings.stall_after, Instant::now());
+            let tick_started = Instant::now();
+            let judgement = flights
+                .iter()
+                .flat_map(|f| f.judgement_moments(self.settings.stall_after))
+                .filter(|at| *at > tick_started)
+                .min();
             let polls = join_all(
                 flights
                     .iter_mut()
@@ -690,10 +708,23 @@ impl<'a, C: Compute> Engine<'a, C> {
             // polls are dropped (each leaves its flight as a failed read
             // would) and the next tick acts at once.
             let steps = tokio::select! {
-                steps = polls => steps,
+                steps = polls => Some(steps),
                 Ok(()) = stop.changed() => continue,
                 () = sleep_until_some(deadline), if ending.is_none() => continue,
-                () = sleep_until_some(judgement) => continue,
+                () = sleep_until_some(judgement) => None,
+            };
+            let Some(steps) = steps else {
+                // The flights whose moment came are read at the next tick, due or not.
+                let now = Instant::now();
+                for flight in &mut flights {
+                    if flight
+                        .judgement_moments(self.settings.stall_after)
+                        .any(|at| tick_started < at && at <= now)
+                    {
+                        flight.next_poll = flight.next_poll.min(now);
+                    }
+                }
+                continue;
             };
             let mut still = Vec::with_capacity(flights.len());
             // Nova starts what it holds queued once a running migration ends:
@@ -1601,23 +1632,6 @@ enum Start {
     Done(VmReport),
     Later(Job),
     Failed(Job, String),
-}
-
-/// The next moment a live migration in flight is to be judged by its
-/// budget or its stall check, if one is still ahead of `now`.
-fn next_judgement(flights: &[Flight], stall_after: Option<Duration>, now: Instant) -> Option<Instant> {
-    flights
-        .iter()
-        .filter(|f| f.job.action == Action::LiveMigrate && f.phase == Phase::Moving && !f.waiting_in_nova)
-        .flat_map(|f| {
-            let stall = stall_after
-                .filter(|_| f.remaining.is_some())
-                .map(|s| f.last_progress + s);
-            [Some(f.attempt_started + f.budget), stall]
-        })
-        .flatten()
-        .filter(|at| *at > now)
-        .min()
 }
 
 /// Sleeps until `at`; never wakes without one.

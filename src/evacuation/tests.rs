@@ -1078,8 +1078,10 @@ async fn a_stuck_read_does_not_delay_another_flights_budget() {
     let cloud = FakeCloud::new();
     cloud.add_vm("stuck", "ACTIVE", 512);
     cloud.add_vm("long", "ACTIVE", 512);
-    cloud.script("stuck", &[Script::Complete { after: secs(200) }]);
-    cloud.script("long", &[Script::Complete { after: secs(200) }]);
+    for id in ["stuck", "long"] {
+        cloud.script(id, &[Script::Complete { after: secs(200) }]);
+    }
+    cloud.server_reads_take("stuck", secs(90));
     let settings = Settings {
         max_parallel: 2,
         retries: 0,
@@ -1087,17 +1089,8 @@ async fn a_stuck_read_does_not_delay_another_flights_budget() {
         stall_after: None,
         ..Settings::default()
     };
-    let engine = Engine::new(&cloud, &settings, &Quiet);
-    let (stop, stop_rx) = watch::channel(StopRequest::Continue);
-    let target = target();
-    let (report, ()) = tokio::join!(engine.evacuate(&target, stop_rx), async {
-        // Stuck once both migrations run.
-        sleep(secs(2)).await;
-        cloud.server_reads_take("stuck", secs(90));
-        sleep(secs(300)).await;
-        drop(stop);
-    });
-    let report = report.expect("the evacuation runs");
+
+    let report = evacuate(&cloud, &settings).await;
 
     let aborts = cloud.calls().abort_times("long");
     assert!(!aborts.is_empty(), "{report:?}");

@@ -3335,13 +3335,7 @@ fn structural(s: &Value, path: &str, root: bool, errs: &mut Vec<(String, String,
             "FieldValueRequired",
         ));
     }
-    for (j, rule) in s
-        .get("x-kubernetes-validations")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
+    for (j, rule) in validations(s).enumerate() {
         // Only the immutability rule is evaluated here; a CRD with any
         // other CEL rule is refused, so that no rule is silently ignored.
         if rule.get("rule").and_then(Value::as_str) != Some(IMMUTABLE_RULE) {
@@ -3363,6 +3357,15 @@ fn structural(s: &Value, path: &str, root: bool, errs: &mut Vec<(String, String,
     }
 }
 
+/// A schema's CEL rules (`x-kubernetes-validations`).
+fn validations(schema: &Value) -> impl Iterator<Item = &Value> {
+    schema
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+}
+
 /// The one CEL rule this server evaluates: a transition rule that keeps a
 /// field as it was once set.
 const IMMUTABLE_RULE: &str = "self == oldSelf";
@@ -3371,12 +3374,7 @@ const IMMUTABLE_RULE: &str = "self == oldSelf";
 /// a field present in both the old and the new object must keep its value
 /// (an error with the rule's message, or the real default message).
 fn transition_rules(new: &Value, old: &Value, s: &Value, path: &str, errs: &mut Vec<(String, String, &'static str)>) {
-    for rule in s
-        .get("x-kubernetes-validations")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for rule in validations(s) {
         if rule.get("rule").and_then(Value::as_str) == Some(IMMUTABLE_RULE) && new != old {
             let message = rule
                 .get("message")

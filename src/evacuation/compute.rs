@@ -1,7 +1,7 @@
 //! The small slice of a compute cloud the engine needs, as a trait, so the
 //! evacuation logic can be read and tested without a network.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 
 use serde::Serialize;
@@ -211,19 +211,25 @@ pub trait Compute: Send + Sync {
     fn force_complete(&self, server_id: &str, migration_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
     /// Cancels a live migration; the server stays on its source.
     fn abort_migration(&self, server_id: &str, migration_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
-    /// Whether [`Compute::live_migrations_changed`] can be asked (compute API
+    /// Whether [`Compute::migrations_changed`] can be asked (compute API
     /// 2.59: `changes-since` on `GET /os-migrations`).
     fn lists_migration_changes(&self) -> bool;
-    /// The live migrations from `host` whose records changed since `since`
-    /// (`None`: in the last few seconds): one look, usually one short page,
-    /// for every migration in flight from the host. Records left unchanged
-    /// are not listed (nor those never updated since they were created, nor
-    /// those of deleted servers).
-    fn live_migrations_changed(
+    /// The migrations (live and cold) from `host` whose records changed
+    /// since `since` (`None`: in the last few seconds): one look, usually one
+    /// short page, for every migration in flight from the host. Records left
+    /// unchanged are not listed (nor those never updated since they were
+    /// created, nor those of deleted servers).
+    fn migrations_changed(
         &self,
         host: &str,
         since: Option<ChangeMark>,
     ) -> impl Future<Output = ComputeResult<MigrationChanges>> + Send;
+    /// The ids of the servers Nova places on `host` now, in one look however
+    /// many there are (`GET /os-hypervisors/{id}?with_servers=true`, 2.53+,
+    /// unpaged; below 2.53 the paged server listing). A live-migrated server
+    /// leaves it the moment post-migration sets its host to the destination,
+    /// a cold-migrated one when it waits in VERIFY_RESIZE on the destination.
+    fn servers_still_on(&self, host: &str) -> impl Future<Output = ComputeResult<HashSet<String>>> + Send;
     /// Free resources on each of these compute hosts, and what the servers
     /// of `source` hold there.
     fn spare_capacity(&self, source: &str, hosts: &[String]) -> impl Future<Output = ComputeResult<Capacity>> + Send;

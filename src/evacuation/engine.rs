@@ -2,18 +2,58 @@
 //! configured limits, judge each outcome from Nova's own records, report.
 //! The steps around the moves (disable, stop, re-enable, start again) are in
 //! `maintenance`; the knobs in `settings`; what is told in `event`.
+//!
+//! # How the moves are followed
+//!
+//! Up to `max_parallel` migrations run at once. Every `poll_interval` (a
+//! tick) the engine takes one look at the source host, whatever the number
+//! of migrations in flight:
+//!
+//! - **Which servers are still on it**: one request
+//!   (`GET /os-hypervisors/{id}?with_servers=true`, 2.53+, unpaged; older
+//!   clouds page through the server list). A live-migrated server leaves it
+//!   the moment post-migration sets its host to the destination, a
+//!   cold-migrated one when it waits in VERIFY_RESIZE there: that is how an
+//!   end is seen, within a tick.
+//! - **Which migration records changed**: one more request
+//!   (`GET /os-migrations?changes-since=`, 2.59+; older clouds read each
+//!   migration's newest record). Records tell what the server list cannot: a
+//!   migration that failed or was aborted (its server stays), Nova starting
+//!   one it held queued, and the ids an abort needs. Nova marks a record
+//!   `completed` only after its post-migration bookkeeping (0.5-2 s after the
+//!   server settled), which is why ends are read off the server list.
+//!
+//! A server is read only when one of those looks says its migration may
+//! have ended (it left the source, or its record shows an end); then the
+//! server itself says how: on the destination, back on the source (failed or
+//! aborted: tried again within `retries`), in ERROR, or deleted. Progress
+//! numbers are read only for the stall check, [`PROGRESS_READS_PER_STALL`]
+//! times per `stall_after`.
+//!
+//! Budgets and stalls are judged at every tick from our own clocks, which
+//! start when Nova runs the migration; an abort or force-complete is asked
+//! again at each tick until Nova accepts it. A tick's reads race the stop
+//! signal, the overall time-out and the next budget or stall moment: a read
+//! stuck in Nova's time-outs is dropped, never waited for.
+//!
+//! With `queue_ahead` (2.65+, where a queued migration can be aborted) more
+//! live migrations are handed to Nova than run, for Nova to start the moment
+//! a running one ends; their clocks start then (or when their record shows
+//! them started). Should Nova run more than `max_parallel` of ours at once
+//! (its own limit is higher), the newest is aborted and queued again, and
+//! none is handed ahead any more.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::{BoxFuture, join_all};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared, join_all};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::compute::{
-    Capacity, ChangeMark, Compute, ComputeError, ComputeResult, ComputeService, Migration, Server, is_ended,
-};
+use super::compute::{Capacity, ChangeMark, Compute, ComputeError, ComputeResult, ComputeService, Migration, Server};
 use super::error::{EvacuationError, step};
 use super::event::{Event, Observer};
 use super::maintenance::{NO_MARKER, is_our_reason};
@@ -21,12 +61,10 @@ use super::plan::{self, Action, ActionFrom, ActionSource, PlannedVm, VmPolicy};
 use super::report::{CapacityCheck, Outcome, Prediction, Report, RunResult, VmReport};
 use super::settings::{BudgetAction, Settings, StopRequest, Target};
 
-/// How often in-flight migrations' progress numbers are read.
-const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
-/// The longest between two progress reads of a live migration whose status
-/// is read host-wide: a lost migration (no longer in progress, its server
-/// still migrating) is noticed this much later at most.
-const SLOW_PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+/// Progress reads per `stall_after` while a migration runs: a stall is
+/// judged at most a tenth of that window late, at one read per migration
+/// per tenth (never more often than the poll interval).
+const PROGRESS_READS_PER_STALL: u32 = 10;
 /// How long an accepted abort may leave the migration running before it is
 /// sent again: Nova accepts an abort while the migration is `preparing` but
 /// cannot stop it then, and it goes on to run.
@@ -36,9 +74,10 @@ const FORCE_COMPLETE_GRACE: Duration = Duration::from_secs(60);
 /// After a time-out or cancellation, how long to wait for in-flight
 /// migrations to settle (aborts to roll back) before reporting.
 const SETTLE_GRACE: Duration = Duration::from_secs(120);
-/// How long a server may show `migrating` with no migration in progress
-/// before its migration record is read, and how long that record may show an
-/// end with the server still `migrating` before the migration is taken as lost.
+/// How long a migration record may show an end with its server still
+/// `migrating` on the source before the migration is taken as lost: Nova
+/// writes a failed migration's record before its server (the conductor sets
+/// the record to `error`, then the server to ERROR), so not at first sight.
 const ORPHAN_GRACE: Duration = Duration::from_secs(30);
 /// A listing younger than this is trusted for a VM's first migration request
 /// (saving a read per VM on the way to the first migrations); anything older
@@ -92,6 +131,12 @@ struct Job {
 #[derive(Debug, PartialEq, Eq)]
 enum Phase {
     Moving,
+    /// An abort or force-complete is wanted (a budget, a stall, the time-out,
+    /// a cancellation, a withdrawal): asked for at each tick until Nova accepts it.
+    Asking {
+        what: BudgetAction,
+        reason: String,
+    },
     ForceCompleting {
         since: Instant,
     },
@@ -103,176 +148,74 @@ enum Phase {
     Confirming,
 }
 
+/// One VM's migration in flight (one attempt).
 struct Flight {
     job: Job,
-    attempt_started: Instant,
-    budget: Duration,
+    /// Since when Nova runs it, as far as we know: its budget counts from
+    /// then. `None` while Nova holds it queued (handed ahead).
+    running_since: Option<Instant>,
     phase: Phase,
-    migration_id: Option<String>,
-    remaining: Option<u64>,
-    last_progress: Instant,
-    next_progress_check: Instant,
-    over_budget_noted: bool,
-    /// An abort or force-complete asked for by a time-out or a cancellation,
-    /// tried again at each poll until Nova accepts it.
-    requested: Option<(BudgetAction, String)>,
-    /// Since when Nova has listed no migration in progress while the server still migrates.
-    orphaned_since: Option<Instant>,
-    /// Since when its migration record has shown an end while the server
-    /// still showed `migrating` (see `ended_without_the_server`).
+    /// Its migration record as last seen: id and status.
+    record: Option<(String, String)>,
+    /// The lowest `memory_remaining_bytes` seen, and when: no new low for
+    /// `stall_after` is a stall.
+    progress: Option<(u64, Instant)>,
+    /// When its progress was last read for the stall check.
+    progress_read: Option<Instant>,
+    /// Since when its record has shown an end with the server still `migrating`.
     ended_record_since: Option<Instant>,
-    /// Handed to Nova beyond `max_parallel`, and (as far as we know) still
-    /// queued there behind the running ones: its budget has not started.
-    waiting_in_nova: bool,
-    /// The migration record's status at the last progress read.
-    nova_status: Option<String>,
-    /// Aborted because Nova started it beyond `max_parallel`: queued again
-    /// once stopped, not counted as an attempt.
+    /// Aborted because Nova ran it beyond `max_parallel`: queued again once
+    /// stopped, not counted as an attempt.
     withdrawn: bool,
-    /// The quickest this run moved a VM with no more RAM, if it moved one:
-    /// this migration is not expected to end sooner.
-    expected: Option<Duration>,
-    /// The earliest Nova can have begun to run it: when it was asked for,
-    /// or for one handed ahead, when the migration before it was last seen
-    /// still moving (Nova starts the next the moment one ends, before we see it end).
-    running_from: Instant,
-    /// When its server is next read.
-    next_poll: Instant,
-    /// When it was seen still moving before the latest look (its server
-    /// read, or its record listed unended).
-    read_before: Option<Instant>,
-    read_last: Option<Instant>,
-    /// The host-wide look at changed records listed its record ended (or
-    /// one that may be an earlier attempt's): its server is read next.
-    record_ended: bool,
+    over_budget_noted: bool,
 }
 
 impl Flight {
     /// What a look at Nova's records of this migration tells: its id and
-    /// status, and, while it waits queued, that its clocks have not started.
-    fn note_record(&mut self, migration: &Migration, now: Instant) {
-        self.migration_id = Some(migration.id.clone());
-        if matches!(migration.status.as_str(), "accepted" | "queued") {
-            // Not running yet (Nova's own slots are taken): its budget and stall clock have not started.
-            self.attempt_started = now;
-            self.last_progress = now;
+    /// status, and whether Nova runs it (a queued one's clocks wait).
+    fn note_record(&mut self, record: &Migration, now: Instant) {
+        match record.status.as_str() {
+            // Not running yet (Nova's own slots are taken, or it schedules): its clocks wait.
+            "accepted" | "queued" if self.running_since.is_some() => {
+                self.running_since = Some(now);
+                self.progress = None;
+            }
+            "preparing" | "running" | "post-migrating" => {
+                self.running_since.get_or_insert(now);
+            }
+            _ => {}
         }
-        self.nova_status = Some(migration.status.clone());
+        if !record.ended() {
+            self.ended_record_since = None;
+        }
+        self.record = Some((record.id.clone(), record.status.clone()));
     }
 
-    /// Takes in the host-wide look at changed records (newest first). A
-    /// record not listed has not changed since the previous look; one that
-    /// has not ended is this attempt's (Nova moves a server once at a time).
-    fn note_changes(&mut self, changed: &[Migration], now: Instant) {
-        if self.job.action != Action::LiveMigrate {
-            return;
-        }
-        let Some(record) = changed
-            .iter()
-            .find(|m| m.server_id.as_deref() == Some(self.job.server.id.as_str()))
-        else {
-            return;
-        };
-        if !record.ended() {
-            self.note_record(record, now);
-            self.read_before = self.read_last.replace(now);
-        } else {
-            if self.migration_id.as_deref() == Some(record.id.as_str()) {
-                self.nova_status = Some(record.status.clone());
-                // What it ended as is known: no progress read is needed to see it.
-                self.next_progress_check = self.next_progress_check.min(now);
-            }
-            self.record_ended = true;
-        }
+    fn record_status(&self) -> Option<&str> {
+        self.record.as_ref().map(|(_, status)| status.as_str())
+    }
+
+    fn record_ended(&self) -> bool {
+        self.record_status().is_some_and(super::compute::is_ended)
+    }
+
+    /// Nova runs it now (not queued, not yet ended), by its record.
+    fn runs_in_nova(&self) -> bool {
+        matches!(self.record_status(), Some("preparing" | "running" | "post-migrating"))
     }
 
     /// When its live migration is to be judged: the end of its budget, and
     /// the moment it counts as stalled unless it progresses meanwhile.
-    fn judgement_moments(&self, stall_after: Option<Duration>) -> impl Iterator<Item = Instant> {
-        let judged = self.job.action == Action::LiveMigrate && self.phase == Phase::Moving && !self.waiting_in_nova;
-        let stall = stall_after
-            .filter(|_| self.remaining.is_some())
-            .map(|s| self.last_progress + s);
-        [Some(self.attempt_started + self.budget), stall]
-            .into_iter()
-            .flatten()
-            .filter(move |_| judged)
+    fn judgement_moments(&self, settings: &Settings) -> impl Iterator<Item = Instant> {
+        let budget = settings.budget.for_ram(self.job.server.flavor.ram_mb);
+        let judged = self.job.action == Action::LiveMigrate && self.phase == Phase::Moving;
+        let end = self.running_since.map(|since| since + budget);
+        let stall = settings
+            .stall_after
+            .zip(self.progress)
+            .map(|(stall, (_, at))| at + stall);
+        [end, stall].into_iter().flatten().filter(move |_| judged)
     }
-
-    /// Whether, by this run's quickest comparable move, its live migration
-    /// cannot have ended by `now`: only an early failure is to be seen.
-    fn quiet(&self, now: Instant) -> bool {
-        self.job.action == Action::LiveMigrate
-            && self.phase == Phase::Moving
-            && self.requested.is_none()
-            && self
-                .expected
-                .is_some_and(|quickest| now < self.running_from + quickest * 3 / 4)
-    }
-
-    /// Called as the server is read at `now`: when to read it next. Before
-    /// three quarters of the quickest comparable migration of this run there
-    /// is nothing to see but an early failure (that one's time counts Nova's
-    /// scheduling and our noticing its end, so comparable ones run a little
-    /// shorter): read every [`QUIET_POLLS`] poll intervals; from then
-    /// until two poll intervals after it, the end is near and the server is
-    /// read at half the poll interval, so that its end is seen sooner (only
-    /// when it is `alone` in flight: with several, at the poll interval, or
-    /// reads would grow with the migrations in flight); otherwise, or once
-    /// an abort or force-complete was asked for, at the poll interval.
-    fn schedule_next_poll(&mut self, now: Instant, poll_interval: Duration, alone: bool) {
-        self.next_poll = match self.expected {
-            Some(quickest) if self.job.action == Action::LiveMigrate && self.phase == Phase::Moving => {
-                let earliest_end = self.running_from + quickest * 3 / 4;
-                if now < earliest_end {
-                    // A migration that fails early is still seen soon.
-                    earliest_end.min(now + poll_interval * QUIET_POLLS)
-                } else if alone && now < self.running_from + quickest + poll_interval * 2 {
-                    now + poll_interval / 2
-                } else {
-                    now + poll_interval
-                }
-            }
-            _ => now + poll_interval,
-        };
-    }
-}
-
-/// Poll intervals between reads of a migration that cannot have ended yet.
-const QUIET_POLLS: u32 = 10;
-
-/// How long this run's live migrations took, from running in Nova to seen
-/// ended, with the VM's RAM: a VM with more RAM is not expected to move
-/// quicker than the quickest with less.
-#[derive(Default)]
-struct MoveTimes(Vec<(u64, Duration)>);
-
-impl MoveTimes {
-    fn record(&mut self, ram_mb: u64, took: Duration) {
-        self.0.push((ram_mb, took));
-    }
-
-    fn quickest_up_to(&self, ram_mb: u64) -> Option<Duration> {
-        self.0
-            .iter()
-            .filter(|(ram, _)| *ram <= ram_mb)
-            .map(|(_, took)| *took)
-            .min()
-    }
-}
-
-/// What the run has learnt about Nova holding migrations queued for it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum NovaQueue {
-    /// Nothing handed ahead yet, or not seen queued yet.
-    Unknown,
-    /// A migration handed ahead was seen `queued` while `max_parallel` ran:
-    /// Nova's own limit holds the rest back.
-    Holds,
-    /// Nova started a migration handed ahead at once (its
-    /// `max_concurrent_live_migrations` is above `max_parallel`): none is
-    /// handed ahead for the rest of the run.
-    RunsAtOnce,
 }
 
 enum Ending {
@@ -286,6 +229,29 @@ enum Step {
     Retry(Job, String),
     /// Back to the queue as if never started (a withdrawn migration).
     Requeue(Job),
+}
+
+/// What one tick's look at the host showed.
+struct Look {
+    /// The servers still on the source; `None` when the look failed.
+    on_source: Option<HashSet<String>>,
+    /// The migration records changed since the previous look (newest first);
+    /// `None` when not looked at in this tick, or the look failed.
+    changes: Option<Vec<Migration>>,
+}
+
+/// Where one run's moves stand.
+struct Moves {
+    queue: VecDeque<Job>,
+    flights: Vec<Flight>,
+    reports: Vec<VmReport>,
+    /// VMs queued to move in all.
+    total: usize,
+    /// Live migrations handed to Nova beyond `max_parallel`.
+    queue_ahead: usize,
+    ending: Option<(Ending, Instant)>,
+    /// Where the next look at changed migration records starts from.
+    mark: Option<ChangeMark>,
 }
 
 impl<'a, C: Compute> Engine<'a, C> {
@@ -573,229 +539,143 @@ impl<'a, C: Compute> Engine<'a, C> {
         started: Instant,
         stop: &mut watch::Receiver<StopRequest>,
     ) -> (Vec<VmReport>, Option<Ending>) {
-        let now = Instant::now();
-        let mut reports = Vec::new();
-        let mut queue = VecDeque::new();
-        let mut total = self.admit(target, planned, listed_at, &mut queue, &mut reports);
-        self.observer.event(&Event::EvacuationStarted {
-            to_move: total,
-            to_skip: reports.len(),
-        });
-
-        let deadline = self.settings.timeout.map(|t| started + t);
-        let max_running = self.settings.max_parallel.max(1);
-        let mut queue_ahead = if self.compute.aborts_queued_migrations() {
-            self.settings.queue_ahead
-        } else {
-            0
+        let mut moves = Moves {
+            queue: VecDeque::new(),
+            flights: Vec::new(),
+            reports: Vec::new(),
+            total: 0,
+            queue_ahead: if self.compute.aborts_queued_migrations() {
+                self.settings.queue_ahead
+            } else {
+                0
+            },
+            ending: None,
+            mark: None,
         };
-        let mut nova_queue = NovaQueue::Unknown;
-        let mut move_times = MoveTimes::default();
-        let mut flights: Vec<Flight> = Vec::new();
-        let mut change_mark: Option<ChangeMark> = None;
-        let mut ending: Option<Ending> = None;
-        let mut ending_since = now;
+        moves.total = self.admit(target, planned, listed_at, &mut moves.queue, &mut moves.reports);
+        self.observer.event(&Event::EvacuationStarted {
+            to_move: moves.total,
+            to_skip: moves.reports.len(),
+        });
+        let deadline = self.settings.timeout.map(|t| started + t);
+        let mut wait = self.settings.poll_interval;
         loop {
-            if ending.is_none() {
-                let request = *stop.borrow();
-                if request != StopRequest::Continue {
-                    ending = Some(Ending::Stopped(request));
-                } else if deadline.is_some_and(|d| Instant::now() >= d) {
-                    ending = Some(Ending::TimedOut);
-                }
-                if let Some(end) = &ending {
-                    ending_since = Instant::now();
-                    let (what, reason) = match end {
-                        Ending::TimedOut => (
-                            Some(self.settings.on_budget_exceeded),
-                            format!(
-                                "the overall time-out of {} s ran out",
-                                self.settings.timeout.unwrap_or_default().as_secs()
-                            ),
-                        ),
-                        Ending::Stopped(StopRequest::AbortInFlight) => {
-                            (Some(BudgetAction::Abort), "the evacuation was cancelled".to_string())
-                        }
-                        Ending::Stopped(_) => (None, String::new()),
-                    };
-                    if let Some(what) = what {
-                        for flight in flights.iter_mut().filter(|f| f.phase == Phase::Moving) {
-                            flight.requested = Some((what, reason.clone()));
-                            self.intervene(flight, what, &reason).await;
-                        }
-                    }
-                }
+            if self.notice_ending(&mut moves, stop, deadline) {
+                wait = Duration::ZERO;
             }
-            if matches!(ending, Some(Ending::Stopped(StopRequest::LeaveInFlight))) {
+            match &moves.ending {
+                Some((Ending::Stopped(StopRequest::LeaveInFlight), _)) => break,
+                Some((_, since)) if since.elapsed() >= SETTLE_GRACE => break,
+                Some(_) => {}
+                None => self.fill_slots(target, &mut moves).await,
+            }
+            if moves.flights.is_empty() && (moves.ending.is_some() || (moves.queue.is_empty() && relisting.is_none())) {
                 break;
             }
-
-            // Fill the free slots, side by side; a VM that needs no move frees its slot for the next.
-            while ending.is_none() {
-                let now = Instant::now();
-                let mut ready = Vec::new();
-                while flights.len() + ready.len() < max_running + queue_ahead {
-                    // Beyond max_parallel only live migrations: Nova queues those per host.
-                    let ahead = flights.len() + ready.len() >= max_running;
-                    let Some(position) = queue
-                        .iter()
-                        .position(|job| job.not_before <= now && (!ahead || job.action == Action::LiveMigrate))
-                    else {
-                        break;
-                    };
-                    ready.extend(queue.remove(position).map(|job| (job, ahead)));
-                }
-                if ready.is_empty() {
-                    break;
-                }
-                let starts = join_all(ready.into_iter().map(|(job, ahead)| self.start(target, job, ahead))).await;
-                for start in starts {
-                    match start {
-                        Start::Flying(mut flight) => {
-                            flight.expected = move_times.quickest_up_to(flight.job.server.flavor.ram_mb);
-                            flight.schedule_next_poll(Instant::now(), self.settings.poll_interval, true);
-                            flights.push(*flight);
-                        }
-                        Start::Done(report) => reports.push(report),
-                        Start::Later(job) => queue.push_back(job),
-                        Start::Failed(job, reason) => self.retry_or_fail(target, job, reason, &mut queue, &mut reports),
-                    }
-                }
-            }
-            if flights.is_empty() && (ending.is_some() || (queue.is_empty() && relisting.is_none())) {
-                break;
-            }
-            if ending.is_some() && ending_since.elapsed() >= SETTLE_GRACE {
-                break;
-            }
-            self.observer.event(&progress(total, &reports, &flights));
-
-            let next_poll = flights.iter().filter(|f| !f.waiting_in_nova).map(|f| f.next_poll).min();
-            if let Some(listed) = self.pause(stop, next_poll, &mut relisting).await {
+            self.observer
+                .event(&progress(moves.total, &moves.reports, &moves.flights));
+            if let Some(listed) = self.pause(stop, wait, &mut relisting).await {
                 relisting = None;
                 match listed {
-                    Ok(planned) => total += self.admit_newcomers(target, planned, &flights, &mut queue, &mut reports),
+                    Ok(planned) => {
+                        moves.total +=
+                            self.admit_newcomers(target, planned, &moves.flights, &mut moves.queue, &mut moves.reports);
+                    }
                     Err(e) => {
                         warn!(error = %e, "could not list the host again after disabling it; what is left is counted at the end")
                     }
                 }
                 continue;
             }
-
-            let learning = queue_ahead > 0 && nova_queue == NovaQueue::Unknown;
-            let changed = self.read_changes(target, &flights, learning, &mut change_mark).await;
-            if let Some(changed) = &changed {
-                let now = Instant::now();
-                for flight in &mut flights {
-                    flight.note_changes(changed, now);
-                }
-            }
-            let batched = changed.is_some();
-            let alone = flights.iter().filter(|f| !f.waiting_in_nova).count() <= 1;
-            let tick_started = Instant::now();
-            let judgement = flights
-                .iter()
-                .flat_map(|f| f.judgement_moments(self.settings.stall_after))
-                .filter(|at| *at > tick_started)
-                .min();
-            let polls = join_all(
-                flights
-                    .iter_mut()
-                    .map(|flight| self.poll(target, flight, batched, alone)),
-            );
-            // A read stuck in Nova (30 s x 3 tries) must not hold back a stop,
-            // the time-out or another flight's budget or stall check: the
-            // polls are dropped (each leaves its flight as a failed read
-            // would) and the next tick acts at once.
-            let steps = tokio::select! {
-                steps = polls => Some(steps),
-                Ok(()) = stop.changed() => continue,
-                () = sleep_until_some(deadline), if ending.is_none() => continue,
-                () = sleep_until_some(judgement) => None,
-            };
-            let Some(steps) = steps else {
-                // The flights whose moment came are read at the next tick, due or not.
-                let now = Instant::now();
-                for flight in &mut flights {
-                    if flight
-                        .judgement_moments(self.settings.stall_after)
-                        .any(|at| tick_started < at && at <= now)
-                    {
-                        flight.next_poll = flight.next_poll.min(now);
-                    }
-                }
-                continue;
-            };
-            let mut still = Vec::with_capacity(flights.len());
-            // Nova starts what it holds queued once a running migration ends:
-            // not before the ended ones were last seen still moving.
-            let mut slot_freed_after: Option<Instant> = None;
-            for (flight, step) in flights.into_iter().zip(steps) {
-                if !matches!(step, Step::Continue) && !flight.waiting_in_nova {
-                    let seen_moving = flight.read_before.unwrap_or(flight.running_from);
-                    slot_freed_after = Some(slot_freed_after.map_or(seen_moving, |t| t.min(seen_moving)));
-                }
-                match step {
-                    Step::Continue => still.push(flight),
-                    Step::Done(report) => {
-                        if report.outcome == Outcome::Migrated && flight.job.action == Action::LiveMigrate {
-                            move_times.record(flight.job.server.flavor.ram_mb, flight.running_from.elapsed());
-                        }
-                        reports.push(report);
-                    }
-                    Step::Retry(job, reason) => self.retry_or_fail(target, job, reason, &mut queue, &mut reports),
-                    Step::Requeue(job) => queue.push_front(job),
-                }
-            }
-            flights = still;
-            self.start_waiting(&mut flights, max_running, &move_times, slot_freed_after);
-            if queue_ahead > 0 && nova_queue == NovaQueue::Unknown {
-                nova_queue = self.learn_nova_queue(&mut flights, max_running, batched).await;
-                if nova_queue == NovaQueue::RunsAtOnce {
-                    queue_ahead = 0;
-                }
-            }
+            wait = self.tick(target, &mut moves, stop, deadline).await;
         }
-
-        let reason_left = match ending {
-            Some(Ending::TimedOut) => "the overall time-out ran out",
-            Some(Ending::Stopped(_)) => "the evacuation was stopped",
-            None => "the evacuation ended",
-        };
-        for flight in flights {
-            let job = flight.job;
-            let reason = format!("{reason_left} while it was migrating; Nova goes on with it");
-            reports.push(self.job_report(target, &job, Outcome::InProgress, Some(reason), None));
-        }
-        for job in queue {
-            let outcome = if job.attempts == 0 {
-                Outcome::NotStarted
-            } else {
-                Outcome::Failed
-            };
-            reports.push(self.job_report(
-                target,
-                &job,
-                outcome,
-                Some(format!("{reason_left} before it was moved")),
-                None,
-            ));
-        }
-        self.observer.event(&progress(total, &reports, &[]));
-        (reports, ending)
+        self.left_over(target, moves)
     }
 
-    /// Waits until the next flight is due (at most one poll interval), or
-    /// less if a stop is requested or the listing in the background ends
-    /// meanwhile; returns that listing when it ended.
+    /// Notices a stop request or the time-out (true when it just did): the
+    /// live migrations still moving are then to be aborted or force-completed,
+    /// as the ending wants, from the next tick on.
+    fn notice_ending(&self, moves: &mut Moves, stop: &watch::Receiver<StopRequest>, deadline: Option<Instant>) -> bool {
+        if moves.ending.is_some() {
+            return false;
+        }
+        let request = *stop.borrow();
+        let ending = if request != StopRequest::Continue {
+            Ending::Stopped(request)
+        } else if deadline.is_some_and(|d| Instant::now() >= d) {
+            Ending::TimedOut
+        } else {
+            return false;
+        };
+        let wanted = match &ending {
+            Ending::TimedOut => Some((
+                self.settings.on_budget_exceeded,
+                format!(
+                    "the overall time-out of {} s ran out",
+                    self.settings.timeout.unwrap_or_default().as_secs()
+                ),
+            )),
+            Ending::Stopped(StopRequest::AbortInFlight) => {
+                Some((BudgetAction::Abort, "the evacuation was cancelled".to_string()))
+            }
+            Ending::Stopped(_) => None,
+        };
+        moves.ending = Some((ending, Instant::now()));
+        if let Some((what, reason)) = wanted {
+            for flight in moves.flights.iter_mut().filter(|f| f.phase == Phase::Moving) {
+                flight.phase = Phase::Asking {
+                    what,
+                    reason: reason.clone(),
+                };
+            }
+        }
+        true
+    }
+
+    /// Starts queued VMs while slots are free, side by side; a VM that needs
+    /// no move frees its slot for the next.
+    async fn fill_slots(&self, target: &Target, moves: &mut Moves) {
+        let max_running = self.settings.max_parallel.max(1);
+        loop {
+            let now = Instant::now();
+            let mut ready = Vec::new();
+            while moves.flights.len() + ready.len() < max_running + moves.queue_ahead {
+                // Beyond max_parallel only live migrations: Nova queues those per host.
+                let ahead = moves.flights.len() + ready.len() >= max_running;
+                let Some(position) = moves
+                    .queue
+                    .iter()
+                    .position(|job| job.not_before <= now && (!ahead || job.action == Action::LiveMigrate))
+                else {
+                    break;
+                };
+                ready.extend(moves.queue.remove(position).map(|job| (job, ahead)));
+            }
+            if ready.is_empty() {
+                return;
+            }
+            let starts = join_all(ready.into_iter().map(|(job, ahead)| self.start(target, job, ahead))).await;
+            for start in starts {
+                match start {
+                    Start::Flying(flight) => moves.flights.push(*flight),
+                    Start::Done(report) => moves.reports.push(report),
+                    Start::Later(job) => moves.queue.push_back(job),
+                    Start::Failed(job, reason) => {
+                        self.retry_or_fail(target, job, reason, &mut moves.queue, &mut moves.reports)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits `wait`, or less if a stop is requested or the listing in the
+    /// background ends meanwhile; returns that listing when it ended.
     async fn pause(
         &self,
         stop: &mut watch::Receiver<StopRequest>,
-        next_poll: Option<Instant>,
+        wait: Duration,
         relisting: &mut Option<BoxFuture<'_, Result<Vec<PlannedVm>, EvacuationError>>>,
     ) -> Option<Result<Vec<PlannedVm>, EvacuationError>> {
-        let interval = self.settings.poll_interval;
-        let until_due = next_poll.map_or(interval, |due| due.saturating_duration_since(Instant::now()));
         let listing = async {
             match relisting.as_mut() {
                 Some(listing) => listing.await,
@@ -803,16 +683,189 @@ impl<'a, C: Compute> Engine<'a, C> {
             }
         };
         tokio::select! {
-            _ = tokio::time::sleep(until_due.min(interval)) => None,
+            _ = tokio::time::sleep(wait) => None,
             changed = stop.changed() => {
                 if changed.is_err() {
                     // Nobody can ask us to stop any more: just wait.
-                    tokio::time::sleep(interval).await;
+                    tokio::time::sleep(self.settings.poll_interval).await;
                 }
                 None
             }
             listed = listing => Some(listed),
         }
+    }
+
+    /// One tick: one look at the host and its migration records, then
+    /// each flight followed on its own. The whole races a stop, the time-out
+    /// and the next budget or stall moment: a read stuck in Nova is dropped
+    /// (its flight stays as it was) and the next tick comes at once. Returns
+    /// how long to wait before the next tick.
+    async fn tick(
+        &self,
+        target: &Target,
+        moves: &mut Moves,
+        stop: &mut watch::Receiver<StopRequest>,
+        deadline: Option<Instant>,
+    ) -> Duration {
+        if moves.flights.is_empty() {
+            return self.settings.poll_interval;
+        }
+        let now = Instant::now();
+        let judgement = moves
+            .flights
+            .iter()
+            .flat_map(|f| f.judgement_moments(self.settings))
+            .filter(|at| *at > now)
+            .min();
+        let ongoing = moves.ending.is_none();
+        let steps = {
+            let look = self.look(target, &mut moves.mark).shared();
+            let follows = join_all(
+                moves
+                    .flights
+                    .iter_mut()
+                    .map(|flight| self.follow(target, flight, look.clone())),
+            );
+            tokio::select! {
+                steps = follows => steps,
+                Ok(()) = stop.changed() => return Duration::ZERO,
+                () = sleep_until_some(deadline), if ongoing => return Duration::ZERO,
+                () = sleep_until_some(judgement) => return Duration::ZERO,
+            }
+        };
+        let flights = std::mem::take(&mut moves.flights);
+        for (flight, step) in flights.into_iter().zip(steps) {
+            match step {
+                Step::Continue => moves.flights.push(flight),
+                Step::Done(report) => moves.reports.push(report),
+                Step::Retry(job, reason) => {
+                    self.retry_or_fail(target, job, reason, &mut moves.queue, &mut moves.reports)
+                }
+                Step::Requeue(job) => moves.queue.push_front(job),
+            }
+        }
+        self.start_waiting(&mut moves.flights);
+        if ongoing
+            && moves.queue_ahead > 0
+            && let Some(newest) = self.withdraw_beyond_max(&mut moves.flights)
+        {
+            moves.queue_ahead = 0;
+            if let Phase::Asking { what, reason } = &newest.phase {
+                let (what, reason) = (*what, reason.clone());
+                self.intervene(newest, what, &reason).await;
+            }
+        }
+        self.settings.poll_interval
+    }
+
+    /// The look at the host shared by a tick's flights: the servers still on
+    /// it and the migration records changed since `mark`.
+    fn look<'f>(&'f self, target: &'f Target, mark: &'f mut Option<ChangeMark>) -> BoxFuture<'f, Arc<Look>> {
+        Box::pin(async move {
+            let records = self.compute.lists_migration_changes();
+            let (on_source, changes) = tokio::join!(self.compute.servers_still_on(&target.host), async {
+                if records {
+                    Some(self.compute.migrations_changed(&target.host, *mark).await)
+                } else {
+                    None
+                }
+            });
+            let changes = match changes {
+                Some(Ok(changes)) => {
+                    *mark = Some(changes.next);
+                    Some(changes.migrations)
+                }
+                Some(Err(e)) => {
+                    debug!(error = %e, "could not list changed migrations");
+                    None
+                }
+                None => None,
+            };
+            let on_source = on_source
+                .map_err(|e| debug!(error = %e, "could not look at the servers on the host"))
+                .ok();
+            Arc::new(Look { on_source, changes })
+        })
+    }
+
+    /// One tick of one flight: its budget, stall and intervention judged by
+    /// our own clocks first (a slow look must not hold them back), then its
+    /// record noted, then its server read if the look says it may have ended.
+    async fn follow(&self, target: &Target, flight: &mut Flight, look: Shared<BoxFuture<'_, Arc<Look>>>) -> Step {
+        self.judge(flight, Instant::now()).await;
+        let look = look.await;
+        match &look.changes {
+            Some(changes) => {
+                // Newest first; a server moves once at a time, so its newest is this attempt's.
+                let id = Some(flight.job.server.id.as_str());
+                if let Some(record) = changes.iter().find(|m| m.server_id.as_deref() == id) {
+                    flight.note_record(record, Instant::now());
+                }
+            }
+            None if !self.compute.lists_migration_changes() => self.read_record(flight).await,
+            None => {}
+        }
+        let left = look
+            .on_source
+            .as_ref()
+            .is_some_and(|on| !on.contains(&flight.job.server.id));
+        if left || flight.record_ended() {
+            return self.inspect(target, flight).await;
+        }
+        Step::Continue
+    }
+
+    /// Before 2.59 (no host-wide look at changed records): this migration's own newest record.
+    async fn read_record(&self, flight: &mut Flight) {
+        let kind = migration_type(flight.job.action);
+        match self.compute.migration_history(&flight.job.server.id, kind).await {
+            Ok(history) => {
+                if let Some(newest) = history.first() {
+                    flight.note_record(newest, Instant::now());
+                }
+            }
+            Err(e) => debug!(server = %flight.job.server.id, error = %e, "could not read the migration record"),
+        }
+    }
+
+    /// Reads the server of a migration that may have ended, and tells how it
+    /// ended: on the destination, back on the source, in ERROR, deleted, a
+    /// cold migration to confirm, or lost on the way.
+    async fn inspect(&self, target: &Target, flight: &mut Flight) -> Step {
+        let id = flight.job.server.id.clone();
+        let server = match self.compute.server(&id).await {
+            Ok(Some(server)) => server,
+            Ok(None) => return Step::Done(self.finish(target, flight, Outcome::Deleted, None, None)),
+            Err(e) => {
+                debug!(server = %id, error = %e, "could not read the server; looking again next time");
+                return Step::Continue;
+            }
+        };
+        if server.status == "ERROR" {
+            return self.errored_while_migrating(target, flight, &server).await;
+        }
+        if flight.job.action == Action::ColdMigrate && server.status == "VERIFY_RESIZE" {
+            if flight.phase != Phase::Confirming {
+                match self.compute.confirm_resize(&id).await {
+                    Ok(()) => flight.phase = Phase::Confirming,
+                    Err(e) => debug!(server = %id, error = %e, "confirming the cold migration; will retry"),
+                }
+            }
+            return Step::Continue;
+        }
+        if server.task_state.is_none() {
+            if server.host.as_deref() != Some(target.host.as_str()) {
+                return Step::Done(self.finish(target, flight, Outcome::Migrated, None, server.host));
+            }
+            return self.ended_on_source(target, flight).await;
+        }
+        if flight.job.action == Action::LiveMigrate
+            && flight.record_ended()
+            && let Some(reason) = self.lost(flight).await
+        {
+            return Step::Done(self.finish(target, flight, Outcome::Failed, Some(reason), None));
+        }
+        Step::Continue
     }
 
     /// Queues the planned VMs to move and reports those the policy leaves;
@@ -1012,264 +1065,253 @@ impl<'a, C: Compute> Engine<'a, C> {
         None
     }
 
-    fn flight(&self, job: Job, now: Instant, waiting_in_nova: bool) -> Flight {
-        let budget = self.settings.budget.for_ram(job.server.flavor.ram_mb);
+    fn flight(&self, job: Job, now: Instant, ahead: bool) -> Flight {
         Flight {
             job,
-            attempt_started: now,
-            budget,
+            running_since: (!ahead).then_some(now),
             phase: Phase::Moving,
-            migration_id: None,
-            remaining: None,
-            last_progress: now,
-            next_progress_check: now + PROGRESS_INTERVAL,
-            over_budget_noted: false,
-            requested: None,
-            orphaned_since: None,
+            record: None,
+            progress: None,
+            progress_read: None,
             ended_record_since: None,
-            waiting_in_nova,
-            nova_status: None,
             withdrawn: false,
-            expected: None,
-            running_from: now,
-            next_poll: now,
-            read_before: None,
-            read_last: None,
-            record_ended: false,
+            over_budget_noted: false,
         }
     }
 
-    /// A running migration ended: Nova starts the oldest it holds queued in
-    /// the freed slot, so its budget starts now.
-    fn start_waiting(
-        &self,
-        flights: &mut [Flight],
-        max_running: usize,
-        move_times: &MoveTimes,
-        slot_freed_after: Option<Instant>,
-    ) {
+    /// How often a running live migration's progress numbers are read, for
+    /// the stall check alone.
+    fn progress_every(&self) -> Duration {
+        let stall = self.settings.stall_after.unwrap_or_default();
+        (stall / PROGRESS_READS_PER_STALL).max(self.settings.poll_interval)
+    }
+
+    /// Nova starts the oldest migration it holds queued the moment a running
+    /// one ends: as slots free, the clocks of those handed ahead start.
+    fn start_waiting(&self, flights: &mut [Flight]) {
         let now = Instant::now();
-        let free = max_running.saturating_sub(flights.iter().filter(|f| !f.waiting_in_nova).count());
+        let running = flights.iter().filter(|f| f.running_since.is_some()).count();
+        let free = self.settings.max_parallel.max(1).saturating_sub(running);
         // Oldest first: flights are kept in the order they started.
-        for flight in flights.iter_mut().filter(|f| f.waiting_in_nova).take(free) {
-            flight.waiting_in_nova = false;
-            flight.attempt_started = now;
-            flight.last_progress = now;
-            flight.next_progress_check = now + PROGRESS_INTERVAL;
-            flight.running_from = slot_freed_after.unwrap_or(now);
-            flight.expected = move_times.quickest_up_to(flight.job.server.flavor.ram_mb);
-            flight.schedule_next_poll(now, self.settings.poll_interval, true);
+        for flight in flights.iter_mut().filter(|f| f.running_since.is_none()).take(free) {
+            flight.running_since = Some(now);
         }
     }
 
-    /// Whether Nova holds the migrations handed ahead queued, from the
-    /// statuses last read. More started in Nova than `max_parallel` means
-    /// Nova's own limit is higher: the newest is withdrawn at once (aborted,
-    /// queued again) and none is handed ahead any more, so `max_parallel`
-    /// bounds what runs. Nova may also start the one handed ahead before the
-    /// other: then that one is the one waiting.
-    async fn learn_nova_queue(&self, flights: &mut [Flight], max_running: usize, batched: bool) -> NovaQueue {
-        // Fresh statuses: one host-wide look gives them all at one moment.
-        // Else read one by one, those handed ahead first: Nova starts a
-        // queued migration only once the running one has ended (and left
-        // its in-progress list), so one read running after another was read
-        // started really ran beside it, and a migration that ended between
-        // two reads is never counted twice.
-        if !batched {
-            let now = Instant::now();
-            for flight in flights
-                .iter_mut()
-                .filter(|f| f.waiting_in_nova && f.phase == Phase::Moving)
-            {
-                self.read_progress(flight, now).await;
-            }
-            for flight in flights
-                .iter_mut()
-                .filter(|f| !f.waiting_in_nova && f.phase == Phase::Moving)
-            {
-                self.read_progress(flight, now).await;
-            }
-        }
-        fn started(flight: &Flight) -> bool {
-            matches!(
-                flight.nova_status.as_deref(),
-                Some("preparing" | "running" | "post-migrating")
-            )
-        }
-        let in_nova = flights.iter().filter(|f| started(f)).count();
-        if in_nova > max_running {
-            if let Some(flight) = flights.iter_mut().rev().find(|f| started(f)) {
-                warn!(
-                    server = %flight.job.server.id,
-                    max_parallel = max_running,
-                    "Nova runs more migrations than max_parallel (its max_concurrent_live_migrations is \
-                     higher): withdrawing the newest, handing none ahead any more"
-                );
-                flight.waiting_in_nova = false;
-                flight.withdrawn = true;
-                let reason = format!("Nova ran it beside {max_running} other(s); it is moved again later");
-                flight.requested = Some((BudgetAction::Abort, reason.clone()));
-                self.intervene(flight, BudgetAction::Abort, &reason).await;
-            }
-            return NovaQueue::RunsAtOnce;
-        }
-        for i in 0..flights.len() {
-            if flights[i].waiting_in_nova
-                && started(&flights[i])
-                && let Some(j) = flights
-                    .iter()
-                    .position(|f| !f.waiting_in_nova && f.nova_status.as_deref() == Some("queued"))
-            {
-                flights[i].waiting_in_nova = false;
-                flights[j].waiting_in_nova = true;
-            }
-        }
-        if flights.iter().any(|f| f.nova_status.as_deref() == Some("queued")) {
-            NovaQueue::Holds
-        } else {
-            NovaQueue::Unknown
-        }
-    }
-
-    /// One look at every live migration from the host whose record changed
-    /// since the previous look, when it saves reads: while Nova's queueing is
-    /// being learnt (instead of a progress read of every flight), or when a
-    /// flight that cannot have ended yet is due a read and another is
-    /// followed. Not for a migration near its expected end: Nova marks its
-    /// record `completed` only after its post-migration bookkeeping on the
-    /// source (a resource audit, 0.5-2 s on the lab), while the server has
-    /// already settled on the destination; that end is seen sooner by
-    /// reading the server. `None`: each flight is read on its own this tick.
-    async fn read_changes(
-        &self,
-        target: &Target,
-        flights: &[Flight],
-        learning_queue: bool,
-        mark: &mut Option<ChangeMark>,
-    ) -> Option<Vec<Migration>> {
-        if !self.compute.lists_migration_changes() {
+    /// Whether Nova, by the records just looked at, runs more of our
+    /// migrations than `max_parallel` (its `max_concurrent_live_migrations`
+    /// is higher): then the newest is withdrawn (aborted, queued again) and
+    /// returned, so that none is handed ahead any more.
+    fn withdraw_beyond_max<'f>(&self, flights: &'f mut [Flight]) -> Option<&'f mut Flight> {
+        let max_running = self.settings.max_parallel.max(1);
+        if flights.iter().filter(|f| f.runs_in_nova()).count() <= max_running {
             return None;
         }
-        let now = Instant::now();
-        let followed: Vec<&Flight> = flights.iter().filter(|f| !f.waiting_in_nova).collect();
-        let quiet_due = followed.iter().any(|f| f.quiet(now) && now >= f.next_poll);
-        let any_due = followed.iter().any(|f| now >= f.next_poll || f.requested.is_some());
-        let look = (learning_queue && flights.len() >= 2 && any_due) || (quiet_due && followed.len() >= 2);
-        if !look {
-            return None;
-        }
-        match self.compute.live_migrations_changed(&target.host, *mark).await {
-            Ok(changes) => {
-                *mark = Some(changes.next);
-                Some(changes.migrations)
-            }
-            Err(e) => {
-                debug!(error = %e, "could not list changed migrations; reading each server");
-                None
-            }
-        }
+        let newest = flights.iter_mut().rev().find(|f| f.runs_in_nova())?;
+        warn!(
+            server = %newest.job.server.id,
+            max_parallel = max_running,
+            "Nova runs more migrations than max_parallel (its max_concurrent_live_migrations is higher): \
+             withdrawing the newest, handing none ahead any more"
+        );
+        newest.withdrawn = true;
+        newest.running_since.get_or_insert_with(Instant::now);
+        newest.phase = Phase::Asking {
+            what: BudgetAction::Abort,
+            reason: format!("Nova ran it beside {max_running} other(s); it is moved again later"),
+        };
+        Some(newest)
     }
 
-    /// How often a live migration's progress numbers are read: every
-    /// [`PROGRESS_INTERVAL`] while they serve a stall check, or while an
-    /// abort or force-complete is seen through. Where the cloud offers the
-    /// host-wide look at changed records (2.59+) and nothing checks for
-    /// stalls, the status needs no read of its own; the read serves only to
-    /// notice a migration lost (no longer in progress, its server still
-    /// migrating).
-    fn progress_every(&self, flight: &Flight) -> Duration {
-        if self.compute.lists_migration_changes()
-            && self.settings.stall_after.is_none()
+    /// A live migration judged by our own clocks: its budget, a stall, the
+    /// abort or force-complete asked for, and their follow-up.
+    async fn judge(&self, flight: &mut Flight, now: Instant) {
+        let budget = self.settings.budget.for_ram(flight.job.server.flavor.ram_mb);
+        if flight.job.action != Action::LiveMigrate {
+            if !flight.over_budget_noted && flight.running_since.is_some_and(|since| now - since > budget) {
+                flight.over_budget_noted = true;
+                warn!(server = %flight.job.server.id, budget_s = budget.as_secs(), "cold migration runs past its budget; Nova cannot abort it");
+            }
+            return;
+        }
+        let last_read = flight.progress_read.max(flight.running_since);
+        if self.settings.stall_after.is_some()
             && flight.phase == Phase::Moving
+            && last_read.is_some_and(|at| now >= at + self.progress_every())
         {
-            SLOW_PROGRESS_INTERVAL
-        } else {
-            PROGRESS_INTERVAL
+            flight.progress_read = Some(now);
+            self.read_progress(flight, now).await;
+        }
+        let wanted = match &flight.phase {
+            Phase::Asking { what, reason } => Some((*what, reason.clone())),
+            Phase::Moving => self.overdue(flight, now, budget),
+            Phase::Aborting { reason, since }
+                if now - *since > ABORT_AGAIN_AFTER && flight.record_status() == Some("running") =>
+            {
+                debug!(server = %flight.job.server.id, "the migration still runs after its abort; aborting again");
+                Some((BudgetAction::Abort, reason.trim_start_matches("aborted: ").to_string()))
+            }
+            Phase::ForceCompleting { since } if now - *since > FORCE_COMPLETE_GRACE => Some((
+                BudgetAction::Abort,
+                format!(
+                    "it did not complete within {} s of force-complete",
+                    FORCE_COMPLETE_GRACE.as_secs()
+                ),
+            )),
+            _ => None,
+        };
+        if let Some((what, reason)) = wanted {
+            self.intervene(flight, what, &reason).await;
         }
     }
 
-    /// Follows one flight; `batched` when this tick's host-wide look at
-    /// changed records covers it: one that cannot have ended yet is then read
-    /// only when its record shows an end, or was not listed for
-    /// [`QUIET_POLLS`] poll intervals. `alone`: no other migration is followed.
-    async fn poll(&self, target: &Target, flight: &mut Flight, batched: bool, alone: bool) -> Step {
-        if flight.waiting_in_nova && flight.requested.is_none() {
-            // Queued behind the running ones: nothing to watch until a slot
-            // frees (until Nova has shown that it queues, `learn_nova_queue`
-            // reads its status).
-            return Step::Continue;
-        }
-        let now = Instant::now();
-        let seen = flight.read_last.unwrap_or(flight.running_from);
-        if batched
-            && flight.quiet(now)
-            && !flight.record_ended
-            && now - seen < self.settings.poll_interval * QUIET_POLLS
+    /// What to do with a running live migration past its budget or stalled, and why.
+    fn overdue(&self, flight: &Flight, now: Instant, budget: Duration) -> Option<(BudgetAction, String)> {
+        let since = flight.running_since?;
+        let why = if now - since >= budget {
+            format!("it exceeded its budget of {} s", budget.as_secs())
+        } else if let Some(stall) = self.settings.stall_after
+            && flight.progress.is_some_and(|(_, at)| now - at >= stall)
         {
-            // Still moving, or unchanged since the last look: only the budget and stall checks.
-            flight.schedule_next_poll(now, self.settings.poll_interval, alone);
-            if let Some(reason) = self.watch_live(flight).await {
-                return Step::Done(self.finish(target, flight, Outcome::Failed, Some(reason), None));
-            }
-            return Step::Continue;
-        }
-        if flight.requested.is_none() && !flight.record_ended && now < flight.next_poll {
-            return Step::Continue;
-        }
-        flight.record_ended = false;
-        flight.schedule_next_poll(now, self.settings.poll_interval, alone);
-        flight.read_before = flight.read_last.replace(now);
+            format!("no progress for {} s", stall.as_secs())
+        } else {
+            return None;
+        };
+        Some((self.settings.on_budget_exceeded, why))
+    }
 
-        let id = flight.job.server.id.clone();
-        let server = match self.compute.server(&id).await {
-            Ok(Some(server)) => server,
-            Ok(None) => return Step::Done(self.finish(target, flight, Outcome::Deleted, None, None)),
+    /// The server still shows `migrating` while its record shows an end:
+    /// normal for a moment (Nova writes the record first). Given up on only
+    /// when the newest record has shown an end for [`ORPHAN_GRACE`]: then the
+    /// destination never took it over (seen when the destination compute
+    /// dies, or its reply is lost while RabbitMQ restarts), and no amount of
+    /// waiting will change that.
+    async fn lost(&self, flight: &mut Flight) -> Option<String> {
+        let now = Instant::now();
+        let since = *flight.ended_record_since.get_or_insert(now);
+        if now - since < ORPHAN_GRACE {
+            return None;
+        }
+        let history = self
+            .compute
+            .migration_history(&flight.job.server.id, "live-migration")
+            .await
+            .ok()?;
+        let newest = history.into_iter().next()?;
+        if !newest.ended() {
+            flight.note_record(&newest, now);
+            return None;
+        }
+        Some(format!(
+            "Nova recorded the live migration as {} but {} s later the server still shows task_state \
+             migrating on its source: the destination ({}) never took it over; an operator must check \
+             where it runs before resetting its state",
+            newest.status,
+            (now - since).as_secs(),
+            newest.dest_host.as_deref().unwrap_or("unknown")
+        ))
+    }
+
+    /// Reads the migration's progress numbers (and its record with them).
+    async fn read_progress(&self, flight: &mut Flight, now: Instant) {
+        let migrations = match self.compute.in_progress_migrations(&flight.job.server.id).await {
+            Ok(migrations) => migrations,
             Err(e) => {
-                debug!(server = %id, error = %e, "could not read the server; looking again next time");
-                return Step::Continue;
+                debug!(error = %e, "could not read migration progress");
+                return;
             }
         };
-        if server.status == "ERROR" {
-            return self.errored_while_migrating(target, flight, &server).await;
+        let Some(migration) = migrations.into_iter().next() else {
+            return;
+        };
+        flight.note_record(&migration, now);
+        // Drivers that report nothing (a zero or missing total) give no stall signal.
+        if let (Some(total), Some(remaining)) = (migration.memory_total_bytes, migration.memory_remaining_bytes)
+            && total > 0
+            // Progress is a new low: a non-converging migration's remaining memory falls
+            // within each pre-copy pass and rises again with the next one.
+            && flight.progress.is_none_or(|(lowest, _)| remaining < lowest)
+        {
+            flight.progress = Some((remaining, now));
         }
-        let on_source = server.host.as_deref() == Some(target.host.as_str());
-        match flight.job.action {
-            // A stop never flies; a skipped VM neither.
-            Action::LiveMigrate | Action::Stop | Action::Skip => {
-                if server.task_state.is_none() {
-                    if !on_source {
-                        return Step::Done(self.finish(target, flight, Outcome::Migrated, None, server.host));
-                    }
-                    return self.ended_on_source(target, flight, "live-migration").await;
-                }
-                if let Some(reason) = self.watch_live(flight).await {
-                    return Step::Done(self.finish(target, flight, Outcome::Failed, Some(reason), None));
-                }
-                Step::Continue
+    }
+
+    /// Aborts or force-completes a live migration; asked again at the next
+    /// tick if Nova is not ready for it.
+    async fn intervene(&self, flight: &mut Flight, what: BudgetAction, reason: &str) {
+        if flight.job.action != Action::LiveMigrate {
+            return;
+        }
+        if flight.record.is_none() || flight.record_ended() {
+            self.read_progress(flight, Instant::now()).await;
+        }
+        let migration_id = flight
+            .record
+            .as_ref()
+            .filter(|_| !flight.record_ended())
+            .map(|(id, _)| id.clone());
+        let id = flight.job.server.id.clone();
+        let result = match (&migration_id, what) {
+            (None, _) => Err(ComputeError::Other("no migration in progress yet".into())),
+            (Some(m), BudgetAction::Abort) => self.compute.abort_migration(&id, m).await,
+            (Some(m), BudgetAction::ForceComplete) => self.compute.force_complete(&id, m).await,
+        };
+        let verb = match what {
+            BudgetAction::Abort => "abort",
+            BudgetAction::ForceComplete => "force-complete",
+        };
+        match result {
+            Ok(()) => {
+                self.observer.event(&Event::Intervened {
+                    server: &flight.job.server,
+                    what: verb,
+                    reason,
+                });
+                flight.phase = match what {
+                    BudgetAction::Abort => Phase::Aborting {
+                        reason: format!("aborted: {reason}"),
+                        since: Instant::now(),
+                    },
+                    BudgetAction::ForceComplete => Phase::ForceCompleting { since: Instant::now() },
+                };
             }
-            Action::ColdMigrate => {
-                if server.status == "VERIFY_RESIZE" {
-                    if flight.phase != Phase::Confirming {
-                        match self.compute.confirm_resize(&id).await {
-                            Ok(()) => flight.phase = Phase::Confirming,
-                            Err(e) => debug!(server = %id, error = %e, "confirming the cold migration; will retry"),
-                        }
-                    }
-                    return Step::Continue;
+            Err(e) => {
+                debug!(server = %id, error = %e, "could not {verb} the migration yet; will retry");
+                // An abort already accepted stays one: its end is reported as aborted.
+                if !matches!(flight.phase, Phase::Aborting { .. }) {
+                    flight.phase = Phase::Asking {
+                        what,
+                        reason: reason.to_string(),
+                    };
                 }
-                if server.task_state.is_none() {
-                    if !on_source {
-                        return Step::Done(self.finish(target, flight, Outcome::Migrated, None, server.host));
-                    }
-                    return self.ended_on_source(target, flight, "migration").await;
-                }
-                if !flight.over_budget_noted && flight.attempt_started.elapsed() > flight.budget {
-                    flight.over_budget_noted = true;
-                    warn!(server = %id, budget_s = flight.budget.as_secs(), "cold migration runs past its budget; Nova cannot abort it");
-                }
-                Step::Continue
             }
         }
+    }
+
+    /// What is still in flight or queued when the moves end, reported.
+    fn left_over(&self, target: &Target, mut moves: Moves) -> (Vec<VmReport>, Option<Ending>) {
+        let ending = moves.ending.map(|(ending, _)| ending);
+        let reason_left = match ending {
+            Some(Ending::TimedOut) => "the overall time-out ran out",
+            Some(Ending::Stopped(_)) => "the evacuation was stopped",
+            None => "the evacuation ended",
+        };
+        for flight in moves.flights {
+            let reason = format!("{reason_left} while it was migrating; Nova goes on with it");
+            let report = self.job_report(target, &flight.job, Outcome::InProgress, Some(reason), None);
+            moves.reports.push(report);
+        }
+        for job in moves.queue {
+            let outcome = if job.attempts == 0 {
+                Outcome::NotStarted
+            } else {
+                Outcome::Failed
+            };
+            let reason = Some(format!("{reason_left} before it was moved"));
+            moves.reports.push(self.job_report(target, &job, outcome, reason, None));
+        }
+        self.observer.event(&progress(moves.total, &moves.reports, &[]));
+        (moves.reports, ending)
     }
 
     /// Nova put the server in ERROR during our migration. Its conductor does
@@ -1298,7 +1340,7 @@ impl<'a, C: Compute> Engine<'a, C> {
                              it runs untouched on {}: set back to ACTIVE",
                             target.host
                         );
-                        return self.ended_on_source(target, flight, "live-migration").await;
+                        return self.ended_on_source(target, flight).await;
                     }
                     Err(e) => {
                         reason = format!(
@@ -1318,7 +1360,8 @@ impl<'a, C: Compute> Engine<'a, C> {
     }
 
     /// A migration that ended with the VM still on the source: aborted by us, or failed.
-    async fn ended_on_source(&self, target: &Target, flight: &mut Flight, migration_type: &str) -> Step {
+    async fn ended_on_source(&self, target: &Target, flight: &mut Flight) -> Step {
+        let migration_type = migration_type(flight.job.action);
         if flight.withdrawn {
             return Step::Requeue(Job {
                 server: flight.job.server.clone(),
@@ -1339,10 +1382,8 @@ impl<'a, C: Compute> Engine<'a, C> {
             .migration_history(&flight.job.server.id, migration_type)
             .await
         {
-            Ok(history) => match &flight.migration_id {
-                Some(id) => history.into_iter().find(|m| &m.id == id),
-                None => history.into_iter().next(),
-            },
+            // Newest first: this attempt's, once the server has ended on the source.
+            Ok(history) => history.into_iter().next(),
             Err(e) => {
                 debug!(error = %e, "could not read the migration history");
                 None
@@ -1369,177 +1410,6 @@ impl<'a, C: Compute> Engine<'a, C> {
             listed_at: None,
         };
         Step::Retry(job, reason)
-    }
-
-    /// Budget, stall and force-complete follow-up of a live migration in flight.
-    /// Returns why the migration is lost when Nova will never finish it.
-    async fn watch_live(&self, flight: &mut Flight) -> Option<String> {
-        let now = Instant::now();
-        if now >= flight.next_progress_check {
-            // A record seen ended needs no read to tell that nothing is in progress.
-            let record_ended = flight.nova_status.as_deref().is_some_and(is_ended);
-            flight.next_progress_check = now
-                + if record_ended {
-                    PROGRESS_INTERVAL
-                } else {
-                    self.progress_every(flight)
-                };
-            let in_progress = if record_ended {
-                Some(false)
-            } else {
-                self.read_progress(flight, now).await
-            };
-            if in_progress == Some(false) {
-                if let Some(reason) = self.ended_without_the_server(flight, now).await {
-                    return Some(reason);
-                }
-            } else {
-                flight.orphaned_since = None;
-                flight.ended_record_since = None;
-            }
-        }
-        match flight.phase {
-            Phase::Moving => {
-                let elapsed = now - flight.attempt_started;
-                if let Some((what, reason)) = flight.requested.clone() {
-                    self.intervene(flight, what, &reason).await;
-                } else if elapsed >= flight.budget {
-                    let reason = format!("it exceeded its budget of {} s", flight.budget.as_secs());
-                    self.intervene(flight, self.settings.on_budget_exceeded, &reason).await;
-                } else if let Some(stall) = self.settings.stall_after
-                    && flight.remaining.is_some()
-                    && now - flight.last_progress >= stall
-                {
-                    let reason = format!("no progress for {} s", stall.as_secs());
-                    self.intervene(flight, self.settings.on_budget_exceeded, &reason).await;
-                }
-            }
-            Phase::Aborting { ref reason, since }
-                if now - since > ABORT_AGAIN_AFTER && flight.nova_status.as_deref() == Some("running") =>
-            {
-                let reason = reason.trim_start_matches("aborted: ").to_string();
-                debug!(server = %flight.job.server.id, "the migration still runs after its abort; aborting again");
-                self.intervene(flight, BudgetAction::Abort, &reason).await;
-            }
-            Phase::ForceCompleting { since } if now - since > FORCE_COMPLETE_GRACE => {
-                let reason = format!(
-                    "it did not complete within {} s of force-complete",
-                    FORCE_COMPLETE_GRACE.as_secs()
-                );
-                self.intervene(flight, BudgetAction::Abort, &reason).await;
-            }
-            _ => {}
-        }
-        None
-    }
-
-    /// The server still shows `migrating` but Nova has no migration in progress
-    /// for it: normal for a moment at the start and the end of a migration,
-    /// and for as long as Nova's conductor schedules it (`accepted` is not
-    /// listed in progress). The VM is given up on only when its record has
-    /// shown an end for [`ORPHAN_GRACE`] with the server still `migrating`:
-    /// then the destination never took it over (seen when the destination
-    /// compute dies, or its reply is lost while RabbitMQ restarts), and no
-    /// amount of waiting will change that. Not at the first sight of an
-    /// ended record: the server was read before it, and Nova writes a failed
-    /// migration's record before its server (the conductor sets the record to
-    /// `error`, then the server to ERROR).
-    async fn ended_without_the_server(&self, flight: &mut Flight, now: Instant) -> Option<String> {
-        let since = *flight.orphaned_since.get_or_insert(now);
-        if now - since < ORPHAN_GRACE {
-            return None;
-        }
-        let history = self
-            .compute
-            .migration_history(&flight.job.server.id, "live-migration")
-            .await
-            .ok()?;
-        let record = match &flight.migration_id {
-            Some(id) => history.into_iter().find(|m| &m.id == id),
-            None => history.into_iter().next(),
-        }?;
-        if !record.ended() {
-            flight.ended_record_since = None;
-            return None;
-        }
-        let ended = *flight.ended_record_since.get_or_insert(now);
-        (now - ended >= ORPHAN_GRACE).then(|| {
-            format!(
-                "Nova recorded the live migration as {} but {} s later the server still shows task_state \
-                 migrating on its source: the destination ({}) never took it over; an operator must check \
-                 where it runs before resetting its state",
-                record.status,
-                (now - ended).as_secs(),
-                record.dest_host.as_deref().unwrap_or("unknown")
-            )
-        })
-    }
-
-    /// Reads progress numbers; `Some(false)` when Nova lists no migration in progress.
-    async fn read_progress(&self, flight: &mut Flight, now: Instant) -> Option<bool> {
-        let migrations = match self.compute.in_progress_migrations(&flight.job.server.id).await {
-            Ok(migrations) => migrations,
-            Err(e) => {
-                debug!(error = %e, "could not read migration progress");
-                return None;
-            }
-        };
-        let Some(migration) = migrations.into_iter().next() else {
-            flight.nova_status = None;
-            return Some(false);
-        };
-        flight.note_record(&migration, now);
-        // Drivers that report nothing (a zero or missing total) give no stall signal.
-        if let (Some(total), Some(remaining)) = (migration.memory_total_bytes, migration.memory_remaining_bytes)
-            && total > 0
-        {
-            // Progress is a new low: a non-converging migration's remaining memory falls
-            // within each pre-copy pass and rises again with the next one.
-            if flight.remaining.is_none_or(|lowest| remaining < lowest) {
-                flight.last_progress = now;
-                flight.remaining = Some(remaining);
-            }
-        }
-        Some(true)
-    }
-
-    /// Aborts or force-completes a live migration; retried on the next poll if Nova is not ready for it.
-    async fn intervene(&self, flight: &mut Flight, what: BudgetAction, reason: &str) {
-        if flight.job.action != Action::LiveMigrate {
-            return;
-        }
-        if flight.migration_id.is_none() {
-            self.read_progress(flight, Instant::now()).await;
-        }
-        let Some(migration_id) = flight.migration_id.clone() else {
-            debug!(server = %flight.job.server.id, "no in-progress migration record yet");
-            return;
-        };
-        let id = flight.job.server.id.clone();
-        let (result, verb) = match what {
-            BudgetAction::Abort => (self.compute.abort_migration(&id, &migration_id).await, "abort"),
-            BudgetAction::ForceComplete => (self.compute.force_complete(&id, &migration_id).await, "force-complete"),
-        };
-        match result {
-            Ok(()) => {
-                flight.requested = None;
-                self.observer.event(&Event::Intervened {
-                    server: &flight.job.server,
-                    what: verb,
-                    reason,
-                });
-                // Its end is now expected any moment, not at the usual time.
-                flight.next_poll = flight.next_poll.min(Instant::now() + self.settings.poll_interval);
-                flight.phase = match what {
-                    BudgetAction::Abort => Phase::Aborting {
-                        reason: format!("aborted: {reason}"),
-                        since: Instant::now(),
-                    },
-                    BudgetAction::ForceComplete => Phase::ForceCompleting { since: Instant::now() },
-                };
-            }
-            Err(e) => debug!(server = %id, error = %e, "could not {verb} the migration yet; will retry"),
-        }
     }
 
     fn retry_or_fail(
@@ -1634,6 +1504,14 @@ enum Start {
     Failed(Job, String),
 }
 
+/// Nova's `migration_type` of an action's migrations.
+fn migration_type(action: Action) -> &'static str {
+    match action {
+        Action::ColdMigrate => "migration",
+        _ => "live-migration",
+    }
+}
+
 /// Sleeps until `at`; never wakes without one.
 async fn sleep_until_some(at: Option<Instant>) {
     match at {
@@ -1661,7 +1539,7 @@ fn progress(total: usize, reports: &[VmReport], flights: &[Flight]) -> Event<'st
             .filter(|r| matches!(r.action, Action::LiveMigrate | Action::ColdMigrate))
     };
     let left_to_nova = moves().filter(|r| r.outcome == Outcome::InProgress).count();
-    let queued_in_nova = flights.iter().filter(|f| f.waiting_in_nova).count();
+    let queued_in_nova = flights.iter().filter(|f| f.running_since.is_none()).count();
     Event::Progress {
         total,
         moved: moves().filter(|r| r.outcome.is_success()).count(),

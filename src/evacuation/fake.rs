@@ -208,8 +208,12 @@ pub(crate) struct Calls {
     pub(crate) server_reads: Vec<String>,
     /// Looks at the host's changed migration records (`GET /os-migrations?changes-since=`).
     pub(crate) change_reads: usize,
+    /// Looks at the servers still on the host (`GET /os-hypervisors/{id}?with_servers=true`).
+    pub(crate) host_looks: usize,
     /// Reads of one server's migrations in progress (`GET /servers/{id}/migrations`).
     pub(crate) progress_reads: usize,
+    /// Reads of one server's migration records (`GET /os-migrations?instance_uuid=`).
+    pub(crate) history_reads: usize,
     /// Servers set back to ACTIVE, in order.
     pub(crate) reset_to_active: Vec<String>,
     pub(crate) force_complete: Vec<(String, Duration)>,
@@ -882,6 +886,19 @@ impl Compute for FakeCloud {
         Ok(servers)
     }
 
+    /// One look, however many servers: as Nova's hypervisor with its servers.
+    async fn servers_still_on(&self, host: &str) -> ComputeResult<std::collections::HashSet<String>> {
+        self.reachable()?;
+        let mut cloud = self.lock();
+        cloud.calls.host_looks += 1;
+        Ok(cloud
+            .vms
+            .values()
+            .filter(|vm| vm.server.host.as_deref() == Some(host))
+            .map(|vm| vm.server.id.clone())
+            .collect())
+    }
+
     async fn server(&self, id: &str) -> ComputeResult<Option<Server>> {
         self.reachable()?;
         let slow = self.lock().slow_reads.get(id).copied();
@@ -959,7 +976,8 @@ impl Compute for FakeCloud {
     async fn migration_history(&self, server_id: &str, migration_type: &str) -> ComputeResult<Vec<Migration>> {
         self.reachable()?;
         let now = Instant::now();
-        let cloud = self.lock();
+        let mut cloud = self.lock();
+        cloud.calls.history_reads += 1;
         Ok(cloud
             .migrations
             .iter()
@@ -1162,7 +1180,7 @@ impl Compute for FakeCloud {
     /// As Nova does it: `updated_at` in whole seconds compared with `>=`,
     /// records never updated since their creation left out, and those of
     /// deleted servers too. Marks carry no overlap: one clock here.
-    async fn live_migrations_changed(&self, host: &str, since: Option<ChangeMark>) -> ComputeResult<MigrationChanges> {
+    async fn migrations_changed(&self, host: &str, since: Option<ChangeMark>) -> ComputeResult<MigrationChanges> {
         self.reachable()?;
         let now = Instant::now();
         let mut cloud = self.lock();
@@ -1176,7 +1194,7 @@ impl Compute for FakeCloud {
             .migrations
             .iter()
             .rev()
-            .filter(|m| m.kind == LIVE && m.source == host && cloud.vms.contains_key(&m.server_id))
+            .filter(|m| m.source == host && cloud.vms.contains_key(&m.server_id))
             .filter(|m| m.updated.is_some_and(|at| second(at) >= since))
             .map(|m| m.record(now))
             .collect();

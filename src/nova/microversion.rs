@@ -46,6 +46,8 @@ pub const BLOCK_MIGRATION_AUTO: Microversion = Microversion(2, 25);
 pub const SERVER_TAGS: Microversion = Microversion(2, 26);
 /// Hypervisor listing is paged (`limit`/`marker`).
 pub const HYPERVISOR_PAGING: Microversion = Microversion(2, 33);
+/// Hypervisors show their servers (`with_servers=true`), unpaged.
+pub const HYPERVISOR_SERVERS: Microversion = Microversion(2, 53);
 /// Services are addressed by UUID: `PUT /os-services/{uuid}`.
 pub const SERVICE_UUID: Microversion = Microversion(2, 53);
 /// `GET /servers/{id}/os-instance-actions` takes `limit`.

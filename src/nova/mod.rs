@@ -7,7 +7,8 @@ pub mod microversion;
 mod net;
 mod wire;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -132,6 +133,9 @@ pub struct NovaClient {
     version: Negotiated,
     requests: RequestCounter,
     errors: RequestCounter,
+    /// The hypervisors of each service host looked at, by id: found once
+    /// per host, then its look at the servers still on it is one request.
+    hypervisor_ids: Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl std::fmt::Debug for NovaClient {
@@ -212,6 +216,7 @@ impl NovaClient {
             version,
             requests: RequestCounter::default(),
             errors: RequestCounter::default(),
+            hypervisor_ids: Mutex::default(),
         })
     }
 
@@ -480,6 +485,40 @@ impl NovaClient {
         }
         self.all_pages::<wire::HypervisorsRoot>(&["os-hypervisors", "detail"], &query)
             .await
+    }
+
+    /// The ids of the hypervisors of this service host (one for a libvirt
+    /// host; matched on the service host exactly, never the hypervisor name),
+    /// looked up once per host.
+    async fn hypervisor_ids(&self, host: &str) -> Result<Vec<String>, NovaError> {
+        let known = self
+            .hypervisor_ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(host)
+            .cloned();
+        if let Some(ids) = known {
+            return Ok(ids);
+        }
+        let ids: Vec<String> = self
+            .hypervisors()
+            .await?
+            .into_iter()
+            .filter(|h| h.service.as_ref().is_some_and(|s| s.host == host))
+            .map(|h| wire::id_text(&h.id))
+            .collect();
+        if ids.is_empty() {
+            return Err(NovaError::Transport {
+                method: Method::GET,
+                path: "/os-hypervisors/detail".into(),
+                message: format!("no hypervisor of compute host {host} is listed"),
+            });
+        }
+        self.hypervisor_ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(host.to_string(), ids.clone());
+        Ok(ids)
     }
 
     /// `GET /os-migrations` with these filters, every page of it.
@@ -837,7 +876,7 @@ impl Compute for NovaClient {
         self.version.supports(microversion::MIGRATION_PAGING)
     }
 
-    async fn live_migrations_changed(&self, host: &str, since: Option<ChangeMark>) -> ComputeResult<MigrationChanges> {
+    async fn migrations_changed(&self, host: &str, since: Option<ChangeMark>) -> ComputeResult<MigrationChanges> {
         self.require(microversion::MIGRATION_PAGING, "reading changed migrations")?;
         let asked_at = jiff::Timestamp::now();
         let reach_back = |t: jiff::Timestamp| {
@@ -848,7 +887,6 @@ impl Compute for NovaClient {
         let since = since.map_or_else(|| reach_back(asked_at), |mark| mark.0);
         let query = vec![
             ("source_compute", host.to_string()),
-            ("migration_type", "live-migration".to_string()),
             ("changes-since", since.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
         ];
         let migrations = self
@@ -856,13 +894,33 @@ impl Compute for NovaClient {
             .await?
             .into_iter()
             .filter(|m| m.source_compute.as_deref() == Some(host))
-            .filter(|m| m.migration_type.as_deref() == Some("live-migration"))
             .map(wire::Migration::into_migration)
             .collect();
         Ok(MigrationChanges {
             migrations,
             next: ChangeMark(reach_back(asked_at)),
         })
+    }
+
+    async fn servers_still_on(&self, host: &str) -> ComputeResult<HashSet<String>> {
+        if !self.version.supports(microversion::HYPERVISOR_SERVERS) {
+            let query = [
+                ("all_tenants", "1".to_string()),
+                ("host", host.to_string()),
+                ("limit", PAGE_SIZE.to_string()),
+            ];
+            let listed = self.all_pages::<wire::ServerIdsRoot>(&["servers"], &query).await?;
+            return Ok(listed.into_iter().map(|s| s.id).collect());
+        }
+        let query = [("with_servers", "true".to_string())];
+        let mut on_host = HashSet::new();
+        for id in self.hypervisor_ids(host).await? {
+            let root: wire::HypervisorServersRoot = self
+                .compute(Method::GET, &["os-hypervisors", &id], &query, None)
+                .await?;
+            on_host.extend(root.hypervisor.servers.unwrap_or_default().into_iter().map(|s| s.uuid));
+        }
+        Ok(on_host)
     }
 
     fn aborts_queued_migrations(&self) -> bool {
@@ -1275,20 +1333,20 @@ mod tests {
             .expect("connect");
 
         let before = jiff::Timestamp::now();
-        let first = nova.live_migrations_changed("cmp1", None).await.expect("first look");
+        let first = nova.migrations_changed("cmp1", None).await.expect("first look");
         let second = nova
-            .live_migrations_changed("cmp1", Some(first.next))
+            .migrations_changed("cmp1", Some(first.next))
             .await
             .expect("second look");
 
-        // Only this host's live migrations, whatever else the answer holds.
+        // Only this host's migrations, live and cold, whatever else the answer holds.
         let ids: Vec<(&str, Option<&str>)> = first
             .migrations
             .iter()
             .map(|m| (m.id.as_str(), m.server_id.as_deref()))
             .collect();
-        assert_eq!(ids, [("3", Some("vm-a"))]);
-        assert_eq!(second.migrations.len(), 1);
+        assert_eq!(ids, [("3", Some("vm-a")), ("1", Some("vm-c"))]);
+        assert_eq!(second.migrations.len(), 2);
         // Whole seconds, reaching 2 s back from when the look was sent.
         let reach = first.next.0;
         assert_eq!(reach.subsec_nanosecond(), 0);
@@ -1299,7 +1357,7 @@ mod tests {
         let since = |mark: jiff::Timestamp| format!("changes-since={}", mark.strftime("%Y-%m-%dT%H%%3A%M%%3A%SZ"));
         for (query, mark) in queries.iter().zip([None, Some(first.next.0)]) {
             assert!(query.contains("source_compute=cmp1"), "{query}");
-            assert!(query.contains("migration_type=live-migration"), "{query}");
+            assert!(!query.contains("migration_type"), "{query}");
             if let Some(mark) = mark {
                 assert!(query.contains(&since(mark)), "{query} asks since {mark}");
             } else {

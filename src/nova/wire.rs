@@ -39,8 +39,8 @@ pub fn next_marker(links: &[Link]) -> Result<Option<String>, String> {
         .ok_or_else(|| format!("next-page link {} has no marker", next.href))
 }
 
-/// A service id is a UUID from 2.53 and an integer before.
-fn id_text(value: &Value) -> String {
+/// A service or hypervisor id is a UUID from 2.53 and an integer before.
+pub fn id_text(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
         other => other.to_string(),
@@ -91,6 +91,26 @@ pub struct ServersRoot {
 impl Paged for ServersRoot {
     type Item = Server;
     fn into_page(self) -> (Vec<Server>, Vec<Link>) {
+        (self.servers, self.servers_links)
+    }
+}
+
+/// `GET /servers` (no detail): ids and names only.
+#[derive(Deserialize)]
+pub struct ServerIdsRoot {
+    pub servers: Vec<ServerId>,
+    #[serde(default)]
+    pub servers_links: Vec<Link>,
+}
+
+#[derive(Deserialize)]
+pub struct ServerId {
+    pub id: String,
+}
+
+impl Paged for ServerIdsRoot {
+    type Item = ServerId;
+    fn into_page(self) -> (Vec<ServerId>, Vec<Link>) {
         (self.servers, self.servers_links)
     }
 }
@@ -318,6 +338,9 @@ impl Paged for HypervisorsRoot {
 
 #[derive(Deserialize)]
 pub struct Hypervisor {
+    /// A UUID from 2.53 (the legacy integer before it), kept as Nova wrote it.
+    #[serde(default)]
+    pub id: Value,
     pub hypervisor_hostname: String,
     #[serde(default)]
     pub service: Option<HypervisorService>,
@@ -326,6 +349,24 @@ pub struct Hypervisor {
 #[derive(Deserialize)]
 pub struct HypervisorService {
     pub host: String,
+}
+
+/// `GET /os-hypervisors/{id}?with_servers=true` (2.53+).
+#[derive(Deserialize)]
+pub struct HypervisorServersRoot {
+    pub hypervisor: HypervisorServers,
+}
+
+#[derive(Deserialize)]
+pub struct HypervisorServers {
+    /// Absent (before 2.75) or empty when no server is on the hypervisor.
+    #[serde(default)]
+    pub servers: Option<Vec<HypervisorServer>>,
+}
+
+#[derive(Deserialize)]
+pub struct HypervisorServer {
+    pub uuid: String,
 }
 
 /// Keystone's `GET /v3/projects/{id}`.

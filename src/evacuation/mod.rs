@@ -6,6 +6,7 @@ mod engine;
 mod error;
 mod event;
 mod maintenance;
+mod moves;
 pub mod plan;
 pub mod report;
 mod settings;

@@ -1223,6 +1223,96 @@ mod tests {
         format!("{base}/v3")
     }
 
+    /// Keystone and a Nova offering up to `newest` with two hypervisors, of
+    /// hosts `cmp10` and `cmp1` (named `cmp1.example.org`: not the service
+    /// host), two servers on `cmp1`; keeps `path?query` of each compute call.
+    async fn nova_with_hypervisors(newest: &'static str, calls: Arc<std::sync::Mutex<Vec<String>>>) -> String {
+        use axum::response::IntoResponse;
+        use axum::routing::get;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let compute = format!("{base}/compute/v2.1");
+        let version = json!({ "version": {
+            "id": "v2.1", "status": "CURRENT", "version": newest, "min_version": "2.1",
+            "links": [{ "rel": "self", "href": format!("{compute}/") }],
+        }});
+        let answer = move |uri: axum::http::Uri| {
+            calls
+                .lock()
+                .expect("calls")
+                .push(uri.path_and_query().map(|p| p.to_string()).unwrap_or_default());
+            async move {
+                let body = match uri.path().trim_start_matches("/compute/v2.1") {
+                    "/os-hypervisors/detail" => json!({ "hypervisors": [
+                        { "id": "h-10", "hypervisor_hostname": "cmp10.example.org", "service": { "host": "cmp10" } },
+                        { "id": "h-1", "hypervisor_hostname": "cmp1.example.org", "service": { "host": "cmp1" } },
+                    ]}),
+                    "/os-hypervisors/h-1" => json!({ "hypervisor": { "id": "h-1",
+                        "servers": [{ "uuid": "vm-1", "name": "a" }, { "uuid": "vm-2", "name": "b" }] } }),
+                    "/os-hypervisors/h-10" => json!({ "hypervisor": { "id": "h-10" } }),
+                    "/servers" => json!({ "servers": [{ "id": "vm-1", "name": "a", "links": [] }] }),
+                    _ => return StatusCode::NOT_FOUND.into_response(),
+                };
+                axum::Json(body).into_response()
+            }
+        };
+        let app = keystone_route(vec![("compute", compute)])
+            .route("/compute/v2.1", get(axum::Json(version.clone())))
+            .route("/compute/v2.1/", get(axum::Json(version)))
+            .fallback(answer);
+        serve(listener, app).await;
+        format!("{base}/v3")
+    }
+
+    #[tokio::test]
+    async fn the_servers_still_on_a_host_are_one_request_once_its_hypervisor_is_known() {
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let nova = NovaClient::connect(&credentials(nova_with_hypervisors("2.93", calls.clone()).await), None)
+            .await
+            .expect("connect");
+
+        let first = nova.servers_still_on("cmp1").await.expect("first look");
+        let second = nova.servers_still_on("cmp1").await.expect("second look");
+
+        let expected: HashSet<String> = ["vm-1", "vm-2"].into_iter().map(String::from).collect();
+        assert_eq!((&first, &second), (&expected, &expected));
+        // The hypervisor is found by its service host exactly (not cmp10), once.
+        let calls = calls.lock().expect("calls").clone();
+        let paths: Vec<&str> = calls.iter().map(|c| c.trim_start_matches("/compute/v2.1")).collect();
+        assert_eq!(
+            paths,
+            [
+                "/os-hypervisors/detail?limit=1000",
+                "/os-hypervisors/h-1?with_servers=true",
+                "/os-hypervisors/h-1?with_servers=true"
+            ]
+        );
+
+        // A host no hypervisor belongs to is an error naming it, not an empty host.
+        let missing = nova.servers_still_on("cmp2").await.unwrap_err();
+        assert!(
+            missing.to_string().contains("no hypervisor of compute host cmp2"),
+            "{missing}"
+        );
+
+        // Below 2.53 hypervisors do not show their servers: the server list of the host.
+        let old_calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let old = NovaClient::connect(
+            &credentials(nova_with_hypervisors("2.52", old_calls.clone()).await),
+            None,
+        )
+        .await
+        .expect("connect");
+        let listed = old.servers_still_on("cmp1").await.expect("listing");
+        assert_eq!(listed, HashSet::from(["vm-1".to_string()]));
+        let old_calls = old_calls.lock().expect("calls").clone();
+        assert_eq!(old_calls.len(), 1, "{old_calls:?}");
+        assert!(
+            old_calls[0].contains("/servers?") && old_calls[0].contains("host=cmp1"),
+            "{old_calls:?}"
+        );
+    }
+
     /// Keystone and a Nova offering up to `newest` that lists one tagged
     /// server on `cmp1` and answers every other call 202 (an empty body),
     /// keeping `METHOD path version body` of each.

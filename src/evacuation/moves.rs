@@ -49,7 +49,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::compute::{ChangeMark, Compute, ComputeError, Migration, Server};
+use super::compute::{ChangeMark, Compute, ComputeError, ComputeResult, Migration, Server};
 use super::engine::{Engine, left_as_planned, planned_report, skip_reason, vm_report};
 use super::error::EvacuationError;
 use super::event::Event;
@@ -164,9 +164,10 @@ impl Flight {
         self.record_status().is_some_and(super::compute::is_ended)
     }
 
-    /// Nova runs it now (not queued, not yet ended), by its record.
+    /// Nova runs this live migration now (not queued, not yet ended), by its record.
     fn runs_in_nova(&self) -> bool {
-        matches!(self.record_status(), Some("preparing" | "running" | "post-migrating"))
+        self.job.action == Action::LiveMigrate
+            && matches!(self.record_status(), Some("preparing" | "running" | "post-migrating"))
     }
 
     /// When its live migration is to be judged: the end of its budget, and
@@ -201,7 +202,7 @@ struct Look {
     /// The servers still on the source; `None` when the look failed.
     on_source: Option<HashSet<String>>,
     /// The migration records changed since the previous look (newest first);
-    /// `None` when not looked at in this tick, or the look failed.
+    /// `None` when the cloud has no such look (before 2.59) or it failed.
     changes: Option<Vec<Migration>>,
 }
 
@@ -259,7 +260,7 @@ impl<C: Compute> Engine<'_, C> {
                 Some((Ending::Stopped(StopRequest::LeaveInFlight), _)) => break,
                 Some((_, since)) if since.elapsed() >= SETTLE_GRACE => break,
                 Some(_) => {}
-                None => self.fill_slots(target, &mut moves).await,
+                None => self.fill_slots(target, &mut moves, stop, deadline).await,
             }
             if moves.flights.is_empty() && (moves.ending.is_some() || (moves.queue.is_empty() && relisting.is_none())) {
                 break;
@@ -325,29 +326,43 @@ impl<C: Compute> Engine<'_, C> {
     }
 
     /// Starts queued VMs while slots are free, side by side; a VM that needs
-    /// no move frees its slot for the next.
-    async fn fill_slots(&self, target: &Target, moves: &mut Moves) {
-        let max_running = self.settings.max_parallel.max(1);
+    /// no move frees its slot for the next. The reads before the requests
+    /// race a stop, the time-out and the next budget or stall moment: when
+    /// one of those comes first, the reads are dropped (their jobs stay
+    /// queued) and it is seen to at once. A request, once sent, is waited for
+    /// (at most one HTTP time-out): it may have changed something in Nova.
+    async fn fill_slots(
+        &self,
+        target: &Target,
+        moves: &mut Moves,
+        stop: &mut watch::Receiver<StopRequest>,
+        deadline: Option<Instant>,
+    ) {
         loop {
-            let now = Instant::now();
-            let mut ready = Vec::new();
-            while moves.flights.len() + ready.len() < max_running + moves.queue_ahead {
-                // Beyond max_parallel only live migrations: Nova queues those per host.
-                let ahead = moves.flights.len() + ready.len() >= max_running;
-                let Some(position) = moves
-                    .queue
-                    .iter()
-                    .position(|job| job.not_before <= now && (!ahead || job.action == Action::LiveMigrate))
-                else {
-                    break;
-                };
-                ready.extend(moves.queue.remove(position).map(|job| (job, ahead)));
-            }
+            let mut ready = self.take_ready(moves);
             if ready.is_empty() {
                 return;
             }
-            let starts = join_all(ready.into_iter().map(|(job, ahead)| self.start(target, job, ahead))).await;
-            for start in starts {
+            let now = Instant::now();
+            let judgement = self.next_judgement(&moves.flights, now);
+            let reads = join_all(ready.iter_mut().map(|(job, _)| self.current(job, now)));
+            let currents = tokio::select! {
+                currents = reads => Some(currents),
+                Ok(()) = stop.changed() => None,
+                () = sleep_until_some(deadline) => None,
+                () = sleep_until_some(judgement) => None,
+            };
+            let Some(currents) = currents else {
+                for (job, _) in ready.into_iter().rev() {
+                    moves.queue.push_front(job);
+                }
+                return;
+            };
+            let starts = ready
+                .into_iter()
+                .zip(currents)
+                .map(|((job, ahead), current)| self.start(target, job, ahead, current));
+            for start in join_all(starts).await {
                 match start {
                     Start::Flying(flight) => moves.flights.push(*flight),
                     Start::Done(report) => moves.reports.push(report),
@@ -358,6 +373,36 @@ impl<C: Compute> Engine<'_, C> {
                 }
             }
         }
+    }
+
+    /// The queued jobs that may start now, as many as the free slots take
+    /// (`true`: handed to Nova ahead, beyond `max_parallel`).
+    fn take_ready(&self, moves: &mut Moves) -> Vec<(Job, bool)> {
+        let max_running = self.settings.max_parallel.max(1);
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        while moves.flights.len() + ready.len() < max_running + moves.queue_ahead {
+            // Beyond max_parallel only live migrations: Nova queues those per host.
+            let ahead = moves.flights.len() + ready.len() >= max_running;
+            let Some(position) = moves
+                .queue
+                .iter()
+                .position(|job| job.not_before <= now && (!ahead || job.action == Action::LiveMigrate))
+            else {
+                break;
+            };
+            ready.extend(moves.queue.remove(position).map(|job| (job, ahead)));
+        }
+        ready
+    }
+
+    /// The next moment a flight is to be judged (its budget's end, or a stall).
+    fn next_judgement(&self, flights: &[Flight], now: Instant) -> Option<Instant> {
+        flights
+            .iter()
+            .flat_map(|f| f.judgement_moments(self.settings))
+            .filter(|at| *at > now)
+            .min()
     }
 
     /// Waits `wait`, or less if a stop is requested or the listing in the
@@ -402,13 +447,7 @@ impl<C: Compute> Engine<'_, C> {
         if moves.flights.is_empty() {
             return self.settings.poll_interval;
         }
-        let now = Instant::now();
-        let judgement = moves
-            .flights
-            .iter()
-            .flat_map(|f| f.judgement_moments(self.settings))
-            .filter(|at| *at > now)
-            .min();
+        let judgement = self.next_judgement(&moves.flights, Instant::now());
         let ongoing = moves.ending.is_none();
         let steps = {
             let look = self.look(target, &mut moves.mark).shared();
@@ -643,22 +682,33 @@ impl<C: Compute> Engine<'_, C> {
         self.admit(target, newcomers, Instant::now(), queue, reports)
     }
 
-    /// Starts (or follows) one VM's migration; `ahead` when it is handed to
-    /// Nova beyond `max_parallel`, to wait queued there.
-    async fn start(&self, target: &Target, mut job: Job, ahead: bool) -> Start {
+    /// The server as it stands before its job's request: the listing's copy
+    /// while that is fresh (`true`), else read again.
+    async fn current(&self, job: &mut Job, now: Instant) -> (ComputeResult<Option<Server>>, bool) {
+        if job.listed_at.take().is_some_and(|t| now - t < FRESH_LISTING) {
+            return (Ok(Some(job.server.clone())), true);
+        }
+        (self.compute.server(&job.server.id).await, false)
+    }
+
+    /// Starts (or follows) one VM's migration, from the server as it stands
+    /// (`current`); `ahead` when it is handed to Nova beyond `max_parallel`,
+    /// to wait queued there.
+    async fn start(
+        &self,
+        target: &Target,
+        mut job: Job,
+        ahead: bool,
+        (current, fresh): (ComputeResult<Option<Server>>, bool),
+    ) -> Start {
         let now = Instant::now();
-        let fresh = job.listed_at.take().is_some_and(|t| now - t < FRESH_LISTING);
-        let current = if fresh {
-            job.server.clone()
-        } else {
-            match self.compute.server(&job.server.id).await {
-                Ok(Some(server)) => server,
-                Ok(None) => return Start::Done(self.job_report(target, &job, Outcome::Deleted, None, None)),
-                Err(e) => {
-                    warn!(server = %job.server.id, error = %e, "could not read the server; will try again");
-                    job.not_before = now + self.settings.poll_interval.max(Duration::from_secs(1));
-                    return Start::Later(job);
-                }
+        let current = match current {
+            Ok(Some(server)) => server,
+            Ok(None) => return Start::Done(self.job_report(target, &job, Outcome::Deleted, None, None)),
+            Err(e) => {
+                warn!(server = %job.server.id, error = %e, "could not read the server; will try again");
+                job.not_before = now + self.settings.poll_interval.max(Duration::from_secs(1));
+                return Start::Later(job);
             }
         };
         let mut job = match self.ready_to_move(target, job, &current, ahead, now) {

@@ -1071,6 +1071,37 @@ async fn a_stuck_read_does_not_delay_the_abort_of_the_others() {
     assert_eq!(report.result, RunResult::Interrupted);
 }
 
+/// A read before a VM's start stuck in Nova (90 s) does not hold back the
+/// cancellation of a migration already running: it is aborted as soon as it
+/// is asked for, and the VM whose read was stuck is reported not started.
+#[tokio::test(start_paused = true)]
+async fn a_stuck_read_before_a_start_does_not_delay_a_cancellation() {
+    let cloud = FakeCloud::new();
+    // Smallest first: quick and long start from the listing; late, once quick
+    // has moved, from a read of its own, which sticks.
+    cloud.add_vm("quick", "ACTIVE", 256);
+    cloud.add_vm("long", "ACTIVE", 512);
+    cloud.add_vm("late", "ACTIVE", 1024);
+    cloud.script("quick", &[Script::Complete { after: secs(5) }]);
+    cloud.script("long", &[Script::Complete { after: secs(200) }]);
+    cloud.server_reads_take("late", secs(90));
+    let settings = Settings {
+        max_parallel: 2,
+        ..Settings::default()
+    };
+
+    let report = evacuate_stopped(&cloud, &settings, secs(10), StopRequest::AbortInFlight).await;
+
+    let aborts = cloud.calls().abort_times("long");
+    assert!(!aborts.is_empty(), "{report:?}");
+    assert_within(aborts[0], secs(10), secs(11));
+    assert_eq!(vm(&report, "quick").outcome, Outcome::Migrated);
+    assert_eq!(vm(&report, "long").outcome, Outcome::Aborted);
+    assert_eq!(vm(&report, "late").outcome, Outcome::NotStarted);
+    assert!(cloud.calls().live_migrate_times("late").is_empty());
+    assert!(report.duration_seconds < 15.0, "{}", report.duration_seconds);
+}
+
 /// A read of one VM stuck in Nova does not hold back another's budget: it is
 /// aborted when its budget runs out, not when the stuck read returns.
 #[tokio::test(start_paused = true)]

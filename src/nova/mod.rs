@@ -915,9 +915,20 @@ impl Compute for NovaClient {
         let query = [("with_servers", "true".to_string())];
         let mut on_host = HashSet::new();
         for id in self.hypervisor_ids(host).await? {
-            let root: wire::HypervisorServersRoot = self
-                .compute(Method::GET, &["os-hypervisors", &id], &query, None)
-                .await?;
+            let path = ["os-hypervisors", id.as_str()];
+            let root: wire::HypervisorServersRoot = match self.compute(Method::GET, &path, &query, None).await {
+                Ok(root) => root,
+                Err(e) => {
+                    if matches!(&e, NovaError::Http { status, .. } if *status == StatusCode::NOT_FOUND) {
+                        // Its compute node was recreated (a new id): found again at the next look.
+                        self.hypervisor_ids
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .remove(host);
+                    }
+                    return Err(e.into());
+                }
+            };
             on_host.extend(root.hypervisor.servers.unwrap_or_default().into_iter().map(|s| s.uuid));
         }
         Ok(on_host)
@@ -1246,6 +1257,7 @@ mod tests {
                     "/os-hypervisors/detail" => json!({ "hypervisors": [
                         { "id": "h-10", "hypervisor_hostname": "cmp10.example.org", "service": { "host": "cmp10" } },
                         { "id": "h-1", "hypervisor_hostname": "cmp1.example.org", "service": { "host": "cmp1" } },
+                        { "id": "h-3", "hypervisor_hostname": "cmp3.example.org", "service": { "host": "cmp3" } },
                     ]}),
                     "/os-hypervisors/h-1" => json!({ "hypervisor": { "id": "h-1",
                         "servers": [{ "uuid": "vm-1", "name": "a" }, { "uuid": "vm-2", "name": "b" }] } }),
@@ -1277,8 +1289,8 @@ mod tests {
         let expected: HashSet<String> = ["vm-1", "vm-2"].into_iter().map(String::from).collect();
         assert_eq!((&first, &second), (&expected, &expected));
         // The hypervisor is found by its service host exactly (not cmp10), once.
-        let calls = calls.lock().expect("calls").clone();
-        let paths: Vec<&str> = calls.iter().map(|c| c.trim_start_matches("/compute/v2.1")).collect();
+        let seen = calls.lock().expect("calls").clone();
+        let paths: Vec<&str> = seen.iter().map(|c| c.trim_start_matches("/compute/v2.1")).collect();
         assert_eq!(
             paths,
             [

@@ -204,6 +204,8 @@ struct Look {
     /// The migration records changed since the previous look (newest first);
     /// `None` when the cloud has no such look (before 2.59) or it failed.
     changes: Option<Vec<Migration>>,
+    /// Where the look after this one starts from.
+    next: Option<ChangeMark>,
 }
 
 /// Where one run's moves stand.
@@ -449,21 +451,25 @@ impl<C: Compute> Engine<'_, C> {
         }
         let judgement = self.next_judgement(&moves.flights, Instant::now());
         let ongoing = moves.ending.is_none();
-        let steps = {
-            let look = self.look(target, &mut moves.mark).shared();
-            let follows = join_all(
-                moves
-                    .flights
-                    .iter_mut()
-                    .map(|flight| self.follow(target, flight, look.clone())),
-            );
-            tokio::select! {
-                steps = follows => steps,
-                Ok(()) = stop.changed() => return Duration::ZERO,
-                () = sleep_until_some(deadline), if ongoing => return Duration::ZERO,
-                () = sleep_until_some(judgement) => return Duration::ZERO,
-            }
+        let look = self.look(target, moves.mark).shared();
+        let follows = join_all(
+            moves
+                .flights
+                .iter_mut()
+                .map(|flight| self.follow(target, flight, look.clone())),
+        );
+        let steps = tokio::select! {
+            steps = follows => steps,
+            Ok(()) = stop.changed() => return Duration::ZERO,
+            () = sleep_until_some(deadline), if ongoing => return Duration::ZERO,
+            () = sleep_until_some(judgement) => return Duration::ZERO,
         };
+        // Only a tick whose every flight took the look in moves the mark on:
+        // a dropped one's records are listed again.
+        if let Some(next) = look.peek().and_then(|look| look.next) {
+            moves.mark = Some(next);
+        }
+        drop(look);
         let flights = std::mem::take(&mut moves.flights);
         for (flight, step) in flights.into_iter().zip(steps) {
             match step {
@@ -491,31 +497,32 @@ impl<C: Compute> Engine<'_, C> {
 
     /// The look at the host shared by a tick's flights: the servers still on
     /// it and the migration records changed since `mark`.
-    fn look<'f>(&'f self, target: &'f Target, mark: &'f mut Option<ChangeMark>) -> BoxFuture<'f, Arc<Look>> {
+    fn look<'f>(&'f self, target: &'f Target, mark: Option<ChangeMark>) -> BoxFuture<'f, Arc<Look>> {
         Box::pin(async move {
             let records = self.compute.lists_migration_changes();
             let (on_source, changes) = tokio::join!(self.compute.servers_still_on(&target.host), async {
                 if records {
-                    Some(self.compute.migrations_changed(&target.host, *mark).await)
+                    Some(self.compute.migrations_changed(&target.host, mark).await)
                 } else {
                     None
                 }
             });
-            let changes = match changes {
-                Some(Ok(changes)) => {
-                    *mark = Some(changes.next);
-                    Some(changes.migrations)
-                }
+            let (changes, next) = match changes {
+                Some(Ok(changes)) => (Some(changes.migrations), Some(changes.next)),
                 Some(Err(e)) => {
                     debug!(error = %e, "could not list changed migrations");
-                    None
+                    (None, None)
                 }
-                None => None,
+                None => (None, None),
             };
             let on_source = on_source
                 .map_err(|e| debug!(error = %e, "could not look at the servers on the host"))
                 .ok();
-            Arc::new(Look { on_source, changes })
+            Arc::new(Look {
+                on_source,
+                changes,
+                next,
+            })
         })
     }
 
@@ -525,16 +532,15 @@ impl<C: Compute> Engine<'_, C> {
     async fn follow(&self, target: &Target, flight: &mut Flight, look: Shared<BoxFuture<'_, Arc<Look>>>) -> Step {
         self.judge(flight, Instant::now()).await;
         let look = look.await;
-        match &look.changes {
-            Some(changes) => {
-                // Newest first; a server moves once at a time, so its newest is this attempt's.
-                let id = Some(flight.job.server.id.as_str());
-                if let Some(record) = changes.iter().find(|m| m.server_id.as_deref() == id) {
-                    flight.note_record(record, Instant::now());
-                }
-            }
-            None if !self.compute.lists_migration_changes() => self.read_record(flight).await,
-            None => {}
+        // Newest first; a server moves once at a time, so its newest is this attempt's.
+        let id = Some(flight.job.server.id.as_str());
+        if let Some(record) = look.changes.iter().flatten().find(|m| m.server_id.as_deref() == id) {
+            flight.note_record(record, Instant::now());
+        }
+        // Before 2.59 each record is read on its own; so is one no look has
+        // shown yet (a change older than the first look's reach).
+        if flight.record.is_none() || !self.compute.lists_migration_changes() {
+            self.read_record(flight).await;
         }
         let left = look
             .on_source
@@ -546,7 +552,7 @@ impl<C: Compute> Engine<'_, C> {
         Step::Continue
     }
 
-    /// Before 2.59 (no host-wide look at changed records): this migration's own newest record.
+    /// This migration's own newest record (before 2.59, or before any look showed it).
     async fn read_record(&self, flight: &mut Flight) {
         let kind = migration_type(flight.job.action);
         match self.compute.migration_history(&flight.job.server.id, kind).await {

@@ -1419,6 +1419,40 @@ async fn vm_deleted_while_migrating_counts_as_gone() {
     assert_eq!(report.servers_left_on_host, 0);
 }
 
+/// A migration that failed before the first look at the records that
+/// answered, further back than that look reaches (Nova was unreachable
+/// meanwhile), is still seen and tried again: a flight whose record no look
+/// has shown reads its own.
+#[tokio::test(start_paused = true)]
+async fn a_failure_older_than_the_first_answered_look_is_still_seen() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("early", "ACTIVE", 512);
+    cloud.script(
+        "early",
+        &[Script::Fail { after: millis(100) }, Script::Complete { after: secs(5) }],
+    );
+    let settings = Settings {
+        retry_backoff: secs(1),
+        ..Settings::default()
+    };
+    let (_never_stop, stop) = watch::channel(StopRequest::Continue);
+    let target = target();
+    let engine = Engine::new(&cloud, &settings, &Quiet);
+
+    let (report, ()) = tokio::join!(engine.evacuate(&target, stop), async {
+        sleep(millis(200)).await;
+        cloud.set_nova_down(true);
+        sleep(secs(10)).await;
+        cloud.set_nova_down(false);
+    });
+    let report = report.unwrap();
+
+    assert_eq!(report.result, RunResult::Succeeded, "{report:?}");
+    let starts = cloud.calls().live_migrate_times("early");
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_within(starts[1], secs(11), secs(12));
+}
+
 #[tokio::test(start_paused = true)]
 async fn running_again_after_success_changes_nothing() {
     let cloud = FakeCloud::new();

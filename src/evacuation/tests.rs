@@ -1268,8 +1268,9 @@ async fn without_changes_since_each_record_is_read_and_ends_are_still_seen_withi
     }
 }
 
-/// A migration read rarely because it cannot have ended yet is read at the
-/// poll interval again once it is aborted: a cancellation ends as soon as before.
+/// An aborted migration's end (its record `cancelled`, the server back on
+/// the source) is seen at the next look: a cancellation ends within a poll
+/// interval of Nova's rollback.
 #[tokio::test(start_paused = true)]
 async fn an_aborted_migration_is_read_at_the_poll_interval_again() {
     let cloud = four_on_a_queueing_nova();

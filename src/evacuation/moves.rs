@@ -28,9 +28,11 @@
 //!
 //! Budgets and stalls are judged at every tick from our own clocks, which
 //! start when Nova runs the migration; an abort or force-complete is asked
-//! again at each tick until Nova accepts it. A tick's reads race the stop
-//! signal, the overall time-out and the next budget or stall moment: a read
-//! stuck in Nova's time-outs is dropped, never waited for.
+//! again at each tick until Nova accepts it. A tick's reads, and the reads
+//! before new migrations are asked for, race the stop signal, the overall
+//! time-out and the next budget or stall moment: a read stuck in Nova's
+//! time-outs is dropped, never waited for. A request that may change
+//! something in Nova (a migration, an abort) is always waited for.
 //!
 //! With `queue_ahead` (2.65+, where a queued migration can be aborted) more
 //! live migrations are handed to Nova than run, for Nova to start the moment
@@ -438,7 +440,8 @@ impl<C: Compute> Engine<'_, C> {
     /// each flight followed on its own. The whole races a stop, the time-out
     /// and the next budget or stall moment: a read stuck in Nova is dropped
     /// (its flight stays as it was) and the next tick comes at once. Returns
-    /// how long to wait before the next tick.
+    /// how long to wait before the next tick: one poll interval from this
+    /// one's start.
     async fn tick(
         &self,
         target: &Target,
@@ -449,7 +452,8 @@ impl<C: Compute> Engine<'_, C> {
         if moves.flights.is_empty() {
             return self.settings.poll_interval;
         }
-        let judgement = self.next_judgement(&moves.flights, Instant::now());
+        let started = Instant::now();
+        let judgement = self.next_judgement(&moves.flights, started);
         let ongoing = moves.ending.is_none();
         let look = self.look(target, moves.mark).shared();
         let follows = join_all(
@@ -492,7 +496,8 @@ impl<C: Compute> Engine<'_, C> {
                 self.intervene(newest, what, &reason).await;
             }
         }
-        self.settings.poll_interval
+        // Ticks keep their pace, however long the looks took.
+        self.settings.poll_interval.saturating_sub(started.elapsed())
     }
 
     /// The look at the host shared by a tick's flights: the servers still on
@@ -668,7 +673,7 @@ impl<C: Compute> Engine<'_, C> {
         queue: &mut VecDeque<Job>,
         reports: &mut Vec<VmReport>,
     ) -> usize {
-        let known: std::collections::HashSet<&str> = queue
+        let known: HashSet<&str> = queue
             .iter()
             .map(|job| job.server.id.as_str())
             .chain(flights.iter().map(|f| f.job.server.id.as_str()))

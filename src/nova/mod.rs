@@ -1209,29 +1209,35 @@ mod tests {
         );
     }
 
+    /// Keystone and a Nova offering microversions up to `newest` on one
+    /// port; `compute` adds the compute calls to the app. Returns Keystone's URL.
+    async fn nova_serving(newest: &str, compute: impl FnOnce(axum::Router) -> axum::Router) -> String {
+        use axum::routing::get;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let endpoint = format!("{base}/compute/v2.1");
+        let version = json!({ "version": {
+            "id": "v2.1", "status": "CURRENT", "version": newest, "min_version": "2.1",
+            "links": [{ "rel": "self", "href": format!("{endpoint}/") }],
+        }});
+        let app = keystone_route(vec![("compute", endpoint)])
+            .route("/compute/v2.1", get(axum::Json(version.clone())))
+            .route("/compute/v2.1/", get(axum::Json(version)));
+        serve(listener, compute(app)).await;
+        format!("{base}/v3")
+    }
+
     /// Keystone and a Nova whose `GET /os-migrations` answers `records` and
     /// keeps each query string it was asked with.
     async fn nova_with_migrations(records: Value, queries: Arc<std::sync::Mutex<Vec<String>>>) -> String {
         use axum::extract::RawQuery;
         use axum::routing::get;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("address"));
-        let compute = format!("{base}/compute/v2.1");
-        let version = json!({ "version": {
-            "id": "v2.1", "status": "CURRENT", "version": "2.93", "min_version": "2.1",
-            "links": [{ "rel": "self", "href": format!("{compute}/") }],
-        }});
         let list = move |RawQuery(query): RawQuery| {
             queries.lock().expect("queries").push(query.unwrap_or_default());
             let records = records.clone();
             async move { axum::Json(json!({ "migrations": records, "migrations_links": [] })) }
         };
-        let app = keystone_route(vec![("compute", compute)])
-            .route("/compute/v2.1", get(axum::Json(version.clone())))
-            .route("/compute/v2.1/", get(axum::Json(version)))
-            .route("/compute/v2.1/os-migrations", get(list));
-        serve(listener, app).await;
-        format!("{base}/v3")
+        nova_serving("2.93", |app| app.route("/compute/v2.1/os-migrations", get(list))).await
     }
 
     /// Keystone and a Nova offering up to `newest` with two hypervisors, of
@@ -1239,14 +1245,6 @@ mod tests {
     /// host), two servers on `cmp1`; keeps `path?query` of each compute call.
     async fn nova_with_hypervisors(newest: &'static str, calls: Arc<std::sync::Mutex<Vec<String>>>) -> String {
         use axum::response::IntoResponse;
-        use axum::routing::get;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("address"));
-        let compute = format!("{base}/compute/v2.1");
-        let version = json!({ "version": {
-            "id": "v2.1", "status": "CURRENT", "version": newest, "min_version": "2.1",
-            "links": [{ "rel": "self", "href": format!("{compute}/") }],
-        }});
         let answer = move |uri: axum::http::Uri| {
             calls
                 .lock()
@@ -1268,12 +1266,7 @@ mod tests {
                 axum::Json(body).into_response()
             }
         };
-        let app = keystone_route(vec![("compute", compute)])
-            .route("/compute/v2.1", get(axum::Json(version.clone())))
-            .route("/compute/v2.1/", get(axum::Json(version)))
-            .fallback(answer);
-        serve(listener, app).await;
-        format!("{base}/v3")
+        nova_serving(newest, |app| app.fallback(answer)).await
     }
 
     #[tokio::test]
@@ -1330,14 +1323,6 @@ mod tests {
     /// keeping `METHOD path version body` of each.
     async fn nova_recording(newest: &'static str, calls: Arc<std::sync::Mutex<Vec<String>>>) -> String {
         use axum::response::IntoResponse;
-        use axum::routing::get;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("address"));
-        let compute = format!("{base}/compute/v2.1");
-        let version = json!({ "version": {
-            "id": "v2.1", "status": "CURRENT", "version": newest, "min_version": "2.1",
-            "links": [{ "rel": "self", "href": format!("{compute}/") }],
-        }});
         let server = json!({ "id": "vm-1", "name": "db", "tenant_id": "p", "status": "ACTIVE",
             "OS-EXT-SRV-ATTR:host": "cmp1", "OS-EXT-STS:power_state": 1,
             "tags": ["nova-drain:stop", "prod"],
@@ -1362,12 +1347,7 @@ mod tests {
                 }
             }
         };
-        let app = keystone_route(vec![("compute", compute)])
-            .route("/compute/v2.1", get(axum::Json(version.clone())))
-            .route("/compute/v2.1/", get(axum::Json(version)))
-            .fallback(record);
-        serve(listener, app).await;
-        format!("{base}/v3")
+        nova_serving(newest, |app| app.fallback(record)).await
     }
 
     #[tokio::test]

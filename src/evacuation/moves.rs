@@ -147,7 +147,7 @@ impl Flight {
                 self.running_since = Some(now);
                 self.progress = None;
             }
-            "preparing" | "running" | "post-migrating" => {
+            status if running(status) => {
                 self.running_since.get_or_insert(now);
             }
             _ => {}
@@ -168,8 +168,7 @@ impl Flight {
 
     /// Nova runs this live migration now (not queued, not yet ended), by its record.
     fn runs_in_nova(&self) -> bool {
-        self.job.action == Action::LiveMigrate
-            && matches!(self.record_status(), Some("preparing" | "running" | "post-migrating"))
+        self.job.action == Action::LiveMigrate && self.record_status().is_some_and(running)
     }
 
     /// When its live migration is to be judged: the end of its budget, and
@@ -184,6 +183,11 @@ impl Flight {
             .map(|(stall, (_, at))| at + stall);
         [end, stall].into_iter().flatten().filter(move |_| judged)
     }
+}
+
+/// Whether a migration record's status says Nova runs it (past its queue, not yet ended).
+fn running(status: &str) -> bool {
+    matches!(status, "preparing" | "running" | "post-migrating")
 }
 
 pub(super) enum Ending {

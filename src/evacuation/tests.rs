@@ -1044,11 +1044,9 @@ async fn stop_abort_in_flight_aborts_the_live_migration() {
     assert_eq!((long.host.as_deref(), long.task_state), (Some(SOURCE), None));
 }
 
-/// A read of one VM stuck in Nova (90 s: a call's time-outs and retries)
-/// does not hold back the cancellation of the others: they are aborted as
-/// soon as it is asked for.
-#[tokio::test(start_paused = true)]
-async fn a_stuck_read_does_not_delay_the_abort_of_the_others() {
+/// Two VMs whose migrations take 200 s; every read of `stuck` takes 90 s
+/// (a call's time-outs and retries).
+fn long_and_stuck() -> FakeCloud {
     let cloud = FakeCloud::new();
     cloud.add_vm("stuck", "ACTIVE", 512);
     cloud.add_vm("long", "ACTIVE", 512);
@@ -1056,6 +1054,15 @@ async fn a_stuck_read_does_not_delay_the_abort_of_the_others() {
         cloud.script(id, &[Script::Complete { after: secs(200) }]);
     }
     cloud.server_reads_take("stuck", secs(90));
+    cloud
+}
+
+/// A read of one VM stuck in Nova (90 s: a call's time-outs and retries)
+/// does not hold back the cancellation of the others: they are aborted as
+/// soon as it is asked for.
+#[tokio::test(start_paused = true)]
+async fn a_stuck_read_does_not_delay_the_abort_of_the_others() {
+    let cloud = long_and_stuck();
     let settings = Settings {
         max_parallel: 2,
         ..Settings::default()
@@ -1106,13 +1113,7 @@ async fn a_stuck_read_before_a_start_does_not_delay_a_cancellation() {
 /// aborted when its budget runs out, not when the stuck read returns.
 #[tokio::test(start_paused = true)]
 async fn a_stuck_read_does_not_delay_another_flights_budget() {
-    let cloud = FakeCloud::new();
-    cloud.add_vm("stuck", "ACTIVE", 512);
-    cloud.add_vm("long", "ACTIVE", 512);
-    for id in ["stuck", "long"] {
-        cloud.script(id, &[Script::Complete { after: secs(200) }]);
-    }
-    cloud.server_reads_take("stuck", secs(90));
+    let cloud = long_and_stuck();
     let settings = Settings {
         max_parallel: 2,
         retries: 0,

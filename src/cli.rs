@@ -135,6 +135,21 @@ pub struct Cli {
     #[arg(long, value_name = "SECONDS", default_value_t = 960)]
     pub max_retry_after_failure: u64,
 
+    /// Daemon: hypervisors evacuating at once across the cluster; the others wait their turn,
+    /// first come first served (0: no limit, no coordination between agents).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub max_evacuating: u32,
+
+    /// Daemon: live migrations at once across all the hypervisors evacuating, split evenly
+    /// between --max-evacuating slots (at least one each).
+    #[arg(long, value_name = "M", default_value_t = 5)]
+    pub max_live_migrations: u32,
+
+    /// Daemon: seconds an evacuation slot stays held when its agent stops renewing it
+    /// (it dies, or cannot reach the API server); it stops migrating after half of it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    pub slot_lease: u64,
+
     /// Format of the log lines on standard error.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

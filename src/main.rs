@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use nova_kubernetes_drain::cli::{self, Cli, Command, Output};
 use nova_kubernetes_drain::config::{self, CloudIdentity, Config, ProcessEnvironment};
+use nova_kubernetes_drain::daemon::coordinator::CoordinationSettings;
+use nova_kubernetes_drain::daemon::queue::Limits;
 use nova_kubernetes_drain::daemon::release::{GuardRelease, release_guards};
 use nova_kubernetes_drain::daemon::{DaemonSettings, RetryBackoff};
 use nova_kubernetes_drain::evacuation::{
@@ -282,7 +284,21 @@ async fn daemon(cli: &Cli, config: Config, target: Target) -> i32 {
         Ok(client) => client,
         Err(e) => return usage(format!("cannot use the Kubernetes API: {e}")),
     };
+    if cli.max_evacuating > 0 && cli.max_live_migrations < cli.max_evacuating {
+        return usage(format!(
+            "--max-live-migrations {} is below --max-evacuating {}: every evacuating hypervisor needs at least one",
+            cli.max_live_migrations, cli.max_evacuating
+        ));
+    }
+    let coordination = (cli.max_evacuating > 0).then(|| CoordinationSettings {
+        limits: Limits {
+            slots: cli.max_evacuating,
+            migrations: cli.max_live_migrations,
+        },
+        lease: Duration::from_secs(cli.slot_lease),
+    });
     let settings = DaemonSettings {
+        coordination,
         namespace: cli.namespace.clone(),
         guard_image: cli.guard_image.clone(),
         own_pod: cli.pod_name.clone(),

@@ -239,6 +239,16 @@ pub mod metrics {
         pub guard_ready: Gauge,
         /// What `/readyz` says, for alerting where the scrape does not see readiness.
         pub agent_ready: Gauge,
+        /// 1 while this node waits for one of the cluster's evacuation slots.
+        pub waiting: Gauge,
+        /// This node's place in the queue (1: next), 0 when not waiting.
+        pub queue_position: Gauge,
+        /// 1 while this node holds an evacuation slot.
+        pub slot_held: Gauge,
+        /// Seconds each evacuation waited for its slot.
+        pub slot_wait: Histogram,
+        /// Times a held slot could not be renewed in time (the run stopped).
+        pub slots_lost: Counter,
         nova_requests: Counter,
         nova_errors: Counter,
         seen_requests: AtomicU64,
@@ -277,6 +287,36 @@ pub mod metrics {
                 "1 when /readyz answers 200: the node is watched, Nova answers, the guard holds",
                 agent_ready.clone(),
             );
+            let waiting = Gauge::default();
+            registry.register(
+                "waiting",
+                "1 while this node waits for one of the cluster's evacuation slots",
+                waiting.clone(),
+            );
+            let queue_position = Gauge::default();
+            registry.register(
+                "queue_position",
+                "This node's place in the cluster's queue for evacuation slots (1 = next), 0 when not waiting",
+                queue_position.clone(),
+            );
+            let slot_held = Gauge::default();
+            registry.register(
+                "slot_held",
+                "1 while this node holds an evacuation slot",
+                slot_held.clone(),
+            );
+            let slot_wait = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+            registry.register(
+                "slot_wait_seconds",
+                "Time an evacuation waited for one of the cluster's evacuation slots",
+                slot_wait.clone(),
+            );
+            let slots_lost = Counter::default();
+            registry.register(
+                "slots_lost",
+                "Times a held evacuation slot could not be renewed in time, so the run stopped",
+                slots_lost.clone(),
+            );
             let nova_requests = Counter::default();
             registry.register(
                 "nova_requests",
@@ -297,6 +337,11 @@ pub mod metrics {
                 phase,
                 guard_ready,
                 agent_ready,
+                waiting,
+                queue_position,
+                slot_held,
+                slot_wait,
+                slots_lost,
                 nova_requests,
                 nova_errors,
                 seen_requests: AtomicU64::new(0),

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::coordinator::{Standing, Want};
 use super::decide::{
     AtUninstall, CancelCause, Evacuation, NodeSeen, RecordFor, RetryBackoff, Situation, Step, at_uninstall,
     cancelled_note, conclude, decide, guard_problem, hold_for_running_vms, rfc3339, run_settings,
@@ -52,6 +53,8 @@ pub enum Input<C> {
     EvacuationsUnknown,
     /// Nova answered: the evacuation engine can run.
     ComputeReady(Arc<C>),
+    /// Where the node stands in the cluster's queue for evacuation slots.
+    Slot(Standing),
     /// SIGTERM or SIGINT.
     Terminate,
 }
@@ -110,6 +113,13 @@ pub struct Agent<C: Compute + 'static, K: Cluster> {
     /// The Evacuation recording the current run and its status as last written
     /// (`None`: none could be created, e.g. the CRD is not installed).
     record: Option<(String, EvacuationStatus)>,
+    /// Asks the coordinator for an evacuation slot (`None`: the cluster does not share them).
+    want: Option<watch::Sender<Option<Want>>>,
+    /// When this maintenance began to wait for a slot (wall clock: the queue's order), and
+    /// by the agent's clock (how long it waited).
+    queued: Option<(jiff::Timestamp, Instant)>,
+    /// The standing last told (Events, metrics, the Evacuation's queue position).
+    told: Standing,
 }
 
 impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
@@ -139,9 +149,20 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             progress,
             progress_rx: Some(progress_rx),
             record: None,
+            want: None,
+            queued: None,
+            told: Standing::Idle,
         };
         agent.set_phase_metric(Phase::Idle);
         agent
+    }
+
+    /// Evacuates only while holding one of the cluster's evacuation slots,
+    /// asked for through `want` (see [`super::coordinator`]).
+    pub fn coordinated(mut self, want: watch::Sender<Option<Want>>) -> Self {
+        self.situation.coordinated = true;
+        self.want = Some(want);
+        self
     }
 
     /// Runs until told to terminate (or every input is gone); returns the exit code.
@@ -229,6 +250,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                 self.situation.compute_ready = true;
                 self.health.set_compute_ready();
             }
+            Input::Slot(standing) => self.situation.slot = standing,
             Input::Terminate => {}
         }
     }
@@ -242,6 +264,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             self.save(self.situation.recorded.clone()).await;
         }
         for _ in 0..4 {
+            self.tell_standing().await;
             let steps = decide(&self.situation, Instant::now());
             if steps.is_empty() {
                 break;
@@ -250,12 +273,87 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                 self.carry_out(step).await;
             }
         }
+        self.ask_for_slot();
         self.report_guard();
+    }
+
+    /// Asks for an evacuation slot while waiting or evacuating (also a run a
+    /// restart left, whose slot may still be ours), lets it go otherwise.
+    fn ask_for_slot(&mut self) {
+        let Some(want) = &self.want else { return };
+        let asks =
+            self.running.is_some() || matches!(self.situation.recorded.phase, Phase::Waiting | Phase::Evacuating);
+        if !asks {
+            self.queued = None;
+        } else if self.queued.is_none() {
+            let now = Instant::now();
+            let wall = jiff::Timestamp::now();
+            self.queued = Some((wall, now));
+        }
+        let wanted = self.queued.map(|(since, _)| Want { since });
+        want.send_if_modified(|current| {
+            let changed = *current != wanted;
+            *current = wanted;
+            changed
+        });
+    }
+
+    /// Tells a change of the node's standing in the queue: metrics, the
+    /// Evacuation's queue position while it waits, an Event when the slot is taken.
+    async fn tell_standing(&mut self) {
+        let standing = self.situation.slot.clone();
+        if standing == self.told {
+            return;
+        }
+        let position = match standing {
+            Standing::Waiting { position, .. } => position,
+            _ => 0,
+        };
+        self.metrics
+            .waiting
+            .set(i64::from(matches!(standing, Standing::Waiting { .. })));
+        self.metrics
+            .queue_position
+            .set(i64::try_from(position).unwrap_or(i64::MAX));
+        self.metrics
+            .slot_held
+            .set(i64::from(matches!(standing, Standing::Holding { .. })));
+        match (&self.told, &standing) {
+            (Standing::Holding { .. }, Standing::Unsure { .. }) => {
+                self.metrics.slots_lost.inc();
+            }
+            (Standing::Waiting { .. } | Standing::Idle, Standing::Holding { slot, share }) => {
+                let waited = self.queued.map_or(Duration::ZERO, |(_, since)| since.elapsed());
+                self.metrics.slot_wait.observe(waited.as_secs_f64());
+                if self.situation.recorded.phase == Phase::Waiting {
+                    self.cluster.publish(
+                        Severity::Normal,
+                        "EvacuationSlotTaken",
+                        format!(
+                            "took evacuation slot {slot} after waiting {:.0} s; up to {share} live migration(s) at once",
+                            waited.as_secs_f64()
+                        ),
+                    );
+                }
+            }
+            _ => {}
+        }
+        self.told = standing;
+        if self.situation.recorded.phase == Phase::Waiting
+            && position > 0
+            && let Some((name, status)) = self.record.clone()
+            && status.queue_position != u32::try_from(position).ok()
+        {
+            let status = record::waiting(status, &self.settings.target.host, u32::try_from(position).ok());
+            self.record = Some((name.clone(), status.clone()));
+            self.write_record(&name, &status).await;
+        }
     }
 
     async fn carry_out(&mut self, step: Step) {
         match step {
             Step::Evacuate => self.evacuate().await,
+            Step::Wait => self.wait().await,
             Step::Plan => self.plan().await,
             Step::Cancel(cause) => {
                 if let Some(running) = &mut self.running {
@@ -264,6 +362,9 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                             info!("nothing asks for the maintenance any more: cancelling the evacuation")
                         }
                         CancelCause::Deleted => info!("the Evacuation was deleted: cancelling the evacuation"),
+                        CancelCause::SlotLost => {
+                            warn!("the evacuation slot could not be renewed in time: stopping the evacuation")
+                        }
                     }
                     running.cancelling.store(true, Ordering::Relaxed);
                     running.cancelled = Some(cause);
@@ -365,7 +466,11 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         let (stop, stop_rx) = watch::channel(StopRequest::Continue);
         let cancelling = Arc::new(AtomicBool::new(false));
         let observer = self.observer(cancelling.clone());
-        let settings = self.run_settings(self.record.as_ref().map(|(name, _)| name.as_str()));
+        let mut settings = self.run_settings(self.record.as_ref().map(|(name, _)| name.as_str()));
+        if let (Ok(settings), Standing::Holding { share, .. }) = (&mut settings, &self.situation.slot) {
+            // The slot's share of the cluster's live migrations.
+            settings.max_parallel = settings.max_parallel.min(usize::try_from(*share).unwrap_or(1)).max(1);
+        }
         let target = self.settings.target.clone();
         let handle = tokio::spawn(async move {
             let settings = settings?;
@@ -379,6 +484,58 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             cancelled: None,
         });
         self.situation.evacuation = Evacuation::Running;
+        self.situation.retry_at = None;
+    }
+
+    /// The maintenance is asked for but the cluster's evacuation slots are
+    /// all taken: the service is disabled now (a cordon keeps new VMs off at
+    /// once) and the node waits in the queue, its Evacuation in phase Waiting.
+    async fn wait(&mut self) {
+        let Some(compute) = self.compute.clone() else { return };
+        let observer = self.observer(Arc::default());
+        let engine = Engine::new(&*compute, &self.settings.evacuation, &observer);
+        let disabled_by_us = match engine.hold_service(&self.settings.target).await {
+            Ok(by_us) => by_us,
+            Err(e) => {
+                warn!(error = %e, "cannot disable the nova-compute service to wait for an evacuation slot; trying again");
+                self.situation.retry_at = Some(Instant::now() + RETRY_SOON);
+                return;
+            }
+        };
+        let previous = self.situation.recorded.clone();
+        let started_at = previous
+            .started_at
+            .clone()
+            .filter(|_| !matches!(previous.phase, Phase::Idle | Phase::Paused | Phase::Cancelled))
+            .unwrap_or_else(|| rfc3339(self.wall_now(), Duration::ZERO));
+        let evacuation = self.open_record(RecordFor::of(&self.situation), &started_at).await;
+        let position = match self.situation.slot {
+            Standing::Waiting { position, .. } if position > 0 => u32::try_from(position).ok(),
+            _ => None,
+        };
+        if let Some((name, status)) = self.record.clone() {
+            let status = record::waiting(status, &self.settings.target.host, position);
+            self.record = Some((name.clone(), status.clone()));
+            self.write_record(&name, &status).await;
+        }
+        let state = DrainState {
+            phase: Phase::Waiting,
+            started_at: Some(started_at),
+            last_error: None,
+            evacuation,
+            disabled_by_us: previous.disabled_by_us || disabled_by_us,
+            ..previous
+        };
+        self.save(state).await;
+        info!("waiting for one of the cluster's evacuation slots");
+        self.cluster.publish(
+            Severity::Normal,
+            "EvacuationWaiting",
+            format!(
+                "waiting for one of the cluster's evacuation slots; nova-compute on {} is disabled meanwhile",
+                self.settings.target.host
+            ),
+        );
         self.situation.retry_at = None;
     }
 
@@ -416,17 +573,27 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         if let (Some(delay), Some(at)) = (conclusion.retry_in, &conclusion.state.next_retry_at) {
             info!(failures = conclusion.state.failures, retry_in_seconds = delay.as_secs(), retry_at = %at, "will evacuate again while the node stays cordoned");
         }
+        let waits_again = conclusion.state.phase == Phase::Waiting;
         if let Some((name, status)) = self.record.take() {
             let at = rfc3339(self.wall_now(), Duration::ZERO);
             let last = match &result {
                 Ok(report) => record::finished(&status, report, cancelled.is_some(), &at),
                 Err(e) => record::could_not_run(&status, e, cancelled.is_some(), &at),
             };
-            self.write_record(&name, &last).await;
+            if waits_again {
+                // The same evacuation goes on once the slot is held again.
+                let last = record::waiting(last, &self.settings.target.host, None);
+                self.record = Some((name.clone(), last.clone()));
+                self.write_record(&name, &last).await;
+            } else {
+                self.write_record(&name, &last).await;
+            }
         }
         let (severity, reason, note) = conclusion.event;
         self.cluster.publish(severity, reason, note);
-        self.cluster.follow_evacuation(None);
+        if !waits_again {
+            self.cluster.follow_evacuation(None);
+        }
         self.save(conclusion.state).await;
         self.situation.retry_at = conclusion.retry_in.map(|delay| Instant::now() + delay);
         // Only a drain can be waiting, and only on a cordoned node: a hand-made
@@ -507,13 +674,20 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             self.situation.retry_at = Some(Instant::now() + RETRY_SOON);
             return;
         }
-        if let (Phase::Paused, Some(name)) = (
+        if let (phase @ (Phase::Paused | Phase::Waiting), Some(name)) = (
             self.situation.recorded.phase,
             self.situation.recorded.evacuation.clone(),
         ) {
-            let why = "nothing asked for the maintenance any more (the uncordon, or the Evacuation deleted) before \
-                       the plan was approved";
+            let why = if phase == Phase::Paused {
+                "nothing asked for the maintenance any more (the uncordon, or the Evacuation deleted) before the plan \
+                 was approved"
+            } else {
+                "nothing asked for the maintenance any more (the uncordon, or the Evacuation deleted) while it waited \
+                 for an evacuation slot"
+            };
             self.close_record(&name, EvacuationPhase::Cancelled, why).await;
+            self.record = None;
+            self.cluster.follow_evacuation(None);
         }
         self.situation.retry_at = None;
         self.situation.released = false;
@@ -563,7 +737,11 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                     running = servers.len(),
                     "VMs run on the hypervisor recorded as evacuated: evacuating again"
                 );
-                self.evacuate().await;
+                if self.situation.may_evacuate() {
+                    self.evacuate().await;
+                } else {
+                    self.wait().await;
+                }
             }
             Err(e) => self.guard_failed(format!("listing the servers on {host}: {e}")),
         }

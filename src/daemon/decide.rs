@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::coordinator::Standing;
 use crate::evacuation::{BudgetAction, Outcome, Report, RunResult, Settings, VmPolicy};
 use crate::kube::evacuation::{BudgetChoice, EvacuationMode, EvacuationSeen, EvacuationSpec, VmAction};
 use crate::kube::guard::GuardPod;
@@ -68,6 +69,10 @@ pub struct Situation {
     /// The Evacuation the agent created that its watch has not shown yet:
     /// missing from the list, it is new, not deleted.
     pub created_unseen: Option<String>,
+    /// The cluster shares a limited number of evacuation slots: a run needs one.
+    pub coordinated: bool,
+    /// Where the node stands in the queue for them.
+    pub slot: Standing,
 }
 
 impl Situation {
@@ -101,6 +106,12 @@ impl Situation {
         }
     }
 
+    /// Whether a run may change Nova: it holds one of the cluster's
+    /// evacuation slots, or the cluster does not share them.
+    pub fn may_evacuate(&self) -> bool {
+        !self.coordinated || matches!(self.slot, Standing::Holding { .. })
+    }
+
     /// Whether anything asks for the hypervisor's maintenance: a cordon, or a hand-made Evacuation.
     fn wanted(&self) -> bool {
         self.node == (NodeSeen::Present { cordoned: true }) || self.asked().is_some()
@@ -124,7 +135,7 @@ impl RecordFor {
     pub fn of(situation: &Situation) -> RecordFor {
         let recorded = &situation.recorded;
         if let Some(name) = &recorded.evacuation
-            && matches!(recorded.phase, Phase::Evacuating | Phase::Paused)
+            && matches!(recorded.phase, Phase::Waiting | Phase::Evacuating | Phase::Paused)
             && !situation.record_deleted()
         {
             return RecordFor::Resume(name.clone());
@@ -158,6 +169,9 @@ pub enum CancelCause {
     Unasked,
     /// The Evacuation recording it was deleted: no new run follows.
     Deleted,
+    /// The node's evacuation slot could not be renewed in time: the run
+    /// stops before another node can take the slot, and waits for it again.
+    SlotLost,
 }
 
 /// What the agent does next.
@@ -165,6 +179,8 @@ pub enum CancelCause {
 pub enum Step {
     /// Record the phase Evacuating, then start the engine.
     Evacuate,
+    /// Disable the service and wait in the queue for an evacuation slot (phase Waiting).
+    Wait,
     /// Write the plan to the (paused) Evacuation and record the phase Paused; nothing changes in Nova.
     Plan,
     /// Ask the running engine to abort its in-flight migrations.
@@ -243,12 +259,13 @@ fn maintenance(situation: &Situation, cordoned: bool, due: impl Fn(Option<Instan
     match situation.evacuation {
         Evacuation::Running if situation.record_deleted() => Some(Step::Cancel(CancelCause::Deleted)),
         Evacuation::Running if !situation.wanted() => Some(Step::Cancel(CancelCause::Unasked)),
+        Evacuation::Running if !situation.may_evacuate() => Some(Step::Cancel(CancelCause::SlotLost)),
         Evacuation::Running | Evacuation::Cancelling => None,
         Evacuation::None
             if situation.record_deleted()
                 && matches!(
                     phase,
-                    Phase::Evacuating | Phase::Paused | Phase::Failed | Phase::TimedOut
+                    Phase::Waiting | Phase::Evacuating | Phase::Paused | Phase::Failed | Phase::TimedOut
                 ) =>
         {
             Some(Step::MarkCancelled(CancelCause::Deleted))
@@ -299,7 +316,9 @@ fn next_run(situation: &Situation) -> Option<Step> {
             _ => None,
         },
         (true, _) => Some(Step::Plan),
-        (false, _) => Some(Step::Evacuate),
+        (false, _) if situation.may_evacuate() => Some(Step::Evacuate),
+        (false, Phase::Waiting) => None,
+        (false, _) => Some(Step::Wait),
     }
 }
 
@@ -314,7 +333,7 @@ fn evacuation_finalizers(situation: &Situation) -> Vec<Step> {
         let its_run_open = situation.evacuation != Evacuation::None
             || matches!(
                 phase,
-                Phase::Evacuating | Phase::Paused | Phase::Failed | Phase::TimedOut
+                Phase::Waiting | Phase::Evacuating | Phase::Paused | Phase::Failed | Phase::TimedOut
             );
         (records_it && its_run_open) || (!situation.wanted() && phase != Phase::Idle)
     };
@@ -414,8 +433,12 @@ pub fn conclude(
         next_retry_at: None,
         ..recorded.clone()
     };
-    if cancelled == Some(CancelCause::Deleted) {
-        return deleted(state, result);
+    match cancelled {
+        Some(CancelCause::Deleted) => return deleted(state, result),
+        Some(CancelCause::SlotLost) if !result.as_ref().is_ok_and(|r| r.result == RunResult::Succeeded) => {
+            return slot_lost(state, result);
+        }
+        _ => {}
     }
     let cancelled = cancelled.is_some();
     let failed = |state: DrainState, reason: &'static str, why: String| {
@@ -475,6 +498,32 @@ pub fn conclude(
             state.phase = Phase::Failed;
             failed(state, "EvacuationFailed", left_behind(report))
         }
+    }
+}
+
+/// A run stopped because its slot could not be renewed: back to Waiting
+/// (not a failure: no backoff), the guard kept.
+fn slot_lost(mut state: DrainState, result: Result<&Report, String>) -> Conclusion {
+    if let Ok(report) = result {
+        state.disabled_by_us = report.service_disabled_by_us;
+        state.vms_total = Some(report.vms.len());
+        state.vms_left = Some(report.servers_left_on_host);
+    }
+    state.phase = Phase::Waiting;
+    let left = state.vms_left.map_or_else(|| "its".to_string(), |n| n.to_string());
+    Conclusion {
+        state,
+        release_guard: false,
+        retry_in: None,
+        event: (
+            Severity::Warning,
+            "EvacuationSlotLost",
+            format!(
+                "the cluster's evacuation slot could not be renewed in time (is the Kubernetes API server \
+                 reachable?): no migration starts and those in flight were aborted; {left} VM(s) stay on the \
+                 hypervisor until the slot is held again"
+            ),
+        ),
     }
 }
 

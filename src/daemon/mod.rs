@@ -12,7 +12,9 @@
 //! from watching its Node.
 
 pub mod agent;
+pub mod coordinator;
 pub mod decide;
+pub mod queue;
 pub mod record;
 pub mod release;
 #[cfg(test)]
@@ -25,18 +27,20 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use kube::runtime::watcher;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::evacuation::Target;
 use crate::kube::evacuation::{Evacuation, EvacuationSeen};
+use crate::kube::leases::CoordinationLeases;
 use crate::kube::{GuardPod, KubeCluster, watch_guard, watch_node};
 use crate::nova::microversion::Microversion;
 use crate::nova::{Credentials, NovaClient};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::server::{Health, NovaSlot};
 use agent::{Agent, AgentSettings, Input};
+use coordinator::{CoordinationSettings, Standing};
 pub use decide::RetryBackoff;
 
 /// How the agent runs, beside the evacuation settings.
@@ -61,6 +65,8 @@ pub struct DaemonSettings {
     pub retry: RetryBackoff,
     /// Identifies this agent in Events (its pod name).
     pub instance: String,
+    /// The cluster's shared evacuation slots; `None`: each agent evacuates alone.
+    pub coordination: Option<CoordinationSettings>,
 }
 
 /// Longest wait between two attempts to reach Nova at start-up.
@@ -108,6 +114,19 @@ pub async fn run(settings: DaemonSettings, mut config: Config, kube: kube::Clien
         inputs.clone(),
         fatal_tx,
     ));
+    let want = settings.coordination.map(|coordination| {
+        let leases = CoordinationLeases::new(
+            kube.clone(),
+            &settings.namespace,
+            &settings.target.node,
+            coordination.lease,
+        );
+        let (want, asked) = watch::channel(None);
+        let (standing, told) = watch::channel(Standing::Idle);
+        tokio::spawn(coordinator::run(leases, coordination, asked, standing));
+        tokio::spawn(forward_standing(told, inputs.clone()));
+        want
+    });
     let signals = match forward_signals(inputs) {
         Ok(task) => task,
         Err(e) => {
@@ -130,6 +149,10 @@ pub async fn run(settings: DaemonSettings, mut config: Config, kube: kube::Clien
         metrics,
         health,
     );
+    let agent = match want {
+        Some(want) => agent.coordinated(want),
+        None => agent,
+    };
     let code = tokio::select! {
         code = agent.run(receiver) => code,
         Some(why) = fatal.recv() => {
@@ -170,6 +193,16 @@ async fn connect(
                 let _ = fatal.send(e.to_string()).await;
                 return;
             }
+        }
+    }
+}
+
+/// The node's standing in the queue for evacuation slots, as inputs.
+async fn forward_standing(mut told: watch::Receiver<Standing>, inputs: mpsc::Sender<Input<NovaClient>>) {
+    while told.changed().await.is_ok() {
+        let standing = told.borrow_and_update().clone();
+        if inputs.send(Input::Slot(standing)).await.is_err() {
+            return;
         }
     }
 }

@@ -29,6 +29,18 @@ pub fn started(host: &str, at: &str) -> EvacuationStatus {
     }
 }
 
+/// The status of an evacuation waiting for a slot, at `position` in the
+/// queue (`None`: not known yet); what an earlier run or plan wrote is kept.
+pub fn waiting(written: EvacuationStatus, host: &str, position: Option<u32>) -> EvacuationStatus {
+    EvacuationStatus {
+        phase: Some(EvacuationPhase::Waiting),
+        nova_host: Some(host.to_string()),
+        queue_position: position,
+        completion_time: None,
+        ..written
+    }
+}
+
 /// The status of a hand-made Evacuation the agent has taken on, before its run.
 pub fn pending(host: &str) -> EvacuationStatus {
     EvacuationStatus {
@@ -116,6 +128,7 @@ pub fn resumed(written: EvacuationStatus, host: &str, at: &str) -> EvacuationSta
         start_time: written.start_time.clone().or_else(|| Some(at.to_string())),
         completion_time: None,
         last_error: None,
+        queue_position: None,
         ..written
     }
 }
@@ -305,6 +318,7 @@ pub fn finished(status: &EvacuationStatus, report: &Report, cancelled: bool, at:
         conditions: status.conditions.clone(),
         observed_generation: status.observed_generation,
         last_error,
+        queue_position: None,
     }
 }
 
@@ -353,6 +367,7 @@ pub fn set_conditions(status: &mut EvacuationStatus, now: &str) {
     let phase_word = phase.map_or("Pending", |p| match p {
         EvacuationPhase::Pending => "Pending",
         EvacuationPhase::Paused => "Paused",
+        EvacuationPhase::Waiting => "Waiting",
         EvacuationPhase::Running => "Running",
         EvacuationPhase::Succeeded => "Succeeded",
         EvacuationPhase::Failed => "Failed",
@@ -370,6 +385,15 @@ pub fn set_conditions(status: &mut EvacuationStatus, now: &str) {
         },
         match phase {
             Some(EvacuationPhase::Running) => ("Progressing", "True", "Running", "VMs are being moved".to_string()),
+            Some(EvacuationPhase::Waiting) => (
+                "Progressing",
+                "False",
+                "Waiting",
+                match status.queue_position {
+                    Some(position) => format!("waiting for an evacuation slot: position {position} in the queue"),
+                    None => "waiting for an evacuation slot".to_string(),
+                },
+            ),
             _ => (
                 "Progressing",
                 "False",

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, NodeSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep};
 
 use super::agent::{Agent, AgentSettings, Input};
+use super::coordinator::{Standing, Want};
 use super::decide::RetryBackoff;
 use crate::evacuation::fake::{FakeCloud, NODE, SOURCE, Script, target};
 use crate::evacuation::{Settings, is_our_reason};
@@ -378,6 +379,10 @@ impl Cluster for FakeCluster {
 struct Flags {
     release_guard_on_failure: bool,
     start_paused: bool,
+    /// The cluster shares evacuation slots: the test plays the coordinator.
+    coordinated: bool,
+    /// The agent's migrations at once (the default: 1).
+    max_parallel: Option<usize>,
 }
 
 struct Harness {
@@ -387,6 +392,8 @@ struct Harness {
     agent: JoinHandle<i32>,
     health: Health,
     metrics: Arc<Metrics>,
+    /// What the agent asks of the coordinator, when coordinated.
+    want: Option<watch::Receiver<Option<Want>>>,
 }
 
 fn node(cordoned: bool, recorded: Option<&DrainState>) -> Node {
@@ -489,6 +496,7 @@ impl Harness {
             target: target(),
             evacuation: Settings {
                 disable_first: true,
+                max_parallel: flags.max_parallel.unwrap_or(Settings::default().max_parallel),
                 ..Settings::default()
             },
             release_guard_on_failure: flags.release_guard_on_failure,
@@ -499,7 +507,13 @@ impl Harness {
             guard_grace: GUARD_GRACE,
             start_paused: flags.start_paused,
         };
-        let agent = Agent::new(settings, cluster.clone(), metrics.clone(), health.clone());
+        let mut agent = Agent::new(settings, cluster.clone(), metrics.clone(), health.clone());
+        let mut want = None;
+        if flags.coordinated {
+            let (asks, asked) = watch::channel(None);
+            agent = agent.coordinated(asks);
+            want = Some(asked);
+        }
         let agent = tokio::spawn(agent.run(receiver));
         let harness = Harness {
             cloud,
@@ -508,6 +522,7 @@ impl Harness {
             agent,
             health,
             metrics,
+            want,
         };
         harness.send(Input::Guard(guard)).await;
         let listed = harness.cluster.lock().objects.clone();
@@ -1579,6 +1594,155 @@ async fn a_hand_made_evacuation_is_pending_until_nova_answers() {
     h.until("evacuated", |h| h.cluster.phase() == Phase::Evacuated).await;
     assert_eq!(
         h.cluster.status_of("waiting").and_then(|s| s.phase),
+        Some(EvacuationPhase::Succeeded)
+    );
+    assert_eq!(h.terminate().await, 0);
+}
+
+/// An agent that needs one of the cluster's evacuation slots to evacuate;
+/// the test plays the coordinator (`Input::Slot`).
+async fn coordinated(cloud: Arc<FakeCloud>, max_parallel: usize) -> Harness {
+    let flags = Flags {
+        coordinated: true,
+        max_parallel: Some(max_parallel),
+        ..Flags::default()
+    };
+    let h = Harness::start_seeded(cloud, false, None, GuardPod::Missing, true, flags, Vec::new()).await;
+    h.until("the guard in place", |h| h.cluster.guard_in_place()).await;
+    h
+}
+
+impl Harness {
+    /// What the agent asks of the coordinator now.
+    fn asks(&self) -> Option<Want> {
+        self.want.as_ref().and_then(|want| *want.borrow())
+    }
+
+    async fn standing(&self, standing: Standing) {
+        self.send(Input::Slot(standing)).await;
+    }
+
+    /// The Evacuation the Node names.
+    fn evacuation_name(&self) -> String {
+        self.cluster
+            .last_record()
+            .evacuation
+            .expect("the Node names its Evacuation")
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cordon_waits_for_a_slot_with_the_service_disabled_then_evacuates_within_its_share() {
+    let h = coordinated(cloud_with(3), 3).await;
+    assert_eq!(h.asks(), None, "an idle node asks for no slot");
+    h.cordon(true).await;
+    h.until("waiting", |h| h.cluster.phase() == Phase::Waiting).await;
+    assert!(h.service_ours(), "no new VM lands while it waits");
+    assert!(h.asks().is_some());
+    let name = h.evacuation_name();
+    h.standing(Standing::Waiting {
+        position: 2,
+        waiting: 3,
+    })
+    .await;
+    h.until("its place shown", |h| {
+        h.cluster.status_of(&name).is_some_and(|s| s.queue_position == Some(2))
+    })
+    .await;
+    sleep(Duration::from_secs(300)).await;
+    assert!(h.cloud.calls().starts.is_empty(), "nothing moves without a slot");
+    assert!(!h.cluster.evict(), "drain keeps waiting");
+    let status = h.cluster.status_of(&name).expect("a status");
+    assert_eq!(status.phase, Some(EvacuationPhase::Waiting));
+    let scrape = h.metrics.render(0, 0);
+    assert!(scrape.contains("nova_drain_queue_position 2"), "{scrape}");
+    assert!(scrape.contains("nova_drain_waiting 1"), "{scrape}");
+
+    h.standing(Standing::Holding { slot: 0, share: 2 }).await;
+    h.drain().await;
+    assert_eq!(h.on_source(), 0);
+    assert_eq!(h.cluster.phase(), Phase::Evacuated);
+    assert_eq!(h.cloud.calls().max_in_flight, 2, "the slot's share caps the agent's 3");
+    h.until("the slot let go", |h| h.asks().is_none()).await;
+    assert_eq!(h.cluster.evacuations().len(), 1, "one Evacuation, waiting then running");
+    let status = h.cluster.status_of(&name).expect("a status");
+    assert_eq!(status.phase, Some(EvacuationPhase::Succeeded));
+    assert_eq!(status.queue_position, None);
+    let reasons = h.cluster.reasons();
+    assert!(reasons.contains(&"EvacuationWaiting"), "{reasons:?}");
+    assert!(reasons.contains(&"EvacuationSlotTaken"), "{reasons:?}");
+    let scrape = h.metrics.render(0, 0);
+    assert!(scrape.contains("nova_drain_slot_wait_seconds_count 1"), "{scrape}");
+    assert!(scrape.contains("nova_drain_slot_held 1"), "{scrape}");
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_uncordon_while_waiting_leaves_the_queue_and_enables_the_service_again() {
+    let h = coordinated(cloud_with(1), 1).await;
+    h.cordon(true).await;
+    h.until("waiting", |h| h.cluster.phase() == Phase::Waiting).await;
+    let name = h.evacuation_name();
+    h.cordon(false).await;
+    h.until("idle", |h| h.cluster.phase() == Phase::Idle).await;
+    assert!(h.cloud.service().enabled);
+    assert_eq!(h.asks(), None, "out of the queue");
+    assert_eq!(
+        h.cluster.status_of(&name).and_then(|s| s.phase),
+        Some(EvacuationPhase::Cancelled)
+    );
+    assert!(h.cloud.calls().starts.is_empty());
+    assert!(h.cluster.guard_in_place());
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_not_renewed_in_time_stops_the_run_which_waits_then_goes_on() {
+    let cloud = cloud_with(1);
+    cloud.script(
+        "vm-1",
+        &[
+            Script::Stall {
+                progress_for: Duration::from_secs(5),
+            },
+            Script::Complete {
+                after: Duration::from_secs(10),
+            },
+        ],
+    );
+    let h = coordinated(cloud, 1).await;
+    h.cordon(true).await;
+    h.until("waiting", |h| h.cluster.phase() == Phase::Waiting).await;
+    let asked = h.asks();
+    h.standing(Standing::Holding { slot: 0, share: 1 }).await;
+    h.migrating().await;
+    h.standing(Standing::Unsure { slot: 0 }).await;
+    h.until("waiting again", |h| h.cluster.phase() == Phase::Waiting).await;
+    assert_eq!(
+        h.cloud.migration_statuses("vm-1"),
+        ["cancelled"],
+        "aborted, not left running"
+    );
+    assert_eq!(h.on_source(), 1);
+    assert_eq!(h.asks(), asked, "it keeps its place in the queue");
+    assert_eq!(h.cluster.last_record().failures, 0, "no failure, no backoff");
+    let name = h.evacuation_name();
+    assert_eq!(
+        h.cluster.status_of(&name).and_then(|s| s.phase),
+        Some(EvacuationPhase::Waiting)
+    );
+    let reasons = h.cluster.reasons();
+    assert!(reasons.contains(&"EvacuationSlotLost"), "{reasons:?}");
+    assert!(!reasons.contains(&"EvacuationFailed"), "{reasons:?}");
+    assert!(h.metrics.render(0, 0).contains("nova_drain_slots_lost_total 1"));
+
+    // Held again: the same Evacuation goes on and empties the hypervisor.
+    h.standing(Standing::Holding { slot: 0, share: 1 }).await;
+    h.drain().await;
+    assert_eq!(h.on_source(), 0);
+    assert_eq!(h.cluster.evacuations().len(), 1);
+    assert_eq!(
+        h.cluster.status_of(&name).and_then(|s| s.phase),
         Some(EvacuationPhase::Succeeded)
     );
     assert_eq!(h.terminate().await, 0);

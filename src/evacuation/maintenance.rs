@@ -300,6 +300,13 @@ impl<C: Compute> Engine<'_, C> {
         Ok(RestoreOutcome::Enabled)
     }
 
+    /// Disables the host's service ahead of its evacuation (a node waiting
+    /// for its turn takes no new VMs); whether the disabling is ours.
+    pub async fn hold_service(&self, target: &Target) -> Result<bool, EvacuationError> {
+        let service = self.service(target).await?;
+        self.disable(target, &service).await.map(|(ours, _)| ours)
+    }
+
     /// Disables the service unless it already is; tells whether the disabling is ours.
     pub(super) async fn disable(
         &self,

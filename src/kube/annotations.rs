@@ -24,6 +24,9 @@ pub enum Phase {
     /// Nothing in progress; the service is ours to leave alone.
     #[default]
     Idle,
+    /// Cordoned (or asked by hand), the service disabled, waiting for one
+    /// of the cluster's evacuation slots.
+    Waiting,
     Evacuating,
     /// The hypervisor is empty and disabled; the guard is released.
     Evacuated,
@@ -41,6 +44,7 @@ impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Idle => "Idle",
+            Phase::Waiting => "Waiting",
             Phase::Evacuating => "Evacuating",
             Phase::Evacuated => "Evacuated",
             Phase::Failed => "Failed",
@@ -52,6 +56,7 @@ impl Phase {
 
     fn parse(text: &str) -> Phase {
         match text {
+            "Waiting" => Phase::Waiting,
             "Evacuating" => Phase::Evacuating,
             "Evacuated" => Phase::Evacuated,
             "Failed" => Phase::Failed,
@@ -63,8 +68,9 @@ impl Phase {
     }
 
     /// Every phase, for metrics that show one of them as 1.
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::Idle,
+        Phase::Waiting,
         Phase::Evacuating,
         Phase::Evacuated,
         Phase::Failed,

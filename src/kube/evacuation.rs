@@ -49,6 +49,7 @@ const CONFLICT_RETRIES: usize = 5;
     doc = "One evacuation of the hypervisor behind a Kubernetes node by nova-kubernetes-drain.",
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Queue","type":"integer","jsonPath":".status.queuePosition"}"#,
     printcolumn = r#"{"name":"Left","type":"integer","jsonPath":".status.counts.left"}"#,
     printcolumn = r#"{"name":"Total","type":"integer","jsonPath":".status.counts.total"}"#,
     printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.counts.failed"}"#,
@@ -143,6 +144,9 @@ pub enum EvacuationPhase {
     Pending,
     /// `spec.paused`: the plan is in the status; nothing changed in Nova.
     Paused,
+    /// Waiting for one of the cluster's evacuation slots (`queuePosition`);
+    /// the service is disabled, no VM moved yet.
+    Waiting,
     /// VMs are being moved.
     Running,
     /// The hypervisor is empty (or holds only VMs left alone by policy).
@@ -170,6 +174,10 @@ impl EvacuationPhase {
 pub struct EvacuationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<EvacuationPhase>,
+    /// While `Waiting`: the place in the cluster's queue for evacuation
+    /// slots (1: next), first come, first served by when each node began to wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u32>,
     /// The nova-compute host evacuated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nova_host: Option<String>,

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod evacuation;
 mod finalizer;
 pub mod guard;
+pub mod leases;
 
 use std::sync::{Arc, Mutex};
 

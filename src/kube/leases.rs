@@ -1,0 +1,215 @@
+//! The Lease objects (`coordination.k8s.io/v1`, in the agents' namespace)
+//! through which agents share the cluster's evacuation slots, with no
+//! component of their own to deploy.
+//!
+//! - `nova-drain-slot-<i>`, `i` below the cluster's limit: held by the agent
+//!   (its node's name in `holderIdentity`) whose hypervisor is being
+//!   evacuated, renewed while it runs, released when it ends.
+//! - `nova-drain-queue-<node>`: a node waiting for a slot; `acquireTime` is
+//!   when it started waiting (the queue is first come, first served by it),
+//!   renewed while it waits, so a node whose agent died leaves the queue
+//!   when its ticket stops being renewed.
+//!
+//! Every write names the `resourceVersion` it was made from (a taker and a
+//! renewer cannot both win). Whether a Lease is still held is judged by the
+//! reader's own clock (how long since it last changed), never by comparing
+//! its `renewTime` with our clock, as client-go's leader election does.
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{DeleteParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+
+/// Label on every coordination Lease: `slot` or `queue`; agents watch by it.
+pub const ROLE_LABEL: &str = "nova-kubernetes-drain/coordination";
+const SLOT_PREFIX: &str = "nova-drain-slot-";
+const TICKET_PREFIX: &str = "nova-drain-queue-";
+
+/// What a coordination Lease stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// One of the slots: whoever holds it may evacuate.
+    Slot(u32),
+    /// A node waiting for a slot.
+    Ticket,
+}
+
+/// The name of slot `index`.
+pub fn slot_name(index: u32) -> String {
+    format!("{SLOT_PREFIX}{index}")
+}
+
+/// The name of the ticket of the agent of `node`.
+pub fn ticket_name(node: &str) -> String {
+    format!("{TICKET_PREFIX}{node}")
+}
+
+/// What a Lease of ours stands for, by its name; `None` for anything else.
+pub fn role_of(name: &str) -> Option<Role> {
+    if let Some(index) = name.strip_prefix(SLOT_PREFIX) {
+        // Only the plain decimal form we write: `nova-drain-slot-01` is not a slot.
+        return index
+            .parse()
+            .ok()
+            .filter(|i: &u32| i.to_string() == index)
+            .map(Role::Slot);
+    }
+    name.starts_with(TICKET_PREFIX).then_some(Role::Ticket)
+}
+
+/// Why a Lease write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// Someone else wrote it since it was read (or created it first).
+    #[error("lease {0} was changed by another agent")]
+    Conflict(String),
+    #[error("no answer about a lease within {} s", .0.as_secs_f64())]
+    TimedOut(std::time::Duration),
+    #[error("lease {name}: {source}")]
+    Api {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// The coordination Leases as one agent writes them.
+#[derive(Clone)]
+pub struct CoordinationLeases {
+    api: Api<Lease>,
+    /// The agent's node: `holderIdentity` of what it holds, and its ticket's name.
+    holder: String,
+    duration_seconds: i32,
+}
+
+impl CoordinationLeases {
+    pub fn new(client: Client, namespace: &str, holder: &str, duration: std::time::Duration) -> CoordinationLeases {
+        CoordinationLeases {
+            api: Api::namespaced(client, namespace),
+            holder: holder.to_string(),
+            duration_seconds: i32::try_from(duration.as_secs().max(1)).unwrap_or(i32::MAX),
+        }
+    }
+
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// Every coordination Lease (label [`ROLE_LABEL`]), listed then watched,
+    /// re-listed after a dropped watch, with backoff.
+    pub fn watch(&self) -> impl futures::Stream<Item = Result<watcher::Event<Lease>, watcher::Error>> + Send + use<> {
+        watcher(self.api.clone(), watcher::Config::default().labels(ROLE_LABEL)).default_backoff()
+    }
+
+    /// Takes slot `index`, free or expired as `seen` (the Lease as last read;
+    /// `None`: it does not exist yet).
+    pub async fn take(&self, index: u32, seen: Option<&Lease>) -> Result<Lease, LeaseError> {
+        let now = MicroTime(Timestamp::now());
+        let transitions = seen
+            .and_then(|l| l.spec.as_ref())
+            .and_then(|s| s.lease_transitions)
+            .unwrap_or(0);
+        let spec = LeaseSpec {
+            holder_identity: Some(self.holder.clone()),
+            lease_duration_seconds: Some(self.duration_seconds),
+            acquire_time: Some(now.clone()),
+            renew_time: Some(now),
+            lease_transitions: Some(if seen.is_some() {
+                transitions.saturating_add(1)
+            } else {
+                0
+            }),
+            ..LeaseSpec::default()
+        };
+        self.write(&slot_name(index), "slot", seen, spec).await
+    }
+
+    /// Renews a Lease this agent holds (a slot) or owns (its ticket).
+    pub async fn renew(&self, held: &Lease) -> Result<Lease, LeaseError> {
+        let name = held.metadata.name.clone().unwrap_or_default();
+        let spec = LeaseSpec {
+            renew_time: Some(MicroTime(Timestamp::now())),
+            lease_duration_seconds: Some(self.duration_seconds),
+            ..held.spec.clone().unwrap_or_default()
+        };
+        let role = if matches!(role_of(&name), Some(Role::Ticket)) {
+            "queue"
+        } else {
+            "slot"
+        };
+        self.write(&name, role, Some(held), spec).await
+    }
+
+    /// Lets a slot go at once (no holder), so the next in the queue need not wait for it to expire.
+    pub async fn release(&self, held: &Lease) -> Result<(), LeaseError> {
+        let name = held.metadata.name.clone().unwrap_or_default();
+        let spec = LeaseSpec {
+            holder_identity: None,
+            renew_time: None,
+            acquire_time: None,
+            ..held.spec.clone().unwrap_or_default()
+        };
+        self.write(&name, "slot", Some(held), spec).await.map(drop)
+    }
+
+    /// Puts this agent in the queue, waiting since `queued_at` (`seen`: its ticket as last read).
+    pub async fn enqueue(&self, seen: Option<&Lease>, queued_at: Timestamp) -> Result<Lease, LeaseError> {
+        let spec = LeaseSpec {
+            holder_identity: Some(self.holder.clone()),
+            lease_duration_seconds: Some(self.duration_seconds),
+            acquire_time: Some(MicroTime(queued_at)),
+            renew_time: Some(MicroTime(Timestamp::now())),
+            ..LeaseSpec::default()
+        };
+        self.write(&ticket_name(&self.holder), "queue", seen, spec).await
+    }
+
+    /// Takes this agent out of the queue.
+    pub async fn dequeue(&self) -> Result<(), LeaseError> {
+        let name = ticket_name(&self.holder);
+        match self.api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(source) => Err(LeaseError::Api { name, source }),
+        }
+    }
+
+    /// Lease `name` as it is now.
+    pub async fn get(&self, name: &str) -> Result<Option<Lease>, LeaseError> {
+        self.api.get_opt(name).await.map_err(|source| LeaseError::Api {
+            name: name.to_string(),
+            source,
+        })
+    }
+
+    /// Creates Lease `name` (`seen` is `None`) or replaces it, as of the
+    /// resourceVersion it was seen at.
+    async fn write(&self, name: &str, role: &str, seen: Option<&Lease>, spec: LeaseSpec) -> Result<Lease, LeaseError> {
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                labels: Some([(ROLE_LABEL.to_string(), role.to_string())].into()),
+                resource_version: seen.and_then(|l| l.metadata.resource_version.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(spec),
+        };
+        let written = match seen {
+            None => self.api.create(&PostParams::default(), &lease).await,
+            Some(_) => self.api.replace(name, &PostParams::default(), &lease).await,
+        };
+        match written {
+            Ok(lease) => Ok(lease),
+            // 409: changed since it was read, or created meanwhile; 404: deleted meanwhile.
+            Err(kube::Error::Api(status)) if status.code == 409 || (seen.is_some() && status.code == 404) => {
+                Err(LeaseError::Conflict(name.to_string()))
+            }
+            Err(source) => Err(LeaseError::Api {
+                name: name.to_string(),
+                source,
+            }),
+        }
+    }
+}

@@ -286,7 +286,7 @@ async fn a_drain_is_recorded_in_an_evacuation_object() {
     let header: Vec<&str> = listed.lines().next().unwrap_or_default().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "NODE", "PHASE", "LEFT", "TOTAL", "FAILED", "AGE"],
+        ["NAME", "NODE", "PHASE", "QUEUE", "LEFT", "TOTAL", "FAILED", "AGE"],
         "{listed}"
     );
     assert!(listed.contains("Succeeded"), "{listed}");
@@ -1550,4 +1550,120 @@ async fn deleting_a_running_hand_made_evacuation_cancels_it_and_re_enables() {
         "the move was aborted: {records:?}"
     );
     lab.delete(&stuck).await;
+}
+
+/// Nova's record timestamps (`2026-12-07T16:10:54.000000`, UTC, whole seconds).
+fn nova_time(value: &Value) -> jiff::Timestamp {
+    let text = value.as_str().expect("a timestamp");
+    let civil: jiff::civil::DateTime = text.parse().expect("Nova's timestamp");
+    civil.to_zoned(jiff::tz::TimeZone::UTC).expect("UTC").timestamp()
+}
+
+/// An RFC 3339 time of a Kubernetes object (`eventTime`).
+fn event_time(value: &Value) -> jiff::Timestamp {
+    value.as_str().and_then(|t| t.parse().ok()).expect("an RFC 3339 time")
+}
+
+/// Three nodes cordoned within a second, with the default of one hypervisor
+/// evacuating at a time across the cluster: they evacuate one after another,
+/// in cordon order, as Nova's own migration records show (the records of one
+/// host all end before the next host's first begins); meanwhile the waiting
+/// ones have their service disabled, so every VM goes to the fourth host.
+#[tokio::test]
+async fn three_nodes_cordoned_at_once_evacuate_one_at_a_time_in_cordon_order() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, first) = setup().await;
+    let second = first.join("host2").await;
+    let third = first.join("host3").await;
+    let nodes = [(&first, "host1"), (&second, "host2"), (&third, "host3")];
+    let mut vms = Vec::new();
+    for (_, host) in nodes {
+        vms.push(
+            lab.boot(BootSpec::new(&format!("dmn-q-{host}")).count(2).host(host))
+                .await,
+        );
+    }
+    let mut agents = Vec::new();
+    for (cluster, _) in nodes {
+        agents.push(Agent::start(cluster, &lab, "").await);
+    }
+    for (cluster, _) in nodes {
+        wait_guard(cluster, Duration::from_secs(20)).await;
+    }
+    let cordoned = Instant::now();
+    for (cluster, _) in nodes {
+        cluster.cordon().await;
+    }
+    assert!(cordoned.elapsed() < Duration::from_secs(2), "cordoned at once");
+    wait_phase(&third, "Waiting", Duration::from_secs(20)).await;
+    lab.assert_disabled_by_drainer("host3").await;
+    for (cluster, _) in nodes {
+        wait_phase(cluster, "Evacuated", Duration::from_secs(240)).await;
+    }
+    // Each host's span in Nova's records: its first migration's creation to its last one's end.
+    let mut spans = Vec::new();
+    for (ids, (_, host)) in vms.iter().zip(nodes) {
+        let mut records = Vec::new();
+        for id in ids {
+            records.extend(lab.live_migrations(id).await);
+            assert_eq!(
+                host_of(&lab.server(id).await),
+                "host4",
+                "{id} went to the one host not in maintenance"
+            );
+        }
+        assert!(records.iter().all(|r| r["source_compute"] == host), "{records:?}");
+        let start = records
+            .iter()
+            .map(|r| nova_time(&r["created_at"]))
+            .min()
+            .expect("records");
+        let end = records
+            .iter()
+            .map(|r| nova_time(&r["updated_at"]))
+            .max()
+            .expect("records");
+        spans.push((host, start, end));
+    }
+    for pair in spans.windows(2) {
+        let ((before, _, ended), (after, began, _)) = (pair[0], pair[1]);
+        assert!(ended <= began, "{before}'s migrations overlap {after}'s: {spans:?}");
+        eprintln!(
+            "from {before}'s last migration's end to {after}'s first migration: {} s (whole seconds, Nova's clock)",
+            began.duration_since(ended).as_secs()
+        );
+    }
+    // The same, by the agents' Events (to the microsecond): one run's end to the next one's first migration.
+    let mut times = Vec::new();
+    for (cluster, _) in nodes {
+        let events = cluster.events().await;
+        let at = |reason: &str| {
+            events
+                .iter()
+                .find(|e| e["reason"] == reason)
+                .map(|e| event_time(&e["eventTime"]))
+                .unwrap_or_else(|| panic!("no {reason} Event"))
+        };
+        times.push((at("LiveMigrationStarted"), at("EvacuationSucceeded")));
+    }
+    let handovers: Vec<f64> = times
+        .windows(2)
+        .map(|w| w[1].0.duration_since(w[0].1).as_secs_f64())
+        .collect();
+    eprintln!("from one evacuation's end to the next one's first migration (agents' Events): {handovers:.3?} s");
+    assert!(handovers.iter().all(|s| *s > 0.0), "overlap: {handovers:?}");
+    for cluster in [&second, &third] {
+        let reasons = cluster.reasons().await;
+        assert!(reasons.iter().any(|r| r == "EvacuationWaiting"), "{reasons:?}");
+        assert!(reasons.iter().any(|r| r == "EvacuationSlotTaken"), "{reasons:?}");
+    }
+    for (cluster, host) in nodes {
+        cluster.uncordon().await;
+        eventually(
+            "the service enabled after uncordon",
+            Duration::from_secs(20),
+            async || (lab.service(host).await["status"] == "enabled").then_some(()),
+        )
+        .await;
+    }
 }

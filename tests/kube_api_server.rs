@@ -6,6 +6,7 @@ mod support;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -2194,4 +2195,547 @@ async fn evacuations_are_selected_by_node_and_held_by_our_finalizer() {
         all.get_opt("mine").await.unwrap().is_none(),
         "gone once no finalizer holds it"
     );
+}
+
+const ROLE_LABEL: &str = "nova-kubernetes-drain/coordination";
+
+fn lease(name: &str, role: Option<&str>, spec: Value) -> Lease {
+    let mut l = json!({"metadata": {"name": name}, "spec": spec});
+    if let Some(role) = role {
+        l["metadata"]["labels"] = json!({ROLE_LABEL: role});
+    }
+    serde_json::from_value(l).unwrap()
+}
+
+fn lease_names(list: &[Lease]) -> Vec<String> {
+    list.iter().map(|l| l.metadata.name.clone().unwrap()).collect()
+}
+
+/// coordination.k8s.io/v1 Leases as kube-apiserver serves them: discovered,
+/// created, read and replaced through `Api<Lease>` with optimistic
+/// concurrency (a replace must name the resourceVersion it read:
+/// AllowUnconditionalUpdate is false; a stale one is a 409), MicroTimes kept
+/// to the microsecond (and decoded as strictly as Go does), no generation,
+/// validation as ValidateLeaseSpec, a PUT to a missing Lease creates it.
+#[tokio::test]
+async fn leases_are_served_with_optimistic_concurrency() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let api = KubeApi::start();
+    let leases: Api<Lease> = Api::namespaced(api.kube_client_no_retry(), "default");
+    let http = reqwest::Client::new();
+
+    // Discovery: /apis, the group, the group version.
+    let groups: Value = http
+        .get(format!("{}/apis", api.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let coordination = groups["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "coordination.k8s.io")
+        .cloned()
+        .expect("coordination.k8s.io in /apis");
+    assert_eq!(
+        coordination["preferredVersion"]["groupVersion"],
+        "coordination.k8s.io/v1"
+    );
+    let group: Value = http
+        .get(format!("{}/apis/coordination.k8s.io", api.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(group["kind"], "APIGroup");
+    assert_eq!(
+        group["versions"],
+        json!([{"groupVersion": "coordination.k8s.io/v1", "version": "v1"}])
+    );
+    let resources: Value = http
+        .get(format!("{}/apis/coordination.k8s.io/v1", api.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        resources["resources"],
+        json!([{"name": "leases", "singularName": "lease", "namespaced": true, "kind": "Lease",
+                "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}])
+    );
+
+    // Create: MicroTimes to the microsecond, no generation, no status.
+    let at = jiff::Timestamp::from_nanosecond(1_750_000_000_123_456_789).unwrap();
+    let micro = jiff::Timestamp::from_microsecond(1_750_000_000_123_456).unwrap();
+    let mut l = lease(
+        "nova-drain-slot-0",
+        Some("slot"),
+        json!({"holderIdentity": "agent-a", "leaseDurationSeconds": 15, "leaseTransitions": 0}),
+    );
+    let spec = l.spec.as_mut().unwrap();
+    spec.acquire_time = Some(MicroTime(at));
+    spec.renew_time = Some(MicroTime(at));
+    let created = leases.create(&PostParams::default(), &l).await.unwrap();
+    assert_eq!(created.metadata.generation, None);
+    assert!(created.metadata.uid.is_some() && created.metadata.resource_version.is_some());
+    let spec = created.spec.clone().unwrap();
+    assert_eq!(spec.renew_time, Some(MicroTime(micro)));
+    assert_eq!(spec.acquire_time, Some(MicroTime(micro)));
+    assert_eq!(spec.holder_identity.as_deref(), Some("agent-a"));
+    let stored = &api.leases("default")[0];
+    assert_eq!(stored["spec"]["renewTime"], "2025-06-15T15:06:40.123456Z");
+    assert_eq!(stored["apiVersion"], "coordination.k8s.io/v1");
+    assert_eq!(leases.get("nova-drain-slot-0").await.unwrap(), created);
+
+    // Creating it again: 409 AlreadyExists.
+    let e = api_error(leases.create(&PostParams::default(), &l).await.unwrap_err());
+    assert_eq!((e.code, e.reason.as_str()), (409, "AlreadyExists"));
+    assert_eq!(
+        e.message,
+        "leases.coordination.k8s.io \"nova-drain-slot-0\" already exists"
+    );
+
+    // Replace as of the version read: accepted, a new resourceVersion.
+    let mut renew = created.clone();
+    renew.spec.as_mut().unwrap().renew_time = Some(MicroTime(micro + jiff::SignedDuration::from_secs(5)));
+    let renewed = leases
+        .replace("nova-drain-slot-0", &PostParams::default(), &renew)
+        .await
+        .unwrap();
+    assert_ne!(renewed.metadata.resource_version, created.metadata.resource_version);
+    assert_eq!(renewed.metadata.generation, None);
+
+    // The same again (now stale): 409 Conflict, nothing changes.
+    let mut steal = created.clone();
+    steal.spec.as_mut().unwrap().holder_identity = Some("agent-b".into());
+    let e = api_error(
+        leases
+            .replace("nova-drain-slot-0", &PostParams::default(), &steal)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
+    assert_eq!(
+        e.message,
+        "Operation cannot be fulfilled on leases.coordination.k8s.io \"nova-drain-slot-0\": the object has been modified; please apply your changes to the latest version and try again"
+    );
+    let details = e.details.unwrap();
+    assert_eq!(
+        (details.group.as_str(), details.kind.as_str(), details.name.as_str()),
+        ("coordination.k8s.io", "leases", "nova-drain-slot-0")
+    );
+    assert_eq!(
+        leases
+            .get("nova-drain-slot-0")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .holder_identity
+            .as_deref(),
+        Some("agent-a")
+    );
+
+    // Without a resourceVersion: 422 (AllowUnconditionalUpdate is false).
+    let mut unconditional = renewed.clone();
+    unconditional.metadata.resource_version = None;
+    let e = api_error(
+        leases
+            .replace("nova-drain-slot-0", &PostParams::default(), &unconditional)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        e.message,
+        "leases.coordination.k8s.io \"nova-drain-slot-0\" is invalid: metadata.resourceVersion: Invalid value: 0x0: must be specified for an update"
+    );
+
+    // A uid in the body is a precondition.
+    let mut other_uid = renewed.clone();
+    other_uid.metadata.uid = Some("0f0f0f0f-0000-4000-8000-00000000000f".into());
+    let e = api_error(
+        leases
+            .replace("nova-drain-slot-0", &PostParams::default(), &other_uid)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
+    assert!(
+        e.message.contains("Precondition failed: UID in precondition"),
+        "{}",
+        e.message
+    );
+
+    // A merge patch applies to the latest version.
+    let patched = leases
+        .patch(
+            "nova-drain-slot-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"leaseTransitions": 1}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.spec.unwrap().lease_transitions, Some(1));
+
+    // Validation (ValidateLeaseSpec): 422 with a cause per field.
+    let bad = lease("bad", None, json!({"leaseDurationSeconds": 0, "leaseTransitions": -1}));
+    let e = api_error(leases.create(&PostParams::default(), &bad).await.unwrap_err());
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        e.message,
+        "Lease.coordination.k8s.io \"bad\" is invalid: [spec.leaseDurationSeconds: Invalid value: 0: must be greater than 0, spec.leaseTransitions: Invalid value: -1: must be greater than or equal to 0]"
+    );
+    let causes: Vec<(String, String)> = e
+        .details
+        .unwrap()
+        .causes
+        .into_iter()
+        .map(|c| (c.field, c.reason))
+        .collect();
+    assert_eq!(
+        causes,
+        [
+            ("spec.leaseDurationSeconds".to_string(), "FieldValueInvalid".to_string()),
+            ("spec.leaseTransitions".to_string(), "FieldValueInvalid".to_string())
+        ]
+    );
+    let e = api_error(
+        leases
+            .create(&PostParams::default(), &lease("Not_A_Name", None, json!({})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    let mut zero = renewed.clone();
+    zero.metadata.resource_version = patched.metadata.resource_version.clone();
+    zero.spec.as_mut().unwrap().lease_duration_seconds = Some(0);
+    let e = api_error(
+        leases
+            .replace("nova-drain-slot-0", &PostParams::default(), &zero)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 422, "an update is validated too: {}", e.message);
+
+    // MicroTime decodes as Go's time.Parse(RFC3339Micro): six fractional
+    // digits exactly; any offset, stored in UTC.
+    let url = format!("{}/apis/coordination.k8s.io/v1/namespaces/default/leases", api.url());
+    let (code, _, e) = http_json(
+        reqwest::Method::POST,
+        url.clone(),
+        "application/json",
+        &json!({"metadata": {"name": "seconds"}, "spec": {"renewTime": "2025-01-01T00:00:00Z"}}),
+    )
+    .await;
+    assert_eq!((code, e["reason"].as_str()), (400, Some("BadRequest")), "{e}");
+    assert_eq!(
+        e["message"],
+        "Lease in version \"v1\" cannot be handled as a Lease: parsing time \"2025-01-01T00:00:00Z\" as \"2006-01-02T15:04:05.000000Z07:00\": cannot parse \"Z\" as \".000000\""
+    );
+    let (code, _, e) = http_json(
+        reqwest::Method::POST,
+        url.clone(),
+        "application/json",
+        &json!({"metadata": {"name": "nanos"}, "spec": {"renewTime": "2025-01-01T00:00:00.123456789Z"}}),
+    )
+    .await;
+    assert_eq!(code, 400, "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("cannot parse \"789Z\" as \"Z07:00\""),
+        "{e}"
+    );
+    let (code, _, created_offset) = http_json(
+        reqwest::Method::POST,
+        url.clone(),
+        "application/json",
+        &json!({"metadata": {"name": "offset"}, "spec": {"renewTime": "2025-01-01T02:00:00.000001+02:00"}}),
+    )
+    .await;
+    assert_eq!(code, 201, "{created_offset}");
+    assert_eq!(created_offset["spec"]["renewTime"], "2025-01-01T00:00:00.000001Z");
+
+    // A resourceVersion on a create: the storage's 500.
+    let (code, _, e) = http_json(
+        reqwest::Method::POST,
+        url.clone(),
+        "application/json",
+        &json!({"metadata": {"name": "with-rv", "resourceVersion": "5"}, "spec": {}}),
+    )
+    .await;
+    assert_eq!(code, 500, "{e}");
+    assert_eq!(
+        e["message"],
+        "resourceVersion should not be set on objects to be created"
+    );
+
+    // strategy and preferredHolder are dropped (CoordinatedLeaderElection off).
+    let (code, _, coordinated) = http_json(
+        reqwest::Method::POST,
+        url.clone(),
+        "application/json",
+        &json!({"metadata": {"name": "coordinated"}, "spec": {"strategy": "OldestEmulationVersion", "preferredHolder": "x"}}),
+    )
+    .await;
+    assert_eq!(code, 201, "{coordinated}");
+    assert_eq!(coordinated["spec"], json!({}));
+
+    // A PUT must name the object.
+    let (code, _, e) = http_json(
+        reqwest::Method::PUT,
+        format!("{url}/offset"),
+        "application/json",
+        &json!({"metadata": {"resourceVersion": created_offset["metadata"]["resourceVersion"]}, "spec": {}}),
+    )
+    .await;
+    assert_eq!(code, 400, "{e}");
+
+    // Delete with a stale precondition: 409; with the current one: gone.
+    let e = api_error(
+        leases
+            .delete(
+                "nova-drain-slot-0",
+                &DeleteParams::default().preconditions(kube::api::Preconditions {
+                    resource_version: created.metadata.resource_version.clone(),
+                    uid: None,
+                }),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
+    assert!(e.message.starts_with("Operation cannot be fulfilled on leases.coordination.k8s.io \"nova-drain-slot-0\": Precondition failed: ResourceVersion in precondition"), "{}", e.message);
+    let current = leases.get("nova-drain-slot-0").await.unwrap();
+    leases
+        .delete(
+            "nova-drain-slot-0",
+            &DeleteParams::default().preconditions(kube::api::Preconditions {
+                resource_version: current.metadata.resource_version.clone(),
+                uid: current.metadata.uid.clone(),
+            }),
+        )
+        .await
+        .unwrap();
+    assert!(leases.get_opt("nova-drain-slot-0").await.unwrap().is_none());
+
+    // A replace of the deleted Lease re-creates it (AllowCreateOnUpdate),
+    // whatever resourceVersion it names; without its old uid.
+    let mut again = current.clone();
+    again.metadata.uid = None;
+    let recreated = leases
+        .replace("nova-drain-slot-0", &PostParams::default(), &again)
+        .await
+        .unwrap();
+    assert_ne!(recreated.metadata.uid, current.metadata.uid);
+    assert_eq!(recreated.spec, current.spec);
+    // With its old uid: the precondition fails on the missing object.
+    leases
+        .delete("nova-drain-slot-0", &DeleteParams::default())
+        .await
+        .unwrap();
+    let e = api_error(
+        leases
+            .replace("nova-drain-slot-0", &PostParams::default(), &current)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"), "{}", e.message);
+    assert!(leases.get_opt("nova-drain-slot-0").await.unwrap().is_none());
+}
+
+/// Lists and watches of Leases by label select what kube-apiserver would:
+/// an existence selector, `key=value`, and a Lease that loses the label
+/// leaves the watch as a DELETED. `kubectl get leases -l` too.
+#[tokio::test]
+async fn leases_are_listed_and_watched_by_label() {
+    use kube::api::{WatchEvent, WatchParams};
+    let api = KubeApi::start();
+    let leases: Api<Lease> = Api::namespaced(api.kube_client_no_retry(), "default");
+    let pp = PostParams::default();
+    leases
+        .create(&pp, &lease("nova-drain-slot-0", Some("slot"), json!({})))
+        .await
+        .unwrap();
+    leases
+        .create(&pp, &lease("nova-drain-queue-n1", Some("queue"), json!({})))
+        .await
+        .unwrap();
+    leases
+        .create(&pp, &lease("someone-else", None, json!({})))
+        .await
+        .unwrap();
+    let kube_system: Api<Lease> = Api::namespaced(api.kube_client_no_retry(), "kube-system");
+    kube_system
+        .create(&pp, &lease("elsewhere", Some("slot"), json!({})))
+        .await
+        .unwrap();
+
+    let labelled = leases.list(&ListParams::default().labels(ROLE_LABEL)).await.unwrap();
+    assert_eq!(
+        lease_names(&labelled.items),
+        ["nova-drain-queue-n1", "nova-drain-slot-0"]
+    );
+    let slots = leases
+        .list(&ListParams::default().labels(&format!("{ROLE_LABEL}=slot")))
+        .await
+        .unwrap();
+    assert_eq!(lease_names(&slots.items), ["nova-drain-slot-0"]);
+    let all: Api<Lease> = Api::all(api.kube_client_no_retry());
+    let everywhere = all.list(&ListParams::default().labels(ROLE_LABEL)).await.unwrap();
+    assert_eq!(everywhere.items.len(), 3);
+    let unlabelled = leases
+        .list(&ListParams::default().labels(&format!("!{ROLE_LABEL}")))
+        .await
+        .unwrap();
+    assert_eq!(lease_names(&unlabelled.items), ["someone-else"]);
+
+    let rv = labelled.metadata.resource_version.unwrap();
+    let mut events = leases
+        .watch(&WatchParams::default().labels(ROLE_LABEL), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let mut next = async || -> (String, String) {
+        let ev = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("watch event in time")
+            .expect("watch open")
+            .unwrap();
+        match ev {
+            WatchEvent::Added(l) => ("ADDED".into(), l.metadata.name.unwrap()),
+            WatchEvent::Modified(l) => ("MODIFIED".into(), l.metadata.name.unwrap()),
+            WatchEvent::Deleted(l) => ("DELETED".into(), l.metadata.name.unwrap()),
+            other => panic!("{other:?}"),
+        }
+    };
+    let pm = PatchParams::default();
+    // Unlabelled: not seen. Labelled: seen; losing the label: DELETED.
+    leases
+        .patch(
+            "someone-else",
+            &pm,
+            &Patch::Merge(json!({"spec": {"holderIdentity": "x"}})),
+        )
+        .await
+        .unwrap();
+    leases
+        .patch(
+            "nova-drain-slot-0",
+            &pm,
+            &Patch::Merge(json!({"spec": {"holderIdentity": "a"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next().await, ("MODIFIED".into(), "nova-drain-slot-0".into()));
+    leases
+        .create(&pp, &lease("nova-drain-slot-1", Some("slot"), json!({})))
+        .await
+        .unwrap();
+    assert_eq!(next().await, ("ADDED".into(), "nova-drain-slot-1".into()));
+    leases
+        .patch(
+            "nova-drain-queue-n1",
+            &pm,
+            &Patch::Merge(json!({"metadata": {"labels": {ROLE_LABEL: null}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next().await, ("DELETED".into(), "nova-drain-queue-n1".into()));
+    leases
+        .delete("nova-drain-slot-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eq!(next().await, ("DELETED".into(), "nova-drain-slot-1".into()));
+
+    // kubectl finds the resource by discovery and lists it with the selector.
+    let out = Kubectl::new(&api)
+        .run(
+            &[
+                "get",
+                "leases",
+                "-n",
+                "default",
+                "-l",
+                &format!("{ROLE_LABEL}=slot"),
+                "-o",
+                "name",
+            ],
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("kubectl get leases");
+    assert_eq!(out.trim(), "lease.coordination.k8s.io/nova-drain-slot-0");
+}
+
+/// set_unreachable: requests fail with a connection error (no HTTP
+/// response), an open watch ends; once off, the server answers again with
+/// its state intact.
+#[tokio::test]
+async fn an_unreachable_server_fails_requests_and_ends_watches() {
+    use kube::api::WatchParams;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let api = KubeApi::start();
+    let leases: Api<Lease> = Api::namespaced(api.kube_client_no_retry(), "default");
+    let created = leases
+        .create(
+            &PostParams::default(),
+            &lease("nova-drain-slot-0", Some("slot"), json!({})),
+        )
+        .await
+        .unwrap();
+    let rv = created.metadata.resource_version.clone().unwrap();
+    let mut events = leases.watch(&WatchParams::default(), &rv).await.unwrap().boxed();
+    wait_for("watch", || api.open_watches() == 1).await;
+
+    api.set_unreachable(true);
+    // The watch breaks (a reset, not a clean end), without an event.
+    match tokio::time::timeout(WAIT, events.next()).await.expect("the watch ends") {
+        Some(Err(_)) => {}
+        None => panic!("a clean end, not a broken stream"),
+        Some(Ok(ev)) => panic!("event from an unreachable server: {ev:?}"),
+    }
+    assert_eq!(api.open_watches(), 0);
+    let e = leases.get("nova-drain-slot-0").await.unwrap_err();
+    assert!(!matches!(e, kube::Error::Api(_)), "no API answer: {e:?}");
+    // No HTTP response at all on a raw connection.
+    let addr = api.url().trim_start_matches("http://").to_string();
+    if let Ok(mut conn) = tokio::net::TcpStream::connect(&addr).await {
+        let _ = conn
+            .write_all(b"GET /api/v1/namespaces HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        let mut buf = vec![];
+        let _ = tokio::time::timeout(WAIT, conn.read_to_end(&mut buf))
+            .await
+            .expect("closed");
+        assert!(buf.is_empty(), "{}", String::from_utf8_lossy(&buf));
+    }
+
+    api.set_unreachable(false);
+    let back = leases.get("nova-drain-slot-0").await.unwrap();
+    assert_eq!(back, created, "state intact");
+    let mut events = leases.watch(&WatchParams::default(), &rv).await.unwrap().boxed();
+    leases
+        .patch(
+            "nova-drain-slot-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"holderIdentity": "b"}})),
+        )
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(WAIT, events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(ev, kube::api::WatchEvent::Modified(_)), "{ev:?}");
 }

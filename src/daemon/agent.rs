@@ -286,9 +286,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         if !asks {
             self.queued = None;
         } else if self.queued.is_none() {
-            let now = Instant::now();
-            let wall = jiff::Timestamp::now();
-            self.queued = Some((wall, now));
+            self.queued = Some((self.wall_now(), Instant::now()));
         }
         let wanted = self.queued.map(|(since, _)| Want { since });
         want.send_if_modified(|current| {
@@ -492,6 +490,10 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
     /// once) and the node waits in the queue, its Evacuation in phase Waiting.
     async fn wait(&mut self) {
         let Some(compute) = self.compute.clone() else { return };
+        // The queue is served in the order the maintenance was asked for.
+        if self.queued.is_none() {
+            self.queued = Some((self.wall_now(), Instant::now()));
+        }
         let observer = self.observer(Arc::default());
         let engine = Engine::new(&*compute, &self.settings.evacuation, &observer);
         let disabled_by_us = match engine.hold_service(&self.settings.target).await {

@@ -41,9 +41,22 @@ pub fn slot_name(index: u32) -> String {
     format!("{SLOT_PREFIX}{index}")
 }
 
-/// The name of the ticket of the agent of `node`.
+/// Longest object name the API server takes.
+const NAME_MAX: usize = 253;
+
+/// The name of the ticket of the agent of `node`; a node name too long for
+/// it is cut, with a hash of the whole name, so it stays the node's own.
 pub fn ticket_name(node: &str) -> String {
-    format!("{TICKET_PREFIX}{node}")
+    let name = format!("{TICKET_PREFIX}{node}");
+    if name.len() <= NAME_MAX {
+        return name;
+    }
+    // FNV-1a: the same on every agent and every release, unlike std's hasher.
+    let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let kept: String = node.chars().take(NAME_MAX - TICKET_PREFIX.len() - 17).collect();
+    format!("{TICKET_PREFIX}{}-{hash:016x}", kept.trim_end_matches(['-', '.']))
 }
 
 /// What a Lease of ours stands for, by its name; `None` for anything else.
@@ -192,6 +205,8 @@ impl CoordinationLeases {
                 name: Some(name.to_string()),
                 labels: Some([(ROLE_LABEL.to_string(), role.to_string())].into()),
                 resource_version: seen.and_then(|l| l.metadata.resource_version.clone()),
+                // A precondition: a Lease deleted meanwhile is not made anew by the replace.
+                uid: seen.and_then(|l| l.metadata.uid.clone()),
                 ..ObjectMeta::default()
             },
             spec: Some(spec),
@@ -211,5 +226,27 @@ impl CoordinationLeases {
                 source,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_say_what_a_lease_stands_for() {
+        assert_eq!(role_of(&slot_name(3)), Some(Role::Slot(3)));
+        assert_eq!(role_of("nova-drain-slot-03"), None);
+        assert_eq!(role_of(&ticket_name("node-a")), Some(Role::Ticket));
+        assert_eq!(role_of("kube-node-lease"), None);
+    }
+
+    #[test]
+    fn a_ticket_of_a_node_with_a_long_name_is_a_valid_name_of_its_own() {
+        let long = |last: char| format!("{}{last}", "a".repeat(250));
+        let (one, other) = (ticket_name(&long('b')), ticket_name(&long('c')));
+        assert!(one.len() <= 253 && other.len() <= 253);
+        assert_ne!(one, other);
+        assert_eq!(one, ticket_name(&long('b')), "the same on every agent");
     }
 }

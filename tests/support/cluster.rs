@@ -50,6 +50,8 @@ use super::kubectl::Kubectl;
 pub const KUBECONFIG_ENV: &str = "DRAINER_TEST_KUBECONFIG";
 /// Label on every Node a test creates (to find leftovers of killed runs).
 pub const TEST_LABEL: &str = "nova-kubernetes-drain.test/daemon";
+/// The label of the agents' coordination Leases (`src/kube/leases.rs`).
+const COORDINATION_LABEL: &str = "nova-kubernetes-drain/coordination";
 /// The agent's ServiceAccount in `deploy/`.
 const SERVICE_ACCOUNT: &str = "drainer";
 /// How often the Node's Ready condition is posted.
@@ -70,7 +72,7 @@ pub fn real_cluster_requested() -> bool {
 }
 
 enum Backend {
-    Fake(KubeApi),
+    Fake(Arc<KubeApi>),
     Real {
         /// The admin kubeconfig (`DRAINER_TEST_KUBECONFIG`).
         kubeconfig: PathBuf,
@@ -89,14 +91,15 @@ pub struct AgentIdentity {
 
 /// One test's cluster and Node (see the module doc).
 pub struct TestCluster {
-    backend: Backend,
+    /// Shared by the Nodes of one test ([`TestCluster::join`]).
+    backend: Arc<Backend>,
     client: kube::Client,
     node: String,
     namespace: String,
     agent_image: String,
     /// The fake's agent pod (`$POD_NAME`); none on a real cluster.
     agent_pod: Option<String>,
-    kubectl: Kubectl,
+    kubectl: Arc<Kubectl>,
     /// Whether the kubelet player starts new pods.
     kubelet: Arc<AtomicBool>,
     node_deleted: AtomicBool,
@@ -108,7 +111,6 @@ impl TestCluster {
     /// A cluster with the agent's namespace and a Ready Node named after the
     /// Nova host `nova_host` (see [`TestCluster::node`]); the agent's guard runs `agent_image`.
     pub async fn start(nova_host: &str, namespace: &str, agent_image: &str) -> TestCluster {
-        let node = format!("{nova_host}.t{}", random_suffix());
         let (backend, kubectl) = match std::env::var_os(KUBECONFIG_ENV).filter(|v| !v.is_empty()) {
             None => {
                 let fake = KubeApi::start();
@@ -127,7 +129,7 @@ impl TestCluster {
                     )
                     .await
                     .expect("kubectl apply -f deploy/crd.yaml");
-                (Backend::Fake(fake), kubectl)
+                (Backend::Fake(Arc::new(fake)), kubectl)
             }
             Some(path) => {
                 // Used in place: it may name certificate files relative to the working directory.
@@ -170,10 +172,45 @@ impl TestCluster {
                 kube::Client::try_from(config).expect("kube client")
             }
         };
-        let real = matches!(backend, Backend::Real { .. });
-        if real {
+        if matches!(backend, Backend::Real { .. }) {
             sweep_leftovers(&client, namespace).await;
         }
+        TestCluster::with_node(
+            Arc::new(backend),
+            Arc::new(kubectl),
+            client,
+            nova_host,
+            namespace,
+            agent_image,
+        )
+        .await
+    }
+
+    /// Another Node of the same cluster, named after Nova host `nova_host`
+    /// (with its own heartbeat, kubelet player and, on the fake, agent pod),
+    /// for tests of several agents side by side.
+    pub async fn join(&self, nova_host: &str) -> TestCluster {
+        TestCluster::with_node(
+            self.backend.clone(),
+            self.kubectl.clone(),
+            self.client.clone(),
+            nova_host,
+            &self.namespace,
+            &self.agent_image,
+        )
+        .await
+    }
+
+    async fn with_node(
+        backend: Arc<Backend>,
+        kubectl: Arc<Kubectl>,
+        client: kube::Client,
+        nova_host: &str,
+        namespace: &str,
+        agent_image: &str,
+    ) -> TestCluster {
+        let node = format!("{nova_host}.t{}", random_suffix());
+        let real = matches!(*backend, Backend::Real { .. });
 
         let nodes: Api<Node> = Api::all(client.clone());
         let created: Node = serde_json::from_value(json!({
@@ -243,12 +280,12 @@ impl TestCluster {
     }
 
     pub fn is_real(&self) -> bool {
-        matches!(self.backend, Backend::Real { .. })
+        matches!(*self.backend, Backend::Real { .. })
     }
 
     /// The fake server, for tests of what only it can do (dropped watches, 410 Gone).
     pub fn fake(&self) -> Option<&KubeApi> {
-        match &self.backend {
+        match &*self.backend {
             Backend::Fake(fake) => Some(fake),
             Backend::Real { .. } => None,
         }
@@ -397,7 +434,7 @@ impl TestCluster {
     /// the fake (ServiceAccount created if missing) the token is refused once
     /// the ServiceAccount is deleted, as on a real one.
     pub async fn write_agent_kubeconfig(&self, path: &Path) {
-        match &self.backend {
+        match &*self.backend {
             Backend::Fake(fake) => {
                 let token = fake.service_account_token(&self.namespace, SERVICE_ACCOUNT);
                 fake.write_kubeconfig_with_token(path, &token);
@@ -437,7 +474,7 @@ impl TestCluster {
     /// as `drainer release-guard` after an uninstall): on a real cluster
     /// `DRAINER_TEST_KUBECONFIG` itself, on the fake one without a token.
     pub fn admin_kubeconfig(&self, dir: &Path) -> PathBuf {
-        match &self.backend {
+        match &*self.backend {
             Backend::Fake(fake) => {
                 let path = dir.join("admin-kubeconfig");
                 fake.write_kubeconfig(&path);
@@ -476,11 +513,16 @@ impl TestCluster {
 
     /// The DaemonSet pod the agent runs in on the fake (drain skips it with `--ignore-daemonsets`).
     async fn add_agent_pod(&mut self) {
-        let Backend::Fake(fake) = &self.backend else {
+        let Backend::Fake(fake) = &*self.backend else {
             return;
         };
         let name = format!("drainer-{}", self.node);
-        let daemonset = fake.add_daemonset(&self.namespace, "drainer");
+        // One DaemonSet for every Node of the cluster.
+        let daemonset = fake
+            .objects("apps/v1", "daemonsets")
+            .into_iter()
+            .find(|d| d["metadata"]["name"] == "drainer")
+            .unwrap_or_else(|| fake.add_daemonset(&self.namespace, "drainer"));
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {
                 "name": name,
@@ -506,7 +548,7 @@ impl Drop for TestCluster {
     fn drop(&mut self) {
         self.heartbeat.abort();
         self.player.abort();
-        let Backend::Real { .. } = &self.backend else {
+        let Backend::Real { .. } = &*self.backend else {
             return;
         };
         let guard = self.guard();
@@ -541,6 +583,26 @@ impl Drop for TestCluster {
         for args in steps {
             // Errors are expected (no finalizer left, already gone): clean-up is best effort.
             let _ = self.kubectl.run_blocking(args);
+        }
+        // The node's place in the queue for evacuation slots, and a slot its
+        // killed agent held: the next test's agents need not wait for them to expire.
+        let held = format!(
+            "jsonpath={{range .items[?(@.spec.holderIdentity==\"{node}\")]}}{{.metadata.name}}{{\" \"}}{{end}}"
+        );
+        let leases = self
+            .kubectl
+            .run_blocking(&["get", "leases", "-n", &namespace, "-l", COORDINATION_LABEL, "-o", &held])
+            .unwrap_or_default();
+        for lease in leases.split_whitespace() {
+            let _ = self.kubectl.run_blocking(&[
+                "delete",
+                "lease",
+                "-n",
+                &namespace,
+                lease,
+                "--ignore-not-found",
+                "--wait=false",
+            ]);
         }
     }
 }

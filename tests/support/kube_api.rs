@@ -28,7 +28,8 @@
 //!   [`KubeApi::set_pod_phase`] (a kubelet status update), [`KubeApi::events`]
 //!   (every Event clients created or patched, both APIs, in order, as stored),
 //!   [`KubeApi::add_crd`] (a CustomResourceDefinition, served at once),
-//!   [`KubeApi::objects`] (every stored object of a built-in or custom resource).
+//!   [`KubeApi::objects`] (every stored object of a built-in or custom resource),
+//!   [`KubeApi::leases`] (the Leases of a namespace).
 //! * Simulated components: [`KubeApi::set_kubelet`] (default on: a pod bound
 //!   to an existing node becomes Running+Ready ~100 ms after creation; a
 //!   terminating pod is stopped after its grace period capped at 1 s, then
@@ -41,6 +42,8 @@
 //!   becomes "too old" for watch: 410 in-stream), [`KubeApi::set_bookmark_interval`],
 //!   [`KubeApi::watch_events_sent`], [`KubeApi::bookmarks_sent`],
 //!   [`KubeApi::open_watches`].
+//! * [`KubeApi::set_unreachable`]: the server looks crashed or cut off (every
+//!   connection, open or new, is reset without an answer) until turned off.
 //! * [`KubeApi::requests`]: `(method, path?query)` of every HTTP request
 //!   (`KUBE_API_DEBUG=1` prints them, with request bodies).
 //!
@@ -65,6 +68,20 @@
 //! pod in it keeps it, as on a real cluster. Like the real one it starts 5 s
 //! (namespaceDeletionGracePeriod) after the DELETE:
 //! [`KubeApi::set_namespace_deletion_grace`] changes that.
+//!
+//! # Leases
+//! `coordination.k8s.io/v1` Leases (namespaced, no status subresource, no
+//! generation) follow kube-apiserver's leaseStrategy: an update must carry
+//! a resourceVersion (AllowUnconditionalUpdate is false: a 422 without one,
+//! a 409 when stale); a PUT to a missing Lease creates it (AllowCreateOnUpdate,
+//! 201), whatever resourceVersion it names; a POST naming a resourceVersion is
+//! the storage's 500; `spec.strategy` and `spec.preferredHolder` are dropped
+//! (CoordinatedLeaderElection off, its default); ValidateLeaseSpec's
+//! `leaseDurationSeconds > 0` and `leaseTransitions >= 0` (422).
+//! `acquireTime`/`renewTime` decode as Go's `time.Parse(RFC3339Micro)` (exactly
+//! six fractional digits, else a 400 with Go's message) and are stored in UTC
+//! to the microsecond. Every PUT (all kinds) must name the object of its URL
+//! and a uid in its body is a precondition (409), as real.
 //!
 //! # Custom resources
 //! `apiextensions.k8s.io/v1` CustomResourceDefinitions are stored (typed by
@@ -147,6 +164,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State as AxState;
 use axum::http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event as EventsV1Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -194,6 +212,9 @@ pub enum Res {
     ClusterRoleBinding,
     /// apiextensions.k8s.io/v1 CustomResourceDefinition.
     Crd,
+    /// coordination.k8s.io/v1 Lease (see [`State::update`] and
+    /// [`lease_prepare`] for what differs from the other built-in kinds).
+    Lease,
     /// A custom resource served from a stored CRD: an index into
     /// [`CUSTOM_KINDS`] (its names; the rest is read from the CRD itself).
     Custom(u32),
@@ -201,10 +222,18 @@ pub enum Res {
 
 const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
 /// The API groups of the built-in kinds, as `/apis` lists them.
-const BUILTIN_GROUPS: [&str; 5] = ["policy", "events.k8s.io", "apps", RBAC_GROUP, CRD_GROUP];
+const BUILTIN_GROUPS: [&str; 6] = [
+    "policy",
+    "events.k8s.io",
+    "apps",
+    RBAC_GROUP,
+    CRD_GROUP,
+    COORDINATION_GROUP,
+];
+const COORDINATION_GROUP: &str = "coordination.k8s.io";
 
 impl Res {
-    const ALL: [Res; 13] = [
+    const ALL: [Res; 14] = [
         Res::Namespace,
         Res::Node,
         Res::Pod,
@@ -218,6 +247,7 @@ impl Res {
         Res::ClusterRole,
         Res::ClusterRoleBinding,
         Res::Crd,
+        Res::Lease,
     ];
 
     fn lookup(group: &str, version: &str, plural: &str) -> Option<Res> {
@@ -235,6 +265,7 @@ impl Res {
             (RBAC_GROUP, "v1", "clusterroles") => Res::ClusterRole,
             (RBAC_GROUP, "v1", "clusterrolebindings") => Res::ClusterRoleBinding,
             (CRD_GROUP, "v1", "customresourcedefinitions") => Res::Crd,
+            (COORDINATION_GROUP, "v1", "leases") => Res::Lease,
             _ => return None,
         })
     }
@@ -252,6 +283,7 @@ impl Res {
             Res::ClusterRole => "clusterroles",
             Res::ClusterRoleBinding => "clusterrolebindings",
             Res::Crd => "customresourcedefinitions",
+            Res::Lease => "leases",
             Res::Custom(i) => &custom_kind(i).plural,
         }
     }
@@ -263,6 +295,7 @@ impl Res {
             Res::Event => "events.k8s.io",
             Res::DaemonSet => "apps",
             Res::Role | Res::RoleBinding | Res::ClusterRole | Res::ClusterRoleBinding => RBAC_GROUP,
+            Res::Lease => COORDINATION_GROUP,
             _ => "",
         }
     }
@@ -273,6 +306,7 @@ impl Res {
             Res::DaemonSet => "apps/v1",
             Res::Role | Res::RoleBinding | Res::ClusterRole | Res::ClusterRoleBinding => "rbac.authorization.k8s.io/v1",
             Res::Crd => "apiextensions.k8s.io/v1",
+            Res::Lease => "coordination.k8s.io/v1",
             Res::Custom(i) => &custom_kind(i).api_version,
             _ => "v1",
         }
@@ -291,6 +325,7 @@ impl Res {
             Res::ClusterRole => "ClusterRole",
             Res::ClusterRoleBinding => "ClusterRoleBinding",
             Res::Crd => "CustomResourceDefinition",
+            Res::Lease => "Lease",
             Res::Custom(i) => &custom_kind(i).kind,
         }
     }
@@ -351,6 +386,21 @@ impl Res {
             Res::ClusterRole => rt::<ClusterRole>(v),
             Res::ClusterRoleBinding => rt::<ClusterRoleBinding>(v),
             Res::Crd => rt::<CustomResourceDefinition>(v),
+            Res::Lease => {
+                // metav1.MicroTime decodes with Go's time.Parse(RFC3339Micro),
+                // stricter than jiff (exactly six fractional digits).
+                let mut v = v;
+                for field in ["acquireTime", "renewTime"] {
+                    if let Some(t) = v.pointer_mut(&format!("/spec/{field}"))
+                        && let Value::String(text) = t
+                    {
+                        let at = parse_rfc3339_micro(text)
+                            .map_err(|e| format!("Lease in version \"v1\" cannot be handled as a Lease: {e}"))?;
+                        *t = json!(at.to_string());
+                    }
+                }
+                rt::<Lease>(v)
+            }
             // The body is pruned and validated against the CRD's schema
             // instead; metadata is decoded as ObjectMeta, as real.
             Res::Custom(_) => {
@@ -469,6 +519,28 @@ impl ApiError {
             ),
         );
         e.details = Some(Box::new(Self::details_for(res, name)));
+        e
+    }
+    /// Store.Update's refusal of an update without a resourceVersion when
+    /// the strategy's AllowUnconditionalUpdate is false: a 422 whose "kind"
+    /// is the qualified resource (`leases.coordination.k8s.io`).
+    fn rv_required(res: Res, name: &str) -> Self {
+        let cause = "Invalid value: 0x0: must be specified for an update";
+        let mut e = Self::new(
+            422,
+            "Invalid",
+            format!(
+                "{} \"{name}\" is invalid: metadata.resourceVersion: {cause}",
+                res.qualified()
+            ),
+        );
+        let mut details = Self::details_for(res, name);
+        details.causes = Some(vec![StatusCause {
+            field: Some("metadata.resourceVersion".into()),
+            message: Some(cause.into()),
+            reason: Some("FieldValueInvalid".into()),
+        }]);
+        e.details = Some(Box::new(details));
         e
     }
     fn stale(res: Res, name: &str) -> Self {
@@ -783,6 +855,164 @@ fn now_micro() -> String {
 }
 fn parse_ts(s: &str) -> Option<jiff::Timestamp> {
     s.parse().ok()
+}
+
+/// Go's `quote` of package time (in its parse errors).
+fn go_time_quote(b: &[u8]) -> String {
+    let mut out = String::from("\"");
+    for &c in b {
+        if !(b' '..0x80).contains(&c) {
+            out.push_str(&format!("\\x{c:02x}"));
+        } else {
+            if c == b'"' || c == b'\\' {
+                out.push('\\');
+            }
+            out.push(c as char);
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// metav1.MicroTime's decoding: Go's `time.Parse(RFC3339Micro, s)`, with
+/// its acceptance (exactly six fractional digits, a `Z` or `±hh:mm` offset,
+/// a one- or two-digit hour) and its error messages. The instant, or the
+/// message.
+fn parse_rfc3339_micro(s: &str) -> Result<jiff::Timestamp, String> {
+    const LAYOUT: &str = "2006-01-02T15:04:05.000000Z07:00";
+    let all = s.as_bytes();
+    let cannot = |rest: &[u8], elem: &str| {
+        format!(
+            "parsing time {} as \"{LAYOUT}\": cannot parse {} as \"{elem}\"",
+            go_time_quote(all),
+            go_time_quote(rest)
+        )
+    };
+    let message = |m: &str| format!("parsing time {}{m}", go_time_quote(all));
+    let digit = |v: &[u8], i: usize| v.get(i).is_some_and(u8::is_ascii_digit);
+    // getnum: one or two digits (exactly two when fixed).
+    let getnum = |v: &[u8], fixed: bool| -> Option<(i64, usize)> {
+        if !digit(v, 0) {
+            return None;
+        }
+        if !digit(v, 1) {
+            return (!fixed).then(|| (i64::from(v[0] - b'0'), 1));
+        }
+        Some((i64::from(v[0] - b'0') * 10 + i64::from(v[1] - b'0'), 2))
+    };
+    // atoi: an optional sign, then digits only (none is 0).
+    let atoi = |v: &[u8]| -> Option<i64> {
+        let (neg, d) = match v.first() {
+            Some(b'-') => (true, &v[1..]),
+            Some(b'+') => (false, &v[1..]),
+            _ => (false, v),
+        };
+        if !d.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = d.iter().fold(0i64, |n, c| n * 10 + i64::from(c - b'0'));
+        Some(if neg { -n } else { n })
+    };
+    let mut v = all;
+    let lit = |v: &mut &[u8], c: u8| -> Result<(), String> {
+        if v.first() != Some(&c) {
+            return Err(cannot(v, &(c as char).to_string()));
+        }
+        *v = &v[1..];
+        Ok(())
+    };
+    // 2006
+    if v.len() < 4 || !digit(v, 0) {
+        return Err(cannot(v, "2006"));
+    }
+    let (p, rest) = v.split_at(4);
+    v = rest;
+    let year = atoi(p).ok_or_else(|| cannot(v, "2006"))?;
+    // -01-02T15:04:05
+    let field = |v: &mut &[u8], sep: u8, elem: &str, fixed: bool, max: i64, what: &str| {
+        lit(v, sep)?;
+        let (n, used) = getnum(v, fixed).ok_or_else(|| cannot(v, elem))?;
+        *v = &v[used..];
+        if n > max || (what == "month" && n == 0) {
+            return Err(message(&format!(": {what} out of range")));
+        }
+        Ok::<i64, String>(n)
+    };
+    let month = field(&mut v, b'-', "01", true, 12, "month")?;
+    let day = field(&mut v, b'-', "02", true, 99, "day")?;
+    let hour = field(&mut v, b'T', "15", false, 23, "hour")?;
+    let minute = field(&mut v, b':', "04", true, 59, "minute")?;
+    let second = field(&mut v, b':', "05", true, 59, "second")?;
+    // .000000: exactly seven bytes, consumed even when they are wrong.
+    if v.len() < 7 {
+        return Err(cannot(v, ".000000"));
+    }
+    let (frac, rest) = v.split_at(7);
+    v = rest;
+    if !matches!(frac[0], b'.' | b',') {
+        return Err(cannot(v, ".000000"));
+    }
+    let micros = atoi(&frac[1..]).ok_or_else(|| cannot(v, ".000000"))?;
+    if micros < 0 {
+        return Err(message(": fractional second out of range"));
+    }
+    // Z07:00
+    let offset = if v.first() == Some(&b'Z') {
+        v = &v[1..];
+        0
+    } else {
+        if v.len() < 6 || v[3] != b':' {
+            return Err(cannot(v, "Z07:00"));
+        }
+        let (tz, rest) = v.split_at(6);
+        v = rest;
+        let hh = getnum(&tz[1..3], true).map(|(n, _)| n);
+        let mm = getnum(&tz[4..6], true).map(|(n, _)| n);
+        let (Some(hh), Some(mm)) = (hh, mm) else {
+            return Err(cannot(v, "Z07:00"));
+        };
+        if mm > 60 {
+            return Err(message(": time zone offset minute out of range"));
+        }
+        if hh > 24 {
+            return Err(message(": time zone offset hour out of range"));
+        }
+        match tz[0] {
+            b'+' => hh * 3600 + mm * 60,
+            b'-' => -(hh * 3600 + mm * 60),
+            _ => return Err(cannot(v, "Z07:00")),
+        }
+    };
+    if !v.is_empty() {
+        return Err(message(&format!(": extra text: {}", go_time_quote(v))));
+    }
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days_in_month = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if day < 1 || day > days_in_month {
+        return Err(message(": day out of range"));
+    }
+    let civil = jiff::civil::DateTime::new(
+        year as i16,
+        month as i8,
+        day as i8,
+        hour as i8,
+        minute as i8,
+        second as i8,
+        (micros * 1000) as i32,
+    )
+    .map_err(|e| message(&format!(": {e}")))?;
+    let tz = jiff::tz::Offset::from_seconds(offset as i32)
+        .map(jiff::tz::TimeZone::fixed)
+        .map_err(|e| message(&format!(": {e}")))?;
+    civil
+        .to_zoned(tz)
+        .map(|z| z.timestamp())
+        .map_err(|e| message(&format!(": {e}")))
 }
 
 fn new_uid() -> String {
@@ -1414,6 +1644,13 @@ impl State {
 
     fn create(&mut self, res: Res, ns: &str, body: Value, dry_run: bool) -> ApiResult<Value> {
         let mut obj = prepare_body(res, body)?;
+        // etcd3 store.Create refuses an object with a resourceVersion (a
+        // Go uint other than 0): modelled for Leases only, the other kinds
+        // drop it.
+        let rv_set = res == Res::Lease
+            && meta_str(&obj, "resourceVersion").is_some_and(|rv| {
+                !rv.is_empty() && rv.bytes().all(|b| b.is_ascii_digit()) && rv.bytes().any(|b| b != b'0')
+            });
         let m = meta_mut(&mut obj);
         if res.namespaced() {
             match m.get("namespace").and_then(Value::as_str) {
@@ -1489,8 +1726,19 @@ impl State {
         } else {
             default_and_reset_status(res, &mut obj, None);
         }
+        if res == Res::Lease {
+            lease_prepare(&mut obj, None);
+        }
         let obj = res.canonical(obj).map_err(ApiError::bad_request)?;
         validate(res, &obj, None)?;
+        if rv_set {
+            // Not an API status: a 500 with no reason.
+            return Err(ApiError::new(
+                500,
+                "",
+                "resourceVersion should not be set on objects to be created",
+            ));
+        }
         if self.get(res, ns_key, &name).is_some() {
             return Err(ApiError::already_exists(res, &name));
         }
@@ -1595,19 +1843,11 @@ impl State {
             meta_mut(&mut obj).insert("namespace".into(), json!(ns));
         }
         // An empty resourceVersion is an unconditional update: allowed for
-        // the built-in kinds we store (AllowUnconditionalUpdate), not for
-        // CRDs and custom resources.
+        // the other built-in kinds we store (AllowUnconditionalUpdate), not
+        // for CRDs, custom resources and Leases.
         let body_rv = meta_str(&obj, "resourceVersion").filter(|rv| !rv.is_empty());
-        if body_rv.is_none() && matches!(res, Res::Crd | Res::Custom(_)) {
-            return Err(ApiError::invalid(
-                res,
-                name,
-                vec![(
-                    "metadata.resourceVersion".into(),
-                    "Invalid value: 0x0: must be specified for an update".into(),
-                    "FieldValueInvalid",
-                )],
-            ));
+        if body_rv.is_none() && matches!(res, Res::Crd | Res::Custom(_) | Res::Lease) {
+            return Err(ApiError::rv_required(res, name));
         }
         if body_rv.is_some() && body_rv != meta_str(&old, "resourceVersion") {
             return Err(ApiError::stale(res, name));
@@ -1628,6 +1868,9 @@ impl State {
                     None => m.remove(f),
                 };
             }
+        }
+        if res == Res::Lease {
+            lease_prepare(&mut obj, Some(&old));
         }
         if self.has_status(res) {
             if status_sub {
@@ -1696,6 +1939,57 @@ impl State {
             self.events_log.push(stored.clone());
         }
         Ok(stored)
+    }
+
+    /// PUT: the update handler's checkName (the body must name the object
+    /// of the URL), a uid in the body is a precondition (rest's
+    /// defaultUpdatedObjectInfo), and, for Leases (AllowCreateOnUpdate),
+    /// a missing object is created (201) whatever resourceVersion the body
+    /// carries; other kinds answer 404.
+    fn put(
+        &mut self,
+        res: Res,
+        ns: &str,
+        name: &str,
+        body: Value,
+        status_sub: bool,
+        dry_run: bool,
+    ) -> ApiResult<(u16, Value)> {
+        let mut body = prepare_body(res, body)?;
+        let body_name = meta_str(&body, "name").unwrap_or("");
+        if body_name.is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({name} based on URL) was undeterminable: name must be provided"
+            )));
+        }
+        if body_name != name {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({body_name}) does not match the name on the URL ({name})"
+            )));
+        }
+        let body_ns = meta_str(&body, "namespace").unwrap_or("");
+        if res.namespaced() && !body_ns.is_empty() && body_ns != ns {
+            return Err(ApiError::bad_request(format!(
+                "the namespace of the object ({body_ns}) does not match the namespace on the URL ({ns})"
+            )));
+        }
+        let existing = self.get(res, ns, name);
+        if let Some(uid) = meta_str(&body, "uid").filter(|u| !u.is_empty()) {
+            let actual = existing.and_then(|o| meta_str(o, "uid")).unwrap_or("");
+            if uid != actual {
+                return Err(ApiError::conflict(
+                    res,
+                    name,
+                    &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {actual}"),
+                ));
+            }
+        }
+        if existing.is_none() && res == Res::Lease && !status_sub {
+            // The storage's PrepareObjectForStorage clears the resourceVersion.
+            meta_mut(&mut body).remove("resourceVersion");
+            return self.create(res, ns, body, dry_run).map(|o| (201, o));
+        }
+        self.update(res, ns, name, body, status_sub, dry_run).map(|o| (200, o))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -2942,6 +3236,7 @@ fn validate(res: Res, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
             }
         }
         Res::Event | Res::CoreEvent => validate_event(res, obj, old, &mut errs),
+        Res::Lease => validate_lease_spec(obj, &mut errs),
         Res::Crd => {
             validate_crd(obj, &mut errs);
             if let Some(old) = old
@@ -2961,6 +3256,48 @@ fn validate(res: Res, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
         Ok(())
     } else {
         Err(ApiError::invalid(res, &name, errs))
+    }
+}
+
+/// ValidateLeaseSpec (pkg/apis/coordination/validation). Its `strategy` and
+/// `preferredHolder` rules never apply: [`lease_prepare`] drops both fields.
+fn validate_lease_spec(lease: &Value, errs: &mut Vec<(String, String, &'static str)>) {
+    let spec = &lease["spec"];
+    if let Some(d) = spec.get("leaseDurationSeconds").and_then(Value::as_i64)
+        && d <= 0
+    {
+        errs.push((
+            "spec.leaseDurationSeconds".into(),
+            format!("Invalid value: {d}: must be greater than 0"),
+            "FieldValueInvalid",
+        ));
+    }
+    if let Some(t) = spec.get("leaseTransitions").and_then(Value::as_i64)
+        && t < 0
+    {
+        errs.push((
+            "spec.leaseTransitions".into(),
+            format!("Invalid value: {t}: must be greater than or equal to 0"),
+            "FieldValueInvalid",
+        ));
+    }
+}
+
+/// leaseStrategy's PrepareForCreate/PrepareForUpdate with the
+/// CoordinatedLeaderElection feature gate off (its default, beta in 1.33):
+/// `spec.strategy` and `spec.preferredHolder` are dropped unless the stored
+/// Lease has them (it never does).
+fn lease_prepare(lease: &mut Value, old: Option<&Value>) {
+    let Some(spec) = lease.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for field in ["strategy", "preferredHolder"] {
+        let kept = old
+            .and_then(|o| o.pointer(&format!("/spec/{field}")))
+            .is_some_and(|v| !v.is_null());
+        if !kept {
+            spec.remove(field);
+        }
     }
 }
 
@@ -3653,6 +3990,131 @@ struct Shared {
     url: String,
     watch_events_sent: AtomicU64,
     bookmarks_sent: AtomicU64,
+    /// [`KubeApi::set_unreachable`]: (on, how many times it was turned on).
+    unreachable: tokio::sync::watch::Sender<(bool, u64)>,
+}
+
+/// The server's listener: while [`KubeApi::set_unreachable`] is on, a new
+/// connection is reset at once (no HTTP response), like a kube-apiserver
+/// that crashed or is cut off.
+struct CutListener {
+    inner: tokio::net::TcpListener,
+    cut: tokio::sync::watch::Receiver<(bool, u64)>,
+}
+
+impl axum::serve::Listener for CutListener {
+    type Io = CutIo;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (CutIo, std::net::SocketAddr) {
+        loop {
+            let (stream, addr) = match self.inner.accept().await {
+                Ok(accepted) => accepted,
+                Err(_) => {
+                    // EMFILE and the like: what axum's own listener does.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let (on, epoch) = *self.cut.borrow();
+            if on {
+                // An RST: the client sees a reset, not an answer.
+                let _ = stream.set_zero_linger();
+                drop(stream);
+                continue;
+            }
+            let mut rx = self.cut.clone();
+            let cut = Box::pin(async move {
+                // Ends at the next set_unreachable(true), even one turned
+                // off again before this connection was next polled.
+                let _ = rx.wait_for(|&(on, e)| on || e != epoch).await;
+            });
+            return (
+                CutIo {
+                    inner: stream,
+                    cut,
+                    dead: false,
+                },
+                addr,
+            );
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// An accepted connection that [`KubeApi::set_unreachable`] breaks: once it
+/// is turned on, every read and write fails and the socket is reset (hyper
+/// reads while it answers, to notice a client hanging up, so open watch
+/// streams end at once without their final chunk).
+struct CutIo {
+    inner: tokio::net::TcpStream,
+    cut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    dead: bool,
+}
+
+impl CutIo {
+    fn check(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        if !self.dead && self.cut.as_mut().poll(cx).is_ready() {
+            self.dead = true;
+            let _ = self.inner.set_zero_linger();
+        }
+        if self.dead {
+            Err(std::io::ErrorKind::ConnectionReset.into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for CutIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CutIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
 }
 
 impl Shared {
@@ -3698,6 +4160,11 @@ fn error_response(e: &ApiError) -> Response<Body> {
 }
 
 async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request<Body>) -> Response<Body> {
+    if shared.unreachable.borrow().0 {
+        // A request that raced set_unreachable: never answered, its
+        // connection is being reset.
+        std::future::pending::<()>().await;
+    }
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let pq = req
@@ -3997,7 +4464,7 @@ fn route(
     body: &Bytes,
 ) -> ApiResult<Routed> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
-    let customs = if matches!(segs.as_slice(), ["apis"] | ["apis", _, _]) {
+    let customs = if matches!(segs.as_slice(), ["apis"] | ["apis", _] | ["apis", _, _]) {
         shared.lock().crd_infos()
     } else {
         vec![]
@@ -4053,8 +4520,8 @@ fn route(
                 (None | Some("status"), Method::PUT) => {
                     let obj = parse_json(body)?;
                     st.begin_write(q);
-                    let r = st.update(t.res, &ns, name, obj, t.sub.is_some(), dry_run);
-                    st.end_write(r.map(|v| (200, v)))
+                    let r = st.put(t.res, &ns, name, obj, t.sub.is_some(), dry_run);
+                    st.end_write(r)
                 }
                 (None | Some("status"), Method::PATCH) => {
                     st.begin_write(q);
@@ -4222,6 +4689,23 @@ fn discovery(segs: &[&str], url: &str, customs: &[CrdInfo]) -> Option<Value> {
                 groups.push(json!({"name": g, "versions": vs, "preferredVersion": vs[0]}));
             }
             json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+        }
+        // The APIGroup of one group.
+        ["apis", g] => {
+            let versions: Vec<Value> = if BUILTIN_GROUPS.contains(g) {
+                vec![json!({"groupVersion": format!("{g}/v1"), "version": "v1"})]
+            } else {
+                let mut vs: Vec<Value> = vec![];
+                for k in customs.iter().filter_map(|i| custom_kind_of(i.res)) {
+                    let v = json!({"groupVersion": k.api_version, "version": k.version});
+                    if k.group == *g && !vs.contains(&v) {
+                        vs.push(v);
+                    }
+                }
+                vs
+            };
+            let preferred = versions.first()?.clone();
+            json!({"kind": "APIGroup", "apiVersion": "v1", "name": g, "versions": versions, "preferredVersion": preferred})
         }
         ["api", "v1"] => resources("v1"),
         ["apis", g, "v1"] if BUILTIN_GROUPS.contains(g) => resources(&format!("{g}/v1")),
@@ -4632,12 +5116,17 @@ impl KubeApi {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("addr");
-        let listener = tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
+        let (unreachable, cut) = tokio::sync::watch::channel((false, 0));
+        let listener = CutListener {
+            inner: tokio::net::TcpListener::from_std(std_listener).expect("tokio listener"),
+            cut,
+        };
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new()),
             url: format!("http://{addr}"),
             watch_events_sent: AtomicU64::new(0),
             bookmarks_sent: AtomicU64::new(0),
+            unreachable,
         });
         let app = axum::Router::new().fallback(handle).with_state(shared.clone());
         let server = tokio::spawn(async move {
@@ -4886,6 +5375,31 @@ impl KubeApi {
         for w in st.watchers.drain(..) {
             let _ = w.tx.send(WMsg::Abort);
         }
+    }
+
+    /// Makes the server unreachable, as a crashed or partitioned
+    /// kube-apiserver looks to a client (`on`), or reachable again. While
+    /// on, every connection, open or new, is reset without an HTTP response
+    /// (requests fail with a connection error, open watches end abruptly,
+    /// without the final chunk of a clean end); the stored objects, the
+    /// history and the simulated controllers carry on, so once off it serves
+    /// as before.
+    pub fn set_unreachable(&self, on: bool) {
+        self.shared.unreachable.send_modify(|(was, epoch)| {
+            if on && !*was {
+                *epoch += 1;
+            }
+            *was = on;
+        });
+        if on {
+            // Their connections are reset already; this unregisters them.
+            self.drop_watches();
+        }
+    }
+
+    /// Every Lease of namespace `ns`, as stored (by name).
+    pub fn leases(&self, ns: &str) -> Vec<Value> {
+        self.lock().list_objs(Res::Lease, Some(ns))
     }
 
     /// Forgets the watch history: every resourceVersion handed out so far is

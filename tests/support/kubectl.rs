@@ -121,8 +121,9 @@ impl Kubectl {
         ]
     }
 
-    /// [`Kubectl::run`] blocking the thread (for `Drop`), bounded by `--request-timeout`.
-    pub fn run_blocking(&self, args: &[&str]) -> Result<(), String> {
+    /// [`Kubectl::run`] blocking the thread (for `Drop`), bounded by
+    /// `--request-timeout`: stdout on success, else stderr.
+    pub fn run_blocking(&self, args: &[&str]) -> Result<String, String> {
         let out = std::process::Command::new(kubectl_binary())
             .args(self.base_args())
             .arg("--request-timeout=10s")
@@ -132,7 +133,7 @@ impl Kubectl {
             .output()
             .map_err(|e| e.to_string())?;
         if out.status.success() {
-            Ok(())
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
             Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }

@@ -927,6 +927,7 @@ fn settings(file: &FileConfig) -> Result<Settings, ConfigError> {
         state_policy,
         node_default,
         check_capacity: true,
+        evacuating_elsewhere: Vec::new(),
         disable_first: false,
     })
 }

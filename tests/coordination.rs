@@ -145,7 +145,7 @@ impl Agents {
     /// An agent of node `name`, talking to the API server through `client`.
     fn add(&mut self, client: Client, namespace: &str, name: &str, settings: CoordinationSettings) -> usize {
         let index = self.wants.len();
-        let leases = CoordinationLeases::new(client, namespace, name, settings.lease);
+        let leases = CoordinationLeases::new(client, namespace, name, &format!("nova-{name}"), settings.lease);
         let (want, asked) = watch::channel(None);
         let (standing, told) = watch::channel(Standing::Idle);
         self.tasks
@@ -335,6 +335,17 @@ async fn with_two_slots_never_more_than_two_nodes_evacuate_at_once() {
         shares.iter().all(|s| *s == 2 || *s == 3),
         "5 migrations split 3 + 2: {shares:?}"
     );
+    // Two at once know each other's Nova host (what is still there is spoken for).
+    let beside = agents
+        .timeline
+        .lock()
+        .expect("timeline")
+        .iter()
+        .any(|(_, a, s)| match s {
+            Standing::Holding { beside, .. } => beside.len() == 1 && beside[0] != format!("nova-node-{a}"),
+            _ => false,
+        });
+    assert!(beside, "a holder is told the host evacuated beside it");
     cluster.finish().await;
 }
 

@@ -1596,6 +1596,10 @@ async fn three_nodes_cordoned_at_once_evacuate_one_at_a_time_in_cordon_order() {
     }
     assert!(cordoned.elapsed() < Duration::from_secs(2), "cordoned at once");
     wait_phase(&third, "Waiting", Duration::from_secs(20)).await;
+    eventually("host3 disabled while it waits", Duration::from_secs(10), async || {
+        (lab.service("host3").await["status"] == "disabled").then_some(())
+    })
+    .await;
     lab.assert_disabled_by_drainer("host3").await;
     for (cluster, _) in nodes {
         wait_phase(cluster, "Evacuated", Duration::from_secs(240)).await;

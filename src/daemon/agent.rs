@@ -320,7 +320,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             (Standing::Holding { .. }, Standing::Unsure { .. }) => {
                 self.metrics.slots_lost.inc();
             }
-            (Standing::Waiting { .. } | Standing::Idle, Standing::Holding { slot, share }) => {
+            (Standing::Waiting { .. } | Standing::Idle, Standing::Holding { slot, share, .. }) => {
                 let waited = self.queued.map_or(Duration::ZERO, |(_, since)| since.elapsed());
                 self.metrics.slot_wait.observe(waited.as_secs_f64());
                 if self.situation.recorded.phase == Phase::Waiting {
@@ -465,9 +465,10 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         let cancelling = Arc::new(AtomicBool::new(false));
         let observer = self.observer(cancelling.clone());
         let mut settings = self.run_settings(self.record.as_ref().map(|(name, _)| name.as_str()));
-        if let (Ok(settings), Standing::Holding { share, .. }) = (&mut settings, &self.situation.slot) {
-            // The slot's share of the cluster's live migrations.
+        if let (Ok(settings), Standing::Holding { share, beside, .. }) = (&mut settings, &self.situation.slot) {
+            // The slot's share of the cluster's live migrations, and what the others still move.
             settings.max_parallel = settings.max_parallel.min(usize::try_from(*share).unwrap_or(1)).max(1);
+            settings.evacuating_elsewhere = beside.clone();
         }
         let target = self.settings.target.clone();
         let handle = tokio::spawn(async move {
@@ -494,16 +495,6 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         if self.queued.is_none() {
             self.queued = Some((self.wall_now(), Instant::now()));
         }
-        let observer = self.observer(Arc::default());
-        let engine = Engine::new(&*compute, &self.settings.evacuation, &observer);
-        let disabled_by_us = match engine.hold_service(&self.settings.target).await {
-            Ok(by_us) => by_us,
-            Err(e) => {
-                warn!(error = %e, "cannot disable the nova-compute service to wait for an evacuation slot; trying again");
-                self.situation.retry_at = Some(Instant::now() + RETRY_SOON);
-                return;
-            }
-        };
         let previous = self.situation.recorded.clone();
         let started_at = previous
             .started_at
@@ -520,15 +511,32 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             self.record = Some((name.clone(), status.clone()));
             self.write_record(&name, &status).await;
         }
+        // Recorded before anything changes in Nova, so a crash after the disable is never forgotten.
         let state = DrainState {
             phase: Phase::Waiting,
             started_at: Some(started_at),
             last_error: None,
             evacuation,
-            disabled_by_us: previous.disabled_by_us || disabled_by_us,
             ..previous
         };
         self.save(state).await;
+        // After the record is open, so that its Events tell the disable too.
+        let observer = self.observer(Arc::default());
+        let engine = Engine::new(&*compute, &self.settings.evacuation, &observer);
+        match engine.hold_service(&self.settings.target).await {
+            Ok(by_us) if by_us && !self.situation.recorded.disabled_by_us => {
+                let state = DrainState {
+                    disabled_by_us: true,
+                    ..self.situation.recorded.clone()
+                };
+                self.save(state).await;
+            }
+            Ok(_) => {}
+            Err(e) => warn!(
+                error = %e,
+                "cannot disable the nova-compute service while waiting for an evacuation slot; the run disables it"
+            ),
+        }
         info!("waiting for one of the cluster's evacuation slots");
         self.cluster.publish(
             Severity::Normal,

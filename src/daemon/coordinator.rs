@@ -27,8 +27,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::queue::{Kind, Limits, Move, SeenLease, next_move};
-use crate::kube::leases::{CoordinationLeases, LeaseError, Role, role_of, slot_name, ticket_name};
+use super::queue::{Kind, Limits, Move, SeenLease, evacuating_beside, next_move};
+use crate::kube::leases::{
+    CoordinationLeases, LeaseError, NOVA_HOST_ANNOTATION, Role, role_of, slot_name, ticket_name,
+};
 
 /// The agent asks for a slot, waiting since `since` (when it first asked for this maintenance).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,8 +47,9 @@ pub enum Standing {
     /// In the queue: `position` 1 is next, of `waiting` nodes; 0 while the
     /// Leases are still being listed.
     Waiting { position: usize, waiting: usize },
-    /// Holds slot `slot`: it may evacuate, at most `share` live migrations at once.
-    Holding { slot: u32, share: u32 },
+    /// Holds slot `slot`: it may evacuate, at most `share` live migrations
+    /// at once; `beside`: the Nova hosts the other holders evacuate.
+    Holding { slot: u32, share: u32, beside: Vec<String> },
     /// Held slot `slot` but could not renew it in time: start nothing, abort what runs.
     Unsure { slot: u32 },
 }
@@ -230,6 +233,12 @@ impl Coordinator {
                 Some(SeenLease {
                     kind,
                     holder: spec.holder_identity.clone(),
+                    nova_host: cached
+                        .lease
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(NOVA_HOST_ANNOTATION).cloned()),
                     live_until: cached.changed_at + duration,
                 })
             })
@@ -324,6 +333,7 @@ impl Coordinator {
             self.publish(Standing::Holding {
                 slot: index,
                 share: self.settings.limits.share(index),
+                beside: evacuating_beside(self.me(), &self.seen(), Instant::now()),
             });
         }
         let next = (held.renewed + self.settings.renew_every()).min(unsure_at);

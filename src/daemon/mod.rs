@@ -119,6 +119,7 @@ pub async fn run(settings: DaemonSettings, mut config: Config, kube: kube::Clien
             kube.clone(),
             &settings.namespace,
             &settings.target.node,
+            &settings.target.host,
             coordination.lease,
         );
         let (want, asked) = watch::channel(None);

@@ -52,6 +52,8 @@ pub struct SeenLease {
     pub kind: Kind,
     /// `holderIdentity`: the agent's node.
     pub holder: Option<String>,
+    /// The Nova host of the agent that wrote it.
+    pub nova_host: Option<String>,
     /// By the reader's clock: when it was last seen to change, plus its duration.
     pub live_until: Instant,
 }
@@ -75,6 +77,18 @@ pub enum Move {
 
 /// The next move of the agent of node `me`, waiting since `since`, given the
 /// Leases it has seen.
+/// The Nova hosts of the other agents holding a slot: evacuated at the same time as `me`'s.
+pub fn evacuating_beside(me: &str, seen: &[SeenLease], now: Instant) -> Vec<String> {
+    let mut hosts: Vec<String> = seen
+        .iter()
+        .filter(|lease| matches!(lease.kind, Kind::Slot(_)) && lease.live(now) && lease.holder.as_deref() != Some(me))
+        .filter_map(|lease| lease.nova_host.clone())
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
 pub fn next_move(me: &str, since: Timestamp, seen: &[SeenLease], limits: Limits, now: Instant) -> Move {
     let in_range = |index: u32| index < limits.slots;
     if let Some(index) = seen.iter().find_map(|lease| match lease.kind {
@@ -139,6 +153,7 @@ mod tests {
         SeenLease {
             kind: Kind::Slot(index),
             holder: holder.map(str::to_string),
+            nova_host: holder.map(|h| format!("host-{h}")),
             live_until,
         }
     }
@@ -147,6 +162,7 @@ mod tests {
         SeenLease {
             kind: Kind::Ticket { since: at(since) },
             holder: Some(holder.to_string()),
+            nova_host: Some(format!("host-{holder}")),
             live_until,
         }
     }
@@ -236,6 +252,20 @@ mod tests {
                 waiting: 2
             }
         );
+    }
+
+    #[test]
+    fn the_hosts_evacuated_beside_are_those_of_the_other_live_holders() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(30);
+        let seen = [
+            slot(0, Some("a"), later),
+            slot(1, Some("b"), later),
+            slot(2, Some("dead"), now),
+            slot(3, None, later),
+            ticket("c", 1, later),
+        ];
+        assert_eq!(evacuating_beside("a", &seen, now), ["host-b"]);
     }
 
     #[test]

@@ -1658,7 +1658,12 @@ async fn a_cordon_waits_for_a_slot_with_the_service_disabled_then_evacuates_with
     assert!(scrape.contains("nova_drain_queue_position 2"), "{scrape}");
     assert!(scrape.contains("nova_drain_waiting 1"), "{scrape}");
 
-    h.standing(Standing::Holding { slot: 0, share: 2 }).await;
+    h.standing(Standing::Holding {
+        slot: 0,
+        share: 2,
+        beside: Vec::new(),
+    })
+    .await;
     h.drain().await;
     assert_eq!(h.on_source(), 0);
     assert_eq!(h.cluster.phase(), Phase::Evacuated);
@@ -1714,7 +1719,12 @@ async fn a_slot_not_renewed_in_time_stops_the_run_which_waits_then_goes_on() {
     h.cordon(true).await;
     h.until("waiting", |h| h.cluster.phase() == Phase::Waiting).await;
     let asked = h.asks();
-    h.standing(Standing::Holding { slot: 0, share: 1 }).await;
+    h.standing(Standing::Holding {
+        slot: 0,
+        share: 1,
+        beside: Vec::new(),
+    })
+    .await;
     h.migrating().await;
     h.standing(Standing::Unsure { slot: 0 }).await;
     h.until("waiting again", |h| h.cluster.phase() == Phase::Waiting).await;
@@ -1737,7 +1747,12 @@ async fn a_slot_not_renewed_in_time_stops_the_run_which_waits_then_goes_on() {
     assert!(h.metrics.render(0, 0).contains("nova_drain_slots_lost_total 1"));
 
     // Held again: the same Evacuation goes on and empties the hypervisor.
-    h.standing(Standing::Holding { slot: 0, share: 1 }).await;
+    h.standing(Standing::Holding {
+        slot: 0,
+        share: 1,
+        beside: Vec::new(),
+    })
+    .await;
     h.drain().await;
     assert_eq!(h.on_source(), 0);
     assert_eq!(h.cluster.evacuations().len(), 1);

@@ -35,6 +35,7 @@ fn to_move(planned: &[PlannedVm]) -> Vec<&Server> {
 fn check_fit(
     planned: &[PlannedVm],
     capacity: Result<Option<Capacity>, EvacuationError>,
+    spoken_for: &[String],
 ) -> Result<(), EvacuationError> {
     let moving = to_move(planned);
     if moving.is_empty() {
@@ -42,7 +43,12 @@ fn check_fit(
     }
     let Some(capacity) = capacity? else { return Ok(()) };
     let needs = plan::needs(&moving, &capacity.allocations);
-    plan::check_capacity(&needs, &capacity).map_err(EvacuationError::Capacity)
+    plan::check_capacity(&needs, &capacity).map_err(|shortfall| {
+        EvacuationError::Capacity(plan::Shortfall {
+            spoken_for: spoken_for.to_vec(),
+            ..shortfall
+        })
+    })
 }
 
 /// Runs evacuations of one host against a compute cloud.
@@ -203,7 +209,7 @@ impl<'a, C: Compute> Engine<'a, C> {
             let listed_at = Instant::now();
             let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(target, destinations));
             let planned = planned?;
-            check_fit(&planned, capacity)?;
+            check_fit(&planned, capacity, &self.settings.evacuating_elsewhere)?;
             return Ok(DisabledAndPlanned {
                 disabled,
                 planned,
@@ -214,7 +220,7 @@ impl<'a, C: Compute> Engine<'a, C> {
         if self.settings.check_capacity {
             let (planned, capacity) = tokio::join!(self.plan(target), self.spare_capacity(target, destinations));
             let planned = planned?;
-            check_fit(&planned, capacity)?;
+            check_fit(&planned, capacity, &self.settings.evacuating_elsewhere)?;
             let listed_at = Instant::now();
             let disabled = self.disable(target, service).await?;
             // VMs may have landed between the check and the disable: the host
@@ -328,11 +334,24 @@ impl<'a, C: Compute> Engine<'a, C> {
         if !self.settings.check_capacity {
             return Ok(None);
         }
-        self.compute
-            .spare_capacity(&target.host, destinations)
-            .await
-            .map(Some)
-            .map_err(step("checking the other hypervisors' capacity"))
+        let others = &self.settings.evacuating_elsewhere;
+        // What each host evacuated elsewhere still holds: its VMs' needs.
+        let elsewhere = futures::future::try_join_all(others.iter().map(|other| async move {
+            self.compute.spare_capacity(other, &[]).await.map(|held| {
+                held.allocations.into_iter().map(|(id, resources)| plan::VmNeeds {
+                    id,
+                    resources,
+                    from: plan::NeedsFrom::Placement,
+                })
+            })
+        }));
+        let (capacity, elsewhere) =
+            tokio::try_join!(self.compute.spare_capacity(&target.host, destinations), elsewhere)
+                .map_err(step("checking the other hypervisors' capacity"))?;
+        let mut capacity = capacity;
+        let spoken: Vec<plan::VmNeeds> = elsewhere.into_iter().flatten().collect();
+        plan::speak_for(&mut capacity, &spoken);
+        Ok(Some(capacity))
     }
 
     /// What the run cannot do as asked, said once: below compute API 2.26

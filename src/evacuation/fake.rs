@@ -264,6 +264,8 @@ pub(crate) struct Cloud {
     /// What Placement shows each server holding on [`SOURCE`]; a server
     /// missing here has no allocation (its flavor stands in).
     pub(crate) allocations: BTreeMap<String, Resources>,
+    /// What the VMs on hosts evacuated elsewhere hold there, by host.
+    pub(crate) elsewhere: BTreeMap<String, BTreeMap<String, Resources>>,
     /// Placement is unreachable: `spare_capacity` fails.
     pub(crate) placement_down: bool,
     /// Nova's API is unreachable: every call fails.
@@ -618,6 +620,7 @@ impl FakeCloud {
                 placed: 0,
                 shared: BTreeMap::new(),
                 allocations: BTreeMap::new(),
+                elsewhere: BTreeMap::new(),
                 placement_down: false,
                 nova_down: false,
                 unusable: BTreeMap::new(),
@@ -729,6 +732,15 @@ impl FakeCloud {
             .iter()
             .map(|(host, free_ram_mb)| roomy(host, *free_ram_mb))
             .collect();
+    }
+
+    /// Another agent evacuates `host` at the same time; these VMs (RAM in MB) are still on it.
+    pub(crate) fn evacuated_elsewhere(&self, host: &str, vms: &[(&str, u64)]) {
+        let held = vms
+            .iter()
+            .map(|(id, ram)| (id.to_string(), BTreeMap::from([("MEMORY_MB".to_string(), *ram)])))
+            .collect();
+        self.lock().elsewhere.insert(host.to_string(), held);
     }
 
     /// Nova holds live migrations beyond `limit` per host queued (its
@@ -1083,6 +1095,16 @@ impl Compute for FakeCloud {
         let cloud = self.lock();
         if cloud.placement_down {
             return Err(ComputeError::Other("placement: connection refused".into()));
+        }
+        if let Some(held) = cloud.elsewhere.get(source) {
+            assert!(
+                hosts.is_empty(),
+                "a host evacuated elsewhere is asked for what it holds only"
+            );
+            return Ok(Capacity {
+                allocations: held.clone(),
+                ..Capacity::default()
+            });
         }
         assert_eq!(source, SOURCE, "the drained host's allocations are asked for");
         assert!(!hosts.iter().any(|h| h == SOURCE), "the drained host is no destination");

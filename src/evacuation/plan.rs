@@ -398,6 +398,8 @@ pub struct Unplaced {
 pub struct Shortfall {
     pub unplaced: Vec<Unplaced>,
     pub hosts: usize,
+    /// Hosts evacuated at the same time, whose VMs were placed first.
+    pub spoken_for: Vec<String>,
 }
 
 impl std::fmt::Display for Shortfall {
@@ -407,9 +409,17 @@ impl std::fmt::Display for Shortfall {
             .iter()
             .map(|u| format!("{} ({})", u.needs.id, u.reason))
             .collect();
+        let after = if self.spoken_for.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " once what still has to leave {} (evacuated at the same time) is placed",
+                self.spoken_for.join(", ")
+            )
+        };
         write!(
             f,
-            "the {} other enabled hypervisor(s) cannot hold {} of the VMs to move: {}",
+            "the {} other enabled hypervisor(s) cannot hold {} of the VMs to move{after}: {}",
             self.hosts,
             self.unplaced.len(),
             names.join("; ")
@@ -496,28 +506,52 @@ pub fn check_capacity(needs: &[VmNeeds], capacity: &Capacity) -> Result<(), Shor
         hosts: capacity.hosts.clone(),
         shared: capacity.shared.clone(),
     };
-    let ram = |r: &Resources| r.get(MEMORY_MB).copied().unwrap_or(0);
-    let mut order: Vec<&VmNeeds> = needs.iter().collect();
-    order.sort_by(|a, b| ram(&b.resources).cmp(&ram(&a.resources)).then_with(|| a.id.cmp(&b.id)));
-    let mut unplaced = Vec::new();
-    for vm in order {
-        room.hosts
-            .sort_by_key(|h| std::cmp::Reverse(h.free.get(MEMORY_MB).copied().unwrap_or(0)));
-        match (0..room.hosts.len()).find(|&i| room.fits(&room.hosts[i], &vm.resources)) {
-            Some(index) => room.take(index, &vm.resources),
-            None => unplaced.push(Unplaced {
-                needs: vm.clone(),
-                reason: room.why_not(&vm.resources),
-            }),
-        }
-    }
+    let unplaced = room.place(needs);
     if unplaced.is_empty() {
         Ok(())
     } else {
         Err(Shortfall {
             unplaced,
             hosts: capacity.hosts.len(),
+            spoken_for: Vec::new(),
         })
+    }
+}
+
+/// Takes from the destinations' free resources what the VMs still on the
+/// hosts `others` (evacuated at the same time by other agents) will need
+/// there, placed the same way before ours: what the scheduler gives them is
+/// not there for ours. What does not fit is the other evacuation's concern.
+pub fn speak_for(capacity: &mut Capacity, others: &[VmNeeds]) {
+    let mut room = Room {
+        hosts: std::mem::take(&mut capacity.hosts),
+        shared: std::mem::take(&mut capacity.shared),
+    };
+    room.place(others);
+    capacity.hosts = room.hosts;
+    capacity.shared = room.shared;
+}
+
+impl Room {
+    /// Places the VMs, the largest (RAM) first on the host with the most
+    /// free RAM; those that fit nowhere, with why.
+    fn place(&mut self, needs: &[VmNeeds]) -> Vec<Unplaced> {
+        let ram = |r: &Resources| r.get(MEMORY_MB).copied().unwrap_or(0);
+        let mut order: Vec<&VmNeeds> = needs.iter().collect();
+        order.sort_by(|a, b| ram(&b.resources).cmp(&ram(&a.resources)).then_with(|| a.id.cmp(&b.id)));
+        let mut unplaced = Vec::new();
+        for vm in order {
+            self.hosts
+                .sort_by_key(|h| std::cmp::Reverse(h.free.get(MEMORY_MB).copied().unwrap_or(0)));
+            match (0..self.hosts.len()).find(|&i| self.fits(&self.hosts[i], &vm.resources)) {
+                Some(index) => self.take(index, &vm.resources),
+                None => unplaced.push(Unplaced {
+                    needs: vm.clone(),
+                    reason: self.why_not(&vm.resources),
+                }),
+            }
+        }
+        unplaced
     }
 }
 

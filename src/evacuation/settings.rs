@@ -63,6 +63,9 @@ pub struct Settings {
     pub node_default: Option<VmPolicy>,
     /// Refuse to start when the other hosts cannot hold the VMs.
     pub check_capacity: bool,
+    /// Hosts other agents evacuate at the same time: the capacity check
+    /// counts what is still on them as spoken for on the destinations.
+    pub evacuating_elsewhere: Vec<String>,
     /// Disable the service before the capacity check rather than after it: an
     /// agent reacting to a cordon stops new VMs landing at once; a one-off run
     /// that finds no room changes nothing.
@@ -87,6 +90,7 @@ impl Default for Settings {
             state_policy: StatePolicy::default(),
             node_default: None,
             check_capacity: true,
+            evacuating_elsewhere: Vec::new(),
             disable_first: false,
         }
     }

@@ -556,6 +556,42 @@ async fn capacity_shortfall_refuses_to_start_and_changes_nothing() {
     assert!(cloud.service().enabled);
 }
 
+/// Two hosts evacuated at once share the destinations: what is still on the
+/// other one is placed first, and a run that would only fit without it is
+/// refused with that reason instead of failing migrations.
+#[tokio::test(start_paused = true)]
+async fn what_still_leaves_a_host_evacuated_elsewhere_is_spoken_for() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("ours", "ACTIVE", 2048);
+    cloud.other_hosts(&[("cmp-dst-1", 4096)]);
+    cloud.evacuated_elsewhere("cmp-other", &[("theirs-1", 1024), ("theirs-2", 2048)]);
+    let (_never_stop, stop) = watch::channel(StopRequest::Continue);
+    let settings = Settings {
+        evacuating_elsewhere: vec!["cmp-other".into()],
+        ..Settings::default()
+    };
+    let result = Engine::new(&cloud, &settings, &Quiet).evacuate(&target(), stop).await;
+    let Err(EvacuationError::Capacity(shortfall)) = result else {
+        panic!("expected a capacity error, got {result:?}");
+    };
+    assert_eq!(shortfall.spoken_for, ["cmp-other"]);
+    let message = EvacuationError::Capacity(shortfall).to_string();
+    assert!(
+        message.contains("once what still has to leave cmp-other (evacuated at the same time) is placed"),
+        "{message}"
+    );
+    assert!(cloud.calls().starts.is_empty());
+
+    // With the other host's VMs gone, it fits.
+    cloud.evacuated_elsewhere("cmp-other", &[]);
+    let (_never_stop, stop) = watch::channel(StopRequest::Continue);
+    let report = Engine::new(&cloud, &settings, &Quiet)
+        .evacuate(&target(), stop)
+        .await
+        .expect("it fits");
+    assert_eq!(report.result, RunResult::Succeeded);
+}
+
 #[tokio::test(start_paused = true)]
 async fn capacity_look_up_failure_stops_an_evacuation_only_when_something_must_move() {
     let cloud = FakeCloud::new();

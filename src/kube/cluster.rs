@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
@@ -340,9 +341,35 @@ async fn publish_events(
         };
         let node = events.lock().ok().and_then(|e| e.clone());
         for sink in node.iter().chain(following.iter()) {
-            if let Err(e) = sink.publish(severity, reason, "Evacuate", &note).await {
-                warn!(error = %e, %reason, "could not publish an Event");
-            }
+            publish_retrying(sink, severity, reason, &note).await;
         }
+    }
+}
+
+/// How long an Event the API server could not take is tried again: the
+/// Events that matter most (a lost evacuation slot) come when it is unreachable.
+const EVENT_RETRY_FOR: Duration = Duration::from_secs(300);
+/// Longest wait between two tries of one Event.
+const EVENT_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Publishes one Event, trying again with backoff while the API server
+/// cannot be reached or is overloaded; one it refuses is dropped (and logged).
+/// Later Events wait their turn, so they keep their order.
+async fn publish_retrying(sink: &ObjectEvents, severity: Severity, reason: &'static str, note: &str) {
+    let give_up = tokio::time::Instant::now() + EVENT_RETRY_FOR;
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let error = match sink.publish(severity, reason, "Evacuate", note).await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        let refused = matches!(&error, kube::Error::Api(status) if status.code < 500 && status.code != 429);
+        if refused || tokio::time::Instant::now() + delay > give_up {
+            warn!(error = %error, %reason, "could not publish an Event");
+            return;
+        }
+        warn!(error = %error, %reason, retry_in_seconds = delay.as_secs(), "could not publish an Event yet; trying again");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(EVENT_RETRY_MAX);
     }
 }

@@ -145,6 +145,12 @@ pub struct Cli {
     #[arg(long, value_name = "M", default_value_t = 5)]
     pub max_live_migrations: u32,
 
+    /// Daemon: the availability zones of hypervisors evacuating at the same time (with
+    /// --max-evacuating above 1): `same` (one zone at a time: the others stay whole),
+    /// `different` (never two of one zone), or `any`.
+    #[arg(long, value_enum, value_name = "RULE", default_value_t = Zones::Any)]
+    pub evacuating_zones: Zones,
+
     /// Daemon: seconds an evacuation slot stays held when its agent stops renewing it
     /// (it dies, or cannot reach the API server); it stops migrating after half of it.
     #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
@@ -196,6 +202,14 @@ pub enum Output {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `--evacuating-zones`: which availability zones may evacuate at the same time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Zones {
+    Any,
+    Same,
+    Different,
 }
 
 /// The name kubectl runs a plugin by: `kubectl drainer` executes `kubectl-drainer` from the PATH.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use nova_kubernetes_drain::cli::{self, Cli, Command, Output};
 use nova_kubernetes_drain::config::{self, CloudIdentity, Config, ProcessEnvironment};
 use nova_kubernetes_drain::daemon::coordinator::CoordinationSettings;
-use nova_kubernetes_drain::daemon::queue::Limits;
+use nova_kubernetes_drain::daemon::queue::{Limits, ZoneRule};
 use nova_kubernetes_drain::daemon::release::{GuardRelease, release_guards};
 use nova_kubernetes_drain::daemon::{DaemonSettings, RetryBackoff};
 use nova_kubernetes_drain::evacuation::{
@@ -294,6 +294,11 @@ async fn daemon(cli: &Cli, config: Config, target: Target) -> i32 {
         limits: Limits {
             slots: cli.max_evacuating,
             migrations: cli.max_live_migrations,
+            zones: match cli.evacuating_zones {
+                cli::Zones::Any => ZoneRule::Any,
+                cli::Zones::Same => ZoneRule::Same,
+                cli::Zones::Different => ZoneRule::Different,
+            },
         },
         lease: Duration::from_secs(cli.slot_lease),
     });

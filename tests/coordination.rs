@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
 use nova_kubernetes_drain::daemon::coordinator::{self, CoordinationSettings, Standing, Want};
-use nova_kubernetes_drain::daemon::queue::Limits;
+use nova_kubernetes_drain::daemon::queue::{Limits, ZoneRule};
 use nova_kubernetes_drain::kube::leases::CoordinationLeases;
 use serde_json::json;
 use support::cluster::KUBECONFIG_ENV;
@@ -30,7 +30,11 @@ const LEASE: Duration = Duration::from_secs(4);
 
 fn settings(slots: u32) -> CoordinationSettings {
     CoordinationSettings {
-        limits: Limits { slots, migrations: 5 },
+        limits: Limits {
+            slots,
+            migrations: 5,
+            zones: ZoneRule::Any,
+        },
         lease: LEASE,
     }
 }
@@ -125,6 +129,8 @@ fn rand_suffix() -> u32 {
 /// The simulated agents and what each was told, in order.
 struct Agents {
     wants: Vec<watch::Sender<Option<Want>>>,
+    /// Each agent's availability zone.
+    zones: Vec<Option<String>>,
     told: Vec<watch::Receiver<Standing>>,
     tasks: Vec<JoinHandle<()>>,
     /// Every change of standing, by agent; the test records an agent's end
@@ -136,6 +142,7 @@ impl Agents {
     fn new() -> Agents {
         Agents {
             wants: Vec::new(),
+            zones: Vec::new(),
             told: Vec::new(),
             tasks: Vec::new(),
             timeline: Arc::default(),
@@ -163,12 +170,28 @@ impl Agents {
         });
         self.wants.push(want);
         self.told.push(told);
+        self.zones.push(None);
+        index
+    }
+
+    /// [`Agents::add`], its hypervisor in availability zone `zone`.
+    fn add_in(
+        &mut self,
+        client: Client,
+        namespace: &str,
+        name: &str,
+        settings: CoordinationSettings,
+        zone: &str,
+    ) -> usize {
+        let index = self.add(client, namespace, name, settings);
+        self.zones[index] = Some(zone.to_string());
         index
     }
 
     fn want(&self, agent: usize) {
         self.wants[agent].send_replace(Some(Want {
             since: jiff::Timestamp::now(),
+            zone: self.zones[agent].clone(),
         }));
     }
 
@@ -209,6 +232,20 @@ impl Agents {
             most = most.max(now.iter().filter(|h| **h).count());
         }
         most
+    }
+
+    /// Every set of agents holding slots at one moment, replaying the timeline.
+    fn holding_together(&self) -> Vec<Vec<usize>> {
+        let mut timeline = self.timeline.lock().expect("timeline").clone();
+        timeline.sort_by_key(|(at, _, _)| *at);
+        let mut now = vec![false; self.wants.len()];
+        timeline
+            .into_iter()
+            .map(|(_, agent, standing)| {
+                now[agent] = matches!(standing, Standing::Holding { .. });
+                (0..now.len()).filter(|a| now[*a]).collect()
+            })
+            .collect()
     }
 
     /// When each agent first held a slot.
@@ -493,6 +530,7 @@ async fn a_hundred_agents_cost_the_api_server_what_one_costs_each() {
         limits: Limits {
             slots: 1,
             migrations: 5,
+            zones: ZoneRule::Any,
         },
         lease: Duration::from_secs(6),
     };
@@ -596,5 +634,61 @@ async fn a_hundred_agents_cost_the_api_server_what_one_costs_each() {
     );
     for task in watches {
         task.abort();
+    }
+}
+
+#[tokio::test]
+async fn under_a_zone_rule_the_hypervisors_evacuating_together_share_a_zone_or_never_do() {
+    for (rule, agents_per_zone) in [(ZoneRule::Same, 3), (ZoneRule::Different, 2)] {
+        let cluster = Cluster::start().await;
+        let mut agents = Agents::new();
+        let settings = CoordinationSettings {
+            limits: Limits {
+                slots: 2,
+                migrations: 4,
+                zones: rule,
+            },
+            lease: LEASE,
+        };
+        // Zones interleaved in the queue: az1, az2, az1, az2...
+        let nodes: Vec<usize> = (0..2 * agents_per_zone)
+            .map(|i| {
+                let zone = if i % 2 == 0 { "az1" } else { "az2" };
+                agents.add_in(
+                    cluster.client(),
+                    &cluster.namespace,
+                    &format!("node-{i}"),
+                    settings,
+                    zone,
+                )
+            })
+            .collect();
+        for &node in &nodes {
+            agents.want(node);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        agents
+            .serve(&nodes, Duration::from_millis(600), Duration::from_secs(60))
+            .await;
+        let together = agents.holding_together();
+        let zone = |a: usize| agents.zones[a].clone();
+        for holders in &together {
+            match rule {
+                ZoneRule::Same => assert!(
+                    holders.iter().all(|a| zone(*a) == zone(holders[0])),
+                    "{rule:?}: {holders:?} evacuate together across zones"
+                ),
+                _ => assert!(
+                    holders.len() < 2 || zone(holders[0]) != zone(holders[1]),
+                    "{rule:?}: {holders:?} evacuate together in one zone"
+                ),
+            }
+        }
+        assert_eq!(
+            together.iter().map(Vec::len).max(),
+            Some(2),
+            "{rule:?}: two at once where the rule allows it"
+        );
+        cluster.finish().await;
     }
 }

@@ -120,6 +120,8 @@ pub struct Agent<C: Compute + 'static, K: Cluster> {
     queued: Option<(jiff::Timestamp, Instant)>,
     /// The standing last told (Events, metrics, the Evacuation's queue position).
     told: Standing,
+    /// The hypervisor's availability zone, as Nova told it when the node began to wait.
+    zone: Option<String>,
 }
 
 impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
@@ -152,6 +154,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             want: None,
             queued: None,
             told: Standing::Idle,
+            zone: None,
         };
         agent.set_phase_metric(Phase::Idle);
         agent
@@ -288,7 +291,10 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         } else if self.queued.is_none() {
             self.queued = Some((self.wall_now(), Instant::now()));
         }
-        let wanted = self.queued.map(|(since, _)| Want { since });
+        let wanted = self.queued.map(|(since, _)| Want {
+            since,
+            zone: self.zone.clone(),
+        });
         want.send_if_modified(|current| {
             let changed = *current != wanted;
             *current = wanted;
@@ -524,14 +530,16 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         let observer = self.observer(Arc::default());
         let engine = Engine::new(&*compute, &self.settings.evacuation, &observer);
         match engine.hold_service(&self.settings.target).await {
-            Ok(by_us) if by_us && !self.situation.recorded.disabled_by_us => {
-                let state = DrainState {
-                    disabled_by_us: true,
-                    ..self.situation.recorded.clone()
-                };
-                self.save(state).await;
+            Ok((by_us, service)) => {
+                self.zone = service.zone;
+                if by_us && !self.situation.recorded.disabled_by_us {
+                    let state = DrainState {
+                        disabled_by_us: true,
+                        ..self.situation.recorded.clone()
+                    };
+                    self.save(state).await;
+                }
             }
-            Ok(_) => {}
             Err(e) => warn!(
                 error = %e,
                 "cannot disable the nova-compute service while waiting for an evacuation slot; the run disables it"

@@ -27,15 +27,18 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::queue::ZoneRule;
 use super::queue::{Kind, Limits, Move, SeenLease, evacuating_beside, next_move};
 use crate::kube::leases::{
-    CoordinationLeases, LeaseError, NOVA_HOST_ANNOTATION, Role, role_of, slot_name, ticket_name,
+    CoordinationLeases, LeaseError, NOVA_HOST_ANNOTATION, Role, ZONE_ANNOTATION, role_of, slot_name, ticket_name,
 };
 
-/// The agent asks for a slot, waiting since `since` (when it first asked for this maintenance).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The agent asks for a slot, waiting since `since` (when it first asked
+/// for this maintenance), its hypervisor in availability zone `zone`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Want {
     pub since: Timestamp,
+    pub zone: Option<String>,
 }
 
 /// Where the agent stands in the queue.
@@ -108,6 +111,8 @@ struct Coordinator {
     ticket: Option<(Lease, Instant)>,
     /// A failed write is not tried again before this.
     retry_at: Option<Instant>,
+    /// The availability zone of the agent's hypervisor, as last asked.
+    zone: Option<String>,
     standing: watch::Sender<Standing>,
 }
 
@@ -129,11 +134,12 @@ pub async fn run(
         held: None,
         ticket: None,
         retry_at: None,
+        zone: None,
         standing,
     };
     let mut events: Option<LeaseEvents> = None;
     loop {
-        let wanted = *want.borrow_and_update();
+        let wanted = want.borrow_and_update().clone();
         let wake = match wanted {
             None => {
                 coordinator.let_go().await;
@@ -233,12 +239,8 @@ impl Coordinator {
                 Some(SeenLease {
                     kind,
                     holder: spec.holder_identity.clone(),
-                    nova_host: cached
-                        .lease
-                        .metadata
-                        .annotations
-                        .as_ref()
-                        .and_then(|a| a.get(NOVA_HOST_ANNOTATION).cloned()),
+                    nova_host: annotation(&cached.lease, NOVA_HOST_ANNOTATION),
+                    zone: annotation(&cached.lease, ZONE_ANNOTATION),
                     live_until: cached.changed_at + duration,
                 })
             })
@@ -264,8 +266,10 @@ impl Coordinator {
             return self.retry_at;
         }
         self.retry_at = None;
-        let since = self.since(wanted);
-        match next_move(self.me(), since, &self.seen(), self.settings.limits, now) {
+        let since = self.since(&wanted);
+        self.zone = wanted.zone;
+        let zone = self.zone.as_deref();
+        match next_move(self.me(), since, zone, &self.seen(), self.settings.limits, now) {
             Move::Keep(index) => self.adopt(index).await,
             Move::Take(index) => self.take(index).await,
             Move::Wait { position, waiting } => {
@@ -277,7 +281,7 @@ impl Coordinator {
 
     /// When the agent started waiting: what it asks, or its ticket's time if
     /// that is earlier (a restarted agent keeps its place).
-    fn since(&self, wanted: Want) -> Timestamp {
+    fn since(&self, wanted: &Want) -> Timestamp {
         let ticket = self
             .cache
             .get(&ticket_name(self.me()))
@@ -293,7 +297,7 @@ impl Coordinator {
             self.retry_at = None;
             let lease = held.lease.clone();
             let sent = Instant::now();
-            match self.request(self.leases.renew(&lease)).await {
+            match self.request(self.leases.renew(&lease, self.zone.as_deref())).await {
                 Ok(lease) => {
                     self.held = Some(Held {
                         index,
@@ -355,7 +359,7 @@ impl Coordinator {
     async fn adopt(&mut self, index: u32) -> Option<Instant> {
         let lease = self.cache.get(&slot_name(index))?.lease.clone();
         let sent = Instant::now();
-        match self.request(self.leases.renew(&lease)).await {
+        match self.request(self.leases.renew(&lease, self.zone.as_deref())).await {
             Ok(lease) => {
                 info!(slot = index, "holding our evacuation slot again");
                 self.held = Some(Held {
@@ -379,7 +383,22 @@ impl Coordinator {
     async fn take(&mut self, index: u32) -> Option<Instant> {
         let seen = self.cache.get(&slot_name(index)).map(|c| c.lease.clone());
         let sent = Instant::now();
-        match self.request(self.leases.take(index, seen.as_ref())).await {
+        match self
+            .request(self.leases.take(index, seen.as_ref(), self.zone.as_deref()))
+            .await
+        {
+            Ok(lease) if !self.zones_still_allow(index).await => {
+                // Another zone took a slot at the same moment: both may let go, and try again apart.
+                info!(
+                    slot = index,
+                    "another availability zone took a slot at the same time: letting ours go"
+                );
+                if let Err(e) = self.request(self.leases.release(&lease)).await {
+                    warn!(error = %e, "cannot let the slot go; it expires by itself");
+                }
+                self.retry_at = Some(Instant::now() + jitter(self.settings.retry() * 2));
+                self.retry_at
+            }
             Ok(lease) => {
                 info!(slot = index, "took an evacuation slot");
                 self.held = Some(Held {
@@ -412,8 +431,11 @@ impl Coordinator {
             let seen = self.cache.get(&ticket_name(self.me())).map(|c| c.lease.clone());
             let sent = Instant::now();
             let written = match &self.ticket {
-                Some((ours, _)) => self.request(self.leases.renew(ours)).await,
-                None => self.request(self.leases.enqueue(seen.as_ref(), since)).await,
+                Some((ours, _)) => self.request(self.leases.renew(ours, self.zone.as_deref())).await,
+                None => {
+                    self.request(self.leases.enqueue(seen.as_ref(), since, self.zone.as_deref()))
+                        .await
+                }
             };
             match written {
                 Ok(lease) => {
@@ -451,6 +473,53 @@ impl Coordinator {
         }
     }
 
+    /// Under a zone rule, whether the slots as they are now (read after
+    /// ours was written, not as the watch last showed them) hold no other
+    /// zone the rule forbids beside ours. Of two agents that took slots at the
+    /// same moment, the later reader always sees the earlier writer, so at
+    /// most one of them goes on. A holder counts unless the watch showed its
+    /// Lease unrenewed for its whole duration.
+    async fn zones_still_allow(&self, index: u32) -> bool {
+        let rule = self.settings.limits.zones;
+        if rule == ZoneRule::Any {
+            return true;
+        }
+        let slots = match self.request(self.leases.slots()).await {
+            Ok(slots) => slots,
+            Err(e) => {
+                warn!(error = %e, "cannot read the slots again; letting ours go");
+                return false;
+            }
+        };
+        let now = Instant::now();
+        // Seen unrenewed for its whole duration, and read the same now: its holder is gone.
+        let gone = |name: &str, lease: &Lease| {
+            self.cache.get(name).is_some_and(|cached| {
+                let duration = cached
+                    .lease
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.lease_duration_seconds)
+                    .and_then(|s| u64::try_from(s).ok())
+                    .map_or(self.settings.lease, Duration::from_secs);
+                now >= cached.changed_at + duration && same_renewal(&cached.lease, lease)
+            })
+        };
+        let others: Vec<Option<String>> = slots
+            .iter()
+            .filter(|lease| {
+                let name = lease.metadata.name.clone().unwrap_or_default();
+                name != slot_name(index)
+                    && matches!(role_of(&name), Some(Role::Slot(i)) if i < self.settings.limits.slots)
+                    && holder_of(lease).is_some_and(|holder| holder != self.me())
+                    && !gone(&name, lease)
+            })
+            .map(|lease| annotation(lease, ZONE_ANNOTATION))
+            .collect();
+        let others: Vec<Option<&str>> = others.iter().map(Option::as_deref).collect();
+        rule.allows(self.zone.as_deref(), &others)
+    }
+
     /// Lets go of the slot and the ticket (the agent wants neither any more).
     async fn let_go(&mut self) {
         if let Some(held) = self.held.take() {
@@ -478,6 +547,27 @@ impl Coordinator {
             Err(_) => Err(LeaseError::TimedOut(self.settings.request_timeout())),
         }
     }
+}
+
+/// Whether two reads of a Lease show the same holder and renewal.
+fn same_renewal(a: &Lease, b: &Lease) -> bool {
+    let key = |l: &Lease| {
+        l.spec
+            .as_ref()
+            .map(|s| (s.holder_identity.clone(), s.renew_time.clone()))
+    };
+    key(a) == key(b)
+}
+
+/// Up to `most`, different on each call, so that agents that backed off together do not meet again.
+fn jitter(most: Duration) -> Duration {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
+    most.mul_f64((random % 1000) as f64 / 1000.0)
+}
+
+fn annotation(lease: &Lease, key: &str) -> Option<String> {
+    lease.metadata.annotations.as_ref()?.get(key).cloned()
 }
 
 fn holder_of(lease: &Lease) -> Option<&str> {

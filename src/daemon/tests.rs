@@ -1615,7 +1615,7 @@ async fn coordinated(cloud: Arc<FakeCloud>, max_parallel: usize) -> Harness {
 impl Harness {
     /// What the agent asks of the coordinator now.
     fn asks(&self) -> Option<Want> {
-        self.want.as_ref().and_then(|want| *want.borrow())
+        self.want.as_ref().and_then(|want| want.borrow().clone())
     }
 
     async fn standing(&self, standing: Standing) {

@@ -25,6 +25,8 @@ pub struct ComputeService {
     /// Whether the service heartbeat is current (`state: up`) and it is not forced down.
     pub up: bool,
     pub disabled_reason: Option<String>,
+    /// Its availability zone, as Nova tells it.
+    pub zone: Option<String>,
 }
 
 /// A server (VM) with the fields that decide how to move it.

@@ -613,6 +613,7 @@ impl FakeCloud {
                     enabled: true,
                     up: true,
                     disabled_reason: None,
+                    zone: Some("nova".into()),
                 },
                 vms: BTreeMap::new(),
                 migrations: Vec::new(),
@@ -1085,6 +1086,7 @@ impl Compute for FakeCloud {
                 enabled,
                 up,
                 disabled_reason: None,
+                zone: Some("nova".into()),
             }
         });
         Ok(std::iter::once(cloud.service.clone()).chain(others).collect())

@@ -301,10 +301,12 @@ impl<C: Compute> Engine<'_, C> {
     }
 
     /// Disables the host's service ahead of its evacuation (a node waiting
-    /// for its turn takes no new VMs); whether the disabling is ours.
-    pub async fn hold_service(&self, target: &Target) -> Result<bool, EvacuationError> {
+    /// for its turn takes no new VMs); whether the disabling is ours, and the
+    /// service as it was found (its availability zone).
+    pub async fn hold_service(&self, target: &Target) -> Result<(bool, ComputeService), EvacuationError> {
         let service = self.service(target).await?;
-        self.disable(target, &service).await.map(|(ours, _)| ours)
+        let (ours, _) = self.disable(target, &service).await?;
+        Ok((ours, service))
     }
 
     /// Disables the service unless it already is; tells whether the disabling is ours.

@@ -27,6 +27,9 @@ pub const ROLE_LABEL: &str = "nova-kubernetes-drain/coordination";
 /// Annotation on every coordination Lease: the Nova host of its agent's node
 /// (an agent evacuating beside it counts what is still there as spoken for).
 pub const NOVA_HOST_ANNOTATION: &str = "nova-kubernetes-drain/nova-host";
+/// Annotation on every coordination Lease: the availability zone of that
+/// host, where Nova tells it (for a rule on the zones evacuating at once).
+pub const ZONE_ANNOTATION: &str = "nova-kubernetes-drain/zone";
 const SLOT_PREFIX: &str = "nova-drain-slot-";
 const TICKET_PREFIX: &str = "nova-drain-queue-";
 
@@ -130,7 +133,7 @@ impl CoordinationLeases {
 
     /// Takes slot `index`, free or expired as `seen` (the Lease as last read;
     /// `None`: it does not exist yet).
-    pub async fn take(&self, index: u32, seen: Option<&Lease>) -> Result<Lease, LeaseError> {
+    pub async fn take(&self, index: u32, seen: Option<&Lease>, zone: Option<&str>) -> Result<Lease, LeaseError> {
         let now = MicroTime(Timestamp::now());
         let transitions = seen
             .and_then(|l| l.spec.as_ref())
@@ -148,11 +151,11 @@ impl CoordinationLeases {
             }),
             ..LeaseSpec::default()
         };
-        self.write(&slot_name(index), "slot", seen, spec).await
+        self.write(&slot_name(index), "slot", seen, spec, zone).await
     }
 
     /// Renews a Lease this agent holds (a slot) or owns (its ticket).
-    pub async fn renew(&self, held: &Lease) -> Result<Lease, LeaseError> {
+    pub async fn renew(&self, held: &Lease, zone: Option<&str>) -> Result<Lease, LeaseError> {
         let name = held.metadata.name.clone().unwrap_or_default();
         let spec = LeaseSpec {
             renew_time: Some(MicroTime(Timestamp::now())),
@@ -164,7 +167,7 @@ impl CoordinationLeases {
         } else {
             "slot"
         };
-        self.write(&name, role, Some(held), spec).await
+        self.write(&name, role, Some(held), spec, zone).await
     }
 
     /// Lets a slot go at once (no holder), so the next in the queue need not wait for it to expire.
@@ -176,11 +179,16 @@ impl CoordinationLeases {
             acquire_time: None,
             ..held.spec.clone().unwrap_or_default()
         };
-        self.write(&name, "slot", Some(held), spec).await.map(drop)
+        self.write(&name, "slot", Some(held), spec, None).await.map(drop)
     }
 
     /// Puts this agent in the queue, waiting since `queued_at` (`seen`: its ticket as last read).
-    pub async fn enqueue(&self, seen: Option<&Lease>, queued_at: Timestamp) -> Result<Lease, LeaseError> {
+    pub async fn enqueue(
+        &self,
+        seen: Option<&Lease>,
+        queued_at: Timestamp,
+        zone: Option<&str>,
+    ) -> Result<Lease, LeaseError> {
         let spec = LeaseSpec {
             holder_identity: Some(self.holder.clone()),
             lease_duration_seconds: Some(self.duration_seconds),
@@ -188,7 +196,7 @@ impl CoordinationLeases {
             renew_time: Some(MicroTime(Timestamp::now())),
             ..LeaseSpec::default()
         };
-        self.write(&ticket_name(&self.holder), "queue", seen, spec).await
+        self.write(&ticket_name(&self.holder), "queue", seen, spec, zone).await
     }
 
     /// Takes this agent out of the queue.
@@ -201,6 +209,19 @@ impl CoordinationLeases {
         }
     }
 
+    /// The slots as they are now (not as a watch last showed them).
+    pub async fn slots(&self) -> Result<Vec<Lease>, LeaseError> {
+        let selector = format!("{ROLE_LABEL}=slot");
+        self.api
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await
+            .map(|list| list.items)
+            .map_err(|source| LeaseError::Api {
+                name: "(slots)".to_string(),
+                source,
+            })
+    }
+
     /// Lease `name` as it is now.
     pub async fn get(&self, name: &str) -> Result<Option<Lease>, LeaseError> {
         self.api.get_opt(name).await.map_err(|source| LeaseError::Api {
@@ -211,12 +232,24 @@ impl CoordinationLeases {
 
     /// Creates Lease `name` (`seen` is `None`) or replaces it, as of the
     /// resourceVersion it was seen at.
-    async fn write(&self, name: &str, role: &str, seen: Option<&Lease>, spec: LeaseSpec) -> Result<Lease, LeaseError> {
+    async fn write(
+        &self,
+        name: &str,
+        role: &str,
+        seen: Option<&Lease>,
+        spec: LeaseSpec,
+        zone: Option<&str>,
+    ) -> Result<Lease, LeaseError> {
+        let mut annotations =
+            std::collections::BTreeMap::from([(NOVA_HOST_ANNOTATION.to_string(), self.nova_host.clone())]);
+        if let Some(zone) = zone {
+            annotations.insert(ZONE_ANNOTATION.to_string(), zone.to_string());
+        }
         let lease = Lease {
             metadata: ObjectMeta {
                 name: Some(name.to_string()),
                 labels: Some([(ROLE_LABEL.to_string(), role.to_string())].into()),
-                annotations: Some([(NOVA_HOST_ANNOTATION.to_string(), self.nova_host.clone())].into()),
+                annotations: Some(annotations),
                 resource_version: seen.and_then(|l| l.metadata.resource_version.clone()),
                 // A precondition: a Lease deleted meanwhile is not made anew by the replace.
                 uid: seen.and_then(|l| l.metadata.uid.clone()),

@@ -67,6 +67,8 @@ pub struct Service {
     pub disabled_reason: Option<String>,
     #[serde(default)]
     pub forced_down: bool,
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 impl Service {
@@ -77,6 +79,7 @@ impl Service {
             up: self.state == "up" && !self.forced_down,
             host: self.host,
             disabled_reason: self.disabled_reason,
+            zone: self.zone,
         }
     }
 }

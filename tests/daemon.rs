@@ -1787,3 +1787,73 @@ async fn an_agent_cut_off_from_the_api_server_stops_migrating_before_its_slot_ca
     assert_eq!(lab.service(NOVA_HOST).await["status"], "enabled");
     assert_eq!(host_of(&lab.server(&stuck).await), NOVA_HOST);
 }
+
+/// The agent holding the cluster's one evacuation slot SIGKILLed mid-run: the
+/// node waiting behind it takes the slot only once the Lease has gone
+/// unrenewed for its time (`--slot-lease 10`), then evacuates. The killed
+/// node's agent, started again, takes its turn and follows the migration
+/// its predecessor left in flight; the uncordon ends it as usual.
+#[tokio::test]
+async fn a_killed_holders_slot_goes_to_the_next_node_after_the_lease_time() {
+    const LEASE: Duration = Duration::from_secs(10);
+    let _exclusive = Lab::exclusive().await;
+    let (lab, first) = setup().await;
+    let second = first.join("host2").await;
+    let stuck = lab.boot(BootSpec::new("dmn-kill-holder").stall()).await.remove(0);
+    let waiting = lab.boot(BootSpec::new("dmn-next").host("host2")).await.remove(0);
+    let flags = ["--slot-lease", "10"];
+    let mut holder = Agent::start_with(&first, &lab, "", &flags).await;
+    let _next = Agent::start_with(&second, &lab, "", &flags).await;
+    wait_guard(&first, Duration::from_secs(20)).await;
+    wait_guard(&second, Duration::from_secs(20)).await;
+    first.cordon().await;
+    eventually(
+        "the first node's migration running",
+        Duration::from_secs(30),
+        async || {
+            lab.server_migrations(&stuck)
+                .await
+                .first()
+                .filter(|m| m["status"] == "running")
+                .map(drop)
+        },
+    )
+    .await;
+    second.cordon().await;
+    wait_phase(&second, "Waiting", Duration::from_secs(20)).await;
+
+    holder.signal("KILL");
+    assert!(holder.wait_exit(Duration::from_secs(5)).await.is_some());
+    let killed = jiff::Timestamp::now();
+    wait_phase(&second, "Evacuated", Duration::from_secs(60)).await;
+    let took = second
+        .events()
+        .await
+        .iter()
+        .find(|e| e["reason"] == "EvacuationSlotTaken")
+        .map(|e| event_time(&e["eventTime"]))
+        .expect("an EvacuationSlotTaken Event");
+    let after = took.duration_since(killed).as_secs_f64();
+    eprintln!("the killed holder's slot taken {after:.1} s after the kill (slot lease {LEASE:?})");
+    // Its last renewal came at most a third of the lease before the kill.
+    assert!(
+        after >= LEASE.as_secs_f64() * 2.0 / 3.0 - 1.0,
+        "taken before it could expire: {after:.1} s"
+    );
+    assert_ne!(host_of(&lab.server(&waiting).await), "host2");
+
+    // Started again, the killed node's agent takes the free slot and follows the migration in flight.
+    let _again = Agent::start_with(&first, &lab, "", &flags).await;
+    wait_phase(&first, "Evacuating", Duration::from_secs(30)).await;
+    assert_eq!(
+        lab.live_migrations(&stuck).await.len(),
+        1,
+        "no second migration of the same VM"
+    );
+    first.uncordon().await;
+    wait_phase(&first, "Idle", Duration::from_secs(30)).await;
+    assert_eq!(lab.service(NOVA_HOST).await["status"], "enabled");
+    assert_eq!(host_of(&lab.server(&stuck).await), NOVA_HOST);
+    second.uncordon().await;
+    wait_phase(&second, "Idle", Duration::from_secs(30)).await;
+}

@@ -73,10 +73,15 @@ pub struct AgentSettings {
 
 struct Running {
     handle: JoinHandle<Result<Report, EvacuationError>>,
-    stop: watch::Sender<StopRequest>,
+    stop: Arc<watch::Sender<StopRequest>>,
     /// Set once the run is cancelled, for the observer: what stays is cancelled, not failed.
     cancelling: Arc<AtomicBool>,
     cancelled: Option<CancelCause>,
+    /// Stops the run the moment its slot is no longer held, whatever the
+    /// agent's loop is waiting on (a write to a stalled API server).
+    slot_guard: Option<JoinHandle<()>>,
+    /// Set by the slot guard when it stopped the run.
+    slot_lost: Arc<AtomicBool>,
 }
 
 pub struct Agent<C: Compute + 'static, K: Cluster> {
@@ -122,6 +127,8 @@ pub struct Agent<C: Compute + 'static, K: Cluster> {
     told: Standing,
     /// The hypervisor's availability zone, as Nova told it when the node began to wait.
     zone: Option<String>,
+    /// The coordinator's standing, read by each run's slot guard.
+    told_directly: Option<watch::Receiver<Standing>>,
 }
 
 impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
@@ -155,6 +162,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             queued: None,
             told: Standing::Idle,
             zone: None,
+            told_directly: None,
         };
         agent.set_phase_metric(Phase::Idle);
         agent
@@ -162,9 +170,11 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
 
     /// Evacuates only while holding one of the cluster's evacuation slots,
     /// asked for through `want` (see [`super::coordinator`]).
-    pub fn coordinated(mut self, want: watch::Sender<Option<Want>>) -> Self {
+    /// `told`: the coordinator's standing, which also stops a run at once when its slot is lost.
+    pub fn coordinated(mut self, want: watch::Sender<Option<Want>>, told: watch::Receiver<Standing>) -> Self {
         self.situation.coordinated = true;
         self.want = Some(want);
+        self.told_directly = Some(told);
         self
     }
 
@@ -267,6 +277,10 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             self.save(self.situation.recorded.clone()).await;
         }
         for _ in 0..4 {
+            // The freshest word on the slot (the inputs may lag behind it).
+            if let Some(told) = &self.told_directly {
+                self.situation.slot = told.borrow().clone();
+            }
             self.tell_standing().await;
             let steps = decide(&self.situation, Instant::now());
             if steps.is_empty() {
@@ -284,8 +298,9 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
     /// restart left, whose slot may still be ours), lets it go otherwise.
     fn ask_for_slot(&mut self) {
         let Some(want) = &self.want else { return };
-        let asks =
-            self.running.is_some() || matches!(self.situation.recorded.phase, Phase::Waiting | Phase::Evacuating);
+        // A run keeps its slot until it has ended (an uncordon's aborts included).
+        let asks = self.running.is_some()
+            || (self.situation.wanted() && matches!(self.situation.recorded.phase, Phase::Waiting | Phase::Evacuating));
         if !asks {
             self.queued = None;
         } else if self.queued.is_none() {
@@ -468,7 +483,13 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         self.save(state).await;
         info!("evacuating the hypervisor");
         let (stop, stop_rx) = watch::channel(StopRequest::Continue);
+        let stop = Arc::new(stop);
         let cancelling = Arc::new(AtomicBool::new(false));
+        let slot_lost = Arc::new(AtomicBool::new(false));
+        let slot_guard = self
+            .told_directly
+            .clone()
+            .map(|told| tokio::spawn(guard_slot(told, stop.clone(), cancelling.clone(), slot_lost.clone())));
         let observer = self.observer(cancelling.clone());
         let mut settings = self.run_settings(self.record.as_ref().map(|(name, _)| name.as_str()));
         if let (Ok(settings), Standing::Holding { share, beside, .. }) = (&mut settings, &self.situation.slot) {
@@ -487,6 +508,8 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             stop,
             cancelling,
             cancelled: None,
+            slot_guard,
+            slot_lost,
         });
         self.situation.evacuation = Evacuation::Running;
         self.situation.retry_at = None;
@@ -532,6 +555,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         match engine.hold_service(&self.settings.target).await {
             Ok((by_us, service)) => {
                 self.zone = service.zone;
+                self.situation.zone_known = true;
                 if by_us && !self.situation.recorded.disabled_by_us {
                     let state = DrainState {
                         disabled_by_us: true,
@@ -540,10 +564,13 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
                     self.save(state).await;
                 }
             }
-            Err(e) => warn!(
-                error = %e,
-                "cannot disable the nova-compute service while waiting for an evacuation slot; the run disables it"
-            ),
+            Err(e) => {
+                warn!(
+                    error = %e,
+                    "cannot disable the nova-compute service while waiting for an evacuation slot; trying again"
+                );
+                self.situation.retry_at = Some(Instant::now() + RETRY_SOON);
+            }
         }
         info!("waiting for one of the cluster's evacuation slots");
         self.cluster.publish(
@@ -558,7 +585,16 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
     }
 
     async fn finished(&mut self, result: Result<Result<Report, EvacuationError>, tokio::task::JoinError>) {
-        let cancelled = self.running.take().and_then(|r| r.cancelled);
+        let cancelled = self.running.take().and_then(|running| {
+            if let Some(guard) = running.slot_guard {
+                guard.abort();
+            }
+            let lost = running
+                .slot_lost
+                .load(Ordering::Relaxed)
+                .then_some(CancelCause::SlotLost);
+            running.cancelled.or(lost)
+        });
         self.situation.evacuation = Evacuation::None;
         let result = match result {
             Ok(Ok(mut report)) => {
@@ -600,7 +636,11 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             };
             if waits_again {
                 // The same evacuation goes on once the slot is held again.
-                let last = record::waiting(last, &self.settings.target.host, None);
+                let position = match self.situation.slot {
+                    Standing::Waiting { position, .. } if position > 0 => u32::try_from(position).ok(),
+                    _ => None,
+                };
+                let last = record::waiting(last, &self.settings.target.host, position);
                 self.record = Some((name.clone(), last.clone()));
                 self.write_record(&name, &last).await;
             } else {
@@ -1170,6 +1210,34 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             }
         }
     }
+}
+
+/// Stops a run (no new migration, in-flight ones aborted) the moment the
+/// coordinator no longer counts on the node's slot: the agent's own loop may
+/// be held up by the very API server that keeps the slot from being renewed.
+async fn guard_slot(
+    mut told: watch::Receiver<Standing>,
+    stop: Arc<watch::Sender<StopRequest>>,
+    cancelling: Arc<AtomicBool>,
+    slot_lost: Arc<AtomicBool>,
+) {
+    if told
+        .wait_for(|standing| !matches!(standing, Standing::Holding { .. }))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    warn!("the evacuation slot is no longer held: stopping the evacuation");
+    slot_lost.store(true, Ordering::Relaxed);
+    cancelling.store(true, Ordering::Relaxed);
+    stop.send_if_modified(|request| {
+        let continues = *request == StopRequest::Continue;
+        if continues {
+            *request = StopRequest::AbortInFlight;
+        }
+        continues
+    });
 }
 
 /// Turns the engine's events into Kubernetes Events and progress.

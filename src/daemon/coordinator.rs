@@ -113,6 +113,8 @@ struct Coordinator {
     retry_at: Option<Instant>,
     /// The availability zone of the agent's hypervisor, as last asked.
     zone: Option<String>,
+    /// An earlier agent of this node may have left a ticket (until the first let-go).
+    ticket_maybe_left: bool,
     standing: watch::Sender<Standing>,
 }
 
@@ -135,6 +137,7 @@ pub async fn run(
         ticket: None,
         retry_at: None,
         zone: None,
+        ticket_maybe_left: true,
         standing,
     };
     let mut events: Option<LeaseEvents> = None;
@@ -282,22 +285,43 @@ impl Coordinator {
     /// When the agent started waiting: what it asks, or its ticket's time if
     /// that is earlier (a restarted agent keeps its place).
     fn since(&self, wanted: &Want) -> Timestamp {
-        let ticket = self
-            .cache
-            .get(&ticket_name(self.me()))
-            .and_then(|c| c.lease.spec.as_ref()?.acquire_time.as_ref().map(|t| t.0));
+        // Written by this node's agent (the same clock): a ticket not renewed
+        // for two lease times is from an earlier maintenance, not this one.
+        let recent = |spec: &k8s_openapi::api::coordination::v1::LeaseSpec| {
+            let renewed = spec.renew_time.as_ref()?.0;
+            let age = Timestamp::now().duration_since(renewed);
+            (age.unsigned_abs() < self.settings.lease * 2).then_some(())
+        };
+        let ticket = self.cache.get(&ticket_name(self.me())).and_then(|c| {
+            let spec = c.lease.spec.as_ref()?;
+            recent(spec)?;
+            spec.acquire_time.as_ref().map(|t| t.0)
+        });
         ticket.map_or(wanted.since, |t| t.min(wanted.since))
     }
 
     async fn keep_holding(&mut self, now: Instant) -> Option<Instant> {
         let Some(held) = &self.held else { return None };
         let (index, renewed) = (held.index, held.renewed);
+        let unsure_at = renewed + self.settings.safe_for();
+        if now >= unsure_at {
+            // Told before trying again: the run must not wait for a request.
+            self.publish(Standing::Unsure { slot: index });
+        }
         let retry_due = self.retry_at.is_none_or(|at| at <= now);
         if now >= renewed + self.settings.renew_every() && retry_due {
             self.retry_at = None;
             let lease = held.lease.clone();
             let sent = Instant::now();
-            match self.request(self.leases.renew(&lease, self.zone.as_deref())).await {
+            // Never waited on past the moment to stop counting on the slot.
+            let limit = match unsure_at.checked_duration_since(sent) {
+                Some(left) if !left.is_zero() => left.min(self.settings.request_timeout()),
+                _ => self.settings.request_timeout(),
+            };
+            match self
+                .request_within(limit, self.leases.renew(&lease, self.zone.as_deref()))
+                .await
+            {
                 Ok(lease) => {
                     self.held = Some(Held {
                         index,
@@ -314,9 +338,17 @@ impl Coordinator {
                         }
                         self.retry_at = Some(Instant::now());
                     }
-                    Ok(_) => {
+                    Ok(current) => {
                         warn!(slot = index, "another agent holds our evacuation slot now");
                         self.held = None;
+                        // Told at once: the run stops; the queue decides what comes next.
+                        self.publish(Standing::Waiting {
+                            position: 0,
+                            waiting: 0,
+                        });
+                        if let Some(current) = current {
+                            self.remember(current, Instant::now());
+                        }
                         return Some(Instant::now());
                     }
                     Err(e) => {
@@ -360,6 +392,15 @@ impl Coordinator {
         let lease = self.cache.get(&slot_name(index))?.lease.clone();
         let sent = Instant::now();
         match self.request(self.leases.renew(&lease, self.zone.as_deref())).await {
+            Ok(lease) if !self.zones_still_allow(index).await => {
+                // Ours from before, but another zone holds one now (a take that timed out yet landed).
+                info!(slot = index, "another availability zone holds a slot: letting ours go");
+                if let Err(e) = self.request(self.leases.release(&lease)).await {
+                    warn!(error = %e, "cannot let the slot go; it expires by itself");
+                }
+                self.retry_at = Some(Instant::now() + jitter(self.settings.retry() * 2));
+                self.retry_at
+            }
             Ok(lease) => {
                 info!(slot = index, "holding our evacuation slot again");
                 self.held = Some(Held {
@@ -528,7 +569,9 @@ impl Coordinator {
                 Err(e) => warn!(error = %e, "cannot let our evacuation slot go; it expires by itself"),
             }
         }
-        if (self.ticket.take().is_some() || self.cache.contains_key(&ticket_name(self.me())))
+        // Once after start-up too: a ticket an earlier agent of this node left would keep a place.
+        let maybe_left = std::mem::take(&mut self.ticket_maybe_left);
+        if (self.ticket.take().is_some() || maybe_left || self.cache.contains_key(&ticket_name(self.me())))
             && let Err(e) = self.request(self.leases.dequeue()).await
         {
             warn!(error = %e, "cannot take our ticket out of the evacuation queue; it expires by itself");
@@ -542,9 +585,18 @@ impl Coordinator {
 
     /// A Lease request, failed when it takes longer than the settings allow.
     async fn request<T>(&self, request: impl Future<Output = Result<T, LeaseError>>) -> Result<T, LeaseError> {
-        match tokio::time::timeout(self.settings.request_timeout(), request).await {
+        self.request_within(self.settings.request_timeout(), request).await
+    }
+
+    /// A Lease request, failed when it takes longer than `limit`.
+    async fn request_within<T>(
+        &self,
+        limit: Duration,
+        request: impl Future<Output = Result<T, LeaseError>>,
+    ) -> Result<T, LeaseError> {
+        match tokio::time::timeout(limit, request).await {
             Ok(result) => result,
-            Err(_) => Err(LeaseError::TimedOut(self.settings.request_timeout())),
+            Err(_) => Err(LeaseError::TimedOut(limit)),
         }
     }
 }

@@ -73,6 +73,8 @@ pub struct Situation {
     pub coordinated: bool,
     /// Where the node stands in the queue for them.
     pub slot: Standing,
+    /// Nova told the hypervisor's availability zone (the queue needs it under a zone rule).
+    pub zone_known: bool,
 }
 
 impl Situation {
@@ -113,7 +115,7 @@ impl Situation {
     }
 
     /// Whether anything asks for the hypervisor's maintenance: a cordon, or a hand-made Evacuation.
-    fn wanted(&self) -> bool {
+    pub fn wanted(&self) -> bool {
         self.node == (NodeSeen::Present { cordoned: true }) || self.asked().is_some()
     }
 }
@@ -152,9 +154,12 @@ impl RecordFor {
     /// Whether the run waits for approval (a run under way is never paused).
     fn paused(&self, situation: &Situation) -> bool {
         match self {
-            RecordFor::Resume(name) => {
-                situation.recorded.phase == Phase::Paused && situation.seen(name).is_none_or(|seen| seen.spec.paused)
-            }
+            RecordFor::Resume(name) => match situation.recorded.phase {
+                Phase::Paused => situation.seen(name).is_none_or(|seen| seen.spec.paused),
+                // Paused again while it waited for a slot: planned, out of the queue.
+                Phase::Waiting => situation.seen(name).is_some_and(|seen| seen.spec.paused),
+                _ => false,
+            },
             RecordFor::Asked(name) => situation.seen(name).is_some_and(|seen| seen.spec.paused),
             RecordFor::Create { paused } => *paused,
         }
@@ -317,7 +322,8 @@ fn next_run(situation: &Situation) -> Option<Step> {
         },
         (true, _) => Some(Step::Plan),
         (false, _) if situation.may_evacuate() => Some(Step::Evacuate),
-        (false, Phase::Waiting) => None,
+        // Waiting already; after a restart, once more to learn the zone (and disable again).
+        (false, Phase::Waiting) if situation.zone_known => None,
         (false, _) => Some(Step::Wait),
     }
 }

@@ -125,8 +125,8 @@ pub async fn run(settings: DaemonSettings, mut config: Config, kube: kube::Clien
         let (want, asked) = watch::channel(None);
         let (standing, told) = watch::channel(Standing::Idle);
         tokio::spawn(coordinator::run(leases, coordination, asked, standing));
-        tokio::spawn(forward_standing(told, inputs.clone()));
-        want
+        tokio::spawn(forward_standing(told.clone(), inputs.clone()));
+        (want, told)
     });
     let signals = match forward_signals(inputs) {
         Ok(task) => task,
@@ -151,7 +151,7 @@ pub async fn run(settings: DaemonSettings, mut config: Config, kube: kube::Clien
         health,
     );
     let agent = match want {
-        Some(want) => agent.coordinated(want),
+        Some((want, told)) => agent.coordinated(want, told),
         None => agent,
     };
     let code = tokio::select! {

@@ -168,6 +168,10 @@ pub fn next_move(
         position: rank + 1 - free.len().min(rank),
         waiting: waiting.len(),
     };
+    if limits.zones != ZoneRule::Any && zone.is_none() {
+        // Its zone not known yet (Nova not asked yet): the rule cannot be kept.
+        return wait;
+    }
     if limits.zones != ZoneRule::Any {
         let first_allowed = waiting
             .iter()

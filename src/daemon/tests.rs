@@ -394,6 +394,8 @@ struct Harness {
     metrics: Arc<Metrics>,
     /// What the agent asks of the coordinator, when coordinated.
     want: Option<watch::Receiver<Option<Want>>>,
+    /// The coordinator's standing as the agent's runs read it directly.
+    told: Option<watch::Sender<Standing>>,
 }
 
 fn node(cordoned: bool, recorded: Option<&DrainState>) -> Node {
@@ -508,11 +510,13 @@ impl Harness {
             start_paused: flags.start_paused,
         };
         let mut agent = Agent::new(settings, cluster.clone(), metrics.clone(), health.clone());
-        let mut want = None;
+        let (mut want, mut told) = (None, None);
         if flags.coordinated {
             let (asks, asked) = watch::channel(None);
-            agent = agent.coordinated(asks);
+            let (tells, directly) = watch::channel(Standing::Idle);
+            agent = agent.coordinated(asks, directly);
             want = Some(asked);
+            told = Some(tells);
         }
         let agent = tokio::spawn(agent.run(receiver));
         let harness = Harness {
@@ -523,6 +527,7 @@ impl Harness {
             health,
             metrics,
             want,
+            told,
         };
         harness.send(Input::Guard(guard)).await;
         let listed = harness.cluster.lock().objects.clone();
@@ -1618,8 +1623,20 @@ impl Harness {
         self.want.as_ref().and_then(|want| want.borrow().clone())
     }
 
+    /// The coordinator tells a new standing: to the agent's loop, and to its run's slot guard.
     async fn standing(&self, standing: Standing) {
+        if let Some(told) = &self.told {
+            told.send_replace(standing.clone());
+        }
         self.send(Input::Slot(standing)).await;
+    }
+
+    /// The coordinator stops counting on the slot while the agent's loop is
+    /// held up (a write to a stalled API server): only the slot guard hears it.
+    fn standing_unheard(&self, standing: Standing) {
+        if let Some(told) = &self.told {
+            told.send_replace(standing);
+        }
     }
 
     /// The Evacuation the Node names.
@@ -1760,5 +1777,39 @@ async fn a_slot_not_renewed_in_time_stops_the_run_which_waits_then_goes_on() {
         h.cluster.status_of(&name).and_then(|s| s.phase),
         Some(EvacuationPhase::Succeeded)
     );
+    assert_eq!(h.terminate().await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_slot_stops_the_run_even_while_the_agents_loop_hears_nothing() {
+    let cloud = cloud_with(1);
+    cloud.script(
+        "vm-1",
+        &[
+            Script::Stall {
+                progress_for: Duration::from_secs(5),
+            },
+            Script::Complete {
+                after: Duration::from_secs(10),
+            },
+        ],
+    );
+    let h = coordinated(cloud, 1).await;
+    h.cordon(true).await;
+    h.until("waiting", |h| h.cluster.phase() == Phase::Waiting).await;
+    h.standing(Standing::Holding {
+        slot: 0,
+        share: 1,
+        beside: Vec::new(),
+    })
+    .await;
+    h.migrating().await;
+    // Only the run's slot guard hears it, as when the agent's loop waits on a stalled API server.
+    h.standing_unheard(Standing::Unsure { slot: 0 });
+    h.until("aborted", |h| h.cloud.migration_statuses("vm-1") == ["cancelled"])
+        .await;
+    h.until("waiting again", |h| h.cluster.phase() == Phase::Waiting).await;
+    assert_eq!(h.cluster.last_record().failures, 0, "no failure, no backoff");
+    assert!(h.cluster.reasons().contains(&"EvacuationSlotLost"));
     assert_eq!(h.terminate().await, 0);
 }

@@ -4,7 +4,8 @@
 //! and lets both go when the agent no longer wants them. [`queue`] decides;
 //! this carries it out.
 //!
-//! An idle agent costs nothing: no watch, no write. One that waits or holds
+//! An idle agent costs nothing: no watch, no write (past one delete at
+//! start-up, of a ticket an earlier agent of its node may have left). One that waits or holds
 //! renews one Lease every third of the lease time and keeps one watch open,
 //! whatever the number of agents.
 //!
@@ -310,57 +311,7 @@ impl Coordinator {
         }
         let retry_due = self.retry_at.is_none_or(|at| at <= now);
         if now >= renewed + self.settings.renew_every() && retry_due {
-            self.retry_at = None;
-            let lease = held.lease.clone();
-            let sent = Instant::now();
-            // Never waited on past the moment to stop counting on the slot.
-            let limit = match unsure_at.checked_duration_since(sent) {
-                Some(left) if !left.is_zero() => left.min(self.settings.request_timeout()),
-                _ => self.settings.request_timeout(),
-            };
-            match self
-                .request_within(limit, self.leases.renew(&lease, self.zone.as_deref()))
-                .await
-            {
-                Ok(lease) => {
-                    self.held = Some(Held {
-                        index,
-                        lease: lease.clone(),
-                        renewed: sent,
-                    });
-                    self.remember(lease, Instant::now());
-                }
-                // Written since our last write: ours still only if it names us.
-                Err(LeaseError::Conflict(_)) => match self.request(self.leases.get(&slot_name(index))).await {
-                    Ok(Some(current)) if holder_of(&current) == Some(self.me()) => {
-                        if let Some(held) = &mut self.held {
-                            held.lease = current;
-                        }
-                        self.retry_at = Some(Instant::now());
-                    }
-                    Ok(current) => {
-                        warn!(slot = index, "another agent holds our evacuation slot now");
-                        self.held = None;
-                        // Told at once: the run stops; the queue decides what comes next.
-                        self.publish(Standing::Waiting {
-                            position: 0,
-                            waiting: 0,
-                        });
-                        if let Some(current) = current {
-                            self.remember(current, Instant::now());
-                        }
-                        return Some(Instant::now());
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "cannot read our evacuation slot; trying again");
-                        self.retry_at = Some(Instant::now() + self.settings.retry());
-                    }
-                },
-                Err(e) => {
-                    warn!(error = %e, "cannot renew our evacuation slot; trying again");
-                    self.retry_at = Some(Instant::now() + self.settings.retry());
-                }
-            }
+            self.renew_slot(index, unsure_at).await;
         }
         let Some(held) = &self.held else {
             return Some(Instant::now());
@@ -384,6 +335,62 @@ impl Coordinator {
             renew_at
         };
         Some(next.max(now))
+    }
+
+    /// Renews the slot held; a conflict reads it again: still ours only if
+    /// it names us, else it is let go (and that told at once).
+    async fn renew_slot(&mut self, index: u32, unsure_at: Instant) {
+        let Some(lease) = self.held.as_ref().map(|held| held.lease.clone()) else {
+            return;
+        };
+        self.retry_at = None;
+        let sent = Instant::now();
+        // Never waited on past the moment to stop counting on the slot.
+        let limit = match unsure_at.checked_duration_since(sent) {
+            Some(left) if !left.is_zero() => left.min(self.settings.request_timeout()),
+            _ => self.settings.request_timeout(),
+        };
+        match self
+            .request_within(limit, self.leases.renew(&lease, self.zone.as_deref()))
+            .await
+        {
+            Ok(lease) => {
+                self.held = Some(Held {
+                    index,
+                    lease: lease.clone(),
+                    renewed: sent,
+                });
+                self.remember(lease, Instant::now());
+            }
+            Err(LeaseError::Conflict(_)) => match self.request(self.leases.get(&slot_name(index))).await {
+                Ok(Some(current)) if holder_of(&current) == Some(self.me()) => {
+                    if let Some(held) = &mut self.held {
+                        held.lease = current;
+                    }
+                    self.retry_at = Some(Instant::now());
+                }
+                Ok(current) => {
+                    warn!(slot = index, "another agent holds our evacuation slot now");
+                    self.held = None;
+                    // Told at once: the run stops; the queue decides what comes next.
+                    self.publish(Standing::Waiting {
+                        position: 0,
+                        waiting: 0,
+                    });
+                    if let Some(current) = current {
+                        self.remember(current, Instant::now());
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot read our evacuation slot; trying again");
+                    self.retry_at = Some(Instant::now() + self.settings.retry());
+                }
+            },
+            Err(e) => {
+                warn!(error = %e, "cannot renew our evacuation slot; trying again");
+                self.retry_at = Some(Instant::now() + self.settings.retry());
+            }
+        }
     }
 
     /// Renews a slot the Leases show as ours (a restarted agent's, or one it

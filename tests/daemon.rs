@@ -1857,3 +1857,56 @@ async fn a_killed_holders_slot_goes_to_the_next_node_after_the_lease_time() {
     second.uncordon().await;
     wait_phase(&second, "Idle", Duration::from_secs(30)).await;
 }
+
+/// Two slots (`--max-evacuating 2`), three nodes cordoned at once: two
+/// evacuate side by side and the third waits for one of them; never three
+/// at once, as the Nodes' phases show throughout.
+#[tokio::test]
+async fn with_two_slots_three_nodes_cordoned_at_once_never_evacuate_three_together() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, first) = setup().await;
+    let second = first.join("host2").await;
+    let third = first.join("host3").await;
+    let nodes = [(&first, "host1"), (&second, "host2"), (&third, "host3")];
+    for (_, host) in nodes {
+        lab.boot(BootSpec::new(&format!("dmn-two-{host}")).count(2).host(host))
+            .await;
+    }
+    let flags = ["--max-evacuating", "2", "--max-live-migrations", "2"];
+    let mut agents = Vec::new();
+    for (cluster, _) in nodes {
+        agents.push(Agent::start_with(cluster, &lab, "", &flags).await);
+        wait_guard(cluster, Duration::from_secs(20)).await;
+    }
+    for (cluster, _) in nodes {
+        cluster.cordon().await;
+    }
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let mut phases = Vec::new();
+        for (cluster, _) in nodes {
+            phases.push(phase(cluster).await.unwrap_or_default());
+        }
+        let evacuating = phases.iter().filter(|p| *p == "Evacuating").count();
+        assert!(evacuating <= 2, "three at once: {phases:?}");
+        most = most.max(evacuating);
+        if phases.iter().all(|p| p == "Evacuated") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not all evacuated: {phases:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(most, 2, "two side by side");
+    let waited = third.reasons().await;
+    assert!(waited.iter().any(|r| r == "EvacuationSlotTaken"), "{waited:?}");
+    for (_, host) in nodes {
+        assert!(lab.servers_on(host).await.is_empty(), "{host} emptied");
+    }
+    for (cluster, _) in nodes {
+        cluster.uncordon().await;
+    }
+    for (cluster, _) in nodes {
+        wait_phase(cluster, "Idle", Duration::from_secs(30)).await;
+    }
+}

@@ -463,11 +463,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
     async fn evacuate(&mut self) {
         let Some(compute) = self.compute.clone() else { return };
         let previous = self.situation.recorded.clone();
-        let started_at = previous
-            .started_at
-            .clone()
-            .filter(|_| !matches!(previous.phase, Phase::Idle | Phase::Paused | Phase::Cancelled))
-            .unwrap_or_else(|| rfc3339(self.wall_now(), Duration::ZERO));
+        let started_at = self.maintenance_started_at();
         let evacuation = self.open_record(RecordFor::of(&self.situation), &started_at).await;
         if let Some((name, status)) = self.record.clone() {
             self.write_record(&name, &status).await;
@@ -515,6 +511,17 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
         self.situation.retry_at = None;
     }
 
+    /// When the maintenance a run belongs to began: kept across retries, a
+    /// wait for a slot and restarts; now for a new one.
+    fn maintenance_started_at(&self) -> String {
+        let recorded = &self.situation.recorded;
+        recorded
+            .started_at
+            .clone()
+            .filter(|_| !matches!(recorded.phase, Phase::Idle | Phase::Paused | Phase::Cancelled))
+            .unwrap_or_else(|| rfc3339(self.wall_now(), Duration::ZERO))
+    }
+
     /// The maintenance is asked for but the cluster's evacuation slots are
     /// all taken: the service is disabled now (a cordon keeps new VMs off at
     /// once) and the node waits in the queue, its Evacuation in phase Waiting.
@@ -525,11 +532,7 @@ impl<C: Compute + 'static, K: Cluster> Agent<C, K> {
             self.queued = Some((self.wall_now(), Instant::now()));
         }
         let previous = self.situation.recorded.clone();
-        let started_at = previous
-            .started_at
-            .clone()
-            .filter(|_| !matches!(previous.phase, Phase::Idle | Phase::Paused | Phase::Cancelled))
-            .unwrap_or_else(|| rfc3339(self.wall_now(), Duration::ZERO));
+        let started_at = self.maintenance_started_at();
         let evacuation = self.open_record(RecordFor::of(&self.situation), &started_at).await;
         let position = match self.situation.slot {
             Standing::Waiting { position, .. } if position > 0 => u32::try_from(position).ok(),

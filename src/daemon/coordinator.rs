@@ -401,12 +401,7 @@ impl Coordinator {
         match self.request(self.leases.renew(&lease, self.zone.as_deref())).await {
             Ok(lease) if !self.zones_still_allow(index).await => {
                 // Ours from before, but another zone holds one now (a take that timed out yet landed).
-                info!(slot = index, "another availability zone holds a slot: letting ours go");
-                if let Err(e) = self.request(self.leases.release(&lease)).await {
-                    warn!(error = %e, "cannot let the slot go; it expires by itself");
-                }
-                self.retry_at = Some(Instant::now() + jitter(self.settings.retry() * 2));
-                self.retry_at
+                self.yield_to_another_zone(index, &lease).await
             }
             Ok(lease) => {
                 info!(slot = index, "holding our evacuation slot again");
@@ -428,6 +423,17 @@ impl Coordinator {
         }
     }
 
+    /// Lets a slot just taken go because the zone rule forbids it beside
+    /// another zone's; tries again after a jitter, so two that backed off together do not meet again.
+    async fn yield_to_another_zone(&mut self, index: u32, lease: &Lease) -> Option<Instant> {
+        info!(slot = index, "another availability zone holds a slot: letting ours go");
+        if let Err(e) = self.request(self.leases.release(lease)).await {
+            warn!(error = %e, "cannot let the slot go; it expires by itself");
+        }
+        self.retry_at = Some(Instant::now() + jitter(self.settings.retry() * 2));
+        self.retry_at
+    }
+
     async fn take(&mut self, index: u32) -> Option<Instant> {
         let seen = self.cache.get(&slot_name(index)).map(|c| c.lease.clone());
         let sent = Instant::now();
@@ -437,15 +443,7 @@ impl Coordinator {
         {
             Ok(lease) if !self.zones_still_allow(index).await => {
                 // Another zone took a slot at the same moment: both may let go, and try again apart.
-                info!(
-                    slot = index,
-                    "another availability zone took a slot at the same time: letting ours go"
-                );
-                if let Err(e) = self.request(self.leases.release(&lease)).await {
-                    warn!(error = %e, "cannot let the slot go; it expires by itself");
-                }
-                self.retry_at = Some(Instant::now() + jitter(self.settings.retry() * 2));
-                self.retry_at
+                self.yield_to_another_zone(index, &lease).await
             }
             Ok(lease) => {
                 info!(slot = index, "took an evacuation slot");

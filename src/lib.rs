@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod evacuation;
 pub mod kube;
 pub mod nova;
+pub mod pressure;
 pub mod telemetry;
 
 /// Process exit codes, the same for every mode.

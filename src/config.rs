@@ -929,6 +929,7 @@ fn settings(file: &FileConfig) -> Result<Settings, ConfigError> {
         check_capacity: true,
         evacuating_elsewhere: Vec::new(),
         disable_first: false,
+        destination: None,
     })
 }
 

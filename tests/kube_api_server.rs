@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -2738,4 +2738,311 @@ async fn an_unreachable_server_fails_requests_and_ends_watches() {
         .unwrap()
         .unwrap();
     assert!(matches!(ev, kube::api::WatchEvent::Modified(_)), "{ev:?}");
+}
+
+const PAUSE_CM: &str = "nova-drain-memory-relief";
+const AGENT_NS: &str = "nova-drain";
+
+fn config_map(name: &str, cm: Value) -> ConfigMap {
+    let mut v = cm;
+    v["metadata"] = json!({"name": name});
+    serde_json::from_value(v).unwrap()
+}
+
+fn paused(cm: &ConfigMap) -> Option<&str> {
+    cm.data.as_ref()?.get("paused").map(String::as_str)
+}
+
+/// `FIELD REASON` of every cause of a Status.
+fn causes(e: &kube::core::Status) -> Vec<String> {
+    let details = e.details.as_ref().expect("details");
+    details
+        .causes
+        .iter()
+        .map(|c| format!("{} {}", c.field, c.reason))
+        .collect()
+}
+
+/// `/api/v1` lists configmaps as kube-apiserver does (shortName `cm`, the
+/// verbs served here), and a list is a ConfigMapList.
+#[tokio::test]
+async fn config_maps_are_discovered_and_listed() {
+    let api = KubeApi::start();
+    let http = reqwest::Client::new();
+    let core: Value = http
+        .get(format!("{}/api/v1", api.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cm = core["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "configmaps")
+        .cloned()
+        .expect("configmaps in /api/v1");
+    assert_eq!(
+        cm,
+        json!({"name": "configmaps", "singularName": "configmap", "namespaced": true, "kind": "ConfigMap",
+               "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"], "shortNames": ["cm"]})
+    );
+    let url = format!("{}/api/v1/namespaces/default/configmaps", api.url());
+    let list: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!((&list["kind"], &list["apiVersion"]), (&json!("ConfigMapList"), &json!("v1")));
+    assert_eq!(list["items"], json!([]));
+    let all = format!("{}/api/v1/configmaps", api.url());
+    assert_eq!(http.get(&all).send().await.unwrap().status(), 200);
+}
+
+/// The pause switch through `Api<ConfigMap>`: create, get, merge patch (a
+/// watch sees it), stale replace (409), unconditional replace, delete.
+#[tokio::test]
+async fn config_maps_are_created_patched_watched_and_deleted() {
+    use kube::api::{WatchEvent, WatchParams};
+    let api = KubeApi::start();
+    api.add_namespace(AGENT_NS);
+    let cms: Api<ConfigMap> = Api::namespaced(api.kube_client_no_retry(), AGENT_NS);
+    assert!(cms.get_opt(PAUSE_CM).await.unwrap().is_none());
+    let created = cms
+        .create(
+            &PostParams::default(),
+            &config_map(PAUSE_CM, json!({"data": {"paused": "true"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(paused(&created), Some("true"));
+    assert_eq!(created.metadata.namespace.as_deref(), Some(AGENT_NS));
+    assert_eq!(created.metadata.generation, None);
+    assert_eq!(cms.get(PAUSE_CM).await.unwrap(), created);
+    assert_eq!(api.config_maps(AGENT_NS)[0]["data"], json!({"paused": "true"}));
+
+    let rv = created.metadata.resource_version.clone().unwrap();
+    let mut events = cms.watch(&WatchParams::default(), &rv).await.unwrap().boxed();
+    let patch = Patch::Merge(json!({"data": {"paused": "false"}}));
+    let patched = cms.patch(PAUSE_CM, &PatchParams::default(), &patch).await.unwrap();
+    assert_eq!(paused(&patched), Some("false"));
+    assert_ne!(patched.metadata.resource_version, created.metadata.resource_version);
+    match tokio::time::timeout(WAIT, events.next()).await.unwrap().unwrap().unwrap() {
+        WatchEvent::Modified(cm) => assert_eq!(paused(&cm), Some("false")),
+        other => panic!("{other:?}"),
+    }
+
+    let e = api_error(cms.replace(PAUSE_CM, &PostParams::default(), &created).await.unwrap_err());
+    assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
+    assert_eq!(
+        e.message,
+        format!("Operation cannot be fulfilled on configmaps \"{PAUSE_CM}\": the object has been modified; please apply your changes to the latest version and try again")
+    );
+    let mut unconditional = created.clone();
+    unconditional.metadata.resource_version = None;
+    let replaced = cms
+        .replace(PAUSE_CM, &PostParams::default(), &unconditional)
+        .await
+        .unwrap();
+    assert_eq!(paused(&replaced), Some("true"));
+
+    cms.delete(PAUSE_CM, &DeleteParams::default()).await.unwrap();
+    assert!(cms.get_opt(PAUSE_CM).await.unwrap().is_none());
+    match tokio::time::timeout(WAIT, events.next()).await.unwrap().unwrap().unwrap() {
+        WatchEvent::Modified(cm) => assert_eq!(paused(&cm), Some("true")),
+        other => panic!("{other:?}"),
+    }
+    match tokio::time::timeout(WAIT, events.next()).await.unwrap().unwrap().unwrap() {
+        WatchEvent::Deleted(cm) => assert_eq!(cm.metadata.name.as_deref(), Some(PAUSE_CM)),
+        other => panic!("{other:?}"),
+    }
+    let e = api_error(cms.get(PAUSE_CM).await.unwrap_err());
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (404, "configmaps \"nova-drain-memory-relief\" not found")
+    );
+}
+
+/// Keys are config keys (IsConfigMapKey), in one map only; names are DNS
+/// subdomains: 422 with kube-apiserver's messages and causes.
+#[tokio::test]
+async fn config_map_keys_and_names_are_validated() {
+    let api = KubeApi::start();
+    let cms: Api<ConfigMap> = Api::namespaced(api.kube_client_no_retry(), "default");
+    let create = |cm: ConfigMap| {
+        let cms = cms.clone();
+        async move { api_error(cms.create(&PostParams::default(), &cm).await.unwrap_err()) }
+    };
+    let e = create(config_map("bad", json!({"data": {"bad key": "1"}}))).await;
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        e.message,
+        "ConfigMap \"bad\" is invalid: data[bad key]: Invalid value: \"bad key\": a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')"
+    );
+    assert_eq!(causes(&e), ["data[bad key] FieldValueInvalid"]);
+
+    let e = create(config_map("dots", json!({"data": {"..": "1"}, "binaryData": {"..x": "AA=="}}))).await;
+    assert_eq!(
+        e.message,
+        "ConfigMap \"dots\" is invalid: [data[..]: Invalid value: \"..\": must not be '..', binaryData[..x]: Invalid value: \"..x\": must not start with '..']"
+    );
+    let long = "k".repeat(254);
+    let e = create(config_map("long", json!({"data": {long.clone(): "1"}}))).await;
+    assert_eq!(
+        e.message,
+        format!("ConfigMap \"long\" is invalid: data[{long}]: Invalid value: \"{long}\": must be no more than 253 characters")
+    );
+
+    let e = create(config_map("both", json!({"data": {"paused": "true"}, "binaryData": {"paused": "dHJ1ZQ=="}}))).await;
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        e.message,
+        "ConfigMap \"both\" is invalid: data[paused]: Invalid value: \"paused\": duplicate of key present in binaryData"
+    );
+    assert_eq!(causes(&e), ["data[paused] FieldValueInvalid"]);
+
+    let e = create(config_map("Not_A_Name", json!({}))).await;
+    assert_eq!(e.code, 422);
+    assert_eq!(causes(&e), ["metadata.name FieldValueInvalid"]);
+    assert!(api.config_maps("default").is_empty());
+    let ok = config_map("ok", json!({"data": {"a-b_C.d": ""}, "binaryData": {"bin": "AAEC"}}));
+    let made = cms.create(&PostParams::default(), &ok).await.unwrap();
+    assert_eq!(made.binary_data.unwrap()["bin"].0, vec![0u8, 1, 2]);
+}
+
+/// What Go's decoder refuses is a 400 (a non-string value in `data`), and
+/// more than 1 MiB of values is a 422, both as kube-apiserver answers.
+#[tokio::test]
+async fn config_map_values_must_be_strings_and_fit_in_a_mebibyte() {
+    let api = KubeApi::start();
+    let url = format!("{}/api/v1/namespaces/default/configmaps", api.url());
+    let post = |body: Value| {
+        let url = url.clone();
+        async move { http_json(reqwest::Method::POST, url, "application/json", &body).await }
+    };
+    let (code, _, status) = post(json!({"metadata": {"name": "b"}, "data": {"paused": true}})).await;
+    assert_eq!((code, &status["reason"]), (400, &json!("BadRequest")));
+    assert_eq!(
+        status["message"],
+        "ConfigMap in version \"v1\" cannot be handled as a ConfigMap: json: cannot unmarshal bool into Go struct field ConfigMap.data of type string"
+    );
+    let (code, _, status) = post(json!({"metadata": {"name": "n"}, "data": {"n": 1}})).await;
+    assert_eq!(code, 400, "{status}");
+    let (code, _, status) = post(json!({"metadata": {"name": "m"}, "data": ["x"]})).await;
+    assert_eq!(code, 400, "{status}");
+    let (code, _, status) = post(json!({"metadata": {"name": "i"}, "immutable": "yes"})).await;
+    assert_eq!(code, 400, "{status}");
+    let (code, _, status) = post(json!({"metadata": {"name": "z"}, "data": {"k": null}, "binaryData": {}})).await;
+    assert_eq!(code, 201, "{status}");
+    assert_eq!(status["data"], json!({"k": ""}));
+    assert!(status.get("binaryData").is_none(), "empty maps are not stored: {status}");
+
+    let half = "x".repeat(512 * 1024);
+    let fits = json!({"metadata": {"name": "fits"}, "data": {"a": half, "b": half}});
+    assert_eq!(post(fits).await.0, 201);
+    let big = json!({"metadata": {"name": "big"}, "data": {"a": half, "b": half}, "binaryData": {"c": "AA=="}});
+    let (code, _, status) = post(big).await;
+    assert_eq!((code, &status["reason"]), (422, &json!("Invalid")), "{status}");
+    assert_eq!(
+        status["message"],
+        "ConfigMap \"big\" is invalid: []: Too long: may not be more than 1048576 bytes"
+    );
+    assert_eq!(
+        status["details"]["causes"],
+        json!([{"reason": "FieldValueTooLong", "message": "Too long: may not be more than 1048576 bytes", "field": "[]"}])
+    );
+}
+
+/// `immutable: true`: data, binaryData and `immutable` itself are frozen
+/// (metadata is not); a mutable one may become immutable.
+#[tokio::test]
+async fn immutable_config_maps_refuse_data_changes() {
+    let api = KubeApi::start();
+    let cms: Api<ConfigMap> = Api::namespaced(api.kube_client_no_retry(), "default");
+    let frozen = config_map(PAUSE_CM, json!({"data": {"paused": "true"}, "immutable": true}));
+    cms.create(&PostParams::default(), &frozen).await.unwrap();
+    let patch = |p: Value| {
+        let cms = cms.clone();
+        async move { cms.patch(PAUSE_CM, &PatchParams::default(), &Patch::Merge(p)).await }
+    };
+    let e = api_error(patch(json!({"data": {"paused": "false"}})).await.unwrap_err());
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        e.message,
+        format!("ConfigMap \"{PAUSE_CM}\" is invalid: data: Forbidden: field is immutable when `immutable` is set")
+    );
+    assert_eq!(causes(&e), ["data FieldValueForbidden"]);
+    let e = api_error(patch(json!({"immutable": false, "binaryData": {"b": "AA=="}})).await.unwrap_err());
+    assert_eq!(
+        causes(&e),
+        [
+            "immutable FieldValueForbidden",
+            "binaryData FieldValueForbidden"
+        ]
+    );
+    let e = api_error(patch(json!({"immutable": null})).await.unwrap_err());
+    assert_eq!(causes(&e), ["immutable FieldValueForbidden"]);
+    let labelled = patch(json!({"metadata": {"labels": {"a": "b"}}})).await.unwrap();
+    assert_eq!(paused(&labelled), Some("true"));
+
+    let thawed = config_map("thawed", json!({"data": {"paused": "true"}}));
+    cms.create(&PostParams::default(), &thawed).await.unwrap();
+    let frozen = cms
+        .patch(
+            "thawed",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"immutable": true, "data": {"paused": "false"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!((frozen.immutable, paused(&frozen)), (Some(true), Some("false")));
+}
+
+/// The real kubectl: `create configmap --from-literal`, `get -o json` (and
+/// by short name), `patch`, `delete`, and the 422 of a patch to an
+/// immutable one.
+#[tokio::test]
+async fn kubectl_creates_patches_and_deletes_a_config_map() {
+    let api = KubeApi::start();
+    api.add_namespace(AGENT_NS);
+    let kubectl = Kubectl::new(&api);
+    let t = Duration::from_secs(30);
+    let run = |args: &[&str]| {
+        let mut all = vec!["-n", AGENT_NS];
+        all.extend_from_slice(args);
+        let all: Vec<String> = all.into_iter().map(String::from).collect();
+        let kubectl = &kubectl;
+        async move {
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            kubectl.run(&refs, t).await
+        }
+    };
+    run(&["create", "configmap", PAUSE_CM, "--from-literal=paused=true"])
+        .await
+        .expect("kubectl create configmap");
+    let printed = run(&["get", "configmap", PAUSE_CM, "-o", "json"]).await.unwrap();
+    let cm: Value = serde_json::from_str(&printed).unwrap();
+    assert_eq!((&cm["kind"], &cm["data"]), (&json!("ConfigMap"), &json!({"paused": "true"})));
+    assert_eq!(cm["metadata"]["namespace"], AGENT_NS);
+
+    run(&["patch", "configmap", PAUSE_CM, "-p", r#"{"data":{"paused":"false"}}"#])
+        .await
+        .expect("kubectl patch configmap");
+    let printed = run(&["get", "cm", PAUSE_CM, "-o", "jsonpath={.data.paused}"]).await.unwrap();
+    assert_eq!(printed, "false");
+    let cms: Api<ConfigMap> = Api::namespaced(api.kube_client(), AGENT_NS);
+    assert_eq!(paused(&cms.get(PAUSE_CM).await.unwrap()), Some("false"));
+
+    run(&["patch", "configmap", PAUSE_CM, "-p", r#"{"immutable":true}"#])
+        .await
+        .expect("kubectl patch immutable");
+    let e = run(&["patch", "configmap", PAUSE_CM, "-p", r#"{"data":{"paused":"true"}}"#])
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains(&format!("The ConfigMap \"{PAUSE_CM}\" is invalid: data: Forbidden: field is immutable when `immutable` is set")),
+        "{e}"
+    );
+    run(&["delete", "configmap", PAUSE_CM]).await.expect("kubectl delete configmap");
+    assert!(cms.get_opt(PAUSE_CM).await.unwrap().is_none());
+    let e = run(&["get", "configmap", PAUSE_CM]).await.unwrap_err();
+    assert!(e.contains("NotFound") && e.contains("not found"), "{e}");
 }

@@ -183,8 +183,9 @@ pub trait Compute: Send + Sync {
     fn servers_on_host(&self, host: &str) -> impl Future<Output = ComputeResult<Vec<Server>>> + Send;
     /// One server, `None` once it is deleted.
     fn server(&self, id: &str) -> impl Future<Output = ComputeResult<Option<Server>>> + Send;
-    /// Asks for a live migration; the scheduler picks the destination.
-    fn live_migrate(&self, server_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
+    /// Asks for a live migration to `destination`, checked by the scheduler
+    /// (compute API 2.30; `None`: the scheduler picks the host).
+    fn live_migrate(&self, server_id: &str, destination: Option<&str>) -> impl Future<Output = ComputeResult<()>> + Send;
     /// Asks for a cold migration; the scheduler picks the destination.
     fn cold_migrate(&self, server_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
     /// Confirms a finished cold migration (`VERIFY_RESIZE`).

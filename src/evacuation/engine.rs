@@ -120,6 +120,28 @@ impl<'a, C: Compute> Engine<'a, C> {
         })
     }
 
+    /// Live-migrates one VM off the host, to `settings.destination` when
+    /// set (a memory relief), with everything an evacuation gives each VM:
+    /// its budget, the stall check, the abort or force-complete, a VM Nova
+    /// left in ERROR without touching it put back. The service is left as it is.
+    pub async fn move_one(&self, target: &Target, server: Server, mut stop: watch::Receiver<StopRequest>) -> VmReport {
+        let started = Instant::now();
+        let planned = PlannedVm {
+            server: server.clone(),
+            action: Action::LiveMigrate,
+            from: ActionFrom::default(),
+            asked: None,
+            refused: None,
+        };
+        let (mut reports, _) = self
+            .move_all(target, vec![planned.clone()], started, None, started, &mut stop)
+            .await;
+        reports.pop().unwrap_or_else(|| {
+            let why = "the move ended without a verdict".to_string();
+            planned_report(&planned, &target.host, Outcome::Failed, Some(why))
+        })
+    }
+
     /// Disables the host's service and moves every VM off it, within the settings' limits.
     pub async fn evacuate(
         &self,

@@ -199,6 +199,8 @@ pub(crate) fn share(amount: u64, part: Duration, whole: Duration) -> u64 {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Calls {
     pub(crate) live_migrate: Vec<(String, Duration)>,
+    /// The destination each live migration asked for, in order (`None`: the scheduler's choice).
+    pub(crate) live_destinations: Vec<Option<String>>,
     pub(crate) cold_migrate: Vec<(String, Duration)>,
     /// Every migration request, live or cold, in order.
     pub(crate) starts: Vec<String>,
@@ -488,7 +490,13 @@ impl Cloud {
 
     /// What the API does on `os-migrateLive` / `migrate`: refuse (409) a server that is busy or in the wrong state,
     /// else set the task state at once and let the conductor schedule and move it.
-    pub(crate) fn start_migration(&mut self, server_id: &str, kind: &'static str, now: Instant) -> ComputeResult<()> {
+    pub(crate) fn start_migration(
+        &mut self,
+        server_id: &str,
+        kind: &'static str,
+        now: Instant,
+        asked: Option<&str>,
+    ) -> ComputeResult<()> {
         let Some(vm) = self.vms.get(server_id) else {
             return Err(ComputeError::Other(format!(
                 "404: instance {server_id} could not be found"
@@ -514,7 +522,7 @@ impl Cloud {
         let candidates: Vec<String> = self
             .other_hosts
             .iter()
-            .filter(|h| h.host != source)
+            .filter(|h| h.host != source && asked.is_none_or(|asked| h.host == asked))
             .map(|h| h.host.clone())
             .collect();
         let dest = candidates.get(self.placed % candidates.len().max(1)).cloned();
@@ -812,7 +820,7 @@ impl FakeCloud {
     /// An operator (or an earlier run) live-migrates the server: not one of the engine's calls.
     pub(crate) fn live_migrate_by_operator(&self, id: &str) {
         self.lock()
-            .start_migration(id, LIVE, Instant::now())
+            .start_migration(id, LIVE, Instant::now(), None)
             .expect("operator's migration starts");
     }
 
@@ -923,13 +931,14 @@ impl Compute for FakeCloud {
         Ok(cloud.vms.get(id).map(|vm| vm.server.clone()))
     }
 
-    async fn live_migrate(&self, server_id: &str) -> ComputeResult<()> {
+    async fn live_migrate(&self, server_id: &str, destination: Option<&str>) -> ComputeResult<()> {
         self.reachable()?;
         let at = self.now();
         let mut cloud = self.lock();
         cloud.calls.live_migrate.push((server_id.into(), at));
         cloud.calls.starts.push(server_id.into());
-        cloud.start_migration(server_id, LIVE, Instant::now())
+        cloud.calls.live_destinations.push(destination.map(str::to_string));
+        cloud.start_migration(server_id, LIVE, Instant::now(), destination)
     }
 
     async fn cold_migrate(&self, server_id: &str) -> ComputeResult<()> {
@@ -938,7 +947,7 @@ impl Compute for FakeCloud {
         let mut cloud = self.lock();
         cloud.calls.cold_migrate.push((server_id.into(), at));
         cloud.calls.starts.push(server_id.into());
-        cloud.start_migration(server_id, COLD, Instant::now())
+        cloud.start_migration(server_id, COLD, Instant::now(), None)
     }
 
     async fn confirm_resize(&self, server_id: &str) -> ComputeResult<()> {

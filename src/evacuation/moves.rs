@@ -733,7 +733,10 @@ impl<C: Compute> Engine<'_, C> {
         job.server.status = current.status.clone();
         job.attempts += 1;
         let request = match job.action {
-            Action::LiveMigrate => self.compute.live_migrate(&job.server.id).await,
+            Action::LiveMigrate => {
+                let destination = self.settings.destination.as_deref();
+                self.compute.live_migrate(&job.server.id, destination).await
+            }
             _ => self.compute.cold_migrate(&job.server.id).await,
         };
         match request {

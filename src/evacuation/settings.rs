@@ -70,6 +70,9 @@ pub struct Settings {
     /// agent reacting to a cordon stops new VMs landing at once; a one-off run
     /// that finds no room changes nothing.
     pub disable_first: bool,
+    /// The host live migrations go to, checked by the scheduler (a memory
+    /// relief chooses it); `None`: the scheduler picks.
+    pub destination: Option<String>,
 }
 
 impl Default for Settings {
@@ -92,6 +95,7 @@ impl Default for Settings {
             check_capacity: true,
             evacuating_elsewhere: Vec::new(),
             disable_first: false,
+            destination: None,
         }
     }
 }

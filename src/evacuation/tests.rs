@@ -648,7 +648,7 @@ async fn a_listing_overtaken_by_someone_else_is_read_again_not_counted_as_a_fail
     cloud.after_next_listing(|cloud| {
         cloud.vms.remove("deleted");
         cloud
-            .start_migration("moved-by-operator", LIVE, Instant::now())
+            .start_migration("moved-by-operator", LIVE, Instant::now(), None)
             .expect("operator's migration starts");
     });
     let settings = Settings {
@@ -1914,4 +1914,51 @@ async fn below_microversion_2_26_tags_are_not_read_and_nothing_is_stopped() {
         .await
         .expect("restore");
     assert!(restored.restarts.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_vm_moves_to_the_chosen_host_and_the_service_is_left_as_it_is() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("a", "ACTIVE", 2048);
+    cloud.add_vm("b", "ACTIVE", 1024);
+    cloud.other_hosts(&[("cmp-1", 65536), ("cmp-2", 65536), ("cmp-3", 65536)]);
+    cloud.script("a", &[Script::Complete { after: secs(5) }]);
+    let settings = Settings {
+        destination: Some("cmp-2".into()),
+        ..Settings::default()
+    };
+    let (_never_stop, stop) = watch::channel(StopRequest::Continue);
+
+    let report = Engine::new(&cloud, &settings, &Quiet)
+        .move_one(&target(), cloud.vm("a"), stop)
+        .await;
+
+    assert_eq!(report.outcome, Outcome::Migrated, "{report:?}");
+    assert_eq!(report.destination.as_deref(), Some("cmp-2"));
+    assert_eq!(cloud.vm("a").host.as_deref(), Some("cmp-2"));
+    assert_eq!(cloud.vm("b").host.as_deref(), Some(SOURCE), "only the one VM moves");
+    let calls = cloud.calls();
+    assert_eq!(calls.live_destinations, [Some("cmp-2".to_string())]);
+    assert!(calls.disable.is_empty() && cloud.service().enabled, "the service is not touched");
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_vm_whose_move_fails_stays_on_its_host_and_is_reported_failed() {
+    let cloud = FakeCloud::new();
+    cloud.add_vm("a", "ACTIVE", 2048);
+    cloud.script("a", &[Script::Fail { after: secs(3) }]);
+    let settings = Settings {
+        destination: Some("cmp-nowhere".into()),
+        retries: 0,
+        ..Settings::default()
+    };
+    let (_never_stop, stop) = watch::channel(StopRequest::Continue);
+
+    let report = Engine::new(&cloud, &settings, &Quiet)
+        .move_one(&target(), cloud.vm("a"), stop)
+        .await;
+
+    assert_eq!(report.outcome, Outcome::Failed, "{report:?}");
+    let a = cloud.vm("a");
+    assert_eq!((a.host.as_deref(), a.status.as_str()), (Some(SOURCE), "ACTIVE"));
 }

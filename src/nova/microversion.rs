@@ -40,6 +40,9 @@ pub const FORCE_COMPLETE: Microversion = Microversion(2, 22);
 pub const SERVER_MIGRATIONS: Microversion = Microversion(2, 23);
 /// Aborting a running live migration.
 pub const ABORT_RUNNING: Microversion = Microversion(2, 24);
+/// A live migration to a named host still goes through the scheduler's
+/// checks (below it, a named host bypasses them).
+pub const CHECKED_DESTINATION: Microversion = Microversion(2, 30);
 /// `block_migration: "auto"` and no `disk_over_commit` in `os-migrateLive`.
 pub const BLOCK_MIGRATION_AUTO: Microversion = Microversion(2, 25);
 /// Server tags: `tags` in server details, `PUT`/`DELETE /servers/{id}/tags/{tag}`.

@@ -692,11 +692,15 @@ impl Compute for NovaClient {
         }
     }
 
-    async fn live_migrate(&self, server_id: &str) -> ComputeResult<()> {
+    async fn live_migrate(&self, server_id: &str, destination: Option<&str>) -> ComputeResult<()> {
+        if destination.is_some() {
+            // Below it, Nova would take the named host unchecked (no capacity or filter check).
+            self.require(microversion::CHECKED_DESTINATION, "live-migrating to a chosen host")?;
+        }
         let body = if self.version.supports(microversion::BLOCK_MIGRATION_AUTO) {
-            json!({ "os-migrateLive": { "host": null, "block_migration": "auto" } })
+            json!({ "os-migrateLive": { "host": destination, "block_migration": "auto" } })
         } else {
-            json!({ "os-migrateLive": { "host": null, "block_migration": false, "disk_over_commit": false } })
+            json!({ "os-migrateLive": { "host": destination, "block_migration": false, "disk_over_commit": false } })
         };
         self.token_fit_for_migration().await?;
         Ok(self.server_action(server_id, body).await?)

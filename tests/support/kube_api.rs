@@ -1,6 +1,7 @@
 //! In-process fake Kubernetes API server for tests, following the real
-//! kube-apiserver wire protocol (JSON; protobuf only for the DeleteOptions
-//! kubectl sends) as closely as our code and the real `kubectl` need, and never
+//! kube-apiserver wire protocol (JSON; protobuf only for what kubectl sends
+//! so: DeleteOptions, and the ConfigMaps of `kubectl create configmap`) as
+//! closely as our code and the real `kubectl` need, and never
 //! more leniently than the real one where we model a behaviour.
 //!
 //! ```ignore
@@ -29,7 +30,8 @@
 //!   (every Event clients created or patched, both APIs, in order, as stored),
 //!   [`KubeApi::add_crd`] (a CustomResourceDefinition, served at once),
 //!   [`KubeApi::objects`] (every stored object of a built-in or custom resource),
-//!   [`KubeApi::leases`] (the Leases of a namespace).
+//!   [`KubeApi::leases`] (the Leases of a namespace), [`KubeApi::config_maps`]
+//!   (the ConfigMaps of a namespace).
 //! * Simulated components: [`KubeApi::set_kubelet`] (default on: a pod bound
 //!   to an existing node becomes Running+Ready ~100 ms after creation; a
 //!   terminating pod is stopped after its grace period capped at 1 s, then
@@ -82,6 +84,21 @@
 //! six fractional digits, else a 400 with Go's message) and are stored in UTC
 //! to the microsecond. Every PUT (all kinds) must name the object of its URL
 //! and a uid in its body is a precondition (409), as real.
+//!
+//! # ConfigMaps
+//! core/v1 ConfigMaps (namespaced, shortName `cm`, no status, no generation;
+//! unconditional updates allowed, a stale resourceVersion is a 409) are
+//! decoded as Go does (a non-string value in `data` is the real 400 `cannot
+//! unmarshal ... into Go struct field ConfigMap.data of type string`; a null
+//! one is `""`) and validated as ValidateConfigMap/ValidateConfigMapUpdate
+//! (422): IsConfigMapKey for every key of `data` and `binaryData`, no key in
+//! both (`data[k]`: `duplicate of key present in binaryData`), at most 1 MiB
+//! of values (`[]: Too long: may not be more than 1048576 bytes`, the 1.32+
+//! wording), and with `immutable: true` no change to `data`, `binaryData` or
+//! `immutable` (``field is immutable when `immutable` is set``). Empty maps
+//! are not stored (protobuf), so they are never served. Discovery lists the
+//! verbs served here (no `deletecollection`, unlike the real one, as for
+//! every built-in kind of this server).
 //!
 //! # Custom resources
 //! `apiextensions.k8s.io/v1` CustomResourceDefinitions are stored (typed by
@@ -165,7 +182,7 @@ use axum::extract::State as AxState;
 use axum::http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event as EventsV1Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
@@ -215,6 +232,9 @@ pub enum Res {
     /// coordination.k8s.io/v1 Lease (see [`State::update`] and
     /// [`lease_prepare`] for what differs from the other built-in kinds).
     Lease,
+    /// core/v1 ConfigMap (see [`validate_config_map`] and
+    /// [`config_map_decode`]).
+    ConfigMap,
     /// A custom resource served from a stored CRD: an index into
     /// [`CUSTOM_KINDS`] (its names; the rest is read from the CRD itself).
     Custom(u32),
@@ -233,7 +253,7 @@ const BUILTIN_GROUPS: [&str; 6] = [
 const COORDINATION_GROUP: &str = "coordination.k8s.io";
 
 impl Res {
-    const ALL: [Res; 14] = [
+    const ALL: [Res; 15] = [
         Res::Namespace,
         Res::Node,
         Res::Pod,
@@ -248,6 +268,7 @@ impl Res {
         Res::ClusterRoleBinding,
         Res::Crd,
         Res::Lease,
+        Res::ConfigMap,
     ];
 
     fn lookup(group: &str, version: &str, plural: &str) -> Option<Res> {
@@ -266,6 +287,7 @@ impl Res {
             (RBAC_GROUP, "v1", "clusterrolebindings") => Res::ClusterRoleBinding,
             (CRD_GROUP, "v1", "customresourcedefinitions") => Res::Crd,
             (COORDINATION_GROUP, "v1", "leases") => Res::Lease,
+            ("", "v1", "configmaps") => Res::ConfigMap,
             _ => return None,
         })
     }
@@ -284,6 +306,7 @@ impl Res {
             Res::ClusterRoleBinding => "clusterrolebindings",
             Res::Crd => "customresourcedefinitions",
             Res::Lease => "leases",
+            Res::ConfigMap => "configmaps",
             Res::Custom(i) => &custom_kind(i).plural,
         }
     }
@@ -326,6 +349,7 @@ impl Res {
             Res::ClusterRoleBinding => "ClusterRoleBinding",
             Res::Crd => "CustomResourceDefinition",
             Res::Lease => "Lease",
+            Res::ConfigMap => "ConfigMap",
             Res::Custom(i) => &custom_kind(i).kind,
         }
     }
@@ -401,6 +425,9 @@ impl Res {
                 }
                 rt::<Lease>(v)
             }
+            Res::ConfigMap => config_map_decode(v)
+                .and_then(rt::<ConfigMap>)
+                .map_err(|e| format!("ConfigMap in version \"v1\" cannot be handled as a ConfigMap: {e}")),
             // The body is pruned and validated against the CRD's schema
             // instead; metadata is decoded as ObjectMeta, as real.
             Res::Custom(_) => {
@@ -1731,6 +1758,7 @@ impl State {
         }
         let obj = res.canonical(obj).map_err(ApiError::bad_request)?;
         validate(res, &obj, None)?;
+        let obj = storage_form(res, obj);
         if rv_set {
             // Not an API status: a 500 with no reason.
             return Err(ApiError::new(
@@ -1913,6 +1941,7 @@ impl State {
         }
         let obj = res.canonical(obj).map_err(ApiError::bad_request)?;
         validate(res, &obj, Some(&old))?;
+        let obj = storage_form(res, obj);
         // Store.Update's shouldDeleteDuringUpdate: the last finalizer of an
         // object being deleted with no grace left is gone, and so is it.
         let emptied = !has_finalizers(&obj)
@@ -3237,6 +3266,7 @@ fn validate(res: Res, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
         }
         Res::Event | Res::CoreEvent => validate_event(res, obj, old, &mut errs),
         Res::Lease => validate_lease_spec(obj, &mut errs),
+        Res::ConfigMap => validate_config_map(obj, old, &mut errs),
         Res::Crd => {
             validate_crd(obj, &mut errs);
             if let Some(old) = old
@@ -3299,6 +3329,158 @@ fn lease_prepare(lease: &mut Value, old: Option<&Value>) {
             spec.remove(field);
         }
     }
+}
+
+/// ValidateConfigMap's limit on the values of `data` and `binaryData`
+/// together (core.MaxSecretSize).
+const CONFIG_MAP_MAX_BYTES: usize = 1024 * 1024;
+
+/// What Go's encoding/json (kube-apiserver's typed decoder) makes of a
+/// ConfigMap's fields before k8s-openapi decodes it: a `null` in `data` or
+/// `binaryData` is the element's zero value (`""`, no bytes); anything but a
+/// string there (or a non-bool `immutable`) is Go's UnmarshalTypeError. The
+/// caller prefixes the "cannot be handled as a ConfigMap" of the 400.
+/// `binaryData` is then base64-decoded by k8s-openapi: padding and canonical
+/// trailing bits are required and line breaks refused (Go's StdEncoding skips
+/// `\r`/`\n` and ignores trailing bits: stricter, never more lenient).
+fn config_map_decode(mut cm: Value) -> Result<Value, String> {
+    for (field, go_type) in [("data", "string"), ("binaryData", "[]uint8")] {
+        let entries = match cm.get_mut(field) {
+            None | Some(Value::Null) => continue,
+            Some(Value::Object(entries)) => entries,
+            Some(other) => return Err(go_unmarshal_error(other, field, &format!("map[string]{go_type}"))),
+        };
+        for value in entries.values_mut() {
+            match value {
+                Value::String(_) => {}
+                Value::Null => *value = json!(""),
+                other => return Err(go_unmarshal_error(other, field, go_type)),
+            }
+        }
+    }
+    if let Some(i) = cm.get("immutable").filter(|i| !i.is_null() && !i.is_boolean()) {
+        return Err(go_unmarshal_error(i, "immutable", "bool"));
+    }
+    Ok(cm)
+}
+
+/// Go's `json: cannot unmarshal KIND into Go struct field ConfigMap.FIELD of type T`.
+fn go_unmarshal_error(v: &Value, field: &str, go_type: &str) -> String {
+    let kind = match v {
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        _ => "object",
+    };
+    format!("json: cannot unmarshal {kind} into Go struct field ConfigMap.{field} of type {go_type}")
+}
+
+/// ValidateConfigMapUpdate and ValidateConfigMap (pkg/apis/core/validation)
+/// on a decoded ConfigMap: once `immutable: true`, `data`, `binaryData` and
+/// `immutable` itself may not change (Go's reflect.DeepEqual: an empty map
+/// differs from none); keys must be config keys, none in both maps; the
+/// values may total [`CONFIG_MAP_MAX_BYTES`] (binaryData counted decoded).
+fn validate_config_map(cm: &Value, old: Option<&Value>, errs: &mut Vec<(String, String, &'static str)>) {
+    let immutable = |o: &Value| o.get("immutable").and_then(Value::as_bool) == Some(true);
+    if let Some(old) = old.filter(|o| immutable(o)) {
+        const WHY: &str = "Forbidden: field is immutable when `immutable` is set";
+        if !immutable(cm) {
+            errs.push(("immutable".into(), WHY.into(), "FieldValueForbidden"));
+        }
+        for field in ["data", "binaryData"] {
+            if cm.get(field) != old.get(field) {
+                errs.push((field.into(), WHY.into(), "FieldValueForbidden"));
+            }
+        }
+    }
+    let entries = |field: &str| cm.get(field).and_then(Value::as_object);
+    let (data, binary) = (entries("data"), entries("binaryData"));
+    let invalid_key = |field: &str, key: &str, why: &str| {
+        (
+            format!("{field}[{key}]"),
+            format!("Invalid value: {}: {why}", go_quote(key)),
+            "FieldValueInvalid",
+        )
+    };
+    let mut total = 0;
+    for (key, value) in data.into_iter().flatten() {
+        errs.extend(config_key_errors(key).iter().map(|why| invalid_key("data", key, why)));
+        if binary.is_some_and(|b| b.contains_key(key)) {
+            errs.push(invalid_key("data", key, "duplicate of key present in binaryData"));
+        }
+        total += value.as_str().map_or(0, str::len);
+    }
+    for (key, value) in binary.into_iter().flatten() {
+        errs.extend(config_key_errors(key).iter().map(|why| invalid_key("binaryData", key, why)));
+        total += value.as_str().map_or(0, base64_decoded_len);
+    }
+    if total > CONFIG_MAP_MAX_BYTES {
+        // field.TooLong on the root path (shown as `[]`), in its 1.32+ words.
+        errs.push((
+            "[]".into(),
+            format!("Too long: may not be more than {CONFIG_MAP_MAX_BYTES} bytes"),
+            "FieldValueTooLong",
+        ));
+    }
+}
+
+/// apimachinery's IsConfigMapKey: its messages, in its order.
+fn config_key_errors(key: &str) -> Vec<String> {
+    let mut errs = vec![];
+    if key.len() > 253 {
+        errs.push("must be no more than 253 characters".to_string());
+    }
+    let charset = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
+    if key.is_empty() || !key.bytes().all(charset) {
+        errs.push(
+            "a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')"
+                .to_string(),
+        );
+    }
+    match key {
+        "." => errs.push("must not be '.'".to_string()),
+        ".." => errs.push("must not be '..'".to_string()),
+        k if k.starts_with("..") => errs.push("must not start with '..'".to_string()),
+        _ => {}
+    }
+    errs
+}
+
+/// The byte length of canonical (padded) base64, as k8s-openapi writes it.
+fn base64_decoded_len(b64: &str) -> usize {
+    let padding = b64.bytes().rev().take_while(|b| *b == b'=').count();
+    (b64.len() / 4 * 3).saturating_sub(padding)
+}
+
+/// Go's `%q` (strconv.Quote) of a string, for the values of field errors.
+fn go_quote(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// An object as storage gives it back: protobuf keeps no empty map, and
+/// Go's `omitempty` then writes none, so a ConfigMap's empty `data` and
+/// `binaryData` are gone (after validation, which sees them).
+fn storage_form(res: Res, mut obj: Value) -> Value {
+    if res == Res::ConfigMap
+        && let Some(o) = obj.as_object_mut()
+    {
+        o.retain(|k, v| !(matches!(k.as_str(), "data" | "binaryData") && v.as_object().is_some_and(Map::is_empty)));
+    }
+    obj
 }
 
 #[derive(Default)]
@@ -4496,7 +4678,7 @@ fn route(
             if t.ns.is_none() && t.res.namespaced() {
                 return Err(ApiError::method_not_allowed());
             }
-            let obj = parse_json(body)?;
+            let obj = parse_object(t.res, content_type, body)?;
             let mut st = shared.lock();
             st.begin_write(q);
             let r = st.create(t.res, &ns, obj, dry_run);
@@ -4518,7 +4700,7 @@ fn route(
                     }
                 }
                 (None | Some("status"), Method::PUT) => {
-                    let obj = parse_json(body)?;
+                    let obj = parse_object(t.res, content_type, body)?;
                     st.begin_write(q);
                     let r = st.put(t.res, &ns, name, obj, t.sub.is_some(), dry_run);
                     st.end_write(r)
@@ -4627,6 +4809,114 @@ fn delete_options_from_protobuf(body: &[u8]) -> ApiResult<Value> {
     Ok(opts)
 }
 
+/// The object of a POST or PUT: JSON, or protobuf for the kinds decoded
+/// here (ConfigMaps: `kubectl create configmap`'s typed client sends them so);
+/// other kinds in protobuf are a 415 (the real server decodes them all).
+fn parse_object(res: Res, content_type: &str, body: &[u8]) -> ApiResult<Value> {
+    if !content_type.starts_with("application/vnd.kubernetes.protobuf") {
+        return parse_json(body);
+    }
+    match res {
+        Res::ConfigMap => config_map_from_protobuf(body),
+        _ => Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!("the body of the request was in an unknown format - accepted media types include: application/json (this fake decodes protobuf {} only for ConfigMaps)", res.kind()),
+        )),
+    }
+}
+
+/// The `raw` of a `k8s\0` runtime.Unknown envelope whose TypeMeta names
+/// `api_version`/`kind`.
+fn protobuf_unknown_raw<'a>(body: &'a [u8], api_version: &str, kind: &str) -> Option<&'a [u8]> {
+    let fields = protobuf_fields(body.strip_prefix(b"k8s\0")?)?;
+    let mut raw = None;
+    let mut type_ok = false;
+    for (n, v) in fields {
+        match (n, v) {
+            (1, Err(type_meta)) => {
+                let tm = protobuf_fields(type_meta)?;
+                let text = |f: u64| tm.iter().find_map(|(n, v)| (*n == f).then_some(*v).and_then(Result::err));
+                type_ok = text(1) == Some(api_version.as_bytes()) && text(2) == Some(kind.as_bytes());
+            }
+            (2, Err(r)) => raw = Some(r),
+            _ => {}
+        }
+    }
+    type_ok.then_some(raw).flatten()
+}
+
+/// One entry of a protobuf `map<string, string|bytes>`: key and value.
+fn protobuf_map_entry(entry: &[u8]) -> Option<(String, &[u8])> {
+    let (mut key, mut value) = (String::new(), &[][..]);
+    for (n, v) in protobuf_fields(entry)? {
+        match (n, v) {
+            (1, Err(k)) => key = String::from_utf8_lossy(k).into_owned(),
+            (2, Err(d)) => value = d,
+            _ => return None,
+        }
+    }
+    Some((key, value))
+}
+
+/// A core/v1 ConfigMap in protobuf, as JSON (binaryData base64-encoded).
+fn config_map_from_protobuf(body: &[u8]) -> ApiResult<Value> {
+    let bad = || ApiError::bad_request("error decoding ConfigMap: not a protobuf v1 ConfigMap");
+    let raw = protobuf_unknown_raw(body, "v1", "ConfigMap").ok_or_else(bad)?;
+    let mut cm = json!({"apiVersion": "v1", "kind": "ConfigMap"});
+    for (n, v) in protobuf_fields(raw).ok_or_else(bad)? {
+        match (n, v) {
+            (1, Err(meta)) => cm["metadata"] = object_meta_from_protobuf(meta)?,
+            (2, Err(entry)) => {
+                let (k, v) = protobuf_map_entry(entry).ok_or_else(bad)?;
+                cm["data"][k] = json!(String::from_utf8_lossy(v));
+            }
+            (3, Err(entry)) => {
+                let (k, v) = protobuf_map_entry(entry).ok_or_else(bad)?;
+                let b64 = serde_json::to_value(k8s_openapi::ByteString(v.to_vec())).expect("base64");
+                cm["binaryData"][k] = b64;
+            }
+            (4, Ok(b)) => cm["immutable"] = json!(b != 0),
+            _ => return Err(bad()),
+        }
+    }
+    Ok(cm)
+}
+
+/// A metav1.ObjectMeta in protobuf: what a client sets on a create (name,
+/// generateName, namespace, uid, resourceVersion, labels, annotations,
+/// finalizers; empty strings are unset, as in Go); what the server owns
+/// (selfLink, generation, timestamps, deletion grace) is dropped, as the
+/// server would overwrite it. Other fields (ownerReferences, managedFields)
+/// are not decoded by this fake: a 400 rather than dropping them.
+fn object_meta_from_protobuf(raw: &[u8]) -> ApiResult<Value> {
+    let bad = |what: String| ApiError::bad_request(format!("error decoding ObjectMeta: {what}"));
+    let fields = protobuf_fields(raw).ok_or_else(|| bad("not protobuf".into()))?;
+    let text = |d: &[u8]| String::from_utf8_lossy(d).into_owned();
+    let mut m = json!({});
+    for (n, v) in fields {
+        match (n, v) {
+            (1 | 2 | 3 | 5 | 6, Err(d)) if !d.is_empty() => {
+                let key = ["name", "generateName", "namespace", "", "uid", "resourceVersion"][n as usize - 1];
+                m[key] = json!(text(d));
+            }
+            (1..=6 | 8 | 9, Err(_)) | (7 | 10, Ok(_)) => {}
+            (11 | 12, Err(entry)) => {
+                let (k, v) = protobuf_map_entry(entry).ok_or_else(|| bad("bad map entry".into()))?;
+                m[if n == 11 { "labels" } else { "annotations" }][k] = json!(text(v));
+            }
+            (14, Err(d)) => {
+                if !m["finalizers"].is_array() {
+                    m["finalizers"] = json!([]);
+                }
+                m["finalizers"].as_array_mut().expect("array").push(json!(text(d)));
+            }
+            (n, _) => return Err(bad(format!("field {n} is not decoded by this fake"))),
+        }
+    }
+    Ok(m)
+}
+
 fn discovery(segs: &[&str], url: &str, customs: &[CrdInfo]) -> Option<Value> {
     let addr = url.trim_start_matches("http://");
     let resources = |gv: &str| -> Value {
@@ -4641,6 +4931,9 @@ fn discovery(segs: &[&str], url: &str, customs: &[CrdInfo]) -> Option<Value> {
                 if *r == Res::Crd {
                     v[0]["shortNames"] = json!(["crd", "crds"]);
                     v[0]["categories"] = json!(["api-extensions"]);
+                }
+                if *r == Res::ConfigMap {
+                    v[0]["shortNames"] = json!(["cm"]);
                 }
                 if r.has_status() {
                     v.push(json!({"name": format!("{}/status", r.plural()), "singularName": "", "namespaced": r.namespaced(), "kind": r.kind(), "verbs": ["get","patch","update"]}));
@@ -5400,6 +5693,11 @@ impl KubeApi {
     /// Every Lease of namespace `ns`, as stored (by name).
     pub fn leases(&self, ns: &str) -> Vec<Value> {
         self.lock().list_objs(Res::Lease, Some(ns))
+    }
+
+    /// Every ConfigMap of namespace `ns`, as stored (by name).
+    pub fn config_maps(&self, ns: &str) -> Vec<Value> {
+        self.lock().list_objs(Res::ConfigMap, Some(ns))
     }
 
     /// Forgets the watch history: every resourceVersion handed out so far is

@@ -8,11 +8,13 @@
 //! * [`cluster`]: the cluster a daemon test runs against: the fake, or a real
 //!   one named by `DRAINER_TEST_KUBECONFIG` (a Ready test Node, a kubelet player).
 //! * [`proxy`]: a TCP proxy a test cuts, as a network partition cuts one client off.
+//! * [`memory`]: simulated `/proc/meminfo` files of the lab's hosts, freed as their VMs leave.
 #![allow(dead_code)]
 
 pub mod cluster;
 pub mod kube_api;
 pub mod kubectl;
+pub mod memory;
 pub mod openstack;
 pub mod proxy;
 pub mod wait;

@@ -186,8 +186,19 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Print the CustomResourceDefinition of the Evacuation resource (as deploy/crd.yaml holds it).
-    Crd,
+    /// Print a CustomResourceDefinition: of the Evacuation resource (as deploy/crd.yaml holds it), or
+    /// with `vmmigrations`, of the VmMigration resource (deploy/crd-vmmigrations.yaml).
+    Crd {
+        #[arg(value_enum, default_value_t = CrdKind::Evacuations)]
+        kind: CrdKind,
+    },
+}
+
+/// The custom resources whose definitions `drainer crd` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CrdKind {
+    Evacuations,
+    Vmmigrations,
 }
 
 /// Report format.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use nova_kubernetes_drain::cli::{self, Cli, Command, Output};
+use nova_kubernetes_drain::cli::{self, Cli, Command, CrdKind, Output};
 use nova_kubernetes_drain::config::{self, CloudIdentity, Config, ProcessEnvironment};
 use nova_kubernetes_drain::daemon::coordinator::CoordinationSettings;
 use nova_kubernetes_drain::daemon::queue::{Limits, ZoneRule};
@@ -36,8 +36,12 @@ fn main() -> ExitCode {
     if matches!(cli.command, Some(Command::Guard)) {
         return ExitCode::from(guard() as u8);
     }
-    if matches!(cli.command, Some(Command::Crd)) {
-        return match nova_kubernetes_drain::kube::evacuation::crd_yaml() {
+    if let Some(Command::Crd { kind }) = cli.command {
+        let yaml = match kind {
+            CrdKind::Evacuations => nova_kubernetes_drain::kube::evacuation::crd_yaml(),
+            CrdKind::Vmmigrations => nova_kubernetes_drain::kube::relief::crd_yaml(),
+        };
+        return match yaml {
             Ok(yaml) => {
                 print!("{yaml}");
                 ExitCode::SUCCESS

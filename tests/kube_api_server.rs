@@ -2791,7 +2791,10 @@ async fn config_maps_are_discovered_and_listed() {
     );
     let url = format!("{}/api/v1/namespaces/default/configmaps", api.url());
     let list: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
-    assert_eq!((&list["kind"], &list["apiVersion"]), (&json!("ConfigMapList"), &json!("v1")));
+    assert_eq!(
+        (&list["kind"], &list["apiVersion"]),
+        (&json!("ConfigMapList"), &json!("v1"))
+    );
     assert_eq!(list["items"], json!([]));
     let all = format!("{}/api/v1/configmaps", api.url());
     assert_eq!(http.get(&all).send().await.unwrap().status(), 200);
@@ -2825,16 +2828,27 @@ async fn config_maps_are_created_patched_watched_and_deleted() {
     let patched = cms.patch(PAUSE_CM, &PatchParams::default(), &patch).await.unwrap();
     assert_eq!(paused(&patched), Some("false"));
     assert_ne!(patched.metadata.resource_version, created.metadata.resource_version);
-    match tokio::time::timeout(WAIT, events.next()).await.unwrap().unwrap().unwrap() {
+    match tokio::time::timeout(WAIT, events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
         WatchEvent::Modified(cm) => assert_eq!(paused(&cm), Some("false")),
         other => panic!("{other:?}"),
     }
 
-    let e = api_error(cms.replace(PAUSE_CM, &PostParams::default(), &created).await.unwrap_err());
+    let e = api_error(
+        cms.replace(PAUSE_CM, &PostParams::default(), &created)
+            .await
+            .unwrap_err(),
+    );
     assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
     assert_eq!(
         e.message,
-        format!("Operation cannot be fulfilled on configmaps \"{PAUSE_CM}\": the object has been modified; please apply your changes to the latest version and try again")
+        format!(
+            "Operation cannot be fulfilled on configmaps \"{PAUSE_CM}\": the object has been modified; please apply your changes to the latest version and try again"
+        )
     );
     let mut unconditional = created.clone();
     unconditional.metadata.resource_version = None;
@@ -2846,11 +2860,21 @@ async fn config_maps_are_created_patched_watched_and_deleted() {
 
     cms.delete(PAUSE_CM, &DeleteParams::default()).await.unwrap();
     assert!(cms.get_opt(PAUSE_CM).await.unwrap().is_none());
-    match tokio::time::timeout(WAIT, events.next()).await.unwrap().unwrap().unwrap() {
+    match tokio::time::timeout(WAIT, events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
         WatchEvent::Modified(cm) => assert_eq!(paused(&cm), Some("true")),
         other => panic!("{other:?}"),
     }
-    match tokio::time::timeout(WAIT, events.next()).await.unwrap().unwrap().unwrap() {
+    match tokio::time::timeout(WAIT, events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
         WatchEvent::Deleted(cm) => assert_eq!(cm.metadata.name.as_deref(), Some(PAUSE_CM)),
         other => panic!("{other:?}"),
     }
@@ -2879,7 +2903,11 @@ async fn config_map_keys_and_names_are_validated() {
     );
     assert_eq!(causes(&e), ["data[bad key] FieldValueInvalid"]);
 
-    let e = create(config_map("dots", json!({"data": {"..": "1"}, "binaryData": {"..x": "AA=="}}))).await;
+    let e = create(config_map(
+        "dots",
+        json!({"data": {"..": "1"}, "binaryData": {"..x": "AA=="}}),
+    ))
+    .await;
     assert_eq!(
         e.message,
         "ConfigMap \"dots\" is invalid: [data[..]: Invalid value: \"..\": must not be '..', binaryData[..x]: Invalid value: \"..x\": must not start with '..']"
@@ -2888,10 +2916,16 @@ async fn config_map_keys_and_names_are_validated() {
     let e = create(config_map("long", json!({"data": {long.clone(): "1"}}))).await;
     assert_eq!(
         e.message,
-        format!("ConfigMap \"long\" is invalid: data[{long}]: Invalid value: \"{long}\": must be no more than 253 characters")
+        format!(
+            "ConfigMap \"long\" is invalid: data[{long}]: Invalid value: \"{long}\": must be no more than 253 characters"
+        )
     );
 
-    let e = create(config_map("both", json!({"data": {"paused": "true"}, "binaryData": {"paused": "dHJ1ZQ=="}}))).await;
+    let e = create(config_map(
+        "both",
+        json!({"data": {"paused": "true"}, "binaryData": {"paused": "dHJ1ZQ=="}}),
+    ))
+    .await;
     assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
     assert_eq!(
         e.message,
@@ -2933,7 +2967,10 @@ async fn config_map_values_must_be_strings_and_fit_in_a_mebibyte() {
     let (code, _, status) = post(json!({"metadata": {"name": "z"}, "data": {"k": null}, "binaryData": {}})).await;
     assert_eq!(code, 201, "{status}");
     assert_eq!(status["data"], json!({"k": ""}));
-    assert!(status.get("binaryData").is_none(), "empty maps are not stored: {status}");
+    assert!(
+        status.get("binaryData").is_none(),
+        "empty maps are not stored: {status}"
+    );
 
     let half = "x".repeat(512 * 1024);
     let fits = json!({"metadata": {"name": "fits"}, "data": {"a": half, "b": half}});
@@ -2970,13 +3007,14 @@ async fn immutable_config_maps_refuse_data_changes() {
         format!("ConfigMap \"{PAUSE_CM}\" is invalid: data: Forbidden: field is immutable when `immutable` is set")
     );
     assert_eq!(causes(&e), ["data FieldValueForbidden"]);
-    let e = api_error(patch(json!({"immutable": false, "binaryData": {"b": "AA=="}})).await.unwrap_err());
+    let e = api_error(
+        patch(json!({"immutable": false, "binaryData": {"b": "AA=="}}))
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(
         causes(&e),
-        [
-            "immutable FieldValueForbidden",
-            "binaryData FieldValueForbidden"
-        ]
+        ["immutable FieldValueForbidden", "binaryData FieldValueForbidden"]
     );
     let e = api_error(patch(json!({"immutable": null})).await.unwrap_err());
     assert_eq!(causes(&e), ["immutable FieldValueForbidden"]);
@@ -3020,13 +3058,18 @@ async fn kubectl_creates_patches_and_deletes_a_config_map() {
         .expect("kubectl create configmap");
     let printed = run(&["get", "configmap", PAUSE_CM, "-o", "json"]).await.unwrap();
     let cm: Value = serde_json::from_str(&printed).unwrap();
-    assert_eq!((&cm["kind"], &cm["data"]), (&json!("ConfigMap"), &json!({"paused": "true"})));
+    assert_eq!(
+        (&cm["kind"], &cm["data"]),
+        (&json!("ConfigMap"), &json!({"paused": "true"}))
+    );
     assert_eq!(cm["metadata"]["namespace"], AGENT_NS);
 
     run(&["patch", "configmap", PAUSE_CM, "-p", r#"{"data":{"paused":"false"}}"#])
         .await
         .expect("kubectl patch configmap");
-    let printed = run(&["get", "cm", PAUSE_CM, "-o", "jsonpath={.data.paused}"]).await.unwrap();
+    let printed = run(&["get", "cm", PAUSE_CM, "-o", "jsonpath={.data.paused}"])
+        .await
+        .unwrap();
     assert_eq!(printed, "false");
     let cms: Api<ConfigMap> = Api::namespaced(api.kube_client(), AGENT_NS);
     assert_eq!(paused(&cms.get(PAUSE_CM).await.unwrap()), Some("false"));
@@ -3038,11 +3081,27 @@ async fn kubectl_creates_patches_and_deletes_a_config_map() {
         .await
         .unwrap_err();
     assert!(
-        e.contains(&format!("The ConfigMap \"{PAUSE_CM}\" is invalid: data: Forbidden: field is immutable when `immutable` is set")),
+        e.contains(&format!(
+            "The ConfigMap \"{PAUSE_CM}\" is invalid: data: Forbidden: field is immutable when `immutable` is set"
+        )),
         "{e}"
     );
-    run(&["delete", "configmap", PAUSE_CM]).await.expect("kubectl delete configmap");
+    run(&["delete", "configmap", PAUSE_CM])
+        .await
+        .expect("kubectl delete configmap");
     assert!(cms.get_opt(PAUSE_CM).await.unwrap().is_none());
+
+    // Not UTF-8: kubectl sends it as binaryData.
+    let file = std::env::temp_dir().join(format!("fake-kube-cm-{}.bin", std::process::id()));
+    std::fs::write(&file, [0xff_u8, 0, 1]).unwrap();
+    let from_file = format!("--from-file=blob={}", file.display());
+    run(&["create", "configmap", "blob", &from_file, "--from-literal=paused=true"])
+        .await
+        .expect("kubectl create configmap --from-file");
+    let _ = std::fs::remove_file(&file);
+    let blob = cms.get("blob").await.unwrap();
+    assert_eq!(blob.binary_data.as_ref().unwrap()["blob"].0, [0xff, 0, 1]);
+    assert_eq!(paused(&blob), Some("true"));
     let e = run(&["get", "configmap", PAUSE_CM]).await.unwrap_err();
     assert!(e.contains("NotFound") && e.contains("not found"), "{e}");
 }

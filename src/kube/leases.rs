@@ -53,7 +53,13 @@ const NAME_MAX: usize = 253;
 /// The name of the ticket of the agent of `node`; a node name too long for
 /// it is cut, with a hash of the whole name, so it stays the node's own.
 pub fn ticket_name(node: &str) -> String {
-    let name = format!("{TICKET_PREFIX}{node}");
+    node_lease_name(TICKET_PREFIX, node)
+}
+
+/// `prefix` and the node's name, cut with a hash of the whole name where
+/// too long, so that it stays the node's own.
+pub fn node_lease_name(prefix: &str, node: &str) -> String {
+    let name = format!("{prefix}{node}");
     if name.len() <= NAME_MAX {
         return name;
     }
@@ -61,8 +67,8 @@ pub fn ticket_name(node: &str) -> String {
     let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     });
-    let kept: String = node.chars().take(NAME_MAX - TICKET_PREFIX.len() - 17).collect();
-    format!("{TICKET_PREFIX}{}-{hash:016x}", kept.trim_end_matches(['-', '.']))
+    let kept: String = node.chars().take(NAME_MAX - prefix.len() - 17).collect();
+    format!("{prefix}{}-{hash:016x}", kept.trim_end_matches(['-', '.']))
 }
 
 /// What a Lease of ours stands for, by its name; `None` for anything else.

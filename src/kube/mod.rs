@@ -9,6 +9,7 @@ pub mod evacuation;
 mod finalizer;
 pub mod guard;
 pub mod leases;
+pub mod relief;
 
 use std::sync::{Arc, Mutex};
 

@@ -121,14 +121,16 @@ impl TestCluster {
                 // What `kubectl apply -k deploy/` installs on a real cluster
                 // and the agent writes to (the fake serves no OpenAPI document
                 // for kubectl's client-side schema check).
-                let crd = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/crd.yaml");
-                kubectl
-                    .run(
-                        &["apply", "-f", &crd.to_string_lossy(), "--validate=false"],
-                        KUBECTL_TIMEOUT,
-                    )
-                    .await
-                    .expect("kubectl apply -f deploy/crd.yaml");
+                for file in ["deploy/crd.yaml", "deploy/crd-vmmigrations.yaml"] {
+                    let crd = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+                    kubectl
+                        .run(
+                            &["apply", "-f", &crd.to_string_lossy(), "--validate=false"],
+                            KUBECTL_TIMEOUT,
+                        )
+                        .await
+                        .unwrap_or_else(|e| panic!("kubectl apply -f {file}: {e:?}"));
+                }
                 (Backend::Fake(Arc::new(fake)), kubectl)
             }
             Some(path) => {

@@ -3412,7 +3412,11 @@ fn validate_config_map(cm: &Value, old: Option<&Value>, errs: &mut Vec<(String, 
         total += value.as_str().map_or(0, str::len);
     }
     for (key, value) in binary.into_iter().flatten() {
-        errs.extend(config_key_errors(key).iter().map(|why| invalid_key("binaryData", key, why)));
+        errs.extend(
+            config_key_errors(key)
+                .iter()
+                .map(|why| invalid_key("binaryData", key, why)),
+        );
         total += value.as_str().map_or(0, base64_decoded_len);
     }
     if total > CONFIG_MAP_MAX_BYTES {
@@ -4821,7 +4825,10 @@ fn parse_object(res: Res, content_type: &str, body: &[u8]) -> ApiResult<Value> {
         _ => Err(ApiError::new(
             415,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json (this fake decodes protobuf {} only for ConfigMaps)", res.kind()),
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json (this fake decodes protobuf {} only for ConfigMaps)",
+                res.kind()
+            ),
         )),
     }
 }
@@ -4836,7 +4843,10 @@ fn protobuf_unknown_raw<'a>(body: &'a [u8], api_version: &str, kind: &str) -> Op
         match (n, v) {
             (1, Err(type_meta)) => {
                 let tm = protobuf_fields(type_meta)?;
-                let text = |f: u64| tm.iter().find_map(|(n, v)| (*n == f).then_some(*v).and_then(Result::err));
+                let text = |f: u64| {
+                    tm.iter()
+                        .find_map(|(n, v)| (*n == f).then_some(*v).and_then(Result::err))
+                };
                 type_ok = text(1) == Some(api_version.as_bytes()) && text(2) == Some(kind.as_bytes());
             }
             (2, Err(r)) => raw = Some(r),

@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
+use crate::pressure::detector::Amount;
+
 /// Drains a nova-compute hypervisor: disables its service and moves every VM off it.
 #[derive(Debug, Parser)]
 #[command(
@@ -156,6 +158,57 @@ pub struct Cli {
     #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
     pub slot_lease: u64,
 
+    /// Daemon: memory relief, live-migrating VMs off a hypervisor whose MemAvailable stays below
+    /// --memory-threshold for --memory-window seconds, before the OOM killer ends a guest: `off`,
+    /// `nodes` (only the nodes annotated nova-kubernetes-drain/memory-relief=on), `on` (every node
+    /// not annotated off or paused), or `dry-run` (VmMigrations and Events tell what would move;
+    /// nothing moves).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = MemoryRelief::Off)]
+    pub memory_relief: MemoryRelief,
+
+    /// Daemon: where the hypervisor's memory is read, in /proc/meminfo's format (refused when
+    /// lxcfs or another FUSE file system hides the host's view there).
+    #[arg(long, value_name = "PATH", default_value = "/proc/meminfo")]
+    pub meminfo_path: PathBuf,
+
+    /// Daemon: memory pressure is MemAvailable below this: a share of MemTotal (`10%`) or a
+    /// size (`4Gi`, `512Mi`).
+    #[arg(long, value_name = "AMOUNT", default_value = "10%")]
+    pub memory_threshold: Amount,
+
+    /// Daemon: a host under memory pressure is relieved once MemAvailable is above the
+    /// threshold plus this (`5%`, `2Gi`): the VMs moved are the fewest that free that much.
+    #[arg(long, value_name = "AMOUNT", default_value = "5%")]
+    pub memory_margin: Amount,
+
+    /// Daemon: seconds MemAvailable must stay below the threshold before VMs move.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub memory_window: u64,
+
+    /// Daemon: seconds between two readings of the memory.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub memory_sample_interval: u64,
+
+    /// Daemon: which VM a memory relief moves: `fewest` (the smallest VM that frees enough on
+    /// its own, else the largest; recently moved VMs last) or `largest`.
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = ReliefChoice::Fewest)]
+    pub relief_choice: ReliefChoice,
+
+    /// Daemon: seconds a VM moved for memory relief (by anyone, as Nova's records show) is
+    /// not moved again for it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    pub relief_vm_cool_down: u64,
+
+    /// Daemon: seconds after a relief move from a host before the next one (the memory
+    /// freed shows in MemAvailable first).
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub relief_host_cool_down: u64,
+
+    /// Daemon: memory relief moves at once across the cluster, taken out of
+    /// --max-live-migrations while memory relief is on (with --max-evacuating above 0).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub relief_migrations: u32,
+
     /// Format of the log lines on standard error.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -192,6 +245,22 @@ pub enum Command {
         #[arg(value_enum, default_value_t = CrdKind::Evacuations)]
         kind: CrdKind,
     },
+}
+
+/// `--memory-relief`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MemoryRelief {
+    Off,
+    Nodes,
+    On,
+    DryRun,
+}
+
+/// `--relief-choice`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReliefChoice {
+    Fewest,
+    Largest,
 }
 
 /// The custom resources whose definitions `drainer crd` prints.

@@ -10,12 +10,15 @@ use nova_kubernetes_drain::config::{self, CloudIdentity, Config, ProcessEnvironm
 use nova_kubernetes_drain::daemon::coordinator::CoordinationSettings;
 use nova_kubernetes_drain::daemon::queue::{Limits, ZoneRule};
 use nova_kubernetes_drain::daemon::release::{GuardRelease, release_guards};
+use nova_kubernetes_drain::daemon::relief::{ClusterMode, ReliefSettings};
 use nova_kubernetes_drain::daemon::{DaemonSettings, RetryBackoff};
 use nova_kubernetes_drain::evacuation::{
     Engine, EvacuationError, Report, RestoreOptions, StopRequest, Target, View, report,
 };
 use nova_kubernetes_drain::kube::Guard;
 use nova_kubernetes_drain::nova::NovaClient;
+use nova_kubernetes_drain::pressure::choice::Policy;
+use nova_kubernetes_drain::pressure::detector::PressureRule;
 use nova_kubernetes_drain::{exit, telemetry};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -288,26 +291,14 @@ async fn daemon(cli: &Cli, config: Config, target: Target) -> i32 {
         Ok(client) => client,
         Err(e) => return usage(format!("cannot use the Kubernetes API: {e}")),
     };
-    if cli.max_evacuating > 0 && cli.max_live_migrations < cli.max_evacuating {
-        return usage(format!(
-            "--max-live-migrations {} is below --max-evacuating {}: every evacuating hypervisor needs at least one",
-            cli.max_live_migrations, cli.max_evacuating
-        ));
-    }
-    let coordination = (cli.max_evacuating > 0).then(|| CoordinationSettings {
-        limits: Limits {
-            slots: cli.max_evacuating,
-            migrations: cli.max_live_migrations,
-            zones: match cli.evacuating_zones {
-                cli::Zones::Any => ZoneRule::Any,
-                cli::Zones::Same => ZoneRule::Same,
-                cli::Zones::Different => ZoneRule::Different,
-            },
-        },
-        lease: Duration::from_secs(cli.slot_lease),
-    });
+    let relief = relief_settings(cli);
+    let coordination = match coordination_settings(cli, relief.as_ref()) {
+        Ok(coordination) => coordination,
+        Err(why) => return usage(why),
+    };
     let settings = DaemonSettings {
         coordination,
+        relief,
         namespace: cli.namespace.clone(),
         guard_image: cli.guard_image.clone(),
         own_pod: cli.pod_name.clone(),
@@ -326,6 +317,72 @@ async fn daemon(cli: &Cli, config: Config, target: Target) -> i32 {
         target,
     };
     nova_kubernetes_drain::daemon::run(settings, config, kube).await
+}
+
+/// The cluster's evacuation slots and live migrations (`None`: agents not
+/// coordinated); the relief migrations are taken out of the live migrations
+/// when relief may move VMs.
+fn coordination_settings(cli: &Cli, relief: Option<&ReliefSettings>) -> Result<Option<CoordinationSettings>, String> {
+    if cli.max_evacuating == 0 {
+        return Ok(None);
+    }
+    let reserved = match relief.map(|r| r.mode) {
+        Some(ClusterMode::Nodes | ClusterMode::On) => cli.relief_migrations,
+        _ => 0,
+    };
+    let migrations = cli.max_live_migrations.saturating_sub(reserved);
+    if migrations < cli.max_evacuating {
+        let relief = if reserved > 0 {
+            format!(" once --relief-migrations {reserved} are set aside for memory relief")
+        } else {
+            String::new()
+        };
+        return Err(format!(
+            "--max-live-migrations {}{relief} is below --max-evacuating {}: every evacuating hypervisor needs at \
+             least one",
+            cli.max_live_migrations, cli.max_evacuating
+        ));
+    }
+    Ok(Some(CoordinationSettings {
+        limits: Limits {
+            slots: cli.max_evacuating,
+            migrations,
+            zones: match cli.evacuating_zones {
+                cli::Zones::Any => ZoneRule::Any,
+                cli::Zones::Same => ZoneRule::Same,
+                cli::Zones::Different => ZoneRule::Different,
+            },
+        },
+        lease: Duration::from_secs(cli.slot_lease),
+    }))
+}
+
+/// Memory relief as the flags set it; `None`: off.
+fn relief_settings(cli: &Cli) -> Option<ReliefSettings> {
+    let mode = match cli.memory_relief {
+        cli::MemoryRelief::Off => return None,
+        cli::MemoryRelief::Nodes => ClusterMode::Nodes,
+        cli::MemoryRelief::On => ClusterMode::On,
+        cli::MemoryRelief::DryRun => ClusterMode::DryRun,
+    };
+    Some(ReliefSettings {
+        mode,
+        meminfo: cli.meminfo_path.clone(),
+        rule: PressureRule {
+            threshold: cli.memory_threshold,
+            window: Duration::from_secs(cli.memory_window),
+            margin: cli.memory_margin,
+        },
+        sample_every: Duration::from_secs(cli.memory_sample_interval),
+        policy: match cli.relief_choice {
+            cli::ReliefChoice::Fewest => Policy::Fewest,
+            cli::ReliefChoice::Largest => Policy::Largest,
+        },
+        vm_cool_down: Duration::from_secs(cli.relief_vm_cool_down),
+        host_cool_down: Duration::from_secs(cli.relief_host_cool_down),
+        cap: (cli.max_evacuating > 0).then_some(cli.relief_migrations),
+        lease: Duration::from_secs(cli.slot_lease),
+    })
 }
 
 fn fail(error: EvacuationError) -> i32 {

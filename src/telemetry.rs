@@ -249,6 +249,7 @@ pub mod metrics {
         pub slot_wait: Histogram,
         /// Times a held slot could not be renewed in time (the run stopped).
         pub slots_lost: Counter,
+        pub relief: ReliefMetrics,
         nova_requests: Counter,
         nova_errors: Counter,
         seen_requests: AtomicU64,
@@ -329,8 +330,10 @@ pub mod metrics {
                 "Nova/Placement requests that failed with a transport error, 5xx or 429",
                 nova_errors.clone(),
             );
+            let relief = ReliefMetrics::register(&mut registry);
             Metrics {
                 registry,
+                relief,
                 migrations,
                 migration_duration,
                 vms_remaining,
@@ -347,6 +350,76 @@ pub mod metrics {
                 seen_requests: AtomicU64::new(0),
                 seen_errors: AtomicU64::new(0),
             }
+        }
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct ResultLabel {
+        pub result: String,
+    }
+
+    /// Memory relief's metrics.
+    pub struct ReliefMetrics {
+        /// `MemAvailable` as last read, in bytes.
+        pub memory_available: Gauge,
+        /// 1 while the memory is below the threshold for the window (relief wanted), else 0.
+        pub under_pressure: Gauge,
+        /// Seconds spent under pressure (sustained), summed.
+        pub pressure_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+        /// Times pressure began (sustained for the window).
+        pub pressure_episodes: Counter,
+        /// Relief moves by result: succeeded, failed, proposed (dry run).
+        pub moves: Family<ResultLabel, Counter>,
+        /// Memory moved off the host by relief moves that succeeded (flavor RAM), in bytes.
+        pub freed_bytes: Counter,
+        /// Seconds from the start of sustained pressure to relief.
+        pub time_to_relief: Histogram,
+    }
+
+    impl ReliefMetrics {
+        fn register(registry: &mut Registry) -> ReliefMetrics {
+            let metrics = ReliefMetrics {
+                memory_available: Gauge::default(),
+                under_pressure: Gauge::default(),
+                pressure_seconds: Counter::default(),
+                pressure_episodes: Counter::default(),
+                moves: Family::default(),
+                freed_bytes: Counter::default(),
+                time_to_relief: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            };
+            let relief = registry.sub_registry_with_prefix("memory");
+            relief.register(
+                "available_bytes",
+                "MemAvailable of the hypervisor as last read",
+                metrics.memory_available.clone(),
+            );
+            relief.register(
+                "pressure",
+                "1 while MemAvailable has stayed below the threshold for the window",
+                metrics.under_pressure.clone(),
+            );
+            relief.register(
+                "pressure_seconds",
+                "Time spent under sustained memory pressure",
+                metrics.pressure_seconds.clone(),
+            );
+            relief.register(
+                "pressure_episodes",
+                "Times memory pressure was sustained for the window",
+                metrics.pressure_episodes.clone(),
+            );
+            relief.register("relief_moves", "Memory relief moves by result", metrics.moves.clone());
+            relief.register(
+                "relief_freed_bytes",
+                "Flavor RAM of the VMs moved off by memory relief",
+                metrics.freed_bytes.clone(),
+            );
+            relief.register(
+                "time_to_relief_seconds",
+                "Time from sustained memory pressure to relief",
+                metrics.time_to_relief.clone(),
+            );
+            metrics
         }
     }
 

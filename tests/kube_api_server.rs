@@ -2763,6 +2763,22 @@ fn causes(e: &kube::core::Status) -> Vec<String> {
         .collect()
 }
 
+/// `TYPE paused=VALUE` of the next event of a ConfigMap watch.
+async fn next_event_of<S>(events: &mut S) -> String
+where
+    S: Stream<Item = kube::Result<kube::api::WatchEvent<ConfigMap>>> + Unpin,
+{
+    use kube::api::WatchEvent;
+    let event = tokio::time::timeout(WAIT, events.next()).await.expect("event in time");
+    let (kind, cm) = match event.expect("event").expect("not an error") {
+        WatchEvent::Added(cm) => ("ADDED", cm),
+        WatchEvent::Modified(cm) => ("MODIFIED", cm),
+        WatchEvent::Deleted(cm) => ("DELETED", cm),
+        other => panic!("{other:?}"),
+    };
+    format!("{kind} paused={}", paused(&cm).unwrap_or_default())
+}
+
 /// `/api/v1` lists configmaps as kube-apiserver does (shortName `cm`, the
 /// verbs served here), and a list is a ConfigMapList.
 #[tokio::test]
@@ -2804,7 +2820,7 @@ async fn config_maps_are_discovered_and_listed() {
 /// watch sees it), stale replace (409), unconditional replace, delete.
 #[tokio::test]
 async fn config_maps_are_created_patched_watched_and_deleted() {
-    use kube::api::{WatchEvent, WatchParams};
+    use kube::api::WatchParams;
     let api = KubeApi::start();
     api.add_namespace(AGENT_NS);
     let cms: Api<ConfigMap> = Api::namespaced(api.kube_client_no_retry(), AGENT_NS);
@@ -2828,15 +2844,7 @@ async fn config_maps_are_created_patched_watched_and_deleted() {
     let patched = cms.patch(PAUSE_CM, &PatchParams::default(), &patch).await.unwrap();
     assert_eq!(paused(&patched), Some("false"));
     assert_ne!(patched.metadata.resource_version, created.metadata.resource_version);
-    match tokio::time::timeout(WAIT, events.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap()
-    {
-        WatchEvent::Modified(cm) => assert_eq!(paused(&cm), Some("false")),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(next_event_of(&mut events).await, "MODIFIED paused=false");
 
     let e = api_error(
         cms.replace(PAUSE_CM, &PostParams::default(), &created)
@@ -2860,24 +2868,8 @@ async fn config_maps_are_created_patched_watched_and_deleted() {
 
     cms.delete(PAUSE_CM, &DeleteParams::default()).await.unwrap();
     assert!(cms.get_opt(PAUSE_CM).await.unwrap().is_none());
-    match tokio::time::timeout(WAIT, events.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap()
-    {
-        WatchEvent::Modified(cm) => assert_eq!(paused(&cm), Some("true")),
-        other => panic!("{other:?}"),
-    }
-    match tokio::time::timeout(WAIT, events.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap()
-    {
-        WatchEvent::Deleted(cm) => assert_eq!(cm.metadata.name.as_deref(), Some(PAUSE_CM)),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(next_event_of(&mut events).await, "MODIFIED paused=true");
+    assert_eq!(next_event_of(&mut events).await, "DELETED paused=true");
     let e = api_error(cms.get(PAUSE_CM).await.unwrap_err());
     assert_eq!(
         (e.code, e.message.as_str()),

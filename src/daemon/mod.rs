@@ -17,6 +17,7 @@ pub mod decide;
 pub mod queue;
 pub mod record;
 pub mod release;
+pub mod relief;
 #[cfg(test)]
 mod tests;
 
@@ -67,6 +68,8 @@ pub struct DaemonSettings {
     pub instance: String,
     /// The cluster's shared evacuation slots; `None`: each agent evacuates alone.
     pub coordination: Option<CoordinationSettings>,
+    /// Memory relief; `None`: off.
+    pub relief: Option<relief::ReliefSettings>,
 }
 
 /// Longest wait between two attempts to reach Nova at start-up.
@@ -91,10 +94,28 @@ pub async fn run(settings: DaemonSettings, mut config: Config, kube: kube::Clien
     ));
     let (inputs, receiver) = mpsc::channel(64);
     let (fatal_tx, mut fatal) = mpsc::channel::<String>(1);
+    let (node_seen, node_told) = watch::channel(None);
     tokio::spawn(forward_node(
         watch_node(kube.clone(), &settings.target.node),
         inputs.clone(),
+        node_seen,
     ));
+    if let Some(relief) = settings.relief.clone() {
+        tokio::spawn(
+            relief::ReliefTask {
+                settings: relief,
+                target: settings.target.clone(),
+                evacuation: config.evacuation.clone(),
+                kube: kube.clone(),
+                namespace: settings.namespace.clone(),
+                instance: settings.instance.clone(),
+                node: node_told,
+                nova: nova.clone(),
+                metrics: metrics.clone(),
+            }
+            .run(),
+        );
+    }
     tokio::spawn(forward_guard(
         watch_guard(
             kube.clone(),
@@ -110,7 +131,7 @@ pub async fn run(settings: DaemonSettings, mut config: Config, kube: kube::Clien
     tokio::spawn(connect(
         config.credentials.clone(),
         config.compute_api_version,
-        nova,
+        nova.clone(),
         inputs.clone(),
         fatal_tx,
     ));
@@ -208,10 +229,12 @@ async fn forward_standing(mut told: watch::Receiver<Standing>, inputs: mpsc::Sen
     }
 }
 
-/// The Node watch, as inputs. A (re-)list that does not contain the Node means it is gone.
+/// The Node watch, as inputs (and as the latest Node, for memory relief).
+/// A (re-)list that does not contain the Node means it is gone.
 async fn forward_node(
     stream: impl Stream<Item = Result<watcher::Event<k8s_openapi::api::core::v1::Node>, watcher::Error>>,
     inputs: mpsc::Sender<Input<NovaClient>>,
+    latest: watch::Sender<Option<k8s_openapi::api::core::v1::Node>>,
 ) {
     futures::pin_mut!(stream);
     let mut listed_node = false;
@@ -223,6 +246,7 @@ async fn forward_node(
             }
             Ok(watcher::Event::InitApply(node)) => {
                 listed_node = true;
+                latest.send_replace(Some(node.clone()));
                 Input::Node(Some(Box::new(node)))
             }
             Ok(watcher::Event::InitDone) => {
@@ -231,8 +255,14 @@ async fn forward_node(
                 }
                 Input::NodeListed
             }
-            Ok(watcher::Event::Apply(node)) => Input::Node(Some(Box::new(node))),
-            Ok(watcher::Event::Delete(_)) => Input::Node(None),
+            Ok(watcher::Event::Apply(node)) => {
+                latest.send_replace(Some(node.clone()));
+                Input::Node(Some(Box::new(node)))
+            }
+            Ok(watcher::Event::Delete(_)) => {
+                latest.send_replace(None);
+                Input::Node(None)
+            }
             Err(e) => {
                 warn!(error = %e, "node watch failed; retrying");
                 continue;

@@ -185,7 +185,11 @@ pub trait Compute: Send + Sync {
     fn server(&self, id: &str) -> impl Future<Output = ComputeResult<Option<Server>>> + Send;
     /// Asks for a live migration to `destination`, checked by the scheduler
     /// (compute API 2.30; `None`: the scheduler picks the host).
-    fn live_migrate(&self, server_id: &str, destination: Option<&str>) -> impl Future<Output = ComputeResult<()>> + Send;
+    fn live_migrate(
+        &self,
+        server_id: &str,
+        destination: Option<&str>,
+    ) -> impl Future<Output = ComputeResult<()>> + Send;
     /// Asks for a cold migration; the scheduler picks the destination.
     fn cold_migrate(&self, server_id: &str) -> impl Future<Output = ComputeResult<()>> + Send;
     /// Confirms a finished cold migration (`VERIFY_RESIZE`).

@@ -1939,7 +1939,10 @@ async fn one_vm_moves_to_the_chosen_host_and_the_service_is_left_as_it_is() {
     assert_eq!(cloud.vm("b").host.as_deref(), Some(SOURCE), "only the one VM moves");
     let calls = cloud.calls();
     assert_eq!(calls.live_destinations, [Some("cmp-2".to_string())]);
-    assert!(calls.disable.is_empty() && cloud.service().enabled, "the service is not touched");
+    assert!(
+        calls.disable.is_empty() && cloud.service().enabled,
+        "the service is not touched"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -345,7 +345,11 @@ impl MemoryLeases {
         seen: Option<&Lease>,
         holder: Option<String>,
     ) -> Result<Lease, kube::Error> {
-        let holder = if role == "pressure" { Some(self.node.clone()) } else { holder };
+        let holder = if role == "pressure" {
+            Some(self.node.clone())
+        } else {
+            holder
+        };
         let now = holder.as_ref().map(|_| MicroTime(Timestamp::now()));
         let lease = Lease {
             metadata: ObjectMeta {

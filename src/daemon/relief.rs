@@ -1,0 +1,747 @@
+//! Memory relief, the agent's second job: while the node is in no
+//! maintenance, read the hypervisor's memory every few seconds and, when it
+//! stays low for the window, live-migrate the fewest VMs that bring it back
+//! above the threshold plus the margin, one at a time, each to a host that is
+//! neither short of memory nor in maintenance.
+//!
+//! The decisions are plain functions ([`node_mode`], [`in_maintenance`],
+//! and `crate::pressure`); [`ReliefTask`] reads, asks and writes: the
+//! memory file, Nova, the memory Leases, the VmMigration objects, Events.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use std::time::Instant;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::evacuation::compute::{Compute, ComputeService};
+use crate::evacuation::{Engine, Event, Observer, Outcome, Settings, StopRequest, Target, VmReport};
+use crate::kube::ObjectEvents;
+use crate::kube::Severity::{Normal, Warning};
+use crate::kube::annotations::{DrainState, Phase};
+use crate::kube::relief::{
+    MemoryLeases, VmMigrationPhase, VmMigrationSpec, VmMigrationStatus, VmMigrations, paused_cluster_wide,
+};
+use crate::nova::NovaClient;
+use crate::pressure::choice::{self, Candidate, Chosen, Policy};
+use crate::pressure::detector::{Detector, Pressure, PressureRule};
+use crate::pressure::meminfo::{self, MemInfo};
+use crate::telemetry::metrics::{Metrics, ResultLabel};
+use crate::telemetry::server::NovaSlot;
+
+/// The operator's per-node switch: `on`, `off`, `dry-run` or `paused`.
+pub const RELIEF_ANNOTATION: &str = "nova-kubernetes-drain/memory-relief";
+/// How far back a VM's migrations count as recent.
+const RECENT: Duration = Duration::from_secs(24 * 3600);
+/// Migration histories read at once when choosing.
+const HISTORY_READS: usize = 4;
+
+/// `--memory-relief`: the cluster's setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterMode {
+    Off,
+    /// Only nodes annotated `on` (or `dry-run`).
+    Nodes,
+    /// Every node not annotated `off` or `paused`.
+    On,
+    DryRun,
+}
+
+/// What relief does on this node now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeMode {
+    Off,
+    Paused,
+    DryRun,
+    On,
+}
+
+/// The node's mode from the cluster's setting, the node's annotation and
+/// the cluster-wide pause. An annotation can narrow what the cluster
+/// allows, or opt a node in where the cluster asks for it (`nodes`); never
+/// move VMs where the cluster says `dry-run`.
+pub fn node_mode(cluster: ClusterMode, annotation: Option<&str>, paused_cluster_wide: bool) -> NodeMode {
+    let asked = annotation.map(str::trim);
+    let mode = match (cluster, asked) {
+        (ClusterMode::Off, _) | (_, Some("off")) => NodeMode::Off,
+        (_, Some("paused")) => NodeMode::Paused,
+        (ClusterMode::DryRun, _) | (_, Some("dry-run")) => NodeMode::DryRun,
+        (ClusterMode::On, _) | (ClusterMode::Nodes, Some("on")) => NodeMode::On,
+        (ClusterMode::Nodes, _) => NodeMode::Off,
+    };
+    match mode {
+        NodeMode::On | NodeMode::DryRun if paused_cluster_wide => NodeMode::Paused,
+        mode => mode,
+    }
+}
+
+/// Why the node is in maintenance (no relief from or to it), if it is:
+/// cordoned, or an evacuation under way or not yet undone.
+pub fn in_maintenance(node: &Node) -> Option<String> {
+    if node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false) {
+        return Some("the node is cordoned".into());
+    }
+    match DrainState::from_node(node).phase {
+        Phase::Idle => None,
+        phase => Some(format!("its evacuation is {}", phase.as_str())),
+    }
+}
+
+/// How relief runs, from the command line.
+#[derive(Clone, Debug)]
+pub struct ReliefSettings {
+    pub mode: ClusterMode,
+    pub meminfo: PathBuf,
+    pub rule: PressureRule,
+    pub sample_every: Duration,
+    pub policy: Policy,
+    pub vm_cool_down: Duration,
+    pub host_cool_down: Duration,
+    /// Relief moves at once across the cluster; `None`: agents not coordinated.
+    pub cap: Option<u32>,
+    /// Duration of the memory Leases.
+    pub lease: Duration,
+}
+
+/// What one attempt came to.
+enum Attempt {
+    /// A move was made (or proposed): the host cools down.
+    Acted,
+    /// Nothing may move now, and why; tried again at the next reading.
+    Held(String),
+}
+
+/// The move chosen: the VM, why, and where.
+struct ReliefPlan {
+    chosen: Chosen,
+    destination: String,
+}
+
+/// The memory as read when the move was chosen.
+#[derive(Clone, Copy)]
+struct Reading {
+    info: MemInfo,
+    threshold_mib: u64,
+    short_mib: u64,
+}
+
+/// The relief task of one agent.
+pub struct ReliefTask {
+    pub settings: ReliefSettings,
+    pub target: Target,
+    /// The evacuation's settings: budgets, stall check, polling.
+    pub evacuation: Settings,
+    pub kube: kube::Client,
+    pub namespace: String,
+    pub instance: String,
+    pub node: watch::Receiver<Option<Node>>,
+    pub nova: NovaSlot,
+    pub metrics: Arc<Metrics>,
+}
+
+impl ReliefTask {
+    /// Reads and acts until the agent stops.
+    pub async fn run(self) {
+        if self.hidden_by_lxcfs() {
+            return;
+        }
+        let leases = MemoryLeases::new(
+            self.kube.clone(),
+            &self.namespace,
+            &self.target.node,
+            &self.target.host,
+            self.settings.lease,
+        );
+        let mut detector = Detector::new(self.settings.rule);
+        let mut ticker = tokio::time::interval(self.settings.sample_every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut told_low: Option<(bool, Instant)> = None;
+        let mut next_move = Instant::now();
+        let mut read_error = false;
+        let mut last_held = String::new();
+        loop {
+            ticker.tick().await;
+            let info = match meminfo::read(&self.settings.meminfo) {
+                Ok(info) => {
+                    read_error = false;
+                    info
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut read_error, true) {
+                        warn!(error = %e, "cannot read the hypervisor's memory; memory relief waits");
+                    }
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            let before = detector.state();
+            let state = detector.observe(now, info.total_mib, info.available_mib);
+            self.account(before, state, now, info);
+            self.tell_low(&leases, state.is_low(), &mut told_low).await;
+            let Pressure::Sustained { short_mib, .. } = state else {
+                last_held.clear();
+                continue;
+            };
+            if now < next_move {
+                continue;
+            }
+            let reading = Reading {
+                info,
+                threshold_mib: self.settings.rule.threshold.of(info.total_mib),
+                short_mib,
+            };
+            match self.attempt(&leases, reading).await {
+                Attempt::Acted => {
+                    next_move = Instant::now() + self.settings.host_cool_down;
+                    last_held.clear();
+                }
+                Attempt::Held(why) if why != last_held => {
+                    self.tell_held(&why).await;
+                    last_held = why;
+                }
+                Attempt::Held(_) => {}
+            }
+        }
+    }
+
+    /// Refuses (with an error in the log and an Event) to act on memory
+    /// that lxcfs (or another FUSE file system) shows in place of the host's.
+    fn hidden_by_lxcfs(&self) -> bool {
+        let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+            return false;
+        };
+        let hidden = meminfo::hidden_by_lxcfs(&mounts, &self.settings.meminfo);
+        if hidden {
+            tracing::error!(
+                path = %self.settings.meminfo.display(),
+                "memory relief is off on this node: a FUSE file system (lxcfs) is mounted over the memory file, \
+                 so it shows the container's limit, not the hypervisor's memory; give the agent the host's view \
+                 (no lxcfs mount for it) or --meminfo-path to a host file"
+            );
+        }
+        hidden
+    }
+
+    /// Metrics and logs of the pressure's changes.
+    fn account(&self, before: Pressure, state: Pressure, now: Instant, info: MemInfo) {
+        let relief = &self.metrics.relief;
+        relief.memory_available.set((info.available_mib * 1024 * 1024) as i64);
+        relief
+            .under_pressure
+            .set(i64::from(matches!(state, Pressure::Sustained { .. })));
+        match (before, state) {
+            (Pressure::Sustained { .. }, Pressure::Sustained { .. }) => {
+                relief.pressure_seconds.inc_by(self.settings.sample_every.as_secs_f64());
+            }
+            (_, Pressure::Sustained { since, short_mib }) => {
+                relief.pressure_episodes.inc();
+                warn!(
+                    available_mib = info.available_mib,
+                    short_mib,
+                    below_for_seconds = now.duration_since(since).as_secs(),
+                    "memory pressure: MemAvailable has stayed below the threshold for the window"
+                );
+            }
+            (Pressure::Sustained { since, .. }, _) => {
+                let took = now.duration_since(since);
+                relief.time_to_relief.observe(took.as_secs_f64());
+                info!(
+                    available_mib = info.available_mib,
+                    seconds = took.as_secs_f64(),
+                    "memory pressure relieved"
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Keeps this node's pressure Lease while its memory is low (renewed
+    /// every third of the lease), and deletes it once it is not.
+    async fn tell_low(&self, leases: &MemoryLeases, low: bool, told: &mut Option<(bool, Instant)>) {
+        let due = match *told {
+            Some((was, at)) => was != low || (low && at.elapsed() >= self.settings.lease / 3),
+            None => true,
+        };
+        if !due {
+            return;
+        }
+        match leases.tell_low(low).await {
+            Ok(()) => *told = Some((low, Instant::now())),
+            Err(e) => warn!(error = %e, "cannot tell the other agents whether this host's memory is low"),
+        }
+    }
+
+    /// One try at relieving the host.
+    async fn attempt(&self, leases: &MemoryLeases, reading: Reading) -> Attempt {
+        let Some(node) = self.node.borrow().clone() else {
+            return Attempt::Held("the Node is not known yet".into());
+        };
+        let paused = match paused_cluster_wide(self.kube.clone(), &self.namespace).await {
+            Ok(paused) => paused,
+            Err(e) => return Attempt::Held(format!("cannot read the pause switch (ConfigMap): {e}")),
+        };
+        let annotation = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(RELIEF_ANNOTATION));
+        let mode = node_mode(self.settings.mode, annotation.map(String::as_str), paused);
+        match mode {
+            NodeMode::Off => return Attempt::Held("memory relief is off for this node".into()),
+            NodeMode::Paused => return Attempt::Held("memory relief is paused".into()),
+            NodeMode::DryRun | NodeMode::On => {}
+        }
+        if let Some(why) = in_maintenance(&node) {
+            return Attempt::Held(format!("no memory relief during maintenance: {why}"));
+        }
+        let Some(nova) = self.nova.get().cloned() else {
+            return Attempt::Held("Nova has not been reached yet".into());
+        };
+        let plan = match self.plan(&nova, leases, reading.short_mib).await {
+            Ok(plan) => plan,
+            Err(why) => return Attempt::Held(why),
+        };
+        let events = ObjectEvents::for_node(self.kube.clone(), &node, &self.instance);
+        if mode == NodeMode::DryRun {
+            self.propose(&node, &events, &plan, reading).await;
+            return Attempt::Acted;
+        }
+        match self.take_share(leases).await {
+            Ok(share) => {
+                self.migrate(&node, &events, &nova, plan, reading, leases, share).await;
+                Attempt::Acted
+            }
+            Err(why) => Attempt::Held(why),
+        }
+    }
+
+    /// Chooses the VM and its destination, from Nova's and the other agents' view now.
+    async fn plan(&self, nova: &NovaClient, leases: &MemoryLeases, short_mib: u64) -> Result<ReliefPlan, String> {
+        let host = &self.target.host;
+        let services = nova
+            .compute_services()
+            .await
+            .map_err(|e| format!("cannot list the nova-compute services: {e}"))?;
+        if let Some(own) = services.iter().find(|s| &s.host == host)
+            && !own.enabled
+        {
+            return Err(format!(
+                "no memory relief during maintenance: nova-compute on {host} is disabled"
+            ));
+        }
+        let servers = nova
+            .servers_on_host(host)
+            .await
+            .map_err(|e| format!("cannot list the servers on {host}: {e}"))?;
+        let candidates = self.candidates(nova, servers).await;
+        let chosen = choice::choose(&candidates, short_mib, self.settings.policy, self.settings.vm_cool_down)
+            .map_err(|refused| no_vm_may_move(&refused))?;
+        let low = leases.low_hosts().await.map_err(|e| e.to_string())?;
+        let excluded = excluded_hosts(host, &services, &low);
+        let open: Vec<String> = services
+            .iter()
+            .filter(|s| !excluded.contains_key(&s.host))
+            .map(|s| s.host.clone())
+            .collect();
+        let capacity = nova
+            .spare_capacity(host, &open)
+            .await
+            .map_err(|e| format!("cannot read the other hosts' free resources: {e}"))?;
+        let destination = choice::destination(&chosen.server, &capacity, &excluded).ok_or_else(|| {
+            format!(
+                "no host has room for {} ({} MiB) but those short of memory or in maintenance ({})",
+                chosen.server.name,
+                chosen.server.flavor.ram_mb,
+                excluded
+                    .iter()
+                    .filter(|(h, _)| *h != host)
+                    .map(|(h, why)| format!("{h}: {why}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        Ok(ReliefPlan { chosen, destination })
+    }
+
+    /// The host's VMs with their recent live migrations (Nova's records, so
+    /// a restarted agent knows them too); only those that may move are looked up.
+    async fn candidates(&self, nova: &NovaClient, servers: Vec<crate::evacuation::Server>) -> Vec<Candidate> {
+        let now = jiff::Timestamp::now();
+        futures::stream::iter(servers)
+            .map(|server| async move {
+                let history = if choice::not_movable(&server).is_none() {
+                    nova.migration_history(&server.id, "live-migration")
+                        .await
+                        .unwrap_or_else(|e| {
+                            debug!(server = %server.id, error = %e, "no migration history");
+                            Vec::new()
+                        })
+                } else {
+                    Vec::new()
+                };
+                let ages: Vec<Duration> = history
+                    .iter()
+                    .filter_map(|m| m.created_at.as_deref().and_then(|at| age(at, now)))
+                    .collect();
+                Candidate {
+                    last_moved_ago: ages.iter().min().copied(),
+                    recent_moves: ages.iter().filter(|a| **a < RECENT).count() as u32,
+                    server,
+                }
+            })
+            .buffer_unordered(HISTORY_READS)
+            .collect()
+            .await
+    }
+
+    /// Takes one of the cluster's relief migrations (when agents are coordinated).
+    async fn take_share(
+        &self,
+        leases: &MemoryLeases,
+    ) -> Result<Option<k8s_openapi::api::coordination::v1::Lease>, String> {
+        let Some(cap) = self.settings.cap else { return Ok(None) };
+        match leases.take_relief(cap).await {
+            Ok(Some(lease)) => Ok(Some(lease)),
+            Ok(None) => Err(format!(
+                "the cluster's {cap} relief migration(s) are all in use; waiting"
+            )),
+            Err(e) => Err(format!("cannot take a relief migration: {e}")),
+        }
+    }
+
+    /// A dry run's verdict: a VmMigration `Proposed` and an Event.
+    async fn propose(&self, node: &Node, events: &ObjectEvents, plan: &ReliefPlan, reading: Reading) {
+        let note = format!(
+            "dry run: would live-migrate {} ({} MiB) to {}: {}",
+            plan.chosen.server.name, plan.chosen.server.flavor.ram_mb, plan.destination, plan.chosen.why
+        );
+        info!(server = %plan.chosen.server.id, destination = %plan.destination, "{note}");
+        let status = self.status(plan, reading, VmMigrationPhase::Proposed, None);
+        let objects = VmMigrations::new(self.kube.clone(), &self.target.node);
+        if let Err(e) = objects.create(node, self.spec(plan, true), &status).await {
+            warn!(error = %e, "cannot write the VmMigration of the dry run");
+        }
+        self.metrics
+            .relief
+            .moves
+            .get_or_create(&ResultLabel {
+                result: "proposed".into(),
+            })
+            .inc();
+        let _ = events.publish(Normal, "MemoryReliefProposed", "Plan", &note).await;
+    }
+
+    /// Moves the chosen VM, recorded as a VmMigration and Events, while
+    /// holding the cluster's relief migration `share` (renewed, released after).
+    #[allow(clippy::too_many_arguments)]
+    async fn migrate(
+        &self,
+        node: &Node,
+        events: &ObjectEvents,
+        nova: &Arc<NovaClient>,
+        plan: ReliefPlan,
+        reading: Reading,
+        leases: &MemoryLeases,
+        share: Option<k8s_openapi::api::coordination::v1::Lease>,
+    ) {
+        let server = &plan.chosen.server;
+        let note = format!(
+            "live-migrating {} ({} MiB) to {}: MemAvailable {} MiB, below {} MiB; {}",
+            server.name,
+            server.flavor.ram_mb,
+            plan.destination,
+            reading.info.available_mib,
+            reading.threshold_mib,
+            plan.chosen.why
+        );
+        info!(server = %server.id, destination = %plan.destination, "memory relief: {note}");
+        let objects = VmMigrations::new(self.kube.clone(), &self.target.node);
+        let mut status = self.status(&plan, reading, VmMigrationPhase::Migrating, None);
+        let name = match objects.create(node, self.spec(&plan, false), &status).await {
+            Ok(name) => Some(name),
+            Err(e) => {
+                warn!(error = %e, "cannot write the VmMigration; moving the VM all the same");
+                None
+            }
+        };
+        let _ = events.publish(Normal, "MemoryReliefStarted", "Migrate", &note).await;
+        let report = self.move_holding(nova, &plan, leases, share).await;
+        let (phase, result) = match report.outcome {
+            Outcome::Migrated => (VmMigrationPhase::Succeeded, "succeeded"),
+            _ => (VmMigrationPhase::Failed, "failed"),
+        };
+        let relief = &self.metrics.relief;
+        relief.moves.get_or_create(&ResultLabel { result: result.into() }).inc();
+        let (severity, reason, note) = if phase == VmMigrationPhase::Succeeded {
+            relief.freed_bytes.inc_by(server.flavor.ram_mb * 1024 * 1024);
+            let to = report.destination.clone().unwrap_or_default();
+            (
+                Normal,
+                "MemoryReliefSucceeded",
+                format!(
+                    "{} ({} MiB) moved to {to} in {:.1} s",
+                    server.name, server.flavor.ram_mb, report.duration_seconds
+                ),
+            )
+        } else {
+            let why = report
+                .reason
+                .clone()
+                .unwrap_or_else(|| report.outcome.as_str().to_string());
+            (
+                Warning,
+                "MemoryReliefFailed",
+                format!("{} stays on {}: {why}", server.name, self.target.host),
+            )
+        };
+        info!(server = %server.id, result, "memory relief: {note}");
+        let _ = events.publish(severity, reason, "Migrate", &note).await;
+        if let Some(name) = name {
+            status.phase = Some(phase);
+            status.destination = report.destination.clone().or(status.destination);
+            status.completion_time = Some(jiff::Timestamp::now().to_string());
+            status.message = Some(note);
+            if let Err(e) = objects.write_status(&name, &status).await {
+                warn!(error = %e, "cannot write the VmMigration's outcome");
+            }
+        }
+    }
+
+    /// Runs the move; renews `share` meanwhile and lets it go after. A
+    /// share that cannot be renewed for half its lease aborts the move (the
+    /// cluster's cap would no longer hold); a cordon leaves the migration to
+    /// the evacuation, which follows it.
+    async fn move_holding(
+        &self,
+        nova: &Arc<NovaClient>,
+        plan: &ReliefPlan,
+        leases: &MemoryLeases,
+        mut share: Option<k8s_openapi::api::coordination::v1::Lease>,
+    ) -> VmReport {
+        let settings = Settings {
+            destination: Some(plan.destination.clone()),
+            max_parallel: 1,
+            queue_ahead: 0,
+            retries: 0,
+            timeout: None,
+            check_capacity: false,
+            ..self.evacuation.clone()
+        };
+        let (stop, stopping) = watch::channel(StopRequest::Continue);
+        let engine = Engine::new(nova.as_ref(), &settings, &ReliefLog);
+        let mut moving = std::pin::pin!(engine.move_one(&self.target, plan.chosen.server.clone(), stopping));
+        let mut node = self.node.clone();
+        let mut renewed = Instant::now();
+        let mut renew = tokio::time::interval(self.settings.lease / 3);
+        renew.tick().await;
+        let report = loop {
+            tokio::select! {
+                report = &mut moving => break report,
+                _ = renew.tick(), if share.is_some() => {
+                    if let Some(held) = &share {
+                        match leases.renew(held).await {
+                            Ok(lease) => { share = Some(lease); renewed = Instant::now(); }
+                            Err(e) if renewed.elapsed() >= self.settings.lease / 2 => {
+                                warn!(error = %e, "cannot renew the relief migration; aborting the move");
+                                let _ = stop.send(StopRequest::AbortInFlight);
+                            }
+                            Err(e) => warn!(error = %e, "cannot renew the relief migration; trying again"),
+                        }
+                    }
+                }
+                Ok(()) = node.changed() => {
+                    let cordoned = node.borrow().as_ref().and_then(in_maintenance);
+                    if let Some(why) = cordoned {
+                        info!("{why}: the relief move is left to the evacuation, which follows it");
+                        let _ = stop.send(StopRequest::LeaveInFlight);
+                    }
+                }
+            }
+        };
+        if let Some(held) = &share
+            && let Err(e) = leases.release(held).await
+        {
+            warn!(error = %e, "cannot let the relief migration go; it expires");
+        }
+        report
+    }
+
+    fn spec(&self, plan: &ReliefPlan, dry_run: bool) -> VmMigrationSpec {
+        VmMigrationSpec {
+            node_name: self.target.node.clone(),
+            server_id: plan.chosen.server.id.clone(),
+            server_name: plan.chosen.server.name.clone(),
+            ram_mb: plan.chosen.server.flavor.ram_mb,
+            reason: "MemoryPressure".into(),
+            dry_run,
+        }
+    }
+
+    fn status(
+        &self,
+        plan: &ReliefPlan,
+        reading: Reading,
+        phase: VmMigrationPhase,
+        message: Option<String>,
+    ) -> VmMigrationStatus {
+        VmMigrationStatus {
+            phase: Some(phase),
+            source: Some(self.target.host.clone()),
+            destination: Some(plan.destination.clone()),
+            mem_available_mib: Some(reading.info.available_mib),
+            threshold_mib: Some(reading.threshold_mib),
+            short_mib: Some(reading.short_mib),
+            why: Some(plan.chosen.why.clone()),
+            start_time: Some(jiff::Timestamp::now().to_string()),
+            completion_time: None,
+            message,
+        }
+    }
+
+    /// Says once (per reason) why the host under pressure is not relieved.
+    async fn tell_held(&self, why: &str) {
+        warn!("memory pressure, nothing moved: {why}");
+        let node = self.node.borrow().clone();
+        if let Some(node) = node {
+            let events = ObjectEvents::for_node(self.kube.clone(), &node, &self.instance);
+            let _ = events
+                .publish(
+                    Warning,
+                    "MemoryReliefHeld",
+                    "Plan",
+                    &format!("memory pressure, nothing moved: {why}"),
+                )
+                .await;
+        }
+    }
+}
+
+/// The hosts no VM may go to, and why: this one, those disabled or down
+/// (in maintenance, or broken), those whose agents say memory is low.
+fn excluded_hosts(host: &str, services: &[ComputeService], low: &[String]) -> BTreeMap<String, String> {
+    let mut excluded = BTreeMap::from([(host.to_string(), "the source".to_string())]);
+    for service in services {
+        let why = match (service.enabled, service.up) {
+            (false, _) => "disabled (maintenance)",
+            (_, false) => "down",
+            _ => continue,
+        };
+        excluded.entry(service.host.clone()).or_insert_with(|| why.to_string());
+    }
+    for low in low {
+        excluded
+            .entry(low.clone())
+            .or_insert_with(|| "short of memory".to_string());
+    }
+    excluded
+}
+
+fn no_vm_may_move(refused: &[(String, String)]) -> String {
+    if refused.is_empty() {
+        return "no VM on the host".into();
+    }
+    let listed: Vec<String> = refused.iter().take(5).map(|(id, why)| format!("{id}: {why}")).collect();
+    format!(
+        "no VM may move ({}{})",
+        listed.join("; "),
+        if refused.len() > 5 { "; ..." } else { "" }
+    )
+}
+
+/// How long ago Nova's `created_at` (UTC, no zone) was.
+fn age(created_at: &str, now: jiff::Timestamp) -> Option<Duration> {
+    let at = created_at
+        .parse::<jiff::civil::DateTime>()
+        .ok()?
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .ok()?
+        .timestamp();
+    Duration::try_from(now.duration_since(at)).ok()
+}
+
+/// The engine's events of a relief move, as debug log lines.
+struct ReliefLog;
+
+impl Observer for ReliefLog {
+    fn event(&self, event: &Event<'_>) {
+        debug!(?event, "memory relief");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::NodeSpec;
+
+    #[test]
+    fn the_node_mode_follows_the_cluster_the_annotation_and_the_pause() {
+        use ClusterMode as C;
+        use NodeMode as N;
+        assert_eq!(node_mode(C::Off, Some("on"), false), N::Off, "the cluster's off wins");
+        assert_eq!(node_mode(C::Nodes, None, false), N::Off, "opt-in per node");
+        assert_eq!(node_mode(C::Nodes, Some("on"), false), N::On);
+        assert_eq!(node_mode(C::On, None, false), N::On);
+        assert_eq!(node_mode(C::On, Some("off"), false), N::Off);
+        assert_eq!(node_mode(C::On, Some("paused"), false), N::Paused);
+        assert_eq!(node_mode(C::On, Some("dry-run"), false), N::DryRun);
+        assert_eq!(
+            node_mode(C::DryRun, Some("on"), false),
+            N::DryRun,
+            "never moves in a dry-run cluster"
+        );
+        assert_eq!(node_mode(C::On, None, true), N::Paused, "the cluster-wide pause");
+        assert_eq!(node_mode(C::DryRun, None, true), N::Paused);
+        assert_eq!(node_mode(C::On, Some("off"), true), N::Off);
+    }
+
+    #[test]
+    fn a_cordoned_node_or_one_whose_evacuation_is_not_undone_is_in_maintenance() {
+        let mut node = Node::default();
+        assert_eq!(in_maintenance(&node), None);
+        node.spec = Some(NodeSpec {
+            unschedulable: Some(true),
+            ..NodeSpec::default()
+        });
+        assert!(in_maintenance(&node).is_some());
+        node.spec = None;
+        node.metadata.annotations = Some([("nova-kubernetes-drain/phase".to_string(), "Waiting".to_string())].into());
+        assert_eq!(in_maintenance(&node).as_deref(), Some("its evacuation is Waiting"));
+    }
+
+    #[test]
+    fn hosts_short_of_memory_disabled_or_down_are_no_destination() {
+        let service = |host: &str, enabled: bool, up: bool| ComputeService {
+            id: host.into(),
+            host: host.into(),
+            enabled,
+            up,
+            disabled_reason: None,
+            zone: None,
+        };
+        let services = [
+            service("host1", true, true),
+            service("host2", false, true),
+            service("host3", true, false),
+            service("host4", true, true),
+            service("host5", true, true),
+        ];
+        let excluded = excluded_hosts("host1", &services, &["host4".to_string()]);
+        assert_eq!(
+            excluded.keys().collect::<Vec<_>>(),
+            ["host1", "host2", "host3", "host4"]
+        );
+        assert_eq!(excluded["host4"], "short of memory");
+    }
+
+    #[test]
+    fn ages_read_novas_zoneless_utc_times() {
+        let now: jiff::Timestamp = "2026-12-07T12:00:00Z".parse().unwrap();
+        assert_eq!(age("2026-12-07T11:59:00.000000", now), Some(Duration::from_secs(60)));
+        assert_eq!(age("garbage", now), None);
+    }
+}

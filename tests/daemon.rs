@@ -1910,3 +1910,275 @@ async fn with_two_slots_three_nodes_cordoned_at_once_never_evacuate_three_togeth
         wait_phase(cluster, "Idle", Duration::from_secs(30)).await;
     }
 }
+
+// ---------------------------------------------------------------------------
+// Memory relief: the lab's hypervisors' memory from files the tests write
+// (`support::memory`: MemAvailable = total - what the test says is used -
+// the flavor RAM of the VMs Nova places there, so a VM that leaves frees it).
+// ---------------------------------------------------------------------------
+
+/// MemTotal of each simulated hypervisor, MiB.
+const HOST_MIB: u64 = 16384;
+/// Relief threshold and margin of the tests (MiB): relieved at 2304.
+const THRESHOLD_MIB: u64 = 2048;
+const RELIEVED_MIB: u64 = 2304;
+
+/// The agent's memory relief flags, reading `meminfo` (window 3 s, read every second).
+fn relief_flags(meminfo: &std::path::Path, window: &str) -> Vec<String> {
+    [
+        "--memory-relief",
+        "on",
+        "--meminfo-path",
+        &meminfo.to_string_lossy(),
+        "--memory-threshold",
+        &format!("{THRESHOLD_MIB}Mi"),
+        "--memory-margin",
+        &format!("{}Mi", RELIEVED_MIB - THRESHOLD_MIB),
+        "--memory-window",
+        window,
+        "--memory-sample-interval",
+        "1",
+        "--relief-host-cool-down",
+        "5",
+        "--slot-lease",
+        "6",
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+async fn start_relieving(cluster: &TestCluster, lab: &Lab, meminfo: &std::path::Path, window: &str) -> Agent {
+    let flags = relief_flags(meminfo, window);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    Agent::start_with(cluster, lab, "", &flags).await
+}
+
+/// The VmMigrations of the cluster's node, oldest first.
+async fn vm_migrations(cluster: &TestCluster) -> Vec<Value> {
+    let listed = cluster
+        .kubectl()
+        .run(&["get", "vmmigrations", "-o", "json"], Duration::from_secs(30))
+        .await
+        .expect("kubectl get vmmigrations");
+    let listed: Value = serde_json::from_str(&listed).expect("a list");
+    let mut items: Vec<Value> = listed["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m["spec"]["nodeName"] == cluster.node())
+        .collect();
+    items.sort_by_key(|m| m["status"]["startTime"].as_str().unwrap_or_default().to_string());
+    items
+}
+
+async fn wait_vm_migration(cluster: &TestCluster, phase: &str, limit: Duration) -> Value {
+    eventually(&format!("a VmMigration {phase}"), limit, async || {
+        vm_migrations(cluster)
+            .await
+            .into_iter()
+            .find(|m| m["status"]["phase"] == phase)
+    })
+    .await
+}
+
+async fn wait_event(cluster: &TestCluster, reason: &str, containing: &str, limit: Duration) -> String {
+    eventually(&format!("Event {reason} ({containing})"), limit, async || {
+        cluster.events().await.into_iter().find_map(|e| {
+            let note = e["note"].as_str().unwrap_or_default();
+            (e["reason"] == reason && note.contains(containing)).then(|| note.to_string())
+        })
+    })
+    .await
+}
+
+/// Sustained pressure on host1 moves the fewest VMs that relieve it (one
+/// 512 MiB VM for 504 MiB short, not the 4096 MiB one, which is tagged to
+/// stay anyway), to the one host neither short of memory (host2, its agent
+/// says so) nor in maintenance (host3, disabled): host4. The VM just moved
+/// is then not moved again from host4 (cool-down), though host4 runs short.
+#[tokio::test]
+async fn sustained_memory_pressure_moves_the_fewest_vms_to_a_host_with_room_never_one_tagged_to_stay() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, first) = setup().await;
+    let lab = std::sync::Arc::new(lab);
+    let second = first.join("host2").await;
+    let fourth = first.join("host4").await;
+    let stay = lab.boot(BootSpec::new("rlf-stay").flavor("m1.large")).await;
+    lab.nova(
+        reqwest::Method::PUT,
+        &format!("/servers/{}/tags/nova-drain:leave", stay[0]),
+        None,
+    )
+    .await;
+    let small = lab.boot(BootSpec::new("rlf-small").flavor("m1.small").count(2)).await;
+    let tiny = lab.boot(BootSpec::new("rlf-tiny")).await;
+    lab.set_service("host3", false, Some("operator: hardware check")).await;
+    let dir = tempdir("relief-fewest");
+    let hosts = [("host1", HOST_MIB), ("host2", HOST_MIB), ("host4", HOST_MIB)];
+    let memory = support::memory::HostMemory::start(lab.clone(), &dir, &hosts).await;
+    // host2 short of memory from the start: its agent tells the others.
+    memory.set_base_used("host2", HOST_MIB - 1000);
+    let mut agents = Vec::new();
+    for (cluster, host) in [(&first, "host1"), (&second, "host2"), (&fourth, "host4")] {
+        agents.push(start_relieving(cluster, &lab, &memory.path(host), "3").await);
+    }
+    wait_event(
+        &second,
+        "MemoryReliefHeld",
+        "no VM on the host",
+        Duration::from_secs(30),
+    )
+    .await;
+    // host1: 504 MiB short of relief.
+    let on_host1 = 4096 + 2 * 512 + 64;
+    memory.set_base_used("host1", HOST_MIB - on_host1 - (RELIEVED_MIB - 504));
+    let pressured = Instant::now();
+    let done = wait_vm_migration(&first, "Succeeded", Duration::from_secs(60)).await;
+    eprintln!(
+        "from host1's pressure to its relief move's end: {:.1} s",
+        pressured.elapsed().as_secs_f64()
+    );
+    let moved = done["spec"]["serverId"].as_str().expect("a server").to_string();
+    assert!(
+        small.contains(&moved),
+        "a 512 MiB VM, the smallest that frees enough: {done}"
+    );
+    assert_eq!(done["status"]["destination"], "host4", "{done}");
+    assert_eq!(host_of(&lab.server(&moved).await), "host4");
+    eventually("host1 relieved", Duration::from_secs(10), async || {
+        (memory.available_mib("host1")? >= RELIEVED_MIB).then_some(())
+    })
+    .await;
+    // Nothing else moves: relieved, and the rest stays where it was.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(vm_migrations(&first).await.len(), 1);
+    for id in stay.iter().chain(&tiny).chain(small.iter().filter(|id| **id != moved)) {
+        assert_eq!(host_of(&lab.server(id).await), "host1", "{id}");
+        assert!(lab.live_migrations(id).await.is_empty(), "{id} never moved");
+    }
+    let reasons = first.reasons().await;
+    for reason in ["MemoryReliefStarted", "MemoryReliefSucceeded"] {
+        assert!(reasons.iter().any(|r| r == reason), "{reasons:?}");
+    }
+    let (_, _, metrics) = agents[0].get("metrics").await.expect("metrics");
+    assert!(
+        metrics.contains(r#"nova_drain_memory_relief_moves_total{result="succeeded"} 1"#),
+        "{metrics}"
+    );
+    // host4 runs short now: the one VM there has just moved (cool-down).
+    memory.set_base_used("host4", HOST_MIB - 512 - 1000);
+    let held = wait_event(&fourth, "MemoryReliefHeld", "cool-down", Duration::from_secs(30)).await;
+    eprintln!("host4: {held}");
+    assert_eq!(lab.live_migrations(&moved).await.len(), 1, "not moved again");
+    assert!(vm_migrations(&fourth).await.is_empty());
+    lab.set_service("host3", true, None).await;
+}
+
+/// A dip shorter than the window moves nothing; the cluster-wide pause
+/// (ConfigMap) holds moves; a node annotated dry-run gets a VmMigration
+/// `Proposed` and nothing moves; annotated on, the VM moves; a cordon then
+/// leaves the host to its evacuation (no relief move from a host in maintenance).
+#[tokio::test]
+async fn short_dips_pause_and_dry_run_move_nothing_and_a_cordoned_host_is_left_to_its_evacuation() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, cluster) = setup().await;
+    let lab = std::sync::Arc::new(lab);
+    let vms = lab.boot(BootSpec::new("rlf-pause").flavor("m1.small").count(2)).await;
+    let dir = tempdir("relief-pause");
+    let memory = support::memory::HostMemory::start(lab.clone(), &dir, &[("host1", HOST_MIB)]).await;
+    let agent = start_relieving(&cluster, &lab, &memory.path("host1"), "4").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    let short = |available: u64| HOST_MIB - 1024 - available;
+    // A dip of about two seconds, under a four-second window.
+    memory.set_base_used("host1", short(1500));
+    eventually("the dip read", Duration::from_secs(10), async || {
+        let (_, _, metrics) = agent.get("metrics").await?;
+        metrics
+            .contains(&format!("nova_drain_memory_available_bytes {}", 1500 * 1024 * 1024))
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    memory.set_base_used("host1", 0);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (_, _, metrics) = agent.get("metrics").await.expect("metrics");
+    assert!(
+        metrics.contains("nova_drain_memory_pressure_episodes_total 0"),
+        "{metrics}"
+    );
+    assert!(vm_migrations(&cluster).await.is_empty());
+    // Paused cluster-wide: sustained pressure moves nothing.
+    let kubectl = cluster.kubectl();
+    let pause = [
+        "-n",
+        NAMESPACE,
+        "create",
+        "configmap",
+        "nova-drain-memory-relief",
+        "--from-literal=paused=true",
+    ];
+    kubectl.run(&pause, Duration::from_secs(30)).await.expect("pause");
+    memory.set_base_used("host1", short(1500));
+    wait_event(&cluster, "MemoryReliefHeld", "paused", Duration::from_secs(30)).await;
+    // Dry run on this node, unpaused: proposed, not moved.
+    let node = cluster.node().to_string();
+    let annotate = |mode: &str| format!("nova-kubernetes-drain/memory-relief={mode}");
+    let dry = annotate("dry-run");
+    kubectl
+        .run(
+            &["annotate", "node", &node, &dry, "--overwrite"],
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("annotate");
+    let unpause = ["-n", NAMESPACE, "delete", "configmap", "nova-drain-memory-relief"];
+    kubectl.run(&unpause, Duration::from_secs(30)).await.expect("unpause");
+    let proposed = wait_vm_migration(&cluster, "Proposed", Duration::from_secs(30)).await;
+    assert_eq!(proposed["spec"]["dryRun"], true, "{proposed}");
+    for id in &vms {
+        assert!(lab.live_migrations(id).await.is_empty(), "the dry run moved {id}");
+    }
+    // On: it moves.
+    let on = annotate("on");
+    kubectl
+        .run(
+            &["annotate", "node", &node, &on, "--overwrite"],
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("annotate");
+    let done = wait_vm_migration(&cluster, "Succeeded", Duration::from_secs(60)).await;
+    let moved = done["spec"]["serverId"].as_str().expect("a server").to_string();
+    assert_ne!(host_of(&lab.server(&moved).await), "host1");
+    // Still short (1500 + 512 < 2304), but cordoned: the evacuation moves the rest, relief nothing.
+    cluster.cordon().await;
+    wait_phase(&cluster, "Evacuated", Duration::from_secs(120)).await;
+    let phases: Vec<Value> = vm_migrations(&cluster)
+        .await
+        .iter()
+        .map(|m| m["status"]["phase"].clone())
+        .collect();
+    assert_eq!(
+        phases,
+        ["Proposed", "Succeeded"],
+        "no relief move from a host in maintenance"
+    );
+    let rest = vms.iter().find(|id| **id != moved).expect("the other VM");
+    assert_eq!(
+        lab.live_migrations(rest).await.len(),
+        1,
+        "moved once, by the evacuation"
+    );
+    cluster.uncordon().await;
+    eventually("the service enabled", Duration::from_secs(20), async || {
+        (lab.service("host1").await["status"] == "enabled").then_some(())
+    })
+    .await;
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("drainer-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}

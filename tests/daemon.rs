@@ -2136,6 +2136,9 @@ async fn short_dips_pause_and_dry_run_move_nothing_and_a_cordoned_host_is_left_t
     kubectl.run(&unpause, Duration::from_secs(30)).await.expect("unpause");
     let proposed = wait_vm_migration(&cluster, "Proposed", Duration::from_secs(30)).await;
     assert_eq!(proposed["spec"]["dryRun"], true, "{proposed}");
+    // Told once while the verdict stays the same (beyond the host's 5 s cool-down).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(vm_migrations(&cluster).await.len(), 1, "one proposal");
     for id in &vms {
         assert!(lab.live_migrations(id).await.is_empty(), "the dry run moved {id}");
     }

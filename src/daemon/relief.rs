@@ -164,6 +164,8 @@ impl ReliefTask {
         let mut next_move = Instant::now();
         let mut read_error = false;
         let mut last_held = String::new();
+        // A dry run's last proposal (VM, destination), told once per episode.
+        let mut proposed = None;
         loop {
             ticker.tick().await;
             let info = match meminfo::read(&self.settings.meminfo) {
@@ -185,6 +187,7 @@ impl ReliefTask {
             self.tell_low(&leases, state.is_low(), &mut told_low).await;
             let Pressure::Sustained { short_mib, .. } = state else {
                 last_held.clear();
+                proposed = None;
                 continue;
             };
             if now < next_move {
@@ -195,7 +198,7 @@ impl ReliefTask {
                 threshold_mib: self.settings.rule.threshold.of(info.total_mib),
                 short_mib,
             };
-            match self.attempt(&leases, reading).await {
+            match self.attempt(&leases, reading, &mut proposed).await {
                 Attempt::Acted => {
                     next_move = Instant::now() + self.settings.host_cool_down;
                     last_held.clear();
@@ -277,7 +280,12 @@ impl ReliefTask {
     }
 
     /// One try at relieving the host.
-    async fn attempt(&self, leases: &MemoryLeases, reading: Reading) -> Attempt {
+    async fn attempt(
+        &self,
+        leases: &MemoryLeases,
+        reading: Reading,
+        proposed: &mut Option<(String, String)>,
+    ) -> Attempt {
         let Some(node) = self.node.borrow().clone() else {
             return Attempt::Held("the Node is not known yet".into());
         };
@@ -308,7 +316,11 @@ impl ReliefTask {
         };
         let events = ObjectEvents::for_node(self.kube.clone(), &node, &self.instance);
         if mode == NodeMode::DryRun {
-            self.propose(&node, &events, &plan, reading).await;
+            let proposal = Some((plan.chosen.server.id.clone(), plan.destination.clone()));
+            if *proposed != proposal {
+                self.propose(&node, &events, &plan, reading).await;
+                *proposed = proposal;
+            }
             return Attempt::Acted;
         }
         match self.take_share(leases).await {

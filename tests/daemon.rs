@@ -2185,3 +2185,55 @@ fn tempdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+/// Two hosts short of memory at once, one relief migration for the
+/// cluster (`--relief-migrations 1`): the two moves never overlap (Nova's
+/// records), the second waits for the first (an Event says so).
+#[tokio::test]
+async fn relief_moves_of_two_hosts_at_once_stay_within_the_clusters_relief_migrations() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, first) = setup().await;
+    let lab = std::sync::Arc::new(lab);
+    let second = first.join("host2").await;
+    let mut vms = Vec::new();
+    for host in ["host1", "host2"] {
+        vms.extend(
+            lab.boot(BootSpec::new(&format!("rlf-cap-{host}")).flavor("m1.large").host(host))
+                .await,
+        );
+    }
+    let dir = tempdir("relief-cap");
+    let hosts = [("host1", HOST_MIB), ("host2", HOST_MIB)];
+    let memory = support::memory::HostMemory::start(lab.clone(), &dir, &hosts).await;
+    let mut agents = Vec::new();
+    for (cluster, host) in [(&first, "host1"), (&second, "host2")] {
+        agents.push(start_relieving(cluster, &lab, &memory.path(host), "3").await);
+    }
+    for cluster in [&first, &second] {
+        wait_guard(cluster, Duration::from_secs(20)).await;
+    }
+    for host in ["host1", "host2"] {
+        memory.set_base_used(host, HOST_MIB - 4096 - 1000);
+    }
+    for cluster in [&first, &second] {
+        wait_vm_migration(cluster, "Succeeded", Duration::from_secs(90)).await;
+    }
+    let mut spans = Vec::new();
+    for id in &vms {
+        let records = lab.live_migrations(id).await;
+        assert_eq!(records.len(), 1, "{id}: {records:?}");
+        spans.push((
+            nova_time(&records[0]["created_at"]),
+            nova_time(&records[0]["updated_at"]),
+        ));
+    }
+    spans.sort();
+    assert!(spans[0].1 <= spans[1].0, "the relief moves overlap: {spans:?}");
+    let mut waited = Vec::new();
+    for cluster in [&first, &second] {
+        waited.extend(cluster.events().await.into_iter().filter(|e| {
+            e["reason"] == "MemoryReliefHeld" && e["note"].as_str().is_some_and(|n| n.contains("all in use"))
+        }));
+    }
+    assert!(!waited.is_empty(), "the second one waited for the relief migration");
+}

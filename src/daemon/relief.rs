@@ -40,6 +40,9 @@ pub const RELIEF_ANNOTATION: &str = "nova-kubernetes-drain/memory-relief";
 const RECENT: Duration = Duration::from_secs(24 * 3600);
 /// Migration histories read at once when choosing.
 const HISTORY_READS: usize = 4;
+/// Least wait before trying again when nothing could move (each try asks
+/// the API server and Nova).
+const HELD_RETRY: Duration = Duration::from_secs(10);
 
 /// `--memory-relief`: the cluster's setting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,11 +206,13 @@ impl ReliefTask {
                     next_move = Instant::now() + self.settings.host_cool_down;
                     last_held.clear();
                 }
-                Attempt::Held(why) if why != last_held => {
-                    self.tell_held(&why).await;
-                    last_held = why;
+                Attempt::Held(why) => {
+                    next_move = Instant::now() + HELD_RETRY.max(self.settings.sample_every);
+                    if why != last_held {
+                        self.tell_held(&why).await;
+                        last_held = why;
+                    }
                 }
-                Attempt::Held(_) => {}
             }
         }
     }
@@ -289,23 +294,26 @@ impl ReliefTask {
         let Some(node) = self.node.borrow().clone() else {
             return Attempt::Held("the Node is not known yet".into());
         };
-        let paused = match paused_cluster_wide(self.kube.clone(), &self.namespace).await {
-            Ok(paused) => paused,
-            Err(e) => return Attempt::Held(format!("cannot read the pause switch (ConfigMap): {e}")),
-        };
         let annotation = node
             .metadata
             .annotations
             .as_ref()
             .and_then(|a| a.get(RELIEF_ANNOTATION));
-        let mode = node_mode(self.settings.mode, annotation.map(String::as_str), paused);
-        match mode {
-            NodeMode::Off => return Attempt::Held("memory relief is off for this node".into()),
-            NodeMode::Paused => return Attempt::Held("memory relief is paused".into()),
-            NodeMode::DryRun | NodeMode::On => {}
+        let annotation = annotation.map(String::as_str);
+        // What the Node says first; the pause switch is asked only when it could matter.
+        if node_mode(self.settings.mode, annotation, false) == NodeMode::Off {
+            return Attempt::Held("memory relief is off for this node".into());
         }
         if let Some(why) = in_maintenance(&node) {
             return Attempt::Held(format!("no memory relief during maintenance: {why}"));
+        }
+        let paused = match paused_cluster_wide(self.kube.clone(), &self.namespace).await {
+            Ok(paused) => paused,
+            Err(e) => return Attempt::Held(format!("cannot read the pause switch (ConfigMap): {e}")),
+        };
+        let mode = node_mode(self.settings.mode, annotation, paused);
+        if mode == NodeMode::Paused {
+            return Attempt::Held("memory relief is paused".into());
         }
         let Some(nova) = self.nova.get().cloned() else {
             return Attempt::Held("Nova has not been reached yet".into());

@@ -1948,6 +1948,20 @@ fn relief_flags(meminfo: &std::path::Path, window: &str) -> Vec<String> {
 }
 
 async fn start_relieving(cluster: &TestCluster, lab: &Lab, meminfo: &std::path::Path, window: &str) -> Agent {
+    // A pause a killed run left on a real cluster would hold every move.
+    let unpause = [
+        "-n",
+        NAMESPACE,
+        "delete",
+        "configmap",
+        "nova-drain-memory-relief",
+        "--ignore-not-found",
+    ];
+    cluster
+        .kubectl()
+        .run(&unpause, Duration::from_secs(30))
+        .await
+        .expect("unpause");
     let flags = relief_flags(meminfo, window);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     Agent::start_with(cluster, lab, "", &flags).await

@@ -692,3 +692,55 @@ async fn under_a_zone_rule_the_hypervisors_evacuating_together_share_a_zone_or_n
         cluster.finish().await;
     }
 }
+
+/// Memory relief's Leases, as agents use them: the cluster's relief
+/// migrations are taken by one agent at a time (a second finds them all in
+/// use until the first lets go), and a node whose memory is low is known to
+/// the others until it says otherwise (or stops renewing).
+#[tokio::test]
+async fn relief_migrations_go_to_one_agent_at_a_time_and_low_memory_is_told_to_the_others() {
+    use nova_kubernetes_drain::kube::relief::MemoryLeases;
+    let cluster = Cluster::start().await;
+    let agent = |node: &str, host: &str| MemoryLeases::new(cluster.client(), &cluster.namespace, node, host, LEASE);
+    let (one, other) = (agent("node-1", "host1"), agent("node-2", "host2"));
+    let held = one.take_relief(1).await.expect("asked").expect("free");
+    assert!(
+        other.take_relief(1).await.expect("asked").is_none(),
+        "one relief migration, held"
+    );
+    let held = one.renew(&held).await.expect("renewed");
+    let second = other
+        .take_relief(2)
+        .await
+        .expect("asked")
+        .expect("a second one with two");
+    other.release(&second).await.expect("released");
+    one.release(&held).await.expect("released");
+    let taken = other
+        .take_relief(1)
+        .await
+        .expect("asked")
+        .expect("free again once let go");
+    assert_eq!(taken.spec.and_then(|s| s.holder_identity).as_deref(), Some("node-2"));
+
+    one.tell_low(true).await.expect("told");
+    assert_eq!(other.low_hosts().await.expect("listed"), ["host1"]);
+    one.tell_low(true).await.expect("renewed");
+    one.tell_low(false).await.expect("taken back");
+    assert!(other.low_hosts().await.expect("listed").is_empty());
+    // An agent that stops renewing is no longer taken for short of memory.
+    one.tell_low(true).await.expect("told");
+    let told = Instant::now();
+    loop {
+        if other.low_hosts().await.expect("listed").is_empty() {
+            break;
+        }
+        assert!(told.elapsed() < 2 * LEASE, "never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        told.elapsed() >= LEASE - Duration::from_millis(200),
+        "expired early: {:?}",
+        told.elapsed()
+    );
+}

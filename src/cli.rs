@@ -204,8 +204,8 @@ pub struct Cli {
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub relief_host_cool_down: u64,
 
-    /// Daemon: memory relief moves at once across the cluster, taken out of
-    /// --max-live-migrations while memory relief is on (with --max-evacuating above 0).
+    /// Daemon: memory relief moves at once across the cluster (Leases shared by the agents);
+    /// with --max-evacuating above 0 they are taken out of --max-live-migrations.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub relief_migrations: u32,
 

@@ -380,7 +380,7 @@ fn relief_settings(cli: &Cli) -> Option<ReliefSettings> {
         },
         vm_cool_down: Duration::from_secs(cli.relief_vm_cool_down),
         host_cool_down: Duration::from_secs(cli.relief_host_cool_down),
-        cap: (cli.max_evacuating > 0).then_some(cli.relief_migrations),
+        cap: cli.relief_migrations,
         lease: Duration::from_secs(cli.slot_lease),
     })
 }

@@ -372,7 +372,7 @@ pub mod metrics {
         pub moves: Family<ResultLabel, Counter>,
         /// Memory moved off the host by relief moves that succeeded (flavor RAM), in bytes.
         pub freed_bytes: Counter,
-        /// Seconds from the start of sustained pressure to relief.
+        /// Seconds from the first reading below the threshold to relief.
         pub time_to_relief: Histogram,
     }
 
@@ -416,7 +416,7 @@ pub mod metrics {
             );
             relief.register(
                 "time_to_relief_seconds",
-                "Time from sustained memory pressure to relief",
+                "Time from the first reading below the threshold to relief",
                 metrics.time_to_relief.clone(),
             );
             metrics

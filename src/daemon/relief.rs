@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use std::time::Instant;
 use tokio::sync::watch;
@@ -28,6 +29,7 @@ use crate::kube::relief::{
     MemoryLeases, VmMigrationPhase, VmMigrationSpec, VmMigrationStatus, VmMigrations, paused_cluster_wide,
 };
 use crate::nova::NovaClient;
+use crate::nova::microversion::CHECKED_DESTINATION;
 use crate::pressure::choice::{self, Candidate, Chosen, Policy};
 use crate::pressure::detector::{Detector, Pressure, PressureRule};
 use crate::pressure::meminfo::{self, MemInfo};
@@ -36,6 +38,8 @@ use crate::telemetry::server::NovaSlot;
 
 /// The operator's per-node switch: `on`, `off`, `dry-run` or `paused`.
 pub const RELIEF_ANNOTATION: &str = "nova-kubernetes-drain/memory-relief";
+/// What [`RELIEF_ANNOTATION`] takes; anything else turns relief off on the node.
+pub const ANNOTATION_VALUES: [&str; 4] = ["on", "off", "dry-run", "paused"];
 /// How far back a VM's migrations count as recent.
 const RECENT: Duration = Duration::from_secs(24 * 3600);
 /// Migration histories read at once when choosing.
@@ -70,6 +74,10 @@ pub enum NodeMode {
 /// move VMs where the cluster says `dry-run`.
 pub fn node_mode(cluster: ClusterMode, annotation: Option<&str>, paused_cluster_wide: bool) -> NodeMode {
     let asked = annotation.map(str::trim);
+    if asked.is_some_and(|a| !ANNOTATION_VALUES.contains(&a)) {
+        // A typo (`dry_run`, `pause`) must never move VMs.
+        return NodeMode::Off;
+    }
     let mode = match (cluster, asked) {
         (ClusterMode::Off, _) | (_, Some("off")) => NodeMode::Off,
         (_, Some("paused")) => NodeMode::Paused,
@@ -105,8 +113,8 @@ pub struct ReliefSettings {
     pub policy: Policy,
     pub vm_cool_down: Duration,
     pub host_cool_down: Duration,
-    /// Relief moves at once across the cluster; `None`: agents not coordinated.
-    pub cap: Option<u32>,
+    /// Relief moves at once across the cluster.
+    pub cap: u32,
     /// Duration of the memory Leases.
     pub lease: Duration,
 }
@@ -115,8 +123,11 @@ pub struct ReliefSettings {
 enum Attempt {
     /// A move was made (or proposed): the host cools down.
     Acted,
-    /// Nothing may move now, and why; tried again at the next reading.
+    /// Nothing may move now, and why; tried again later.
     Held(String),
+    /// Relief is off for this node: its memory is still read and told to
+    /// the others, but no Event says it is not relieved.
+    Off,
 }
 
 /// The move chosen: the VM, why, and where.
@@ -160,12 +171,16 @@ impl ReliefTask {
             &self.target.host,
             self.settings.lease,
         );
+        self.close_interrupted().await;
+        let (no_room, told) = watch::channel(false);
+        tokio::spawn(keep_telling(leases.clone(), told, self.settings.lease));
         let mut detector = Detector::new(self.settings.rule);
         let mut ticker = tokio::time::interval(self.settings.sample_every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut told_low: Option<(bool, Instant)> = None;
         let mut next_move = Instant::now();
+        let mut last_reading = Instant::now();
         let mut read_error = false;
+        let mut misconfigured = false;
         let mut last_held = String::new();
         // A dry run's last proposal (VM, destination), told once per episode.
         let mut proposed = None;
@@ -183,11 +198,28 @@ impl ReliefTask {
                     continue;
                 }
             };
+            let rule = self.settings.rule;
+            let relieved_at = rule
+                .threshold
+                .of(info.total_mib)
+                .saturating_add(rule.margin.of(info.total_mib));
+            if relieved_at >= info.total_mib {
+                if !std::mem::replace(&mut misconfigured, true) {
+                    tracing::error!(
+                        total_mib = info.total_mib,
+                        "--memory-threshold plus --memory-margin is not below MemTotal: memory relief is off"
+                    );
+                }
+                continue;
+            }
             let now = Instant::now();
             let before = detector.state();
             let state = detector.observe(now, info.total_mib, info.available_mib);
-            self.account(before, state, now, info);
-            self.tell_low(&leases, state.is_low(), &mut told_low).await;
+            self.account(before, state, now.duration_since(last_reading), info);
+            last_reading = now;
+            // No room to spare (below the relieved level): no VM is to be sent here.
+            let short = info.available_mib < relieved_at;
+            no_room.send_if_modified(|told| std::mem::replace(told, short) != short);
             let Pressure::Sustained { short_mib, .. } = state else {
                 last_held.clear();
                 proposed = None;
@@ -206,6 +238,7 @@ impl ReliefTask {
                     next_move = Instant::now() + self.settings.host_cool_down;
                     last_held.clear();
                 }
+                Attempt::Off => next_move = Instant::now() + HELD_RETRY.max(self.settings.sample_every),
                 Attempt::Held(why) => {
                     next_move = Instant::now() + HELD_RETRY.max(self.settings.sample_every);
                     if why != last_held {
@@ -217,7 +250,28 @@ impl ReliefTask {
         }
     }
 
-    /// Refuses (with an error in the log and an Event) to act on memory
+    /// Marks the moves a stopped agent left `Migrating` as `Interrupted`:
+    /// Nova went on with them (or rolled them back) on its own.
+    async fn close_interrupted(&self) {
+        let objects = VmMigrations::new(self.kube.clone(), &self.target.node);
+        let Ok(unfinished) = objects.unfinished().await else {
+            return;
+        };
+        for (name, mut status) in unfinished {
+            status.phase = Some(VmMigrationPhase::Interrupted);
+            status.completion_time = Some(jiff::Timestamp::now().to_string());
+            status.message = Some(
+                "the agent stopped during the move; Nova finished or rolled back the migration on its own (its \
+                 migration records tell which)"
+                    .into(),
+            );
+            if let Err(e) = objects.write_status(&name, &status).await {
+                warn!(name, error = %e, "cannot close an interrupted VmMigration");
+            }
+        }
+    }
+
+    /// Refuses (with an error in the log) to act on memory
     /// that lxcfs (or another FUSE file system) shows in place of the host's.
     fn hidden_by_lxcfs(&self) -> bool {
         let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
@@ -236,7 +290,8 @@ impl ReliefTask {
     }
 
     /// Metrics and logs of the pressure's changes.
-    fn account(&self, before: Pressure, state: Pressure, now: Instant, info: MemInfo) {
+    fn account(&self, before: Pressure, state: Pressure, since_last: Duration, info: MemInfo) {
+        let now = Instant::now();
         let relief = &self.metrics.relief;
         relief.memory_available.set((info.available_mib * 1024 * 1024) as i64);
         relief
@@ -244,7 +299,7 @@ impl ReliefTask {
             .set(i64::from(matches!(state, Pressure::Sustained { .. })));
         match (before, state) {
             (Pressure::Sustained { .. }, Pressure::Sustained { .. }) => {
-                relief.pressure_seconds.inc_by(self.settings.sample_every.as_secs_f64());
+                relief.pressure_seconds.inc_by(since_last.as_secs_f64());
             }
             (_, Pressure::Sustained { since, short_mib }) => {
                 relief.pressure_episodes.inc();
@@ -268,22 +323,6 @@ impl ReliefTask {
         }
     }
 
-    /// Keeps this node's pressure Lease while its memory is low (renewed
-    /// every third of the lease), and deletes it once it is not.
-    async fn tell_low(&self, leases: &MemoryLeases, low: bool, told: &mut Option<(bool, Instant)>) {
-        let due = match *told {
-            Some((was, at)) => was != low || (low && at.elapsed() >= self.settings.lease / 3),
-            None => true,
-        };
-        if !due {
-            return;
-        }
-        match leases.tell_low(low).await {
-            Ok(()) => *told = Some((low, Instant::now())),
-            Err(e) => warn!(error = %e, "cannot tell the other agents whether this host's memory is low"),
-        }
-    }
-
     /// One try at relieving the host.
     async fn attempt(
         &self,
@@ -302,7 +341,7 @@ impl ReliefTask {
         let annotation = annotation.map(String::as_str);
         // What the Node says first; the pause switch is asked only when it could matter.
         if node_mode(self.settings.mode, annotation, false) == NodeMode::Off {
-            return Attempt::Held("memory relief is off for this node".into());
+            return Attempt::Off;
         }
         if let Some(why) = in_maintenance(&node) {
             return Attempt::Held(format!("no memory relief during maintenance: {why}"));
@@ -343,15 +382,31 @@ impl ReliefTask {
     /// Chooses the VM and its destination, from Nova's and the other agents' view now.
     async fn plan(&self, nova: &NovaClient, leases: &MemoryLeases, short_mib: u64) -> Result<ReliefPlan, String> {
         let host = &self.target.host;
+        if nova.microversion() < CHECKED_DESTINATION {
+            return Err(format!(
+                "the compute API offers {} only: a live migration to a chosen host needs {CHECKED_DESTINATION}",
+                nova.microversion()
+            ));
+        }
         let services = nova
             .compute_services()
             .await
             .map_err(|e| format!("cannot list the nova-compute services: {e}"))?;
-        if let Some(own) = services.iter().find(|s| &s.host == host)
-            && !own.enabled
-        {
+        let own = services.iter().find(|s| &s.host == host);
+        match own {
+            None => return Err(format!("Nova has no nova-compute service on {host}")),
+            Some(own) if !own.enabled => {
+                return Err(format!(
+                    "no memory relief during maintenance: nova-compute on {host} is disabled"
+                ));
+            }
+            Some(own) if !own.up => return Err(format!("nova-compute on {host} is down: nothing can leave it")),
+            Some(_) => {}
+        }
+        if self.settings.cap > 0 && leases.relief_all_held(self.settings.cap).await.unwrap_or(false) {
             return Err(format!(
-                "no memory relief during maintenance: nova-compute on {host} is disabled"
+                "the cluster's {} relief migration(s) are all in use; waiting",
+                self.settings.cap
             ));
         }
         let servers = nova
@@ -362,7 +417,8 @@ impl ReliefTask {
         let chosen = choice::choose(&candidates, short_mib, self.settings.policy, self.settings.vm_cool_down)
             .map_err(|refused| no_vm_may_move(&refused))?;
         let low = leases.low_hosts().await.map_err(|e| e.to_string())?;
-        let excluded = excluded_hosts(host, &services, &low);
+        let zone = own.and_then(|s| s.zone.as_deref());
+        let excluded = excluded_hosts(host, zone, &services, &low);
         let open: Vec<String> = services
             .iter()
             .filter(|s| !excluded.contains_key(&s.host))
@@ -395,14 +451,13 @@ impl ReliefTask {
         futures::stream::iter(servers)
             .map(|server| async move {
                 let history = if choice::not_movable(&server).is_none() {
-                    nova.migration_history(&server.id, "live-migration")
-                        .await
-                        .unwrap_or_else(|e| {
-                            debug!(server = %server.id, error = %e, "no migration history");
-                            Vec::new()
-                        })
+                    nova.migration_history(&server.id, "live-migration").await
                 } else {
-                    Vec::new()
+                    Ok(Vec::new())
+                };
+                let (history, history_unknown) = match history {
+                    Ok(history) => (history, None),
+                    Err(e) => (Vec::new(), Some(e.to_string())),
                 };
                 let ages: Vec<Duration> = history
                     .iter()
@@ -411,6 +466,7 @@ impl ReliefTask {
                 Candidate {
                     last_moved_ago: ages.iter().min().copied(),
                     recent_moves: ages.iter().filter(|a| **a < RECENT).count() as u32,
+                    history_unknown,
                     server,
                 }
             })
@@ -420,13 +476,10 @@ impl ReliefTask {
     }
 
     /// Takes one of the cluster's relief migrations (when agents are coordinated).
-    async fn take_share(
-        &self,
-        leases: &MemoryLeases,
-    ) -> Result<Option<k8s_openapi::api::coordination::v1::Lease>, String> {
-        let Some(cap) = self.settings.cap else { return Ok(None) };
+    async fn take_share(&self, leases: &MemoryLeases) -> Result<Lease, String> {
+        let cap = self.settings.cap;
         match leases.take_relief(cap).await {
-            Ok(Some(lease)) => Ok(Some(lease)),
+            Ok(Some(lease)) => Ok(lease),
             Ok(None) => Err(format!(
                 "the cluster's {cap} relief migration(s) are all in use; waiting"
             )),
@@ -467,7 +520,7 @@ impl ReliefTask {
         plan: ReliefPlan,
         reading: Reading,
         leases: &MemoryLeases,
-        share: Option<k8s_openapi::api::coordination::v1::Lease>,
+        share: Lease,
     ) {
         let server = &plan.chosen.server;
         let note = format!(
@@ -493,32 +546,15 @@ impl ReliefTask {
         let report = self.move_holding(nova, &plan, leases, share).await;
         let (phase, result) = match report.outcome {
             Outcome::Migrated => (VmMigrationPhase::Succeeded, "succeeded"),
+            Outcome::InProgress => (VmMigrationPhase::HandedOver, "handed-over"),
             _ => (VmMigrationPhase::Failed, "failed"),
         };
         let relief = &self.metrics.relief;
         relief.moves.get_or_create(&ResultLabel { result: result.into() }).inc();
-        let (severity, reason, note) = if phase == VmMigrationPhase::Succeeded {
+        if phase == VmMigrationPhase::Succeeded {
             relief.freed_bytes.inc_by(server.flavor.ram_mb * 1024 * 1024);
-            let to = report.destination.clone().unwrap_or_default();
-            (
-                Normal,
-                "MemoryReliefSucceeded",
-                format!(
-                    "{} ({} MiB) moved to {to} in {:.1} s",
-                    server.name, server.flavor.ram_mb, report.duration_seconds
-                ),
-            )
-        } else {
-            let why = report
-                .reason
-                .clone()
-                .unwrap_or_else(|| report.outcome.as_str().to_string());
-            (
-                Warning,
-                "MemoryReliefFailed",
-                format!("{} stays on {}: {why}", server.name, self.target.host),
-            )
-        };
+        }
+        let (severity, reason, note) = told_outcome(phase, &report, &self.target.host);
         info!(server = %server.id, result, "memory relief: {note}");
         let _ = events.publish(severity, reason, "Migrate", &note).await;
         if let Some(name) = name {
@@ -533,15 +569,18 @@ impl ReliefTask {
     }
 
     /// Runs the move; renews `share` meanwhile and lets it go after. A
-    /// share that cannot be renewed for half its lease aborts the move (the
-    /// cluster's cap would no longer hold); a cordon leaves the migration to
-    /// the evacuation, which follows it.
+    /// share another agent has taken (its renewal conflicts: ours expired
+    /// while the API server could not be reached) aborts the move, as the
+    /// cluster's cap would no longer hold; a renewal that merely fails is
+    /// tried again (the move goes on: stopping it would leave the host short
+    /// of memory). A cordon leaves the migration to the evacuation, which
+    /// follows it.
     async fn move_holding(
         &self,
         nova: &Arc<NovaClient>,
         plan: &ReliefPlan,
         leases: &MemoryLeases,
-        mut share: Option<k8s_openapi::api::coordination::v1::Lease>,
+        mut share: Lease,
     ) -> VmReport {
         let settings = Settings {
             destination: Some(plan.destination.clone()),
@@ -556,24 +595,19 @@ impl ReliefTask {
         let engine = Engine::new(nova.as_ref(), &settings, &ReliefLog);
         let mut moving = std::pin::pin!(engine.move_one(&self.target, plan.chosen.server.clone(), stopping));
         let mut node = self.node.clone();
-        let mut renewed = Instant::now();
         let mut renew = tokio::time::interval(self.settings.lease / 3);
         renew.tick().await;
         let report = loop {
             tokio::select! {
                 report = &mut moving => break report,
-                _ = renew.tick(), if share.is_some() => {
-                    if let Some(held) = &share {
-                        match leases.renew(held).await {
-                            Ok(lease) => { share = Some(lease); renewed = Instant::now(); }
-                            Err(e) if renewed.elapsed() >= self.settings.lease / 2 => {
-                                warn!(error = %e, "cannot renew the relief migration; aborting the move");
-                                let _ = stop.send(StopRequest::AbortInFlight);
-                            }
-                            Err(e) => warn!(error = %e, "cannot renew the relief migration; trying again"),
-                        }
+                _ = renew.tick() => match leases.renew(&share).await {
+                    Ok(lease) => share = lease,
+                    Err(e) if e.taken_by_another() => {
+                        warn!(error = %e, "the relief migration was taken by another agent; aborting the move");
+                        let _ = stop.send(StopRequest::AbortInFlight);
                     }
-                }
+                    Err(e) => warn!(error = %e, "cannot renew the relief migration; trying again"),
+                },
                 Ok(()) = node.changed() => {
                     let cordoned = node.borrow().as_ref().and_then(in_maintenance);
                     if let Some(why) = cordoned {
@@ -583,9 +617,7 @@ impl ReliefTask {
                 }
             }
         };
-        if let Some(held) = &share
-            && let Err(e) = leases.release(held).await
-        {
+        if let Err(e) = leases.release(&share).await {
             warn!(error = %e, "cannot let the relief migration go; it expires");
         }
         report
@@ -641,17 +673,83 @@ impl ReliefTask {
     }
 }
 
+/// Keeps this node's pressure Lease while its memory leaves no room
+/// (`short`), renewed every third of the lease, also while a move runs;
+/// deletes it once there is room again.
+async fn keep_telling(leases: MemoryLeases, mut short: watch::Receiver<bool>, lease: Duration) {
+    let mut told: Option<bool> = None;
+    loop {
+        let now_short = *short.borrow_and_update();
+        if now_short || told != Some(now_short) {
+            match leases.tell_low(now_short).await {
+                Ok(()) => told = Some(now_short),
+                Err(e) => {
+                    warn!(error = %e, "cannot tell the other agents whether this host's memory is low");
+                    told = None;
+                }
+            }
+        }
+        tokio::select! {
+            changed = short.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(lease / 3), if now_short || told.is_none() => {}
+        }
+    }
+}
+
+/// The Event (severity, reason, note) of a finished relief move.
+fn told_outcome(
+    phase: VmMigrationPhase,
+    report: &VmReport,
+    host: &str,
+) -> (crate::kube::Severity, &'static str, String) {
+    let vm = format!("{} ({} MiB)", report.name, report.ram_mb);
+    let to = report.destination.clone().unwrap_or_default();
+    match phase {
+        VmMigrationPhase::Succeeded => (
+            Normal,
+            "MemoryReliefSucceeded",
+            format!("{vm} moved to {to} in {:.1} s", report.duration_seconds),
+        ),
+        VmMigrationPhase::HandedOver => (
+            Normal,
+            "MemoryReliefHandedOver",
+            format!("{vm} is still migrating: the node was cordoned, its evacuation follows the migration"),
+        ),
+        _ => {
+            let why = report
+                .reason
+                .clone()
+                .unwrap_or_else(|| report.outcome.as_str().to_string());
+            (Warning, "MemoryReliefFailed", format!("{vm} stays on {host}: {why}"))
+        }
+    }
+}
+
 /// The hosts no VM may go to, and why: this one, those disabled or down
-/// (in maintenance, or broken), those whose agents say memory is low.
-fn excluded_hosts(host: &str, services: &[ComputeService], low: &[String]) -> BTreeMap<String, String> {
+/// (in maintenance, or broken), those of another availability zone than
+/// the source's (a VM may have been booted into its zone), those whose
+/// agents say their memory leaves no room.
+fn excluded_hosts(
+    host: &str,
+    zone: Option<&str>,
+    services: &[ComputeService],
+    low: &[String],
+) -> BTreeMap<String, String> {
     let mut excluded = BTreeMap::from([(host.to_string(), "the source".to_string())]);
     for service in services {
         let why = match (service.enabled, service.up) {
-            (false, _) => "disabled (maintenance)",
-            (_, false) => "down",
+            (false, _) => "disabled (maintenance)".to_string(),
+            (_, false) => "down".to_string(),
+            _ if zone.is_some() && service.zone.as_deref() != zone => {
+                format!("zone {}", service.zone.as_deref().unwrap_or("unknown"))
+            }
             _ => continue,
         };
-        excluded.entry(service.host.clone()).or_insert_with(|| why.to_string());
+        excluded.entry(service.host.clone()).or_insert(why);
     }
     for low in low {
         excluded
@@ -673,7 +771,8 @@ fn no_vm_may_move(refused: &[(String, String)]) -> String {
     )
 }
 
-/// How long ago Nova's `created_at` (UTC, no zone) was.
+/// How long ago Nova's `created_at` (UTC, no zone) was; a time ahead of
+/// our clock (the controller's clock runs ahead) counts as just now.
 fn age(created_at: &str, now: jiff::Timestamp) -> Option<Duration> {
     let at = created_at
         .parse::<jiff::civil::DateTime>()
@@ -681,7 +780,7 @@ fn age(created_at: &str, now: jiff::Timestamp) -> Option<Duration> {
         .to_zoned(jiff::tz::TimeZone::UTC)
         .ok()?
         .timestamp();
-    Duration::try_from(now.duration_since(at)).ok()
+    Some(Duration::try_from(now.duration_since(at)).unwrap_or(Duration::ZERO))
 }
 
 /// The engine's events of a relief move, as debug log lines.
@@ -717,6 +816,9 @@ mod tests {
         assert_eq!(node_mode(C::On, None, true), N::Paused, "the cluster-wide pause");
         assert_eq!(node_mode(C::DryRun, None, true), N::Paused);
         assert_eq!(node_mode(C::On, Some("off"), true), N::Off);
+        for typo in ["dry_run", "pause", "Dry-Run", "false"] {
+            assert_eq!(node_mode(C::On, Some(typo), false), N::Off, "{typo}");
+        }
     }
 
     #[test]
@@ -750,12 +852,17 @@ mod tests {
             service("host4", true, true),
             service("host5", true, true),
         ];
-        let excluded = excluded_hosts("host1", &services, &["host4".to_string()]);
+        let excluded = excluded_hosts("host1", None, &services, &["host4".to_string()]);
         assert_eq!(
             excluded.keys().collect::<Vec<_>>(),
             ["host1", "host2", "host3", "host4"]
         );
         assert_eq!(excluded["host4"], "short of memory");
+        let mut zoned = services.to_vec();
+        zoned[4].zone = Some("az2".into());
+        zoned[0].zone = Some("az1".into());
+        let excluded = excluded_hosts("host1", Some("az1"), &zoned, &[]);
+        assert_eq!(excluded["host5"], "zone az2", "another zone than the source's");
     }
 
     #[test]
@@ -763,5 +870,10 @@ mod tests {
         let now: jiff::Timestamp = "2026-12-07T12:00:00Z".parse().unwrap();
         assert_eq!(age("2026-12-07T11:59:00.000000", now), Some(Duration::from_secs(60)));
         assert_eq!(age("garbage", now), None);
+        assert_eq!(
+            age("2026-12-07T12:00:30", now),
+            Some(Duration::ZERO),
+            "ahead of our clock"
+        );
     }
 }

@@ -78,6 +78,11 @@ pub enum VmMigrationPhase {
     Migrating,
     Succeeded,
     Failed,
+    /// The node was cordoned during the move: its evacuation follows the migration.
+    HandedOver,
+    /// The agent stopped during the move (Nova finished or rolled it back on
+    /// its own; its migration records tell which).
+    Interrupted,
 }
 
 /// What happened, written by the agent.
@@ -133,12 +138,9 @@ impl VmMigrations {
         spec: VmMigrationSpec,
         status: &VmMigrationStatus,
     ) -> Result<String, kube::Error> {
-        let at = Timestamp::now();
-        let name = format!(
-            "{}-{}",
-            super::evacuation::evacuation_name(&self.node, at),
-            spec.server_id.chars().take(8).collect::<String>()
-        );
+        let vm: String = spec.server_id.chars().take(8).collect();
+        // The node's name and the VM's, shortened with a hash when too long, then the time.
+        let name = super::evacuation::evacuation_name(&format!("{}-{vm}", self.node), Timestamp::now());
         let owner = OwnerReference {
             api_version: "v1".into(),
             kind: "Node".into(),
@@ -162,9 +164,30 @@ impl VmMigrations {
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => return Err(e),
         }
-        self.write_status(&name, status).await?;
+        if let Err(e) = self.write_status(&name, status).await {
+            // The object exists: its name is still the one to write the outcome to.
+            tracing::warn!(name, error = %e, "cannot write the VmMigration's first status");
+        }
         self.trim_history(&name).await;
         Ok(name)
+    }
+
+    /// The node's VmMigrations still `Migrating`: a move the agent did not
+    /// see to its end (it stopped or was killed).
+    pub async fn unfinished(&self) -> Result<Vec<(String, VmMigrationStatus)>, kube::Error> {
+        let selector = format!("{NODE_LABEL}={}", super::guard::label_value(&self.node));
+        Ok(self
+            .api
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items
+            .into_iter()
+            .filter(|m| m.spec.node_name == self.node)
+            .filter_map(|m| {
+                let status = m.status.clone()?;
+                (status.phase == Some(VmMigrationPhase::Migrating)).then(|| (m.name_any(), status))
+            })
+            .collect())
     }
 
     /// Writes `status` through the status subresource, as of the resourceVersion just read.
@@ -231,6 +254,13 @@ pub struct MemoryLeaseError {
     source: kube::Error,
 }
 
+impl MemoryLeaseError {
+    /// The Lease changed or went since it was read: another agent took it.
+    pub fn taken_by_another(&self) -> bool {
+        matches!(&self.source, kube::Error::Api(status) if matches!(status.code, 404 | 409))
+    }
+}
+
 impl MemoryLeases {
     pub fn new(client: Client, namespace: &str, node: &str, nova_host: &str, duration: std::time::Duration) -> Self {
         MemoryLeases {
@@ -271,6 +301,18 @@ impl MemoryLeases {
             .filter(|lease| self.fresh(lease))
             .filter_map(|lease| lease.annotations().get(NOVA_HOST_ANNOTATION).cloned())
             .collect())
+    }
+
+    /// Whether all `count` relief Leases are held by other agents now (one list, no write).
+    pub async fn relief_all_held(&self, count: u32) -> Result<bool, MemoryLeaseError> {
+        let listed = self.listed("relief").await?;
+        let held = (0..count)
+            .filter(|index| {
+                let name = format!("{RELIEF_PREFIX}{index}");
+                listed.iter().any(|l| l.name_any() == name && self.held_by_other(l))
+            })
+            .count();
+        Ok(held as u32 >= count)
     }
 
     /// Takes one of the `count` relief Leases, free or expired; `None`: all are held.

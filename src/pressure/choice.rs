@@ -32,6 +32,9 @@ pub struct Candidate {
     pub last_moved_ago: Option<Duration>,
     /// Its live migrations within the history Nova keeps that we read (a day).
     pub recent_moves: u32,
+    /// Why its history could not be read: its cool-down cannot be known,
+    /// so it is not chosen.
+    pub history_unknown: Option<String>,
 }
 
 /// The VM chosen and why, in words for the Event and the object.
@@ -70,12 +73,19 @@ pub fn choose(
     let mut refused = Vec::new();
     let mut eligible = Vec::new();
     for candidate in candidates {
-        let why = not_movable(&candidate.server).or_else(|| {
-            candidate
-                .last_moved_ago
-                .filter(|ago| *ago < cool_down)
-                .map(|ago| format!("moved {} s ago (cool-down {} s)", ago.as_secs(), cool_down.as_secs()))
-        });
+        let why = not_movable(&candidate.server)
+            .or_else(|| {
+                candidate
+                    .history_unknown
+                    .as_ref()
+                    .map(|e| format!("its migration history cannot be read ({e})"))
+            })
+            .or_else(|| {
+                candidate
+                    .last_moved_ago
+                    .filter(|ago| *ago < cool_down)
+                    .map(|ago| format!("moved {} s ago (cool-down {} s)", ago.as_secs(), cool_down.as_secs()))
+            });
         match why {
             Some(why) => refused.push((candidate.server.id.clone(), why)),
             None if candidate.server.flavor.ram_mb == 0 => {
@@ -191,6 +201,7 @@ mod tests {
             server: vm(id, ram_mb),
             last_moved_ago: None,
             recent_moves: 0,
+            history_unknown: None,
         }
     }
 

@@ -413,9 +413,10 @@ impl ReliefTask {
             .servers_on_host(host)
             .await
             .map_err(|e| format!("cannot list the servers on {host}: {e}"))?;
-        let candidates = self.candidates(nova, servers).await;
-        let chosen = choice::choose(&candidates, short_mib, self.settings.policy, self.settings.vm_cool_down)
-            .map_err(|refused| no_vm_may_move(&refused))?;
+        let mut candidates = self.candidates(nova, servers).await;
+        // Nothing movable at all: said before the other hosts are asked about.
+        choice::choose(&candidates, short_mib, self.settings.policy, self.settings.vm_cool_down)
+            .map_err(|refused| no_vm_may_move(&refused, &BTreeMap::new(), host))?;
         let low = leases.low_hosts().await.map_err(|e| e.to_string())?;
         let zone = own.and_then(|s| s.zone.as_deref());
         let excluded = excluded_hosts(host, zone, &services, &low);
@@ -428,20 +429,21 @@ impl ReliefTask {
             .spare_capacity(host, &open)
             .await
             .map_err(|e| format!("cannot read the other hosts' free resources: {e}"))?;
-        let destination = choice::destination(&chosen.server, &capacity, &excluded).ok_or_else(|| {
-            format!(
-                "no host has room for {} ({} MiB) but those short of memory or in maintenance ({})",
-                chosen.server.name,
-                chosen.server.flavor.ram_mb,
-                excluded
-                    .iter()
-                    .filter(|(h, _)| *h != host)
-                    .map(|(h, why)| format!("{h}: {why}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })?;
-        Ok(ReliefPlan { chosen, destination })
+        // The policy's choice, else its next best, while the chosen one fits nowhere.
+        let mut fits_nowhere = Vec::new();
+        loop {
+            let chosen = choice::choose(&candidates, short_mib, self.settings.policy, self.settings.vm_cool_down)
+                .map_err(|mut refused| {
+                    refused.append(&mut fits_nowhere);
+                    no_vm_may_move(&refused, &excluded, host)
+                })?;
+            if let Some(destination) = choice::destination(&chosen.server, &capacity, &excluded) {
+                return Ok(ReliefPlan { chosen, destination });
+            }
+            let why = format!("no host has room for its {} MiB", chosen.server.flavor.ram_mb);
+            fits_nowhere.push((chosen.server.id.clone(), why));
+            candidates.retain(|c| c.server.id != chosen.server.id);
+        }
     }
 
     /// The host's VMs with their recent live migrations (Nova's records, so
@@ -759,16 +761,24 @@ fn excluded_hosts(
     excluded
 }
 
-fn no_vm_may_move(refused: &[(String, String)]) -> String {
+/// Why nothing moves: each VM's reason (the first few), and the hosts
+/// that were no destination when a VM fitted nowhere.
+fn no_vm_may_move(refused: &[(String, String)], excluded: &BTreeMap<String, String>, host: &str) -> String {
     if refused.is_empty() {
         return "no VM on the host".into();
     }
     let listed: Vec<String> = refused.iter().take(5).map(|(id, why)| format!("{id}: {why}")).collect();
-    format!(
-        "no VM may move ({}{})",
-        listed.join("; "),
-        if refused.len() > 5 { "; ..." } else { "" }
-    )
+    let more = if refused.len() > 5 { "; ..." } else { "" };
+    let mut text = format!("no VM may move ({}{more})", listed.join("; "));
+    if refused.iter().any(|(_, why)| why.starts_with("no host has room")) {
+        let others: Vec<String> = excluded
+            .iter()
+            .filter(|(h, _)| *h != host)
+            .map(|(h, why)| format!("{h}: {why}"))
+            .collect();
+        text.push_str(&format!("; hosts not taken: {}", others.join(", ")));
+    }
+    text
 }
 
 /// How long ago Nova's `created_at` (UTC, no zone) was; a time ahead of

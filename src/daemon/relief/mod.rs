@@ -4,7 +4,7 @@
 //! above the threshold plus the margin, one at a time, each to a host that is
 //! neither short of memory nor in maintenance.
 //!
-//! The decisions are plain functions ([`node_mode`], [`in_maintenance`],
+//! The decisions are plain functions ([`decide`]: the node's mode, maintenance, the hosts no VM may go to;
 //! and `crate::pressure`); [`ReliefTask`] reads, asks and writes: the
 //! memory file, Nova, the memory Leases, the VmMigration objects, Events.
 
@@ -20,11 +20,13 @@ use std::time::Instant;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::evacuation::compute::{Compute, ComputeService};
+use crate::evacuation::compute::Compute;
 use crate::evacuation::{Engine, Event, Observer, Outcome, Settings, StopRequest, Target, VmReport};
 use crate::kube::ObjectEvents;
 use crate::kube::Severity::{Normal, Warning};
-use crate::kube::annotations::{DrainState, Phase};
+
+pub mod decide;
+
 use crate::kube::relief::{
     MemoryLeases, VmMigrationPhase, VmMigrationSpec, VmMigrationStatus, VmMigrations, paused_cluster_wide,
 };
@@ -35,11 +37,9 @@ use crate::pressure::detector::{Detector, Pressure, PressureRule};
 use crate::pressure::meminfo::{self, MemInfo};
 use crate::telemetry::metrics::{Metrics, ResultLabel};
 use crate::telemetry::server::NovaSlot;
+pub use decide::{ANNOTATION_VALUES, ClusterMode, NodeMode, RELIEF_ANNOTATION, in_maintenance, node_mode};
+use decide::{age, excluded_hosts, no_vm_may_move, told_outcome};
 
-/// The operator's per-node switch: `on`, `off`, `dry-run` or `paused`.
-pub const RELIEF_ANNOTATION: &str = "nova-kubernetes-drain/memory-relief";
-/// What [`RELIEF_ANNOTATION`] takes; anything else turns relief off on the node.
-pub const ANNOTATION_VALUES: [&str; 4] = ["on", "off", "dry-run", "paused"];
 /// How far back a VM's migrations count as recent.
 const RECENT: Duration = Duration::from_secs(24 * 3600);
 /// Migration histories read at once when choosing.
@@ -47,61 +47,6 @@ const HISTORY_READS: usize = 4;
 /// Least wait before trying again when nothing could move (each try asks
 /// the API server and Nova).
 const HELD_RETRY: Duration = Duration::from_secs(10);
-
-/// `--memory-relief`: the cluster's setting.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClusterMode {
-    Off,
-    /// Only nodes annotated `on` (or `dry-run`).
-    Nodes,
-    /// Every node not annotated `off` or `paused`.
-    On,
-    DryRun,
-}
-
-/// What relief does on this node now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NodeMode {
-    Off,
-    Paused,
-    DryRun,
-    On,
-}
-
-/// The node's mode from the cluster's setting, the node's annotation and
-/// the cluster-wide pause. An annotation can narrow what the cluster
-/// allows, or opt a node in where the cluster asks for it (`nodes`); never
-/// move VMs where the cluster says `dry-run`.
-pub fn node_mode(cluster: ClusterMode, annotation: Option<&str>, paused_cluster_wide: bool) -> NodeMode {
-    let asked = annotation.map(str::trim);
-    if asked.is_some_and(|a| !ANNOTATION_VALUES.contains(&a)) {
-        // A typo (`dry_run`, `pause`) must never move VMs.
-        return NodeMode::Off;
-    }
-    let mode = match (cluster, asked) {
-        (ClusterMode::Off, _) | (_, Some("off")) => NodeMode::Off,
-        (_, Some("paused")) => NodeMode::Paused,
-        (ClusterMode::DryRun, _) | (_, Some("dry-run")) => NodeMode::DryRun,
-        (ClusterMode::On, _) | (ClusterMode::Nodes, Some("on")) => NodeMode::On,
-        (ClusterMode::Nodes, _) => NodeMode::Off,
-    };
-    match mode {
-        NodeMode::On | NodeMode::DryRun if paused_cluster_wide => NodeMode::Paused,
-        mode => mode,
-    }
-}
-
-/// Why the node is in maintenance (no relief from or to it), if it is:
-/// cordoned, or an evacuation under way or not yet undone.
-pub fn in_maintenance(node: &Node) -> Option<String> {
-    if node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false) {
-        return Some("the node is cordoned".into());
-    }
-    match DrainState::from_node(node).phase {
-        Phase::Idle => None,
-        phase => Some(format!("its evacuation is {}", phase.as_str())),
-    }
-}
 
 /// How relief runs, from the command line.
 #[derive(Clone, Debug)]
@@ -179,39 +124,15 @@ impl ReliefTask {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_move = Instant::now();
         let mut last_reading = Instant::now();
-        let mut read_error = false;
-        let mut misconfigured = false;
+        let mut unusable = false;
         let mut last_held = String::new();
         // A dry run's last proposal (VM, destination), told once per episode.
         let mut proposed = None;
         loop {
             ticker.tick().await;
-            let info = match meminfo::read(&self.settings.meminfo) {
-                Ok(info) => {
-                    read_error = false;
-                    info
-                }
-                Err(e) => {
-                    if !std::mem::replace(&mut read_error, true) {
-                        warn!(error = %e, "cannot read the hypervisor's memory; memory relief waits");
-                    }
-                    continue;
-                }
-            };
-            let rule = self.settings.rule;
-            let relieved_at = rule
-                .threshold
-                .of(info.total_mib)
-                .saturating_add(rule.margin.of(info.total_mib));
-            if relieved_at >= info.total_mib {
-                if !std::mem::replace(&mut misconfigured, true) {
-                    tracing::error!(
-                        total_mib = info.total_mib,
-                        "--memory-threshold plus --memory-margin is not below MemTotal: memory relief is off"
-                    );
-                }
+            let Some((info, relieved_at)) = self.read(&mut unusable) else {
                 continue;
-            }
+            };
             let now = Instant::now();
             let before = detector.state();
             let state = detector.observe(now, info.total_mib, info.available_mib);
@@ -248,6 +169,37 @@ impl ReliefTask {
                 }
             }
         }
+    }
+
+    /// The memory now and the level at which it leaves room (threshold
+    /// plus margin); `None` when the file cannot be read or the rule does
+    /// not fit the host (said once, until it can again).
+    fn read(&self, warned: &mut bool) -> Option<(MemInfo, u64)> {
+        let info = match meminfo::read(&self.settings.meminfo) {
+            Ok(info) => info,
+            Err(e) => {
+                if !std::mem::replace(warned, true) {
+                    warn!(error = %e, "cannot read the hypervisor's memory; memory relief waits");
+                }
+                return None;
+            }
+        };
+        let rule = self.settings.rule;
+        let relieved_at = rule
+            .threshold
+            .of(info.total_mib)
+            .saturating_add(rule.margin.of(info.total_mib));
+        if relieved_at >= info.total_mib {
+            if !std::mem::replace(warned, true) {
+                tracing::error!(
+                    total_mib = info.total_mib,
+                    "--memory-threshold plus --memory-margin is not below MemTotal: memory relief waits"
+                );
+            }
+            return None;
+        }
+        *warned = false;
+        Some((info, relieved_at))
     }
 
     /// Marks the moves a stopped agent left `Migrating` as `Interrupted`:
@@ -702,188 +654,11 @@ async fn keep_telling(leases: MemoryLeases, mut short: watch::Receiver<bool>, le
     }
 }
 
-/// The Event (severity, reason, note) of a finished relief move.
-fn told_outcome(
-    phase: VmMigrationPhase,
-    report: &VmReport,
-    host: &str,
-) -> (crate::kube::Severity, &'static str, String) {
-    let vm = format!("{} ({} MiB)", report.name, report.ram_mb);
-    let to = report.destination.clone().unwrap_or_default();
-    match phase {
-        VmMigrationPhase::Succeeded => (
-            Normal,
-            "MemoryReliefSucceeded",
-            format!("{vm} moved to {to} in {:.1} s", report.duration_seconds),
-        ),
-        VmMigrationPhase::HandedOver => (
-            Normal,
-            "MemoryReliefHandedOver",
-            format!("{vm} is still migrating: the node was cordoned, its evacuation follows the migration"),
-        ),
-        _ => {
-            let why = report
-                .reason
-                .clone()
-                .unwrap_or_else(|| report.outcome.as_str().to_string());
-            (Warning, "MemoryReliefFailed", format!("{vm} stays on {host}: {why}"))
-        }
-    }
-}
-
-/// The hosts no VM may go to, and why: this one, those disabled or down
-/// (in maintenance, or broken), those of another availability zone than
-/// the source's (a VM may have been booted into its zone), those whose
-/// agents say their memory leaves no room.
-fn excluded_hosts(
-    host: &str,
-    zone: Option<&str>,
-    services: &[ComputeService],
-    low: &[String],
-) -> BTreeMap<String, String> {
-    let mut excluded = BTreeMap::from([(host.to_string(), "the source".to_string())]);
-    for service in services {
-        let why = match (service.enabled, service.up) {
-            (false, _) => "disabled (maintenance)".to_string(),
-            (_, false) => "down".to_string(),
-            _ if zone.is_some() && service.zone.as_deref() != zone => {
-                format!("zone {}", service.zone.as_deref().unwrap_or("unknown"))
-            }
-            _ => continue,
-        };
-        excluded.entry(service.host.clone()).or_insert(why);
-    }
-    for low in low {
-        excluded
-            .entry(low.clone())
-            .or_insert_with(|| "short of memory".to_string());
-    }
-    excluded
-}
-
-/// Why nothing moves: each VM's reason (the first few), and the hosts
-/// that were no destination when a VM fitted nowhere.
-fn no_vm_may_move(refused: &[(String, String)], excluded: &BTreeMap<String, String>, host: &str) -> String {
-    if refused.is_empty() {
-        return "no VM on the host".into();
-    }
-    let listed: Vec<String> = refused.iter().take(5).map(|(id, why)| format!("{id}: {why}")).collect();
-    let more = if refused.len() > 5 { "; ..." } else { "" };
-    let mut text = format!("no VM may move ({}{more})", listed.join("; "));
-    if refused.iter().any(|(_, why)| why.starts_with("no host has room")) {
-        let others: Vec<String> = excluded
-            .iter()
-            .filter(|(h, _)| *h != host)
-            .map(|(h, why)| format!("{h}: {why}"))
-            .collect();
-        text.push_str(&format!("; hosts not taken: {}", others.join(", ")));
-    }
-    text
-}
-
-/// How long ago Nova's `created_at` (UTC, no zone) was; a time ahead of
-/// our clock (the controller's clock runs ahead) counts as just now.
-fn age(created_at: &str, now: jiff::Timestamp) -> Option<Duration> {
-    let at = created_at
-        .parse::<jiff::civil::DateTime>()
-        .ok()?
-        .to_zoned(jiff::tz::TimeZone::UTC)
-        .ok()?
-        .timestamp();
-    Some(Duration::try_from(now.duration_since(at)).unwrap_or(Duration::ZERO))
-}
-
 /// The engine's events of a relief move, as debug log lines.
 struct ReliefLog;
 
 impl Observer for ReliefLog {
     fn event(&self, event: &Event<'_>) {
         debug!(?event, "memory relief");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use k8s_openapi::api::core::v1::NodeSpec;
-
-    #[test]
-    fn the_node_mode_follows_the_cluster_the_annotation_and_the_pause() {
-        use ClusterMode as C;
-        use NodeMode as N;
-        assert_eq!(node_mode(C::Off, Some("on"), false), N::Off, "the cluster's off wins");
-        assert_eq!(node_mode(C::Nodes, None, false), N::Off, "opt-in per node");
-        assert_eq!(node_mode(C::Nodes, Some("on"), false), N::On);
-        assert_eq!(node_mode(C::On, None, false), N::On);
-        assert_eq!(node_mode(C::On, Some("off"), false), N::Off);
-        assert_eq!(node_mode(C::On, Some("paused"), false), N::Paused);
-        assert_eq!(node_mode(C::On, Some("dry-run"), false), N::DryRun);
-        assert_eq!(
-            node_mode(C::DryRun, Some("on"), false),
-            N::DryRun,
-            "never moves in a dry-run cluster"
-        );
-        assert_eq!(node_mode(C::On, None, true), N::Paused, "the cluster-wide pause");
-        assert_eq!(node_mode(C::DryRun, None, true), N::Paused);
-        assert_eq!(node_mode(C::On, Some("off"), true), N::Off);
-        for typo in ["dry_run", "pause", "Dry-Run", "false"] {
-            assert_eq!(node_mode(C::On, Some(typo), false), N::Off, "{typo}");
-        }
-    }
-
-    #[test]
-    fn a_cordoned_node_or_one_whose_evacuation_is_not_undone_is_in_maintenance() {
-        let mut node = Node::default();
-        assert_eq!(in_maintenance(&node), None);
-        node.spec = Some(NodeSpec {
-            unschedulable: Some(true),
-            ..NodeSpec::default()
-        });
-        assert!(in_maintenance(&node).is_some());
-        node.spec = None;
-        node.metadata.annotations = Some([("nova-kubernetes-drain/phase".to_string(), "Waiting".to_string())].into());
-        assert_eq!(in_maintenance(&node).as_deref(), Some("its evacuation is Waiting"));
-    }
-
-    #[test]
-    fn hosts_short_of_memory_disabled_or_down_are_no_destination() {
-        let service = |host: &str, enabled: bool, up: bool| ComputeService {
-            id: host.into(),
-            host: host.into(),
-            enabled,
-            up,
-            disabled_reason: None,
-            zone: None,
-        };
-        let services = [
-            service("host1", true, true),
-            service("host2", false, true),
-            service("host3", true, false),
-            service("host4", true, true),
-            service("host5", true, true),
-        ];
-        let excluded = excluded_hosts("host1", None, &services, &["host4".to_string()]);
-        assert_eq!(
-            excluded.keys().collect::<Vec<_>>(),
-            ["host1", "host2", "host3", "host4"]
-        );
-        assert_eq!(excluded["host4"], "short of memory");
-        let mut zoned = services.to_vec();
-        zoned[4].zone = Some("az2".into());
-        zoned[0].zone = Some("az1".into());
-        let excluded = excluded_hosts("host1", Some("az1"), &zoned, &[]);
-        assert_eq!(excluded["host5"], "zone az2", "another zone than the source's");
-    }
-
-    #[test]
-    fn ages_read_novas_zoneless_utc_times() {
-        let now: jiff::Timestamp = "2026-12-07T12:00:00Z".parse().unwrap();
-        assert_eq!(age("2026-12-07T11:59:00.000000", now), Some(Duration::from_secs(60)));
-        assert_eq!(age("garbage", now), None);
-        assert_eq!(
-            age("2026-12-07T12:00:30", now),
-            Some(Duration::ZERO),
-            "ahead of our clock"
-        );
     }
 }

@@ -2251,3 +2251,44 @@ async fn relief_moves_of_two_hosts_at_once_stay_within_the_clusters_relief_migra
     }
     assert!(!waited.is_empty(), "the second one waited for the relief migration");
 }
+
+/// A cordon while a relief move runs: the move is left to the evacuation,
+/// which follows the same migration (never a second one for that VM) and
+/// moves the rest; the VmMigration says `HandedOver`.
+#[tokio::test]
+async fn a_cordon_during_a_relief_move_hands_the_migration_to_the_evacuation() {
+    let _exclusive = Lab::exclusive().await;
+    let (lab, cluster) = setup().await;
+    let lab = std::sync::Arc::new(lab);
+    let large = lab.boot(BootSpec::new("rlf-hand-large").flavor("m1.large")).await;
+    let small = lab.boot(BootSpec::new("rlf-hand-small").flavor("m1.small")).await;
+    let dir = tempdir("relief-handover");
+    let memory = support::memory::HostMemory::start(lab.clone(), &dir, &[("host1", HOST_MIB)]).await;
+    let _agent = start_relieving(&cluster, &lab, &memory.path("host1"), "3").await;
+    wait_guard(&cluster, Duration::from_secs(20)).await;
+    // 1000 MiB short: no 512 MiB VM frees it, the 4096 MiB one moves (about 9 s in the lab).
+    memory.set_base_used("host1", HOST_MIB - 4096 - 512 - (RELIEVED_MIB - 1000));
+    wait_vm_migration(&cluster, "Migrating", Duration::from_secs(30)).await;
+    cluster.cordon().await;
+    let handed = wait_vm_migration(&cluster, "HandedOver", Duration::from_secs(60)).await;
+    assert_eq!(handed["spec"]["serverId"], large[0].as_str(), "{handed}");
+    wait_phase(&cluster, "Evacuated", Duration::from_secs(120)).await;
+    assert_eq!(
+        lab.live_migrations(&large[0]).await.len(),
+        1,
+        "followed, not started again"
+    );
+    assert_eq!(lab.live_migrations(&small[0]).await.len(), 1, "moved by the evacuation");
+    for id in large.iter().chain(&small) {
+        let server = lab.server(id).await;
+        assert_ne!(host_of(&server), "host1");
+        assert_eq!(server["status"], "ACTIVE", "{id}");
+    }
+    let reasons = cluster.reasons().await;
+    assert!(reasons.iter().any(|r| r == "MemoryReliefHandedOver"), "{reasons:?}");
+    cluster.uncordon().await;
+    eventually("the service enabled", Duration::from_secs(20), async || {
+        (lab.service("host1").await["status"] == "enabled").then_some(())
+    })
+    .await;
+}

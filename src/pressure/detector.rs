@@ -123,7 +123,7 @@ impl Detector {
     /// Folds in a sample of `available_mib` of `total_mib` taken at `now`.
     pub fn observe(&mut self, now: Instant, total_mib: u64, available_mib: u64) -> Pressure {
         let threshold = self.rule.threshold.of(total_mib);
-        let relieved_at = threshold + self.rule.margin.of(total_mib);
+        let relieved_at = threshold.saturating_add(self.rule.margin.of(total_mib));
         self.state = match self.state {
             Pressure::Sustained { since, .. } if available_mib < relieved_at => Pressure::Sustained {
                 since,

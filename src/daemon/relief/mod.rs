@@ -309,7 +309,7 @@ impl ReliefTask {
         let Some(nova) = self.nova.get().cloned() else {
             return Attempt::Held("Nova has not been reached yet".into());
         };
-        let plan = match self.plan(&nova, leases, reading.short_mib).await {
+        let plan = match self.plan(&nova, leases, reading.short_mib, mode == NodeMode::On).await {
             Ok(plan) => plan,
             Err(why) => return Attempt::Held(why),
         };
@@ -332,7 +332,14 @@ impl ReliefTask {
     }
 
     /// Chooses the VM and its destination, from Nova's and the other agents' view now.
-    async fn plan(&self, nova: &NovaClient, leases: &MemoryLeases, short_mib: u64) -> Result<ReliefPlan, String> {
+    /// `moving`: the move will be made (not a dry run), so it waits for one of the relief Leases.
+    async fn plan(
+        &self,
+        nova: &NovaClient,
+        leases: &MemoryLeases,
+        short_mib: u64,
+        moving: bool,
+    ) -> Result<ReliefPlan, String> {
         let host = &self.target.host;
         if nova.microversion() < CHECKED_DESTINATION {
             return Err(format!(
@@ -355,7 +362,7 @@ impl ReliefTask {
             Some(own) if !own.up => return Err(format!("nova-compute on {host} is down: nothing can leave it")),
             Some(_) => {}
         }
-        if self.settings.cap > 0 && leases.relief_all_held(self.settings.cap).await.unwrap_or(false) {
+        if moving && leases.relief_all_held(self.settings.cap).await.unwrap_or(false) {
             return Err(format!(
                 "the cluster's {} relief migration(s) are all in use; waiting",
                 self.settings.cap

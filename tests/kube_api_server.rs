@@ -3097,3 +3097,35 @@ async fn kubectl_creates_patches_and_deletes_a_config_map() {
     let e = run(&["get", "configmap", PAUSE_CM]).await.unwrap_err();
     assert!(e.contains("NotFound") && e.contains("not found"), "{e}");
 }
+
+/// The history trim both Evacuations and VmMigrations use: the oldest go,
+/// the `keep` newest stay (made in name order: creation times are whole
+/// seconds, and within one the name decides).
+#[tokio::test]
+async fn the_oldest_objects_beyond_the_kept_are_deleted() {
+    let api = KubeApi::start();
+    api.add_namespace("nova-drain");
+    let maps: Api<ConfigMap> = Api::namespaced(api.kube_client(), "nova-drain");
+    for name in ["h-1", "h-2", "h-3", "h-4", "h-5"] {
+        let map: ConfigMap = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        maps.create(&PostParams::default(), &map).await.unwrap();
+    }
+    let all = maps.list(&ListParams::default()).await.unwrap().items;
+    nova_kubernetes_drain::kube::evacuation::delete_oldest(&maps, all.clone(), 5).await;
+    assert_eq!(
+        maps.list(&ListParams::default()).await.unwrap().items.len(),
+        5,
+        "none beyond the kept"
+    );
+    nova_kubernetes_drain::kube::evacuation::delete_oldest(&maps, all, 2).await;
+    let mut left: Vec<String> = maps
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|m| m.metadata.name)
+        .collect();
+    left.sort();
+    assert_eq!(left, ["h-4", "h-5"]);
+}

@@ -433,14 +433,7 @@ impl Evacuations {
     /// `paused`: it waits for a person's approval.
     pub async fn create(&self, node: &Node, at: Timestamp, paused: bool) -> Result<String, kube::Error> {
         let name = evacuation_name(&self.node, at);
-        let owner = OwnerReference {
-            api_version: "v1".into(),
-            kind: "Node".into(),
-            name: node.name_any(),
-            uid: node.meta().uid.clone().unwrap_or_default(),
-            controller: Some(false),
-            block_owner_deletion: None,
-        };
+        let owner = node_owner(node);
         let evacuation = Evacuation {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
@@ -514,11 +507,14 @@ impl Evacuations {
     /// Deletes the oldest finished Evacuations of the node beyond
     /// [`HISTORY_PER_NODE`]; failures only cost tidiness.
     async fn trim_history(&self, current: &str) {
-        let selector = format!("{NODE_LABEL}={}", super::guard::label_value(&self.node));
-        let Ok(list) = self.api.list(&ListParams::default().labels(&selector)).await else {
+        let Ok(list) = self
+            .api
+            .list(&ListParams::default().labels(&node_selector(&self.node)))
+            .await
+        else {
             return;
         };
-        let mut finished: Vec<Evacuation> = list
+        let finished: Vec<Evacuation> = list
             .items
             .into_iter()
             .filter(|e| e.spec.node_name == self.node && e.name_any() != current)
@@ -529,16 +525,42 @@ impl Evacuations {
                     .is_some_and(EvacuationPhase::is_finished)
             })
             .collect();
-        if finished.len() <= HISTORY_PER_NODE {
-            return;
-        }
-        // Oldest first; within a second (creation times are whole seconds),
-        // by name, which carries the run's start time.
-        finished.sort_by_key(|e| (e.metadata.creation_timestamp.clone().map(|t| t.0), e.name_any()));
-        let excess = finished.len() - HISTORY_PER_NODE;
-        for old in finished.into_iter().take(excess) {
-            let _ = self.api.delete(&old.name_any(), &DeleteParams::default()).await;
-        }
+        delete_oldest(&self.api, finished, HISTORY_PER_NODE).await;
+    }
+}
+
+/// The Node as the owner (not the controller) of an object of ours that
+/// goes with it (an Evacuation, a VmMigration).
+pub fn node_owner(node: &Node) -> OwnerReference {
+    OwnerReference {
+        api_version: "v1".into(),
+        kind: "Node".into(),
+        name: node.name_any(),
+        uid: node.meta().uid.clone().unwrap_or_default(),
+        controller: Some(false),
+        block_owner_deletion: None,
+    }
+}
+
+/// The label selector of the objects of `node` ([`NODE_LABEL`]).
+pub fn node_selector(node: &str) -> String {
+    format!("{NODE_LABEL}={}", super::guard::label_value(node))
+}
+
+/// Deletes the oldest of `old` beyond the `keep` newest; within a second
+/// (creation times are whole seconds), by name, which carries the start
+/// time. Failures only cost tidiness.
+pub async fn delete_oldest<K>(api: &Api<K>, mut old: Vec<K>, keep: usize)
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    if old.len() <= keep {
+        return;
+    }
+    old.sort_by_key(|o| (o.meta().creation_timestamp.clone().map(|t| t.0), o.name_any()));
+    let excess = old.len() - keep;
+    for gone in old.into_iter().take(excess) {
+        let _ = api.delete(&gone.name_any(), &DeleteParams::default()).await;
     }
 }
 

@@ -17,13 +17,13 @@ use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, CustomResource, CustomResourceExt, KubeSchema, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::evacuation::NODE_LABEL;
+use super::evacuation::{NODE_LABEL, delete_oldest, node_owner, node_selector};
 use super::leases::NOVA_HOST_ANNOTATION;
 
 /// Finished VmMigrations kept per node; older ones are deleted.
@@ -141,14 +141,7 @@ impl VmMigrations {
         let vm: String = spec.server_id.chars().take(8).collect();
         // The node's name and the VM's, shortened with a hash when too long, then the time.
         let name = super::evacuation::evacuation_name(&format!("{}-{vm}", self.node), Timestamp::now());
-        let owner = OwnerReference {
-            api_version: "v1".into(),
-            kind: "Node".into(),
-            name: node.name_any(),
-            uid: node.metadata.uid.clone().unwrap_or_default(),
-            controller: Some(false),
-            block_owner_deletion: None,
-        };
+        let owner = node_owner(node);
         let object = VmMigration {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
@@ -175,10 +168,9 @@ impl VmMigrations {
     /// The node's VmMigrations still `Migrating`: a move the agent did not
     /// see to its end (it stopped or was killed).
     pub async fn unfinished(&self) -> Result<Vec<(String, VmMigrationStatus)>, kube::Error> {
-        let selector = format!("{NODE_LABEL}={}", super::guard::label_value(&self.node));
         Ok(self
             .api
-            .list(&ListParams::default().labels(&selector))
+            .list(&ListParams::default().labels(&node_selector(&self.node)))
             .await?
             .items
             .into_iter()
@@ -203,24 +195,21 @@ impl VmMigrations {
     /// Deletes the node's oldest VmMigrations beyond [`HISTORY_PER_NODE`];
     /// failures only cost tidiness.
     async fn trim_history(&self, current: &str) {
-        let selector = format!("{NODE_LABEL}={}", super::guard::label_value(&self.node));
-        let Ok(list) = self.api.list(&ListParams::default().labels(&selector)).await else {
+        let Ok(list) = self
+            .api
+            .list(&ListParams::default().labels(&node_selector(&self.node)))
+            .await
+        else {
             return;
         };
-        let mut old: Vec<VmMigration> = list
+        let old: Vec<VmMigration> = list
             .items
             .into_iter()
             .filter(|m| m.spec.node_name == self.node && m.name_any() != current)
             .filter(|m| m.status.as_ref().and_then(|s| s.phase) != Some(VmMigrationPhase::Migrating))
             .collect();
-        if old.len() < HISTORY_PER_NODE {
-            return;
-        }
-        old.sort_by_key(|m| (m.metadata.creation_timestamp.clone().map(|t| t.0), m.name_any()));
-        let excess = old.len() + 1 - HISTORY_PER_NODE;
-        for gone in old.into_iter().take(excess) {
-            let _ = self.api.delete(&gone.name_any(), &DeleteParams::default()).await;
-        }
+        // The current one makes the history's last.
+        delete_oldest(&self.api, old, HISTORY_PER_NODE - 1).await;
     }
 }
 
